@@ -1,0 +1,1 @@
+"""Hydra entry points (``sdtp-*`` console scripts). Each exposes ``run(cfg)`` and ``main()``."""

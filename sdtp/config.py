@@ -1,0 +1,86 @@
+"""Config composition, validation and object construction shared by every entry point.
+
+Validation runs right after Hydra composes the config and before any model is loaded, so bad
+input (layer out of range, ratio outside (0, 1], unsupported family, missing files) fails in
+seconds with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.errors import ConfigError
+from sdtp.models.loading import check_family, resolve_dtype
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+if not OmegaConf.has_resolver("repo_root"):
+    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+
+
+def build_schedule(cfg: DictConfig) -> PruningSchedule | None:
+    """The validated schedule of ``cfg.pruning``, or None for the dense model (``pruning=none``)."""
+    if cfg.pruning.get("scorer") is None:
+        return None
+    return PruningSchedule.from_config(cfg.pruning, num_layers=int(cfg.model.num_layers))
+
+
+def build_pruner(cfg: DictConfig) -> TokenPruner | None:
+    """Schedule + scorer instantiated from ``cfg.pruning.scorer._target_`` (None when dense)."""
+    schedule = build_schedule(cfg)
+    if schedule is None:
+        return None
+    log.info("Instantiating scorer <%s>", cfg.pruning.scorer._target_)
+    scorer = hydra.utils.instantiate(cfg.pruning.scorer)
+    return TokenPruner(schedule, scorer)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the composed config; raises :class:`ConfigError` naming the offending key."""
+    check_family(cfg.model.family)
+    resolve_dtype(cfg.model.dtype, cfg.model.device)
+    build_schedule(cfg)
+    scorer = cfg.pruning.get("scorer")
+    if scorer is not None and "_target_" not in scorer:
+        raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
+    if scorer is not None and scorer.get("path") is not None and not Path(scorer.path).exists():
+        raise ConfigError(
+            f"pruning.scorer.path: {scorer.path} does not exist; train a predictor with `sdtp-train` "
+            f"for model={cfg.model.name} or point pruning.scorer.path at one"
+        )
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose and validate a primary config outside a Hydra app (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
+    validate_config(cfg)
+    return cfg
+
+
+def sdtp_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``@hydra.main`` for an entry point, with validation before the task runs."""
+
+    def decorator(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(task)
+        def validated(cfg: DictConfig) -> Any:
+            validate_config(cfg)
+            return task(cfg)
+
+        return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(validated)
+
+    return decorator

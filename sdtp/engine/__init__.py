@@ -1,0 +1,1 @@
+"""Pruned-inference engine: schedule, token selection, hooks and generation."""

@@ -1,0 +1,131 @@
+"""Prefill (optionally pruned) and token-by-token decoding from the resulting cache, timed.
+
+Decoding runs the model's own forward with the cache; since layer 0 is never pruned, the model
+derives decode positions from it (N, N+1, ...). Timings use ``perf_counter`` (CPU ops are
+synchronous) and ``torch.cuda.synchronize`` on GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdtp.engine.pruner import PrefillRecord, TokenPruner
+
+
+@dataclass
+class SamplingConfig:
+    """Greedy when ``do_sample`` is false; otherwise temperature / top-k / top-p sampling, seeded."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate` (batch 1)."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    record: PrefillRecord | None = None
+    cache: Any = None
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def kept_per_stage(self) -> list[int]:
+        return list(self.record.kept_per_stage) if self.record else []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill(
+    model: nn.Module, input_ids: torch.Tensor, pruner: TokenPruner | None = None
+) -> tuple[torch.Tensor, Any, float]:
+    """One prefill forward with logits for the last position only.
+
+    Args:
+        input_ids: (B, N) prompt.
+    Returns:
+        logits (B, 1, V), the KV cache, and the wall time in seconds. Call inside ``with pruner(model)``
+        (or pass no pruner) so that hooks are installed once, not per call.
+    """
+    _sync(input_ids.device)
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    _sync(input_ids.device)
+    return out.logits, out.past_key_values, time.perf_counter() - start
+
+
+def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, V) last-position logits -> (B, 1) next token."""
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / max(sampling.temperature, 1e-5)
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    pruner: TokenPruner | None = None,
+    sampling: SamplingConfig | None = None,
+    eos_token_id: int | list[int] | None = None,
+    keep_logits: bool = False,
+) -> GenerationResult:
+    """Prefill ``input_ids`` (1, N) with optional pruning, then decode up to ``max_new_tokens``."""
+    sampling = sampling or SamplingConfig()
+    generator = torch.Generator().manual_seed(sampling.seed)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    context = pruner(model) if pruner is not None else nullcontext()
+    with context:
+        logits, cache, prefill_s = prefill(model, input_ids, pruner)
+        step_logits = [logits[:, -1].float().cpu()] if keep_logits else []
+        tokens: list[int] = []
+        token = _next_token(logits[:, -1], sampling, generator)
+        _sync(input_ids.device)
+        start = time.perf_counter()
+        while True:
+            tokens.append(int(token[0, 0]))
+            if len(tokens) >= max_new_tokens or tokens[-1] in eos:
+                break
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            if keep_logits:
+                step_logits.append(out.logits[:, -1].float().cpu())
+            token = _next_token(out.logits[:, -1], sampling, generator)
+        _sync(input_ids.device)
+        decode_s = time.perf_counter() - start
+    return GenerationResult(
+        tokens=tokens,
+        prompt_tokens=int(input_ids.shape[1]),
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        record=pruner.last_prefill if pruner is not None else None,
+        cache=cache,
+        step_logits=step_logits,
+    )

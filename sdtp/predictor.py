@@ -1,0 +1,116 @@
+"""SDTP token predictor: one small MLP per pruning stage, scoring tokens from hidden states.
+
+Per stage: Linear(d, d*hidden_ratio) -> GELU -> Linear(d*hidden_ratio, 2), the two outputs being
+(keep, drop) logits as in DynamicViT. The scalar importance used for ranking, for the MSE to the
+saliency labels and for top-k selection at inference is ``keep - drop`` (the log-odds of keeping).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdtp.errors import ConfigError
+
+WEIGHTS_FILE = "predictor.safetensors"
+META_FILE = "predictor.json"
+
+
+@dataclass
+class PredictorMeta:
+    """What a checkpoint was trained for; checked when it is loaded into a model."""
+
+    hidden_size: int
+    layers: list[int]
+    hidden_ratio: float = 0.25
+    base_model: str = ""
+    num_layers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StageMLP(nn.Module):
+    """Linear(d, h) -> GELU -> Linear(h, 2). Input (B, n, d) -> logits (B, n, 2)."""
+
+    def __init__(self, hidden_size: int, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TokenPredictor(nn.Module):
+    """The stack of per-stage predictors. ``meta.layers[s]`` is the layer stage ``s`` prunes before."""
+
+    def __init__(self, meta: PredictorMeta) -> None:
+        super().__init__()
+        self.meta = meta
+        width = max(2, int(round(meta.hidden_size * meta.hidden_ratio)))
+        self.stages = nn.ModuleList(StageMLP(meta.hidden_size, width) for _ in meta.layers)
+
+    def logits(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) -> (B, n, 2) keep/drop logits, computed in the predictor's dtype."""
+        weight = self.stages[stage].fc1.weight
+        return self.stages[stage](hidden_states.to(weight.dtype))
+
+    def forward(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) -> (B, n) importance score = keep logit - drop logit."""
+        logits = self.logits(stage, hidden_states)
+        return logits[..., 0] - logits[..., 1]
+
+    def num_flops_per_token(self) -> int:
+        """Multiply-adds x2 of one stage for one token (the predictor's own cost)."""
+        mlp = self.stages[0]
+        return 2 * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``predictor.safetensors`` + ``predictor.json`` atomically into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp_weights))
+        tmp_weights.replace(directory / WEIGHTS_FILE)
+        tmp_meta = directory / (META_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+        tmp_meta.replace(directory / META_FILE)
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        hidden_size: int | None = None,
+        layers: list[int] | tuple[int, ...] | None = None,
+        base_model: str | None = None,
+    ) -> TokenPredictor:
+        """Load a checkpoint, failing clearly if it was trained for another model or schedule."""
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise ConfigError(
+                f"pruning.scorer.path: no predictor checkpoint at {directory} (expected {META_FILE}); "
+                "train one with `sdtp-train` or point pruning.scorer.path at a trained predictor"
+            )
+        meta = PredictorMeta(**json.loads(meta_path.read_text()))
+        problems = []
+        if base_model is not None and meta.base_model and meta.base_model != base_model:
+            problems.append(f"trained for base model {meta.base_model!r}, not {base_model!r}")
+        if hidden_size is not None and meta.hidden_size != hidden_size:
+            problems.append(f"hidden size {meta.hidden_size} != model hidden size {hidden_size}")
+        if layers is not None and list(meta.layers) != list(layers):
+            problems.append(f"trained for stage layers {meta.layers}, schedule uses {list(layers)}")
+        if problems:
+            raise ConfigError(f"pruning.scorer.path: predictor at {directory} does not fit: " + "; ".join(problems))
+        predictor = cls(meta)
+        predictor.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        return predictor

@@ -1,0 +1,39 @@
+"""SDTP's learned scorer: the per-stage MLP predictor applied to the alive hidden states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdtp.predictor import TokenPredictor
+from sdtp.scorers.base import Scorer, ScoreContext
+
+
+class PredictorScorer(Scorer):
+    """Scores tokens with a trained :class:`TokenPredictor` (loaded from ``path`` or given directly)."""
+
+    def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None) -> None:
+        if path is None and predictor is None:
+            raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
+        self.path = path
+        self.predictor = predictor
+
+    def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
+        hidden = model.config.hidden_size
+        if self.predictor is None:
+            self.predictor = TokenPredictor.load(
+                self.path, hidden_size=hidden, layers=list(layers), base_model=getattr(model, "sdtp_name", None)
+            )
+        elif list(self.predictor.meta.layers) != list(layers) or self.predictor.meta.hidden_size != hidden:
+            raise ValueError(
+                f"predictor built for layers {self.predictor.meta.layers} / hidden {self.predictor.meta.hidden_size}, "
+                f"pruner uses layers {list(layers)} / hidden {hidden}"
+            )
+        param = next(model.parameters())
+        self.predictor.to(device=param.device, dtype=param.dtype).eval()
+
+    @torch.no_grad()
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return self.predictor(ctx.stage, ctx.hidden_states)
