@@ -72,12 +72,19 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
-def sdtp_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """``@hydra.main`` for an entry point, with validation before the task runs."""
+def sdtp_main(
+    config_name: str, prepare: Callable[[DictConfig], None] | None = None
+) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``@hydra.main`` for an entry point, with validation before the task runs.
+
+    ``prepare(cfg)``, if given, may adjust the composed config before it is validated.
+    """
 
     def decorator(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(task)
         def validated(cfg: DictConfig) -> Any:
+            if prepare is not None:
+                prepare(cfg)
             validate_config(cfg)
             return task(cfg)
 

@@ -1,0 +1,1 @@
+"""Efficiency measurement: timing, memory probes, provenance and reports for ``sdtp-bench``."""

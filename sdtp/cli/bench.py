@@ -1,0 +1,215 @@
+"""``sdtp-bench``: dense vs pruned prefill / decode / end-to-end latency, memory, KV cache, FLOPs.
+
+    sdtp-bench model=smollm2-135m                       # pruning=sdtp, 1K..8K, 128 new tokens
+    sdtp-bench pruning=random lengths=[2048] repeats=3
+
+For every prompt length the dense model and the ``pruning`` config run the same prompt (first N
+tokens of ``prompt_file``) through :func:`sdtp.engine.generation.generate`: SDPA attention and
+logits for the last position only on both sides. After ``warmup`` untimed runs, ``repeats``
+timed runs alternate dense/pruned (the order flips every repeat). Writes ``bench.json`` (after
+every length, atomically; ``resume=true`` reuses finished lengths), ``bench.md`` and ``bench.png``
+to the run dir; the last stdout line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm import tqdm
+
+from sdtp.benchmark.environment import ensure_malloc_env, environment
+from sdtp.benchmark.measure import TimedScorer, probe_prefill, summarize, time_generation
+from sdtp.benchmark.memory import peak_cuda, peak_rss_subprocess
+from sdtp.benchmark.report import check_targets, render_markdown, render_plot, speedups, summary_line
+from sdtp.config import build_schedule, sdtp_main
+from sdtp.engine.pruner import TokenPruner
+from sdtp.errors import ConfigError
+from sdtp.flops import ATTENTION_MODES, estimate
+from sdtp.models import load_model
+from sdtp.predictor import META_FILE, PredictorMeta, TokenPredictor
+from sdtp.scorers.predictor import PredictorScorer
+from sdtp.utils import seed_everything, set_threads, write_json_atomic
+
+log = logging.getLogger(__name__)
+SCHEMA = "sdtp-bench/1"
+PREDICTOR_TARGET = "sdtp.scorers.predictor.PredictorScorer"
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Before validation: fall back to an untrained predictor (labelled) if allowed and needed."""
+    scorer = cfg.pruning.get("scorer")
+    if scorer is None or scorer.get("_target_") != PREDICTOR_TARGET or scorer.get("path") is None:
+        return
+    if (Path(scorer.path) / META_FILE).is_file() or cfg.get("untrained_predictor") != "auto":
+        return
+    log.warning("No trained predictor at %s: benchmarking a freshly initialised one (timing only)", scorer.path)
+    with open_dict(cfg):
+        cfg.pruning.scorer.path = None
+
+
+def validate_bench(cfg: DictConfig) -> None:
+    lengths = list(cfg.lengths)
+    if not lengths or any(int(n) < 1 for n in lengths):
+        raise ConfigError(f"lengths: expected a non-empty list of positive prompt lengths, got {lengths}")
+    if max(lengths) > int(cfg.model.max_length):
+        raise ConfigError(f"lengths: {max(lengths)} exceeds model.max_length={cfg.model.max_length}")
+    for key, low in (("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
+        if int(cfg[key]) < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {cfg[key]}")
+    if cfg.attention_flops not in ATTENTION_MODES:
+        raise ConfigError(f"attention_flops: {cfg.attention_flops!r} not in {ATTENTION_MODES}")
+    if cfg.untrained_predictor not in ("auto", "never"):
+        raise ConfigError(f"untrained_predictor: {cfg.untrained_predictor!r} not in ('auto', 'never')")
+    if not Path(cfg.prompt_file).is_file():
+        raise ConfigError(f"prompt_file: {cfg.prompt_file} does not exist (set paths.data_dir or SDTP_DATA_DIR)")
+
+
+def build_bench_pruner(cfg: DictConfig, model: torch.nn.Module) -> tuple[TokenPruner | None, str | None]:
+    """The pruner of ``cfg.pruning`` with a timed scorer, and how its predictor was obtained."""
+    schedule = build_schedule(cfg)
+    if schedule is None:
+        return None, None
+    scorer_cfg = cfg.pruning.scorer
+    if scorer_cfg._target_ == PREDICTOR_TARGET and scorer_cfg.get("path") is None:
+        torch.manual_seed(int(cfg.seed))
+        meta = PredictorMeta(hidden_size=model.config.hidden_size, layers=list(schedule.layers),
+                             base_model=cfg.model.name, num_layers=int(cfg.model.num_layers))
+        scorer, label = PredictorScorer(predictor=TokenPredictor(meta)), "untrained (random init; timing only)"
+    else:
+        scorer = hydra.utils.instantiate(scorer_cfg)
+        label = f"trained: {scorer_cfg.path}" if scorer_cfg._target_ == PREDICTOR_TARGET else None
+    return TokenPruner(schedule, TimedScorer(scorer)), label
+
+
+def load_prompt(tokenizer: Any, path: str, length: int) -> torch.Tensor:
+    """(1, length) ids: the first ``length`` tokens of the text file."""
+    text = Path(path).read_text()
+    ids = tokenizer(text[: 12 * length + 1000], return_tensors="pt").input_ids
+    if ids.shape[1] < length:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] < length:
+        raise ConfigError(f"lengths: prompt_file has only {ids.shape[1]} tokens, {length} requested")
+    return ids[:, :length]
+
+
+def _measure_length(cfg, model, pruner, ids, predictor_flops: int) -> dict[str, Any]:
+    """All variants at one prompt length: probes, warm-up, interleaved repeats, memory."""
+    variants = {"dense": None, **({"pruned": pruner} if pruner is not None else {})}
+    entry: dict[str, Any] = {"seq_len": int(ids.shape[1]), "variants": {}}
+    for name, pr in variants.items():
+        entry["variants"][name] = probe_prefill(model, ids, pr)
+    for _ in range(int(cfg.warmup)):
+        for pr in variants.values():
+            time_generation(model, ids, min(int(cfg.new_tokens), 4), pr)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for rep in tqdm(range(int(cfg.repeats)), desc=f"N={ids.shape[1]}", leave=False):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            runs[name].append(time_generation(model, ids, int(cfg.new_tokens), variants[name]))
+    for name, samples in runs.items():
+        stats = entry["variants"][name]
+        for key in samples[0]:
+            stats[key] = summarize([s[key] for s in samples])
+        if "predictor_s" in samples[0]:
+            stats["predictor_time_share"] = statistics.median(s["predictor_s"] / s["prefill_s"] for s in samples)
+        stats["memory"] = _memory(cfg, model, name, ids)
+    if pruner is not None:
+        entry["paired_prefill_speedup"] = summarize(
+            [d["prefill_s"] / p["prefill_s"] for d, p in zip(runs["dense"], runs["pruned"])])
+    tokens = entry["variants"].get("pruned", entry["variants"]["dense"])["tokens_per_layer"]
+    stage_layers = list(pruner.schedule.layers) if pruner is not None else []
+    entry["flops"] = estimate(model.config, int(ids.shape[1]), tokens, int(cfg.new_tokens), predictor_flops,
+                              stage_layers, cfg.attention_flops)
+    entry["speedup"] = speedups(entry)
+    return entry
+
+
+def _memory(cfg: DictConfig, model: torch.nn.Module, variant: str, ids: torch.Tensor) -> dict[str, Any]:
+    if not cfg.memory:
+        return {}
+    device = torch.device(cfg.model.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        pruner = build_bench_pruner(cfg, model)[0] if variant == "pruned" else None
+        time_generation(model, ids, int(cfg.new_tokens), pruner)
+        return {"peak_cuda_bytes": peak_cuda(device)}
+    return peak_rss_subprocess(cfg, variant, ids, int(cfg.new_tokens))
+
+
+def _predictor_flops(pruner: TokenPruner | None) -> int:
+    predictor = getattr(pruner.scorer.inner, "predictor", None) if pruner is not None else None
+    return predictor.num_flops_per_token() if predictor is not None else 0
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    validate_bench(cfg)
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    seed_everything(cfg.seed)
+    set_threads(cfg.threads)
+    model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
+    pruner, predictor_label = build_bench_pruner(cfg, model)
+    prompt = load_prompt(tokenizer, cfg.prompt_file, max(int(n) for n in cfg.lengths))
+    settings = {key: OmegaConf.to_container(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                for key in ("lengths", "new_tokens", "warmup", "repeats", "attention_flops", "memory", "threads")}
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": cfg.model.name,
+        "pruning": {**OmegaConf.to_container(cfg.pruning, resolve=True), "predictor": predictor_label,
+                    "stage_layers": list(pruner.schedule.layers) if pruner else []},
+        "settings": settings,
+        "environment": environment(model, cfg.model.device),
+        "results": [],
+    }
+    previous = _load_previous(run_dir / "bench.json", report) if cfg.resume else {}
+    for length in tqdm([int(n) for n in cfg.lengths], desc="lengths"):
+        ids = prompt[:, :length].to(cfg.model.device)
+        if length in previous:
+            entry = previous[length]
+        else:
+            if pruner is not None:  # bind the scorer once so the predictor's FLOPs are known
+                probe_prefill(model, ids[:, : min(length, 64)], pruner)
+            entry = _measure_length(cfg, model, pruner, ids, _predictor_flops(pruner))
+        report["results"].append(entry)
+        report["targets"] = check_targets(report, OmegaConf.to_container(cfg.targets))
+        write_json_atomic(run_dir / "bench.json", report)
+        log.info("N=%d: %s", length, json.dumps(entry.get("speedup", {})))
+    (run_dir / "bench.md").write_text(render_markdown(report))
+    render_plot(report, run_dir / "bench.png")
+    summary = summary_line(report, run_dir)
+    print(json.dumps(summary))
+    return summary
+
+
+def _load_previous(path: Path, report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Finished lengths of an earlier run in the same dir with the same model, pruning and settings."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    same = all(old.get(key) == report[key] for key in ("schema", "model", "settings")) and \
+        {k: v for k, v in old.get("pruning", {}).items()} == json.loads(json.dumps(report["pruning"]))
+    return {int(e["seq_len"]): e for e in old.get("results", [])} if same else {}
+
+
+@sdtp_main("bench", prepare=prepare)
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    # glibc reads MALLOC_* at start-up, so this must happen before Hydra composes the config.
+    if not any(arg.replace(" ", "").lower() == "tune_malloc=false" for arg in sys.argv[1:]):
+        ensure_malloc_env("sdtp.cli.bench")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

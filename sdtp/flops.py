@@ -1,0 +1,191 @@
+"""Analytic FLOPs of dense and token-pruned inference (prefill, decode, end to end).
+
+A pure function of the Hugging Face model config, the per-layer token counts of the prefill
+(``PruningSchedule.tokens_per_layer``, protected tokens included), the predictor's cost per
+token and the number of generated tokens. One multiply-add = 2 FLOPs. With
+
+    d = hidden_size, q = heads * head_dim, kv = kv_heads * head_dim, F = intermediate_size,
+    V = vocab_size, n_l = tokens decoder layer l processes during prefill (n_l = N when dense),
+
+the terms are
+
+* linear, per token and layer:  ``2 (d q + 2 d kv + q d + 3 d F)``  (q, k, v, o projections and
+  the SwiGLU MLP's gate, up and down); prefill layer l costs that times ``n_l``;
+* attention, per layer:  ``4 q P_l``  (Q K^T and P V, 2 FLOPs per multiply-add each), where
+  ``P_l`` is the number of (query, key) pairs: ``n_l (n_l + 1) / 2`` with ``attention="causal"``
+  (what the CPU flash kernel behind SDPA actually computes: it skips the upper triangle) or
+  ``n_l^2`` with ``attention="full"`` (what ``torch.utils.flop_counter.FlopCounterMode`` counts:
+  its SDPA formula ignores ``is_causal``);
+* LM head: ``2 d V`` per position whose logits are computed; prefill computes only the last
+  one (``logits_to_keep=1``), each decode step one;
+* predictor (pruned only): ``f_pred`` FLOPs per scored token at each stage that actually drops
+  tokens, applied to the tokens alive when the stage starts;
+* decode step t (t = 0, 1, ...) after a prefill: one token per layer, linear as above, attention
+  ``4 q (c_l + t + 1)`` with ``c_l`` the tokens layer l cached during prefill (``n_l``), LM head.
+
+End to end for ``G`` generated tokens = prefill + ``G - 1`` decode steps (the first token comes
+from the prefill logits, as in :func:`sdtp.engine.generation.generate`). Norms, RoPE, SwiGLU's
+elementwise product, softmax and the residual adds are not counted (as in the paper and in
+FlopCounterMode, which counts matmuls only). The compression ratio ``1/tau`` of the paper (§4.1)
+is ``N / mean_l(n_l)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ATTENTION_MODES = ("causal", "full")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The config fields the FLOPs depend on."""
+
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelDims:
+        """From a ``PretrainedConfig`` (or any object / mapping with the same attribute names)."""
+        get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        head_dim = get("head_dim") or hidden // heads
+        kv_heads = int(get("num_key_value_heads") or heads)
+        return cls(hidden=hidden, q_dim=heads * int(head_dim), kv_dim=kv_heads * int(head_dim),
+                   intermediate=int(get("intermediate_size")), vocab=int(get("vocab_size")),
+                   num_layers=int(get("num_hidden_layers")))
+
+    @property
+    def linear_per_token(self) -> int:
+        """FLOPs of one token through one layer's projections and MLP."""
+        d, q, kv, f = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return 2 * (d * q + 2 * d * kv + q * d + 3 * d * f)
+
+    @property
+    def lm_head_per_token(self) -> int:
+        return 2 * self.hidden * self.vocab
+
+
+@dataclass
+class Flops:
+    """A FLOPs breakdown; ``total`` is the sum of the four terms."""
+
+    linear: int = 0
+    attention: int = 0
+    lm_head: int = 0
+    predictor: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.attention + self.lm_head + self.predictor
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(self.linear + other.linear, self.attention + other.attention,
+                     self.lm_head + other.lm_head, self.predictor + other.predictor)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def attention_pairs(n: int, attention: str = "causal") -> int:
+    """(query, key) pairs of an ``n``-token self-attention."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention: {attention!r} not in {ATTENTION_MODES}")
+    return n * (n + 1) // 2 if attention == "causal" else n * n
+
+
+def prefill_flops(
+    dims: ModelDims,
+    tokens_per_layer: Sequence[int],
+    predictor_per_token: int = 0,
+    stage_layers: Sequence[int] = (),
+    attention: str = "causal",
+) -> Flops:
+    """FLOPs of one prefill with logits for the last position only.
+
+    Args:
+        tokens_per_layer: tokens each of the ``num_layers`` layers processes (all N when dense).
+        predictor_per_token: the scorer's FLOPs per scored token (0 for random / training-free).
+        stage_layers: layers before which a stage scores the alive tokens.
+    """
+    if len(tokens_per_layer) != dims.num_layers:
+        raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries for {dims.num_layers} layers")
+    linear = sum(dims.linear_per_token * n for n in tokens_per_layer)
+    attn = sum(4 * dims.q_dim * attention_pairs(n, attention) for n in tokens_per_layer)
+    predictor = 0
+    for layer in stage_layers:
+        alive, kept = tokens_per_layer[layer - 1], tokens_per_layer[layer]
+        if kept < alive:  # a stage with nothing to drop does not call the scorer
+            predictor += predictor_per_token * alive
+    return Flops(linear=linear, attention=attn, lm_head=dims.lm_head_per_token, predictor=predictor)
+
+
+def decode_flops(dims: ModelDims, cached_per_layer: Sequence[int], steps: int) -> Flops:
+    """FLOPs of ``steps`` single-token decode steps from a cache holding ``cached_per_layer`` tokens."""
+    linear = steps * dims.num_layers * dims.linear_per_token
+    # step t attends over c + t + 1 keys: sum_t (c + t + 1) = steps * c + steps (steps + 1) / 2.
+    pairs = sum(steps * c + steps * (steps + 1) // 2 for c in cached_per_layer)
+    return Flops(linear=linear, attention=4 * dims.q_dim * pairs, lm_head=steps * dims.lm_head_per_token)
+
+
+def compression_ratio(seq_len: int, tokens_per_layer: Sequence[int]) -> float:
+    """The paper's 1/tau: original tokens / average tokens per layer."""
+    return seq_len * len(tokens_per_layer) / sum(tokens_per_layer)
+
+
+def estimate(
+    config: Any,
+    seq_len: int,
+    tokens_per_layer: Sequence[int] | None = None,
+    new_tokens: int = 1,
+    predictor_per_token: int = 0,
+    stage_layers: Sequence[int] = (),
+    attention: str = "causal",
+) -> dict[str, Any]:
+    """Dense vs pruned FLOPs of generating ``new_tokens`` tokens from a ``seq_len``-token prompt.
+
+    ``tokens_per_layer=None`` means no pruning (the pruned numbers then equal the dense ones).
+    Returns a JSON-ready dict: ``{dense, pruned}: {prefill, decode, end_to_end}: Flops.as_dict()``,
+    the ratios dense/pruned (``prefill_ratio``, ``decode_ratio``, ``end_to_end_ratio``), the
+    prefill FLOPs reduction ``1 - pruned/dense``, the predictor's share of pruned prefill FLOPs and
+    ``compression_ratio`` (1/tau).
+    """
+    dims = ModelDims.from_config(config)
+    dense_counts = [seq_len] * dims.num_layers
+    counts = list(tokens_per_layer) if tokens_per_layer is not None else dense_counts
+    steps = max(new_tokens - 1, 0)
+    out: dict[str, Any] = {"attention": attention, "seq_len": seq_len, "new_tokens": new_tokens}
+    for name, per_layer, pred in (("dense", dense_counts, 0), ("pruned", counts, predictor_per_token)):
+        pre = prefill_flops(dims, per_layer, pred, stage_layers if name == "pruned" else (), attention)
+        dec = decode_flops(dims, per_layer, steps)
+        out[name] = {"prefill": pre.as_dict(), "decode": dec.as_dict(), "end_to_end": (pre + dec).as_dict()}
+    for phase in ("prefill", "decode", "end_to_end"):
+        dense, pruned = out["dense"][phase]["total"], out["pruned"][phase]["total"]
+        out[f"{phase}_ratio"] = dense / pruned if pruned else 1.0
+    out["prefill_reduction"] = 1.0 - out["pruned"]["prefill"]["total"] / out["dense"]["prefill"]["total"]
+    out["predictor_share"] = out["pruned"]["prefill"]["predictor"] / out["pruned"]["prefill"]["total"]
+    out["compression_ratio"] = compression_ratio(seq_len, counts)
+    out["tokens_per_layer"] = counts
+    return out
+
+
+def flop_counter_mapping() -> dict:
+    """Extra formulas for ``FlopCounterMode(custom_mapping=...)``: the CPU flash SDPA kernel.
+
+    torch's counter registers SDPA only for the CUDA kernels; on CPU ``aten._scaled_dot_product_
+    flash_attention_for_cpu`` would count 0. We register torch's own SDPA formula for it, which,
+    like the CUDA ones, counts the full ``n_q x n_k`` score matrix (``attention="full"`` here).
+    """
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash}
