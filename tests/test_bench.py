@@ -1,0 +1,102 @@
+"""`sdtp-bench` on a tiny model: JSON schema, outputs, validation (no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sdtp.cli.bench import SCHEMA, run
+from sdtp.config import REPO_ROOT, compose
+from sdtp.errors import ConfigError
+
+VARIANT_KEYS = {"prefill_s", "decode_ms_per_token", "end_to_end_s", "kv_cache_bytes", "cache_lengths",
+                "tokens_per_layer", "kept_per_stage", "memory"}
+STAT_KEYS = {"median", "min", "max", "rel_spread", "n", "samples"}
+SPEEDUP_KEYS = {"prefill", "decode", "end_to_end", "analytic_prefill", "analytic_decode", "analytic_end_to_end",
+                "prefill_vs_analytic", "flops_reduction_prefill", "flops_reduction_end_to_end", "compression_ratio",
+                "kv_cache_reduction", "expected_kv_reduction", "predictor_time_share", "predictor_flops_share"}
+ENV_KEYS = {"device", "dtype", "attn_implementation", "threads", "cpu_model", "torch", "transformers", "allocator",
+            "git_commit"}
+
+
+def _check_schema(report: dict, lengths: list[int], repeats: int, pruned: bool = True) -> None:
+    assert report["schema"] == SCHEMA
+    assert ENV_KEYS <= report["environment"].keys()
+    assert [e["seq_len"] for e in report["results"]] == lengths
+    for entry in report["results"]:
+        assert set(entry["variants"]) == ({"dense", "pruned"} if pruned else {"dense"})
+        for name, v in entry["variants"].items():
+            assert VARIANT_KEYS <= v.keys(), name
+            for key in ("prefill_s", "decode_ms_per_token", "end_to_end_s"):
+                assert STAT_KEYS <= v[key].keys() and v[key]["n"] == repeats and v[key]["median"] > 0
+        dense = entry["variants"]["dense"]
+        assert dense["tokens_per_layer"] == [entry["seq_len"]] * len(dense["cache_lengths"])
+        if pruned:
+            p = entry["variants"]["pruned"]
+            assert SPEEDUP_KEYS <= entry["speedup"].keys()
+            # The cache holds exactly the tokens each layer processed, so KV bytes shrink by 1 - 1/tau.
+            assert p["cache_lengths"] == p["tokens_per_layer"]
+            assert entry["speedup"]["kv_cache_reduction"] == pytest.approx(entry["speedup"]["expected_kv_reduction"])
+            assert entry["flops"]["tokens_per_layer"] == p["tokens_per_layer"]
+            assert entry["flops"]["prefill_ratio"] > 1.0
+            assert 0.0 <= p["predictor_time_share"] < 1.0
+
+
+def test_smoke_two_repeats_in_process(tmp_path, capsys):
+    cfg = compose("bench", ["model=tiny-llama", "pruning=sdtp", "pruning.scorer.path=null", "lengths=[64,160]",
+                            "new_tokens=3", "repeats=2", "memory=false"])
+    summary = run(cfg, run_dir=tmp_path)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    _check_schema(report, [64, 160], repeats=2)
+    assert report["pruning"]["predictor"].startswith("untrained")
+    assert report["results"][0]["flops"]["pruned"]["prefill"]["predictor"] > 0
+    assert {c["name"] for c in report["targets"]["checks"]} >= {"predictor_flops_share", "kv_cache_reduction"}
+    md = (tmp_path / "bench.md").read_text()
+    assert "| 160 | sdtp |" in md and "untrained" in md
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    # resume: a second run in the same dir reuses both lengths (identical numbers)
+    run(cfg, run_dir=tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
+
+
+def test_dense_only(tmp_path):
+    cfg = compose("bench", ["model=tiny-qwen2", "pruning=none", "lengths=[48]", "new_tokens=2", "repeats=1",
+                            "warmup=0", "memory=false"])
+    run(cfg, run_dir=tmp_path)
+    _check_schema(json.loads((tmp_path / "bench.json").read_text()), [48], repeats=1, pruned=False)
+
+
+def test_cli_subprocess_memory_and_allocator(tmp_path):
+    cmd = [sys.executable, "-m", "sdtp.cli.bench", "model=tiny-mistral", "pruning=random", "lengths=[128]",
+           "new_tokens=3", "repeats=2", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["pruning"] == "random" and summary["prefill_speedup"]["128"] > 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    _check_schema(report, [128], repeats=2)
+    env = report["environment"]
+    assert env["allocator"]["MALLOC_TRIM_THRESHOLD_"] and env["allocator_reexec"]
+    for variant in report["results"][0]["variants"].values():
+        memory = variant["memory"]
+        assert memory["peak_rss_bytes"] >= memory["rss_before_bytes"] > 0
+
+
+@pytest.mark.parametrize("override, key", [("lengths=[100000]", "lengths"), ("repeats=0", "repeats"),
+                                           ("attention_flops=half", "attention_flops"),
+                                           ("prompt_file=/nonexistent.txt", "prompt_file")])
+def test_bad_settings_fail_before_loading(tmp_path, override, key):
+    cfg = compose("bench", ["model=tiny-llama", "pruning=random", "lengths=[64]", override])
+    with pytest.raises(ConfigError, match=key):
+        run(cfg, run_dir=tmp_path)
+
+
+def test_cli_without_predictor_fails_when_untrained_not_allowed(tmp_path):
+    cmd = [sys.executable, "-m", "sdtp.cli.bench", "model=tiny-llama", "pruning=sdtp", "untrained_predictor=never",
+           "pruning.scorer.path=/nonexistent/predictor", "tune_malloc=false", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode != 0 and "pruning.scorer.path" in proc.stderr
