@@ -1,8 +1,12 @@
-"""Inspect the (ragged, per-layer) KV cache a pruned prefill leaves behind."""
+"""The (ragged, per-layer) KV cache a pruned prefill leaves behind: inspection and an in-place layout."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def _layer_keys_values(cache: Any):
@@ -20,3 +24,55 @@ def cache_lengths(cache: Any) -> list[int]:
 def cache_bytes(cache: Any) -> int:
     """Bytes held by keys and values across all layers."""
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in _layer_keys_values(cache))
+
+
+class AppendLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values live in a buffer with headroom, so appending is in place.
+
+    HF's ``DynamicLayer.update`` concatenates, i.e. copies the whole layer cache at every decode
+    step. Here ``keys``/``values`` are views ``buffer[..., :length, :]`` of (B, H_kv, capacity, hd)
+    buffers; a new token is written into the next free slot and the buffer is reallocated (with
+    ``headroom`` more slots) only when full. Anything that replaces ``keys`` (crop, batch select,
+    beam reorder) is picked up at the next update, which then copies into a fresh buffer.
+    """
+
+    def __init__(self, headroom: int = 128) -> None:
+        super().__init__()
+        self.headroom = max(int(headroom), 1)
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def _owns_views(self) -> bool:
+        buffer = self._key_buffer
+        return buffer is not None and self.keys is not None and self.keys.data_ptr() == buffer.data_ptr() \
+            and self.values.data_ptr() == self._value_buffer.data_ptr()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        total = length + key_states.shape[-2]
+        if not self._owns_views() or total > self._key_buffer.shape[-2]:
+            shape = (*key_states.shape[:-2], total + self.headroom, key_states.shape[-1])
+            keys, values = key_states.new_empty(shape), value_states.new_empty(shape)
+            if length:
+                keys[..., :length, :].copy_(self.keys)
+                values[..., :length, :].copy_(self.values)
+            self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer[..., length:total, :].copy_(key_states)
+        self._value_buffer[..., length:total, :].copy_(value_states)
+        self.keys = self._key_buffer[..., :total, :]
+        self.values = self._value_buffer[..., :total, :]
+        return self.keys, self.values
+
+
+def appendable_cache(model: Any, headroom: int = 128) -> DynamicCache:
+    """An empty cache for ``model`` whose layers append in place (see :class:`AppendLayer`).
+
+    Falls back to HF's own ``DynamicCache`` layers for models with sliding-window or other
+    special layer types, which :class:`AppendLayer` does not implement.
+    """
+    cache = DynamicCache(config=model.config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [AppendLayer(headroom) for _ in cache.layers]
+    return cache

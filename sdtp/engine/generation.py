@@ -1,7 +1,8 @@
 """Prefill (optionally pruned) and token-by-token decoding from the resulting cache, timed.
 
 Decoding runs the model's own forward with the cache; since layer 0 is never pruned, the model
-derives decode positions from it (N, N+1, ...). Timings use ``perf_counter`` (CPU ops are
+derives decode positions from it (N, N+1, ...). :func:`generate` uses a cache whose layers append in
+place (:class:`sdtp.engine.cache.AppendLayer`) for the dense and the pruned model alike. Timings use ``perf_counter`` (CPU ops are
 synchronous) and ``torch.cuda.synchronize`` on GPU.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdtp.engine.cache import appendable_cache
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
 
 
@@ -53,19 +55,20 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def prefill(
-    model: nn.Module, input_ids: torch.Tensor, pruner: TokenPruner | None = None
+    model: nn.Module, input_ids: torch.Tensor, pruner: TokenPruner | None = None, cache: Any = None
 ) -> tuple[torch.Tensor, Any, float]:
     """One prefill forward with logits for the last position only.
 
     Args:
         input_ids: (B, N) prompt.
+        cache: an empty cache to fill (default: the model's own ``DynamicCache``).
     Returns:
         logits (B, 1, V), the KV cache, and the wall time in seconds. Call inside ``with pruner(model)``
         (or pass no pruner) so that hooks are installed once, not per call.
     """
     _sync(input_ids.device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     _sync(input_ids.device)
     return out.logits, out.past_key_values, time.perf_counter() - start
 
@@ -102,8 +105,10 @@ def generate(
     generator = torch.Generator().manual_seed(sampling.seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     context = pruner(model) if pruner is not None else nullcontext()
+    # Room for every generated token up front: decode steps then append in place (no per-step copy).
+    cache = appendable_cache(model, headroom=max_new_tokens)
     with context:
-        logits, cache, prefill_s = prefill(model, input_ids, pruner)
+        logits, cache, prefill_s = prefill(model, input_ids, pruner, cache)
         step_logits = [logits[:, -1].float().cpu()] if keep_logits else []
         tokens: list[int] = []
         token = _next_token(logits[:, -1], sampling, generator)
