@@ -4,7 +4,8 @@ On CPU the only honest peak is the resident set of a process that ran nothing el
 that already ran the dense baseline, glibc (with the benchmark's no-trim setting) keeps those
 pages, so a pruned run would report the dense peak. :func:`peak_rss_subprocess` therefore runs
 ``python -m sdtp.benchmark.memory spec.json`` once per (variant, length): it loads the model,
-resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) after loading, generates, and
+runs a tiny generation (so the weights are resident), resets the kernel's high-water mark
+(``/proc/self/clear_refs`` = 5), generates, and
 prints the peak RSS (``VmHWM``) and the RSS before the generation as its last stdout line.
 """
 
@@ -73,6 +74,8 @@ def _probe(spec_path: str) -> dict[str, Any]:
     model, _ = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     pruner = build_bench_pruner(cfg, model)[0] if spec["variant"] != "dense" else None
     input_ids = torch.load(spec["ids"]).to(cfg.model.device)
+    # Page the (possibly memory-mapped) weights in first, so the delta below is activations + KV cache.
+    generate(model, input_ids[:, :8], 2, pruner, eos_token_id=None)
     supported = reset_peak_rss()
     before = _status_kib("VmRSS")
     generate(model, input_ids, int(spec["new_tokens"]), pruner, eos_token_id=None)

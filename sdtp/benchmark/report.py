@@ -90,15 +90,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k}={v}" for k, v in env["allocator"].items()) + ".",
         "",
         "| Seq. length | Method | GFLOPs Prefill | GFLOPs E2E | Latency Prefill (s) | Decode (ms/token) "
-        "| Latency End2End (s) | KV cache (MiB) | Peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Latency End2End (s) | KV cache (MiB) | Peak memory (MiB) | of which activations + KV (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in report["results"]:
         n, flops, s = entry["seq_len"], entry["flops"], entry["speedup"]
         for name, v in entry["variants"].items():
             f = flops["dense" if name == "dense" else "pruned"]
             pruned = name != "dense"
-            peak = v.get("memory", {}).get("peak_rss_bytes") or v.get("memory", {}).get("peak_cuda_bytes")
+            memory = v.get("memory", {})
+            peak = memory.get("peak_rss_bytes") or memory.get("peak_cuda_bytes")
+            delta = memory.get("peak_rss_delta_bytes")
 
             def gain(key: str, sign: str = "↑", fmt: str = ".2f", suffix: str = "×") -> str:
                 return f" ({sign}{s[key]:{fmt}}{suffix})" if pruned and s.get(key) is not None else ""
@@ -110,7 +112,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {v['end_to_end_s']['median']:.2f}{gain('end_to_end')} "
                 f"| {v['kv_cache_bytes'] / MIB:.1f} | {_fmt(peak / MIB if peak else None, '.0f')}"
                 + (f" (↓{100 * s['peak_rss_reduction']:.1f}%)" if pruned and s.get("peak_rss_reduction") else "")
-                + " |"
+                + f" | {_fmt(delta / MIB if delta else None, '.0f')} |"
             )
     lines += ["", "| Seq. length | FLOPs reduction prefill / E2E | 1/τ | analytic prefill ratio | measured prefill "
               "speedup (spread) | measured / analytic | decode speedup | E2E speedup (analytic) | KV reduction "
