@@ -192,6 +192,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             bar.set_postfix({k: f"{terms_acc[k]:.3f}" for k in ("loss", "ce", "mse", "rank") if k in terms_acc})
             if step % int(cfg.train.ckpt_every) == 0 or step == max_steps:
                 save_checkpoint(ckpt, step, predictor, optimizer, scheduler, generator)
+            if cfg.train.stop_at and step >= int(cfg.train.stop_at) and step < max_steps:
+                log.info("Stopping at step %d (train.stop_at); continue with resume=true", step)
+                save_checkpoint(ckpt, step, predictor, optimizer, scheduler, generator)
+                return {"out_dir": str(out_dir), "step": step, "stopped": True}
             if cfg.train.eval_every and step % int(cfg.train.eval_every) == 0 and step < max_steps:
                 logger.log({f"val/{k}": v for k, v in validate(model, predictor, schedule, val_items, None).items()}, step=step)
         bar.close()

@@ -151,7 +151,7 @@ class PolicyMasker:
             noisy = scores + (_gumbel(scores.shape, scores, self.generator) - _gumbel(scores.shape, scores, self.generator)
                               if self.noise else 0.0)
             hard, soft = self._topk(stage, noisy, prev, protect, lengths)
-        keep = hard + soft - soft.detach()  # straight-through: forward hard, backward soft
+        keep = hard + (soft - soft.detach())  # straight-through: forward exactly hard, backward soft
         keep = torch.where(protect, torch.ones_like(keep), keep)
         policy = prev * keep * state.valid.float()
         state.scores.append(scores)
