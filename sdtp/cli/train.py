@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     predictor = TokenPredictor(PredictorMeta(
         hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(cfg.train.hidden_ratio),
-        base_model=cfg.model.name, num_layers=int(cfg.model.num_layers),
+        base_model=cfg.model.name, num_layers=int(cfg.model.num_layers), input_norm=bool(cfg.train.input_norm),
         extra={"keep_mode": cfg.train.keep_mode, "loss": OmegaConf.to_container(cfg.train.loss), "labels": meta["data"]["name"]},
     )).to(param.device)
     log.info("Instantiating optimizer <%s>", cfg.train.optimizer._target_)
