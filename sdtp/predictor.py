@@ -32,6 +32,10 @@ class PredictorMeta:
     base_model: str = ""
     num_layers: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Parameter-free RMS normalisation of the input hidden states. LLM residual streams carry
+    # "massive activations" (a few tokens with norms 100x the rest) that otherwise dominate the
+    # MLP's output scale; off by default so older checkpoints load unchanged.
+    input_norm: bool = False
 
 
 class StageMLP(nn.Module):
@@ -59,7 +63,10 @@ class TokenPredictor(nn.Module):
     def logits(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, n, d) -> (B, n, 2) keep/drop logits, computed in the predictor's dtype."""
         weight = self.stages[stage].fc1.weight
-        return self.stages[stage](hidden_states.to(weight.dtype))
+        x = hidden_states.to(weight.dtype)
+        if self.meta.input_norm:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.stages[stage](x)
 
     def forward(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, n, d) -> (B, n) importance score = keep logit - drop logit."""

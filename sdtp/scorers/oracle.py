@@ -1,0 +1,63 @@
+"""Oracle scorer: the true gradient x input saliency, computed on the fly with the full model.
+
+At the start of each prefill (:meth:`Scorer.begin`) it runs one extra dense forward + backward of
+the unpruned model on the prompt (:func:`sdtp.saliency.saliency_scores`) and then scores the alive
+tokens at each stage by that stage layer's saliency. This is the upper bound a learned predictor
+approximates (and costs a full backward per prompt, so it is for analysis, not speed).
+
+``begin`` runs inside the pruner's forward pre-hook, typically under ``torch.inference_mode``;
+the saliency pass leaves inference mode, enables grad, and temporarily sets aside the hooks the
+pruner installed on the model so the dense pass is not itself pruned (they are restored after).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdtp.saliency import saliency_scores
+from sdtp.scorers.base import Scorer, ScoreContext
+
+
+@contextmanager
+def hooks_set_aside(model: nn.Module) -> Iterator[None]:
+    """Temporarily detach every module's forward (pre-)hooks; restore them on exit."""
+    saved = []
+    for module in model.modules():
+        saved.append((module, module._forward_pre_hooks, module._forward_hooks))
+        module._forward_pre_hooks = type(module._forward_pre_hooks)()
+        module._forward_hooks = type(module._forward_hooks)()
+    try:
+        yield
+    finally:
+        for module, pre, post in saved:
+            module._forward_pre_hooks, module._forward_hooks = pre, post
+
+
+class OracleScorer(Scorer):
+    """Scores = gradient x input saliency of the full model at each stage layer's input."""
+
+    def __init__(self, target: str = "lm_loss", absolute: bool = True) -> None:
+        self.target = target
+        self.absolute = absolute
+        self._model: nn.Module | None = None
+        self._layers: tuple[int, ...] = ()
+        self._saliency: torch.Tensor | None = None  # (B, S, num_stages)
+
+    def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
+        self._model, self._layers = model, tuple(layers)
+
+    def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
+        if input_ids is None:
+            raise ValueError("OracleScorer needs input_ids (not inputs_embeds)")
+        with torch.inference_mode(False), hooks_set_aside(self._model):
+            ids = input_ids.clone()  # a normal tensor even if the caller's is an inference tensor
+            self._saliency = saliency_scores(self._model, ids, self._layers, self.target, self.absolute, normalize=False)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        stage_scores = self._saliency[..., ctx.stage].to(ctx.hidden_states.device)  # (B, S)
+        return stage_scores.gather(1, ctx.positions)
