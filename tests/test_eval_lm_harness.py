@@ -15,6 +15,8 @@ from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
 from sdtp.scorers.random import RandomScorer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PAIRS = [
     ("The quick brown fox jumps over the lazy", " dog"),
     ("Question: What is the capital of France?\nAnswer:", " Paris is the capital and largest city."),

@@ -55,11 +55,16 @@ def load_text(cfg: DictConfig) -> str:
 
 
 def window_spans(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, first_scored, end) per window; scored spans tile [1, num_tokens) exactly once."""
+    """(begin, first_scored, end) per window; scored spans tile [1, num_tokens) exactly once.
+
+    Needs ``stride < window`` so that every scored token has context inside its window.
+    """
+    if not 1 <= stride < window:
+        raise ValueError(f"stride must be in [1, window), got stride={stride}, window={window}")
     spans, prev_end = [], 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + window, num_tokens)
-        first = max(prev_end, begin + 1)  # a token needs at least one token of context
+        first = max(prev_end, 1)  # token 0 has no context; later windows overlap the previous one
         if first < end:
             spans.append((begin, first, end))
         prev_end = end
@@ -84,8 +89,9 @@ def validate(cfg: DictConfig) -> None:
     ev = cfg.eval
     if int(ev.window) < 2:
         raise ConfigError(f"eval.window: must be >= 2, got {ev.window}")
-    if not 1 <= int(ev.stride) <= int(ev.window):
-        raise ConfigError(f"eval.stride: must be in [1, eval.window={ev.window}], got {ev.stride}")
+    if not 1 <= int(ev.stride) < int(ev.window):
+        raise ConfigError(f"eval.stride: must be in [1, eval.window={ev.window}) so every scored token has "
+                          f"context in its window, got {ev.stride}")
     if int(ev.window) > int(cfg.model.max_length):
         raise ConfigError(f"eval.window: {ev.window} exceeds model.max_length={cfg.model.max_length}")
     if ev.max_tokens is not None and int(ev.max_tokens) < 2:
