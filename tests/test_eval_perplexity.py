@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from sdtp.config import compose
-from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.eval import perplexity
+from sdtp.eval.kept import KeptStats
 from sdtp.eval.perplexity import STATE_FILE, window_nll, window_spans, wikitext_rows
 from sdtp.scorers.random import RandomScorer
 
@@ -107,3 +108,14 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_llama, tmp_path, monkeypat
     resumed = perplexity.run(cfg, model, tokenizer, pruner, tmp_path / "resumed")
     assert len(calls) == full["windows"] - 2
     assert resumed == pytest.approx(full, rel=1e-9)
+
+
+def test_kept_fraction_is_token_weighted():
+    stats = KeptStats()
+    assert stats.summary()["avg_kept_fraction"] == 1.0  # dense
+    stats.add(PrefillRecord(seq_len=1, kept_per_stage=[1], tokens_per_layer=[1, 1]))
+    stats.add(PrefillRecord(seq_len=99, kept_per_stage=[66, 33], tokens_per_layer=[99, 33]))
+    summary = stats.summary()
+    assert summary["avg_kept_fraction"] == pytest.approx(34 / 100)
+    assert summary["avg_layer_token_fraction"] == pytest.approx((2 + 132) / 200)
+    assert summary["pruned_prefills"] == 2

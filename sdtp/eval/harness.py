@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
@@ -119,7 +119,7 @@ def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None,
         "tasks": tasks,
         "n_samples": {task: n.get("effective") for task, n in out.get("n-samples", {}).items()},
         "num_fewshot": cfg.eval.num_fewshot,
-        "limit": OmegaConf.to_container(cfg.eval, resolve=True).get("limit"),
+        "limit": cfg.eval.limit,
         **lm.kept.summary(),
     }
 

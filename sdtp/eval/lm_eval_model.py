@@ -52,7 +52,7 @@ def load_from_config(model: str, pruning: str, overrides: str | None, pretrained
     from sdtp.config import build_pruner, compose
     from sdtp.models import load_model
 
-    extra = [f"model.source=hub", f"model.hf_id={pretrained}"] if pretrained else []
+    extra = ["model.source=hub", f"model.hf_id={pretrained}"] if pretrained else []
     cfg = compose("eval", [f"model={model}", f"pruning={pruning}", *extra, *_split_overrides(overrides)])
     hf_model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     return hf_model, tokenizer, build_pruner(cfg), cfg
