@@ -1,4 +1,4 @@
-"""Collect the issue-4 eval runs (scripts/eval_smollm2.sh) into results/eval/<model>.{json,md}.
+"""Collect the issue-4 eval runs (scripts/eval_smollm2.sh) into results/eval/<model>_limit<N>.{json,md}.
 
     python scripts/eval_report.py [--model smollm2-135m] [--limit 10]
 
@@ -93,8 +93,9 @@ def main() -> None:
     report = build(args.model, args.limit)
     out = ROOT / "results" / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.model}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{args.model}.md").write_text(markdown(report))
+    stem = f"{args.model}_limit{args.limit}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
 
 
