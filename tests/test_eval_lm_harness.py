@@ -114,3 +114,17 @@ def test_pruned_scores_are_deterministic(tiny_llama):
     make = lambda: SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(PRUNE, RandomScorer(seed=0)),
                           max_length=128)
     assert make().loglikelihood(_requests()) == make().loglikelihood(_requests())
+
+
+def test_generate_until_under_pruner(tiny_llama, hf_lm):
+    """Keeping everything, pruned generation equals HFLM's; real pruning still generates and is recorded."""
+    model, tokenizer, _ = tiny_llama
+    prompt = "Once upon a time there was a tiny model that " * 3
+    request = lambda: [Instance("generate_until", doc={}, idx=0,
+                                arguments=(prompt, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}))]
+    keep_all = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(KEEP_ALL, RandomScorer()),
+                      max_length=128)
+    assert keep_all.generate_until(request()) == hf_lm.generate_until(request())
+    pruned = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(PRUNE, RandomScorer()), max_length=128)
+    assert isinstance(pruned.generate_until(request())[0], str)
+    assert pruned.kept.summary()["avg_kept_fraction"] < 0.5
