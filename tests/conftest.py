@@ -48,3 +48,12 @@ def prompt_ids():
     """(1, 97) token ids: odd length so rounding in the budgets is exercised."""
     generator = torch.Generator().manual_seed(1)
     return torch.randint(4, 260, (1, 97), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for tiny-model tests: on a shared 2-core box, thread spin-waits dominate tiny matmuls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

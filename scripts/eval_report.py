@@ -1,0 +1,103 @@
+"""Collect the issue-4 eval runs (scripts/eval_smollm2.sh) into results/eval/<model>_limit<N>.{json,md}.
+
+    python scripts/eval_report.py [--model smollm2-135m] [--limit 10]
+
+Reads the metrics.json of the sdtp-eval runs (lm_eval and perplexity, per pruning method) and the
+results_*.json that lm-eval's own CLI wrote for `--model hf`, and checks dense parity exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "results" / "runs" / "eval"
+
+
+def _latest(paths: list[Path]) -> dict[str, Any] | None:
+    paths = sorted(paths, key=lambda p: p.stat().st_mtime)
+    return json.loads(paths[-1].read_text()) if paths else None
+
+
+def sdtp_runs(eval_name: str, model: str, pruning: str, needle: str) -> dict[str, Any] | None:
+    return _latest([p for p in (RUNS / eval_name / model / pruning).glob("*/metrics.json") if needle in str(p)])
+
+
+def hf_run(model: str, limit: int) -> dict[str, Any] | None:
+    out = RUNS / "hf_parity" / model / f"limit={limit}"
+    result = _latest(list(out.glob("**/results_*.json")))
+    if result is None:
+        return None
+    wall = out / "wall.json"
+    tasks = {task: {k.split(",")[0]: v for k, v in res.items() if isinstance(v, int | float) and "stderr" not in k}
+             for task, res in result["results"].items()}
+    return {"tasks": tasks, "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None}
+
+
+def build(model: str, limit: int) -> dict[str, Any]:
+    lm = {p: sdtp_runs("lm_eval", model, p, f"eval.limit={limit}") for p in ("none", "random")}
+    ppl = {p: sdtp_runs("perplexity", model, p, "") for p in ("none", "random")}
+    hf = hf_run(model, limit)
+    rows = []
+    dense_tasks = (lm["none"] or {}).get("results", {}).get("tasks", {})
+    for task, metrics in sorted(dense_tasks.items()):
+        for metric in ("acc", "acc_norm"):
+            if metric not in metrics:
+                continue
+            ref = hf["tasks"].get(task, {}).get(metric) if hf else None
+            rnd = (lm["random"] or {}).get("results", {}).get("tasks", {}).get(task, {}).get(metric)
+            rows.append({"task": task, "metric": metric, "hf": ref, "dense": metrics[metric], "random": rnd,
+                         "parity": None if ref is None else ref == metrics[metric]})
+    return {
+        "model": model,
+        "limit": limit,
+        "lm_eval": rows,
+        "lm_eval_wall_s": {"hf": hf and hf["wall_s"], **{p: r and r["wall_s"] for p, r in lm.items()}},
+        "lm_eval_avg_kept_fraction": {p: r and r["avg_kept_fraction"] for p, r in lm.items()},
+        "perplexity": {p: r and {k: r["results"][k] for k in ("perplexity", "num_tokens", "window", "stride",
+                                                               "avg_kept_fraction")} | {"wall_s": r["wall_s"]}
+                       for p, r in ppl.items()},
+    }
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# lm-eval and perplexity on {report['model']} (5-shot, limit {report['limit']} per task)", "",
+             "| task | metric | lm-eval `hf` | sdtp dense | sdtp random | dense == hf |", "|---|---|---|---|---|---|"]
+    for row in report["lm_eval"]:
+        lines.append(f"| {row['task']} | {row['metric']} | {_fmt(row['hf'])} | {_fmt(row['dense'])} | "
+                     f"{_fmt(row['random'])} | {_fmt(row['parity'])} |")
+    wall, kept = report["lm_eval_wall_s"], report["lm_eval_avg_kept_fraction"]
+    lines += ["", f"Wall time (s): hf {_fmt(wall['hf'])}, sdtp dense {_fmt(wall['none'])}, sdtp random "
+                  f"{_fmt(wall['random'])}. Average kept fraction of the contexts (random): {_fmt(kept['random'])}.",
+              "", "| WikiText-2 test | perplexity | tokens | window/stride | avg kept fraction | wall s |",
+              "|---|---|---|---|---|---|"]
+    for name, res in report["perplexity"].items():
+        if res:
+            lines.append(f"| {name} | {res['perplexity']:.3f} | {res['num_tokens']} | {res['window']}/{res['stride']} | "
+                         f"{res['avg_kept_fraction']:.3f} | {res['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=10)
+    args = parser.parse_args()
+    report = build(args.model, args.limit)
+    out = ROOT / "results" / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.model}_limit{args.limit}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""``sdtp-eval eval=lm_eval``: lm-evaluation-harness ``simple_evaluate`` on the (pruned) model.
+
+Also ``sdtp-lm-eval``: lm-eval's own CLI with the ``sdtp`` model registered and the offline tasks
+on the include path, e.g.
+
+    sdtp-lm-eval --model sdtp --model_args model=smollm2-135m,pruning=random \
+        --tasks sdtp_piqa --num_fewshot 5 --limit 100
+
+Seeds: lm-eval's ``random_seed`` is ``cfg.seed``; numpy/torch/few-shot seeds keep lm-eval's
+defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (its default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sdtp.engine.pruner import TokenPruner
+from sdtp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# Offline task -> file of the data mirror it reads (checked before the model is loaded).
+OFFLINE_FILES = {
+    "sdtp_piqa": "piqa.jsonl",
+    "sdtp_arc_easy": "arc_easy.jsonl",
+    "sdtp_boolq": "boolq.jsonl",
+    "sdtp_copa": "copa.jsonl",
+    "sdtp_winogrande": "winogrande.jsonl",
+    "sdtp_hellaswag": "hellaswag_val_1k.jsonl",
+    "sdtp_lambada_openai": "lambada_openai.jsonl",
+}
+
+
+def task_list(cfg: DictConfig) -> list[str]:
+    tasks = cfg.eval.tasks
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks or [])
+    expanded = []
+    for task in tasks:
+        expanded += list(OFFLINE_FILES) if task == "sdtp_offline" else [task]
+    return expanded
+
+
+def validate(cfg: DictConfig) -> None:
+    ev = cfg.eval
+    tasks = task_list(cfg)
+    if not tasks:
+        raise ConfigError("eval.tasks: empty; e.g. eval.tasks=[sdtp_piqa,sdtp_arc_easy]")
+    if ev.num_fewshot is not None and int(ev.num_fewshot) < 0:
+        raise ConfigError(f"eval.num_fewshot: must be >= 0, got {ev.num_fewshot}")
+    if ev.limit is not None and not float(ev.limit) > 0:
+        raise ConfigError(f"eval.limit: must be > 0 or null, got {ev.limit}")
+    if int(ev.batch_size) < 1:
+        raise ConfigError(f"eval.batch_size: must be >= 1, got {ev.batch_size}")
+    for task in tasks:
+        if task in OFFLINE_FILES and not (Path(ev.data_root) / OFFLINE_FILES[task]).is_file():
+            raise ConfigError(f"eval.data_root: {Path(ev.data_root) / OFFLINE_FILES[task]} not found for task {task} "
+                              "(set SDTP_DATA_DIR, or use lm-eval's built-in task name online)")
+    if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
+        raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
+
+
+def _clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
+    """``{"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": 0.5}`` (numbers only)."""
+    clean = {}
+    for key, value in task_results.items():
+        name = key.split(",")[0]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            clean[name] = float(value)
+    return clean
+
+
+def _write_samples(run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
+    """Per-document predictions: ``samples_<task>.jsonl`` (doc id, target, per-choice log-likelihoods)."""
+    for task, rows in samples.items():
+        with (run_dir / f"samples_{task}.jsonl").open("w") as handle:
+            for row in rows:
+                record = {"doc_id": row.get("doc_id"), "target": row.get("target"),
+                          "resps": row.get("filtered_resps"), **{m: row[m] for m in ("acc", "acc_norm", "perplexity")
+                                                                   if m in row}}
+                handle.write(json.dumps(record, default=str) + "\n")
+
+
+def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:
+    """``simple_evaluate`` on an lm-eval LM with the ``cfg.eval`` settings; returns lm-eval's output."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    ev = cfg.eval
+    manager = TaskManager(include_path=str(ev.include_path), metadata={"data_root": str(ev.data_root)})
+    limit = None if ev.limit is None else (float(ev.limit) if float(ev.limit) < 1 else int(ev.limit))
+    return simple_evaluate(
+        model=lm,
+        tasks=task_list(cfg),
+        num_fewshot=ev.num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        random_seed=int(cfg.seed),
+        bootstrap_iters=int(ev.bootstrap_iters),
+        log_samples=bool(ev.log_samples),
+    )
+
+
+def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict[str, Any]:
+    from sdtp.eval.lm_eval_model import SDTPLM
+
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner, batch_size=int(cfg.eval.batch_size),
+                max_length=int(cfg.model.max_length))
+    out = evaluate_lm(lm, cfg)
+    if cfg.eval.log_samples:
+        _write_samples(run_dir, out.get("samples", {}))
+    tasks = {task: _clean_metrics(res) for task, res in out["results"].items()}
+    return {
+        "tasks": tasks,
+        "n_samples": {task: n.get("effective") for task, n in out.get("n-samples", {}).items()},
+        "num_fewshot": cfg.eval.num_fewshot,
+        "limit": cfg.eval.limit,
+        **lm.kept.summary(),
+    }
+
+
+def cli_main() -> None:
+    """``sdtp-lm-eval``: lm-eval's CLI with ``--model sdtp`` registered and the offline tasks included."""
+    import sdtp.eval.lm_eval_model  # noqa: F401  (registers the "sdtp" model)
+    from lm_eval.__main__ import cli_evaluate
+
+    if "--include_path" not in sys.argv:
+        sys.argv += ["--include_path", str(TASKS_DIR)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,122 @@
+"""The ``sdtp`` model for lm-evaluation-harness: HFLM whose contexts are token-pruned during prefill.
+
+Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each request):
+
+* the CONTEXT (few-shot examples + question, left-truncated like HFLM to ``max_length + 1``
+  tokens together with the continuation) is prefilled once with the pruner installed: tokens are
+  physically dropped layer by layer, the first ``keep_first`` and the last ``keep_recent`` of the
+  context are always kept, so the last context position survives and its logits
+  (``out.logits[:, -1]``) score the first continuation token;
+* the CONTINUATION tokens are never pruned: they are fed in one forward on top of the pruned KV
+  cache (``attention_mask`` all ones over context + continuation) and scored there, exactly as
+  generation would proceed after a pruned prompt. No dense pass is involved. Requests that share
+  a context (the choices of one multiple-choice question) reuse one pruned prefill;
+* log-probs, ``is_greedy`` and caching follow HFLM; ``loglikelihood_rolling`` windows go through
+  the same path. ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once).
+
+With no pruner the class is plain HFLM (same batching, same numbers as ``--model hf``). With a
+pruner, requests run one at a time (batch size 1, as in the paper's evaluation).
+
+Usage: ``sdtp-lm-eval --model sdtp --model_args model=smollm2-135m,pruning=random --tasks ...``
+(lm-eval has no plugin discovery, so its own ``lm_eval`` CLI does not see ``sdtp`` unless this
+module is imported; ``sdtp-lm-eval`` is lm-eval's CLI with the model registered), or in Python
+``SDTPLM(pretrained=model, tokenizer=tok, pruner=pruner)`` passed to ``simple_evaluate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from sdtp.engine.pruner import TokenPruner
+from sdtp.eval.kept import KeptStats
+from sdtp.eval.scoring import prefill_context, score_continuation
+
+log = logging.getLogger(__name__)
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+def _split_overrides(overrides: str | None) -> list[str]:
+    """``"pruning.keep_ratio=0.8;pruning.keep_recent=0.2"`` -> Hydra overrides (``;`` since lm-eval splits on ``,``)."""
+    return [item.strip() for item in (overrides or "").split(";") if item.strip()]
+
+
+def load_from_config(model: str, pruning: str, overrides: str | None, pretrained: str | None):
+    """(model, tokenizer, pruner, cfg) from the sdtp configs, for ``--model_args`` use."""
+    from sdtp.config import build_pruner, compose
+    from sdtp.models import load_model
+
+    extra = ["model.source=hub", f"model.hf_id={pretrained}"] if pretrained else []
+    cfg = compose("eval", [f"model={model}", f"pruning={pruning}", *extra, *_split_overrides(overrides)])
+    hf_model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
+    return hf_model, tokenizer, build_pruner(cfg), cfg
+
+
+@register_model("sdtp")
+class SDTPLM(HFLM):
+    """HFLM + prefill token pruning of each request's context (see the module docstring)."""
+
+    def __init__(
+        self,
+        pretrained: Any = None,
+        tokenizer: Any = None,
+        pruner: TokenPruner | None = None,
+        model: str = "smollm2-135m",
+        pruning: str = "none",
+        overrides: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if pretrained is None or isinstance(pretrained, str):
+            pretrained, tokenizer, pruner, cfg = load_from_config(model, pruning, overrides, pretrained)
+            kwargs.setdefault("max_length", int(cfg.model.max_length))
+        kwargs.pop("device", None)  # the model is already placed; HFLM ignores device for instances
+        if pruner is not None:
+            kwargs["batch_size"] = 1
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
+        self.pruner = pruner
+        self.kept = KeptStats()
+
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
+        if self.pruner is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        # Group by truncated context so the choices of one question share one pruned prefill.
+        groups: OrderedDict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = OrderedDict()
+        for index, (_, context_enc, continuation_enc) in enumerate(requests):
+            assert len(context_enc) > 0 and 0 < len(continuation_enc) <= self.max_length
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            ctx = tuple(whole[: -len(continuation_enc)])
+            groups.setdefault(ctx, []).append((index, torch.tensor([continuation_enc], device=self.device)))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Pruned loglikelihood")
+        for ctx, members in groups.items():
+            prefilled = prefill_context(self.model, torch.tensor([ctx], device=self.device), self.pruner)
+            self.kept.add(prefilled.record)
+            for position, (index, cont) in enumerate(members):
+                logprobs, greedy = score_continuation(
+                    self.model, prefilled, cont, self.pruner, reuse=position < len(members) - 1
+                )
+                answer = (float(logprobs.sum()), greedy)
+                results[index] = answer
+                if requests[index][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                pbar.update(1)
+        pbar.close()
+        return results  # type: ignore[return-value]
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
+        if self.pruner is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if context.shape[0] != 1:
+            raise NotImplementedError("pruned generation runs one prompt at a time (batch_size=1)")
+        with self.pruner(self.model):
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        self.kept.add(self.pruner.last_prefill)
+        return out

@@ -1,0 +1,111 @@
+"""Offline loaders for the lm-eval task YAMLs in this folder (``custom_dataset: !function offline.<name>``).
+
+Each loader reads one file of the offline data mirror (``<data_root>/<file>``; see
+``../shared/data/README.md``) and rebuilds the Hugging Face schema that lm-eval's built-in task of
+the same name expects, so the YAMLs can use lm-eval's own prompt templates, choices and metrics.
+``data_root`` comes from lm-eval metadata (``--metadata '{"data_root": "/abs/path/mc"}'``, or
+``TaskManager(metadata=...)``), else ``$SDTP_DATA_DIR/mc``, else ``<repo>/../shared/data/mc``.
+
+lm-eval calls ``custom_dataset(**metadata, **dataset_kwargs)``; metadata also carries the model
+arguments, hence the ``**_``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401 (used by YAML)
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mc"
+
+
+def data_root(root: str | None = None) -> Path:
+    """The folder holding the multiple-choice jsonl files."""
+    if root:
+        return Path(root)
+    if os.environ.get("SDTP_DATA_DIR"):
+        return Path(os.environ["SDTP_DATA_DIR"]) / "mc"
+    return DEFAULT_ROOT
+
+
+def _rows(file: str, root: str | None) -> list[dict[str, Any]]:
+    path = data_root(root) / file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: pass --metadata '{{\"data_root\": \"/abs/path/to/mc\"}}' or set SDTP_DATA_DIR "
+            "(online users can run lm-eval's built-in task of the same name instead)"
+        )
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _split(rows: list[dict[str, Any]]) -> datasets.DatasetDict:
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+
+
+def piqa(sdtp_file: str = "piqa.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{query: "Question: <goal>\\n", choices, gold}`` -> ``{goal, sol1, sol2, label}``."""
+    rows = _rows(sdtp_file, data_root)
+    return _split([{"goal": r["query"][len("Question: "):-1], "sol1": r["choices"][0], "sol2": r["choices"][1],
+                    "label": int(r["gold"])} for r in rows])
+
+
+def arc(sdtp_file: str = "arc_easy.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{query: "Question: <q>", choices, gold}`` -> ``{question, choices: {text, label}, answerKey}``."""
+    rows = _rows(sdtp_file, data_root)
+    out = []
+    for r in rows:
+        labels = [chr(ord("A") + i) for i in range(len(r["choices"]))]
+        out.append({"question": r["query"][len("Question: "):], "choices": {"text": r["choices"], "label": labels},
+                    "answerKey": labels[int(r["gold"])]})
+    return _split(out)
+
+
+def boolq(sdtp_file: str = "boolq.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{query: "Passage: <p>\\nQuestion: <q>?", choices: [no, yes], gold}`` -> ``{passage, question, label}``."""
+    out = []
+    for r in _rows(sdtp_file, data_root):
+        passage, question = r["query"][len("Passage: "):].rsplit("\nQuestion: ", 1)
+        out.append({"passage": passage, "question": question.removesuffix("?"), "label": int(r["gold"])})
+    return _split(out)
+
+
+def copa(sdtp_file: str = "copa.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{query: "<premise without period> because|therefore", choices, gold}`` (already lm-eval's text)."""
+    return _split([{"query": r["query"], "choices": [" " + c for c in r["choices"]], "label": int(r["gold"])}
+                   for r in _rows(sdtp_file, data_root)])
+
+
+def winogrande(sdtp_file: str = "winogrande.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{context_options, continuation, gold}``: lm-eval's partial scoring (choices are contexts)."""
+    return _split([{"context_options": r["context_options"], "continuation": r["continuation"],
+                    "label": int(r["gold"])} for r in _rows(sdtp_file, data_root)])
+
+
+def hellaswag(sdtp_file: str = "hellaswag_val_1k.jsonl", data_root: str | None = None,
+              **_: Any) -> datasets.DatasetDict:
+    """Original schema (``ctx_a, ctx_b, activity_label, endings, label``); YAML applies lm-eval's process_docs."""
+    keys = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "source_id", "split", "split_type", "label")
+    return _split([{k: (str(r[k]) if k == "label" else r[k]) for k in keys if k in r}
+                   for r in _rows(sdtp_file, data_root)])
+
+
+def lambada(sdtp_file: str = "lambada_openai.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{context, continuation}`` -> ``{text}`` (lm-eval splits off the last word again)."""
+    return _split([{"text": r["context"] + " " + r["continuation"]} for r in _rows(sdtp_file, data_root)])
+
+
+def winogrande_doc_to_text(doc: dict[str, Any]) -> int:
+    return int(doc["label"])
+
+
+def winogrande_doc_to_choice(doc: dict[str, Any]) -> list[str]:
+    return list(doc["context_options"])
+
+
+def winogrande_doc_to_target(doc: dict[str, Any]) -> str:
+    return doc["continuation"]
