@@ -1,6 +1,8 @@
 """Collect sdtp-eval metrics.json files (longbench / needle / passage_*) into a markdown table.
 
     python scripts/long_context_table.py results/runs/eval results/eval/long_context_smollm2-135m.md
+
+Times are the per-sample prefill / decode sums from predictions.jsonl (complete even for resumed runs).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-ROW = "| {eval} | {setting} | {model} | {pruning} | {n} | {score} | {tokens:.0f} | {kept:.3f} | {layer:.3f} | {prefill:.1f} | {decode:.1f} | {wall:.0f} |"
+ROW = ("| {eval} | {setting} | {model} | {pruning} | {n} | {score} | {tokens:.0f} | {kept:.3f} | {layer:.3f} "
+       "| {prefill:.1f} | {decode:.1f} |")
 
 
 def row(metrics: dict) -> str:
@@ -22,18 +25,16 @@ def row(metrics: dict) -> str:
         score, n = f"{res['score']:.2f}", res["num_samples"]
     return ROW.format(eval=metrics["eval"], setting=setting, model=metrics["model"], pruning=metrics["pruning"]["name"],
                       n=n, score=score, tokens=res["avg_prompt_tokens"], kept=res["avg_kept_fraction"],
-                      layer=res["avg_layer_token_fraction"], prefill=res["prefill_s"], decode=res["decode_s"],
-                      wall=metrics["wall_s"])
+                      layer=res["avg_layer_token_fraction"], prefill=res["prefill_s"], decode=res["decode_s"])
 
 
 def main(root: str, out: str) -> None:
-    files = sorted(Path(root).rglob("metrics.json"))
-    runs = [json.loads(f.read_text()) for f in files]
-    runs = [m for m in runs if m["eval"] in ("longbench", "needle", "passage_retrieval", "passage_count")]
+    runs = [json.loads(f.read_text()) for f in sorted(Path(root).rglob("metrics.json"))]
+    runs = [m for m in runs if m.get("eval") in ("longbench", "needle", "passage_retrieval", "passage_count")]
     lines = [
         "| eval | setting | model | pruning | samples | score | avg prompt tokens | kept (last stage) | "
-        "layer-token fraction | prefill s (sum) | decode s (sum) | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "layer-token fraction | prefill s (sum) | decode s (sum) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[row(m) for m in sorted(runs, key=lambda m: (m["eval"], m["model"], m["pruning"]["name"] != "none"))],
     ]
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         input_ids = encode(tokenizer, sample.prompt, chat, sample.answer_prefix)
         pred = greedy_predict(model, tokenizer, input_ids, int(ev.max_new_tokens), pruner, stops)
         predictions.add({"id": sample.id, "task": sample.task, "length": sample.length, **sample.meta,
-                         "pred": pred.text, "answer": sample.answer, "score": score(sample.task, pred.text, sample.answer),
+                         "pred": pred.text, "answer": sample.answer,
+                         "score": score(sample.task, pred.text, sample.answer),
                          **pred.fields()})
     rows = [predictions.records[s.id] for s in samples]
     metrics: dict[str, Any] = {
