@@ -90,6 +90,15 @@ def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 
+def _block_eos(logits: torch.Tensor, eos: set[int], block: bool) -> torch.Tensor:
+    """(B, V) logits with the EOS ids set to -inf when ``block``."""
+    if not block or not eos:
+        return logits
+    logits = logits.clone()
+    logits[:, sorted(eos)] = float("-inf")
+    return logits
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -99,8 +108,12 @@ def generate(
     sampling: SamplingConfig | None = None,
     eos_token_id: int | list[int] | None = None,
     keep_logits: bool = False,
+    min_new_tokens: int = 0,
 ) -> GenerationResult:
-    """Prefill ``input_ids`` (1, N) with optional pruning, then decode up to ``max_new_tokens``."""
+    """Prefill ``input_ids`` (1, N) with optional pruning, then decode up to ``max_new_tokens``.
+
+    ``min_new_tokens`` blocks the EOS ids until that many tokens exist (HF's ``min_length``).
+    """
     sampling = sampling or SamplingConfig()
     generator = torch.Generator().manual_seed(sampling.seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
@@ -111,7 +124,7 @@ def generate(
         logits, cache, prefill_s = prefill(model, input_ids, pruner, cache)
         step_logits = [logits[:, -1].float().cpu()] if keep_logits else []
         tokens: list[int] = []
-        token = _next_token(logits[:, -1], sampling, generator)
+        token = _next_token(_block_eos(logits[:, -1], eos, 0 < min_new_tokens), sampling, generator)
         _sync(input_ids.device)
         start = time.perf_counter()
         while True:
@@ -122,7 +135,7 @@ def generate(
             cache = out.past_key_values
             if keep_logits:
                 step_logits.append(out.logits[:, -1].float().cpu())
-            token = _next_token(out.logits[:, -1], sampling, generator)
+            token = _next_token(_block_eos(out.logits[:, -1], eos, len(tokens) < min_new_tokens), sampling, generator)
         _sync(input_ids.device)
         decode_s = time.perf_counter() - start
     return GenerationResult(

@@ -1,0 +1,46 @@
+"""Collect sdtp-eval metrics.json files (longbench / needle / passage_*) into a markdown table.
+
+    python scripts/long_context_table.py results/runs/eval results/eval/long_context_smollm2-135m.md
+
+Times are the per-sample prefill / decode sums from predictions.jsonl (complete even for resumed runs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROW = ("| {eval} | {setting} | {model} | {pruning} | {n} | {score} | {tokens:.0f} | {kept:.3f} | {layer:.3f} "
+       "| {prefill:.1f} | {decode:.1f} |")
+
+
+def row(metrics: dict) -> str:
+    res = metrics["results"]
+    if metrics["eval"] == "longbench":
+        setting = ", ".join(f"{k} (max_new {res['max_new_tokens'][k]})" for k in res["datasets"])
+        score, n = f"{res['avg']:.2f}", sum(res["num_samples"].values())
+    else:
+        setting = ", ".join(res.get("by_length", {}))
+        score, n = f"{res['score']:.2f}", res["num_samples"]
+    return ROW.format(eval=metrics["eval"], setting=setting, model=metrics["model"], pruning=metrics["pruning"]["name"],
+                      n=n, score=score, tokens=res["avg_prompt_tokens"], kept=res["avg_kept_fraction"],
+                      layer=res["avg_layer_token_fraction"], prefill=res["prefill_s"], decode=res["decode_s"])
+
+
+def main(root: str, out: str) -> None:
+    runs = [json.loads(f.read_text()) for f in sorted(Path(root).rglob("metrics.json"))]
+    runs = [m for m in runs if m.get("eval") in ("longbench", "needle", "passage_retrieval", "passage_count")]
+    lines = [
+        "| eval | setting | model | pruning | samples | score | avg prompt tokens | kept (last stage) | "
+        "layer-token fraction | prefill s (sum) | decode s (sum) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[row(m) for m in sorted(runs, key=lambda m: (m["eval"], m["model"], m["pruning"]["name"] != "none"))],
+    ]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

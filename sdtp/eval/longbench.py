@@ -1,0 +1,166 @@
+"""LongBench v1 native runner: THUDM ``pred.py`` + ``eval.py`` behaviour on the (pruned) engine.
+
+Per sample, as in pred.py: format the dataset's prompt template with the jsonl record; if the
+tokenised prompt exceeds ``max_length`` keep its first and last ``max_length // 2`` tokens
+(middle truncation, decoded back to text); wrap it in the chat template unless the dataset is a
+few-shot / code one; greedy-decode up to the dataset's ``max_new_tokens`` from the pruned prefill
+cache. Scores follow eval.py (see :mod:`sdtp.eval.longbench_metrics`); the summary adds per-category
+means and ``avg``, the mean over datasets (the SDTP paper's AVG column).
+
+    sdtp-eval eval=longbench model=smollm2-135m pruning=random eval.limit=10
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+from tqdm import tqdm
+
+from sdtp.engine.pruner import TokenPruner
+from sdtp.errors import ConfigError
+from sdtp.eval.longbench_metrics import dataset_score, sample_score
+from sdtp.eval.longbench_tasks import (
+    CATEGORIES,
+    DATASETS,
+    FIRST_LINE_DATASETS,
+    NEWLINE_STOP_DATASETS,
+    NO_CHAT_DATASETS,
+    LongBenchDataset,
+)
+from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
+
+log = logging.getLogger(__name__)
+# THUDM's model2maxlen.json leaves 500 tokens of room under the context window (4K -> 3500, 8K -> 7500).
+HEADROOM = 500
+
+
+def data_file(cfg: DictConfig, name: str) -> Path:
+    """``eval.data_files[name]`` or ``<eval.data_dir>/<name>.jsonl``; missing -> ConfigError."""
+    files = cfg.eval.get("data_files") or {}
+    path = Path(files[name]) if name in files else Path(cfg.eval.data_dir) / f"{name}.jsonl"
+    if not path.is_file():
+        raise ConfigError(
+            f"eval.data_files.{name}: {path} not found. LongBench v1 jsonl files come from the data.zip of the "
+            f"THUDM/LongBench dataset repo; unzip it into eval.data_dir or set eval.data_files.{name}=<path>"
+        )
+    return path
+
+
+def validate(cfg: DictConfig) -> dict[str, Path]:
+    """Check ``cfg.eval`` (before the model loads); returns dataset -> jsonl path."""
+    names = list(cfg.eval.datasets or [])
+    if not names:
+        raise ConfigError("eval.datasets: empty; name at least one LongBench dataset, e.g. [multi_news]")
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise ConfigError(f"eval.datasets: unknown LongBench v1 dataset(s) {unknown}; known: {sorted(DATASETS)}")
+    for key in ("limit", "max_length", "max_new_tokens"):
+        value = cfg.eval.get(key)
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"eval.{key}: must be a positive integer or null, got {value}")
+    return {n: data_file(cfg, n) for n in names}
+
+
+def max_prompt_length(cfg: DictConfig) -> int:
+    if cfg.eval.get("max_length") is not None:
+        return int(cfg.eval.max_length)
+    return int(cfg.model.max_length) - HEADROOM
+
+
+def load_records(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                records.append(json.loads(line))
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def truncate_middle(tokenizer: Any, prompt: str, max_length: int) -> tuple[str, bool]:
+    """pred.py's truncation: keep the first and last ``max_length // 2`` tokens, joined as text.
+
+    Both ends carry instructions (task description, question), so the middle of the context goes.
+    """
+    ids = tokenizer(prompt).input_ids
+    if len(ids) <= max_length:
+        return prompt, False
+    half = max_length // 2
+    head = tokenizer.decode(ids[:half], skip_special_tokens=True)
+    tail = tokenizer.decode(ids[-half:], skip_special_tokens=True)
+    return head + tail, True
+
+
+def build_input(tokenizer: Any, spec: LongBenchDataset, record: dict[str, Any], max_length: int,
+                chat: bool) -> tuple[Any, bool]:
+    """(1, N) input ids for one record, and whether it was truncated."""
+    prompt, truncated = truncate_middle(tokenizer, spec.prompt.format(**record), max_length)
+    return encode(tokenizer, prompt, chat and spec.name not in NO_CHAT_DATASETS), truncated
+
+
+def summarize(scores: dict[str, float]) -> dict[str, Any]:
+    """Per-category means over the datasets run, and AVG = mean over datasets (paper Table 1)."""
+    categories = {}
+    for category in CATEGORIES:
+        values = [s for n, s in scores.items() if DATASETS[n].category == category]
+        if values:
+            categories[category] = round(sum(values) / len(values), 2)
+    avg = round(sum(scores.values()) / len(scores), 2) if scores else math.nan
+    return {"datasets": dict(scores), "categories": categories, "avg": avg}
+
+
+def predict_dataset(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner | None,
+                    name: str, path: Path, predictions: PredictionLog) -> list[dict[str, Any]]:
+    """Predict (or reuse from ``predictions``) every record of one dataset; returns their rows."""
+    spec = DATASETS[name]
+    max_length = max_prompt_length(cfg)
+    max_new = int(cfg.eval.max_new_tokens or spec.max_new_tokens)
+    chat = wants_chat_template(tokenizer, cfg.eval.chat_template)
+    newline = name in NEWLINE_STOP_DATASETS
+    stops = stop_token_ids(model, tokenizer, ["\n"] if newline else [])
+    rows = []
+    for index, record in enumerate(tqdm(load_records(path, cfg.eval.get("limit")), desc=name, leave=False)):
+        key = f"{name}/{record.get('_id', index)}"
+        if key not in predictions:
+            input_ids, truncated = build_input(tokenizer, spec, record, max_length, chat)
+            pred = greedy_predict(model, tokenizer, input_ids, max_new, pruner, stops, min_new_tokens=int(newline))
+            score = sample_score(spec.metric, pred.text, record["answers"], record.get("all_classes"),
+                                 first_line=name in FIRST_LINE_DATASETS)
+            predictions.add({
+                "id": key, "dataset": name, "pred": pred.text, "answers": record["answers"],
+                "all_classes": record.get("all_classes"), "length": record.get("length"),
+                "truncated": truncated, "score": score, **pred.fields(),
+            })
+        rows.append(predictions.records[key])
+    return rows
+
+
+def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner | None, run_dir: str | Path) -> dict:
+    """Predict and score ``cfg.eval.datasets``; writes ``predictions.jsonl`` into ``run_dir``."""
+    paths = validate(cfg)
+    start = time.perf_counter()
+    predictions = PredictionLog(Path(run_dir) / "predictions.jsonl")
+    scores, rows_all, counts = {}, [], {}
+    for name, path in paths.items():
+        rows = predict_dataset(cfg, model, tokenizer, pruner, name, path, predictions)
+        scores[name] = dataset_score([r["score"] for r in rows])
+        counts[name] = len(rows)
+        rows_all += rows
+        log.info("LongBench %s: %.2f over %d samples", name, scores[name], len(rows))
+    return {
+        **summarize(scores),
+        "num_samples": counts,
+        "max_length": max_prompt_length(cfg),
+        "max_new_tokens": {name: int(cfg.eval.max_new_tokens or DATASETS[name].max_new_tokens) for name in paths},
+        "truncated_samples": sum(bool(r["truncated"]) for r in rows_all),
+        **cost_summary(rows_all),
+        "wall_s": round(time.perf_counter() - start, 3),
+    }
