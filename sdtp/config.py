@@ -27,6 +27,12 @@ CONF_DIR = REPO_ROOT / "conf"
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+if not OmegaConf.has_resolver("layer_at"):
+    # ${layer_at:${model.num_layers},0.4} -> the decoder layer at 40% of depth (clamped to 1..L-1),
+    # so single-stage schedules (pruning=gemfilter|fastkv) fit any model depth.
+    OmegaConf.register_new_resolver(
+        "layer_at", lambda num_layers, frac: min(max(1, round(int(num_layers) * float(frac))), int(num_layers) - 1)
+    )
 
 
 def build_schedule(cfg: DictConfig) -> PruningSchedule | None:
