@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
+from sdtp.kv.policy import build_kv_policy
 from sdtp.models.loading import check_family, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_family(cfg.model.family)
     resolve_dtype(cfg.model.dtype, cfg.model.device)
     build_schedule(cfg)
+    build_kv_policy(cfg)  # the optional `kv` group (KV-cache compression); raises on bad kv.* keys
     scorer = cfg.pruning.get("scorer")
     if scorer is not None and "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
