@@ -31,6 +31,9 @@ else
   echo "[compare] no trained predictor in results/predictors/$MODEL: sdtp is left out (run sdtp-train first)" >&2
 fi
 
+# The gradient x input oracle (issue 3; an upper bound, slow: a backward pass per prompt) when present.
+if [ -f conf/pruning/oracle.yaml ]; then METHODS="$METHODS,oracle"; fi
+
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # step <name> <command...>: run the command only if <name> is in $STEPS.
 step() { local name=$1; shift; if has_step "$name"; then echo "[compare] $*" >&2; "$@"; fi; }
