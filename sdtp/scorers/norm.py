@@ -1,8 +1,6 @@
-"""Hidden-state norm baseline: tokens whose residual stream is large are assumed to matter.
+"""Hidden-state-norm scorer: keep the tokens whose entering hidden state has the largest L2 norm.
 
-A cheap content-aware heuristic (no extra matmul): the L2 norm of each alive token's hidden
-state entering the stage layer. Known caveat, and the reason it is only a baseline: attention
-sinks and delimiter tokens carry "massive activations", so the norm ranks them above content.
+A training-free heuristic baseline for the learned predictor (no extra forward, no parameters).
 """
 
 from __future__ import annotations
@@ -12,10 +10,8 @@ import torch
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
-class NormScorer(Scorer):
-    """Score = L2 norm of the hidden state over the model dimension (higher = keep)."""
+class HiddenNormScorer(Scorer):
+    """Score = ||h_i||_2 of the hidden state entering the stage layer."""
 
-    @torch.no_grad()
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        """(B, n) float32 norms of ``ctx.hidden_states`` (B, n, D)."""
         return ctx.hidden_states.float().norm(dim=-1)
