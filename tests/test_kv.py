@@ -109,3 +109,15 @@ def test_kv_config_group():
         compose("generate", ["kv=streaming", "kv.ratio=0"])
     with pytest.raises(ConfigError, match="kv.kernel"):
         compose("generate", ["kv=snapkv", "kv.kernel=4"])
+
+
+def test_generate_cli_applies_kv_policy_after_pruned_prefill(capsys):
+    from sdtp.cli.generate import run
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    overrides = ["model=tiny-llama", "pruning=lazyllm", "kv=h2o", f"prompt={prompt!r}", "max_new_tokens=3"]
+    summary = run(compose("generate", overrides))
+    dense = run(compose("generate", ["model=tiny-llama", "pruning=lazyllm", f"prompt={prompt!r}", "max_new_tokens=3"]))
+    assert summary["kv"] == "h2o" and summary["kv_ratio"] == 0.4 and dense["kv"] == "none"
+    assert summary["kept_per_stage"] == dense["kept_per_stage"]
+    assert summary["kv_cache_bytes"] < 0.5 * dense["kv_cache_bytes"]

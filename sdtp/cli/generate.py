@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 from sdtp.config import build_pruner, sdtp_main
 from sdtp.engine.cache import cache_bytes
 from sdtp.engine.generation import SamplingConfig, generate
-from sdtp.kv import KVCompressor, build_kv_policy
+from sdtp.kv import build_kv_policy, kv_compression
 from sdtp.models import load_model
 from sdtp.utils import seed_everything, set_threads
 
@@ -47,8 +46,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prompt = Path(cfg.prompt_file).read_text() if cfg.prompt_file else cfg.prompt
     input_ids = encode_prompt(tokenizer, prompt, cfg.chat_template).to(cfg.model.device)
     sampling = SamplingConfig(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    compressor = KVCompressor(kv_policy) if kv_policy else None
-    with compressor(model) if compressor else nullcontext():
+    with kv_compression(kv_policy, model):
         result = generate(model, input_ids, cfg.max_new_tokens, pruner, sampling, tokenizer.eos_token_id)
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     summary = {

@@ -10,7 +10,7 @@ token by token from the compressed cache at the original positions.
 """
 
 from sdtp.kv.cache import CompressedLayer, compress_cache
-from sdtp.kv.compressor import KVCompressor
+from sdtp.kv.compressor import KVCompressor, kv_compression
 from sdtp.kv.policy import KV_METHODS, KVPolicy, build_kv_policy
 
-__all__ = ["KV_METHODS", "CompressedLayer", "KVCompressor", "KVPolicy", "build_kv_policy", "compress_cache"]
+__all__ = ["KV_METHODS", "CompressedLayer", "KVCompressor", "KVPolicy", "build_kv_policy", "compress_cache", "kv_compression"]

@@ -18,7 +18,7 @@ applies "to whatever the pruned prefill left". Decode steps pass through untouch
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +31,11 @@ from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
 
 QUERY_CHUNK = 512  # H2O query chunk: bounds the transient (B, H, chunk, T) probabilities
+
+
+def kv_compression(policy: KVPolicy | None, model: nn.Module) -> AbstractContextManager:
+    """``with kv_compression(build_kv_policy(cfg), model): ...`` -- a no-op when ``policy`` is None (kv=none)."""
+    return KVCompressor(policy)(model) if policy is not None else nullcontext()
 
 
 class KVCompressor:
