@@ -81,11 +81,12 @@ class KVCompressor:
     def _make_attn_hook(self, idx: int):
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not self._prefill:
+            cache = kwargs.get("past_key_values")
+            if not self._prefill or cache is None:  # no cache: _on_end reports it
                 return
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), post input_layernorm
             cos, sin = kwargs["position_embeddings"]
-            keys = kwargs["past_key_values"].layers[idx].keys  # (B, H_kv, T, hd): exactly this prefill's tokens
+            keys = cache.layers[idx].keys  # (B, H_kv, T, hd): exactly this prefill's tokens
             if self.policy.method == "h2o":
                 self._scores[idx] = _accumulated_attention(module, hidden, cos, sin, keys)
             else:
