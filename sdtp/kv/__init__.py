@@ -9,8 +9,8 @@ so whatever the (pruned) prefill left in each layer is cut to ``ratio`` of it; d
 token by token from the compressed cache at the original positions.
 """
 
-from sdtp.kv.cache import CompressedLayer, compress_cache
+from sdtp.kv.cache import CompressedCache, compress_cache
 from sdtp.kv.compressor import KVCompressor, kv_compression
 from sdtp.kv.policy import KV_METHODS, KVPolicy, build_kv_policy
 
-__all__ = ["KV_METHODS", "CompressedLayer", "KVCompressor", "KVPolicy", "build_kv_policy", "compress_cache", "kv_compression"]
+__all__ = ["KV_METHODS", "CompressedCache", "KVCompressor", "KVPolicy", "build_kv_policy", "compress_cache", "kv_compression"]
