@@ -89,25 +89,39 @@ def eval_metrics(data: dict[str, Any]) -> dict[str, float]:
 
 
 def bench_speedup(data: dict[str, Any]) -> float | None:
-    """Measured prefill speedup over dense: at the longest prompt length when given per length."""
+    """Measured prefill speedup over dense at the longest prompt length of a bench JSON.
+
+    Reads sdtp-bench's schema (``results: [{seq_len, speedup: {prefill}}]``) and, as a fallback, any
+    ``prefill_speedup``-like number or ``{length: number}`` map (``targets`` are ignored).
+    """
+    rows = data.get("results")
+    if isinstance(rows, list):
+        pairs = [(_number(r.get("seq_len")) or -1.0, _number(_get(r, "speedup", "prefill")))
+                 for r in rows if isinstance(r, dict)]
+        pairs = [(length, value) for length, value in pairs if value is not None]
+        if pairs:
+            return max(pairs)[1]
     found: list[tuple[float, float]] = []  # (length or -1, speedup)
 
     def walk(node: Any, length: float) -> None:
-        if isinstance(node, dict):
-            here = _number(node.get("length", node.get("prompt_tokens", node.get("seq_len"))))
-            here = length if here is None else here
-            for key, value in node.items():
-                if key in SPEEDUP_KEYS and _number(value) is not None:
-                    found.append((here, float(value)))
-                elif key in SPEEDUP_KEYS and isinstance(value, dict):
-                    for sub, val in value.items():  # {"2048": 1.6, ...}
-                        if _number(val) is not None:
-                            found.append((_number(_to_float(sub)) or here, float(val)))
-                else:
-                    walk(value, _number(_to_float(key)) or here)
-        elif isinstance(node, list):
+        if isinstance(node, list):
             for item in node:
                 walk(item, length)
+        if not isinstance(node, dict):
+            return
+        here = _number(node.get("length", node.get("seq_len")))
+        here = length if here is None else here
+        for key, value in node.items():
+            if key == "targets":  # goals, not measurements
+                continue
+            if key in SPEEDUP_KEYS and _number(value) is not None:
+                found.append((here, float(value)))
+            elif key in SPEEDUP_KEYS and isinstance(value, dict):
+                for sub, val in value.items():  # {"2048": 1.6, ...}
+                    if _to_float(sub) is not None and _number(val) is not None:
+                        found.append((_to_float(sub), float(val)))
+            else:
+                walk(value, _to_float(key) or here)
 
     walk(data, -1.0)
     if not found:

@@ -33,10 +33,12 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
         _eval(root, method, "perplexity", {"perplexity": ppl, **extra})
         _eval(root, method, "longbench", {"tasks": {"multi_news": {"score": acc / 3}}})
     _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}}, kv="h2o")
-    _write(root / "bench" / "a" / "bench.json", {"pruning": "sdtp", "lengths": {"1024": {"prefill_speedup": 1.2},
-                                                                             "2048": {"prefill_speedup": 1.5}}})
-    _write(root / "bench" / "b" / "bench.json", {"pruning": {"name": "random"}, "rows": [
-        {"length": 2048, "prefill_speedup": 1.6}, {"length": 1024, "prefill_speedup": 1.1}]})
+    _write(root / "bench" / "a" / "bench.json", {  # sdtp-bench's schema, with a distracting `targets`
+        "schema": "sdtp-bench/1", "pruning": {"name": "sdtp"}, "targets": {"prefill_speedup": {"8192": 1.85}},
+        "results": [{"seq_len": 1024, "speedup": {"prefill": 1.2, "decode": 1.0}},
+                    {"seq_len": 2048, "speedup": {"prefill": 1.5, "decode": 1.1}}]})
+    _write(root / "bench" / "b" / "bench.json", {"pruning": "random", "targets": {"prefill_speedup": {"8192": 9.0}},
+                                                 "prefill_speedup": {"1024": 1.1, "2048": 1.6}})
     (root / "eval" / "broken").mkdir(parents=True)
     (root / "eval" / "broken" / "metrics.json").write_text("{not json")
     out = tmp_path / "compare"
