@@ -72,7 +72,8 @@ def eval_metrics(data: dict[str, Any]) -> dict[str, float]:
     """Column -> value for one ``metrics.json`` (accuracy-like columns, or ``perplexity``)."""
     results = data.get("results") if isinstance(data.get("results"), dict) else data
     columns: dict[str, float] = {}
-    tasks = results.get("tasks")
+    # lm-eval: results.tasks.<task>.<metric>; LongBench: results.datasets.<dataset> = score.
+    tasks = results.get("tasks") if isinstance(results.get("tasks"), dict) else results.get("datasets")
     if isinstance(tasks, dict):
         for task, entry in tasks.items():
             value = _first_metric(entry) if isinstance(entry, dict) else _number(entry)

@@ -31,7 +31,7 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
         extra = {"avg_layer_token_fraction": frac} if frac else {}
         _eval(root, method, "lm_eval", {"tasks": tasks, **extra})
         _eval(root, method, "perplexity", {"perplexity": ppl, **extra})
-        _eval(root, method, "longbench", {"tasks": {"multi_news": {"score": acc / 3}}})
+        _eval(root, method, "longbench", {"datasets": {"multi_news": acc / 3}, "avg": acc / 3})
     _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}}, kv="h2o")
     _write(root / "bench" / "a" / "bench.json", {  # sdtp-bench's schema, with a distracting `targets`
         "schema": "sdtp-bench/1", "pruning": {"name": "sdtp"}, "targets": {"prefill_speedup": {"8192": 1.85}},
