@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
+from sdtp.kv.policy import build_kv_policy
 from sdtp.models.loading import check_family, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,12 @@ CONF_DIR = REPO_ROOT / "conf"
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+if not OmegaConf.has_resolver("layer_at"):
+    # ${layer_at:${model.num_layers},0.4} -> the decoder layer at 40% of depth (clamped to 1..L-1),
+    # so single-stage schedules (pruning=gemfilter|fastkv) fit any model depth.
+    OmegaConf.register_new_resolver(
+        "layer_at", lambda num_layers, frac: min(max(1, round(int(num_layers) * float(frac))), int(num_layers) - 1)
+    )
 
 
 def build_schedule(cfg: DictConfig) -> PruningSchedule | None:
@@ -51,6 +58,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_family(cfg.model.family)
     resolve_dtype(cfg.model.dtype, cfg.model.device)
     build_schedule(cfg)
+    build_kv_policy(cfg)  # the optional `kv` group (KV-cache compression); raises on bad kv.* keys
     scorer = cfg.pruning.get("scorer")
     if scorer is not None and "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")

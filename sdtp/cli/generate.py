@@ -1,6 +1,7 @@
 """``sdtp-generate``: generate from a prompt with (or without) prefill token pruning.
 
     sdtp-generate model=smollm2-135m pruning=random prompt="..." max_new_tokens=32
+    sdtp-generate pruning=sdtp kv=h2o kv.ratio=0.4      # token pruning + H2O KV compression
 
 Prints the generated text, then as the last stdout line one JSON object with ``text``,
 ``prompt_tokens``, ``kept_per_stage``, ``prefill_s``, ``decode_s`` (and more).
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from sdtp.config import build_pruner, sdtp_main
 from sdtp.engine.cache import cache_bytes
 from sdtp.engine.generation import SamplingConfig, generate
+from sdtp.kv import build_kv_policy, kv_compression
 from sdtp.models import load_model
 from sdtp.utils import seed_everything, set_threads
 
@@ -39,11 +41,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     set_threads(cfg.threads)
     pruner = build_pruner(cfg)
+    kv_policy = build_kv_policy(cfg)
     model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     prompt = Path(cfg.prompt_file).read_text() if cfg.prompt_file else cfg.prompt
     input_ids = encode_prompt(tokenizer, prompt, cfg.chat_template).to(cfg.model.device)
     sampling = SamplingConfig(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    result = generate(model, input_ids, cfg.max_new_tokens, pruner, sampling, tokenizer.eos_token_id)
+    with kv_compression(kv_policy, model):
+        result = generate(model, input_ids, cfg.max_new_tokens, pruner, sampling, tokenizer.eos_token_id)
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     summary = {
         "text": text,
@@ -56,6 +60,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "kv_cache_bytes": cache_bytes(result.cache),
         "model": cfg.model.name,
         "pruning": cfg.pruning.name,
+        "kv": kv_policy.method if kv_policy else "none",
+        "kv_ratio": kv_policy.ratio if kv_policy else 1.0,
     }
     print(text)
     print(json.dumps(summary))

@@ -96,6 +96,7 @@ class TokenPruner:
         finally:
             for handle in handles:
                 handle.remove()
+            self.scorer.unbind()
             self._model, self._alive, self._extras = None, None, {}
 
     # ----------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ class Scorer:
     def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
         """Called once when a pruner is attached to ``model`` with stages before ``layers``."""
 
+    def unbind(self) -> None:
+        """Called when the pruner detaches from the model: remove any hook :meth:`bind` installed."""
+
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         """Called at the start of every prefill, before layer 0; may fill ``extras``."""
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Side-by-side comparison of token pruners (and KV policies) at the SAME schedule and budgets:
+# dense, random, positional, norm, lazyllm, gemfilter, fastkv (equal average tokens per layer) and sdtp,
+# on the offline lm-eval tasks (with a limit), LongBench multi_news, a needle task and WikiText perplexity,
+# plus sdtp-bench prefill timings; then renders results/compare/{compare_methods.md,.csv,.json,.png}.
+#
+#   experiments/compare_methods.sh                    # smollm2-135m, quick limits
+#   MODEL=llama2-7b LIMIT=200 experiments/compare_methods.sh
+#   STEPS="perplexity table" experiments/compare_methods.sh   # only some steps
+#
+# Every sdtp-eval run writes metrics.json in its own deterministic run directory and is skipped when it
+# exists (re-running resumes the sweep); force=true re-runs. sdtp-bench writes bench.json per job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-.venv/bin}
+PY=${PY:-$BIN/python}
+MODEL=${MODEL:-smollm2-135m}
+LIMIT=${LIMIT:-50}                      # lm-eval documents per task
+LB_LIMIT=${LB_LIMIT:-10}                # LongBench / needle samples
+LB_NEW_TOKENS=${LB_NEW_TOKENS:-128}     # cap on multi_news generation (official: 512; CPU budget)
+NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-[1024,2048]}
+PPL_TOKENS=${PPL_TOKENS:-8192}          # WikiText test tokens scored
+BENCH_LENGTHS=${BENCH_LENGTHS:-[2048]}
+STEPS=${STEPS:-"lm_eval perplexity longbench needle kv bench table"}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+METHODS="none,random,positional,norm,lazyllm,gemfilter,fastkv"
+PRUNED="random,positional,norm,lazyllm,gemfilter,fastkv"
+if [ -n "$(ls -A "results/predictors/$MODEL" 2>/dev/null)" ]; then
+  METHODS="$METHODS,sdtp"; PRUNED="$PRUNED,sdtp"
+else
+  echo "[compare] no trained predictor in results/predictors/$MODEL: sdtp is left out (run sdtp-train first)" >&2
+fi
+
+# The gradient x input oracle (issue 3; an upper bound, slow: a backward pass per prompt) when present.
+if [ -f conf/pruning/oracle.yaml ]; then METHODS="$METHODS,oracle"; fi
+
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+# step <name> <command...>: run the command only if <name> is in $STEPS.
+step() { local name=$1; shift; if has_step "$name"; then echo "[compare] $*" >&2; "$@"; fi; }
+evaluate() { "$BIN/sdtp-eval" -m model="$MODEL" pruning="$METHODS" "$@"; }
+
+step lm_eval    evaluate eval=lm_eval eval.limit="$LIMIT"
+step perplexity evaluate eval=perplexity eval.max_tokens="$PPL_TOKENS"
+LONGBENCH=(eval=longbench "eval.datasets=[multi_news]" eval.limit="$LB_LIMIT" eval.max_new_tokens="$LB_NEW_TOKENS")
+step longbench  evaluate "${LONGBENCH[@]}"
+step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.limit="$LB_LIMIT"
+# Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill.
+# Needs the `kv` config group in conf/eval.yaml (see NOTES_issue5.md); skipped otherwise.
+if has_step kv; then
+  if grep -q "kv: none" conf/eval.yaml 2>/dev/null; then
+    KV_PRUNING="none"; [[ "$METHODS" == *sdtp* ]] && KV_PRUNING="none,sdtp"
+    "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" kv=streaming,h2o,snapkv kv.ratio=0.4 "${LONGBENCH[@]}"
+  else
+    echo "[compare] conf/eval.yaml has no kv group yet: KV-compression rows skipped" >&2
+  fi
+fi
+# Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
+step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
+  new_tokens=16 repeats=3 memory=false
+step table "$PY" scripts/compare_methods.py --root results/multiruns --out results/compare

@@ -1,0 +1,291 @@
+"""Render the method comparison (accuracy and speedup per token pruner / KV policy) from sweep outputs.
+
+    python scripts/compare_methods.py [--root results/multiruns] [--out results/compare]
+
+Reads every ``metrics.json`` written by ``sdtp-eval`` runs and every ``bench.json`` written by
+``sdtp-bench`` runs under ``--root`` (recursively), groups them by method (``pruning.name``, plus
+``+<kv method>`` when a KV policy was active) and writes into ``--out``:
+
+* ``compare_methods.md`` / ``.csv`` / ``.json``: one row per method, one column per task metric
+  (lm-eval accuracy per task, LongBench/needle scores, WikiText perplexity), the mean accuracy,
+  the average fraction of prompt tokens per layer, the analytic layer-cost speedup and, when a
+  benchmark exists, the measured prefill speedup over dense;
+* ``compare_methods.png``: mean accuracy and perplexity vs speedup, one point per method.
+
+Files that cannot be parsed are reported and skipped; when a method has several runs of the same
+eval, the newest file wins. Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("compare_methods")
+
+ACC_KEYS = ("acc", "acc_norm", "score", "accuracy", "exact_match", "rouge_l", "rougeL", "rouge")
+LOWER_IS_BETTER = ("perplexity",)
+SPEEDUP_KEYS = ("prefill_speedup", "speedup_prefill", "ttft_speedup", "speedup")
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def _first_metric(entry: dict[str, Any]) -> float | None:
+    """The task's headline number: the first of ACC_KEYS present (lm-eval's ``acc,none`` too)."""
+    for key in ACC_KEYS:
+        for variant in (key, f"{key},none"):
+            value = _number(entry.get(variant))
+            if value is not None:
+                return value
+    return None
+
+
+def method_name(data: dict[str, Any]) -> str:
+    """``<pruning>`` or ``<pruning>+<kv>`` from a run's own record of its config."""
+    pruning = _get(data, "pruning", "name") or _get(data, "config", "pruning", "name") or data.get("pruning")
+    pruning = pruning if isinstance(pruning, str) else "unknown"
+    kv = _get(data, "config", "kv", "method") or _get(data, "kv", "method") or data.get("kv")
+    if isinstance(kv, str) and kv != "none":
+        ratio = _get(data, "config", "kv", "ratio") or _get(data, "kv", "ratio") or data.get("kv_ratio")
+        return f"{pruning}+{kv}" + (f"@{ratio:g}" if isinstance(ratio, int | float) else "")
+    return pruning
+
+
+def eval_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """Column -> value for one ``metrics.json`` (accuracy-like columns, or ``perplexity``)."""
+    results = data.get("results") if isinstance(data.get("results"), dict) else data
+    columns: dict[str, float] = {}
+    # lm-eval: results.tasks.<task>.<metric>; LongBench: results.datasets.<dataset> = score.
+    tasks = results.get("tasks") if isinstance(results.get("tasks"), dict) else results.get("datasets")
+    if isinstance(tasks, dict):
+        for task, entry in tasks.items():
+            value = _first_metric(entry) if isinstance(entry, dict) else _number(entry)
+            if value is not None:
+                columns[str(task).removeprefix("sdtp_")] = value
+    for key in LOWER_IS_BETTER:
+        if _number(results.get(key)) is not None:
+            columns[key] = float(results[key])
+    if not columns:
+        value = _first_metric(results)
+        if value is not None:
+            columns[str(data.get("eval", "score"))] = value
+    return columns
+
+
+def bench_speedup(data: dict[str, Any]) -> float | None:
+    """Measured prefill speedup over dense at the longest prompt length of a bench JSON.
+
+    Reads sdtp-bench's schema (``results: [{seq_len, speedup: {prefill}}]``) and, as a fallback, any
+    ``prefill_speedup``-like number or ``{length: number}`` map (``targets`` are ignored).
+    """
+    rows = data.get("results")
+    if isinstance(rows, list):
+        pairs = [(_number(r.get("seq_len")) or -1.0, _number(_get(r, "speedup", "prefill")))
+                 for r in rows if isinstance(r, dict)]
+        pairs = [(length, value) for length, value in pairs if value is not None]
+        if pairs:
+            return max(pairs)[1]
+    found: list[tuple[float, float]] = []  # (length or -1, speedup)
+
+    def walk(node: Any, length: float) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, length)
+        if not isinstance(node, dict):
+            return
+        here = _number(node.get("length", node.get("seq_len")))
+        here = length if here is None else here
+        for key, value in node.items():
+            if key == "targets":  # goals, not measurements
+                continue
+            if key in SPEEDUP_KEYS and _number(value) is not None:
+                found.append((here, float(value)))
+            elif key in SPEEDUP_KEYS and isinstance(value, dict):
+                for sub, val in value.items():  # {"2048": 1.6, ...}
+                    if _to_float(sub) is not None and _number(val) is not None:
+                        found.append((_to_float(sub), float(val)))
+            else:
+                walk(value, _to_float(key) or here)
+
+    walk(data, -1.0)
+    if not found:
+        return None
+    longest = max(length for length, _ in found)
+    values = [speedup for length, speedup in found if length == longest]
+    return sum(values) / len(values)
+
+
+def _to_float(text: Any) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def collect(root: Path) -> dict[str, dict[str, Any]]:
+    """method -> {"metrics": {column: value}, "layer_fraction": f, "prefill_speedup": s, ...}."""
+    rows: dict[str, dict[str, Any]] = {}
+    stamps: dict[tuple[str, str], float] = {}
+    files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
+    for path in sorted(files, key=lambda p: p.stat().st_mtime):  # newest last, so it wins
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        if not isinstance(data, dict):
+            continue
+        row = rows.setdefault(method_name(data), {"metrics": {}, "files": []})
+        row["files"].append(str(path))
+        if path.name == "bench.json" or data.get("task") == "bench":
+            speedup = bench_speedup(data)
+            if speedup is not None:
+                row["prefill_speedup"] = speedup
+            continue
+        row["metrics"].update(eval_metrics(data))
+        stamps[(method_name(data), str(data.get("eval")))] = path.stat().st_mtime
+        fraction = _number(_get(data, "results", "avg_layer_token_fraction")) or _number(
+            data.get("avg_layer_token_fraction")
+        )
+        if fraction:
+            row["layer_fraction"] = fraction
+    for name, row in rows.items():
+        if name == "none":  # the dense model is the reference: speedup 1 by definition
+            row.setdefault("layer_fraction", 1.0)
+            row.setdefault("prefill_speedup", 1.0)
+        if row.get("layer_fraction"):
+            row["analytic_speedup"] = 1.0 / row["layer_fraction"]
+    return rows
+
+
+def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Header and one dict per method, methods ordered dense first, then by mean accuracy."""
+    metric_cols = sorted({col for row in rows.values() for col in row["metrics"]}, key=lambda c: (c in LOWER_IS_BETTER, c))
+    acc_cols = [c for c in metric_cols if c not in LOWER_IS_BETTER]
+    records = []
+    for name, row in rows.items():
+        record: dict[str, Any] = {"method": name}
+        for col in metric_cols:
+            record[col] = row["metrics"].get(col)
+        accs = [row["metrics"][c] for c in acc_cols if c in row["metrics"]]
+        record["mean_acc"] = sum(accs) / len(accs) if accs and len(accs) == len(acc_cols) else None
+        record["tokens_per_layer"] = row.get("layer_fraction")
+        record["analytic_speedup"] = row.get("analytic_speedup")
+        record["prefill_speedup"] = row.get("prefill_speedup")
+        records.append(record)
+    records.sort(key=lambda r: (r["method"] != "none", -(r["mean_acc"] or -1.0), r["method"]))
+    header = ["method", *metric_cols, "mean_acc", "tokens_per_layer", "analytic_speedup", "prefill_speedup"]
+    return header, records
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(_fmt(r[c]) for c in header) + " |" for r in records]
+    notes = ("\nAccuracy columns: higher is better; perplexity: lower is better. tokens_per_layer = average "
+             "fraction of prompt tokens each layer processed; analytic_speedup = its inverse (layer cost, "
+             "attention ignored); prefill_speedup = measured by sdtp-bench at its longest prompt.\n")
+    paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
+    _atomic_write(paths[0], "\n".join(md) + "\n" + notes)
+    with _atomic(paths[1]) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(records)
+    _atomic_write(paths[2], json.dumps({"columns": header, "rows": records}, indent=2))
+    plot = _plot(records, out / "compare_methods.png")
+    return paths + ([plot] if plot else [])
+
+
+class _atomic:
+    """Context manager yielding a temp path that replaces ``path`` on success."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("mean_acc", "mean accuracy (higher is better)"), ("perplexity", "WikiText perplexity (lower is better)")]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in records)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels):
+        for r in records:
+            speed = r["prefill_speedup"] or r["analytic_speedup"]
+            if r.get(col) is None or speed is None:
+                continue
+            measured = r["prefill_speedup"] is not None
+            ax.scatter(speed, r[col], marker="o" if measured else "^", s=40)
+            ax.annotate(r["method"], (speed, r[col]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.set_xlabel("prefill speedup vs dense (o measured, ^ analytic)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("results/multiruns"))
+    parser.add_argument("--out", type=Path, default=Path("results/compare"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} does not exist: run experiments/compare_methods.sh first")
+    rows = collect(args.root)
+    if not rows:
+        parser.error(f"no metrics.json or bench.json under {args.root}")
+    header, records = table(rows)
+    for path in write_outputs(header, records, args.out):
+        log.info("wrote %s", path)
+    print((args.out / "compare_methods.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

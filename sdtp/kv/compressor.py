@@ -1,0 +1,119 @@
+"""Hooks that gather attention statistics during prefill and compress the cache at its end.
+
+``with KVCompressor(policy)(model): ...`` installs a forward hook on every decoder layer's
+attention and one on the base model. During a prefill (empty cache at the start), each attention
+hook re-projects the queries it needs from its own input (see :mod:`sdtp.models.attention`, no
+attention matrix is ever materialised beyond one query chunk) and reduces them to one score per
+cached entry and KV head:
+
+* ``h2o``: attention accumulated over every prompt query (causal), chunked over queries;
+* ``snapkv``: attention of the last ``window`` queries, average-pooled along the key axis;
+* ``streaming``: no statistic, recency only.
+
+When the base model's forward returns, :func:`compress_cache` cuts every layer. With a token
+pruner active, each layer's statistics cover exactly the tokens that reached it, so the policy
+applies "to whatever the pruned prefill left". Decode steps pass through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtp.kv.cache import compress_cache
+from sdtp.kv.policy import KVPolicy
+from sdtp.models import decoder_layers
+from sdtp.models.attention import attention_probs, project_queries
+
+QUERY_CHUNK = 512  # H2O query chunk: bounds the transient (B, H, chunk, T) probabilities
+
+
+def kv_compression(policy: KVPolicy | None, model: nn.Module) -> AbstractContextManager:
+    """``with kv_compression(build_kv_policy(cfg), model): ...`` -- a no-op when ``policy`` is None (kv=none)."""
+    return KVCompressor(policy)(model) if policy is not None else nullcontext()
+
+
+class KVCompressor:
+    """Compress the KV cache after every prefill of the wrapped model by ``policy``."""
+
+    def __init__(self, policy: KVPolicy) -> None:
+        self.policy = policy
+        self.last_sizes: list[tuple[int, int]] = []  # (entries before, after) per layer
+        self._scores: dict[int, torch.Tensor] = {}
+        self._prefill = False
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[KVCompressor]:
+        base = model.base_model
+        handles = [
+            base.register_forward_pre_hook(self._on_start, with_kwargs=True),
+            base.register_forward_hook(self._on_end, with_kwargs=True),
+        ]
+        if self.policy.method != "streaming":
+            for idx, layer in enumerate(decoder_layers(model)):
+                handles.append(layer.self_attn.register_forward_hook(self._make_attn_hook(idx), with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._scores = {}
+
+    def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._scores = {}
+
+    def _on_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._prefill:
+            return
+        cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            raise RuntimeError("KV compression needs the prefill cache: run the model with use_cache=True")
+        self.last_sizes = compress_cache(cache, self.policy, self._scores)
+        self._scores, self._prefill = {}, False
+
+    def _make_attn_hook(self, idx: int):
+        @torch.no_grad()
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            cache = kwargs.get("past_key_values")
+            if not self._prefill or cache is None:  # no cache: _on_end reports it
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), post input_layernorm
+            cos, sin = kwargs["position_embeddings"]
+            keys = cache.layers[idx].keys  # (B, H_kv, T, hd): exactly this prefill's tokens
+            if self.policy.method == "h2o":
+                self._scores[idx] = _accumulated_attention(module, hidden, cos, sin, keys)
+            else:
+                self._scores[idx] = _window_attention(module, hidden, cos, sin, keys, self.policy)
+
+        return hook
+
+
+def _accumulated_attention(attn: nn.Module, hidden, cos, sin, keys) -> torch.Tensor:
+    """H2O: (B, H_kv, T) sum over all prompt queries (and grouped heads) of causal attention."""
+    length = keys.shape[2]
+    total = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for start in range(0, length, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, length)
+        query = project_queries(attn, hidden[:, start:stop], cos[:, start:stop], sin[:, start:stop])
+        index = torch.arange(start, stop, device=keys.device)
+        total += attention_probs(query, keys, index, attn.scaling).sum(dim=(2, 3))
+    return total
+
+
+def _window_attention(attn: nn.Module, hidden, cos, sin, keys, policy: KVPolicy) -> torch.Tensor:
+    """SnapKV: (B, H_kv, T) attention of the last ``window`` queries, pooled over neighbouring keys."""
+    length = keys.shape[2]
+    w = min(policy.window, length)
+    query = project_queries(attn, hidden[:, -w:], cos[:, -w:], sin[:, -w:])
+    index = torch.arange(length - w, length, device=keys.device)
+    votes = attention_probs(query, keys, index, attn.scaling).sum(dim=(2, 3))  # (B, H_kv, T)
+    # Pooling keeps whole phrases around a hit instead of isolated tokens (SnapKV's clustering).
+    pooled = F.avg_pool1d(votes, kernel_size=policy.kernel, stride=1, padding=policy.kernel // 2)
+    return pooled

@@ -1,0 +1,54 @@
+"""Attention probabilities for a few queries, recomputed from a layer's own modules.
+
+Baselines that rank tokens (or KV entries) by attention need the softmax weights, which SDPA and
+FlashAttention never materialise. Instead of running an eager copy of the model, we re-project
+only the queries we need with the layer's ``q_proj`` (+ ``q_norm`` if the family has one), rotate
+them with the model module's own ``apply_rotary_pos_emb`` and score them against the keys already
+in the KV cache (which are stored post-RoPE). GQA is handled by grouping query heads per KV head.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotated queries of ``attn`` for ``hidden``.
+
+    Args:
+        attn: a decoder layer's self-attention module (Llama/Qwen2/Mistral layout).
+        hidden: (B, m, D) post-``input_layernorm`` hidden states (what ``attn`` receives).
+        cos, sin: (B or 1, m, hd) rotary tables for those tokens' positions.
+    Returns:
+        (B, H, m, hd) queries, as ``attn.forward`` computes them before attention.
+    """
+    batch, m, _ = hidden.shape
+    query = attn.q_proj(hidden).view(batch, m, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3/Gemma-style per-head norm, applied before RoPE
+        query = attn.q_norm(query)
+    query = query.transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    query, _ = rope(query, query, cos, sin)
+    return query
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention of ``query`` over ``keys``, grouped per KV head.
+
+    Args:
+        query: (B, H, m, hd) rotated queries.
+        keys: (B, H_kv, T, hd) cached (rotated) keys; ``H`` must be a multiple of ``H_kv``.
+        query_index: (m,) long, the cache index of each query token (keys beyond it are masked).
+        scale: softmax scaling (``attn.scaling``).
+    Returns:
+        (B, H_kv, H // H_kv, m, T) float32 probabilities; each row sums to 1.
+    """
+    batch, heads, m, head_dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    grouped = query.float().view(batch, kv_heads, heads // kv_heads, m, head_dim)
+    logits = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scale  # (B, H_kv, g, m, T)
+    future = torch.arange(length, device=keys.device)[None, :] > query_index[:, None]  # (m, T)
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)

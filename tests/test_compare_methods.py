@@ -1,0 +1,57 @@
+"""The comparison table script renders fabricated sweep outputs (no model is run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from sdtp.config import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("compare_methods", REPO_ROOT / "scripts" / "compare_methods.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _eval(root: Path, method: str, eval_name: str, results: dict, kv: str | None = None) -> None:
+    config = {"pruning": {"name": method}, **({"kv": {"method": kv, "ratio": 0.4}} if kv else {})}
+    _write(root / "eval" / eval_name / method / (kv or "x") / "metrics.json",
+           {"eval": eval_name, "pruning": {"name": method}, "results": results, "config": config})
+
+
+def test_table_and_plot_from_fabricated_runs(tmp_path):
+    root = tmp_path / "multiruns"
+    for method, acc, ppl, frac in (("none", 0.6, 20.0, None), ("sdtp", 0.58, 22.0, 0.63), ("random", 0.5, 30.0, 0.63)):
+        tasks = {"sdtp_piqa": {"acc,none": acc, "acc_norm,none": acc + 0.01}, "sdtp_arc_easy": {"acc": acc - 0.1}}
+        extra = {"avg_layer_token_fraction": frac} if frac else {}
+        _eval(root, method, "lm_eval", {"tasks": tasks, **extra})
+        _eval(root, method, "perplexity", {"perplexity": ppl, **extra})
+        _eval(root, method, "longbench", {"datasets": {"multi_news": acc / 3}, "avg": acc / 3})
+    _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}}, kv="h2o")
+    _write(root / "bench" / "a" / "bench.json", {  # sdtp-bench's schema, with a distracting `targets`
+        "schema": "sdtp-bench/1", "pruning": {"name": "sdtp"}, "targets": {"prefill_speedup": {"8192": 1.85}},
+        "results": [{"seq_len": 1024, "speedup": {"prefill": 1.2, "decode": 1.0}},
+                    {"seq_len": 2048, "speedup": {"prefill": 1.5, "decode": 1.1}}]})
+    _write(root / "bench" / "b" / "bench.json", {"pruning": "random", "targets": {"prefill_speedup": {"8192": 9.0}},
+                                                 "prefill_speedup": {"1024": 1.1, "2048": 1.6}})
+    (root / "eval" / "broken").mkdir(parents=True)
+    (root / "eval" / "broken" / "metrics.json").write_text("{not json")
+    out = tmp_path / "compare"
+    assert compare.main(["--root", str(root), "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "compare_methods.json").read_text())["rows"]}
+    assert list(rows)[0] == "none"
+    assert set(rows) == {"none", "sdtp", "random", "sdtp+h2o@0.4"}
+    assert rows["sdtp"]["piqa"] == 0.58 and rows["sdtp"]["arc_easy"] == 0.58 - 0.1
+    assert abs(rows["sdtp"]["mean_acc"] - (0.58 + 0.48 + 0.58 / 3) / 3) < 1e-9
+    assert rows["sdtp"]["perplexity"] == 22.0 and rows["sdtp"]["prefill_speedup"] == 1.5
+    assert rows["random"]["prefill_speedup"] == 1.6
+    assert abs(rows["sdtp"]["analytic_speedup"] - 1 / 0.63) < 1e-9 and rows["none"]["prefill_speedup"] == 1.0
+    assert rows["sdtp+h2o@0.4"]["mean_acc"] is None  # only one of three accuracy columns present
+    assert (out / "compare_methods.png").stat().st_size > 0
+    md = (out / "compare_methods.md").read_text()
+    assert md.splitlines()[0].startswith("| method | arc_easy | multi_news | piqa | perplexity | mean_acc")
