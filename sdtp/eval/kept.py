@@ -10,12 +10,13 @@ from sdtp.engine.pruner import PrefillRecord
 
 @dataclass
 class KeptStats:
-    """Running means over pruned prefills.
+    """Token-weighted means over pruned prefills (a 1-token prompt does not count like a 2K one).
 
-    ``avg_kept_fraction``: tokens alive after the last stage / prompt length (0.9**10 = 0.349 for
-    the paper schedule on long prompts; higher on short ones, where the protected first 4 and last
-    10% dominate). ``avg_layer_token_fraction``: tokens processed per decoder layer / prompt length,
-    averaged over layers (the prefill-FLOPs proxy). Both are 1.0 for the dense model.
+    ``avg_kept_fraction``: prompt tokens alive after the last stage / prompt tokens, summed over
+    prefills (0.9**10 = 0.349 for the paper schedule on long prompts; higher on short ones, where
+    the protected first 4 and last 10% dominate). ``avg_layer_token_fraction``: tokens processed
+    per decoder layer / prompt length, averaged over layers (the prefill-FLOPs proxy). Both are 1.0
+    for the dense model.
     """
 
     final: list[float] = field(default_factory=list)
@@ -34,10 +35,10 @@ class KeptStats:
     def summary(self) -> dict[str, Any]:
         if not self.final:
             return {"avg_kept_fraction": 1.0, "avg_layer_token_fraction": 1.0, "pruned_prefills": 0}
-        count = len(self.final)
+        count, total = len(self.final), sum(self.prompt_tokens)
         return {
-            "avg_kept_fraction": sum(self.final) / count,
-            "avg_layer_token_fraction": sum(self.per_layer) / count,
-            "avg_pruned_prompt_tokens": sum(self.prompt_tokens) / count,
+            "avg_kept_fraction": sum(f * n for f, n in zip(self.final, self.prompt_tokens)) / total,
+            "avg_layer_token_fraction": sum(f * n for f, n in zip(self.per_layer, self.prompt_tokens)) / total,
+            "avg_pruned_prompt_tokens": total / count,
             "pruned_prefills": count,
         }
