@@ -44,17 +44,19 @@ class Prediction:
         }
 
 
-def mean_rows(rows: list[dict[str, Any]], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+def mean_rows(rows: list[dict[str, Any]], key: str, weight: str | None = None) -> float:
+    """Mean of ``key`` over rows, weighted by ``weight`` (e.g. prompt tokens) when given."""
+    weights = [r[weight] if weight else 1 for r in rows]
+    return sum(r[key] * w for r, w in zip(rows, weights)) / sum(weights) if rows else float("nan")
 
 
 def cost_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Prompt size, kept fractions (same names as :class:`KeptStats`) and times over prediction rows."""
+    """Prompt size, kept fractions (token-weighted, same names as :class:`KeptStats`) and times over rows."""
     return {
         "avg_prompt_tokens": mean_rows(rows, "prompt_tokens"),
         "avg_new_tokens": mean_rows(rows, "new_tokens"),
-        "avg_kept_fraction": mean_rows(rows, "kept_fraction"),
-        "avg_layer_token_fraction": mean_rows(rows, "layer_token_fraction"),
+        "avg_kept_fraction": mean_rows(rows, "kept_fraction", "prompt_tokens"),
+        "avg_layer_token_fraction": mean_rows(rows, "layer_token_fraction", "prompt_tokens"),
         "prefill_s": round(sum(r["prefill_s"] for r in rows), 3),
         "decode_s": round(sum(r["decode_s"] for r in rows), 3),
     }
