@@ -179,6 +179,10 @@ def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, An
     """Header and one dict per method, methods ordered dense first, then by mean accuracy."""
     metric_cols = sorted({col for row in rows.values() for col in row["metrics"]}, key=lambda c: (c in LOWER_IS_BETTER, c))
     acc_cols = [c for c in metric_cols if c not in LOWER_IS_BETTER]
+    # Mean over the accuracy columns the dense reference has (all of them when it has none), so a
+    # method's mean is comparable with dense's; rows missing one of those columns get no mean.
+    dense = rows.get("none", {}).get("metrics", {})
+    acc_cols = [c for c in acc_cols if c in dense] or acc_cols
     records = []
     for name, row in rows.items():
         record: dict[str, Any] = {"method": name}
