@@ -70,12 +70,20 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose and validate a primary config outside a Hydra app (tests, notebooks)."""
+    """Compose and validate a primary config (tests, notebooks, or a stage called from another entry point).
+
+    Inside a running Hydra app (e.g. ``sdtp-pipeline`` calling the eval stage) the app's already
+    initialised config search path (this repo's ``conf/``) is used instead of initialising a new one.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    if GlobalHydra.instance().is_initialized():
         cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
     validate_config(cfg)
     return cfg
 

@@ -1,8 +1,10 @@
 """``sdtp-pipeline``: the main job on the embedded model (``make demo``).
 
-Currently: dense vs pruned generation on the same long prompt, interleaved repetitions after a
-warm-up, reporting median prefill time, decode time, kept tokens per stage and KV-cache bytes.
-Writes ``metrics.json`` to the run directory; the last stdout line is the same JSON.
+Runs the framework's stages side by side for several pruning configs (``variants``):
+optional label -> train of the predictors, dense-vs-pruned generation on one long prompt, small
+evaluation runs (``sdtp-eval``) and one latency/FLOPs benchmark (``sdtp-bench``). Every stage
+writes into a sub-directory of the run dir; ``metrics.json`` collects the headline numbers and the
+last stdout line is the same JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sdtp.config import build_pruner, sdtp_main
+from sdtp.config import build_pruner, compose, sdtp_main
 from sdtp.engine.cache import cache_bytes
 from sdtp.engine.generation import generate
 from sdtp.errors import ConfigError
@@ -36,22 +38,32 @@ def wikitext_prompt(tokenizer: Any, data_dir: str, num_tokens: int) -> torch.Ten
     text = path.read_text()[: num_tokens * 12]  # ~4 chars/token; generous margin
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens]
     if ids.shape[1] < num_tokens:
-        raise ConfigError(f"prompt_tokens: only {ids.shape[1]} tokens available")
+        raise ConfigError(f"generation.prompt_tokens: only {ids.shape[1]} tokens available")
     return ids
 
 
-def compare_generation(model: Any, tokenizer: Any, cfg: DictConfig) -> dict[str, Any]:
-    """Dense vs ``cfg.pruning`` on the same prompt; medians over interleaved repeats."""
-    pruner = build_pruner(cfg)
-    ids = wikitext_prompt(tokenizer, cfg.paths.data_dir, cfg.prompt_tokens).to(cfg.model.device)
-    variants = {"dense": None, cfg.pruning.name: pruner} if pruner else {"dense": None}
-    runs: dict[str, list] = {name: [] for name in variants}
-    for rep in range(cfg.repeats + 1):  # rep 0 = warm-up, discarded
-        for name, variant in variants.items():
-            result = generate(model, ids, cfg.max_new_tokens, variant, eos_token_id=None)
+def stage_overrides(cfg: DictConfig, variant: str, predictor: str | None) -> list[str]:
+    """Overrides that make a stage config use this run's model, a pruning variant and shared extras."""
+    extra = [f"model={cfg.model.name}", f"pruning={variant}", f"seed={cfg.seed}", *cfg.overrides]
+    if cfg.threads:
+        extra.append(f"threads={cfg.threads}")
+    if predictor and variant == "sdtp":
+        extra.append(f"pruning.scorer.path={predictor}")
+    return extra
+
+
+def generation_stage(model: Any, tokenizer: Any, cfg: DictConfig, predictor: str | None) -> dict[str, Any]:
+    """Dense vs every pruned variant on the same prompt; medians over interleaved repeats."""
+    gen = cfg.generation
+    pruners = {v: build_pruner(compose("generate", stage_overrides(cfg, v, predictor))) for v in cfg.variants}
+    ids = wikitext_prompt(tokenizer, cfg.paths.data_dir, gen.prompt_tokens).to(cfg.model.device)
+    runs: dict[str, list] = {name: [] for name in pruners}
+    for rep in range(gen.repeats + 1):  # rep 0 = warm-up, discarded
+        for name, pruner in pruners.items():
+            result = generate(model, ids, gen.max_new_tokens, pruner, eos_token_id=None)
             if rep:
                 runs[name].append(result)
-                log.info("rep %d %-8s prefill %.3fs decode %.3fs", rep, name, result.prefill_s, result.decode_s)
+                log.info("rep %d %-10s prefill %.3fs decode %.3fs", rep, name, result.prefill_s, result.decode_s)
     report = {}
     for name, results in runs.items():
         last = results[-1]
@@ -62,42 +74,95 @@ def compare_generation(model: Any, tokenizer: Any, cfg: DictConfig) -> dict[str,
             "kv_cache_bytes": cache_bytes(last.cache),
             "text": tokenizer.decode(last.tokens, skip_special_tokens=True),
         }
-    if pruner:
-        report["prefill_speedup"] = report["dense"]["prefill_s"] / report[cfg.pruning.name]["prefill_s"]
+    dense = report.get("none", {}).get("prefill_s")
+    for row in report.values():
+        row["prefill_speedup"] = dense / row["prefill_s"] if dense else None
     return report
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers worth a table cell from one ``sdtp-eval`` metrics.json."""
+    results = metrics.get("results", {})
+    if "perplexity" in results:
+        return {"ppl": results["perplexity"]}
+    if "tasks" in results:  # lm-eval
+        return {f"{task}/{key}": value for task, res in results["tasks"].items()
+                for key, value in res.items() if key in ("acc", "acc_norm", "perplexity")}
+    if "score" in results:
+        return {"score": results["score"]}
+    if "avg" in results:  # LongBench
+        return {"avg": results["avg"]}
+    return {}
+
+
+def eval_stage(cfg: DictConfig, run_dir: Path, predictor: str | None) -> dict[str, Any]:
+    from sdtp.cli import evaluate
+
+    table: dict[str, Any] = {}
+    for name, overrides in cfg.evals.items():
+        for variant in cfg.variants:
+            sub_dir = run_dir / "eval" / name / variant
+            sub = compose("eval", [*overrides, *stage_overrides(cfg, variant, predictor), f"run_dir={sub_dir}"])
+            metrics = evaluate.run(sub)
+            table.setdefault(name, {})[variant] = {
+                **headline(metrics), "avg_kept_fraction": metrics.get("avg_kept_fraction"), "wall_s": metrics["wall_s"],
+            }
+    return table
+
+
+def bench_stage(cfg: DictConfig, run_dir: Path, predictor: str | None) -> dict[str, Any]:
+    from sdtp.cli import bench
+
+    sub = compose("bench", [*cfg.bench, *stage_overrides(cfg, cfg.bench_variant, predictor)])
+    return bench.run(sub, run_dir=run_dir / "bench")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
+    run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
+    predictor = None
+    metrics: dict[str, Any] = {"model": cfg.model.name, "variants": list(cfg.variants), "threads": threads}
     with RunLogger(run_dir, cfg.logger, cfg, name=cfg.task_name) as logger:
-        generation = compare_generation(model, tokenizer, cfg)
-        metrics = {
-            "model": cfg.model.name,
-            "dtype": str(next(model.parameters()).dtype),
-            "threads": threads,
-            "prompt_tokens": cfg.prompt_tokens,
-            "pruning": cfg.pruning.name,
-            "generation": generation,
-            "git_commit": git_commit(),
-        }
-        logger.log({"prefill_speedup": generation.get("prefill_speedup")})
+        if cfg.retrain_predictor:
+            from sdtp.training.demo import label_and_train
+
+            trained = label_and_train([f"model={cfg.model.name}", f"export_dir={run_dir / 'predictor'}"],
+                                      label_dir=str(run_dir / "labels"))
+            predictor = trained["predictor"]
+            metrics["training"] = trained
+        if "generate" in cfg.stages:
+            model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
+            metrics["dtype"] = str(next(model.parameters()).dtype)
+            metrics["generation"] = generation_stage(model, tokenizer, cfg, predictor)
+            _print_generation(metrics["generation"])
+            del model
+        if "eval" in cfg.stages:
+            metrics["eval"] = eval_stage(cfg, run_dir, predictor)
+            _print_eval(metrics["eval"])
+        if "bench" in cfg.stages:
+            metrics["bench"] = bench_stage(cfg, run_dir, predictor)
+        metrics["git_commit"] = git_commit()
+        logger.log({"done": 1})
         write_json_atomic(run_dir / "metrics.json", metrics)
-    _print_table(generation)
-    print(json.dumps(metrics))
+    print(json.dumps(metrics, default=str))
     return metrics
 
 
-def _print_table(generation: dict[str, Any]) -> None:
-    print(f"{'variant':<10} {'prefill s':>10} {'decode ms/tok':>14} {'KV MiB':>8}  kept per stage")
+def _print_generation(generation: dict[str, Any]) -> None:
+    print(f"\n{'variant':<10} {'prefill s':>10} {'speedup':>8} {'decode ms/tok':>14} {'KV MiB':>8}  kept per stage")
     for name, row in generation.items():
-        if isinstance(row, dict):
-            print(f"{name:<10} {row['prefill_s']:>10.3f} {row['decode_ms_per_token']:>14.1f} "
-                  f"{row['kv_cache_bytes'] / 2**20:>8.1f}  {row['kept_per_stage']}")
-    if "prefill_speedup" in generation:
-        print(f"prefill speedup: {generation['prefill_speedup']:.2f}x")
+        speedup = f"{row['prefill_speedup']:.2f}x" if row["prefill_speedup"] else "-"
+        print(f"{name:<10} {row['prefill_s']:>10.3f} {speedup:>8} {row['decode_ms_per_token']:>14.1f} "
+              f"{row['kv_cache_bytes'] / 2**20:>8.1f}  {row['kept_per_stage']}")
+
+
+def _print_eval(table: dict[str, Any]) -> None:
+    for name, rows in table.items():
+        print(f"\n[{name}]")
+        for variant, row in rows.items():
+            cells = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+            print(f"  {variant:<10} {cells}")
 
 
 @sdtp_main("pipeline")

@@ -19,6 +19,8 @@ from sdtp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _DONE = ".sdtp-converted"
+# Bump when the conversion changes so existing caches are rebuilt (2: no quantization_config).
+_FORMAT = "2"
 
 
 def package_folder(package: str) -> Path:
@@ -35,7 +37,8 @@ def cached_gguf_folder(package: str, gguf_file: str, name: str, cache_dir: str |
     """Return a Hugging Face folder for the GGUF model, converting it on first use."""
     cache_root = Path(cache_dir or Path.home() / ".cache" / "sdtp") / "models"
     target = cache_root / name
-    if (target / _DONE).is_file():
+    marker = target / _DONE
+    if marker.is_file() and marker.read_text().split("\n")[0] == f"format {_FORMAT}":
         return str(target)
     source = package_folder(package)
     if not (source / gguf_file).is_file():
@@ -46,11 +49,16 @@ def cached_gguf_folder(package: str, gguf_file: str, name: str, cache_dir: str |
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file)
         # Rebuild from config so the saved folder is a plain HF checkpoint with no GGUF metadata.
-        fresh = AutoModelForCausalLM.from_config(loaded.config)
+        config = loaded.config
+        # The GGUF quantization_config would make from_pretrained(folder) demand a gguf_file
+        # (lm-eval's HFLM does that); the dequantised weights need none.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config)
         fresh.load_state_dict(loaded.state_dict())
         fresh.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file).save_pretrained(tmp)
-        (tmp / _DONE).write_text(f"{source / gguf_file}\n")
+        (tmp / _DONE).write_text(f"format {_FORMAT}\n{source / gguf_file}\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a half-written folder is never used

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
-
-from sdtp.config import compose, validate_config
+from sdtp.config import compose
 
 DEMO_OVERRIDES = [
     "data=dolly_c4",
@@ -25,17 +23,6 @@ DEMO_OVERRIDES = [
     "train.ckpt_every=10",
     "experiment_name=demo",
 ]
-
-
-def _compose(name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():  # inside another entry point's Hydra app
-        cfg = hydra_compose(config_name=name, overrides=overrides)
-        validate_config(cfg)
-        return cfg
-    return compose(name, overrides)
 
 
 def label_and_train(overrides: list[str] | None = None, label_dir: str | None = None) -> dict[str, Any]:
@@ -51,5 +38,5 @@ def label_and_train(overrides: list[str] | None = None, label_dir: str | None = 
     if label_dir is not None:
         label_overrides.append(f"out_dir={label_dir}")
         overrides = overrides + [f"train.labels_dir={label_dir}"]
-    label.run(_compose("label", label_overrides))
-    return train.run(_compose("train", overrides))
+    label.run(compose("label", label_overrides))
+    return train.run(compose("train", overrides))
