@@ -108,6 +108,11 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_llama, tmp_path, monkeypat
     resumed = perplexity.run(cfg, model, tokenizer, pruner, tmp_path / "resumed")
     assert len(calls) == full["windows"] - 2
     assert resumed == pytest.approx(full, rel=1e-9)
+    # force=true recomputes every window instead of trusting the finished checkpoint.
+    calls.clear()
+    forced = perplexity.run(_cfg(tmp_path, "pruning=random", "eval.checkpoint_every=1", "force=true"), model,
+                            tokenizer, pruner, tmp_path / "resumed")
+    assert len(calls) == full["windows"] and forced == pytest.approx(full, rel=1e-9)
 
 
 def test_kept_fraction_is_token_weighted():

@@ -15,6 +15,7 @@ Partial sums are checkpointed to the run directory, so an interrupted run resume
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -103,10 +104,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("pruning.keep_recent: must be > 0 for perplexity (the last context token must survive)")
 
 
-def _load_state(path: Path, signature: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    if path.is_file():
+def _load_state(path: Path, signature: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """The checkpoint of an interrupted run with the same signature, unless ``fresh`` (``force=true``)."""
+    if path.is_file() and not fresh:
         state = json.loads(path.read_text())
         if state.get("signature") == signature:
             log.info("resuming perplexity at window %d", state["next_window"])
@@ -124,7 +124,7 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
     signature = {"tokens": int(ids.shape[1]), "window": int(ev.window), "stride": int(ev.stride),
                  "pruning": OmegaConf.to_container(cfg.pruning, resolve=True), "model": cfg.model.name}
     state_path = run_dir / STATE_FILE
-    state = _load_state(state_path, signature)
+    state = _load_state(state_path, signature, fresh=bool(cfg.get("force", False)))
     stats = KeptStats()
     stats.final, stats.per_layer, stats.prompt_tokens = (list(x) for x in zip(*state["kept"])) if state["kept"] else ([], [], [])
     for index in tqdm(range(state["next_window"], len(spans)), desc="perplexity windows", initial=state["next_window"],
