@@ -121,6 +121,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
     run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
+    for variant in cfg.variants:  # fail on a bad variant before any work starts
+        compose("generate", stage_overrides(cfg, variant, None))
     predictor = None
     metrics: dict[str, Any] = {"model": cfg.model.name, "variants": list(cfg.variants), "threads": threads}
     with RunLogger(run_dir, cfg.logger, cfg, name=cfg.task_name) as logger:
