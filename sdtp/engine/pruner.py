@@ -62,8 +62,6 @@ class _Alive:
     position_ids: torch.Tensor | None = None  # what layers receive as position_ids
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), each (B, n, hd)
     attention_mask: torch.Tensor | None = None
-    full_mask: torch.Tensor | None = None  # the model's unsliced mask this slice came from
-    local_index: torch.Tensor | None = None  # (B, n) indices into the full prompt (for mask slicing)
 
 
 class TokenPruner:
