@@ -17,9 +17,10 @@ BIN=${BIN:-.venv/bin}
 PY=${PY:-$BIN/python}
 MODEL=${MODEL:-smollm2-135m}
 LIMIT=${LIMIT:-50}                      # lm-eval documents per task
-LB_LIMIT=${LB_LIMIT:-10}                # LongBench / needle samples
+LB_LIMIT=${LB_LIMIT:-10}                # LongBench samples
 LB_NEW_TOKENS=${LB_NEW_TOKENS:-128}     # cap on multi_news generation (official: 512; CPU budget)
 NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-[1024,2048]}
+NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-2}     # per (length, depth); 5 depths
 PPL_TOKENS=${PPL_TOKENS:-8192}          # WikiText test tokens scored
 BENCH_LENGTHS=${BENCH_LENGTHS:-[2048]}
 STEPS=${STEPS:-"lm_eval perplexity longbench needle kv bench table"}
@@ -45,17 +46,11 @@ step lm_eval    evaluate eval=lm_eval eval.limit="$LIMIT"
 step perplexity evaluate eval=perplexity eval.max_tokens="$PPL_TOKENS"
 LONGBENCH=(eval=longbench "eval.datasets=[multi_news]" eval.limit="$LB_LIMIT" eval.max_new_tokens="$LB_NEW_TOKENS")
 step longbench  evaluate "${LONGBENCH[@]}"
-step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.limit="$LB_LIMIT"
-# Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill.
-# Needs the `kv` config group in conf/eval.yaml (see NOTES_issue5.md); skipped otherwise.
-if has_step kv; then
-  if grep -q "kv: none" conf/eval.yaml 2>/dev/null; then
-    KV_PRUNING="none"; [[ "$METHODS" == *sdtp* ]] && KV_PRUNING="none,sdtp"
-    "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" kv=streaming,h2o,snapkv kv.ratio=0.4 "${LONGBENCH[@]}"
-  else
-    echo "[compare] conf/eval.yaml has no kv group yet: KV-compression rows skipped" >&2
-  fi
-fi
+step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.num_samples="$NEEDLE_SAMPLES"
+# Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill (multi_news).
+KV_PRUNING="none"; [[ "$METHODS" == *sdtp* ]] && KV_PRUNING="none,sdtp"
+step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" kv=streaming,h2o,snapkv kv.ratio="${KV_RATIO:-0.4}" \
+  "${LONGBENCH[@]}"
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
 step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
   new_tokens=16 repeats=3 memory=false

@@ -69,16 +69,18 @@ def method_name(data: dict[str, Any]) -> str:
 
 
 def eval_metrics(data: dict[str, Any]) -> dict[str, float]:
-    """Column -> value for one ``metrics.json`` (accuracy-like columns, or ``perplexity``)."""
+    """Column -> value for one ``metrics.json`` (accuracy-like columns in %, or ``perplexity``)."""
     results = data.get("results") if isinstance(data.get("results"), dict) else data
     columns: dict[str, float] = {}
+    # lm-eval reports fractions, LongBench and the synthetic tasks percentages: one scale for the mean.
+    scale = 100.0 if data.get("eval") == "lm_eval" else 1.0
     # lm-eval: results.tasks.<task>.<metric>; LongBench: results.datasets.<dataset> = score.
     tasks = results.get("tasks") if isinstance(results.get("tasks"), dict) else results.get("datasets")
     if isinstance(tasks, dict):
         for task, entry in tasks.items():
             value = _first_metric(entry) if isinstance(entry, dict) else _number(entry)
             if value is not None:
-                columns[str(task).removeprefix("sdtp_")] = value
+                columns[str(task).removeprefix("sdtp_")] = scale * value
     for key in LOWER_IS_BETTER:
         if _number(results.get(key)) is not None:
             columns[key] = float(results[key])
@@ -166,12 +168,17 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
         )
         if fraction:
             row["layer_fraction"] = fraction
+        kv_kept = _number(_get(data, "kv", "kept_fraction"))
+        if kv_kept is not None:
+            row["kv_kept"] = kv_kept
     for name, row in rows.items():
         if name == "none":  # the dense model is the reference: speedup 1 by definition
             row.setdefault("layer_fraction", 1.0)
             row.setdefault("prefill_speedup", 1.0)
         if row.get("layer_fraction"):
             row["analytic_speedup"] = 1.0 / row["layer_fraction"]
+            # Entries left in the KV cache relative to dense: pruned tokens, then the KV policy's cut.
+            row["kv_cache"] = row["layer_fraction"] * row.get("kv_kept", 1.0)
     return rows
 
 
@@ -191,11 +198,12 @@ def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, An
         accs = [row["metrics"][c] for c in acc_cols if c in row["metrics"]]
         record["mean_acc"] = sum(accs) / len(accs) if accs and len(accs) == len(acc_cols) else None
         record["tokens_per_layer"] = row.get("layer_fraction")
+        record["kv_cache"] = row.get("kv_cache")
         record["analytic_speedup"] = row.get("analytic_speedup")
         record["prefill_speedup"] = row.get("prefill_speedup")
         records.append(record)
     records.sort(key=lambda r: (r["method"] != "none", -(r["mean_acc"] or -1.0), r["method"]))
-    header = ["method", *metric_cols, "mean_acc", "tokens_per_layer", "analytic_speedup", "prefill_speedup"]
+    header = ["method", *metric_cols, "mean_acc", "tokens_per_layer", "kv_cache", "analytic_speedup", "prefill_speedup"]
     return header, records
 
 
@@ -209,8 +217,9 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path) -
     out.mkdir(parents=True, exist_ok=True)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in header) + " |" for r in records]
-    notes = ("\nAccuracy columns: higher is better; perplexity: lower is better. tokens_per_layer = average "
-             "fraction of prompt tokens each layer processed; analytic_speedup = its inverse (layer cost, "
+    notes = ("\nAccuracy columns (%): higher is better; perplexity: lower is better. tokens_per_layer = average "
+             "fraction of prompt tokens each layer processed; kv_cache = KV entries left after prefill relative "
+             "to dense (token pruning, then the KV policy); analytic_speedup = its inverse (layer cost, "
              "attention ignored); prefill_speedup = measured by sdtp-bench at its longest prompt.\n")
     paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
     _atomic_write(paths[0], "\n".join(md) + "\n" + notes)

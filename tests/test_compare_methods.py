@@ -20,8 +20,9 @@ def _write(path: Path, data: dict) -> None:
 
 def _eval(root: Path, method: str, eval_name: str, results: dict, kv: str | None = None) -> None:
     config = {"pruning": {"name": method}, **({"kv": {"method": kv, "ratio": 0.4}} if kv else {})}
+    record = {"method": kv, "ratio": 0.4, "kept_fraction": 0.4} if kv else {"method": "none", "kept_fraction": 1.0}
     _write(root / "eval" / eval_name / method / (kv or "x") / "metrics.json",
-           {"eval": eval_name, "pruning": {"name": method}, "results": results, "config": config})
+           {"eval": eval_name, "pruning": {"name": method}, "kv": record, "results": results, "config": config})
 
 
 def test_table_and_plot_from_fabricated_runs(tmp_path):
@@ -32,7 +33,8 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
         _eval(root, method, "lm_eval", {"tasks": tasks, **extra})
         _eval(root, method, "perplexity", {"perplexity": ppl, **extra})
         _eval(root, method, "longbench", {"datasets": {"multi_news": acc / 3}, "avg": acc / 3})
-    _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}}, kv="h2o")
+    _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}, "avg_layer_token_fraction": 0.63},
+          kv="h2o")
     _write(root / "bench" / "a" / "bench.json", {  # sdtp-bench's schema, with a distracting `targets`
         "schema": "sdtp-bench/1", "pruning": {"name": "sdtp"}, "targets": {"prefill_speedup": {"8192": 1.85}},
         "results": [{"seq_len": 1024, "speedup": {"prefill": 1.2, "decode": 1.0}},
@@ -46,11 +48,13 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     rows = {r["method"]: r for r in json.loads((out / "compare_methods.json").read_text())["rows"]}
     assert list(rows)[0] == "none"
     assert set(rows) == {"none", "sdtp", "random", "sdtp+h2o@0.4"}
-    assert rows["sdtp"]["piqa"] == 0.58 and rows["sdtp"]["arc_easy"] == 0.58 - 0.1
-    assert abs(rows["sdtp"]["mean_acc"] - (0.58 + 0.48 + 0.58 / 3) / 3) < 1e-9
+    # lm-eval fractions become percentages, like the LongBench scores they are averaged with.
+    assert abs(rows["sdtp"]["piqa"] - 58.0) < 1e-9 and abs(rows["sdtp"]["arc_easy"] - 48.0) < 1e-9
+    assert abs(rows["sdtp"]["mean_acc"] - (58.0 + 48.0 + 0.58 / 3) / 3) < 1e-9
     assert rows["sdtp"]["perplexity"] == 22.0 and rows["sdtp"]["prefill_speedup"] == 1.5
     assert rows["random"]["prefill_speedup"] == 1.6
     assert abs(rows["sdtp"]["analytic_speedup"] - 1 / 0.63) < 1e-9 and rows["none"]["prefill_speedup"] == 1.0
+    assert abs(rows["sdtp+h2o@0.4"]["kv_cache"] - 0.63 * 0.4) < 1e-9 and rows["sdtp"]["kv_cache"] == 0.63
     assert rows["sdtp+h2o@0.4"]["mean_acc"] is None  # only one of three accuracy columns present
     assert (out / "compare_methods.png").stat().st_size > 0
     md = (out / "compare_methods.md").read_text()

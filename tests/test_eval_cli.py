@@ -76,3 +76,11 @@ def test_cli_subprocess_writes_run_dir(tmp_path):
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["results"]["scored_tokens"] == 199
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("eval_name", ["perplexity", "lm_eval"])
+def test_kv_compression_with_continuation_scoring_is_refused(tmp_path, eval_name):
+    cfg = compose("eval", [f"eval={eval_name}", "model=tiny-llama", "kv=h2o", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="kv=h2o"):
+        run(cfg)
+    assert not (tmp_path / "metrics.json").exists()

@@ -100,3 +100,24 @@ def test_cli_run_writes_scored_predictions(task, wiki, tmp_path, capsys):
     assert len(rows) == 2 and all(r["new_tokens"] <= 3 and r["kept_fraction"] < 1.0 for r in rows)
     assert metrics["results"]["score"] == round(100 * sum(r["score"] for r in rows) / 2, 2)
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_kv_compression_in_a_generation_eval(wiki, tmp_path):
+    """kv=... compresses every prefill of the run: ratio 1.0 changes nothing, 0.4 keeps ~40% of the cache."""
+    from sdtp.cli.evaluate import run
+
+    def evaluate(name: str, *kv: str) -> tuple[dict, list[dict]]:
+        out = tmp_path / name
+        metrics = run(compose("eval", ["eval=needle", "model=tiny-llama", "pruning=random", f"eval.source={wiki}",
+                                       "eval.lengths=[400]", "eval.depths=[0.5]", "eval.num_samples=2",
+                                       "eval.max_new_tokens=4", f"run_dir={out}", *kv]))
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        return metrics, rows
+
+    plain, plain_rows = evaluate("none")
+    lossless, lossless_rows = evaluate("full", "kv=h2o", "kv.ratio=1.0")
+    compressed, _ = evaluate("h2o", "kv=snapkv", "kv.ratio=0.4", "kv.window=8")
+    assert plain["kv"] == {"method": "none", "ratio": 1.0, "kept_fraction": 1.0}
+    assert [r["pred"] for r in lossless_rows] == [r["pred"] for r in plain_rows]
+    assert lossless["kv"]["method"] == "h2o" and lossless["kv"]["kept_fraction"] == 1.0
+    assert compressed["kv"]["method"] == "snapkv" and 0.38 < compressed["kv"]["kept_fraction"] < 0.45

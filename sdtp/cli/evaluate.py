@@ -2,13 +2,16 @@
 
     sdtp-eval eval=lm_eval model=smollm2-135m pruning=random eval.limit=100
     sdtp-eval eval=perplexity pruning=none
+    sdtp-eval eval=longbench pruning=sdtp kv=h2o kv.ratio=0.4     # paper Table 6: SDTP + H2O
 
 The ``eval`` config group picks the runner: every ``conf/eval/<name>.yaml`` has ``name`` and
 ``runner: <dotted path>`` to a function ``runner(cfg, model, tokenizer, pruner, run_dir) -> dict``
 (the metrics; ``pruner`` is None for the dense model). Generation runners also write
 ``predictions.jsonl`` into ``run_dir`` themselves. An optional ``validate: <dotted path>`` names a
 function ``validate(cfg) -> None`` that checks the runner's own keys (raising ConfigError) before
-the model is loaded.
+the model is loaded. The optional ``kv`` group compresses the cache after every prefill
+(``sdtp.kv``); runners that score multi-token continuations on the cache declare
+``continuation_blocks: true`` and refuse it.
 
 This module does the common part: validation, loading model / tokenizer / pruner, the run
 directory (deterministic per command, see conf/eval.yaml), ``metrics.json`` written atomically
@@ -32,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdtp.config import build_pruner, build_schedule, sdtp_main
 from sdtp.errors import ConfigError
+from sdtp.kv import KVCompressor, build_kv_policy, kv_compression
 from sdtp.models import load_model
 from sdtp.tracking import RunLogger
 from sdtp.utils import git_commit, seed_everything, set_threads, write_json_atomic
@@ -56,6 +60,14 @@ def validate_eval(cfg: DictConfig) -> Runner:
     if "eval" not in cfg or cfg.eval is None:
         raise ConfigError("eval: missing; choose a runner with eval=<name> (see conf/eval/)")
     runner = resolve_function(cfg, "runner")
+    if build_kv_policy(cfg) is not None and cfg.eval.get("continuation_blocks", False):
+        # A compressed cache is decoded token by token only (per-head eviction leaves no
+        # position-wise mask for a block of continuation tokens), see sdtp/kv/cache.py.
+        raise ConfigError(
+            f"kv={cfg.kv.method}: eval={cfg.eval.name} scores multi-token continuations on the cache, "
+            "which a compressed cache does not support; use a generation runner "
+            "(eval=longbench|needle|passage_count|passage_retrieval) or kv=none"
+        )
     if cfg.eval.get("validate"):
         resolve_function(cfg, "validate")(cfg)
     return runner
@@ -77,6 +89,15 @@ def pruning_summary(cfg: DictConfig) -> dict[str, Any]:
             "position_ids": schedule.position_ids,
         },
     }
+
+
+def kv_summary(press: KVCompressor | None) -> dict[str, Any]:
+    """The run's KV-cache policy and the fraction of the prefilled entries it kept (over all prefills)."""
+    if press is None:
+        return {"method": "none", "ratio": 1.0, "kept_fraction": 1.0}
+    policy = press.policy
+    return {"method": policy.method, "ratio": policy.ratio, "keep_first": policy.keep_first,
+            "keep_recent": policy.keep_recent, "kept_fraction": press.kept_fraction}
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -110,17 +131,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
     pruner = build_pruner(cfg)
+    kv_policy = build_kv_policy(cfg)
     model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     log.info("eval=%s model=%s pruning=%s -> %s", cfg.eval.name, cfg.model.name, cfg.pruning.name, run_dir)
     with RunLogger(run_dir, cfg.logger, cfg, name=f"{cfg.eval.name}-{cfg.model.name}-{cfg.pruning.name}") as logger:
         start = time.perf_counter()
-        results = runner(cfg, model, tokenizer, pruner, run_dir)
+        with kv_compression(kv_policy, model) as press:
+            results = runner(cfg, model, tokenizer, pruner, run_dir)
         wall_s = time.perf_counter() - start
         metrics = {
             "eval": cfg.eval.name,
             "model": cfg.model.name,
             "dtype": str(next(model.parameters()).dtype),
             "pruning": pruning_summary(cfg),
+            "kv": kv_summary(press),
             "avg_kept_fraction": results.get("avg_kept_fraction", 1.0 if pruner is None else None),
             "results": results,
             "seed": cfg.seed,

@@ -44,6 +44,8 @@ class KVCompressor:
     def __init__(self, policy: KVPolicy) -> None:
         self.policy = policy
         self.last_sizes: list[tuple[int, int]] = []  # (entries before, after) per layer
+        self.entries_before = 0  # summed over layers and every prefill since construction
+        self.entries_after = 0
         self._scores: dict[int, torch.Tensor] = {}
         self._prefill = False
 
@@ -64,6 +66,11 @@ class KVCompressor:
                 handle.remove()
             self._scores = {}
 
+    @property
+    def kept_fraction(self) -> float | None:
+        """Cache entries kept / entries the prefills left, over every prefill so far (None before any)."""
+        return self.entries_after / self.entries_before if self.entries_before else None
+
     def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = kwargs.get("past_key_values")
         self._prefill = cache is None or cache.get_seq_length() == 0
@@ -76,6 +83,8 @@ class KVCompressor:
         if cache is None:
             raise RuntimeError("KV compression needs the prefill cache: run the model with use_cache=True")
         self.last_sizes = compress_cache(cache, self.policy, self._scores)
+        self.entries_before += sum(before for before, _ in self.last_sizes)
+        self.entries_after += sum(after for _, after in self.last_sizes)
         self._scores, self._prefill = {}, False
 
     def _make_attn_hook(self, idx: int):
