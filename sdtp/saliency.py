@@ -134,8 +134,13 @@ def saliency_scores(
             attn = loss_mask.long() if loss_mask is not None else None
             hidden = base(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
             objective = (lm_loss if target == "lm_loss" else target_logit)(head, hidden, ids, loss_mask)
-            objective.backward()
-            raw = torch.stack([(captured[i].grad * captured[i]).float().sum(-1) for i in layers], dim=-1)
+            if not objective.requires_grad:
+                # No target token (a 1-token prompt, or a fully masked one): the loss is a constant,
+                # so every token's saliency is 0 (the pruner's protected tokens decide alone).
+                raw = embeds.new_zeros((*ids.shape, len(layers)), dtype=torch.float32)
+            else:
+                objective.backward()
+                raw = torch.stack([(captured[i].grad * captured[i]).float().sum(-1) for i in layers], dim=-1)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)

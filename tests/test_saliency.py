@@ -32,6 +32,14 @@ def test_grad_x_input_matches_autograd_reference(tiny):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
 
 
+def test_one_token_prompt_has_zero_saliency(tiny):
+    """A 1-token prompt has no next-token target: zero saliency instead of a backward error."""
+    model, _, _ = tiny
+    scores = saliency_scores(model, torch.tensor([[7]]), [1, 2], target="lm_loss")
+    assert scores.shape == (1, 1, 2) and not scores.any()
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
+
+
 def test_grad_x_input_on_toy_linear_model():
     """For T = sum_i w . x_i (a linear 'model'), grad x input is exactly w . x_i per token."""
     x = torch.randn(1, 5, 4)
