@@ -31,6 +31,9 @@ log = logging.getLogger("compare_methods")
 ACC_KEYS = ("acc", "acc_norm", "score", "accuracy", "exact_match", "rouge_l", "rougeL", "rouge")
 LOWER_IS_BETTER = ("perplexity",)
 SPEEDUP_KEYS = ("prefill_speedup", "speedup_prefill", "ttft_speedup", "speedup")
+# Eval keys that decide what a number means (how many documents, tokens, shots...), listed under the table.
+SETTING_KEYS = ("tasks", "num_fewshot", "limit", "datasets", "max_new_tokens", "max_tokens", "window", "stride",
+                "lengths", "depths", "num_samples")
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -91,6 +94,17 @@ def eval_metrics(data: dict[str, Any]) -> dict[str, float]:
     return columns
 
 
+def run_settings(data: dict[str, Any]) -> str:
+    """The settings a run's numbers depend on, e.g. ``limit=20, num_fewshot=5, dtype=torch.float32``."""
+    if isinstance(data.get("settings"), dict):  # sdtp-bench
+        values = {**data["settings"], "dtype": _get(data, "environment", "dtype")}
+        keys = ("lengths", "new_tokens", "repeats", "threads", "dtype")
+    else:
+        values = {**(_get(data, "config", "eval") or {}), "dtype": data.get("dtype")}
+        keys = (*SETTING_KEYS, "dtype")
+    return ", ".join(f"{key}={json.dumps(values[key])}" for key in keys if values.get(key) is not None)
+
+
 def bench_speedup(data: dict[str, Any]) -> float | None:
     """Measured prefill speedup over dense at the longest prompt length of a bench JSON.
 
@@ -142,7 +156,10 @@ def _to_float(text: Any) -> float | None:
 
 
 def collect(root: Path) -> dict[str, dict[str, Any]]:
-    """method -> {"metrics": {column: value}, "layer_fraction": f, "prefill_speedup": s, ...}."""
+    """method -> {"metrics": {column: value}, "layer_fraction": f, "prefill_speedup": s, ...}.
+
+    The settings of the runs each row uses are kept per eval (``row["settings"][eval] = text``).
+    """
     rows: dict[str, dict[str, Any]] = {}
     stamps: dict[tuple[str, str], float] = {}
     files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
@@ -154,9 +171,11 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
             continue
         if not isinstance(data, dict):
             continue
-        row = rows.setdefault(method_name(data), {"metrics": {}, "files": []})
+        row = rows.setdefault(method_name(data), {"metrics": {}, "files": [], "settings": {}})
         row["files"].append(str(path))
-        if path.name == "bench.json" or data.get("task") == "bench":
+        is_bench = path.name == "bench.json" or data.get("task") == "bench"
+        row["settings"]["bench" if is_bench else str(data.get("eval"))] = run_settings(data)
+        if is_bench:
             speedup = bench_speedup(data)
             if speedup is not None:
                 row["prefill_speedup"] = speedup
@@ -213,10 +232,24 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path) -> list[Path]:
+def settings_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One markdown bullet per eval: its settings, or every variant if methods were run differently."""
+    by_eval: dict[str, set[str]] = {}
+    for row in rows.values():
+        for name, text in row.get("settings", {}).items():
+            if text:
+                by_eval.setdefault(name, set()).add(text)
+    return [f"* {name}: " + " | ".join(sorted(texts)) + (" (methods differ!)" if len(texts) > 1 else "")
+            for name, texts in sorted(by_eval.items())]
+
+
+def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
+                  settings: list[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in header) + " |" for r in records]
+    if settings:
+        md += ["", "Settings (newest run per method and eval):", *settings]
     notes = ("\nAccuracy columns (%): higher is better; perplexity: lower is better. tokens_per_layer = average "
              "fraction of prompt tokens each layer processed; kv_cache = KV entries left after prefill relative "
              "to dense (token pruning, then the KV policy); analytic_speedup = its inverse (layer cost, "
@@ -294,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         parser.error(f"no metrics.json or bench.json under {args.root}")
     header, records = table(rows)
-    for path in write_outputs(header, records, args.out):
+    for path in write_outputs(header, records, args.out, settings_lines(rows)):
         log.info("wrote %s", path)
     print((args.out / "compare_methods.md").read_text())
     return 0

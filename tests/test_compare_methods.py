@@ -19,7 +19,8 @@ def _write(path: Path, data: dict) -> None:
 
 
 def _eval(root: Path, method: str, eval_name: str, results: dict, kv: str | None = None) -> None:
-    config = {"pruning": {"name": method}, **({"kv": {"method": kv, "ratio": 0.4}} if kv else {})}
+    config = {"pruning": {"name": method}, "eval": {"limit": 20 if method != "random" else 10},
+              **({"kv": {"method": kv, "ratio": 0.4}} if kv else {})}
     record = {"method": kv, "ratio": 0.4, "kept_fraction": 0.4} if kv else {"method": "none", "kept_fraction": 1.0}
     _write(root / "eval" / eval_name / method / (kv or "x") / "metrics.json",
            {"eval": eval_name, "pruning": {"name": method}, "kv": record, "results": results, "config": config})
@@ -58,4 +59,6 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     assert rows["sdtp+h2o@0.4"]["mean_acc"] is None  # only one of three accuracy columns present
     assert (out / "compare_methods.png").stat().st_size > 0
     md = (out / "compare_methods.md").read_text()
+    assert "* perplexity: limit=10 | limit=20 (methods differ!)" in md  # random was run with another limit
+    assert "* bench" not in md  # the fabricated bench files carry no settings
     assert md.splitlines()[0].startswith("| method | arc_easy | multi_news | piqa | perplexity | mean_acc")
