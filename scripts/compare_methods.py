@@ -12,6 +12,9 @@ Reads every ``metrics.json`` written by ``sdtp-eval`` runs and every ``bench.jso
   benchmark exists, the measured prefill speedup over dense;
 * ``compare_methods.png``: mean accuracy and perplexity vs speedup, one point per method.
 
+Under the table, the 95% binomial confidence half-width of each lm-eval accuracy column (from the
+number of documents scored) says which differences a ``limit``-ed run can resolve at all.
+
 Files that cannot be parsed are reported and skipped; when a method has several runs of the same
 eval, the newest file wins. Nothing here runs a model.
 """
@@ -25,6 +28,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from sdtp.eval.stats import binomial_ci95, document_outcomes, paired_delta
 
 log = logging.getLogger("compare_methods")
 
@@ -94,6 +99,16 @@ def eval_metrics(data: dict[str, Any]) -> dict[str, float]:
     return columns
 
 
+def sample_counts(data: dict[str, Any]) -> dict[str, int]:
+    """Column -> documents scored, for the lm-eval accuracy columns (per-document 0/1 outcomes)."""
+    if data.get("eval") != "lm_eval":
+        return {}
+    counts = _get(data, "results", "n_samples")
+    if not isinstance(counts, dict):
+        return {}
+    return {str(task).removeprefix("sdtp_"): int(n) for task, n in counts.items() if _number(n)}
+
+
 def run_settings(data: dict[str, Any]) -> str:
     """The settings a run's numbers depend on, e.g. ``limit=20, num_fewshot=5, dtype=torch.float32``."""
     if isinstance(data.get("settings"), dict):  # sdtp-bench
@@ -103,6 +118,15 @@ def run_settings(data: dict[str, Any]) -> str:
         values = {**(_get(data, "config", "eval") or {}), "dtype": data.get("dtype")}
         keys = (*SETTING_KEYS, "dtype")
     return ", ".join(f"{key}={json.dumps(values[key])}" for key in keys if values.get(key) is not None)
+
+
+def settings_key(data: dict[str, Any]) -> str:
+    """The eval a run belongs to; lm-eval runs of different task lists are listed apart (their columns add up)."""
+    name = str(data.get("eval"))
+    tasks = _get(data, "config", "eval", "tasks")
+    if name == "lm_eval" and isinstance(tasks, list):
+        return f"{name}[{','.join(str(t).removeprefix('sdtp_') for t in tasks)}]"
+    return name
 
 
 def bench_speedup(data: dict[str, Any]) -> float | None:
@@ -171,16 +195,20 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
             continue
         if not isinstance(data, dict):
             continue
-        row = rows.setdefault(method_name(data), {"metrics": {}, "files": [], "settings": {}})
+        row = rows.setdefault(method_name(data), {"metrics": {}, "files": [], "settings": {}, "counts": {},
+                                                   "docs": {}})
         row["files"].append(str(path))
         is_bench = path.name == "bench.json" or data.get("task") == "bench"
-        row["settings"]["bench" if is_bench else str(data.get("eval"))] = run_settings(data)
+        row["settings"]["bench" if is_bench else settings_key(data)] = run_settings(data)
         if is_bench:
             speedup = bench_speedup(data)
             if speedup is not None:
                 row["prefill_speedup"] = speedup
             continue
         row["metrics"].update(eval_metrics(data))
+        row["counts"].update(sample_counts(data))
+        if data.get("eval") == "lm_eval":
+            row["docs"].update(document_outcomes(path.parent))
         stamps[(method_name(data), str(data.get("eval")))] = path.stat().st_mtime
         fraction = _number(_get(data, "results", "avg_layer_token_fraction")) or _number(
             data.get("avg_layer_token_fraction")
@@ -220,9 +248,12 @@ def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, An
         record["kv_cache"] = row.get("kv_cache")
         record["analytic_speedup"] = row.get("analytic_speedup")
         record["prefill_speedup"] = row.get("prefill_speedup")
+        delta = paired_delta(row["docs"], rows["none"]["docs"]) if name != "none" and "none" in rows else None
+        record["lm_eval_delta"], record["lm_eval_delta_ci95"] = (delta[0], delta[1]) if delta else (None, None)
         records.append(record)
     records.sort(key=lambda r: (r["method"] != "none", -(r["mean_acc"] or -1.0), r["method"]))
-    header = ["method", *metric_cols, "mean_acc", "tokens_per_layer", "kv_cache", "analytic_speedup", "prefill_speedup"]
+    header = ["method", *metric_cols, "mean_acc", "lm_eval_delta", "lm_eval_delta_ci95", "tokens_per_layer", "kv_cache",
+              "analytic_speedup", "prefill_speedup"]
     return header, records
 
 
@@ -243,16 +274,47 @@ def settings_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
             for name, texts in sorted(by_eval.items())]
 
 
+def intervals(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """method -> {column: 95% half-width in points} for the columns with a document count."""
+    return {name: {col: round(binomial_ci95(row["metrics"][col], n), 2) for col, n in row.get("counts", {}).items()
+                   if col in row["metrics"] and n > 0}
+            for name, row in rows.items()}
+
+
+def interval_line(ci: dict[str, dict[str, float]], counts: dict[str, int]) -> str | None:
+    """Markdown sentence with the dense row's half-widths (the reference every delta is read against)."""
+    dense = ci.get("none") or next((v for v in ci.values() if v), {})
+    if not dense:
+        return None
+    parts = ", ".join(f"{col} ±{hw:.1f} (n={counts.get(col, '?')})" for col, hw in sorted(dense.items()))
+    return (f"95% binomial CI half-width of the dense accuracies, in points: {parts}. One task's accuracy moves "
+            "by about that much by chance; lm_eval_delta pairs the same documents and pools the tasks, so its "
+            "interval is much narrower.")
+
+
+def versus_lines(rows: dict[str, dict[str, Any]], method: str = "sdtp") -> list[str]:
+    """Markdown bullets: ``method``'s paired lm-eval accuracy difference to every other method."""
+    if not rows.get(method, {}).get("docs"):
+        return []
+    lines = []
+    for other, row in sorted(rows.items()):
+        delta = paired_delta(rows[method]["docs"], row["docs"]) if other != method else None
+        if delta:
+            lines.append(f"* {method} - {other}: {delta[0]:+.2f} ± {delta[1]:.2f} points over {delta[2]} documents")
+    return [f"Paired lm-eval accuracy difference of {method} to each method (same documents, 95% CI):", *lines] if lines else []
+
+
 def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
-                  settings: list[str] | None = None) -> list[Path]:
+                  notes: list[str] | None = None, ci: dict[str, dict[str, float]] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in header) + " |" for r in records]
-    if settings:
-        md += ["", "Settings (newest run per method and eval):", *settings]
+    for block in notes or []:
+        md += ["", *block.splitlines()]
     notes = ("\nAccuracy columns (%): higher is better; perplexity: lower is better. tokens_per_layer = average "
              "fraction of prompt tokens each layer processed; kv_cache = KV entries left after prefill relative "
-             "to dense (token pruning, then the KV policy); analytic_speedup = its inverse (layer cost, "
+             "to dense (token pruning, then the KV policy); lm_eval_delta = paired accuracy difference to dense over "
+             "the same lm-eval documents (all tasks pooled), ± lm_eval_delta_ci95; analytic_speedup = its inverse (layer cost, "
              "attention ignored); prefill_speedup = measured by sdtp-bench at its longest prompt.\n")
     paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
     _atomic_write(paths[0], "\n".join(md) + "\n" + notes)
@@ -260,7 +322,7 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
         writer = csv.DictWriter(handle, fieldnames=header)
         writer.writeheader()
         writer.writerows(records)
-    _atomic_write(paths[2], json.dumps({"columns": header, "rows": records}, indent=2))
+    _atomic_write(paths[2], json.dumps({"columns": header, "rows": records, "ci95": ci or {}}, indent=2))
     plot = _plot(records, out / "compare_methods.png")
     return paths + ([plot] if plot else [])
 
@@ -327,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         parser.error(f"no metrics.json or bench.json under {args.root}")
     header, records = table(rows)
-    for path in write_outputs(header, records, args.out, settings_lines(rows)):
+    ci = intervals(rows)
+    counts = rows.get("none", {}).get("counts") or next((r["counts"] for r in rows.values() if r["counts"]), {})
+    settings = settings_lines(rows)
+    notes = [interval_line(ci, counts), "\n".join(versus_lines(rows)),
+             "\n".join(["Settings (newest run per method and eval):", *settings]) if settings else None]
+    for path in write_outputs(header, records, args.out, [n for n in notes if n], ci):
         log.info("wrote %s", path)
     print((args.out / "compare_methods.md").read_text())
     return 0

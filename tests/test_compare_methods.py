@@ -26,14 +26,24 @@ def _eval(root: Path, method: str, eval_name: str, results: dict, kv: str | None
            {"eval": eval_name, "pruning": {"name": method}, "kv": record, "results": results, "config": config})
 
 
+def _samples(root: Path, method: str, outcomes: list[int]) -> None:
+    """lm-eval's per-document log (samples_<task>.jsonl) beside the method's lm_eval metrics.json."""
+    lines = [json.dumps({"doc_id": i, "acc": float(a), "acc_norm": 0.0}) for i, a in enumerate(outcomes)]
+    (root / "eval" / "lm_eval" / method / "x" / "samples_sdtp_piqa.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def test_table_and_plot_from_fabricated_runs(tmp_path):
     root = tmp_path / "multiruns"
     for method, acc, ppl, frac in (("none", 0.6, 20.0, None), ("sdtp", 0.58, 22.0, 0.63), ("random", 0.5, 30.0, 0.63)):
         tasks = {"sdtp_piqa": {"acc,none": acc, "acc_norm,none": acc + 0.01}, "sdtp_arc_easy": {"acc": acc - 0.1}}
         extra = {"avg_layer_token_fraction": frac} if frac else {}
-        _eval(root, method, "lm_eval", {"tasks": tasks, **extra})
+        _eval(root, method, "lm_eval", {"tasks": tasks, "n_samples": {"sdtp_piqa": 50, "sdtp_arc_easy": 40}, **extra})
         _eval(root, method, "perplexity", {"perplexity": ppl, **extra})
         _eval(root, method, "longbench", {"datasets": {"multi_news": acc / 3}, "avg": acc / 3})
+    # Paired outcomes on 4 shared documents: sdtp loses doc 1 and gains doc 3 vs dense (delta 0); random loses 2.
+    _samples(root, "none", [1, 1, 0, 0])
+    _samples(root, "sdtp", [1, 0, 0, 1])
+    _samples(root, "random", [0, 0, 0, 0])
     _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}, "avg_layer_token_fraction": 0.63},
           kv="h2o")
     _write(root / "bench" / "a" / "bench.json", {  # sdtp-bench's schema, with a distracting `targets`
@@ -62,3 +72,24 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     assert "* perplexity: limit=10 | limit=20 (methods differ!)" in md  # random was run with another limit
     assert "* bench" not in md  # the fabricated bench files carry no settings
     assert md.splitlines()[0].startswith("| method | arc_easy | multi_news | piqa | perplexity | mean_acc")
+    # Binomial 95% half-widths from the document counts: dense piqa 60% of 50, arc_easy 50% of 40.
+    ci = json.loads((out / "compare_methods.json").read_text())["ci95"]
+    assert abs(ci["none"]["piqa"] - 196 * (0.6 * 0.4 / 50) ** 0.5) < 0.01
+    assert abs(ci["sdtp"]["arc_easy"] - 196 * (0.48 * 0.52 / 40) ** 0.5) < 0.01
+    assert "multi_news" not in ci["none"]  # ROUGE is not a per-document 0/1 outcome
+    assert "arc_easy ±15.5 (n=40), piqa ±13.6 (n=50)" in md
+    # Paired deltas over the same documents: mean difference, t-free normal half-width of its mean.
+    assert rows["sdtp"]["lm_eval_delta"] == 0.0 and rows["none"]["lm_eval_delta"] is None
+    assert rows["random"]["lm_eval_delta"] == -50.0
+    sd = (4 * 0.25 / 3) ** 0.5  # diffs -1,-1,0,0: mean -0.5, sample variance 1/3
+    assert abs(rows["random"]["lm_eval_delta_ci95"] - 100 * 1.959964 * sd / 2) < 1e-6
+    assert "* sdtp - random: +50.00 ± " in md and "over 4 documents" in md
+
+
+def test_paired_delta_needs_common_documents():
+    from sdtp.eval.stats import binomial_ci95, paired_delta
+
+    assert paired_delta({("piqa", 0): 1.0}, {("piqa", 0): 0.0}) is None  # one document: no variance
+    assert paired_delta({("piqa", 0): 1.0, ("piqa", 1): 1.0}, {("arc", 0): 0.0, ("arc", 1): 0.0}) is None
+    assert paired_delta({("a", 0): 1.0, ("a", 1): 0.0}, {("a", 0): 1.0, ("a", 1): 0.0}) == (0.0, 0.0, 2)
+    assert binomial_ci95(0.0, 50) == 0.0 and abs(binomial_ci95(50.0, 100) - 9.8) < 0.01
