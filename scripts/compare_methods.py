@@ -29,6 +29,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from sdtp.eval.stats import binomial_ci95, document_outcomes, paired_delta
 
 log = logging.getLogger("compare_methods")
@@ -63,6 +65,26 @@ def _first_metric(entry: dict[str, Any]) -> float | None:
             if value is not None:
                 return value
     return None
+
+
+# Command-line overrides that change what a method is (so an ablation gets a row of its own).
+VARIANT_PREFIXES = ("pruning.", "kv.", "model.")
+
+
+def variant(run_dir: Path) -> str:
+    """``[key=value,...]`` of a run's pruning/kv/model overrides (Hydra's ``.hydra/overrides.yaml``), or ''."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    try:
+        overrides = [str(o) for o in OmegaConf.load(path)]
+    except Exception as exc:  # a hand-edited or truncated file: the run still counts, unnamed
+        log.warning("ignoring %s: %s", path, exc)
+        return ""
+    keys = [o.lstrip("+~") for o in overrides]
+    # kv.ratio is already part of the name (<pruning>+<kv>@<ratio>).
+    extra = sorted(o for o in keys if o.startswith(VARIANT_PREFIXES) and not o.startswith("kv.ratio="))
+    return f"[{','.join(extra)}]" if extra else ""
 
 
 def method_name(data: dict[str, Any]) -> str:
@@ -185,7 +207,6 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
     The settings of the runs each row uses are kept per eval (``row["settings"][eval] = text``).
     """
     rows: dict[str, dict[str, Any]] = {}
-    stamps: dict[tuple[str, str], float] = {}
     files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
     for path in sorted(files, key=lambda p: p.stat().st_mtime):  # newest last, so it wins
         try:
@@ -195,8 +216,8 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
             continue
         if not isinstance(data, dict):
             continue
-        row = rows.setdefault(method_name(data), {"metrics": {}, "files": [], "settings": {}, "counts": {},
-                                                   "docs": {}})
+        name = method_name(data) + variant(path.parent)
+        row = rows.setdefault(name, {"metrics": {}, "files": [], "settings": {}, "counts": {}, "docs": {}})
         row["files"].append(str(path))
         is_bench = path.name == "bench.json" or data.get("task") == "bench"
         row["settings"]["bench" if is_bench else settings_key(data)] = run_settings(data)
@@ -209,7 +230,6 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
         row["counts"].update(sample_counts(data))
         if data.get("eval") == "lm_eval":
             row["docs"].update(document_outcomes(path.parent))
-        stamps[(method_name(data), str(data.get("eval")))] = path.stat().st_mtime
         fraction = _number(_get(data, "results", "avg_layer_token_fraction")) or _number(
             data.get("avg_layer_token_fraction")
         )
@@ -248,7 +268,7 @@ def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, An
         record["kv_cache"] = row.get("kv_cache")
         record["analytic_speedup"] = row.get("analytic_speedup")
         record["prefill_speedup"] = row.get("prefill_speedup")
-        delta = paired_delta(row["docs"], rows["none"]["docs"]) if name != "none" and "none" in rows else None
+        delta = paired_delta(row["docs"], rows["none"]["docs"]) if "none" in rows else None
         record["lm_eval_delta"], record["lm_eval_delta_ci95"] = (delta[0], delta[1]) if delta else (None, None)
         records.append(record)
     records.sort(key=lambda r: (r["method"] != "none", -(r["mean_acc"] or -1.0), r["method"]))
@@ -349,28 +369,40 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracy measures vs prefill speedup, one colour per method (legend, not labels: points overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("mean_acc", "mean accuracy (higher is better)"), ("perplexity", "WikiText perplexity (lower is better)")]
+    panels = [("mean_acc", None, "mean score over the task columns (higher is better)"),
+              ("lm_eval_delta", "lm_eval_delta_ci95", "paired lm-eval accuracy vs dense, points (95% CI)"),
+              ("perplexity", None, "WikiText perplexity (lower is better)")]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in records)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (col, label) in zip(axes[0], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    shown = [r["method"] for r in records if any(r.get(col) is not None for col, _, _ in panels)]
+    colours = {name: plt.cm.tab10(i % 10) if len(shown) <= 10 else plt.cm.tab20(i % 20) for i, name in enumerate(shown)}
+    for ax, (col, err, label) in zip(axes[0], panels):
         for r in records:
             speed = r["prefill_speedup"] or r["analytic_speedup"]
             if r.get(col) is None or speed is None:
                 continue
-            measured = r["prefill_speedup"] is not None
-            ax.scatter(speed, r[col], marker="o" if measured else "^", s=40)
-            ax.annotate(r["method"], (speed, r[col]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            marker = "o" if r["prefill_speedup"] is not None else "^"
+            ax.errorbar(speed, r[col], yerr=r.get(err) if err else None, fmt=marker, color=colours[r["method"]],
+                        capsize=3, markersize=6, label=r["method"])
+        if col == "lm_eval_delta":
+            ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("prefill speedup vs dense (o measured, ^ analytic)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     with _atomic(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -52,13 +52,20 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
                     {"seq_len": 2048, "speedup": {"prefill": 1.5, "decode": 1.1}}]})
     _write(root / "bench" / "b" / "bench.json", {"pruning": "random", "targets": {"prefill_speedup": {"8192": 9.0}},
                                                  "prefill_speedup": {"1024": 1.1, "2048": 1.6}})
+    # An ablation of sdtp (same pruning.name, another schedule) gets its own row, named by its overrides.
+    _write(root / "eval" / "ppl_ablation" / "metrics.json", {"eval": "perplexity", "pruning": {"name": "sdtp"},
+                                                             "results": {"perplexity": 25.0}})
+    (root / "eval" / "ppl_ablation" / ".hydra").mkdir()
+    (root / "eval" / "ppl_ablation" / ".hydra" / "overrides.yaml").write_text(
+        "- model=smollm2-135m\n- pruning=sdtp\n- pruning.first_layer=8\n- kv.ratio=0.4\n- eval=perplexity\n")
     (root / "eval" / "broken").mkdir(parents=True)
     (root / "eval" / "broken" / "metrics.json").write_text("{not json")
     out = tmp_path / "compare"
     assert compare.main(["--root", str(root), "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "compare_methods.json").read_text())["rows"]}
     assert list(rows)[0] == "none"
-    assert set(rows) == {"none", "sdtp", "random", "sdtp+h2o@0.4"}
+    assert set(rows) == {"none", "sdtp", "random", "sdtp+h2o@0.4", "sdtp[pruning.first_layer=8]"}
+    assert rows["sdtp[pruning.first_layer=8]"]["perplexity"] == 25.0 and rows["sdtp"]["perplexity"] == 22.0
     # lm-eval fractions become percentages, like the LongBench scores they are averaged with.
     assert abs(rows["sdtp"]["piqa"] - 58.0) < 1e-9 and abs(rows["sdtp"]["arc_easy"] - 48.0) < 1e-9
     assert abs(rows["sdtp"]["mean_acc"] - (58.0 + 48.0 + 0.58 / 3) / 3) < 1e-9
@@ -79,7 +86,7 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     assert "multi_news" not in ci["none"]  # ROUGE is not a per-document 0/1 outcome
     assert "arc_easy ±15.5 (n=40), piqa ±13.6 (n=50)" in md
     # Paired deltas over the same documents: mean difference, t-free normal half-width of its mean.
-    assert rows["sdtp"]["lm_eval_delta"] == 0.0 and rows["none"]["lm_eval_delta"] is None
+    assert rows["sdtp"]["lm_eval_delta"] == 0.0 and rows["none"]["lm_eval_delta"] == 0.0
     assert rows["random"]["lm_eval_delta"] == -50.0
     sd = (4 * 0.25 / 3) ** 0.5  # diffs -1,-1,0,0: mean -0.5, sample variance 1/3
     assert abs(rows["random"]["lm_eval_delta_ci95"] - 100 * 1.959964 * sd / 2) < 1e-6
