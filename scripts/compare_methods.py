@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sdtp.eval.stats import binomial_ci95, document_outcomes, paired_delta
+from sdtp.eval.stats import binomial_ci95, document_outcomes, paired_delta, prediction_outcomes
 
 log = logging.getLogger("compare_methods")
 
@@ -228,8 +228,10 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
             continue
         row["metrics"].update(eval_metrics(data))
         row["counts"].update(sample_counts(data))
-        if data.get("eval") == "lm_eval":
-            row["docs"].update(document_outcomes(path.parent))
+        # Per-document outcomes, for paired differences between methods on the same documents.
+        outcomes = document_outcomes(path.parent) if data.get("eval") == "lm_eval" else prediction_outcomes(path.parent)
+        if outcomes:
+            row["docs"].setdefault(str(data.get("eval")), {}).update(outcomes)
         fraction = _number(_get(data, "results", "avg_layer_token_fraction")) or _number(
             data.get("avg_layer_token_fraction")
         )
@@ -257,6 +259,9 @@ def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, An
     # method's mean is comparable with dense's; rows missing one of those columns get no mean.
     dense = rows.get("none", {}).get("metrics", {})
     acc_cols = [c for c in acc_cols if c in dense] or acc_cols
+    # Paired deltas to dense, one pair of columns per eval with per-document outcomes (lm_eval first).
+    dense_docs = rows.get("none", {}).get("docs", {})
+    delta_evals = sorted(dense_docs, key=lambda ev: (ev != "lm_eval", ev))
     records = []
     for name, row in rows.items():
         record: dict[str, Any] = {"method": name}
@@ -268,12 +273,14 @@ def table(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, An
         record["kv_cache"] = row.get("kv_cache")
         record["analytic_speedup"] = row.get("analytic_speedup")
         record["prefill_speedup"] = row.get("prefill_speedup")
-        delta = paired_delta(row["docs"], rows["none"]["docs"]) if "none" in rows else None
-        record["lm_eval_delta"], record["lm_eval_delta_ci95"] = (delta[0], delta[1]) if delta else (None, None)
+        for ev in delta_evals:
+            delta = paired_delta(row["docs"].get(ev, {}), dense_docs[ev])
+            record[f"{ev}_delta"], record[f"{ev}_delta_ci95"] = (delta[0], delta[1]) if delta else (None, None)
         records.append(record)
     records.sort(key=lambda r: (r["method"] != "none", -(r["mean_acc"] or -1.0), r["method"]))
-    header = ["method", *metric_cols, "mean_acc", "lm_eval_delta", "lm_eval_delta_ci95", "tokens_per_layer", "kv_cache",
-              "analytic_speedup", "prefill_speedup"]
+    deltas = [col for ev in delta_evals for col in (f"{ev}_delta", f"{ev}_delta_ci95")]
+    header = ["method", *metric_cols, "mean_acc", *deltas, "tokens_per_layer", "kv_cache", "analytic_speedup",
+              "prefill_speedup"]
     return header, records
 
 
@@ -313,15 +320,14 @@ def interval_line(ci: dict[str, dict[str, float]], counts: dict[str, int]) -> st
 
 
 def versus_lines(rows: dict[str, dict[str, Any]], method: str = "sdtp") -> list[str]:
-    """Markdown bullets: ``method``'s paired lm-eval accuracy difference to every other method."""
-    if not rows.get(method, {}).get("docs"):
-        return []
+    """Markdown bullets: ``method``'s paired score difference to every other method, per eval."""
     lines = []
-    for other, row in sorted(rows.items()):
-        delta = paired_delta(rows[method]["docs"], row["docs"]) if other != method else None
-        if delta:
-            lines.append(f"* {method} - {other}: {delta[0]:+.2f} ± {delta[1]:.2f} points over {delta[2]} documents")
-    return [f"Paired lm-eval accuracy difference of {method} to each method (same documents, 95% CI):", *lines] if lines else []
+    for ev, mine in sorted(rows.get(method, {}).get("docs", {}).items()):
+        for other, row in sorted(rows.items()):
+            delta = paired_delta(mine, row["docs"].get(ev, {})) if other != method else None
+            if delta:
+                lines.append(f"* {ev}: {method} - {other}: {delta[0]:+.2f} ± {delta[1]:.2f} points over {delta[2]} documents")
+    return [f"Paired score difference of {method} to each method (same documents, 95% CI):", *lines] if lines else []
 
 
 def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
@@ -333,8 +339,8 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
         md += ["", *block.splitlines()]
     notes = ("\nAccuracy columns (%): higher is better; perplexity: lower is better. tokens_per_layer = average "
              "fraction of prompt tokens each layer processed; kv_cache = KV entries left after prefill relative "
-             "to dense (token pruning, then the KV policy); lm_eval_delta = paired accuracy difference to dense over "
-             "the same lm-eval documents (all tasks pooled), ± lm_eval_delta_ci95; analytic_speedup = its inverse (layer cost, "
+             "to dense (token pruning, then the KV policy); <eval>_delta = paired score difference to dense over "
+             "the same documents (lm_eval: all tasks pooled), ± <eval>_delta_ci95; analytic_speedup = its inverse (layer cost, "
              "attention ignored); prefill_speedup = measured by sdtp-bench at its longest prompt.\n")
     paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
     _atomic_write(paths[0], "\n".join(md) + "\n" + notes)

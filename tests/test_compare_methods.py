@@ -44,6 +44,9 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     _samples(root, "none", [1, 1, 0, 0])
     _samples(root, "sdtp", [1, 0, 0, 1])
     _samples(root, "random", [0, 0, 0, 0])
+    for method, scores in (("none", [0.3, 0.2]), ("sdtp", [0.2, 0.1])):
+        lines = [json.dumps({"id": f"s{i}", "dataset": "multi_news", "score": v}) for i, v in enumerate(scores)]
+        (root / "eval" / "longbench" / method / "x" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}, "avg_layer_token_fraction": 0.63},
           kv="h2o")
     _write(root / "bench" / "a" / "bench.json", {  # sdtp-bench's schema, with a distracting `targets`
@@ -90,7 +93,11 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     assert rows["random"]["lm_eval_delta"] == -50.0
     sd = (4 * 0.25 / 3) ** 0.5  # diffs -1,-1,0,0: mean -0.5, sample variance 1/3
     assert abs(rows["random"]["lm_eval_delta_ci95"] - 100 * 1.959964 * sd / 2) < 1e-6
-    assert "* sdtp - random: +50.00 ± " in md and "over 4 documents" in md
+    assert "* lm_eval: sdtp - random: +50.00 ± " in md and "over 4 documents" in md
+    # Generation evals pair their predictions.jsonl scores the same way (fractions -> points).
+    assert abs(rows["sdtp"]["longbench_delta"] - (-10.0)) < 1e-9 and rows["random"]["longbench_delta"] is None
+    assert md.splitlines()[0].split(" | ")[6:10] == ["lm_eval_delta", "lm_eval_delta_ci95", "longbench_delta",
+                                                      "longbench_delta_ci95"]
 
 
 def test_paired_delta_needs_common_documents():

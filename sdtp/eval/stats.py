@@ -5,8 +5,9 @@ are noise. Two numbers say what is resolved:
 
 * the 95% binomial half-width of one accuracy (normal approximation), and
 * the paired difference between two methods on the *same* documents (lm-eval writes one 0/1
-  outcome per document to ``samples_<task>.jsonl``), whose interval is much narrower than the
-  difference of two independent intervals because both methods get the easy documents right.
+  outcome per document to ``samples_<task>.jsonl``; the generation runners one score in [0, 1] per
+  sample to ``predictions.jsonl``), whose interval is much narrower than the difference of two
+  independent intervals because both methods get the easy documents right.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def document_outcomes(run_dir: Path, metric: str = "acc") -> dict[tuple[str, int
             value = record.get(metric)
             if isinstance(record.get("doc_id"), int) and isinstance(value, int | float):
                 outcomes[(task, record["doc_id"])] = float(value)
+    return outcomes
+
+
+def prediction_outcomes(run_dir: Path) -> dict[tuple[str, str], float]:
+    """(dataset or task, sample id) -> score in [0, 1] from a generation run's ``predictions.jsonl``."""
+    path = run_dir / "predictions.jsonl"
+    if not path.is_file():
+        return {}
+    outcomes: dict[tuple[str, str], float] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "id" in record and isinstance(record.get("score"), int | float):
+            outcomes[(str(record.get("dataset", record.get("task", ""))), str(record["id"]))] = float(record["score"])
     return outcomes
 
 
