@@ -383,11 +383,12 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
 
     panels = [("mean_acc", None, "mean score over the task columns (higher is better)"),
               ("lm_eval_delta", "lm_eval_delta_ci95", "paired lm-eval accuracy vs dense, points (95% CI)"),
+              ("longbench_delta", "longbench_delta_ci95", "paired LongBench score vs dense, points (95% CI)"),
               ("perplexity", None, "WikiText perplexity (lower is better)")]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in records)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.4), squeeze=False)
     shown = [r["method"] for r in records if any(r.get(col) is not None for col, _, _ in panels)]
     colours = {name: plt.cm.tab10(i % 10) if len(shown) <= 10 else plt.cm.tab20(i % 20) for i, name in enumerate(shown)}
     for ax, (col, err, label) in zip(axes[0], panels):
@@ -398,7 +399,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
             marker = "o" if r["prefill_speedup"] is not None else "^"
             ax.errorbar(speed, r[col], yerr=r.get(err) if err else None, fmt=marker, color=colours[r["method"]],
                         capsize=3, markersize=6, label=r["method"])
-        if col == "lm_eval_delta":
+        if col.endswith("_delta"):
             ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("prefill speedup vs dense (o measured, ^ analytic)")
         ax.set_ylabel(label)
@@ -408,7 +409,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
         for handle, name in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(name, handle)
     fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     with _atomic(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
