@@ -10,10 +10,13 @@ Reads every ``metrics.json`` written by ``sdtp-eval`` runs and every ``bench.jso
   (lm-eval accuracy per task, LongBench/needle scores, WikiText perplexity), the mean accuracy,
   the average fraction of prompt tokens per layer, the analytic layer-cost speedup and, when a
   benchmark exists, the measured prefill speedup over dense;
-* ``compare_methods.png``: mean accuracy and perplexity vs speedup, one point per method.
+* ``compare_methods.png``: mean score, paired lm-eval / LongBench deltas (95% error bars) and
+  perplexity vs speedup, one point per method.
 
-Under the table, the 95% binomial confidence half-width of each lm-eval accuracy column (from the
-number of documents scored) says which differences a ``limit``-ed run can resolve at all.
+Per-document outcomes (lm-eval's ``samples_<task>.jsonl``, the generation runners'
+``predictions.jsonl``) give paired differences to dense (``<eval>_delta`` columns) and SDTP's paired
+difference to every other method; under the table, the 95% binomial half-width of each lm-eval
+accuracy says which differences a ``limit``-ed run can resolve at all.
 
 Files that cannot be parsed are reported and skipped; when a method has several runs of the same
 eval, the newest file wins. Nothing here runs a model.
@@ -337,13 +340,13 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
     md += ["| " + " | ".join(_fmt(r[c]) for c in header) + " |" for r in records]
     for block in notes or []:
         md += ["", *block.splitlines()]
-    notes = ("\nAccuracy columns (%): higher is better; perplexity: lower is better. tokens_per_layer = average "
+    glossary = ("\nAccuracy columns (%): higher is better; perplexity: lower is better. tokens_per_layer = average "
              "fraction of prompt tokens each layer processed; kv_cache = KV entries left after prefill relative "
              "to dense (token pruning, then the KV policy); <eval>_delta = paired score difference to dense over "
              "the same documents (lm_eval: all tasks pooled), ± <eval>_delta_ci95; analytic_speedup = its inverse (layer cost, "
              "attention ignored); prefill_speedup = measured by sdtp-bench at its longest prompt.\n")
     paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
-    _atomic_write(paths[0], "\n".join(md) + "\n" + notes)
+    _atomic_write(paths[0], "\n".join(md) + "\n" + glossary)
     with _atomic(paths[1]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header)
         writer.writeheader()
