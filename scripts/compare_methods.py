@@ -311,12 +311,13 @@ def intervals(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             for name, row in rows.items()}
 
 
-def interval_line(ci: dict[str, dict[str, float]], counts: dict[str, int]) -> str | None:
+def interval_line(rows: dict[str, dict[str, Any]], ci: dict[str, dict[str, float]]) -> str | None:
     """Markdown sentence with the dense row's half-widths (the reference every delta is read against)."""
-    dense = ci.get("none") or next((v for v in ci.values() if v), {})
-    if not dense:
+    reference = "none" if ci.get("none") else next((name for name, widths in ci.items() if widths), None)
+    if reference is None:
         return None
-    parts = ", ".join(f"{col} ±{hw:.1f} (n={counts.get(col, '?')})" for col, hw in sorted(dense.items()))
+    counts = rows[reference]["counts"]
+    parts = ", ".join(f"{col} ±{hw:.1f} (n={counts[col]})" for col, hw in sorted(ci[reference].items()))
     return (f"95% binomial CI half-width of the dense accuracies, in points: {parts}. One task's accuracy moves "
             "by about that much by chance; lm_eval_delta pairs the same documents and pools the tasks, so its "
             "interval is much narrower.")
@@ -432,9 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no metrics.json or bench.json under {args.root}")
     header, records = table(rows)
     ci = intervals(rows)
-    counts = rows.get("none", {}).get("counts") or next((r["counts"] for r in rows.values() if r["counts"]), {})
     settings = settings_lines(rows)
-    notes = [interval_line(ci, counts), "\n".join(versus_lines(rows)),
+    notes = [interval_line(rows, ci), "\n".join(versus_lines(rows)),
              "\n".join(["Settings (newest run per method and eval):", *settings]) if settings else None]
     for path in write_outputs(header, records, args.out, [n for n in notes if n], ci):
         log.info("wrote %s", path)

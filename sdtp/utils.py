@@ -27,6 +27,19 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return path
 
 
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL text, skipping blank and undecodable lines (a torn last line of a killed run)."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -107,3 +107,11 @@ def test_paired_delta_needs_common_documents():
     assert paired_delta({("piqa", 0): 1.0, ("piqa", 1): 1.0}, {("arc", 0): 0.0, ("arc", 1): 0.0}) is None
     assert paired_delta({("a", 0): 1.0, ("a", 1): 0.0}, {("a", 0): 1.0, ("a", 1): 0.0}) == (0.0, 0.0, 2)
     assert binomial_ci95(0.0, 50) == 0.0 and abs(binomial_ci95(50.0, 100) - 9.8) < 0.01
+
+
+def test_outcomes_skip_a_torn_last_line(tmp_path):
+    """A killed generation run leaves a half-written last line; the table still reads the finished samples."""
+    from sdtp.eval.stats import prediction_outcomes
+
+    (tmp_path / "predictions.jsonl").write_text('{"id": "a", "dataset": "multi_news", "score": 0.5}\n{"id": "b", "sco')
+    assert prediction_outcomes(tmp_path) == {("multi_news", "a"): 0.5}

@@ -21,6 +21,7 @@ from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
+from sdtp.utils import parse_jsonl
 
 
 @dataclass
@@ -139,12 +140,7 @@ class PredictionLog:
         self.records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8")
-            for line in text.splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.records[str(record[key])] = record
+            self.records = {str(record[key]): record for record in parse_jsonl(text)}
             if text and not text.endswith("\n"):  # drop the torn line before appending after it
                 self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()),
                                      encoding="utf-8")

@@ -12,9 +12,10 @@ are noise. Two numbers say what is resolved:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from sdtp.utils import parse_jsonl
 
 Z95 = 1.959964
 
@@ -30,8 +31,7 @@ def document_outcomes(run_dir: Path, metric: str = "acc") -> dict[tuple[str, int
     outcomes: dict[tuple[str, int], float] = {}
     for path in sorted(run_dir.glob("samples_*.jsonl")):
         task = path.stem.removeprefix("samples_").removeprefix("sdtp_")
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
+        for record in parse_jsonl(path.read_text()):
             value = record.get(metric)
             if isinstance(record.get("doc_id"), int) and isinstance(value, int | float):
                 outcomes[(task, record["doc_id"])] = float(value)
@@ -44,8 +44,7 @@ def prediction_outcomes(run_dir: Path) -> dict[tuple[str, str], float]:
     if not path.is_file():
         return {}
     outcomes: dict[tuple[str, str], float] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in parse_jsonl(path.read_text()):  # a killed run's torn last line is skipped, as on resume
         if "id" in record and isinstance(record.get("score"), int | float):
             outcomes[(str(record.get("dataset", record.get("task", ""))), str(record["id"]))] = float(record["score"])
     return outcomes
