@@ -1,18 +1,31 @@
-"""Training text: instruction data (Dolly-style) and plain text (C4, WikiText), tokenized to fixed length.
+"""Training examples: a prompt (what inference prunes) followed by a continuation (what is decoded).
 
-A source is a config node ``{path, hub, split, format, num_samples}``. ``path`` is a local file
-(jsonl or raw text, the offline mirror in ``${paths.data_dir}``); when it is null, ``hub`` names a
-Hugging Face dataset for online users. Formats:
+An example is ``(input_ids (S,), split)``: tokens ``[0, split)`` are the prompt, ``[split, S)`` the
+continuation. Labels with a ``continuation`` target and the training losses are taken on the
+continuation, and training never prunes it, exactly as at inference (prune the prompt, then decode).
 
-* ``instruction``: ``prompt``/``response`` or ``instruction``/``context``/``response`` records;
-* ``text``: ``text`` records (jsonl) or a raw text file whose blank-line-separated paragraphs are
-  documents (WikiText).
+A source is a config node ``{name, path, hub, split, format, num_samples, first_doc, last_doc}``.
+``path`` is a local jsonl file (the offline mirror in ``${paths.data_dir}``) or a raw text file
+(WikiText: blank-line-separated paragraphs are documents); when it is null, ``hub`` names a Hugging
+Face dataset for online users. Formats:
+
+* ``instruction``: ``instruction``/``context``/``response`` (Dolly) or ``prompt``/``response``
+  records. Prompt = the instruction and context (in the model's chat template when it has one,
+  middle-truncated to fit), continuation = the response (truncated to ``continuation_length``).
+  Rows are shuffled with the seed first (the Dolly mirror is grouped by category).
+* ``text``: ``text`` records. Documents are joined with EOS and cut into windows of
+  ``max_length`` tokens; the last ``continuation_length`` tokens of each window are its
+  continuation. Long documents (books) are capped so every document contributes windows.
+
+``first_doc``/``last_doc`` select a document range, so evaluation can hold out the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,27 +35,25 @@ import torch
 from sdtp.errors import ConfigError
 
 FORMATS = ("instruction", "text")
+CHARS_PER_TOKEN = 6  # generous upper bound, used only to cap how much of a long document is tokenised
+Example = tuple[torch.Tensor, int]  # (input_ids (S,), split)
 
 
-def record_text(record: Mapping[str, Any], fmt: str) -> str:
-    """One training string from a record of either supported schema."""
-    if fmt == "text":
-        return str(record["text"])
-    if "prompt" in record:
-        return f"{record['prompt']}{record.get('response', '')}"
-    parts = [record.get("instruction", ""), record.get("context", ""), record.get("response", "")]
-    return "\n\n".join(str(p) for p in parts if p)
-
-
-def _local_records(path: Path, fmt: str) -> Iterable[Mapping[str, Any]]:
+def _local_records(path: Path) -> Iterable[Mapping[str, Any]]:
     if path.suffix == ".jsonl":
-        with path.open() as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                yield record
         return
-    # Raw text (WikiText): documents are separated by blank lines.
-    for block in path.read_text().split("\n\n"):
+    for block in path.read_text(encoding="utf-8").split("\n\n"):  # raw text (WikiText)
         if block.strip():
             yield {"text": block.strip()}
 
@@ -62,25 +73,31 @@ def validate_source(source: Mapping[str, Any], key: str) -> None:
         raise ConfigError(f"{key}: give a local `path` or a hub dataset name `hub`")
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"{key}.path: {path} does not exist (set paths.data_dir or SDTP_DATA_DIR)")
+    if path is not None and Path(path).stat().st_size == 0:
+        raise ConfigError(f"{key}.path: {path} is empty")
     if int(source.get("num_samples", 0)) < 1:
         raise ConfigError(f"{key}.num_samples: must be >= 1")
 
 
-def source_texts(source: Mapping[str, Any]) -> list[str]:
-    """The first ``num_samples`` non-empty texts of a source."""
-    fmt = source["format"]
+def source_records(source: Mapping[str, Any], key: str = "data.sources") -> list[Mapping[str, Any]]:
+    """The records ``[first_doc, last_doc)`` of a source; ConfigError naming the file on a bad schema."""
     if source.get("path") is not None:
-        records = _local_records(Path(source["path"]), fmt)
+        records: Iterable[Mapping[str, Any]] = _local_records(Path(source["path"]))
     else:
         records = _hub_records(source["hub"], source.get("split", "train"))
-    texts: list[str] = []
-    for record in records:
-        text = record_text(record, fmt)
-        if text.strip():
-            texts.append(text)
-        if len(texts) >= int(source["num_samples"]):
+    first, last = int(source.get("first_doc") or 0), source.get("last_doc")
+    out = []
+    for index, record in enumerate(records):
+        if last is not None and index >= int(last):
             break
-    return texts
+        if index >= first:
+            out.append(record)
+    where = source.get("path") or source.get("hub")
+    needed = ("text",) if source["format"] == "text" else ("response",)
+    missing = [k for k in needed if out and k not in out[0]]
+    if not out or missing:
+        raise ConfigError(f"{key}: {where} has no usable records (format={source['format']} needs fields {needed})")
+    return out
 
 
 def source_fingerprint(source: Mapping[str, Any]) -> str:
@@ -91,17 +108,84 @@ def source_fingerprint(source: Mapping[str, Any]) -> str:
     return f"sha256:{digest}"
 
 
-def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int, packing: bool, min_length: int = 16) -> list[torch.Tensor]:
-    """Token sequences of at most ``max_length``.
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
 
-    ``packing=False`` truncates each text (shorter than ``min_length`` tokens are skipped);
-    ``packing=True`` joins all texts with EOS and cuts the stream into full ``max_length`` chunks.
-    """
-    eos = tokenizer.eos_token_id
-    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
-    if not packing:
-        return [torch.tensor(ids[:max_length]) for ids in encoded if len(ids) >= min_length]
+
+def _prompt_text(tokenizer: Any, record: Mapping[str, Any], chat_template: bool) -> str:
+    if "prompt" in record:  # already formatted (e.g. Dolly/HH-RLHF mix)
+        return str(record["prompt"])
+    user = "\n\n".join(str(record[k]) for k in ("instruction", "context") if record.get(k))
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return user + "\n\n"
+
+
+def middle_truncate(ids: list[int], length: int) -> list[int]:
+    """Keep the first and last ``length // 2``-ish tokens (LongBench's rule for long prompts)."""
+    if len(ids) <= length:
+        return ids
+    head = length // 2
+    return ids[:head] + ids[len(ids) - (length - head):]
+
+
+def instruction_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mapping[str, Any],
+                         num_samples: int, seed: int) -> list[Example]:
+    """Prompt = instruction (+ context), continuation = response; prompts shorter than
+    ``min_prompt_length`` tokens are skipped (too little to prune)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    cont_len, max_len = int(data["continuation_length"]), int(data["max_length"])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples: list[Example] = []
+    for index in order:
+        record = records[index]
+        prompt = _encode(tokenizer, _prompt_text(tokenizer, record, bool(data.get("chat_template", True))))
+        response = (_encode(tokenizer, str(record.get("response", ""))) + eos)[:cont_len]
+        if len(prompt) < int(data.get("min_prompt_length", 16)) or len(response) < 2:
+            continue
+        prompt = middle_truncate(prompt, max_len - len(response))
+        examples.append((torch.tensor(prompt + response), len(prompt)))
+        if len(examples) >= num_samples:
+            break
+    return examples
+
+
+def text_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mapping[str, Any],
+                  num_samples: int) -> list[Example]:
+    """EOS-joined documents cut into ``max_length`` windows; the last ``continuation_length``
+    tokens of each window are its continuation."""
+    window, cont_len = int(data["max_length"]), int(data["continuation_length"])
+    per_doc_chars = (math.ceil(num_samples / len(records)) + 1) * window * CHARS_PER_TOKEN
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
-    for ids in encoded:
-        stream.extend(ids + ([eos] if eos is not None else []))
-    return [torch.tensor(stream[i : i + max_length]) for i in range(0, len(stream) - max_length + 1, max_length)]
+    for record in records:
+        stream += _encode(tokenizer, str(record["text"])[:per_doc_chars]) + eos
+        if len(stream) >= num_samples * window:
+            break
+    starts = range(0, len(stream) - window + 1, window)
+    return [(torch.tensor(stream[s : s + window]), window - cont_len) for s in list(starts)[:num_samples]]
+
+
+def build_examples(tokenizer: Any, data: Mapping[str, Any], seed: int) -> list[Example]:
+    """Every source's examples, interleaved by a seeded permutation (so any tail is a mix)."""
+    examples: list[Example] = []
+    for i, source in enumerate(data["sources"]):
+        records = source_records(source, f"data.sources.{i}")
+        count = int(source["num_samples"])
+        if source["format"] == "instruction":
+            examples += instruction_examples(tokenizer, records, data, count, seed)
+        else:
+            examples += text_examples(tokenizer, records, data, count)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in order]
+
+
+def examples_hash(examples: list[Example]) -> str:
+    """sha256 over every example's tokens and split: what a label set or checkpoint was made from."""
+    digest = hashlib.sha256()
+    for ids, split in examples:
+        digest.update(ids.numpy().astype("int64").tobytes())
+        digest.update(int(split).to_bytes(8, "little"))
+    return digest.hexdigest()

@@ -1,11 +1,18 @@
 """SDTP training losses (paper Eqs. 4-8), each term per stage and summed explicitly.
 
-    L = w_ce * CE(pruned forward)
-      + sum_s stage_weight[s] * (w_mse * MSE(pi_s, pi_hat_s) + w_rank * Rank(pi_s, pi_hat_s))
-      + w_ratio * RatioLoss(D, rho) + w_kl * KL(dense || pruned)
+    L = w_ce * CE(continuation | pruned prompt)
+      + sum_s stage_weight[s] * (w_mse * MSE_s + w_rank * Rank_s)
+      + w_ratio * RatioLoss(D, rho) + w_kl * KL(dense || pruned on the continuation)
 
-``pi_s`` is predictor s's score (keep - drop logit) and ``pi_hat_s`` the saliency label of stage s.
-The paper's ablations are weight overrides: "w/o Rank" = ``rank=0``, "w/o Rank & MSE" = also ``mse=0``.
+``pi_s`` is predictor s's score (keep - drop logit) and ``y_s`` the (transformed) saliency label of
+stage s. MSE and ranking at stage s cover only the tokens that stage decides about: alive before it
+(``D_{s-1} = 1``), in the prompt and not protected. The MSE is taken after centring both sides over
+those tokens: only the ranking of scores matters at inference (top-k), and leaving the mean free
+lets the ratio loss (``keep_mode=gumbel``) set the keep probability without fighting the MSE. The
+ranking loss averages the pairwise logistic loss over pairs i < j of those tokens; with more than
+``max_pairs`` pairs in a row it averages over ``max_pairs`` uniformly sampled pairs instead, so no
+S x S tensor is built for long sequences (an unbiased estimate of the same mean).
+The paper's ablations are weight overrides: "w/o Rank" = ``ranking=0``, "w/o Rank & MSE" = also ``mse=0``.
 """
 
 from __future__ import annotations
@@ -18,84 +25,114 @@ import torch.nn.functional as F
 TIES = ("ignore", "include")
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over valid tokens. pred, target: (B, S); valid: (B, S) bool."""
-    diff = (pred.float() - target.float()) ** 2
-    return (diff * valid).sum() / valid.sum().clamp(min=1)
-
-
-def ranking_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, ties: str = "ignore") -> torch.Tensor:
-    """Pairwise logistic ranking loss, averaged over the pairs i < j of valid tokens.
-
-    ``log(1 + exp(-(p_i - p_j) * sign(t_i - t_j)))`` (paper Eq. 6). Tied labels (sign 0) contribute
-    ``log 2`` each when ``ties="include"`` (the literal formula) and are left out when ``"ignore"``.
+def centered_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of row-centred ``pred`` and ``target`` over ``mask`` tokens.
 
     Args:
-        pred, target: (B, S); valid: (B, S) bool (padding False).
+        pred, target: (B, S); mask: (B, S) bool. Rows without a masked token contribute nothing.
+    """
+    weight = mask.float()
+    count = weight.sum(1, keepdim=True).clamp(min=1)
+    pred, target = pred.float(), target.float()
+    pred_c = pred - (pred * weight).sum(1, keepdim=True) / count
+    target_c = target - (target * weight).sum(1, keepdim=True) / count
+    return (((pred_c - target_c) ** 2) * weight).sum() / weight.sum().clamp(min=1)
+
+
+def _row_pairs(n: int, max_pairs: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i < j) into n items: all of them, or ``max_pairs`` sampled uniformly."""
+    if n * (n - 1) // 2 <= max_pairs:
+        return torch.triu_indices(n, n, offset=1)
+    first = torch.randint(0, n, (max_pairs,), generator=generator)
+    second = torch.randint(0, n - 1, (max_pairs,), generator=generator)
+    second = second + (second >= first).long()  # uniform over j != i
+    return torch.minimum(first, second), torch.maximum(first, second)
+
+
+def ranking_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ties: str = "ignore",
+                 max_pairs: int = 4096, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pairwise logistic ranking loss ``log(1 + exp(-(p_i - p_j) * sign(t_i - t_j)))`` (paper Eq. 6).
+
+    Averaged over the pairs of ``mask`` tokens of every row (all pairs, or ``max_pairs`` sampled per
+    row). Tied labels contribute ``log 2`` each with ``ties="include"`` (the literal formula) and are
+    left out with ``"ignore"``.
+
+    Args:
+        pred, target: (B, S); mask: (B, S) bool.
     """
     if ties not in TIES:
         raise ValueError(f"train.loss.ties: {ties!r} not in {TIES}")
-    pred, target = pred.float(), target.float()
-    dp = pred[:, :, None] - pred[:, None, :]  # (B, S, S) p_i - p_j
-    sign = torch.sign(target[:, :, None] - target[:, None, :])
-    seq = pred.shape[1]
-    upper = torch.ones(seq, seq, dtype=torch.bool, device=pred.device).triu(1)
-    pairs = upper[None] & valid[:, :, None] & valid[:, None, :]
-    if ties == "ignore":
-        pairs = pairs & (sign != 0)
-    losses = F.softplus(-dp * sign)
-    return (losses * pairs).sum() / pairs.sum().clamp(min=1)
+    total, count = pred.new_zeros((), dtype=torch.float32), 0
+    for row in range(pred.shape[0]):
+        idx = mask[row].nonzero().squeeze(-1)
+        if idx.numel() < 2:
+            continue
+        i, j = (idx[k.to(idx.device)] for k in _row_pairs(idx.numel(), max_pairs, generator))
+        sign = torch.sign(target[row, i].float() - target[row, j].float())
+        if ties == "ignore":
+            keep = sign != 0
+            i, j, sign = i[keep], j[keep], sign[keep]
+        total = total + F.softplus(-(pred[row, i].float() - pred[row, j].float()) * sign).sum()
+        count += int(sign.numel())
+    return total / max(count, 1)
 
 
-def ratio_loss(policies: Sequence[torch.Tensor], fractions: Sequence[float], valid: torch.Tensor) -> torch.Tensor:
-    """DynamicViT's keep-ratio loss: mean over stages and sequences of (kept fraction - rho_s)^2."""
-    count = valid.sum(1).clamp(min=1).float()
-    total = valid.new_zeros((), dtype=torch.float32)
+def ratio_loss(policies: Sequence[torch.Tensor], fractions: Sequence[float], prompt: torch.Tensor) -> torch.Tensor:
+    """DynamicViT's keep-ratio loss: mean over stages and rows of (kept prompt fraction - rho_s)^2.
+
+    Args:
+        policies: per stage (B, S) cumulative keep policy; prompt: (B, S) bool prompt tokens.
+    """
+    count = prompt.sum(1).clamp(min=1).float()
+    total = prompt.new_zeros((), dtype=torch.float32)
     for policy, rho in zip(policies, fractions):
-        kept = (policy * valid).sum(1) / count
+        kept = (policy * prompt).sum(1) / count
         total = total + ((kept - rho) ** 2).mean()
     return total / max(len(policies), 1)
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token, averaged over valid tokens. logits: (B, S, V)."""
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, averaged. logits: (n, V)."""
     log_p = F.log_softmax(student_logits.float(), -1)
     log_q = F.log_softmax(teacher_logits.float(), -1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    return (kl * valid).sum() / valid.sum().clamp(min=1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
 
 
 def sdtp_loss(
     scores: Sequence[torch.Tensor],
     labels: torch.Tensor,
-    valid: torch.Tensor,
+    decided: Sequence[torch.Tensor],
     weights: Mapping[str, float],
     ce: torch.Tensor | None = None,
     policies: Sequence[torch.Tensor] = (),
     fractions: Sequence[float] = (),
+    prompt: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
     stage_weights: Sequence[float] | None = None,
     ties: str = "ignore",
+    max_pairs: int = 4096,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and a dict of its (detached) terms, ``mse/s`` and ``rank/s`` per stage.
 
     Args:
         scores: per stage (B, S) predictor scores.
-        labels: (B, S, num_stages) saliency labels.
-        valid: (B, S) bool.
+        labels: (B, S, num_stages) transformed saliency labels.
+        decided: per stage (B, S) bool, the tokens stage s decides about (alive, prompt, unprotected).
         weights: ``ce``, ``mse``, ``ranking``, ``ratio``, ``kl`` (missing = 0).
+        prompt: (B, S) bool prompt tokens (for the ratio loss).
     """
     stage_weights = list(stage_weights) if stage_weights is not None else [1.0] * len(scores)
     total = labels.new_zeros((), dtype=torch.float32)
     terms: dict[str, float] = {}
     w_mse, w_rank = float(weights.get("mse", 0.0)), float(weights.get("ranking", 0.0))
     for s, score in enumerate(scores):
-        mse = masked_mse(score, labels[..., s], valid) if w_mse else None
-        rank = ranking_loss(score, labels[..., s], valid, ties) if w_rank else None
-        if mse is not None:
+        if w_mse:
+            mse = centered_mse(score, labels[..., s], decided[s])
             total = total + stage_weights[s] * w_mse * mse
             terms[f"mse/{s}"] = mse.item()
-        if rank is not None:
+        if w_rank:
+            rank = ranking_loss(score, labels[..., s], decided[s], ties, max_pairs, generator)
             total = total + stage_weights[s] * w_rank * rank
             terms[f"rank/{s}"] = rank.item()
     for name in ("mse", "rank"):
@@ -105,8 +142,8 @@ def sdtp_loss(
     if ce is not None and weights.get("ce", 0.0):
         total = total + float(weights["ce"]) * ce
         terms["ce"] = ce.item()
-    if policies and weights.get("ratio", 0.0):
-        ratio = ratio_loss(policies, fractions, valid)
+    if policies and prompt is not None and weights.get("ratio", 0.0):
+        ratio = ratio_loss(policies, fractions, prompt)
         total = total + float(weights["ratio"]) * ratio
         terms["ratio"] = ratio.item()
     if kl is not None and weights.get("kl", 0.0):

@@ -1,8 +1,16 @@
 """SDTP token predictor: one small MLP per pruning stage, scoring tokens from hidden states.
 
-Per stage: Linear(d, d*hidden_ratio) -> GELU -> Linear(d*hidden_ratio, 2), the two outputs being
-(keep, drop) logits as in DynamicViT. The scalar importance used for ranking, for the MSE to the
-saliency labels and for top-k selection at inference is ``keep - drop`` (the log-odds of keeping).
+Per stage: Linear(d [+ f], d*hidden_ratio) -> GELU -> Linear(d*hidden_ratio, 2), the two outputs
+being (keep, drop) logits as in DynamicViT. The scalar importance used for ranking, for the MSE to
+the saliency labels and for top-k selection at inference is ``keep - drop`` (the log-odds of keeping).
+
+Optional position features (``position_features``, f = 2 inputs appended to the normalised hidden
+state): ``log(1 + distance to the prompt's last token) / 8`` (recency in tokens, comparable across
+prompt lengths) and ``position / prompt length`` (relative place in the prompt). They let the
+predictor learn recency, which a hidden state alone encodes only weakly.
+
+The predictor always computes in its own parameter dtype (fp32 master weights): the hidden states
+are cast to it, so a bf16 model never changes the trained weights and export equals the checkpoint.
 """
 
 from __future__ import annotations
@@ -36,14 +44,29 @@ class PredictorMeta:
     # "massive activations" (a few tokens with norms 100x the rest) that otherwise dominate the
     # MLP's output scale; off by default so older checkpoints load unchanged.
     input_norm: bool = False
+    position_features: bool = False  # append position_features() to the input (older checkpoints: off)
+
+
+NUM_POSITION_FEATURES = 2
+
+
+def position_features(positions: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """(B, n) original positions, (B,) prompt lengths -> (B, n, 2) features (see module docstring).
+
+    Positions at or past the prompt end (a training continuation) get distance 0 and relative 1.
+    """
+    length = prompt_len.to(positions.device, torch.float32)[:, None].clamp(min=1)
+    pos = positions.float()
+    distance = (length - 1 - pos).clamp(min=0)
+    return torch.stack([torch.log1p(distance) / 8.0, (pos / length).clamp(max=1.0)], dim=-1)
 
 
 class StageMLP(nn.Module):
     """Linear(d, h) -> GELU -> Linear(h, 2). Input (B, n, d) -> logits (B, n, 2)."""
 
-    def __init__(self, hidden_size: int, width: int) -> None:
+    def __init__(self, in_features: int, width: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, width)
+        self.fc1 = nn.Linear(in_features, width)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(width, 2)
 
@@ -58,19 +81,31 @@ class TokenPredictor(nn.Module):
         super().__init__()
         self.meta = meta
         width = max(2, int(round(meta.hidden_size * meta.hidden_ratio)))
-        self.stages = nn.ModuleList(StageMLP(meta.hidden_size, width) for _ in meta.layers)
+        extra = NUM_POSITION_FEATURES if meta.position_features else 0
+        self.stages = nn.ModuleList(StageMLP(meta.hidden_size + extra, width) for _ in meta.layers)
 
-    def logits(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, n, d) -> (B, n, 2) keep/drop logits, computed in the predictor's dtype."""
+    def logits(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
+               prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, d) -> (B, n, 2) keep/drop logits, computed in the predictor's dtype.
+
+        Args:
+            positions: (B, n) original positions; prompt_len: (B,) prompt lengths. Required when
+                the predictor uses position features, ignored otherwise.
+        """
         weight = self.stages[stage].fc1.weight
         x = hidden_states.to(weight.dtype)
         if self.meta.input_norm:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.meta.position_features:
+            if positions is None or prompt_len is None:
+                raise ValueError("this predictor uses position features: pass positions and prompt_len")
+            x = torch.cat([x, position_features(positions, prompt_len).to(x.dtype)], dim=-1)
         return self.stages[stage](x)
 
-    def forward(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
+                prompt_len: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, d) -> (B, n) importance score = keep logit - drop logit."""
-        logits = self.logits(stage, hidden_states)
+        logits = self.logits(stage, hidden_states, positions, prompt_len)
         return logits[..., 0] - logits[..., 1]
 
     def num_flops_per_token(self) -> int:
@@ -108,7 +143,10 @@ class TokenPredictor(nn.Module):
                 f"pruning.scorer.path: no predictor checkpoint at {directory} (expected {META_FILE}); "
                 "train one with `sdtp-train` or point pruning.scorer.path at a trained predictor"
             )
-        meta = PredictorMeta(**json.loads(meta_path.read_text()))
+        try:
+            meta = PredictorMeta(**json.loads(meta_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"pruning.scorer.path: {meta_path} is not a valid predictor description ({exc})") from exc
         problems = []
         if base_model is not None and meta.base_model and meta.base_model != base_model:
             problems.append(f"trained for base model {meta.base_model!r}, not {base_model!r}")
@@ -119,5 +157,9 @@ class TokenPredictor(nn.Module):
         if problems:
             raise ConfigError(f"pruning.scorer.path: predictor at {directory} does not fit: " + "; ".join(problems))
         predictor = cls(meta)
-        predictor.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        weights = directory / WEIGHTS_FILE
+        try:
+            predictor.load_state_dict(load_file(str(weights)))
+        except Exception as exc:  # safetensors raises its own error types for truncated/missing files
+            raise ConfigError(f"pruning.scorer.path: cannot load {weights} ({exc})") from exc
         return predictor

@@ -1,17 +1,28 @@
-"""Gradient x input saliency of the tokens entering each pruning layer (SDTP's "marking stage").
+"""Gradient x input saliency of the tokens entering decoder layers (SDTP's "marking stage").
 
-For a frozen causal LM and a scalar output T, the saliency of token i at stage layer l is
+For a frozen causal LM and a scalar output T, the saliency of token i at layer l is
 
     pi_hat[i, l] = sum_d (dT / dx_{i,d}) * x_{i,d},   x = hidden state *entering* decoder layer l,
 
-computed on the full, unpruned model (paper Eq. 3). T is the mean next-token cross-entropy over
-the sequence (default) or the logit of the last token given its prefix. Optionally the absolute
-value is taken and each sequence's scores are divided by their per-layer maximum (method
-reference section 8), which makes labels comparable across sequences for the MSE loss.
+computed on the full, unpruned model (paper Eq. 3). One backward gives it at every layer, so labels
+are computed once at all layers and any schedule (first layer, step, stage count) reuses them.
+
+Targets T (``saliency.target``); each sequence has a ``split``: tokens before it are the prompt
+(what inference prunes), tokens from it on the continuation (what is decoded after the prompt):
+
+* ``sequence``: mean next-token CE over the whole sequence (the first version of this project). It
+  rates a token by how much *any* later token, mostly its neighbours, needs it.
+* ``continuation``: mean CE of the continuation tokens given everything before them: how much the
+  tokens generated after the prompt need each prompt token (the inference use).
+* ``fidelity``: mean negative log-prob, at the continuation positions, of the dense model's own
+  top-1 prediction (argmax of the dense logits, teacher-forced on the reference continuation):
+  how much each token supports what the unpruned model would say, without using the reference.
+  (A KL to the dense output would be stationary at the dense model: its gradient there is zero.)
+* ``logit``: the logit of each sequence's last token given its prefix.
 
 The hidden states are captured by forward pre-hooks (removed on exit); nothing of the model's
-forward is copied. Memory stays bounded: the loss runs the LM head in checkpointed chunks, so no
-full-vocabulary logits tensor is kept for the backward pass.
+forward is copied. The LM head runs in checkpointed chunks, so no full-vocabulary logits tensor
+over the sequence is kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -25,45 +36,74 @@ from torch.utils.checkpoint import checkpoint
 
 from sdtp.models import decoder_layers
 
-TARGETS = ("lm_loss", "logit")
+TARGETS = ("sequence", "continuation", "fidelity", "logit")
 CE_CHUNK = 512  # positions per LM-head chunk: bounds the (chunk, vocab) logits held at once
 
 
-def _chunk_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed CE of (n, D) hidden states against (n,) labels (-100 = ignored)."""
+def _chunk_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, self_target: bool) -> torch.Tensor:
+    """Summed CE of (n, D) hidden states against (n,) labels (-100 = ignored).
+
+    ``self_target``: replace each kept label by the argmax of the logits themselves (``fidelity``).
+    """
     logits = head(hidden).float()
+    if self_target:
+        labels = torch.where(labels >= 0, logits.detach().argmax(-1), labels)
     return nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def lm_loss(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+def target_labels(input_ids: torch.Tensor, valid: torch.Tensor | None, split: torch.Tensor | None) -> torch.Tensor:
+    """(B, S-1) next-token labels of positions 0..S-2, -100 where not a target.
+
+    Args:
+        input_ids: (B, S); valid: (B, S) bool or None (all valid);
+        split: (B,) first continuation position per row, or None (every token is a target).
+    """
+    labels = input_ids[:, 1:].clone()
+    if valid is not None:
+        labels[~valid[:, 1:].bool()] = -100
+    if split is not None:
+        target_pos = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None]
+        labels[target_pos < split[:, None].to(input_ids.device)] = -100
+    return labels
+
+
+def lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, self_target: bool = False) -> torch.Tensor:
     """Mean next-token CE from final hidden states, LM head applied in checkpointed chunks.
 
     Args:
         hidden: (B, S, D) final (normed) hidden states.
-        input_ids: (B, S); position t predicts token t+1.
-        loss_mask: (B, S) bool/0-1, which tokens count as targets (e.g. not padding); None = all.
+        labels: (B, S-1) from :func:`target_labels`; position t predicts labels[:, t].
     """
-    labels = input_ids[:, 1:].clone()
-    if loss_mask is not None:
-        labels[~loss_mask[:, 1:].bool()] = -100
     flat_h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat_y.shape[0], CE_CHUNK):
         end = start + CE_CHUNK
-        total = total + checkpoint(_chunk_ce, head, flat_h[start:end], flat_y[start:end], use_reentrant=False)
+        if bool((flat_y[start:end] >= 0).any()):  # skip chunks without targets (e.g. a long prompt)
+            total = total + checkpoint(_chunk_ce, head, flat_h[start:end], flat_y[start:end], self_target,
+                                       use_reentrant=False)
     return total / (flat_y != -100).sum().clamp(min=1)
 
 
-def target_logit(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+def last_logit(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Sum over the batch of the logit of each sequence's last (valid) token given its prefix."""
-    if loss_mask is None:
-        last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-    else:
-        last = loss_mask.long().sum(1) - 1
+    last = valid.long().sum(1) - 1 if valid is not None else torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    last = last.to(input_ids.device)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     logits = head(hidden[rows, last - 1]).float()  # (B, V): prediction made at the position before
     return logits[rows, input_ids[rows, last]].sum()
+
+
+def objective(target: str, head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+              valid: torch.Tensor | None, split: torch.Tensor | None) -> torch.Tensor:
+    """The scalar T of ``target`` from final hidden states (B, S, D)."""
+    if target == "logit":
+        return last_logit(head, hidden, input_ids, valid)
+    if target == "sequence":
+        split = None
+    elif split is None:
+        raise ValueError(f"saliency target {target!r} needs a prompt/continuation split")
+    return lm_loss(head, hidden, target_labels(input_ids, valid, split), self_target=target == "fidelity")
 
 
 @contextmanager
@@ -104,25 +144,27 @@ def normalize_saliency(scores: torch.Tensor, absolute: bool, normalize: bool, va
 def saliency_scores(
     model: nn.Module,
     input_ids: torch.Tensor,
-    layers: Sequence[int],
-    target: str = "lm_loss",
+    layers: Sequence[int] | None = None,
+    target: str = "sequence",
     absolute: bool = True,
     normalize: bool = True,
-    loss_mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    split: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient x input saliency at the input of each stage layer.
+    """Gradient x input saliency at the input of each of ``layers`` (None = every decoder layer).
 
     Args:
         model: a Hugging Face causal LM (its parameters are not modified and get no gradient).
-        input_ids: (B, S).
-        layers: 0-based decoder layers (the pruning stages).
-        target: ``lm_loss`` (mean next-token CE) or ``logit`` (last token's logit).
-        loss_mask: (B, S) valid tokens (padding = 0); padded tokens score 0.
+        input_ids: (B, S), right-padded when ``valid`` is given.
+        target: one of :data:`TARGETS`.
+        valid: (B, S) bool, non-padding tokens; padded tokens score 0.
+        split: (B,) first continuation position per row (``continuation`` / ``fidelity``).
     Returns:
         (B, S, len(layers)) float32 saliency.
     """
     if target not in TARGETS:
         raise ValueError(f"saliency target {target!r} not in {TARGETS}")
+    layers = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
     base, head = model.base_model, model.get_output_embeddings()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -131,17 +173,17 @@ def saliency_scores(
         with torch.inference_mode(False), torch.enable_grad(), capture_layer_inputs(model, layers) as captured:
             ids = input_ids.clone()
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            attn = loss_mask.long() if loss_mask is not None else None
+            attn = valid.long() if valid is not None else None
             hidden = base(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
-            objective = (lm_loss if target == "lm_loss" else target_logit)(head, hidden, ids, loss_mask)
-            if not objective.requires_grad:
-                # No target token (a 1-token prompt, or a fully masked one): the loss is a constant,
-                # so every token's saliency is 0 (the pruner's protected tokens decide alone).
+            value = objective(target, head, hidden, ids, valid, split)
+            if not value.requires_grad:
+                # No target token (a 1-token prompt, or no continuation): T is a constant, so every
+                # token's saliency is 0 (the pruner's protected tokens decide alone).
                 raw = embeds.new_zeros((*ids.shape, len(layers)), dtype=torch.float32)
             else:
-                objective.backward()
+                value.backward()
                 raw = torch.stack([(captured[i].grad * captured[i]).float().sum(-1) for i in layers], dim=-1)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
-    return normalize_saliency(raw.detach(), absolute, normalize, loss_mask)
+    return normalize_saliency(raw.detach(), absolute, normalize, valid)

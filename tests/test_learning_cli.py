@@ -1,13 +1,15 @@
-"""sdtp-label / sdtp-train end to end on a tiny model: resume, mismatch errors, learning signal."""
+"""sdtp-label / sdtp-train end to end on a tiny model: every-layer labels, refused folders, resume,
+provenance checks, bf16 training and export, learning signal."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdtp.cli import label as label_cli
 from sdtp.cli import train as train_cli
@@ -16,86 +18,148 @@ from sdtp.errors import ConfigError
 from sdtp.labels import load_labels
 from sdtp.models import load_model
 from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.saliency import saliency_scores
+from sdtp.training.loop import collate, loss_step
 from sdtp.training.masking import PolicyMasker
 
-DATA = ["model=tiny-llama", "data=dolly", "data.sources.0.num_samples=10", "data.max_length=48", "threads=1"]
+DATA = ["model=tiny-llama", "data=c4", "data.sources.0.num_samples=10", "data.max_length=48",
+        "data.continuation_length=12", "threads=1"]
 
 
 @pytest.fixture(scope="module")
 def labels_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("labels")
-    label_cli.run(compose("label", DATA + [f"out_dir={out}", "shard_size=4"]))
+    label_cli.run(compose("label", DATA + [f"out_dir={out}", "shard_size=4", "batch_size=3"]))
     return out
 
 
-def _train_cfg(labels: Path, out: Path, *extra: str):
-    return compose("train", DATA + [f"train.labels_dir={labels}", f"out_dir={out}", "train.val_sequences=3",
-                                    "train.max_steps=4", "train.ckpt_every=2", *extra])
+def _train_cfg(out: Path, *extra: str, labels: Path | None = None):
+    source = ["train.labels=stored", f"train.labels_dir={labels}"] if labels else []
+    return compose("train", DATA + source + [f"out_dir={out}", "train.val_sequences=3", "train.max_steps=4",
+                                             "train.ckpt_every=2", "train.grad_accum=1", *extra])
 
 
-def test_labels_written_and_resume(labels_dir, tmp_path):
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_labels_at_every_layer_match_a_direct_computation(labels_dir, tmp_path):
     meta, items = load_labels(labels_dir)
-    assert meta["layers"] == [1, 2, 3] and len(items) == 10
-    ids, sal = items[0]
-    assert sal.shape == (ids.shape[0], 3) and float(sal.max()) == pytest.approx(1.0)
+    assert meta["layers"] == [0, 1, 2, 3] and len(items) == 10 and meta["saliency"]["target"] == "continuation"
+    model, _ = load_model(compose("label", DATA).model)
+    ids, split, sal = items[0]
+    assert sal.shape == (ids.shape[0], 4) and split == ids.shape[0] - 12
+    direct = saliency_scores(model, ids[None], None, "continuation", absolute=False, normalize=False,
+                             split=torch.tensor([split]))[0]
+    # labelled in batches of 3 equal-length windows: the mean CE divides by 3x the targets
+    torch.testing.assert_close(sal * 3, direct, rtol=1e-3, atol=1e-3 * float(direct.abs().max()))
     # A killed run resumes at the first missing shard and reproduces it.
-    copy = tmp_path / "labels"
-    copy.mkdir()
-    for f in labels_dir.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy(labels_dir, tmp_path / "labels")
     (copy / "shard_00002.safetensors").unlink()
-    label_cli.run(compose("label", DATA + [f"out_dir={copy}", "shard_size=4"]))
+    with pytest.raises(ConfigError, match="2 of 3 shards"):
+        load_labels(copy)  # a partial folder is refused
+    label_cli.run(compose("label", DATA + [f"out_dir={copy}", "shard_size=4", "batch_size=3"]))
     new, old = load_file(str(copy / "shard_00002.safetensors")), load_file(str(labels_dir / "shard_00002.safetensors"))
     assert torch.equal(new["input_ids"], old["input_ids"])
     torch.testing.assert_close(new["saliency"], old["saliency"])
 
 
+def test_shard_from_another_label_set_is_refused(labels_dir, tmp_path):
+    other = tmp_path / "other"
+    label_cli.run(compose("label", DATA + [f"out_dir={other}", "shard_size=4", "batch_size=3", "saliency.target=sequence"]))
+    copy = _copy(labels_dir, tmp_path / "mixed")
+    shutil.copy(other / "shard_00001.safetensors", copy / "shard_00001.safetensors")
+    with pytest.raises(ConfigError, match="another label set"):
+        load_labels(copy)
+    unsigned = load_file(str(labels_dir / "shard_00000.safetensors"))
+    save_file(unsigned, str(copy / "shard_00000.safetensors"))  # no meta hash at all
+    with pytest.raises(ConfigError, match="another label set"):
+        load_labels(copy)
+
+
 def test_label_config_mismatch_raises(labels_dir):
     with pytest.raises(ConfigError, match="different config"):
-        label_cli.run(compose("label", DATA + [f"out_dir={labels_dir}", "shard_size=4", "saliency.target=logit"]))
+        label_cli.run(compose("label", DATA + [f"out_dir={labels_dir}", "shard_size=4", "data.continuation_length=8"]))
 
 
-def test_train_label_mismatch_raises(labels_dir, tmp_path):
-    cfg = _train_cfg(labels_dir, tmp_path / "run", "pruning.layers=[1,3]", "pruning.keep_ratio=[0.8,0.6]")
-    with pytest.raises(ConfigError, match="layers"):
-        train_cli.run(cfg)
+def test_train_from_labels_checks_target_and_folder(labels_dir, tmp_path):
+    with pytest.raises(ConfigError, match="target"):
+        train_cli.run(_train_cfg(tmp_path / "run", "train.target=fidelity", labels=labels_dir))
     with pytest.raises(ConfigError, match="labels_dir"):
-        train_cli.run(_train_cfg(tmp_path / "nothing", tmp_path / "run"))
+        train_cli.run(_train_cfg(tmp_path / "run", labels=tmp_path / "nothing"))
+    # labels at every layer serve any schedule
+    summary = train_cli.run(_train_cfg(tmp_path / "run2", "pruning.layers=[1,3]", "pruning.keep_ratio=[0.8,0.6]",
+                                       labels=labels_dir))
+    assert TokenPredictor.load(summary["predictor"]).meta.layers == [1, 3]
 
 
-def test_resume_reproduces_uninterrupted_run(labels_dir, tmp_path):
-    full = train_cli.run(_train_cfg(labels_dir, tmp_path / "full"))
-    stopped = train_cli.run(_train_cfg(labels_dir, tmp_path / "split", "train.stop_at=2"))
+def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir, tmp_path):
+    full = train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))
+    stopped = train_cli.run(_train_cfg(tmp_path / "split", "train.stop_at=2", labels=labels_dir))
     assert stopped["stopped"] and stopped["step"] == 2
-    resumed = train_cli.run(_train_cfg(labels_dir, tmp_path / "split", "resume=true"))
+    with pytest.raises(ConfigError, match="optimizer"):
+        train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "train.optimizer.lr=0.5", labels=labels_dir))
+    with pytest.raises(ConfigError, match="model"):
+        train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "model=tiny-qwen2", labels=labels_dir))
+    resumed = train_cli.run(_train_cfg(tmp_path / "split", "resume=true", labels=labels_dir))
     assert resumed["step"] == full["step"] == 4
     a = TokenPredictor.load(tmp_path / "full" / "predictor").state_dict()
     b = TokenPredictor.load(tmp_path / "split" / "predictor").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    assert {"spearman", "topk_overlap", "ppl_pruned", "ppl_dense", "spearman/0", "topk_overlap/2"} <= set(metrics)
-    assert (tmp_path / "full" / "metrics.jsonl").read_text().count("\n") >= 5
+    assert {"spearman", "topk_overlap", "nll_sdtp", "nll_dense", "nll_random", "drop_agreement_mean"} <= set(metrics)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # the resumed run does not repeat steps
+
+
+def test_bf16_online_training_with_validation_every_step_exports_the_checkpoint(tmp_path):
+    """A bf16 model, fp32 predictor master weights, validation (which binds the predictor to the
+    pruner) at every step: training keeps working and the export equals the checkpoint."""
+    cfg = _train_cfg(tmp_path / "bf16", "model.dtype=bfloat16", "train.eval_every=1", "train.max_steps=3",
+                     "train.loss.ce=1.0", f"export_dir={tmp_path / 'export'}")
+    summary = train_cli.run(cfg)
+    assert summary["step"] == 3
+    checkpoint = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)["predictor"]
+    exported = load_file(str(tmp_path / "export" / "predictor.safetensors"))
+    assert all(v.dtype == torch.float32 for v in checkpoint.values())
+    assert all(torch.equal(checkpoint[k], exported[k]) for k in checkpoint)
 
 
 def test_steps_reduce_ranking_loss(labels_dir):
-    cfg = _train_cfg(labels_dir, Path("/unused"), "train.loss.ce=0", "train.loss.mse=0")
+    cfg = _train_cfg(Path("/unused"), "train.loss.mse=0", "train.noise_scale.start=0", labels=labels_dir)
     model, _ = load_model(cfg.model)
     model.requires_grad_(False)
     _, items = load_labels(labels_dir)
     torch.manual_seed(0)
     schedule = build_schedule(cfg)
-    predictor = TokenPredictor(PredictorMeta(hidden_size=64, layers=list(schedule.layers)))
-    masker = PolicyMasker(schedule, predictor, "topk", generator=torch.Generator().manual_seed(0))
+    predictor = TokenPredictor(PredictorMeta(hidden_size=64, layers=list(schedule.layers), position_features=True))
+    masker = PolicyMasker(schedule, predictor, "topk", noise_scale=0.0)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=1e-2)
-    batch = train_cli.collate(items[:2])
+    batch = collate([(ids, split) for ids, split, _ in items[:2]], [sal[:, list(schedule.layers)] for *_, sal in items[:2]])
     losses = []
     for _ in range(30):
         optimizer.zero_grad()
-        loss, terms = train_cli.loss_step(model, masker, batch, cfg)
+        loss, terms = loss_step(model, masker, batch, cfg.train, torch.Generator().manual_seed(0))
         loss.backward()
         optimizer.step()
         losses.append(terms["rank"])
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_gumbel_mode_with_ratio_loss_trains(tmp_path):
+    summary = train_cli.run(_train_cfg(tmp_path / "g", "train.keep_mode=gumbel", "train.loss.ratio=2"))
+    assert summary["step"] == 4
+    metrics = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert 0.0 <= metrics["kept_fraction_final"] <= 1.0
+
+
+def test_bad_training_config_fails_before_loading(tmp_path):
+    for override, key in (("train.target=bogus", "train.target"), ("train.labels=maybe", "train.labels"),
+                          ("train.tau.end=0", "train.tau"), ("data.sources.0.path=/nope.jsonl", "data.sources.0.path")):
+        with pytest.raises(ConfigError, match=key):
+            train_cli.run(_train_cfg(tmp_path / "x", override))
 
 
 def test_experiment_overrides_compose():
@@ -105,4 +169,3 @@ def test_experiment_overrides_compose():
     assert base.train.loss.ranking == 1.0 and base.train.loss.mse == 1.0
     assert wo_rank.train.loss.ranking == 0.0 and wo_rank.train.loss.mse == 1.0
     assert wo_both.train.loss.ranking == 0.0 and wo_both.train.loss.mse == 0.0
-    assert compose("label", ["model=tiny-llama"]).saliency.absolute is True

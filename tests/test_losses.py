@@ -1,4 +1,4 @@
-"""Ranking loss against a hand computation; every stage's terms reach exactly its predictor."""
+"""Losses against hand computations; sampled ranking pairs; every stage's terms reach only its predictor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from sdtp.losses import masked_mse, ranking_loss, sdtp_loss
+from sdtp.labels import transform_labels
+from sdtp.losses import centered_mse, ranking_loss, ratio_loss, sdtp_loss
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.saliency import capture_layer_inputs
 
@@ -19,19 +20,54 @@ def sp(x: float) -> float:
 def test_ranking_loss_hand_computed_4_tokens():
     pred = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
     target = torch.tensor([[0.3, 0.1, 0.9, 0.1]])  # tokens 1 and 3 tie
-    valid = torch.ones(1, 4, dtype=torch.bool)
+    mask = torch.ones(1, 4, dtype=torch.bool)
     # pairs i<j: log(1 + exp(-(p_i - p_j) * sign(t_i - t_j)))
     pairs = [sp(-1.5), sp(-1.5), sp(-0.5), sp(-3.0), sp(-2.0)]  # (0,1) (0,2) (0,3) (1,2) (2,3)
-    assert ranking_loss(pred, target, valid, "ignore").item() == pytest.approx(sum(pairs) / 5, rel=1e-6)
-    assert ranking_loss(pred, target, valid, "include").item() == pytest.approx((sum(pairs) + math.log(2)) / 6, rel=1e-6)
-    # a padded fifth token with arbitrary values changes nothing
+    assert ranking_loss(pred, target, mask, "ignore").item() == pytest.approx(sum(pairs) / 5, rel=1e-6)
+    assert ranking_loss(pred, target, mask, "include").item() == pytest.approx((sum(pairs) + math.log(2)) / 6, rel=1e-6)
+    # a masked-out fifth token (dropped earlier, protected or padding) changes nothing
     pred5 = torch.cat([pred, torch.tensor([[9.0]])], 1)
     target5 = torch.cat([target, torch.tensor([[-5.0]])], 1)
-    valid5 = torch.tensor([[True, True, True, True, False]])
-    assert ranking_loss(pred5, target5, valid5).item() == pytest.approx(sum(pairs) / 5, rel=1e-6)
-    assert masked_mse(pred5, target5, valid5).item() == pytest.approx(
-        ((0.2**2) + (1.1**2) + (1.1**2) + (0.1**2)) / 4, rel=1e-6
-    )
+    mask5 = torch.tensor([[True, True, True, True, False]])
+    assert ranking_loss(pred5, target5, mask5).item() == pytest.approx(sum(pairs) / 5, rel=1e-6)
+
+
+def test_sampled_pairs_estimate_the_all_pairs_mean():
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 300, generator=gen), torch.randn(2, 300, generator=gen)
+    mask = torch.rand(2, 300, generator=gen) > 0.3
+    exact = ranking_loss(pred, target, mask, max_pairs=10**9).item()
+    sampled = ranking_loss(pred, target, mask, max_pairs=20000, generator=torch.Generator().manual_seed(1)).item()
+    assert sampled == pytest.approx(exact, rel=0.03)
+    assert sampled != exact  # it really sampled (a full pair set has ~22K pairs per row)
+
+
+def test_centered_mse_hand_computed_and_shift_invariant():
+    pred = torch.tensor([[1.0, 2.0, 6.0, 100.0]])
+    target = torch.tensor([[0.0, 2.0, 1.0, -7.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # centred over the 3 masked tokens: pred - 3 = (-2, -1, 3); target - 1 = (-1, 1, 0)
+    assert centered_mse(pred, target, mask).item() == pytest.approx(((-1) ** 2 + (-2) ** 2 + 3**2) / 3)
+    assert centered_mse(pred + 5.0, target, mask).item() == pytest.approx(centered_mse(pred, target, mask).item())
+
+
+def test_ratio_loss_hand_computed():
+    prompt = torch.tensor([[True, True, True, True, False]])
+    policies = [torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]])]
+    # kept prompt fractions 0.75 and 0.5 against 0.9 and 0.81
+    expected = ((0.75 - 0.9) ** 2 + (0.5 - 0.81) ** 2) / 2
+    assert ratio_loss(policies, [0.9, 0.81], prompt).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_transforms():
+    raw = torch.tensor([[[-1.0], [math.e], [math.e**2], [50.0]]])
+    region = torch.tensor([[True, True, True, False]])
+    out = transform_labels(raw, region, "log_z")[0, :3, 0]
+    logs = torch.log(torch.tensor([1.0, math.e, math.e**2]) + 1e-6 * math.e**2)
+    expected = (logs - logs.mean()) / logs.std(unbiased=False)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert transform_labels(raw, region, "log_z")[0, 3, 0] == 0  # outside the region
+    torch.testing.assert_close(transform_labels(raw, region, "max")[0, :3, 0], torch.tensor([1, math.e, math.e**2]) / math.e**2)
 
 
 def _stage_grads(model, predictor, ids, labels, stage_weights):
@@ -40,8 +76,8 @@ def _stage_grads(model, predictor, ids, labels, stage_weights):
         model.base_model(input_ids=ids)
     predictor.zero_grad()
     scores = [predictor(s, captured[l]) for s, l in enumerate(layers)]
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    loss, terms = sdtp_loss(scores, labels, valid, {"mse": 1.0, "ranking": 1.0}, stage_weights=stage_weights)
+    decided = [torch.ones_like(ids, dtype=torch.bool)] * len(layers)
+    loss, terms = sdtp_loss(scores, labels, decided, {"mse": 1.0, "ranking": 1.0}, stage_weights=stage_weights)
     loss.backward()
     assert all(f"rank/{s}" in terms and f"mse/{s}" in terms for s in range(len(layers)))
     return [torch.cat([p.grad.flatten() for p in stage.parameters()]) for stage in predictor.stages]

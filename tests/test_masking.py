@@ -1,42 +1,61 @@
-"""Training-time masking: parity with physical gathering, gradients through the mask, cleanup."""
+"""Training-time masking: parity with physical gathering, protected continuation, gradients, noise."""
 
 from __future__ import annotations
 
 import torch
+from omegaconf import OmegaConf
 
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.losses import sdtp_loss
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
+from sdtp.training.loop import annealed
 from sdtp.training.masking import PolicyMasker
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.4), keep_first=2, keep_recent=0.1)
 
 
-def _predictor(hidden: int) -> TokenPredictor:
+def _predictor(hidden: int, position_features: bool = False) -> TokenPredictor:
     torch.manual_seed(0)
-    return TokenPredictor(PredictorMeta(hidden_size=hidden, layers=list(SCHEDULE.layers)))
+    return TokenPredictor(PredictorMeta(hidden_size=hidden, layers=list(SCHEDULE.layers),
+                                        position_features=position_features))
 
 
 def test_hard_mask_matches_gather_at_kept_positions(tiny, prompt_ids):
     model, _, _ = tiny
-    predictor = _predictor(model.config.hidden_size)
-    masker = PolicyMasker(SCHEDULE, predictor, mode="topk", noise=False)
-    with torch.no_grad():
-        with masker(model):
-            hidden = model.base_model(input_ids=prompt_ids).last_hidden_state
-            policy = masker.state.policies[-1][0]
-        masked_logits = model.lm_head(hidden)
-        pruner = TokenPruner(SCHEDULE, PredictorScorer(predictor=predictor))
-        with pruner(model):
-            pruned_logits = model(input_ids=prompt_ids, use_cache=True).logits
-    kept = pruner.last_prefill.final_positions[0]
-    assert torch.equal(policy.nonzero().squeeze(-1), kept)  # same kept set at the last stage
-    assert kept.numel() == SCHEDULE.budget(2, prompt_ids.shape[1])
-    torch.testing.assert_close(masked_logits[0, kept], pruned_logits[0], rtol=1e-4, atol=1e-4)
+    for position_features in (False, True):
+        predictor = _predictor(model.config.hidden_size, position_features)
+        masker = PolicyMasker(SCHEDULE, predictor, mode="topk", noise_scale=0.0)
+        with torch.no_grad():
+            with masker(model):
+                hidden = model.base_model(input_ids=prompt_ids).last_hidden_state
+                policy = masker.state.policies[-1][0]
+            masked_logits = model.lm_head(hidden)
+            pruner = TokenPruner(SCHEDULE, PredictorScorer(predictor=predictor))
+            with pruner(model):
+                pruned_logits = model(input_ids=prompt_ids, use_cache=True).logits
+        kept = pruner.last_prefill.final_positions[0]
+        assert torch.equal(policy.nonzero().squeeze(-1), kept)  # same kept set at the last stage
+        assert kept.numel() == SCHEDULE.budget(2, prompt_ids.shape[1])
+        torch.testing.assert_close(masked_logits[0, kept], pruned_logits[0], rtol=1e-4, atol=1e-4)
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
     assert len(model.model._forward_pre_hooks) == 0
+
+
+def test_continuation_is_never_pruned_and_budget_is_the_prompts(tiny_llama, prompt_ids):
+    model, _, _ = tiny_llama
+    predictor = _predictor(model.config.hidden_size, position_features=True)
+    split = 70  # prompt 0..69, continuation 70..96
+    masker = PolicyMasker(SCHEDULE, predictor, mode="topk", noise_scale=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), masker(model, torch.tensor([split])):
+        model.base_model(input_ids=prompt_ids)
+        policies, decided = masker.state.policies, masker.state.decided
+    for stage, policy in enumerate(policies):
+        assert bool((policy[0, split:] == 1).all())  # continuation always alive
+        assert bool((policy[0, :2] == 1).all()) and bool((policy[0, split - SCHEDULE.num_recent(split) : split] == 1).all())
+        assert int(policy[0, :split].sum()) == SCHEDULE.budget(stage, split)
+        assert not decided[stage][0, split:].any() and not decided[stage][0, :2].any()
 
 
 def test_gradients_reach_every_predictor_through_the_mask(tiny_llama, prompt_ids):
@@ -48,9 +67,8 @@ def test_gradients_reach_every_predictor_through_the_mask(tiny_llama, prompt_ids
             hidden = model.base_model(input_ids=prompt_ids).last_hidden_state
             policies = masker.state.policies
         ce = torch.nn.functional.cross_entropy(model.lm_head(hidden)[0, :-1], prompt_ids[0, 1:])
-        valid = torch.ones_like(prompt_ids, dtype=torch.bool)
         # CE only: every predictor gets its gradient through the attention mask alone.
-        loss, _ = sdtp_loss([], torch.zeros(1, 97, 3), valid, {"ce": 1.0}, ce=ce)
+        loss, _ = sdtp_loss([], torch.zeros(1, 97, 3), [], {"ce": 1.0}, ce=ce)
         loss.backward()
         for stage in predictor.stages:
             assert stage.fc1.weight.grad is not None and stage.fc1.weight.grad.abs().sum() > 0, mode
@@ -60,3 +78,31 @@ def test_gradients_reach_every_predictor_through_the_mask(tiny_llama, prompt_ids
         assert bool((policies[-1][0][protect] == 1).all())  # protected tokens always kept
         assert all(bool(((p == 0) | (p == 1)).all()) for p in policies)  # hard masks
         assert all(bool((later <= earlier).all()) for earlier, later in zip(policies, policies[1:]))
+
+
+def test_rescored_scores_equal_the_forward_scores(tiny_llama, prompt_ids):
+    model, _, _ = tiny_llama
+    predictor = _predictor(model.config.hidden_size, position_features=True)
+    masker = PolicyMasker(SCHEDULE, predictor, noise_scale=0.5, generator=torch.Generator().manual_seed(0))
+    with masker(model, torch.tensor([80])):
+        with torch.no_grad():
+            model.base_model(input_ids=prompt_ids)
+        rescored = masker.rescore()
+        for a, b in zip(rescored, masker.state.scores):
+            torch.testing.assert_close(a, b)
+        assert all(r.requires_grad for r in rescored)
+
+
+def test_noise_annealing_reaches_zero_and_then_agrees_with_noise_free(tiny_llama, prompt_ids):
+    spec = OmegaConf.create({"start": 0.8, "end": 0.0})
+    assert annealed(spec, 0, 100) == 0.8 and annealed(spec, 50, 100) == 0.4
+    assert annealed(spec, 100, 100) == 0.0 and annealed(spec, 150, 100) == 0.0
+    model, _, _ = tiny_llama
+    masker = PolicyMasker(SCHEDULE, _predictor(model.config.hidden_size), generator=torch.Generator().manual_seed(0))
+    agreement = {}
+    for scale in (4.0, 0.0):
+        masker.noise_scale = scale
+        with torch.no_grad(), masker(model):
+            model.base_model(input_ids=prompt_ids)
+            agreement[scale] = sum(masker.state.drop_agreement) / 3
+    assert agreement[0.0] == 1.0 and agreement[4.0] < 1.0

@@ -23,9 +23,11 @@ def test_oracle_inside_pruned_prefill(tiny_llama, prompt_ids):
         logits, _, _ = prefill(model, prompt_ids, pruner)
         hooks_after = [dict(layer._forward_pre_hooks) for layer in model.model.layers]
     assert hooks_before == hooks_after and logits.shape == (1, 1, model.config.vocab_size)
-    # The kept set is the top-saliency set of the dense model at layer 1 (computed independently).
-    saliency = saliency_scores(model, prompt_ids, [1], normalize=False)[..., 0]
+    # The kept set is the top-saliency set of the dense model at layer 1 (computed independently),
+    # the default target being the CE of the prompt's protected last 10% (the continuation stand-in).
     n = prompt_ids.shape[1]
+    split = torch.tensor([n - SCHEDULE.num_recent(n)])
+    saliency = saliency_scores(model, prompt_ids, [1], "continuation", normalize=False, split=split)[..., 0]
     positions = torch.arange(n)[None]
     expected = select_kept(saliency, protected_mask(positions, n, 2, SCHEDULE.num_recent(n)), SCHEDULE.budget(0, n))
     assert torch.equal(pruner.last_prefill.final_positions, expected)

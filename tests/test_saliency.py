@@ -1,41 +1,97 @@
-"""Gradient x input labels: equal to an independent autograd reference; hooks are removed."""
+"""Gradient x input labels: each target equals a hand-written autograd reference; every-layer labels
+equal per-schedule labels; padded batches equal per-row labels; hooks are removed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from sdtp.saliency import normalize_saliency, saliency_scores
+from sdtp.saliency import TARGETS, normalize_saliency, saliency_scores
+
+SPLIT = 15  # tokens 15.. of the 23-token sequence are the continuation
 
 
-def _reference(model, ids, layers, target):
-    """HF's own loss and output_hidden_states (hidden_states[l] = input of layer l), plain autograd."""
+def _reference(model, ids, layers, target, split):
+    """HF's own forward with output_hidden_states (hidden_states[l] = input of layer l), plain autograd."""
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=ids if target == "lm_loss" else None, output_hidden_states=True)
+    out = model(inputs_embeds=embeds, output_hidden_states=True)
     hidden = [out.hidden_states[l] for l in layers]
     for h in hidden:
         h.retain_grad()
-    objective = out.loss if target == "lm_loss" else out.logits[0, -2, ids[0, -1]]
+    logits = out.logits[0].float()  # (S, V); row t predicts token t + 1
+    if target == "sequence":
+        objective = F.cross_entropy(logits[:-1], ids[0, 1:])
+    elif target == "continuation":
+        objective = F.cross_entropy(logits[split - 1 : -1], ids[0, split:])
+    elif target == "fidelity":
+        rows = logits[split - 1 : -1]
+        objective = F.cross_entropy(rows, rows.detach().argmax(-1))
+    else:
+        objective = logits[-2, ids[0, -1]]
     objective.backward()
     return torch.stack([(h.grad * h).sum(-1) for h in hidden], dim=-1)
 
 
-def test_grad_x_input_matches_autograd_reference(tiny):
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_matches_autograd_reference(tiny, target):
     model, _, _ = tiny
     ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
     layers = [1, 2, 3]
-    for target in ("lm_loss", "logit"):
-        ours = saliency_scores(model, ids, layers, target=target, absolute=False, normalize=False)
-        ref = _reference(model, ids, layers, target)
-        assert ours.shape == (1, 23, 3)
-        torch.testing.assert_close(ours, ref.detach(), rtol=1e-4, atol=1e-6)
+    ours = saliency_scores(model, ids, layers, target=target, absolute=False, normalize=False,
+                           split=torch.tensor([SPLIT]))
+    ref = _reference(model, ids, layers, target, SPLIT)
+    assert ours.shape == (1, 23, 3)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
+
+
+def test_continuation_target_differs_from_sequence(tiny_llama):
+    model, _, _ = tiny_llama
+    ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
+    split = torch.tensor([SPLIT])
+    seq = saliency_scores(model, ids, [2], "sequence", absolute=False, normalize=False, split=split)
+    cont = saliency_scores(model, ids, [2], "continuation", absolute=False, normalize=False, split=split)
+    assert not torch.allclose(seq, cont)
+    with pytest.raises(ValueError, match="split"):
+        saliency_scores(model, ids, [2], "continuation")
+
+
+def test_labels_at_every_layer_equal_per_schedule_labels(tiny_llama):
+    model, _, _ = tiny_llama
+    ids = torch.randint(4, 260, (1, 31), generator=torch.Generator().manual_seed(2))
+    split = torch.tensor([24])
+    every = saliency_scores(model, ids, None, "continuation", absolute=False, normalize=False, split=split)
+    assert every.shape == (1, 31, model.config.num_hidden_layers)
+    for schedule in ([1, 3], [2], [1, 2, 3]):
+        ours = saliency_scores(model, ids, schedule, "continuation", absolute=False, normalize=False, split=split)
+        torch.testing.assert_close(every[..., schedule], ours)
+
+
+def test_padded_batch_equals_rows_alone(tiny_llama):
+    model, _, _ = tiny_llama
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randint(4, 260, (20,), generator=gen), torch.randint(4, 260, (14,), generator=gen)
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    ids[0], ids[1, :14] = a, b
+    valid = torch.zeros(2, 20, dtype=torch.bool)
+    valid[0], valid[1, :14] = True, True
+    split = torch.tensor([16, 10])
+    batch = saliency_scores(model, ids, [1, 3], "continuation", absolute=False, normalize=False, valid=valid, split=split)
+    for row, seq in enumerate((a, b)):
+        alone = saliency_scores(model, seq[None], [1, 3], "continuation", absolute=False, normalize=False,
+                                split=split[row : row + 1])
+        # The mean CE of a batch divides by all its targets: rescale the row's label to compare.
+        targets_row, targets_all = len(seq) - int(split[row]), (20 - 16) + (14 - 10)
+        torch.testing.assert_close(batch[row, : len(seq)] * targets_all / targets_row, alone[0], rtol=1e-3, atol=1e-6)
+    assert not batch[1, 14:].any()  # padding scores 0
 
 
 def test_one_token_prompt_has_zero_saliency(tiny):
     """A 1-token prompt has no next-token target: zero saliency instead of a backward error."""
     model, _, _ = tiny
-    scores = saliency_scores(model, torch.tensor([[7]]), [1, 2], target="lm_loss")
+    scores = saliency_scores(model, torch.tensor([[7]]), [1, 2], target="sequence")
     assert scores.shape == (1, 1, 2) and not scores.any()
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
 

@@ -1,11 +1,12 @@
-"""``sdtp-label``: gradient x input saliency labels for predictor training.
+"""``sdtp-label``: gradient x input saliency labels at every decoder layer, for predictor training.
 
-    sdtp-label model=smollm2-135m data=dolly_c4 threads=1
+    sdtp-label model=smollm2-135m data=mix threads=2
+    sdtp-train train.labels=stored                     # then train from them (any schedule)
 
-Runs the full, frozen model on each sequence, backpropagates the configured scalar and stores the
-per-stage saliency (see :mod:`sdtp.saliency`) as shards in ``out_dir``. Re-running resumes at the
-first missing shard; a directory made with a different config is an error. The last stdout line is
-a JSON summary.
+Runs the full, frozen model on padded batches of examples, backpropagates the configured target
+(:mod:`sdtp.saliency`) once and stores the raw saliency at every layer's input as shards in
+``out_dir`` (:mod:`sdtp.labels`). Re-running resumes at the first missing shard; a directory made
+with a different config is an error. The last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from sdtp.config import build_schedule, sdtp_main
-from sdtp.data import source_fingerprint, source_texts, tokenize_texts, validate_source
+from sdtp.config import sdtp_main
+from sdtp.data import build_examples, examples_hash, source_fingerprint, validate_source
 from sdtp.errors import ConfigError
-from sdtp.labels import check_or_write_meta, completed_shards, write_shard
+from sdtp.labels import check_or_write_meta, completed_shards, meta_hash, write_shard
 from sdtp.models import load_model
 from sdtp.saliency import TARGETS, saliency_scores
+from sdtp.training.loop import collate
 from sdtp.utils import set_threads
 
 log = logging.getLogger(__name__)
@@ -35,42 +37,36 @@ def validate_label_config(cfg: DictConfig) -> None:
         validate_source(source, f"data.sources.{i}")
     if int(cfg.data.max_length) < 8:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} is too short (>= 8)")
+    if not 0 < int(cfg.data.continuation_length) < int(cfg.data.max_length):
+        raise ConfigError(f"data.continuation_length: must be in (0, data.max_length), got {cfg.data.continuation_length}")
     if cfg.saliency.target not in TARGETS:
         raise ConfigError(f"saliency.target: {cfg.saliency.target!r} not in {TARGETS}")
-    if int(cfg.shard_size) < 1:
-        raise ConfigError("shard_size: must be >= 1")
+    for key in ("shard_size", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key}: must be >= 1")
 
 
-def build_sequences(cfg: DictConfig, tokenizer: Any) -> list[torch.Tensor]:
-    """All sources' token sequences, interleaved by a seeded permutation (so any tail is a mix)."""
-    sequences: list[torch.Tensor] = []
-    for source in cfg.data.sources:
-        texts = source_texts(source)
-        sequences += tokenize_texts(tokenizer, texts, int(cfg.data.max_length), bool(cfg.data.packing),
-                                    int(cfg.data.min_length))
-    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(int(cfg.seed)))
-    return [sequences[i] for i in order.tolist()]
-
-
-def label_meta(cfg: DictConfig, layers: list[int], tokenizer: Any, num_sequences: int) -> dict[str, Any]:
+def label_meta(cfg: DictConfig, num_layers: int, tokenizer: Any, examples: list, dtype: torch.dtype) -> dict[str, Any]:
     """Everything that must match for two labelling runs to share a directory."""
     # Identity is the content hash, not the path: the same file in another clone/location matches.
     sources = [
         {**{k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k != "path"},
          "fingerprint": source_fingerprint(s)} for s in cfg.data.sources
     ]
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "sources"}
     return {
         "base_model": cfg.model.name,
         "hf_id": cfg.model.get("hf_id"),
-        "layers": layers,
-        "num_layers": int(cfg.model.num_layers),
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers": list(range(num_layers)),
+        "num_layers": num_layers,
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
-        "data": {"name": cfg.data.name, "sources": sources, "max_length": int(cfg.data.max_length),
-                 "packing": bool(cfg.data.packing), "min_length": int(cfg.data.min_length)},
-        "saliency": OmegaConf.to_container(cfg.saliency, resolve=True),
+        "data": {**data, "sources": sources},
+        "examples_hash": examples_hash(examples),
+        "saliency": {"target": cfg.saliency.target, "stored": "raw signed grad x input"},
         "seed": int(cfg.seed),
         "shard_size": int(cfg.shard_size),
-        "num_sequences": num_sequences,
+        "num_sequences": len(examples),
         "source_paths": [s.get("path") for s in cfg.data.sources],
     }
 
@@ -78,34 +74,36 @@ def label_meta(cfg: DictConfig, layers: list[int], tokenizer: Any, num_sequences
 def run(cfg: DictConfig) -> dict[str, Any]:
     validate_label_config(cfg)
     set_threads(cfg.threads)
-    layers = list(build_schedule(cfg).layers)
     model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     model.eval()
-    sequences = build_sequences(cfg, tokenizer)
-    meta = label_meta(cfg, layers, tokenizer, len(sequences))
+    examples = build_examples(tokenizer, cfg.data, int(cfg.seed))
+    if not examples:
+        raise ConfigError("data.sources: no usable example (check num_samples, min_prompt_length, max_length)")
+    param = next(model.parameters())
+    meta = label_meta(cfg, int(cfg.model.num_layers), tokenizer, examples, param.dtype)
     check_or_write_meta(cfg.out_dir, meta)
-    size = int(cfg.shard_size)
-    num_shards = (len(sequences) + size - 1) // size
+    digest, size, batch_size = meta_hash(meta), int(cfg.shard_size), int(cfg.batch_size)
+    num_shards = (len(examples) + size - 1) // size
     start = completed_shards(cfg.out_dir)
-    log.info("Labelling %d sequences into %s (%d/%d shards done)", len(sequences), cfg.out_dir, start, num_shards)
-    device = next(model.parameters()).device
+    log.info("Labelling %d examples into %s (%d/%d shards done)", len(examples), cfg.out_dir, start, num_shards)
     tokens, begin = 0, time.perf_counter()
-    bar = tqdm(total=len(sequences), initial=min(start * size, len(sequences)), desc="label", unit="seq")
+    bar = tqdm(total=len(examples), initial=min(start * size, len(examples)), desc="label", unit="seq")
     for shard in range(start, num_shards):
-        batch = sequences[shard * size : (shard + 1) * size]
-        labels = []
-        for seq in batch:  # one sequence at a time: peak memory is one forward + backward
-            sal = saliency_scores(model, seq[None].to(device), layers, cfg.saliency.target,
-                                  cfg.saliency.absolute, cfg.saliency.normalize)
-            labels.append(sal[0].cpu())
-            tokens += seq.shape[0]
-            bar.update(1)
+        chunk = examples[shard * size : (shard + 1) * size]
+        labels: list[torch.Tensor] = []
+        for first in range(0, len(chunk), batch_size):
+            batch = collate(chunk[first : first + batch_size])
+            sal = saliency_scores(model, batch.ids.to(param.device), None, cfg.saliency.target, absolute=False,
+                                  normalize=False, valid=batch.valid.to(param.device), split=batch.split)
+            labels += [sal[row, : len(ids)].cpu() for row, (ids, _) in enumerate(chunk[first : first + batch_size])]
+            tokens += int(batch.valid.sum())
+            bar.update(len(batch.split))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - begin):.0f}")
-        write_shard(cfg.out_dir, shard, batch, labels)
+        write_shard(cfg.out_dir, shard, [ids for ids, _ in chunk], [s for _, s in chunk], labels, digest)
     bar.close()
-    summary = {"out_dir": str(cfg.out_dir), "num_sequences": len(sequences), "num_shards": num_shards,
-               "layers": layers, "labelled_tokens_this_run": tokens,
-               "seconds": round(time.perf_counter() - begin, 1), "model": cfg.model.name}
+    summary = {"out_dir": str(cfg.out_dir), "num_sequences": len(examples), "num_shards": num_shards,
+               "labelled_tokens_this_run": tokens, "seconds": round(time.perf_counter() - begin, 1),
+               "model": cfg.model.name, "target": cfg.saliency.target}
     print(json.dumps(summary))
     return summary
 

@@ -127,10 +127,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"model": cfg.model.name, "variants": list(cfg.variants), "threads": threads}
     with RunLogger(run_dir, cfg.logger, cfg, name=cfg.task_name) as logger:
         if cfg.retrain_predictor:
-            from sdtp.training.demo import label_and_train
+            from sdtp.training.demo import train_small
 
-            trained = label_and_train([f"model={cfg.model.name}", f"export_dir={run_dir / 'predictor'}"],
-                                      label_dir=str(run_dir / "labels"))
+            trained = train_small([f"model={cfg.model.name}", f"export_dir={run_dir / 'predictor'}",
+                                   f"out_dir={run_dir / 'train'}"])
             predictor = trained["predictor"]
             metrics["training"] = trained
         if "generate" in cfg.stages:

@@ -2,7 +2,9 @@
 
 At the start of each prefill (:meth:`Scorer.begin`) it runs one extra dense forward + backward of
 the unpruned model on the prompt (:func:`sdtp.saliency.saliency_scores`) and then scores the alive
-tokens at each stage by that stage layer's saliency. This is the upper bound a learned predictor
+tokens at each stage by that stage layer's saliency. With a ``continuation``/``fidelity`` target the
+prompt's last ``recent`` fraction (the tokens the pruner protects) stands in for the continuation.
+This is the upper bound a learned predictor
 approximates (and costs a full backward per prompt, so it is for analysis, not speed).
 
 ``begin`` runs inside the pruner's forward pre-hook, typically under ``torch.inference_mode``;
@@ -12,6 +14,7 @@ pruner installed on the model so the dense pass is not itself pruned (they are r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,9 +44,10 @@ def hooks_set_aside(model: nn.Module) -> Iterator[None]:
 class OracleScorer(Scorer):
     """Scores = gradient x input saliency of the full model at each stage layer's input."""
 
-    def __init__(self, target: str = "lm_loss", absolute: bool = True) -> None:
+    def __init__(self, target: str = "continuation", absolute: bool = True, recent: float = 0.1) -> None:
         self.target = target
         self.absolute = absolute
+        self.recent = recent  # continuation targets: the CE of the prompt's last ``recent`` fraction
         self._model: nn.Module | None = None
         self._layers: tuple[int, ...] = ()
         self._saliency: torch.Tensor | None = None  # (B, S, num_stages)
@@ -56,7 +60,10 @@ class OracleScorer(Scorer):
             raise ValueError("OracleScorer needs input_ids (not inputs_embeds)")
         with torch.inference_mode(False), hooks_set_aside(self._model):
             ids = input_ids.clone()  # a normal tensor even if the caller's is an inference tensor
-            self._saliency = saliency_scores(self._model, ids, self._layers, self.target, self.absolute, normalize=False)
+            seq = ids.shape[1]
+            split = torch.full((ids.shape[0],), seq - max(1, math.ceil(self.recent * seq - 1e-9)), device=ids.device)
+            self._saliency = saliency_scores(self._model, ids, self._layers, self.target, self.absolute,
+                                             normalize=False, split=split)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         stage_scores = self._saliency[..., ctx.stage].to(ctx.hidden_states.device)  # (B, S)

@@ -12,7 +12,11 @@ from sdtp.scorers.base import Scorer, ScoreContext
 
 
 class PredictorScorer(Scorer):
-    """Scores tokens with a trained :class:`TokenPredictor` (loaded from ``path`` or given directly)."""
+    """Scores tokens with a trained :class:`TokenPredictor` (loaded from ``path`` or given directly).
+
+    A given predictor (e.g. the one being trained) is moved to the model's device but never cast:
+    it keeps its fp32 master weights and casts the hidden states instead.
+    """
 
     def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None) -> None:
         if path is None and predictor is None:
@@ -25,15 +29,15 @@ class PredictorScorer(Scorer):
         if self.predictor is None:
             self.predictor = TokenPredictor.load(
                 self.path, hidden_size=hidden, layers=list(layers), base_model=getattr(model, "sdtp_name", None)
-            )
+            ).eval()
         elif list(self.predictor.meta.layers) != list(layers) or self.predictor.meta.hidden_size != hidden:
             raise ValueError(
                 f"predictor built for layers {self.predictor.meta.layers} / hidden {self.predictor.meta.hidden_size}, "
                 f"pruner uses layers {list(layers)} / hidden {hidden}"
             )
-        param = next(model.parameters())
-        self.predictor.to(device=param.device, dtype=param.dtype).eval()
+        self.predictor.to(device=next(model.parameters()).device)
 
     @torch.no_grad()
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        return self.predictor(ctx.stage, ctx.hidden_states)
+        prompt_len = torch.full((ctx.positions.shape[0],), ctx.seq_len, device=ctx.positions.device)
+        return self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len)

@@ -1,12 +1,14 @@
 """Training-time pruning by attention masking (DynamicViT style): shapes never change.
 
-``with PolicyMasker(schedule, predictor)(model) as masker: model.base_model(ids)`` runs the frozen
-model's own forward. Forward pre-hooks on the decoder layers do, at each stage layer ``l_s``:
+``with PolicyMasker(schedule, predictor)(model, split) as masker: model.base_model(ids)`` runs the
+frozen model's own forward on rows whose prompt is ``[0, split)`` and whose continuation follows.
+Forward pre-hooks on the decoder layers do, at each stage layer ``l_s``:
 
 1. score the tokens from the hidden states entering ``l_s`` with predictor ``s``;
 2. draw a hard keep mask ``M_s`` (straight-through, so gradients reach the predictor), force the
-   protected tokens (first ``keep_first``, last ``keep_recent``) to 1, and update the cumulative
-   policy ``D_s = D_{s-1} * M_s``;
+   protected tokens (first ``keep_first`` and last ``keep_recent`` of the *prompt*, and the whole
+   continuation, as at inference) to 1, and update the cumulative policy ``D_s = D_{s-1} * M_s``;
+   the budget ``round(P * r_s)`` is relative to the prompt length P;
 3. give layer ``l_s`` and every later layer an additive attention mask
    ``causal + log(D_j + eps)`` on the keys j != i (the diagonal is kept, as in DynamicViT).
 
@@ -20,6 +22,10 @@ of the attention weight. Keep ratios are enforced one of two ways (``mode``):
 * ``topk``: keep exactly the schedule's budget, the top-k of the Gumbel-perturbed scores among the
   alive tokens (as inference does); the straight-through gradient is a sigmoid around the threshold.
 
+The noise is ``noise_scale * (Gumbel - Gumbel)`` (logistic) on the keep - drop score; each stage
+records how much of the noise-free dropped set the noisy draw also dropped (``drop_agreement``), so
+a run can show that the noise explores around the predictor's choice instead of replacing it.
+
 All hooks are removed on exit.
 """
 
@@ -30,7 +36,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sdtp.engine.schedule import PruningSchedule
@@ -49,12 +54,20 @@ class PolicyState:
     Attributes:
         scores: per stage (B, S) predictor scores (keep - drop logit), with grad.
         policies: per stage (B, S) cumulative keep policy D_s in {0, 1} (straight-through grad).
-        valid: (B, S) bool, non-padding tokens.
+        decided: per stage (B, S) bool, the tokens the stage chose among (alive, prompt, unprotected).
+        drop_agreement: per stage, |noisy dropped & noise-free dropped| / |noise-free dropped|.
+        valid: (B, S) bool, non-padding tokens; prompt: (B, S) bool, prompt tokens.
     """
 
     scores: list[torch.Tensor] = field(default_factory=list)
+    inputs: list[torch.Tensor] = field(default_factory=list)  # per stage (B, S, D) detached predictor input
     policies: list[torch.Tensor] = field(default_factory=list)
+    decided: list[torch.Tensor] = field(default_factory=list)
+    drop_agreement: list[float] = field(default_factory=list)
     valid: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None
+    prompt_len: torch.Tensor | None = None  # (B,)
+    protect: torch.Tensor | None = None  # (B, S) bool, always kept
     mask: torch.Tensor | None = None  # (B, 1, S, S) current additive mask
     causal: torch.Tensor | None = None  # (B, 1, S, S) additive causal + padding mask
 
@@ -87,21 +100,28 @@ def policy_attention_mask(causal: torch.Tensor, policy: torch.Tensor) -> torch.T
 
 
 class PolicyMasker:
-    """Simulated multi-stage pruning for training. Use as ``with masker(model): ...``."""
+    """Simulated multi-stage pruning for training. Use as ``with masker(model, split): ...``.
 
-    def __init__(self, schedule: PruningSchedule, predictor: TokenPredictor, mode: str = "gumbel",
-                 tau: float = 1.0, noise: bool = True, generator: torch.Generator | None = None) -> None:
+    ``noise_scale`` multiplies the logistic (Gumbel - Gumbel) noise added to the scores and ``tau``
+    is the straight-through temperature; the training loop anneals both between steps.
+    """
+
+    def __init__(self, schedule: PruningSchedule, predictor: TokenPredictor, mode: str = "topk",
+                 tau: float = 1.0, noise_scale: float = 1.0, generator: torch.Generator | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"train.keep_mode: {mode!r} not in {MODES}")
-        self.schedule, self.predictor, self.mode, self.tau, self.noise = schedule, predictor, mode, tau, noise
-        self.generator = generator
+        self.schedule, self.predictor, self.mode = schedule, predictor, mode
+        self.tau, self.noise_scale, self.generator = tau, noise_scale, generator
         self.state = PolicyState()
         self._stage_of = schedule.stage_of_layer()
+        self._split: torch.Tensor | None = None
 
     @contextmanager
-    def __call__(self, model: nn.Module) -> Iterator[PolicyMasker]:
+    def __call__(self, model: nn.Module, split: torch.Tensor | None = None) -> Iterator[PolicyMasker]:
+        """Install the hooks for forwards whose rows have prompts ``[0, split)`` (None = whole rows)."""
         layers = decoder_layers(model)
         self.schedule.validate(len(layers))
+        self._split = split
         handles = [model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True)]
         for idx in range(self.schedule.layers[0], len(layers)):
             handles.append(layers[idx].register_forward_pre_hook(self._make_hook(idx), with_kwargs=True))
@@ -110,14 +130,22 @@ class PolicyMasker:
         finally:
             for handle in handles:
                 handle.remove()
-            self.state = PolicyState()
+            self.state, self._split = PolicyState(), None
 
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
         mask2d = kwargs.get("attention_mask")
         valid = mask2d.bool() if mask2d is not None else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
-        self.state = PolicyState(valid=valid, causal=causal_additive_mask(valid))
+        prompt_len = self._split.to(valid.device) if self._split is not None else valid.sum(1)
+        positions = torch.arange(valid.shape[1], device=valid.device)[None]
+        prompt = valid & (positions < prompt_len[:, None])
+        protect = torch.stack([
+            protected_mask(positions[0], int(n), self.schedule.keep_first, self.schedule.num_recent(int(n)))
+            for n in prompt_len.tolist()
+        ]) | ~prompt  # the continuation (and padding) is never pruned
+        self.state = PolicyState(valid=valid, prompt=prompt, prompt_len=prompt_len, protect=protect & valid,
+                                 causal=causal_additive_mask(valid))
 
     def _make_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -133,51 +161,72 @@ class PolicyMasker:
     def _run_stage(self, stage: int, hidden: torch.Tensor) -> None:
         """Score, draw M_s, update D_s and the attention mask. hidden: (B, S, D)."""
         state = self.state
-        logits = self.predictor.logits(stage, hidden).float()  # (B, S, 2)
-        scores = logits[..., 0] - logits[..., 1]
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        # The predictor reads the frozen model's features: its gradient comes from its own stage's
+        # losses and, through the masks, from the CE; not through earlier stages' inputs.
+        scores = self.predictor(stage, hidden.detach(), positions, state.prompt_len).float()  # (B, S)
         prev = state.policies[-1] if state.policies else state.valid.float()
-        batch, seq = scores.shape
-        lengths = state.valid.sum(1)
-        positions = torch.arange(seq, device=scores.device).expand(batch, -1)
-        protect = torch.stack([
-            protected_mask(positions[b], int(n), self.schedule.keep_first, self.schedule.num_recent(int(n)))
-            for b, n in enumerate(lengths.tolist())
-        ]) & state.valid
+        decided = (prev.detach() > 0.5) & state.prompt & ~state.protect
+        noise = 0.0
+        if self.noise_scale > 0:
+            noise = self.noise_scale * (_gumbel(scores.shape, scores, self.generator)
+                                        - _gumbel(scores.shape, scores, self.generator))
         if self.mode == "gumbel":
-            noisy = logits + _gumbel(logits.shape, logits, self.generator) if self.noise else logits
-            soft = (noisy / self.tau).softmax(-1)[..., 0]
-            hard = (soft > 0.5).float()
+            # Hard Gumbel-softmax over (keep, drop) = a hard logistic-noise threshold at 0 on keep - drop.
+            soft = torch.sigmoid((scores + noise) / self.tau)
+            hard, clean = (soft > 0.5).float(), (scores > 0).float()
         else:
-            noisy = scores + (_gumbel(scores.shape, scores, self.generator) - _gumbel(scores.shape, scores, self.generator)
-                              if self.noise else 0.0)
-            hard, soft = self._topk(stage, noisy, prev, protect, lengths)
+            hard, soft = self._topk(stage, scores + noise, prev, state.protect, state.prompt_len)
+            clean = self._topk(stage, scores, prev, state.protect, state.prompt_len)[0] if self.noise_scale > 0 else hard
         keep = hard + (soft - soft.detach())  # straight-through: forward exactly hard, backward soft
-        keep = torch.where(protect, torch.ones_like(keep), keep)
+        keep = torch.where(state.protect, torch.ones_like(keep), keep)
         policy = prev * keep * state.valid.float()
         state.scores.append(scores)
+        state.inputs.append(hidden.detach())
         state.policies.append(policy)
+        state.decided.append(decided)
+        state.drop_agreement.append(_drop_agreement(hard.detach(), clean, decided))
         state.mask = policy_attention_mask(state.causal, policy)
 
+    def rescore(self) -> list[torch.Tensor]:
+        """Per stage (B, S) scores recomputed from the recorded inputs, with grad.
+
+        For a masked forward run without autograd (no CE/KL term needs gradients through the
+        masks): the predictors then learn from their own stage's losses on exactly the inputs the
+        masked forward gave them, and no backward through the LLM is needed.
+        """
+        state = self.state
+        positions = torch.arange(state.valid.shape[1], device=state.valid.device).expand(state.valid.shape[0], -1)
+        return [self.predictor(s, x, positions, state.prompt_len).float() for s, x in enumerate(state.inputs)]
+
     def _topk(self, stage: int, noisy: torch.Tensor, prev: torch.Tensor, protect: torch.Tensor,
-              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hard top-``budget`` mask among alive tokens (protected first) and a soft surrogate."""
         hard = torch.zeros_like(noisy)
         soft = torch.zeros_like(noisy)
-        for b, n in enumerate(lengths.tolist()):
+        for b, n in enumerate(prompt_len.tolist()):
             alive = prev[b].detach() > 0.5
             ranked = noisy[b].detach().masked_fill(~alive, float("-inf")).masked_fill(protect[b], float("inf"))
-            budget = min(self.schedule.budget(stage, int(n)), int(alive.sum()))
-            order = ranked.topk(budget).indices
-            hard[b, order] = 1.0
+            # Continuation tokens are protected and alive but not part of the prompt's budget.
+            extra = int((protect[b] & alive).sum()) - self.schedule.num_protected(int(n))
+            budget = min(self.schedule.budget(stage, int(n)) + max(extra, 0), int(alive.sum()))
+            hard[b, ranked.topk(budget).indices] = 1.0
             # Threshold halfway between the last kept and the first dropped score.
-            finite = noisy[b].detach().masked_fill(~alive | protect[b], float("nan"))
-            kept_vals = finite[hard[b] > 0]
-            drop_vals = finite[(hard[b] == 0) & alive]
-            kept_min = kept_vals[~kept_vals.isnan()].min() if (~kept_vals.isnan()).any() else noisy[b].max().detach()
+            choosable = alive & ~protect[b]
+            kept_vals = noisy[b].detach()[choosable & (hard[b] > 0)]
+            drop_vals = noisy[b].detach()[choosable & (hard[b] == 0)]
+            kept_min = kept_vals.min() if kept_vals.numel() else noisy[b].detach().max()
             drop_max = drop_vals.max() if drop_vals.numel() else kept_min - 1.0
-            threshold = (kept_min + drop_max) / 2
-            soft[b] = torch.sigmoid((noisy[b] - threshold) / self.tau)
+            soft[b] = torch.sigmoid((noisy[b] - (kept_min + drop_max) / 2) / self.tau)
         return hard, soft
+
+
+def _drop_agreement(hard: torch.Tensor, clean: torch.Tensor, decided: torch.Tensor) -> float:
+    """Share of the noise-free dropped set that the noisy draw also dropped (1.0 if none dropped)."""
+    clean_drop = (clean < 0.5) & decided
+    both = clean_drop & (hard < 0.5)
+    total = int(clean_drop.sum())
+    return float(both.sum()) / total if total else 1.0
 
 
 def _dtype_of(args: tuple, kwargs: dict) -> torch.dtype:

@@ -1,36 +1,32 @@
-"""Held-out checks of a token scorer: ranking agreement with saliency labels, pruned perplexity.
+"""Held-out checks of a token scorer during and after training.
 
-* :func:`ranking_agreement` runs the dense model once per labelled sequence, feeds each stage
-  layer's input hidden states to a score function and compares with the labels: Spearman rank
-  correlation and top-k overlap with k = the stage's kept fraction of the sequence.
-* :func:`recent_perplexity` measures how well a (pruned) prefill predicts the last
-  ``keep_recent`` tokens of each window. Those tokens are protected, so they reach the output under
-  every schedule and the dense, learned and random runs are scored on exactly the same positions.
+* :func:`continuation_nll`: the inference protocol on held-out examples: prefill the prompt with
+  the pruner installed, score the continuation on the pruned cache (:mod:`sdtp.eval.scoring`);
+  mean NLL per continuation token. Dense (no pruner) and random are the references.
+* :func:`ranking_agreement`: Spearman rank correlation and top-k overlap of the predictor's scores
+  with the saliency labels over each example's choosable tokens (prompt, not protected), with k =
+  the share of those tokens the stage keeps; the predictor reads the dense model's hidden states.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
+from sdtp.engine.selection import protected_mask
+from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.predictor import TokenPredictor
 from sdtp.saliency import capture_layer_inputs
-
-# (stage, hidden (1, S, D), input_ids (1, S)) -> (1, S) scores
-ScoreFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Average ranks (ties share the mean rank) of a 1D tensor."""
     sorted_x, order = x.sort()
     ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(x.numel(), dtype=torch.float64)
-    # average ties
     _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     mean_rank = starts.double() + (counts.double() - 1) / 2
@@ -54,65 +50,56 @@ def topk_overlap(pred: torch.Tensor, target: torch.Tensor, k: int) -> float:
     return len(a & b) / k
 
 
+def choosable(schedule: PruningSchedule, split: int) -> torch.Tensor:
+    """(split,) bool: the prompt tokens a stage chooses among (not protected)."""
+    positions = torch.arange(split)
+    return ~protected_mask(positions, split, schedule.keep_first, schedule.num_recent(split))
+
+
 @torch.no_grad()
-def ranking_agreement(
-    model: nn.Module,
-    items: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    schedule: PruningSchedule,
-    score_fn: ScoreFn,
-) -> dict[str, float]:
-    """Mean Spearman / top-k overlap per stage (and overall) of ``score_fn`` vs the labels.
+def ranking_agreement(model: nn.Module, items: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
+                      schedule: PruningSchedule, predictor: TokenPredictor) -> dict[str, float]:
+    """Mean Spearman / top-k overlap per stage (and overall) of the predictor vs the labels.
 
     Args:
-        items: [(ids (S,), labels (S, num_stages)), ...].
+        items: [(ids (S,), split, labels (S, num_stages)), ...].
     """
     device = next(model.parameters()).device
-    per_stage_rho = [[] for _ in schedule.layers]
-    per_stage_top = [[] for _ in schedule.layers]
-    for ids, labels in items:
+    rho = [[] for _ in schedule.layers]
+    top = [[] for _ in schedule.layers]
+    for ids, split, labels in items:
+        region = choosable(schedule, split)
+        if int(region.sum()) < 2:
+            continue
         with capture_layer_inputs(model, schedule.layers) as captured:
-            model.base_model(input_ids=ids[None].to(device), use_cache=False)
+            model.base_model(input_ids=ids[None, :split].to(device), use_cache=False)
+        positions = torch.arange(split, device=device)[None]
+        prompt_len = torch.tensor([split], device=device)
         for s, layer in enumerate(schedule.layers):
-            score = score_fn(s, captured[layer], ids[None])[0].float().cpu()
-            label = labels[:, s].float()
-            per_stage_rho[s].append(spearman(score, label))
-            k = round(len(ids) * schedule.keep_fractions[s])
-            per_stage_top[s].append(topk_overlap(score, label, k))
+            score = predictor(s, captured[layer], positions, prompt_len)[0].float().cpu()[region]
+            label = labels[:split, s].abs().float()[region]
+            rho[s].append(spearman(score, label))
+            kept_share = (schedule.budget(s, split) - schedule.num_protected(split)) / int(region.sum())
+            top[s].append(topk_overlap(score, label, round(kept_share * int(region.sum()))))
     out: dict[str, float] = {}
     for s in range(len(schedule.layers)):
-        out[f"spearman/{s}"] = sum(per_stage_rho[s]) / len(per_stage_rho[s])
-        out[f"topk_overlap/{s}"] = sum(per_stage_top[s]) / len(per_stage_top[s])
-    out["spearman"] = sum(out[f"spearman/{s}"] for s in range(len(schedule.layers))) / len(schedule.layers)
-    out["topk_overlap"] = sum(out[f"topk_overlap/{s}"] for s in range(len(schedule.layers))) / len(schedule.layers)
+        out[f"spearman/{s}"] = sum(rho[s]) / max(len(rho[s]), 1)
+        out[f"topk_overlap/{s}"] = sum(top[s]) / max(len(top[s]), 1)
+    stages = len(schedule.layers)
+    out["spearman"] = sum(out[f"spearman/{s}"] for s in range(stages)) / stages
+    out["topk_overlap"] = sum(out[f"topk_overlap/{s}"] for s in range(stages)) / stages
     return out
 
 
 @torch.no_grad()
-def recent_perplexity(
-    model: nn.Module, windows: Sequence[torch.Tensor], pruner: TokenPruner | None, schedule: PruningSchedule
-) -> dict[str, float]:
-    """Perplexity of the next-token predictions at the protected recent positions of each window.
-
-    Args:
-        windows: [(S,) ids, ...]; position p predicts token p+1 for the last ``num_recent(S) - 1``
-            positions (the final token has no target).
-    """
+def continuation_nll(model: nn.Module, examples: Sequence[tuple[torch.Tensor, int]],
+                     pruner: TokenPruner | None) -> list[float]:
+    """Per example, mean NLL of the continuation ``ids[split:]`` given the (pruned) prompt ``ids[:split]``."""
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    context = pruner(model) if pruner is not None else nullcontext()
-    with context:
-        for ids in windows:
-            seq = ids.shape[0]
-            first = seq - schedule.num_recent(seq)
-            out = model(input_ids=ids[None].to(device), use_cache=False)
-            if pruner is not None:
-                positions = pruner.last_prefill.final_positions[0].cpu()
-            else:
-                positions = torch.arange(seq)
-            rows = ((positions >= first) & (positions < seq - 1)).nonzero().squeeze(-1)
-            logits = out.logits[0, rows.to(device)].float()
-            targets = ids[positions[rows] + 1].to(device)
-            nll += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            count += int(rows.numel())
-    mean = nll / max(count, 1)
-    return {"nll": mean, "ppl": math.exp(mean), "tokens": count}
+    out = []
+    for ids, split in examples:
+        ids = ids.to(device)
+        ctx = prefill_context(model, ids[None, :split], pruner)
+        logprobs, _ = score_continuation(model, ctx, ids[None, split:], pruner)
+        out.append(-float(logprobs.float().mean()))
+    return out

@@ -1,0 +1,71 @@
+"""Training checkpoints that know what produced them.
+
+A checkpoint holds the predictor (fp32 master weights), optimizer, scheduler and RNG states, the
+step, and a *signature*: model, schedule, data hash, label target and every training setting that
+changes the result. ``resume=true`` refuses a checkpoint whose signature differs, naming the keys,
+instead of silently continuing another run's weights under a new label.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtp.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, step: int, signature: dict[str, Any], predictor: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, torch.Generator]) -> None:
+    """Write atomically (temporary file + rename)."""
+    state = {"step": step, "signature": json.dumps(signature, sort_keys=True, default=str),
+             "predictor": predictor.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "rng": {name: gen.get_state() for name, gen in rng.items()}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, signature: dict[str, Any], predictor: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, torch.Generator]) -> int:
+    """Restore everything in place and return the step; ConfigError if the signature differs."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise ConfigError(f"resume: cannot read the checkpoint {path} ({exc})") from exc
+    old = json.loads(state.get("signature", "{}"))
+    new = json.loads(json.dumps(signature, sort_keys=True, default=str))
+    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint={old.get(k)!r} vs config={new.get(k)!r}" for k in diffs[:4])
+        raise ConfigError(f"resume=true: {path} was trained with a different setup ({detail}); "
+                          "use another out_dir or resume=false")
+    predictor.load_state_dict(state["predictor"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    for name, gen in rng.items():
+        gen.set_state(state["rng"][name])
+    return int(state["step"])
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` records after ``step`` so a resumed run does not repeat steps."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

@@ -1,0 +1,284 @@
+"""The SDTP predictor training recipe, top to bottom (the LLM is frozen; only the predictors learn).
+
+1. Examples: ``(ids, split)`` pairs, prompt ``[0, split)`` + continuation (:mod:`sdtp.data`); the
+   last ``val_sequences`` are held out.
+2. Labels: gradient x input saliency of the dense model at each stage layer, either computed
+   *online* in every step (one dense forward + backward; nothing stored, so a run resumes on a
+   fresh machine from its checkpoint alone) or read from an ``sdtp-label`` folder (every layer
+   stored; the schedule's columns are taken). Transformed per example (:func:`transform_labels`).
+3. Masked forward (:class:`PolicyMasker`): the predictors prune the prompt by attention masking;
+   the continuation is protected, as at inference.
+4. Loss (:func:`sdtp_loss`): CE (and optionally KL to the dense model) on the continuation, MSE and
+   ranking on the tokens each stage chooses among, optional ratio loss.
+5. AdamW on the fp32 predictor, gradient clipping, cosine schedule; Gumbel noise scale and
+   straight-through temperature annealed linearly over ``train.anneal_steps``.
+6. Checkpoint every ``ckpt_every`` steps (with a signature, so a resume cannot mix setups);
+   validation on the held-out examples (continuation NLL dense / random / predictor, ranking
+   agreement); the predictor is saved (and exported) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from sdtp.config import build_schedule
+from sdtp.data import Example, build_examples, examples_hash
+from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.errors import ConfigError
+from sdtp.labels import load_labels, transform_labels
+from sdtp.losses import distill_kl, sdtp_loss
+from sdtp.models import load_model
+from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.saliency import lm_loss, saliency_scores, target_labels
+from sdtp.scorers.predictor import PredictorScorer
+from sdtp.scorers.random import RandomScorer
+from sdtp.tracking import RunLogger
+from sdtp.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
+from sdtp.training.masking import PolicyMasker
+from sdtp.training.validation import continuation_nll, ranking_agreement
+from sdtp.utils import parse_jsonl, seed_everything, set_threads, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """Right-padded examples. ids, valid: (B, S); split: (B,) prompt lengths; labels: (B, S, K) or None."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    split: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+def collate(examples: list[Example], labels: list[torch.Tensor] | None = None) -> Batch:
+    """Right-pad examples (and their (S_i, K) stored labels) into one batch."""
+    length = max(ids.shape[0] for ids, _ in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    valid = torch.zeros(len(examples), length, dtype=torch.bool)
+    for row, (seq, _) in enumerate(examples):
+        ids[row, : len(seq)], valid[row, : len(seq)] = seq, True
+    split = torch.tensor([s for _, s in examples], dtype=torch.long)
+    stacked = None
+    if labels is not None:
+        stacked = torch.zeros(len(examples), length, labels[0].shape[-1])
+        for row, lab in enumerate(labels):
+            stacked[row, : lab.shape[0]] = lab
+    return Batch(ids, valid, split, stacked)
+
+
+def sample_order(step: int, t: DictConfig, seed: int, num_items: int) -> list[list[int]]:
+    """Example indices of each micro-batch of optimizer step ``step``: seeded per-epoch permutations."""
+    out = []
+    for micro in range(int(t.grad_accum)):
+        start = (step * int(t.grad_accum) + micro) * int(t.batch_size)
+        batch = []
+        for i in range(start, start + int(t.batch_size)):
+            perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + i // num_items))
+            batch.append(int(perm[i % num_items]))
+        out.append(batch)
+    return out
+
+
+def annealed(spec: DictConfig, step: int, steps: int) -> float:
+    """Linear from ``spec.start`` at step 0 to ``spec.end`` at ``steps`` (then constant)."""
+    frac = min(1.0, step / max(steps, 1))
+    return float(spec.start) + (float(spec.end) - float(spec.start)) * frac
+
+
+def online_labels(model: torch.nn.Module, batch: Batch, schedule: PruningSchedule, target: str) -> torch.Tensor:
+    """Raw signed grad x input of the dense model at the schedule's layers: (B, S, num_stages)."""
+    return saliency_scores(model, batch.ids, schedule.layers, target, absolute=False, normalize=False,
+                           valid=batch.valid, split=batch.split)
+
+
+def loss_step(model: torch.nn.Module, masker: PolicyMasker, batch: Batch, t: DictConfig,
+              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: masked forward, then the weighted sum of every stage's loss terms."""
+    w, head = t.loss, model.get_output_embeddings()
+    attn = batch.valid.long()
+    targets = target_labels(batch.ids, batch.valid, batch.split)  # continuation tokens only
+    through_mask = bool(w.ce or w.kl)  # only these terms need gradients through the masked LLM
+    with masker(model, batch.split):
+        with torch.set_grad_enabled(through_mask):
+            hidden = model.base_model(input_ids=batch.ids, attention_mask=attn).last_hidden_state
+        state = masker.state
+        if not through_mask:
+            state.scores = masker.rescore()
+    ce = lm_loss(head, hidden, targets) if w.ce else None
+    kl = None
+    if w.kl:
+        rows, cols = (targets >= 0).nonzero(as_tuple=True)
+        with torch.no_grad():
+            dense = model.base_model(input_ids=batch.ids, attention_mask=attn).last_hidden_state
+        kl = distill_kl(head(hidden[rows, cols]), head(dense[rows, cols]))
+    region = state.prompt & ~state.protect
+    labels = transform_labels(batch.labels, region, t.label_transform)
+    weights = {k: float(w[k]) for k in ("ce", "mse", "ranking", "ratio", "kl")}
+    loss, terms = sdtp_loss(state.scores, labels, state.decided, weights, ce=ce, policies=state.policies,
+                            fractions=masker.schedule.keep_fractions, prompt=state.prompt, kl=kl,
+                            stage_weights=w.stage_weights, ties=w.ties, max_pairs=int(w.max_pairs),
+                            generator=generator)
+    prompt = state.prompt.float()
+    terms["kept_fraction"] = float(((state.policies[-1].detach() * prompt).sum(1) / prompt.sum(1).clamp(min=1)).mean())
+    terms["drop_agreement"] = sum(state.drop_agreement) / len(state.drop_agreement)
+    return loss, terms
+
+
+def validate(model, predictor: TokenPredictor, schedule: PruningSchedule, val: list[Example],
+             val_labels: list[torch.Tensor], references: dict[str, float]) -> dict[str, float]:
+    """Held-out continuation NLL of the predictor (with dense/random references) + ranking agreement."""
+    pruner = TokenPruner(schedule, PredictorScorer(predictor=predictor))
+    nll = sum(continuation_nll(model, val, pruner)) / len(val)
+    metrics = {"nll_sdtp": nll, **references}
+    gap = references["nll_random"] - references["nll_dense"]
+    metrics["random_gap_closed"] = (references["nll_random"] - nll) / gap if gap > 0 else 0.0
+    items = [(ids, split, lab) for (ids, split), lab in zip(val, val_labels)]
+    metrics.update(ranking_agreement(model, items, schedule, predictor))
+    return metrics
+
+
+def load_data(cfg: DictConfig, model, tokenizer, schedule: PruningSchedule) -> tuple[list[Example], list | None, str]:
+    """Examples, their stored labels at the schedule's layers (None when online), and a data hash."""
+    t = cfg.train
+    if t.labels == "online":
+        examples = build_examples(tokenizer, cfg.data, int(cfg.seed))
+        return examples, None, examples_hash(examples)
+    meta, items = load_labels(t.labels_dir)
+    for key, want in (("base_model", cfg.model.name), ("target", t.target)):
+        have = meta["base_model"] if key == "base_model" else meta["saliency"]["target"]
+        if have != want:
+            raise ConfigError(f"train.labels_dir: labels were made with {key}={have!r}, config has {want!r}")
+    columns = [list(meta["layers"]).index(layer) for layer in schedule.layers]
+    examples = [(ids, split) for ids, split, _ in items]
+    return examples, [sal[:, columns] for _, _, sal in items], meta["examples_hash"]
+
+
+def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed."""
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    for volatile in ("max_steps", "ckpt_every", "eval_every", "stop_at", "val_sequences", "labels_dir"):
+        t.pop(volatile, None)
+    return {"model": cfg.model.name, "layers": list(schedule.layers), "keep_fractions": list(schedule.keep_fractions),
+            "keep_first": schedule.keep_first, "keep_recent": schedule.keep_recent, "data": data_hash,
+            "train": t, "seed": int(cfg.seed)}
+
+
+def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenPredictor:
+    t = cfg.train
+    return TokenPredictor(PredictorMeta(
+        hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(t.hidden_ratio),
+        base_model=cfg.model.name, num_layers=int(cfg.model.num_layers), input_norm=bool(t.input_norm),
+        position_features=bool(t.position_features),
+        extra={"keep_mode": t.keep_mode, "target": t.target, "label_transform": t.label_transform,
+               "loss": OmegaConf.to_container(t.loss), "data": cfg.data.name},
+    )).to(next(model.parameters()).device)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    t = cfg.train
+    seed_everything(int(cfg.seed))
+    set_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    schedule = build_schedule(cfg)
+    model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
+    model.eval().requires_grad_(False)
+    examples, stored, data_hash = load_data(cfg, model, tokenizer, schedule)
+    if len(examples) <= int(t.val_sequences):
+        raise ConfigError(f"train.val_sequences: {t.val_sequences} >= the {len(examples)} examples")
+    cut = len(examples) - int(t.val_sequences)
+    train_set, val = examples[:cut], examples[cut:]
+    log.info("%d training / %d held-out examples, %d tokens", len(train_set), len(val), sum(len(i) for i, _ in examples))
+
+    predictor = build_predictor(cfg, model, schedule)
+    optimizer = hydra.utils.instantiate(t.optimizer)(params=predictor.parameters())
+    scheduler = hydra.utils.instantiate(t.scheduler)(optimizer=optimizer) if t.scheduler else None
+    rng = {"gumbel": torch.Generator().manual_seed(int(cfg.seed)), "pairs": torch.Generator().manual_seed(int(cfg.seed) + 1)}
+    masker = PolicyMasker(schedule, predictor, t.keep_mode, generator=rng["gumbel"])
+    sig = signature(cfg, schedule, data_hash)
+
+    step, ckpt = 0, out_dir / CHECKPOINT
+    if cfg.resume and ckpt.is_file():
+        step = load_checkpoint(ckpt, sig, predictor, optimizer, scheduler, rng)
+        truncate_metrics(out_dir / "metrics.jsonl", step)
+        log.info("Resumed from %s at step %d", ckpt, step)
+
+    val_labels = [lab for lab in stored[cut:]] if stored is not None else [
+        online_labels(model, collate([ex]), schedule, t.target)[0] for ex in val]
+    references = {"nll_dense": sum(continuation_nll(model, val, None)) / len(val),
+                  "nll_random": sum(continuation_nll(model, val, TokenPruner(schedule, RandomScorer(0)))) / len(val)}
+    max_steps, anneal = int(t.max_steps), int(t.anneal_steps or t.max_steps)
+    begin, tokens = time.perf_counter(), 0
+    with RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name) as logger:
+        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step")
+        while step < max_steps:
+            masker.noise_scale, masker.tau = annealed(t.noise_scale, step, anneal), annealed(t.tau, step, anneal)
+            optimizer.zero_grad(set_to_none=True)
+            terms_acc: dict[str, float] = {}
+            for micro in sample_order(step, t, int(cfg.seed), len(train_set)):
+                batch = collate([train_set[i] for i in micro], [stored[i] for i in micro] if stored else None)
+                if batch.labels is None:
+                    batch.labels = online_labels(model, batch, schedule, t.target)
+                loss, terms = loss_step(model, masker, batch, t, rng["pairs"])
+                (loss / int(t.grad_accum)).backward()
+                tokens += int(batch.valid.sum())
+                for k, v in terms.items():
+                    terms_acc[k] = terms_acc.get(k, 0.0) + v / int(t.grad_accum)
+            grad_norm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), float(t.grad_clip))
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            tok_s = tokens / (time.perf_counter() - begin)
+            logger.log({**terms_acc, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                        "noise_scale": masker.noise_scale, "tau": masker.tau, "tokens_per_s": tok_s}, step=step)
+            bar.update(1)
+            bar.set_postfix({**{k: f"{terms_acc[k]:.3f}" for k in ("loss", "ce", "rank", "drop_agreement") if k in terms_acc},
+                             "tok/s": f"{tok_s:.0f}"})
+            if step % int(t.ckpt_every) == 0 or step == max_steps:
+                save_checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng)
+            if t.stop_at and int(t.stop_at) <= step < max_steps:
+                save_checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng)
+                log.info("Stopping at step %d (train.stop_at); continue with resume=true", step)
+                return {"out_dir": str(out_dir), "step": step, "stopped": True}
+            if t.eval_every and step % int(t.eval_every) == 0 and step < max_steps:
+                val_metrics = validate(model, predictor, schedule, val, val_labels, references)
+                logger.log({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
+        bar.close()
+        metrics = validate(model, predictor, schedule, val, val_labels, references)
+        metrics.update(final_noise_metrics(out_dir / "metrics.jsonl"))
+        metrics.update({"step": step, "train_seconds_this_run": round(time.perf_counter() - begin, 1),
+                        "train_examples": len(train_set), "val_examples": len(val), "data_hash": data_hash})
+        logger.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+        logger.summary(metrics)
+    predictor.save(out_dir / "predictor")
+    if cfg.export_dir:
+        predictor.save(cfg.export_dir)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    summary = {"out_dir": str(out_dir), "predictor": str(cfg.export_dir or out_dir / "predictor"), "step": step,
+               **{k: metrics[k] for k in ("nll_dense", "nll_random", "nll_sdtp", "spearman", "drop_agreement_mean")}}
+    print(json.dumps(summary))
+    return summary
+
+
+def final_noise_metrics(path: Path) -> dict[str, float]:
+    """Mean noisy-vs-clean drop agreement over the run and kept fraction over its last 10% of steps."""
+    records = [r for r in parse_jsonl(path.read_text()) if "drop_agreement" in r]
+    if not records:
+        return {"drop_agreement_mean": math.nan}
+    tail = records[-max(1, len(records) // 10):]
+    return {"drop_agreement_mean": sum(r["drop_agreement"] for r in records) / len(records),
+            "drop_agreement_first": records[0]["drop_agreement"],
+            "kept_fraction_final": sum(r["kept_fraction"] for r in tail) / len(tail)}
