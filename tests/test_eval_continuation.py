@@ -87,7 +87,8 @@ def test_runner_resumes_from_a_partial_segments_file(tiny_llama, tmp_path, monke
 
 
 def test_validation_names_the_key(tmp_path):
-    for override, key in (("eval.context_len=0", "eval.context_len"), ("eval.data_file=/no/such/file", "eval.data_file"),
+    for override, key in (("eval.context_len=0", "eval.context_len"),
+                          ("eval.data_file=/no/such/file", "eval.data_file"),
                           ("eval.dataset=books", "eval.dataset"), ("eval.context_len=5000", "eval.context_len"),
                           ("pruning.keep_recent=0", "pruning.keep_recent")):
         with pytest.raises(ConfigError, match=key):

@@ -21,7 +21,8 @@ def setup(tmp_path):
     c4.write_text("".join(json.dumps({"text": f"Document {i}: " + "words and more words. " * 8}) + "\n"
                           for i in range(8)))
     predictor = tmp_path / "predictor"
-    TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)).save(predictor)
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)
+    TokenPredictor(meta).save(predictor)  # untrained: the report only needs a checkpoint that fits
     out = tmp_path / "out"
     argv = ["--model", "tiny-llama", "--contexts", "48", "--cont-len", "8", "--num-segments", "3",
             "--random-seeds", "0,1", "--wikitext-file", str(wiki), "--c4-file", str(c4), "--c4-docs", "1:7",

@@ -197,7 +197,8 @@ def validate(cfg: DictConfig) -> None:
     if int(ev.context_len) + int(ev.cont_len) > int(cfg.model.max_length):
         raise ConfigError(f"eval.context_len + eval.cont_len: {int(ev.context_len) + int(ev.cont_len)} exceeds "
                           f"model.max_length={cfg.model.max_length}")
-    if ev.dataset == "jsonl" and (int(ev.doc_start) < 0 or (ev.doc_end is not None and int(ev.doc_end) <= int(ev.doc_start))):
+    empty = ev.doc_end is not None and int(ev.doc_end) <= int(ev.doc_start)
+    if ev.dataset == "jsonl" and (int(ev.doc_start) < 0 or empty):
         raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")

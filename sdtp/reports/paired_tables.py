@@ -109,7 +109,8 @@ def pooled(per_dataset: dict[str, dict[str, list[float]]], order: Sequence[str],
 
     rows = [{"scorer": n, "nll": _mean([_mean(per_dataset[d][n]) for d in datasets]),
              "delta_vs_dense": boot(n, "dense") if n != "dense" and "dense" in names else None} for n in names]
-    comparisons = [{"a": a, "b": b, **boot(a, b)} for a, b in comparison_pairs(names, [p for p in predictors if p in names])]
+    pairs = comparison_pairs(names, [p for p in predictors if p in names])
+    comparisons = [{"a": a, "b": b, **boot(a, b)} for a, b in pairs]
     return {"datasets": datasets, "rows": rows, "comparisons": comparisons}
 
 
@@ -165,7 +166,8 @@ def cell_markdown(cell: dict[str, Any]) -> list[str]:
 def pooled_markdown(block: dict[str, Any]) -> list[str]:
     lines = [f"### pooled over {', '.join(block['datasets'])}, context {block['context_len']}", "",
              "Mean of the dataset means; intervals: paired bootstrap (10,000 resamples of segments within "
-             "each dataset), no p-values.", "", "| scorer | mean NLL | Δ vs dense [95% bootstrap CI] |", "|---|---:|---|"]
+             "each dataset), no p-values.", "",
+             "| scorer | mean NLL | Δ vs dense [95% bootstrap CI] |", "|---|---:|---|"]
     label = {RANDOM: "random (mean of seeds)"}
     lines += [f"| {label.get(r['scorer'], r['scorer'])} | {r['nll']:.4f} | {_interval(r['delta_vs_dense'])} |"
               for r in block["rows"]]
@@ -187,6 +189,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             if cell["context_len"] == ctx:
                 lines += cell_markdown(cell)
         for block in report["pooled"]:
-            if block["context_len"] == ctx and len(block["datasets"]) > 1:
+            if block["context_len"] == ctx and len(block["datasets"]) > 1 and block["rows"]:
                 lines += pooled_markdown(block)
     return "\n".join(lines).rstrip() + "\n"

@@ -55,7 +55,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sdtp.benchmark.environment import environment
+from sdtp.benchmark.environment import cpu_model, environment
 from sdtp.config import REPO_ROOT, build_pruner, build_schedule, compose
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
@@ -67,6 +67,7 @@ from sdtp.utils import git_commit, set_threads, write_json_atomic
 log = logging.getLogger(__name__)
 BASELINES = ("norm", "positional", "lazyllm")
 DATASETS = ("wikitext", "c4")
+CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -297,6 +298,7 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
         "summary": summarize(scores),
         "wall_s": round(time.perf_counter() - start, 3),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
         "git_commit": git_commit(),
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -311,6 +313,12 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
 # the page
 
 
+def display_order(specs: list[ScorerSpec], seeds: bool) -> list[str]:
+    """Row order: dense, the random seed mean (and its seeds), baselines, oracle, predictors."""
+    names = [s.name for s in specs if s.group == "random"] if seeds else []
+    return ["dense", paired_tables.RANDOM, *names, *[s.name for s in specs if s.group not in ("dense", "random")]]
+
+
 def _cell(jobs: list[Job], specs: list[ScorerSpec]) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Table of one dataset x context from its jobs' records; also returns the NLLs for pooling."""
     records = {j.spec.name: j.record for j in jobs if j.record is not None}
@@ -318,8 +326,8 @@ def _cell(jobs: list[Job], specs: list[ScorerSpec]) -> tuple[dict[str, Any], dic
     nll = paired_tables.with_random_mean({n: r["nll"] for n, r in records.items()}, seeds)
     fractions = {n: (sum(r["kept_fraction"]) / len(r["nll"]), sum(r["layer_fraction"]) / len(r["nll"]))
                  for n, r in records.items()}
-    order = ["dense", paired_tables.RANDOM, *seeds, *[s.name for s in specs if s.group not in ("dense", "random")]]
-    comparable = [n for n in order if n not in seeds]  # the seeds enter comparisons through their mean
+    order = display_order(specs, seeds=True)
+    comparable = display_order(specs, seeds=False)  # the seeds enter comparisons through their mean
     predictors = [s.name for s in specs if s.group == "predictor"]
     cell = {
         "dataset": jobs[0].dataset, "context_len": jobs[0].context_len, "segments": len(jobs[0].segs),
@@ -339,9 +347,11 @@ def _display(path: Path) -> str:
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
     pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
     sched = pruned.fingerprint["schedule"] if pruned else None
-    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {', '.join(f'{k} {v[:12]}' for k, v in predictor_hashes(s.path).items())})"
-             for s in specs if s.group == "predictor"]
+    hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
+              for s in specs if s.group == "predictor"}
+    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]})" for s in specs if s.name in hashes]
     start, end = opts.c4_docs
+    commands = sorted({j.record["command"] for j in jobs if j.record is not None} - {opts.command})
     return {
         "Protocol": (f"continuation (`sdtp/eval/continuation.py`): per dataset and context length, the first "
                      f"{opts.num_segments} non-overlapping segments of context + {opts.cont_len} tokens; the context "
@@ -349,9 +359,10 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                      "per segment = mean NLL per continuation token (nats, lower is better); every scorer paired on "
                      f"the same segments. Datasets: `wikitext` = WikiText-2 raw test; `c4` = C4-en documents "
                      f"{start}..{end - 1} joined with EOS (the shipped predictor trained on C4 documents 0..299)."),
-        "Schedule": ("model default for every pruned scorer (equal tokens per layer): " + (
-            f"stages before layers {sched['layers']}, cumulative keep {[round(f, 3) for f in sched['keep_fractions']]}, "
-            f"first {sched['keep_first']} + last {sched['keep_recent']:.0%} of the context always kept" if sched else "–")),
+        "Schedule": "model default for every pruned scorer (equal tokens per layer): " + (
+            f"stages before layers {sched['layers']}, cumulative keep "
+            f"{[round(f, 3) for f in sched['keep_fractions']]}, first {sched['keep_first']} + last "
+            f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     "`norm` hidden-state L2 norm; `positional` sinks + most recent; `lazyllm` last-token attention; "
                     + ("; ".join(preds) if preds else "no predictor")),
@@ -362,26 +373,27 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
         "Machine": (f"{machine['cpu_model']} ({machine['cpu_count']} logical CPUs), torch threads "
                     f"{opts.threads}, dtype {machine['dtype']}, torch {machine['torch']}, transformers "
                     f"{machine['transformers']}, git {machine['git_commit']}; cell wall times in eval.json."),
+        **({"Cells computed by": "; ".join(f"`{c}`" for c in commands)} if commands else {}),
     }
 
 
 def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict:
     cells, pooled = [], []
+    predictors = [s.name for s in specs if s.group == "predictor"]
     for ctx in opts.contexts:
         per_dataset = {}
         for dataset in opts.datasets:
             cell, nll = _cell([j for j in jobs if j.dataset == dataset and j.context_len == ctx], specs)
             cells.append(cell)
             per_dataset[dataset] = nll
-        order = ["dense", paired_tables.RANDOM, *[s.name for s in specs if s.group not in ("dense", "random")]]
-        predictors = [s.name for s in specs if s.group == "predictor"]
-        pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, order, predictors)})
+        pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, False),
+                                                                   predictors)})
     return {
         "title": f"SDTP predictor vs training-free scorers: {opts.model}, continuation protocol",
         "command": opts.command, "header": header(opts, jobs, specs, machine), "contexts": list(opts.contexts),
         "cells": cells, "pooled": pooled, "machine": machine,
-        "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in
-                   ("wall_s", "threads", "git_commit", "created", "command")} for j in jobs if j.record is not None},
+        "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in CACHE_INFO}
+                   for j in jobs if j.record is not None},
     }
 
 
