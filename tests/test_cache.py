@@ -16,9 +16,9 @@ SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
 @torch.no_grad()
 def test_pruned_prefill_and_decode_match_dynamic_cache(tiny, prompt_ids):
     model, _, _ = tiny
-    pruner = TokenPruner(SCHEDULE, RandomScorer(seed=0))
     outputs = {}
     for name, cache in (("hf", DynamicCache(config=model.config)), ("append", appendable_cache(model, headroom=3))):
+        pruner = TokenPruner(SCHEDULE, RandomScorer(seed=0))  # a fresh scorer per cache: the same random mask
         with pruner(model):
             out = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = [out.logits]

@@ -97,6 +97,7 @@ def test_continuation_tokens_are_never_pruned(tiny_llama):
     fed = cont.shape[1] - 1
     assert cache_lengths(prefilled.cache) == record.tokens_per_layer  # reuse=True left the prefill cache intact
     # Reference: the engine's token-by-token decode on the same pruned cache (a different code path).
+    pruner = TokenPruner(PRUNE, RandomScorer(seed=1))  # same seed, first prompt: the same mask as above
     decoded = prefill_context(model, ctx, pruner)
     cache, logits, expected = decoded.cache, decoded.last_logits, []
     with torch.inference_mode(), pruner(model):

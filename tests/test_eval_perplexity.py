@@ -15,6 +15,7 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.eval import perplexity
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.perplexity import STATE_FILE, window_nll, window_spans, wikitext_rows
+from sdtp.scorers.norm import HiddenNormScorer
 from sdtp.scorers.random import RandomScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,7 +87,8 @@ def test_run_keep_ratio_one_equals_dense_and_pruning_differs(tiny_llama, tmp_pat
 def test_interrupted_run_resumes_from_checkpoint(tiny_llama, tmp_path, monkeypatch):
     model, tokenizer, _ = tiny_llama
     cfg = _cfg(tmp_path, "pruning=random", "eval.checkpoint_every=1")
-    pruner = TokenPruner(PRUNE, RandomScorer())
+    # A deterministic scorer: a random one draws a fresh mask per prompt, so a resumed run would differ.
+    pruner = TokenPruner(PRUNE, HiddenNormScorer())
     full = perplexity.run(cfg, model, tokenizer, pruner, tmp_path / "full")
     calls, real, resuming = [], perplexity.window_nll, False
 

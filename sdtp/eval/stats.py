@@ -8,11 +8,18 @@ are noise. Two numbers say what is resolved:
   outcome per document to ``samples_<task>.jsonl``; the generation runners one score in [0, 1] per
   sample to ``predictions.jsonl``), whose interval is much narrower than the difference of two
   independent intervals because both methods get the easy documents right.
+
+For continuous per-segment numbers (the continuation protocol's NLL per token) the paired
+difference gets a Student t interval and a two-sided t test (:func:`paired_t_interval`), the
+p-values of one table are Holm-corrected (:func:`holm`), and a mean pooled over datasets gets a
+bootstrap interval that resamples within each dataset (:func:`stratified_bootstrap_ci`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdtp.utils import parse_jsonl
@@ -66,3 +73,87 @@ def paired_delta(method: dict, reference: dict) -> tuple[float, float, int] | No
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
     return 100.0 * mean, 100.0 * Z95 * math.sqrt(var / n), n
+
+
+@dataclass(frozen=True)
+class PairedT:
+    """Mean of paired differences with its t interval and two-sided p-value (H0: mean = 0).
+
+    ``identical``: every difference is exactly 0 (p = 1). A constant non-zero difference has zero
+    variance too: half-width 0 and p = 0. With fewer than two pairs half-width and p are NaN.
+    """
+
+    mean: float
+    half_width: float
+    p_value: float
+    n: int
+    identical: bool
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+
+def t_quantile(prob: float, df: int) -> float:
+    """The ``prob`` quantile of Student's t with ``df`` degrees of freedom (t_{0.975, 2} = 4.303)."""
+    from scipy import stats  # imported here: only the continuous-statistics callers need scipy
+
+    return float(stats.t.ppf(prob, df))
+
+
+def paired_t_interval(diffs: Sequence[float], level: float = 0.95) -> PairedT:
+    """Paired t interval of ``mean(diffs)`` (diffs = method - reference, one per shared segment)."""
+    from scipy import stats
+
+    n = len(diffs)
+    mean = math.fsum(diffs) / n if n else math.nan
+    if n < 2:
+        return PairedT(mean, math.nan, math.nan, n, False)
+    var = math.fsum((d - mean) ** 2 for d in diffs) / (n - 1)
+    if var == 0.0:  # every pair differs by the same amount: no sampling noise to speak of
+        identical = all(d == 0.0 for d in diffs)
+        return PairedT(mean, 0.0, 1.0 if identical else 0.0, n, identical)
+    se = math.sqrt(var / n)
+    p_value = float(2.0 * stats.t.sf(abs(mean) / se, n - 1))
+    return PairedT(mean, t_quantile(0.5 + level / 2.0, n - 1) * se, p_value, n, False)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given; NaN stays NaN and is not counted).
+
+    The i-th smallest of m p-values is multiplied by (m - i), capped at 1, and made monotone.
+    """
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running, m = 0.0, len(finite)
+    for rank, (p, index) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
+def stratified_bootstrap_ci(
+    strata: Sequence[Sequence[float]], level: float = 0.95, iters: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean over strata of each stratum's mean, with a percentile bootstrap interval.
+
+    Each replicate resamples every stratum (e.g. the segments of one dataset) with replacement
+    within itself, so the pooled number weights datasets equally and its interval reflects only
+    within-dataset sampling. Returns (estimate, low, high).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    estimate = float(np.mean([np.mean(s) for s in strata]))
+    replicates = np.zeros(iters)
+    for values in strata:
+        values = np.asarray(values, dtype=np.float64)
+        picks = rng.integers(0, len(values), size=(iters, len(values)))  # (iters, n_s) resampled indices
+        replicates += values[picks].mean(axis=1) / len(strata)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
+    return estimate, float(low), float(high)

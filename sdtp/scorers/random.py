@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
 class RandomScorer(Scorer):
-    """Random scores from a generator re-seeded at every prefill, so runs are reproducible."""
+    """Random scores from one generator seeded once per scorer (i.e. per run).
+
+    Every prefill draws fresh scores from the running generator, so each prompt gets its own mask,
+    a run is reproducible for a given ``seed`` and prompt order, and different seeds give
+    different masks. Re-seeding at every prefill (the old behaviour) gave one mask per prompt
+    length for the whole run, which made "random" a single fixed positional pattern. A resumed run
+    restarts the stream, so it is reproducible but not identical to an uninterrupted one.
+    """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
-        self._generator = torch.Generator()
-
-    def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
-        self._generator.manual_seed(self.seed)
+        # Seeded here and never in begin()/bind(): the pruner re-binds on every `with pruner(model)`.
+        self._generator = torch.Generator().manual_seed(int(seed))
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """(B, n) scores in [0, 1) for the alive tokens."""
         shape = ctx.positions.shape
         return torch.rand(shape, generator=self._generator).to(ctx.hidden_states.device)

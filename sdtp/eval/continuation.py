@@ -1,0 +1,264 @@
+"""The continuation protocol: prune the prompt during prefill, then score what comes next.
+
+    sdtp-eval eval=continuation pruning=sdtp                      # WikiText-2 test, 64 x (2048 + 128) tokens
+    sdtp-eval eval=continuation pruning=random eval.dataset=jsonl \\
+        eval.data_file=../shared/data/train/c4_en_1k.jsonl eval.doc_start=300 eval.doc_end=1000   # held-out C4
+
+This is the inference use case of prefill pruning. A token stream is cut into non-overlapping
+segments of ``context_len + cont_len`` tokens from its start; each segment's context is prefilled
+with the pruner installed (:func:`sdtp.eval.scoring.prefill_context`) and its continuation is
+scored on the pruned cache, every continuation token by every layer
+(:func:`sdtp.eval.scoring.score_continuation`). A segment's number is the mean NLL per
+continuation token in nats; the dense model (no pruner) takes the same code path, so methods are
+compared paired on identical segments. Unlike the sliding-window perplexity, every scored token
+sees a full ``context_len`` prompt, so the whole budget of the schedule is in play.
+
+Streams: WikiText-2 raw test (``"\\n\\n".join(rows)``, the HF convention) or a JSONL of ``{text}``
+documents restricted to ``[doc_start, doc_end)`` and joined with the tokenizer's EOS (so held-out
+documents can be picked: the shipped predictor trained on C4 documents 0..299). Both are
+tokenised without special tokens.
+
+The runner writes one line per segment to ``segments.jsonl`` as it goes and resumes from it (a
+torn last line is dropped); lines from another configuration (a different fingerprint) are
+ignored. A resumed ``pruning=random`` run restarts its generator, so it is reproducible but not
+identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from sdtp.engine.pruner import TokenPruner
+from sdtp.errors import ConfigError
+from sdtp.eval.kept import KeptStats
+from sdtp.eval.perplexity import wikitext_rows
+from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.utils import parse_jsonl
+
+log = logging.getLogger(__name__)
+SEGMENTS_FILE = "segments.jsonl"
+DATASETS = ("wikitext", "jsonl")
+Segment = tuple[torch.Tensor, torch.Tensor]  # (ctx_ids (1, context_len), cont_ids (1, cont_len))
+
+
+# --------------------------------------------------------------------------------------------
+# token streams and segments
+
+
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False).input_ids
+
+
+def wikitext_stream(path: str | Path, tokenizer: Any) -> torch.Tensor:
+    """(L,) token ids of a raw WikiText file, ``"\\n\\n".join(rows)`` as HF's perplexity convention."""
+    return torch.tensor(_ids(tokenizer, ["\n\n".join(wikitext_rows(path))])[0], dtype=torch.long)
+
+
+def jsonl_stream(path: str | Path, tokenizer: Any, doc_start: int = 0, doc_end: int | None = None) -> torch.Tensor:
+    """(L,) token ids of documents ``[doc_start, doc_end)`` of a ``{text}`` JSONL, EOS between documents.
+
+    Documents are the file's non-blank lines, tokenised one by one (no text-level EOS string that a
+    tokenizer might split differently).
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ConfigError("eval.dataset=jsonl: the tokenizer has no eos_token_id to join documents with")
+    docs = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    end = len(docs) if doc_end is None else int(doc_end)
+    if not 0 <= int(doc_start) < end <= len(docs):
+        raise ConfigError(f"eval.doc_start/eval.doc_end: [{doc_start}, {doc_end}) is not a non-empty range "
+                          f"inside the {len(docs)} documents of {path}")
+    texts = [json.loads(line)["text"] for line in docs[int(doc_start) : end]]
+    ids: list[int] = []
+    for index, doc in enumerate(_ids(tokenizer, texts)):
+        ids.extend(([eos] if index else []) + doc)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_stream(ev: DictConfig, tokenizer: Any) -> torch.Tensor:
+    """(L,) the stream ``cfg.eval`` describes (``dataset``, ``data_file``, ``doc_start``, ``doc_end``)."""
+    if ev.dataset == "wikitext":
+        return wikitext_stream(ev.data_file, tokenizer)
+    return jsonl_stream(ev.data_file, tokenizer, int(ev.doc_start), ev.doc_end)
+
+
+def segments(stream: torch.Tensor, context_len: int, cont_len: int, num_segments: int) -> list[Segment]:
+    """The first ``num_segments`` non-overlapping (context, continuation) pairs of ``stream`` (L,).
+
+    Segment i spans ``stream[i * (context_len + cont_len) : (i + 1) * (context_len + cont_len)]``;
+    each part is returned as (1, len) for the model.
+    """
+    span = context_len + cont_len
+    available = stream.shape[0] // span
+    if num_segments > available:
+        raise ConfigError(f"eval.num_segments: {num_segments} segments of eval.context_len + eval.cont_len = "
+                          f"{span} tokens requested, but the stream of {stream.shape[0]} tokens has only {available}")
+    out = []
+    for index in range(num_segments):
+        chunk = stream[index * span : (index + 1) * span].unsqueeze(0)  # (1, span)
+        out.append((chunk[:, :context_len], chunk[:, context_len:]))
+    return out
+
+
+def segments_sha256(segs: Sequence[Segment]) -> str:
+    """Hash of every segment's token ids (tokenizer, data, lengths and count all change it)."""
+    digest = hashlib.sha256()
+    for ctx_ids, cont_ids in segs:
+        digest.update(torch.cat([ctx_ids, cont_ids], dim=1).to(torch.int64).numpy().tobytes())
+        digest.update(b"|")  # segment boundary, so (ctx, cont) splits of the same tokens differ
+        digest.update(str(ctx_ids.shape[1]).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class SegmentScore:
+    """One segment's result: mean NLL per continuation token (nats) and how much of the context survived.
+
+    ``kept_fraction``: context tokens after the last stage / context tokens; ``layer_fraction``:
+    context tokens processed per decoder layer / context tokens, averaged over layers (both 1.0 dense).
+    """
+
+    nll: float
+    kept_fraction: float = 1.0
+    layer_fraction: float = 1.0
+
+
+def score_segment(model: nn.Module, ctx_ids: torch.Tensor, cont_ids: torch.Tensor,
+                  pruner: TokenPruner | None) -> SegmentScore:
+    """Prefill ``ctx_ids`` (1, N) (pruned), then score ``cont_ids`` (1, T) on the cache."""
+    ctx = prefill_context(model, ctx_ids.to(model.device), pruner)
+    logprobs, _ = score_continuation(model, ctx, cont_ids.to(model.device), pruner)  # (T,)
+    kept = KeptStats()
+    kept.add(ctx.record)  # no-op when dense
+    if not kept.final:
+        return SegmentScore(nll=-float(logprobs.float().mean()))
+    return SegmentScore(-float(logprobs.float().mean()), kept.final[0], kept.per_layer[0])
+
+
+def segment_nll(
+    model: nn.Module,
+    segs: Sequence[Segment],
+    pruner: TokenPruner | None,
+    on_segment: Callable[[int, SegmentScore], None] | None = None,
+    desc: str = "continuation segments",
+) -> list[SegmentScore]:
+    """Score every segment in order (tqdm bar); ``on_segment(i, score)`` runs after each (checkpointing)."""
+    scores = []
+    for index, (ctx_ids, cont_ids) in enumerate(tqdm(segs, desc=desc)):
+        scores.append(score_segment(model, ctx_ids, cont_ids, pruner))
+        if on_segment is not None:
+            on_segment(index, scores[-1])
+    return scores
+
+
+def summarize(scores: Sequence[SegmentScore]) -> dict[str, float]:
+    """Mean NLL over segments (each segment has the same number of tokens), its exp, mean kept fractions."""
+    nll = math.fsum(s.nll for s in scores) / len(scores)
+    return {
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "segments": len(scores),
+        "avg_kept_fraction": math.fsum(s.kept_fraction for s in scores) / len(scores),
+        "avg_layer_token_fraction": math.fsum(s.layer_fraction for s in scores) / len(scores),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# sdtp-eval runner
+
+
+def validate(cfg: DictConfig) -> None:
+    ev = cfg.eval
+    if ev.dataset not in DATASETS:
+        raise ConfigError(f"eval.dataset: {ev.dataset!r} not in {DATASETS}")
+    if not (ev.data_file and Path(ev.data_file).is_file()):
+        raise ConfigError(f"eval.data_file: {ev.data_file} not found (set SDTP_DATA_DIR to the offline data mirror)")
+    for key in ("context_len", "cont_len", "num_segments"):
+        if int(ev[key]) < 1:
+            raise ConfigError(f"eval.{key}: must be >= 1, got {ev[key]}")
+    if int(ev.context_len) + int(ev.cont_len) > int(cfg.model.max_length):
+        raise ConfigError(f"eval.context_len + eval.cont_len: {int(ev.context_len) + int(ev.cont_len)} exceeds "
+                          f"model.max_length={cfg.model.max_length}")
+    empty = ev.doc_end is not None and int(ev.doc_end) <= int(ev.doc_start)
+    if ev.dataset == "jsonl" and (int(ev.doc_start) < 0 or empty):
+        raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
+    if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
+        raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
+
+
+def fingerprint(cfg: DictConfig, segs_sha: str) -> str:
+    """Short hash of what one segment's number depends on: segments, model and pruning config."""
+    what = {"segments": segs_sha, "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "pruning": OmegaConf.to_container(cfg.pruning, resolve=True)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    """Atomically replace ``path`` with ``records`` (drops a torn last line before we append to it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(tmp, path)
+
+
+def load_done(path: Path, fp: str, num_segments: int) -> dict[int, SegmentScore]:
+    """Segments already scored in ``path`` under fingerprint ``fp``; rewrites the file to just those."""
+    records = parse_jsonl(path.read_text()) if path.is_file() else []
+    done = {r["id"]: r for r in records
+            if r.get("fp") == fp and isinstance(r.get("id"), int) and 0 <= r["id"] < num_segments}
+    _rewrite(path, [done[i] for i in sorted(done)])
+    return {i: SegmentScore(r["nll"], r["kept_fraction"], r["layer_fraction"]) for i, r in done.items()}
+
+
+def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict:
+    ev = cfg.eval
+    stream = token_stream(ev, tokenizer)
+    segs = segments(stream, int(ev.context_len), int(ev.cont_len), int(ev.num_segments))
+    segs_sha = segments_sha256(segs)
+    fp = fingerprint(cfg, segs_sha)
+    path = Path(run_dir) / SEGMENTS_FILE
+    done = {} if cfg.get("force", False) else load_done(path, fp, len(segs))
+    if cfg.get("force", False):
+        _rewrite(path, [])
+    if done:
+        log.info("resuming continuation eval: %d of %d segments already in %s", len(done), len(segs), path)
+    todo = [i for i in range(len(segs)) if i not in done]
+
+    with path.open("a") as handle:
+
+        def save(k: int, score: SegmentScore) -> None:
+            done[todo[k]] = score
+            handle.write(json.dumps({"id": todo[k], **asdict(score), "fp": fp}) + "\n")
+            handle.flush()
+
+        segment_nll(model, [segs[i] for i in todo], pruner, on_segment=save)
+    scores = [done[i] for i in range(len(segs))]
+    return {
+        **summarize(scores),
+        "dataset": ev.dataset,
+        "data_file": str(ev.data_file),
+        "doc_range": [int(ev.doc_start), ev.doc_end] if ev.dataset == "jsonl" else None,
+        "context_len": int(ev.context_len),
+        "cont_len": int(ev.cont_len),
+        "stream_tokens": int(stream.shape[0]),
+        "segments_sha256": segs_sha,
+    }

@@ -1,0 +1,6 @@
+"""Generated, committed reports: each module computes (or reuses cached) numbers and renders a page.
+
+Pages are never hand-edited; re-running the module with the command printed on the page
+reproduces it. ``predictor_eval``: a trained SDTP predictor against every training-free scorer
+under the continuation protocol (:mod:`sdtp.eval.continuation`).
+"""

@@ -1,0 +1,194 @@
+"""Paired tables of per-segment NLLs: each scorer against dense, each predictor against every scorer.
+
+Input: for one dataset x context, ``{scorer: [NLL per segment]}`` over the *same* segments (the
+caller guarantees the pairing). Output: JSON-ready dicts, rendered to Markdown by
+:func:`render_markdown`.
+
+* scorer rows: mean NLL, exp(mean), the paired difference to dense with a 95% t interval;
+* random seeds: their per-segment mean is the ``random`` row used for pairing (it averages the
+  mask noise out of the comparison); each seed keeps a row of its own;
+* predictor comparisons: ``predictor - other`` with a 95% t interval and Holm-corrected p-values
+  over all comparisons of the dataset x context (pairs that never differ are "identical");
+* pooled over datasets (per context): the mean of the dataset means, intervals from a paired
+  bootstrap that resamples segments within each dataset (no p-values).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sdtp.eval.stats import PairedT, holm, paired_t_interval, stratified_bootstrap_ci
+
+RANDOM = "random"
+
+
+def _clean(value: float) -> float | None:
+    """NaN/inf -> None, so eval.json stays strict JSON."""
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def _diffs(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    if len(a) != len(b):
+        raise ValueError(f"unpaired: {len(a)} vs {len(b)} segments")
+    return [x - y for x, y in zip(a, b)]
+
+
+def paired_summary(result: PairedT) -> dict[str, Any]:
+    constant = result.half_width == 0.0 and not result.identical
+    return {"mean": result.mean, "low": _clean(result.low), "high": _clean(result.high), "p": _clean(result.p_value),
+            "n": result.n, "identical": result.identical, "constant": constant}
+
+
+def with_random_mean(nll: dict[str, list[float]], seeds: Sequence[str]) -> dict[str, list[float]]:
+    """``nll`` plus a ``random`` entry: the per-segment mean over the seeds present (if any)."""
+    present = [s for s in seeds if s in nll]
+    if not present:
+        return dict(nll)
+    return {**nll, RANDOM: [_mean(values) for values in zip(*(nll[s] for s in present))]}
+
+
+def scorer_rows(nll: dict[str, list[float]], fractions: dict[str, tuple[float, float]],
+                order: Sequence[str], seeds: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per scorer in ``order`` that has numbers; ``fractions``: scorer -> (kept, per-layer)."""
+    rows = []
+    for name in order:
+        if name not in nll:
+            continue
+        mean = _mean(nll[name])
+        delta = paired_summary(paired_t_interval(_diffs(nll[name], nll["dense"]))) if "dense" in nll else None
+        kept = fractions.get(name)
+        if name == RANDOM:  # the seeds share the schedule, so any seed's fractions are the row's
+            kept = next((fractions[s] for s in seeds if s in fractions), None)
+        rows.append({
+            "scorer": name, "n": len(nll[name]), "nll": mean, "ppl": math.exp(mean),
+            "delta_vs_dense": None if name == "dense" else delta,
+            "kept_fraction": kept[0] if kept else None, "layer_fraction": kept[1] if kept else None,
+            "seed_of": RANDOM if name in seeds else None,
+            "seeds": [s for s in seeds if s in nll] if name == RANDOM else None,
+        })
+    return rows
+
+
+def comparison_pairs(names: Sequence[str], predictors: Sequence[str]) -> list[tuple[str, str]]:
+    """(predictor, other) for every predictor against every other scorer, each unordered pair once."""
+    pairs, seen = [], set()
+    for pred in predictors:
+        for other in names:
+            if other != pred and frozenset((pred, other)) not in seen:
+                seen.add(frozenset((pred, other)))
+                pairs.append((pred, other))
+    return pairs
+
+
+def predictor_comparisons(nll: dict[str, list[float]], predictors: Sequence[str],
+                          order: Sequence[str]) -> list[dict[str, Any]]:
+    """Paired t comparisons ``predictor - other`` with Holm-adjusted p over all of them."""
+    names = [n for n in order if n in nll]
+    pairs = comparison_pairs(names, [p for p in predictors if p in nll])
+    results = [paired_summary(paired_t_interval(_diffs(nll[a], nll[b]))) for a, b in pairs]
+    adjusted = holm([math.nan if r["p"] is None else r["p"] for r in results])
+    return [{"a": a, "b": b, **r, "p_holm": _clean(p)} for (a, b), r, p in zip(pairs, results, adjusted)]
+
+
+def pooled(per_dataset: dict[str, dict[str, list[float]]], order: Sequence[str],
+           predictors: Sequence[str]) -> dict[str, Any]:
+    """Rows and predictor comparisons pooled over datasets (scorers present in every dataset only)."""
+    datasets = sorted(per_dataset)
+    names = [n for n in order if all(n in per_dataset[d] for d in datasets)]
+
+    def boot(a: str, b: str) -> dict[str, Any]:
+        strata = [_diffs(per_dataset[d][a], per_dataset[d][b]) for d in datasets]
+        mean, low, high = stratified_bootstrap_ci(strata)
+        return {"mean": mean, "low": low, "high": high, "identical": all(x == 0.0 for s in strata for x in s)}
+
+    rows = [{"scorer": n, "nll": _mean([_mean(per_dataset[d][n]) for d in datasets]),
+             "delta_vs_dense": boot(n, "dense") if n != "dense" and "dense" in names else None} for n in names]
+    pairs = comparison_pairs(names, [p for p in predictors if p in names])
+    comparisons = [{"a": a, "b": b, **boot(a, b)} for a, b in pairs]
+    return {"datasets": datasets, "rows": rows, "comparisons": comparisons}
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _interval(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "–"
+    if d.get("identical"):
+        return f"identical on all {d['n']}" if "n" in d else "identical"
+    if d.get("low") is None:
+        return f"{d['mean']:+.4f}"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def _p(value: float | None, d: dict[str, Any]) -> str:
+    if d.get("identical"):
+        return "–"
+    if d.get("constant"):
+        return f"constant difference on all {d['n']}"
+    return "–" if value is None else (f"{value:.2g}" if value >= 1e-4 else "<1e-4")
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def cell_markdown(cell: dict[str, Any]) -> list[str]:
+    lines = [f"### {cell['dataset']}, context {cell['context_len']} ({cell['segments']} segments)", ""]
+    if not cell["rows"]:
+        return lines + ["No scorer computed yet.", ""]
+    lines += ["| scorer | mean NLL | exp(NLL) | Δ vs dense [95% t CI] | context kept | tokens/layer |",
+              "|---|---:|---:|---|---:|---:|"]
+    for row in cell["rows"]:
+        name = f"  ↳ {row['scorer']}" if row["seed_of"] else row["scorer"]
+        if row["seeds"]:
+            name = f"random (mean of {len(row['seeds'])} seeds)"
+        lines.append(f"| {name} | {row['nll']:.4f} | {row['ppl']:.3f} | {_interval(row['delta_vs_dense'])} | "
+                     f"{_pct(row['kept_fraction'])} | {_pct(row['layer_fraction'])} |")
+    if cell["comparisons"]:
+        lines += ["", f"Predictor comparisons (Δ = first − second; Holm over the {len(cell['comparisons'])} "
+                      "comparisons of this table):", "",
+                  "| comparison | Δ NLL [95% t CI] | p | p (Holm) |", "|---|---|---:|---:|"]
+        for c in cell["comparisons"]:
+            lines.append(f"| {c['a']} − {c['b']} | {_interval(c)} | {_p(c['p'], c)} | {_p(c['p_holm'], c)} |")
+    if cell["missing"]:
+        lines += ["", "Not computed (or cache fingerprint mismatch): " + ", ".join(cell["missing"])]
+    return lines + [""]
+
+
+def pooled_markdown(block: dict[str, Any]) -> list[str]:
+    lines = [f"### pooled over {', '.join(block['datasets'])}, context {block['context_len']}", "",
+             "Mean of the dataset means; intervals: paired bootstrap (10,000 resamples of segments within "
+             "each dataset), no p-values.", "",
+             "| scorer | mean NLL | Δ vs dense [95% bootstrap CI] |", "|---|---:|---|"]
+    label = {RANDOM: "random (mean of seeds)"}
+    lines += [f"| {label.get(r['scorer'], r['scorer'])} | {r['nll']:.4f} | {_interval(r['delta_vs_dense'])} |"
+              for r in block["rows"]]
+    if block["comparisons"]:
+        lines += ["", "| comparison | Δ NLL [95% bootstrap CI] |", "|---|---|"]
+        lines += [f"| {c['a']} − {c['b']} | {_interval(c)} |" for c in block["comparisons"]]
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The page: header (protocol, schedule, machine, command), then one section per context."""
+    lines = [f"# {report['title']}", "", "Generated by `sdtp/reports/predictor_eval.py` (do not edit by hand):", "",
+             "```bash", report["command"], "```", ""]
+    lines += [f"- **{key}.** {text}" for key, text in report["header"].items()]
+    lines.append("")
+    for ctx in report["contexts"]:
+        lines += [f"## context {ctx} tokens", ""]
+        for cell in report["cells"]:
+            if cell["context_len"] == ctx:
+                lines += cell_markdown(cell)
+        for block in report["pooled"]:
+            if block["context_len"] == ctx and len(block["datasets"]) > 1 and block["rows"]:
+                lines += pooled_markdown(block)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,427 @@
+"""Committed evaluation of trained SDTP predictors against every training-free scorer (same schedule).
+
+    # 1. the baselines (no predictor needed), then 2. the predictor(s); finished cells are reused
+    PYTHONPATH=. python scripts/predictor_report.py --threads 1 --only dense,random,norm,positional,lazyllm
+    PYTHONPATH=. python scripts/predictor_report.py --threads 1 --predictor sdtp=results/predictors/smollm2-135m
+    # re-render the page from the cache (no forward pass; tokenizes the data to check fingerprints)
+    PYTHONPATH=. python scripts/predictor_report.py --render-only
+
+Protocol (:mod:`sdtp.eval.continuation`): per dataset and context length, the first
+``--num-segments`` non-overlapping segments of ``context + --cont-len`` tokens; each context is
+prefilled with the scorer's pruner, the continuation scored on the pruned cache; one number per
+segment (mean NLL per continuation token, nats), all scorers paired on the same segments.
+Datasets: ``wikitext`` (WikiText-2 raw test) and ``c4`` (C4-en documents ``--c4-docs``, default
+300..999, held out from the predictor's training on documents 0..299, joined with EOS).
+
+Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
+``positional``, ``lazyllm``; one per ``--predictor NAME=PATH`` (default
+``sdtp=<paths.predictors_dir>/<model>``; a missing path is skipped with a warning); ``oracle`` with
+``--oracle`` (slow: a backward pass per context). Every pruner comes from
+``sdtp.config.compose("eval", [model=..., pruning=<method>, ...])`` + ``build_pruner``, so every
+scorer runs the model's default schedule (equal tokens per layer) and a predictor's own input
+features stay inside its scorer. Each (dataset, context, scorer) gets a fresh pruner, so a random
+seed's masks do not depend on what ran before.
+
+Other options: ``--model`` (default smollm2-135m), ``--datasets wikitext,c4``, ``--contexts 2048,4096``,
+``--cont-len 128``, ``--num-segments 64``, ``--threads 1``, ``--only NAMES`` (compute only these; the
+page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (default
+``results/predictors/<model>``), ``--wikitext-file``/``--c4-file`` (default: the offline data mirror),
+``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``).
+
+Cache: ``<out>/continuation/<dataset>_<context>/<scorer>.json`` holds the per-segment NLLs and a
+fingerprint (segment token hash, model config and dtype, schedule, scorer config, predictor file
+sha256s, context/continuation lengths). A file is reused only if its fingerprint equals the current
+one; otherwise the cell is recomputed (when selected) or reported as not computed. Files are written
+atomically, so scorers can be computed in separate runs and the page re-rendered without a model run.
+
+Page: ``<out>/eval.md`` and ``<out>/eval.json`` (:mod:`sdtp.reports.paired_tables`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from sdtp.benchmark.environment import cpu_model, environment
+from sdtp.config import REPO_ROOT, build_pruner, build_schedule, compose
+from sdtp.errors import ConfigError
+from sdtp.eval import continuation
+from sdtp.eval.continuation import Segment, segment_nll, segments, segments_sha256, summarize, token_stream
+from sdtp.models import load_model
+from sdtp.reports import paired_tables
+from sdtp.utils import git_commit, set_threads, write_json_atomic
+
+log = logging.getLogger(__name__)
+BASELINES = ("norm", "positional", "lazyllm")
+DATASETS = ("wikitext", "c4")
+CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """One table row: its name, the overrides that build its pruner, its group, its predictor dir."""
+
+    name: str
+    overrides: tuple[str, ...]
+    group: str  # dense | random | baseline | predictor | oracle
+    path: Path | None = None
+
+
+@dataclass
+class ReportOptions:
+    model: str = "smollm2-135m"
+    predictors: dict[str, str] | None = None  # None: sdtp=<paths.predictors_dir>/<model>
+    datasets: tuple[str, ...] = DATASETS
+    contexts: tuple[int, ...] = (2048, 4096)
+    cont_len: int = 128
+    num_segments: int = 64
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    oracle: bool = False
+    only: tuple[str, ...] | None = None
+    threads: int = 1
+    render_only: bool = False
+    out: Path | None = None
+    c4_docs: tuple[int, int] = (300, 1000)
+    wikitext_file: str | None = None
+    c4_file: str | None = None
+    overrides: tuple[str, ...] = ()
+    command: str = ""
+
+
+@dataclass
+class Job:
+    """One (dataset, context, scorer) cell: its composed config, segments, fingerprint and cache file."""
+
+    dataset: str
+    context_len: int
+    spec: ScorerSpec
+    cfg: DictConfig
+    segs: list[Segment]
+    fingerprint: dict[str, Any]
+    path: Path
+    record: dict[str, Any] | None = field(default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# options
+
+
+def _csv(text: str, kind: type = str) -> tuple:
+    return tuple(kind(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str]) -> ReportOptions:
+    p = argparse.ArgumentParser(prog="predictor_report.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--predictor", action="append", metavar="NAME=PATH", help="repeatable")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--contexts", default="2048,4096")
+    p.add_argument("--cont-len", type=int, default=128)
+    p.add_argument("--num-segments", type=int, default=64)
+    p.add_argument("--random-seeds", default="0,1,2")
+    p.add_argument("--oracle", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated scorer names to compute (random = all seeds)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--c4-docs", default="300:1000", help="document range start:end (end exclusive)")
+    p.add_argument("--wikitext-file", default=None)
+    p.add_argument("--c4-file", default=None)
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    a = p.parse_args(argv)
+    predictors = None
+    if a.predictor:
+        pairs = [item.split("=", 1) for item in a.predictor]
+        if any(len(pair) != 2 for pair in pairs):
+            p.error("--predictor: expected NAME=PATH")
+        predictors = dict(pairs)
+    start, end = (int(x) for x in a.c4_docs.split(":"))
+    datasets = _csv(a.datasets)
+    if set(datasets) - set(DATASETS):
+        p.error(f"--datasets: {sorted(set(datasets) - set(DATASETS))} not in {DATASETS}")
+    return ReportOptions(
+        model=a.model, predictors=predictors, datasets=datasets, contexts=_csv(a.contexts, int), cont_len=a.cont_len,
+        num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
+        only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
+        c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, overrides=tuple(a.override),
+        command="PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv),
+    )
+
+
+def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
+    """Every scorer of the page, in display order (predictor paths made absolute)."""
+    specs = [ScorerSpec("dense", ("pruning=none",), "dense")]
+    specs += [ScorerSpec(f"random_s{s}", ("pruning=random", f"pruning.scorer.seed={s}"), "random")
+              for s in opts.random_seeds]
+    specs += [ScorerSpec(m, (f"pruning={m}",), "baseline") for m in BASELINES]
+    if opts.oracle:
+        specs.append(ScorerSpec("oracle", ("pruning=oracle",), "oracle"))
+    predictors = opts.predictors if opts.predictors is not None else {"sdtp": f"{predictors_dir}/{opts.model}"}
+    for name, path in predictors.items():
+        if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
+            raise ConfigError(f"--predictor {name}=...: the name must be new and match {NAME_RE.pattern}")
+        full = Path(path).resolve()
+        specs.append(ScorerSpec(name, ("pruning=sdtp", f"pruning.scorer.path={full}"), "predictor", full))
+    return specs
+
+
+def selected(spec: ScorerSpec, only: tuple[str, ...] | None) -> bool:
+    return only is None or spec.name in only or (spec.group == "random" and "random" in only)
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints and cache
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def predictor_hashes(path: Path) -> dict[str, str]:
+    """sha256 of a predictor's weights and metadata (``*.safetensors``, ``predictor*.json``), by file name.
+
+    Only the checkpoint files: the same folder also receives this page and its cache.
+    """
+    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("predictor*.json")])
+    return {f.name: file_sha256(f) for f in files}
+
+
+def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, spec: ScorerSpec) -> dict[str, Any]:
+    """Everything a cell's numbers depend on, as plain JSON (compared for equality on reuse)."""
+    schedule = build_schedule(cfg)
+    scorer = OmegaConf.to_container(cfg.pruning.scorer, resolve=True) if schedule is not None else None
+    if scorer is not None:
+        scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
+    what = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "dtype": str(next(model.parameters()).dtype),
+        "dataset": dataset,
+        "doc_range": [int(cfg.eval.doc_start), cfg.eval.doc_end] if cfg.eval.dataset == "jsonl" else None,
+        "context_len": int(cfg.eval.context_len),
+        "cont_len": int(cfg.eval.cont_len),
+        "num_segments": int(cfg.eval.num_segments),
+        "segments_sha256": segs_sha,
+        "schedule": asdict(schedule) if schedule is not None else None,
+        "scorer": scorer,
+        "predictor_sha256": predictor_hashes(spec.path) if spec.path is not None else None,
+    }
+    return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
+
+
+def load_cache(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached record at ``path`` if its fingerprint equals ``expected``; None (with a warning) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable cache file, ignored", path)
+        return None
+    found = record.get("fingerprint") if isinstance(record, dict) else None
+    if found != expected:
+        keys = sorted(k for k in expected if not isinstance(found, dict) or found.get(k) != expected[k])
+        log.warning("%s: fingerprint mismatch (%s), ignored", path, ", ".join(keys) or "format")
+        return None
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# planning and computing
+
+
+def dataset_overrides(dataset: str, opts: ReportOptions, data_dir: str) -> list[str]:
+    if dataset == "wikitext":
+        return ["eval.dataset=wikitext", f"eval.data_file={opts.wikitext_file or f'{data_dir}/lm/wiki.test.raw'}"]
+    start, end = opts.c4_docs
+    return ["eval.dataset=jsonl", f"eval.data_file={opts.c4_file or f'{data_dir}/train/c4_en_1k.jsonl'}",
+            f"eval.doc_start={start}", f"eval.doc_end={end}"]
+
+
+def base_overrides(opts: ReportOptions) -> list[str]:
+    return [f"model={opts.model}", "eval=continuation", f"threads={opts.threads}", *opts.overrides]
+
+
+def plan(opts: ReportOptions, specs: list[ScorerSpec], model: nn.Module, tokenizer: Any, data_dir: str,
+         out: Path) -> list[Job]:
+    """Compose every cell's config (validated) and fingerprint it; streams are tokenised once per dataset."""
+    jobs = []
+    for dataset in opts.datasets:
+        stream = None
+        for ctx in opts.contexts:
+            cell = [*base_overrides(opts), *dataset_overrides(dataset, opts, data_dir), f"eval.context_len={ctx}",
+                    f"eval.cont_len={opts.cont_len}", f"eval.num_segments={opts.num_segments}"]
+            segs, segs_sha = None, None
+            for spec in specs:
+                cfg = compose("eval", [*cell, *spec.overrides])
+                continuation.validate(cfg)
+                if stream is None:
+                    stream = token_stream(cfg.eval, tokenizer)
+                if segs is None:
+                    segs = segments(stream, ctx, opts.cont_len, opts.num_segments)
+                    segs_sha = segments_sha256(segs)
+                path = out / "continuation" / f"{dataset}_{ctx}" / f"{spec.name}.json"
+                jobs.append(Job(dataset, ctx, spec, cfg, segs, fingerprint(cfg, model, dataset, segs_sha, spec), path))
+    return jobs
+
+
+def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
+    """Score the cell's segments with a fresh pruner and write its cache file atomically."""
+    pruner = build_pruner(job.cfg)
+    start = time.perf_counter()
+    scores = segment_nll(model, job.segs, pruner, desc=f"{job.dataset}@{job.context_len} {job.spec.name}")
+    record = {
+        "fingerprint": job.fingerprint,
+        "scorer": job.spec.name,
+        "dataset": job.dataset,
+        "context_len": job.context_len,
+        "nll": [s.nll for s in scores],
+        "kept_fraction": [s.kept_fraction for s in scores],
+        "layer_fraction": [s.layer_fraction for s in scores],
+        "summary": summarize(scores),
+        "wall_s": round(time.perf_counter() - start, 3),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "git_commit": git_commit(),
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(job.path, record)
+    log.info("%s: mean NLL %.4f over %d segments in %.0f s", job.path, record["summary"]["nll"], len(scores),
+             record["wall_s"])
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# the page
+
+
+def display_order(specs: list[ScorerSpec], seeds: bool) -> list[str]:
+    """Row order: dense, the random seed mean (and its seeds), baselines, oracle, predictors."""
+    names = [s.name for s in specs if s.group == "random"] if seeds else []
+    return ["dense", paired_tables.RANDOM, *names, *[s.name for s in specs if s.group not in ("dense", "random")]]
+
+
+def _cell(jobs: list[Job], specs: list[ScorerSpec]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Table of one dataset x context from its jobs' records; also returns the NLLs for pooling."""
+    records = {j.spec.name: j.record for j in jobs if j.record is not None}
+    seeds = [s.name for s in specs if s.group == "random"]
+    nll = paired_tables.with_random_mean({n: r["nll"] for n, r in records.items()}, seeds)
+    fractions = {n: (sum(r["kept_fraction"]) / len(r["nll"]), sum(r["layer_fraction"]) / len(r["nll"]))
+                 for n, r in records.items()}
+    order = display_order(specs, seeds=True)
+    comparable = display_order(specs, seeds=False)  # the seeds enter comparisons through their mean
+    predictors = [s.name for s in specs if s.group == "predictor"]
+    cell = {
+        "dataset": jobs[0].dataset, "context_len": jobs[0].context_len, "segments": len(jobs[0].segs),
+        "rows": paired_tables.scorer_rows(nll, fractions, order, seeds),
+        "comparisons": paired_tables.predictor_comparisons({n: nll[n] for n in comparable if n in nll}, predictors,
+                                                           comparable),
+        "missing": [j.spec.name for j in jobs if j.record is None],
+    }
+    return cell, {n: nll[n] for n in comparable if n in nll}
+
+
+def _display(path: Path) -> str:
+    """``path`` relative to the repo when inside it (the committed page must not show a home directory)."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
+    pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
+    sched = pruned.fingerprint["schedule"] if pruned else None
+    hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
+              for s in specs if s.group == "predictor"}
+    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]})" for s in specs if s.name in hashes]
+    start, end = opts.c4_docs
+    commands = sorted({j.record["command"] for j in jobs if j.record is not None} - {opts.command})
+    return {
+        "Protocol": (f"continuation (`sdtp/eval/continuation.py`): per dataset and context length, the first "
+                     f"{opts.num_segments} non-overlapping segments of context + {opts.cont_len} tokens; the context "
+                     "is prefilled with the scorer's pruner, the continuation scored on the pruned cache; one number "
+                     "per segment = mean NLL per continuation token (nats, lower is better); every scorer paired on "
+                     f"the same segments. Datasets: `wikitext` = WikiText-2 raw test; `c4` = C4-en documents "
+                     f"{start}..{end - 1} joined with EOS (the shipped predictor trained on C4 documents 0..299)."),
+        "Schedule": "model default for every pruned scorer (equal tokens per layer): " + (
+            f"stages before layers {sched['layers']}, cumulative keep "
+            f"{[round(f, 3) for f in sched['keep_fractions']]}, first {sched['keep_first']} + last "
+            f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
+        "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
+                    "`norm` hidden-state L2 norm; `positional` sinks + most recent; `lazyllm` last-token attention; "
+                    + ("; ".join(preds) if preds else "no predictor")),
+        "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
+                       "Student t interval; predictor "
+                       "comparisons add two-sided paired t p-values, Holm-corrected over the comparisons of each "
+                       "dataset x context; pooled rows: stratified paired bootstrap."),
+        "Machine": (f"{machine['cpu_model']} ({machine['cpu_count']} logical CPUs), torch threads "
+                    f"{opts.threads}, dtype {machine['dtype']}, torch {machine['torch']}, transformers "
+                    f"{machine['transformers']}, git {machine['git_commit']}; cell wall times in eval.json."),
+        **({"Cells computed by": "; ".join(f"`{c}`" for c in commands)} if commands else {}),
+    }
+
+
+def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict:
+    cells, pooled = [], []
+    predictors = [s.name for s in specs if s.group == "predictor"]
+    for ctx in opts.contexts:
+        per_dataset = {}
+        for dataset in opts.datasets:
+            cell, nll = _cell([j for j in jobs if j.dataset == dataset and j.context_len == ctx], specs)
+            cells.append(cell)
+            per_dataset[dataset] = nll
+        pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, False),
+                                                                   predictors)})
+    return {
+        "title": f"SDTP predictor vs training-free scorers: {opts.model}, continuation protocol",
+        "command": opts.command, "header": header(opts, jobs, specs, machine), "contexts": list(opts.contexts),
+        "cells": cells, "pooled": pooled, "machine": machine,
+        "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in CACHE_INFO}
+                   for j in jobs if j.record is not None},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    set_threads(opts.threads)
+    base = compose("eval", [*base_overrides(opts), "pruning=none"])
+    specs = scorer_specs(opts, str(base.paths.predictors_dir))
+    for spec in [s for s in specs if s.group == "predictor" and not s.path.exists()]:
+        log.warning("predictor %s: %s does not exist, skipped", spec.name, spec.path)
+        specs.remove(spec)
+    unknown = set(opts.only or ()) - {s.name for s in specs} - {"random"}
+    if unknown:
+        raise ConfigError(f"--only: unknown scorer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
+    model, tokenizer = load_model(base.model, cache_dir=base.paths.cache_dir)
+    out = opts.out or Path(base.paths.predictors_dir) / base.model.name
+    jobs = plan(opts, specs, model, tokenizer, str(base.paths.data_dir), out)
+    for job in jobs:
+        job.record = load_cache(job.path, job.fingerprint)
+        if job.record is None and not opts.render_only and selected(job.spec, opts.only):
+            job.record = compute(job, model, opts.command)
+    report = build_report(opts, jobs, specs, environment(model, str(base.model.device)))
+    write_json_atomic(out / "eval.json", report)
+    (out / "eval.md").write_text(paired_tables.render_markdown(report))
+    log.info("wrote %s and %s", out / "eval.md", out / "eval.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

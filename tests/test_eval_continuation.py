@@ -1,0 +1,102 @@
+"""Continuation protocol: segment tiling, token streams, keep-all = dense, the runner's resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdtp.cli.evaluate import run as eval_run
+from sdtp.cli.evaluate import validate_eval
+from sdtp.config import compose
+from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.errors import ConfigError
+from sdtp.eval import continuation
+from sdtp.eval.continuation import SEGMENTS_FILE, jsonl_stream, segment_nll, segments, segments_sha256
+from sdtp.scorers.norm import HiddenNormScorer
+from sdtp.scorers.random import RandomScorer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+KEEP_ALL = PruningSchedule(layers=(1, 2, 3), keep_fractions=(1.0, 1.0, 1.0))
+PRUNE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.7, 0.5, 0.35))
+
+
+def test_segments_tile_the_stream_without_overlap():
+    stream = torch.arange(103)
+    segs = segments(stream, context_len=10, cont_len=5, num_segments=6)
+    assert all(c.shape == (1, 10) and t.shape == (1, 5) for c, t in segs)
+    tiled = torch.cat([torch.cat([c, t], dim=1) for c, t in segs], dim=1)[0]
+    assert torch.equal(tiled, stream[:90])  # contiguous from the start, each token used once
+    with pytest.raises(ConfigError, match="eval.num_segments.*only 6"):
+        segments(stream, 10, 5, 7)
+    assert segments_sha256(segs) != segments_sha256(segments(stream, 11, 4, 6))  # same tokens, other split
+
+
+def test_jsonl_stream_selects_documents_and_joins_with_eos(tiny_llama, tmp_path):
+    _, tokenizer, _ = tiny_llama
+    docs = ["zero doc", "first doc", "second one", "third"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "url": "u"}) + "\n" for d in docs) + "\n")
+    ids = jsonl_stream(path, tokenizer, doc_start=1, doc_end=3).tolist()
+    expect = lambda text: tokenizer(text, add_special_tokens=False).input_ids
+    assert ids == expect(docs[1]) + [tokenizer.eos_token_id] + expect(docs[2])
+    with pytest.raises(ConfigError, match="eval.doc_start/eval.doc_end"):
+        jsonl_stream(path, tokenizer, doc_start=2, doc_end=9)
+
+
+def test_keep_all_equals_dense_and_pruning_differs(tiny_llama):
+    model, _, _ = tiny_llama
+    stream = torch.randint(4, 260, (300,), generator=torch.Generator().manual_seed(0))
+    segs = segments(stream, context_len=80, cont_len=16, num_segments=3)
+    dense = segment_nll(model, segs, None)
+    kept = segment_nll(model, segs, TokenPruner(KEEP_ALL, RandomScorer()))
+    assert [s.nll for s in kept] == pytest.approx([s.nll for s in dense], rel=1e-5)
+    assert all(s.kept_fraction == 1.0 and s.layer_fraction == 1.0 for s in dense + kept)
+    pruned = segment_nll(model, segs, TokenPruner(PRUNE, HiddenNormScorer()))
+    assert [s.nll for s in pruned] != pytest.approx([s.nll for s in dense], rel=1e-4)
+    assert all(s.kept_fraction == pytest.approx(0.35, abs=0.02) for s in pruned)
+
+
+def _cfg(tmp_path, *overrides):
+    text = tmp_path / "wiki.test.raw"
+    text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
+    return compose("eval", ["eval=continuation", "model=tiny-llama", f"eval.data_file={text}", "eval.context_len=96",
+                            "eval.cont_len=16", "eval.num_segments=5", *overrides])
+
+
+def test_runner_resumes_from_a_partial_segments_file(tiny_llama, tmp_path, monkeypatch):
+    model, tokenizer, _ = tiny_llama
+    cfg = _cfg(tmp_path, "pruning=norm")
+    pruner = TokenPruner(PRUNE, HiddenNormScorer())  # deterministic, so a resumed run must match exactly
+    full = continuation.run(cfg, model, tokenizer, pruner, tmp_path / "full")
+    lines = (tmp_path / "full" / SEGMENTS_FILE).read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == list(range(5)) and full["segments"] == 5
+    # An interrupted run: two finished segments, one from another configuration, and a torn last line.
+    stale = json.dumps({**json.loads(lines[2]), "fp": "another-config", "nll": 99.0})
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / SEGMENTS_FILE).write_text("\n".join([lines[0], lines[1], stale, lines[3][:20]]))
+    calls, real = [], continuation.score_segment
+    monkeypatch.setattr(continuation, "score_segment", lambda *a: calls.append(1) or real(*a))
+    resumed = continuation.run(cfg, model, tokenizer, pruner, tmp_path / "resumed")
+    assert len(calls) == 3 and resumed == full  # same floats: the 2 saved segments + 3 recomputed
+    records = [json.loads(line) for line in (tmp_path / "resumed" / SEGMENTS_FILE).read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == list(range(5))  # torn and stale lines are gone
+
+
+def test_validation_names_the_key(tmp_path):
+    for override, key in (("eval.context_len=0", "eval.context_len"),
+                          ("eval.data_file=/no/such/file", "eval.data_file"),
+                          ("eval.dataset=books", "eval.dataset"), ("eval.context_len=5000", "eval.context_len"),
+                          ("pruning.keep_recent=0", "pruning.keep_recent")):
+        with pytest.raises(ConfigError, match=key):
+            validate_eval(_cfg(tmp_path, "pruning=random", override))
+
+
+def test_sdtp_eval_discovers_the_runner(tmp_path):
+    cfg = _cfg(tmp_path, "pruning=random", f"run_dir={tmp_path / 'run'}", "eval.num_segments=2")
+    metrics = eval_run(cfg)
+    assert metrics["results"]["segments"] == 2 and metrics["avg_kept_fraction"] < 1.0
+    assert metrics["results"]["ppl"] == pytest.approx(2.718281828 ** metrics["results"]["nll"])

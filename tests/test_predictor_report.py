@@ -1,0 +1,93 @@
+"""The committed predictor report: cached cells, fingerprints, paired statistics on the page."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.reports import predictor_eval
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    wiki = tmp_path / "wiki.test.raw"
+    wiki.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 12)
+    c4 = tmp_path / "c4.jsonl"
+    c4.write_text("".join(json.dumps({"text": f"Document {i}: " + "words and more words. " * 8}) + "\n"
+                          for i in range(8)))
+    predictor = tmp_path / "predictor"
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)
+    TokenPredictor(meta).save(predictor)  # untrained: the report only needs a checkpoint that fits
+    out = tmp_path / "out"
+    argv = ["--model", "tiny-llama", "--contexts", "48", "--cont-len", "8", "--num-segments", "3",
+            "--random-seeds", "0,1", "--wikitext-file", str(wiki), "--c4-file", str(c4), "--c4-docs", "1:7",
+            "--out", str(out), "--predictor", f"sdtp={predictor}"]
+    return argv, out
+
+
+def _cache(out, cell, scorer):
+    return out / "continuation" / cell / f"{scorer}.json"
+
+
+def _rows(report, dataset):
+    cell = next(c for c in report["cells"] if c["dataset"] == dataset)
+    return cell, {r["scorer"]: r for r in cell["rows"]}
+
+
+def test_computes_selected_scorers_and_pairs_random_on_the_seed_mean(setup):
+    argv, out = setup
+    report = predictor_eval.main([*argv, "--only", "dense,random,positional,sdtp"])
+    cell, rows = _rows(report, "c4")
+    assert set(rows) == {"dense", "random", "random_s0", "random_s1", "positional", "sdtp"}
+    assert cell["missing"] == ["norm", "lazyllm"]
+    seeds = [json.loads(_cache(out, "c4_48", f"random_s{s}").read_text())["nll"] for s in (0, 1)]
+    assert rows["random"]["nll"] == pytest.approx(sum(map(sum, seeds)) / 6)
+    assert rows["random_s0"]["nll"] != rows["random_s1"]["nll"]  # different seeds, different masks
+    assert rows["sdtp"]["layer_fraction"] == rows["positional"]["layer_fraction"] < 1.0  # same schedule
+    assert {(c["a"], c["b"]) for c in cell["comparisons"]} == {("sdtp", n) for n in ("dense", "random", "positional")}
+    assert all(0.0 <= c["p_holm"] <= 1.0 and c["p_holm"] >= c["p"] for c in cell["comparisons"])
+    page = (out / "eval.md").read_text()
+    assert "### c4, context 48 (3 segments)" in page and "random (mean of 2 seeds)" in page
+    assert "pooled over c4, wikitext, context 48" in page and "logical CPUs" in page
+
+
+def test_renders_fabricated_caches_and_ignores_a_mismatched_fingerprint(setup, monkeypatch):
+    argv, out = setup
+    predictor_eval.main([*argv, "--only", "dense,sdtp,positional,norm"])
+    cell = "wikitext_48"
+    for scorer, nll in (("dense", [1.0, 2.0, 3.0]), ("sdtp", [2.0, 4.0, 9.0]), ("positional", [2.0, 4.0, 9.0])):
+        record = json.loads(_cache(out, cell, scorer).read_text())
+        _cache(out, cell, scorer).write_text(json.dumps({**record, "nll": nll}))
+    # A norm cache that claims another schedule: must be ignored, never shown.
+    norm = json.loads(_cache(out, cell, "norm").read_text())
+    norm["fingerprint"]["schedule"]["keep_fractions"] = [0.5, 0.4, 0.3]
+    _cache(out, cell, "norm").write_text(json.dumps({**norm, "nll": [0.0, 0.0, 0.0]}))
+    monkeypatch.setattr(predictor_eval, "compute", lambda *a: pytest.fail("render-only must not compute"))
+    report = predictor_eval.main([*argv, "--render-only"])
+    table, rows = _rows(report, "wikitext")
+    assert "norm" not in rows and "norm" in table["missing"]
+    # sdtp - dense = [1, 2, 6]: mean 3, sd sqrt(7); df = 2 closed form t_{0.975} = 0.95 sqrt(2 / 0.0975).
+    delta = rows["sdtp"]["delta_vs_dense"]
+    half = 0.95 * math.sqrt(2 / (1 - 0.95**2)) * math.sqrt(7 / 3)
+    assert (delta["mean"], delta["low"], delta["high"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+    same = next(c for c in table["comparisons"] if c["b"] == "positional")
+    assert same["identical"] and same["p"] == 1.0
+    page = (out / "eval.md").read_text()
+    assert f"| sdtp | 5.0000 | {math.exp(5):.3f} | +3.0000 [{3 - half:+.4f}, {3 + half:+.4f}] |" in page
+    assert "| sdtp − positional | identical on all 3 |" in page
+    monkeypatch.undo()
+    # Computing norm again replaces the mismatched file with a valid one.
+    report = predictor_eval.main([*argv, "--only", "norm"])
+    _, rows = _rows(report, "wikitext")
+    assert "norm" in rows and rows["norm"]["nll"] > 0.0
+
+
+def test_unknown_only_name_fails(setup):
+    argv, _ = setup
+    with pytest.raises(Exception, match="--only"):
+        predictor_eval.main([*argv, "--only", "dense,sdpt"])
