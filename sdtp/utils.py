@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -16,15 +17,45 @@ from sdtp.config import REPO_ROOT
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON via a temporary file + rename, so a crash never leaves a half-written result."""
+    """Write JSON via a temporary file + rename, so a crash never leaves a half-written result.
+
+    Non-finite floats are written as ``null``: Python would emit a bare ``NaN`` token, which is not
+    JSON and breaks every strict reader of the results (an undefined mean is "no value").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        # mkstemp creates the file 0600; results are meant to be read by others (0644, less the umask).
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def finite_json(data: Any) -> Any:
+    """``data`` with every NaN / infinity (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:

@@ -65,6 +65,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
 
 
+def input_files(cfg: DictConfig) -> list[Path]:
+    """The offline task files the run reads (built-in online tasks are not hashed)."""
+    return [Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in task_list(cfg) if t in OFFLINE_FILES]
+
+
 def _clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
     """``{"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": 0.5}`` (numbers only)."""
     clean = {}

@@ -68,6 +68,10 @@ def validate(cfg: DictConfig) -> dict[str, Path]:
     return {n: data_file(cfg, n) for n in names}
 
 
+def input_files(cfg: DictConfig) -> list[Path]:
+    return list(validate(cfg).values())
+
+
 def max_prompt_length(cfg: DictConfig) -> int:
     if cfg.eval.get("max_length") is not None:
         return int(cfg.eval.max_length)

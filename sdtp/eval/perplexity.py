@@ -104,6 +104,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("pruning.keep_recent: must be > 0 for perplexity (the last context token must survive)")
 
 
+def input_files(cfg: DictConfig) -> list[Path]:
+    """The local text file, if the run reads one (the hub fallback is identified by its config keys)."""
+    path = cfg.eval.data_file
+    return [Path(path)] if path and Path(path).is_file() else []
+
+
 def _load_state(path: Path, signature: dict[str, Any], fresh: bool) -> dict[str, Any]:
     """The checkpoint of an interrupted run with the same signature, unless ``fresh`` (``force=true``)."""
     if path.is_file() and not fresh:

@@ -48,6 +48,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.{key}: must be >= 1, got {ev[key]}")
 
 
+def input_files(cfg: DictConfig) -> list[Path]:
+    return [Path(cfg.eval.source)]
+
+
 def _group(rows: list[dict[str, Any]], *keys: str) -> dict[str, float]:
     groups: dict[str, list[float]] = defaultdict(list)
     for row in rows:
