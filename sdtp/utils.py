@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sdtp.config import REPO_ROOT
+from sdtp.errors import ConfigError
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
@@ -68,6 +69,47 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict):
             records.append(record)
+    return records
+
+
+def read_text_file(path: str | Path, key: str) -> str:
+    """The UTF-8 text of a data file; ConfigError naming the config ``key``, the file and the line otherwise."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{key}: {path} line {line} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                          "re-encode the file as UTF-8") from None
+
+
+def read_jsonl_records(path: str | Path, key: str, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for the first ``limit`` records of a JSONL data file (blank lines skipped).
+
+    Strict, unlike :func:`parse_jsonl` (which reads our own logs and tolerates a torn last line):
+    input data with a truncated or non-JSON line, a non-object line, or no record at all is an error
+    naming ``key``, the file and the line, raised before any model work.
+    """
+    records = []
+    for number, line in enumerate(read_text_file(path, key).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: {path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}; "
+                              "a truncated download?)") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{key}: {path} line {number} is a JSON {type(record).__name__}, expected an object")
+        records.append((number, record))
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise ConfigError(f"{key}: {path} holds no records (empty file)")
     return records
 
 

@@ -23,7 +23,8 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.longbench_metrics import dataset_score
 from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
-from sdtp.eval.synthetic_data import SCORERS, make_samples, score
+from sdtp.eval.synthetic_data import SCORERS, make_samples, score, wiki_paragraphs
+from sdtp.utils import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.task: {ev.task!r} is not one of {sorted(SCORERS)}")
     if not Path(ev.source).is_file():
         raise ConfigError(f"eval.source: {ev.source} not found (WikiText-2 raw text, e.g. <data_dir>/lm/wiki.test.raw)")
+    read_text_file(ev.source, "eval.source")  # UTF-8, or an error naming the line
+    if not wiki_paragraphs(str(ev.source)):
+        raise ConfigError(f"eval.source: {ev.source} has no body paragraph of >= 40 words (empty, or not WikiText "
+                          "raw text?): nothing to build the filler from")
     lengths = list(ev.lengths or [])
     if not lengths or any(int(n) < 256 for n in lengths):
         raise ConfigError(f"eval.lengths: need a non-empty list of prompt lengths >= 256 tokens, got {lengths}")
