@@ -3,6 +3,8 @@
 # dense, random, positional, norm, lazyllm, gemfilter, fastkv (equal average tokens per layer) and sdtp,
 # on the seven offline lm-eval tasks (with a limit), LongBench multi_news, a needle task and WikiText perplexity,
 # plus sdtp-bench prefill timings; then renders results/compare/{compare_methods.md,.csv,.json,.png}.
+# A smaller (e.g. LIMIT=2 smoke) pass never replaces a committed page built from more documents: it is
+# rendered into results/compare_smoke/ (gitignored) instead. OUT=dir renders elsewhere; REPLACE=1 overwrites.
 #
 #   experiments/compare_methods.sh                    # smollm2-135m, quick limits
 #   MODEL=llama2-7b LIMIT=200 experiments/compare_methods.sh
@@ -67,4 +69,6 @@ step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" kv=streaming,h2
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
 if [ -n "$PRUNED" ]; then step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
   new_tokens=16 repeats=3 memory=false; fi
-step table "$PY" scripts/compare_methods.py --root results/multiruns --out results/compare
+TABLE=(--root results/multiruns --out "${OUT:-results/compare}" --smaller-out "${SMALLER_OUT:-results/compare_smoke}")
+if [ "${REPLACE:-0}" = 1 ]; then TABLE+=(--replace); fi
+step table "$PY" scripts/compare_methods.py "${TABLE[@]}"

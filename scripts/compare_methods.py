@@ -20,6 +20,11 @@ accuracy says which differences a ``limit``-ed run can resolve at all.
 
 Files that cannot be parsed are reported and skipped; when a method has several runs of the same
 eval, the newest file wins. Nothing here runs a model.
+
+A page is never silently replaced by a smaller one: ``compare_methods.json`` records its ``sizes``
+(documents per eval, scored perplexity tokens); if ``--out`` already holds a page built from more
+(or from an unrecorded number, i.e. rendered before sizes were kept), the new page goes to
+``--smaller-out`` when given, else the script refuses. ``--replace`` overwrites regardless.
 """
 
 from __future__ import annotations
@@ -240,6 +245,9 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
         )
         if fraction:
             row["layer_fraction"] = fraction
+        scored = _number(_get(data, "results", "scored_tokens"))
+        if scored is not None:
+            row.setdefault("sizes", {})["perplexity_tokens"] = int(scored)
         kv_kept = _number(_get(data, "kv", "kept_fraction"))
         if kv_kept is not None:
             row["kv_kept"] = kv_kept
@@ -335,7 +343,8 @@ def versus_lines(rows: dict[str, dict[str, Any]], method: str = "sdtp") -> list[
 
 
 def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
-                  notes: list[str] | None = None, ci: dict[str, dict[str, float]] | None = None) -> list[Path]:
+                  notes: list[str] | None = None, ci: dict[str, dict[str, float]] | None = None,
+                  sizes: dict[str, int] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in header) + " |" for r in records]
@@ -352,7 +361,8 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path,
         writer = csv.DictWriter(handle, fieldnames=header)
         writer.writeheader()
         writer.writerows(records)
-    _atomic_write(paths[2], json.dumps({"columns": header, "rows": records, "ci95": ci or {}}, indent=2))
+    _atomic_write(paths[2], json.dumps({"columns": header, "rows": records, "ci95": ci or {}, "sizes": sizes or {}},
+                                       indent=2))
     plot = _plot(records, out / "compare_methods.png")
     return paths + ([plot] if plot else [])
 
@@ -420,10 +430,43 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def page_sizes(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How much data the page rests on: per eval the most documents any method has outcomes for
+    (lm-eval: per task), and the scored perplexity tokens."""
+    sizes: dict[str, int] = {}
+    for row in rows.values():
+        for ev, outcomes in row.get("docs", {}).items():
+            sizes[f"{ev}_documents"] = max(sizes.get(f"{ev}_documents", 0), len(outcomes))
+        for col, n in row.get("counts", {}).items():
+            sizes[f"{col}_documents"] = max(sizes.get(f"{col}_documents", 0), int(n))
+        for key, n in row.get("sizes", {}).items():
+            sizes[key] = max(sizes.get(key, 0), n)
+    return sizes
+
+
+def smaller_than_existing(out: Path, sizes: dict[str, int]) -> str | None:
+    """Why the page in ``out`` must not be replaced by one of ``sizes`` (None if it may be)."""
+    path = out / "compare_methods.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text()).get("sizes")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        old = None
+    if not isinstance(old, dict):
+        return f"{path} does not record how many documents it was built from (rendered before sizes were kept)"
+    shrunk = [f"{key}: {n} -> {sizes.get(key, 0)}" for key, n in sorted(old.items()) if sizes.get(key, 0) < n]
+    return f"{path} was built from more data ({'; '.join(shrunk)})" if shrunk else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("results/multiruns"))
     parser.add_argument("--out", type=Path, default=Path("results/compare"))
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite --out even if its page was built from more documents")
+    parser.add_argument("--smaller-out", type=Path, default=None,
+                        help="render here instead when --out holds a page built from more documents (smoke runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not args.root.is_dir():
@@ -431,12 +474,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(args.root)
     if not rows:
         parser.error(f"no metrics.json or bench.json under {args.root}")
+    sizes = page_sizes(rows)
+    refusal = None if args.replace else smaller_than_existing(args.out, sizes)
+    if refusal and args.smaller_out is None:
+        parser.error(f"{refusal}; not replacing it with this smaller page. Render elsewhere with --out DIR "
+                     "(or --smaller-out DIR), or pass --replace to overwrite it")
+    if refusal:
+        log.warning("%s: rendering into %s instead", refusal, args.smaller_out)
+        args.out = args.smaller_out
     header, records = table(rows)
     ci = intervals(rows)
     settings = settings_lines(rows)
     notes = [interval_line(rows, ci), "\n".join(versus_lines(rows)),
              "\n".join(["Settings (newest run per method and eval):", *settings]) if settings else None]
-    for path in write_outputs(header, records, args.out, [n for n in notes if n], ci):
+    for path in write_outputs(header, records, args.out, [n for n in notes if n], ci, sizes):
         log.info("wrote %s", path)
     print((args.out / "compare_methods.md").read_text())
     return 0

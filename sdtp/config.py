@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,48 @@ def build_pruner(cfg: DictConfig) -> TokenPruner | None:
     return TokenPruner(schedule, scorer)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check the composed config; raises :class:`ConfigError` naming the offending key."""
+def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """Command-line overrides the composed config never reads: ``pruning.*`` when nothing is pruned
+    (``pruning=none``) and ``kv.*`` when the cache is not compressed (``kv=none``).
+
+    They are warned about, not refused: a sweep such as ``-m pruning=none,random pruning.keep_ratio=0.5``
+    legitimately applies one override to every method, the dense one included.
+    """
+    ignored = []
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key.startswith("pruning.") and "pruning" in cfg and cfg.pruning.get("scorer") is None:
+            ignored.append(f"{item} (pruning={cfg.pruning.get('name')} prunes nothing)")
+        elif key.startswith("kv.") and "kv" in cfg and cfg.kv.get("method") in (None, "none"):
+            ignored.append(f"{item} (kv=none compresses nothing)")
+    return ignored
+
+
+def offline_by_default() -> list[str]:
+    """Set ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` unless the user set them (or ``TRANSFORMERS_OFFLINE``).
+
+    The project runs from an offline data mirror and embedded weights; without these a hub lookup on
+    a machine with no network waits for timeouts before failing. Online users set
+    ``HF_HUB_OFFLINE=0``. Returns the variables set here.
+    """
+    user_chose = "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ
+    names = [n for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if n not in os.environ and not user_chose]
+    for name in names:
+        os.environ[name] = "1"
+    if "HF_HUB_OFFLINE" in names and "huggingface_hub.constants" in sys.modules:
+        # huggingface_hub reads the variable once, at import, and sdtp's imports have loaded it already;
+        # its is_offline_mode() (used by transformers) returns this module attribute.
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    return names
+
+
+def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """Check the composed config; raises :class:`ConfigError` naming the offending key.
+
+    ``overrides`` (the command line's) are checked for keys the config ignores (a warning).
+    """
+    for item in ignored_overrides(cfg, list(overrides or [])):
+        log.warning("override ignored: %s", item)
     check_family(cfg.model.family)
     resolve_dtype(cfg.model.dtype, cfg.model.device)
     build_kv_policy(cfg)  # the optional `kv` group (KV-cache compression); raises on bad kv.* keys
@@ -86,7 +128,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     else:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
-    validate_config(cfg)
+    validate_config(cfg, overrides)
     return cfg
 
 
@@ -95,15 +137,20 @@ def sdtp_main(
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """``@hydra.main`` for an entry point, with validation before the task runs.
 
+    The entry point runs offline unless the user chose otherwise (:func:`offline_by_default`).
+
     ``prepare(cfg)``, if given, may adjust the composed config before it is validated.
     """
 
     def decorator(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(task)
         def validated(cfg: DictConfig) -> Any:
+            from hydra.core.hydra_config import HydraConfig
+
+            offline_by_default()
             if prepare is not None:
                 prepare(cfg)
-            validate_config(cfg)
+            validate_config(cfg, list(HydraConfig.get().overrides.task))
             return task(cfg)
 
         return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(validated)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -13,18 +14,49 @@ from typing import Any
 import torch
 
 from sdtp.config import REPO_ROOT
+from sdtp.errors import ConfigError
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON via a temporary file + rename, so a crash never leaves a half-written result."""
+    """Write JSON via a temporary file + rename, so a crash never leaves a half-written result.
+
+    Non-finite floats are written as ``null``: Python would emit a bare ``NaN`` token, which is not
+    JSON and breaks every strict reader of the results (an undefined mean is "no value").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        # mkstemp creates the file 0600; results are meant to be read by others (0644, less the umask).
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def finite_json(data: Any) -> Any:
+    """``data`` with every NaN / infinity (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
@@ -37,6 +69,47 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict):
             records.append(record)
+    return records
+
+
+def read_text_file(path: str | Path, key: str) -> str:
+    """The UTF-8 text of a data file; ConfigError naming the config ``key``, the file and the line otherwise."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{key}: {path} line {line} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                          "re-encode the file as UTF-8") from None
+
+
+def read_jsonl_records(path: str | Path, key: str, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for the first ``limit`` records of a JSONL data file (blank lines skipped).
+
+    Strict, unlike :func:`parse_jsonl` (which reads our own logs and tolerates a torn last line):
+    input data with a truncated or non-JSON line, a non-object line, or no record at all is an error
+    naming ``key``, the file and the line, raised before any model work.
+    """
+    records = []
+    for number, line in enumerate(read_text_file(path, key).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: {path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}; "
+                              "a truncated download?)") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{key}: {path} line {number} is a JSON {type(record).__name__}, expected an object")
+        records.append((number, record))
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise ConfigError(f"{key}: {path} holds no records (empty file)")
     return records
 
 

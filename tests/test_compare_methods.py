@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from sdtp.config import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("compare_methods", REPO_ROOT / "scripts" / "compare_methods.py")
@@ -115,3 +117,32 @@ def test_outcomes_skip_a_torn_last_line(tmp_path):
 
     (tmp_path / "predictions.jsonl").write_text('{"id": "a", "dataset": "multi_news", "score": 0.5}\n{"id": "b", "sco')
     assert prediction_outcomes(tmp_path) == {("multi_news", "a"): 0.5}
+
+
+def _lm_eval_root(root: Path, n: int) -> Path:
+    """Dense and sdtp lm-eval runs over ``n`` documents (per-document outcomes included)."""
+    for method in ("none", "sdtp"):
+        _eval(root, method, "lm_eval", {"tasks": {"sdtp_piqa": {"acc": 0.5}}, "n_samples": {"sdtp_piqa": n}})
+        _samples(root, method, [i % 2 for i in range(n)])
+    return root
+
+
+def test_smaller_page_never_replaces_a_bigger_one(tmp_path):
+    out, smoke = tmp_path / "compare", tmp_path / "smoke"
+    assert compare.main(["--root", str(_lm_eval_root(tmp_path / "big", 10)), "--out", str(out)]) == 0
+    committed = (out / "compare_methods.json").read_text()
+    assert json.loads(committed)["sizes"] == {"lm_eval_documents": 10, "piqa_documents": 10}
+    small = str(_lm_eval_root(tmp_path / "small", 2))
+    with pytest.raises(SystemExit):
+        compare.main(["--root", small, "--out", str(out)])
+    assert (out / "compare_methods.json").read_text() == committed
+    assert compare.main(["--root", small, "--out", str(out), "--smaller-out", str(smoke)]) == 0
+    assert (out / "compare_methods.json").read_text() == committed
+    assert json.loads((smoke / "compare_methods.json").read_text())["sizes"]["piqa_documents"] == 2
+    assert compare.main(["--root", small, "--out", str(out), "--replace"]) == 0
+    assert json.loads((out / "compare_methods.json").read_text())["sizes"]["piqa_documents"] == 2
+    # A page as large (or larger) replaces without a flag; a page that recorded no sizes is protected.
+    assert compare.main(["--root", small, "--out", str(out)]) == 0
+    (out / "compare_methods.json").write_text(json.dumps({"columns": [], "rows": [], "ci95": {}}))
+    with pytest.raises(SystemExit):
+        compare.main(["--root", small, "--out", str(out)])

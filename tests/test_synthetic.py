@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 
@@ -121,3 +122,48 @@ def test_kv_compression_in_a_generation_eval(wiki, tmp_path):
     assert [r["pred"] for r in lossless_rows] == [r["pred"] for r in plain_rows]
     assert lossless["kv"]["method"] == "h2o" and lossless["kv"]["kept_fraction"] == 1.0
     assert compressed["kv"]["method"] == "snapkv" and 0.38 < compressed["kv"]["kept_fraction"] < 0.45
+
+
+def test_needles_stay_outside_the_protected_spans_at_every_depth(wiki, tiny_llama):
+    """Depth 1.0 used to sit inside the last 10% that every pruner keeps (a free score floor)."""
+    _, tokenizer, _ = tiny_llama
+    for length in (600, 1200, 2000):
+        samples = make_samples("needle", tokenizer, wiki, [length], [0.0, 0.5, 1.0], 2, seed=0)
+        spans = [synthetic.needle_span(tokenizer, s, chat=False) for s in samples]
+        for (first, end, n), sample in zip(spans, samples):
+            assert first >= 4 and end <= n - math.ceil(0.1 * n), (sample.id, first, end, n)
+        by_depth = {d: [f for (f, _, _), s in zip(spans, samples) if s.meta["depth"] == d] for d in (0.0, 0.5, 1.0)}
+        assert max(by_depth[0.0]) < min(by_depth[0.5]) <= max(by_depth[0.5]) < min(by_depth[1.0])
+        # Depth 1.0 is the last sentence boundary before the protected tail (or the filler's end, when the
+        # question after the filler is longer than that tail), not somewhere early. Byte tokenizer: 1 token per byte.
+        for (first, end, n), s in zip(spans, samples):
+            filler_end = len(s.prompt[: s.prompt.index("\n\nWhat is the special")].encode())
+            if s.meta["depth"] == 1.0:
+                assert min(n - math.ceil(0.1 * n), filler_end) - end < 120
+
+
+def test_needle_protection_is_checked(wiki, tiny_llama):
+    _, tokenizer, cfg = tiny_llama
+    base = ["eval=needle", "model=tiny-llama", f"eval.source={wiki}", "eval.lengths=[1024]", "pruning=random"]
+    with pytest.raises(ConfigError, match=r"eval\.protected_recent: 0\.1 < pruning\.keep_recent=0\.2"):
+        synthetic.validate(compose("eval", [*base, "pruning.keep_recent=0.2"]))
+    with pytest.raises(ConfigError, match=r"eval\.protected_first: 4 < kv\.keep_first=16"):
+        synthetic.validate(compose("eval", [*base, "kv=h2o", "kv.keep_first=16"]))
+    synthetic.validate(compose("eval", [*base, "pruning.keep_recent=0.2", "eval.protected_recent=0.2"]))
+    # A needle at the very end of the prompt (the old depth-1.0 placement) is caught before generation.
+    sample = make_samples("needle", tokenizer, wiki, [1024], [0.5], 1, seed=0)[0]
+    sample.prompt = sample.prompt.replace(sample.needle, "") + " " + sample.needle
+    with pytest.raises(AssertionError, match="touch the protected spans"):
+        synthetic.assert_needle_unprotected(compose("eval", base), tokenizer, [sample], False, None)
+
+
+def test_needle_run_scores_per_depth(wiki, tmp_path):
+    from sdtp.cli.evaluate import run
+
+    metrics = run(compose("eval", ["eval=needle", "model=tiny-llama", "pruning=random", f"eval.source={wiki}",
+                                   "eval.lengths=[600]", "eval.depths=[0.0,1.0]", "eval.num_samples=1",
+                                   "eval.max_new_tokens=2", f"run_dir={tmp_path}"]))["results"]
+    assert set(metrics["by_depth"]) == {"depth0.0", "depth1.0"}
+    assert set(metrics["by_length_depth"]) == {"length600/depth0.0", "length600/depth1.0"}
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["needle_tokens"]) == 2 for r in rows)

@@ -13,11 +13,21 @@ the model is loaded. The optional ``kv`` group compresses the cache after every 
 (``sdtp.kv``); runners that score multi-token continuations on the cache declare
 ``continuation_blocks: true`` and refuse it.
 
+An optional ``inputs: <dotted path>`` names a function ``inputs(cfg) -> list[Path]``: the data
+files the runner reads, hashed into the run's fingerprint.
+
 This module does the common part: validation, loading model / tokenizer / pruner, the run
 directory (deterministic per command, see conf/eval.yaml), ``metrics.json`` written atomically
 with the model, the pruning schedule, the average kept fraction (when the runner reports
-``avg_kept_fraction``), wall time and git commit, logging through RunLogger, and the JSON last
-stdout line. A run whose ``metrics.json`` exists is skipped unless ``force=true``.
+``avg_kept_fraction``), wall time and the run's fingerprint (:mod:`sdtp.provenance`), logging
+through RunLogger, and the JSON last stdout line.
+
+Reuse: a run directory is held under a lock file while it runs (a second process refuses). A
+finished run (``metrics.json``) is returned as is only when its fingerprint matches the current
+one; otherwise, and always with ``force=true``, the previous outputs (metrics, predictions,
+samples, checkpoints) are deleted before the run, so generation runners really recompute. A
+killed run resumes from its partial outputs only if ``fingerprint.json`` (written at the start)
+matches.
 """
 
 from __future__ import annotations
@@ -37,11 +47,16 @@ from sdtp.config import build_pruner, build_schedule, sdtp_main
 from sdtp.errors import ConfigError
 from sdtp.kv import KVCompressor, build_kv_policy, kv_compression
 from sdtp.models import load_model
+from sdtp.provenance import differences, fingerprint, run_lock
 from sdtp.tracking import RunLogger
-from sdtp.utils import git_commit, seed_everything, set_threads, write_json_atomic
+from sdtp.utils import finite_json, git_commit, seed_everything, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
 Runner = Callable[[DictConfig, Any, Any, Any, Path], dict[str, Any]]
+FINGERPRINT_FILE = "fingerprint.json"
+# What a run writes into its directory (Hydra's .hydra/ and log file are the launcher's, kept).
+OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "*_state.json",
+                   FINGERPRINT_FILE)
 
 
 def resolve_function(cfg: DictConfig, key: str) -> Callable[..., Any]:
@@ -119,15 +134,80 @@ def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def input_files(cfg: DictConfig) -> list[Path]:
+    """The data files the runner reads (``eval.inputs``), for the fingerprint; [] if it names none."""
+    return list(resolve_function(cfg, "inputs")(cfg)) if cfg.eval.get("inputs") else []
+
+
+def clear_outputs(run_dir: Path) -> list[Path]:
+    """Delete the files a previous run left in ``run_dir`` (see OUTPUT_PATTERNS); returns them."""
+    removed = sorted({path for pattern in OUTPUT_PATTERNS for path in run_dir.glob(pattern) if path.is_file()})
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def finished_run(run_dir: Path, current: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored metrics of a finished run with the same fingerprint, else None (logging why not)."""
+    done = run_dir / "metrics.json"
+    if not done.is_file():
+        return None
+    metrics = _read_json(done)
+    if metrics is None:
+        log.warning("%s is unreadable: recomputing", done)
+        return None
+    changed = differences(metrics.get("fingerprint"), current)
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+        log.warning("%s was produced by a different setup (%s): recomputing", done, shown)
+        return None
+    stored_git = metrics["fingerprint"].get("git") or {}
+    if stored_git != current["git"]:
+        log.warning("%s: reusing a run made at commit %s%s (now %s%s); force=true recomputes", done,
+                    stored_git.get("commit"), " (dirty)" if stored_git.get("dirty") else "",
+                    current["git"]["commit"], " (dirty)" if current["git"]["dirty"] else "")
+    return metrics
+
+
+def prepare_run_dir(run_dir: Path, current: dict[str, Any], force: bool) -> None:
+    """Clear outputs of a forced run or of another setup, keep a resumable one; write fingerprint.json."""
+    started = _read_json(run_dir / FINGERPRINT_FILE)
+    if force or started is None or differences(started, current):
+        removed = clear_outputs(run_dir)
+        if removed:
+            why = "force=true" if force else "they were produced by another setup (or an unknown one)"
+            log.warning("deleted %s in %s: %s", ", ".join(p.name for p in removed), run_dir, why)
+    else:
+        log.info("resuming the partial outputs in %s (same fingerprint)", run_dir)
+    write_json_atomic(run_dir / FINGERPRINT_FILE, current)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     runner = validate_eval(cfg)
     run_dir = run_directory(cfg)
-    done = run_dir / "metrics.json"
-    if done.is_file() and not cfg.get("force", False):
-        log.info("%s exists: skipping (force=true to re-run)", done)
-        metrics = json.loads(done.read_text())
-        print(json.dumps(metrics))
-        return metrics
+    force = bool(cfg.get("force", False))
+    with run_lock(run_dir):
+        current = fingerprint(cfg, input_files(cfg))
+        metrics = None if force else finished_run(run_dir, current)
+        if metrics is not None:
+            log.info("%s: finished run with the same fingerprint, skipping (force=true re-runs)", run_dir)
+        else:
+            prepare_run_dir(run_dir, current, force)
+            metrics = _evaluate(cfg, runner, run_dir, current)
+    print(json.dumps(finite_json(metrics), default=str))  # bare NaN is not JSON
+    return metrics
+
+
+def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
+    """Load model / pruner, run the runner, write metrics.json (with the fingerprint)."""
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
     pruner = build_pruner(cfg)
@@ -152,12 +232,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "wall_s": round(wall_s, 3),
             "git_commit": git_commit(),
             "config": OmegaConf.to_container(cfg, resolve=True),
+            "fingerprint": current,
         }
         numbers = _numbers(results)
         logger.log({**numbers, "wall_s": wall_s})
         logger.summary(numbers)
-        write_json_atomic(done, metrics)
-    print(json.dumps(metrics, default=str))
+        write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -8,7 +8,7 @@ included in that budget). The paper's default is geometric: ``keep_fractions[s-1
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,26 +104,47 @@ class PruningSchedule:
         layers = _stage_layers(cfg)
         fractions = _keep_fractions(cfg.get("keep_ratio", 0.9), len(layers))
         schedule = cls(
-            layers=tuple(int(x) for x in layers),
+            layers=tuple(layers),
             keep_fractions=fractions,
-            keep_first=int(cfg.get("keep_first", 4)),
-            keep_recent=float(cfg.get("keep_recent", 0.1)),
+            keep_first=_integer(cfg.get("keep_first", 4), "pruning.keep_first"),
+            keep_recent=_number(cfg.get("keep_recent", 0.1), "pruning.keep_recent"),
             position_ids=str(cfg.get("position_ids", "original")),
         )
         schedule.validate(num_layers)
         return schedule
 
 
+def _number(value: Any, key: str) -> float:
+    """``value`` as a float; ConfigError naming ``key`` for text, booleans (``true`` is not 1.0) or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+def _integer(value: Any, key: str) -> int:
+    """``value`` as an int; ConfigError naming ``key`` for text, booleans or fractional numbers."""
+    number = _number(value, key)
+    if number != int(number):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(number)
+
+
 def _stage_layers(cfg: Mapping[str, Any]) -> list[int]:
     if cfg.get("layers") is not None:
         layers = cfg["layers"]
-        if isinstance(layers, int | str):
+        if isinstance(layers, int | float | str | bool):
             raise ConfigError(f"pruning.layers: expected a list of layer indices, got {layers!r}")
-        return [int(x) for x in layers]
+        return [_integer(x, f"pruning.layers[{i}]") for i, x in enumerate(layers)]
     for key in ("first_layer", "layer_step", "num_stages"):
         if cfg.get(key) is None:
             raise ConfigError(f"pruning.{key}: required when pruning.layers is not given")
-    first, step, stages = int(cfg["first_layer"]), int(cfg["layer_step"]), int(cfg["num_stages"])
+    first, step, stages = (_integer(cfg[key], f"pruning.{key}") for key in ("first_layer", "layer_step", "num_stages"))
     if step < 1:
         raise ConfigError(f"pruning.layer_step: must be >= 1, got {step}")
     if stages < 1:
@@ -132,12 +153,12 @@ def _stage_layers(cfg: Mapping[str, Any]) -> list[int]:
 
 
 def _keep_fractions(keep_ratio: Any, num_stages: int) -> tuple[float, ...]:
-    if isinstance(keep_ratio, int | float):
-        r = float(keep_ratio)
+    """r -> (r, r^2, ...) or an explicit list of cumulative fractions (checked in ``validate``)."""
+    if isinstance(keep_ratio, str | bool | int | float) or keep_ratio is None:
+        r = _number(keep_ratio, "pruning.keep_ratio")
         if not 0.0 < r <= 1.0:
             raise ConfigError(f"pruning.keep_ratio: {r} is outside (0, 1]")
         return tuple(r ** (s + 1) for s in range(num_stages))
-    try:
-        return tuple(float(x) for x in keep_ratio)
-    except TypeError as exc:
-        raise ConfigError(f"pruning.keep_ratio: expected a number or a list, got {keep_ratio!r}") from exc
+    if not isinstance(keep_ratio, Iterable):
+        raise ConfigError(f"pruning.keep_ratio: expected a number or a list, got {keep_ratio!r}")
+    return tuple(_number(x, f"pruning.keep_ratio[{i}]") for i, x in enumerate(keep_ratio))

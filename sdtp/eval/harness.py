@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
+from sdtp.utils import read_jsonl_records
 
 log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -61,8 +62,15 @@ def validate(cfg: DictConfig) -> None:
         if task in OFFLINE_FILES and not (Path(ev.data_root) / OFFLINE_FILES[task]).is_file():
             raise ConfigError(f"eval.data_root: {Path(ev.data_root) / OFFLINE_FILES[task]} not found for task {task} "
                               "(set SDTP_DATA_DIR, or use lm-eval's built-in task name online)")
+        if task in OFFLINE_FILES:  # empty / non-JSON / non-UTF-8 files fail here, not inside lm-eval after loading
+            read_jsonl_records(Path(ev.data_root) / OFFLINE_FILES[task], f"eval.data_root ({task})")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
+
+
+def input_files(cfg: DictConfig) -> list[Path]:
+    """The offline task files the run reads (built-in online tasks are not hashed)."""
+    return [Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in task_list(cfg) if t in OFFLINE_FILES]
 
 
 def _clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
@@ -126,6 +134,9 @@ def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None,
 
 def cli_main() -> None:
     """``sdtp-lm-eval``: lm-eval's CLI with ``--model sdtp`` registered and the offline tasks included."""
+    from sdtp.config import offline_by_default
+
+    offline_by_default()  # before lm_eval imports `datasets`, which reads HF_DATASETS_OFFLINE once
     import sdtp.eval.lm_eval_model  # noqa: F401  (registers the "sdtp" model)
     from lm_eval.__main__ import cli_evaluate
 

@@ -12,11 +12,11 @@ means and ``avg``, the mean over datasets (the SDTP paper's AVG column).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 from omegaconf import DictConfig
@@ -35,6 +35,7 @@ from sdtp.eval.longbench_tasks import (
     LongBenchDataset,
 )
 from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
+from sdtp.utils import read_jsonl_records
 
 log = logging.getLogger(__name__)
 # THUDM's model2maxlen.json leaves 500 tokens of room under the context window (4K -> 3500, 8K -> 7500).
@@ -44,7 +45,7 @@ HEADROOM = 500
 def data_file(cfg: DictConfig, name: str) -> Path:
     """``eval.data_files[name]`` or ``<eval.data_dir>/<name>.jsonl``; missing -> ConfigError."""
     files = cfg.eval.get("data_files") or {}
-    path = Path(files[name]) if name in files else Path(cfg.eval.data_dir) / f"{name}.jsonl"
+    path = Path(files[name]) if files.get(name) else Path(cfg.eval.data_dir) / f"{name}.jsonl"
     if not path.is_file():
         raise ConfigError(
             f"eval.data_files.{name}: {path} not found. LongBench v1 jsonl files come from the data.zip of the "
@@ -65,7 +66,17 @@ def validate(cfg: DictConfig) -> dict[str, Path]:
         value = cfg.eval.get(key)
         if value is not None and int(value) < 1:
             raise ConfigError(f"eval.{key}: must be a positive integer or null, got {value}")
-    return {n: data_file(cfg, n) for n in names}
+    unknown_files = sorted(set(cfg.eval.get("data_files") or {}) - set(DATASETS))
+    if unknown_files:
+        raise ConfigError(f"eval.data_files: {unknown_files} are not LongBench v1 datasets; known: {sorted(DATASETS)}")
+    paths = {n: data_file(cfg, n) for n in names}
+    for name, path in paths.items():
+        load_records(path, cfg.eval.get("limit"), DATASETS[name])  # schema errors before the model loads
+    return paths
+
+
+def input_files(cfg: DictConfig) -> list[Path]:
+    return list(validate(cfg).values())
 
 
 def max_prompt_length(cfg: DictConfig) -> int:
@@ -74,15 +85,31 @@ def max_prompt_length(cfg: DictConfig) -> int:
     return int(cfg.model.max_length) - HEADROOM
 
 
-def load_records(path: Path, limit: int | None) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                records.append(json.loads(line))
-            if limit is not None and len(records) >= limit:
-                break
-    return records
+def check_record(record: dict[str, Any], spec: LongBenchDataset, where: str) -> None:
+    """The keys the prompt template and the scorer read, with the official types (``where``: file:line)."""
+    fields = [f for _, f, _, _ in Formatter().parse(spec.prompt) if f]
+    missing = [f for f in (*fields, "answers") if f not in record]
+    if missing:
+        raise ConfigError(f"eval.data_files.{spec.name}: {where} lacks {missing} (LongBench v1 schema: "
+                          "input, context, answers, length, all_classes, _id)")
+    bad = [f for f in fields if not isinstance(record[f], str)]
+    if bad:
+        raise ConfigError(f"eval.data_files.{spec.name}: {where} fields {bad} must be strings")
+    answers = record["answers"]
+    # A bare string would be scored character by character (every gold answer one letter).
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ConfigError(f"eval.data_files.{spec.name}: {where} 'answers' must be a non-empty list of strings, "
+                          f"got {answers!r:.80}")
+
+
+def load_records(path: Path, limit: int | None, spec: LongBenchDataset | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` records, checked against the dataset's schema (ConfigError naming file and line)."""
+    key = f"eval.data_files.{spec.name}" if spec else "eval.data_files"
+    records = read_jsonl_records(path, key, limit)
+    if spec is not None:
+        for number, record in records:
+            check_record(record, spec, f"{path} line {number}")
+    return [record for _, record in records]
 
 
 def truncate_middle(tokenizer: Any, prompt: str, max_length: int) -> tuple[str, bool]:
@@ -127,7 +154,7 @@ def predict_dataset(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: T
     newline = name in NEWLINE_STOP_DATASETS
     stops = stop_token_ids(model, tokenizer, ["\n"] if newline else [])
     rows = []
-    for index, record in enumerate(tqdm(load_records(path, cfg.eval.get("limit")), desc=name, leave=False)):
+    for index, record in enumerate(tqdm(load_records(path, cfg.eval.get("limit"), spec), desc=name, leave=False)):
         key = f"{name}/{record.get('_id', index)}"
         if key not in predictions:
             input_ids, truncated = build_input(tokenizer, spec, record, max_length, chat)

@@ -31,7 +31,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.scoring import prefill_context, score_continuation
-from sdtp.utils import write_json_atomic
+from sdtp.utils import read_text_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 STATE_FILE = "perplexity_state.json"
@@ -39,7 +39,7 @@ STATE_FILE = "perplexity_state.json"
 
 def wikitext_rows(path: str | Path) -> list[str]:
     """Rows of a raw WikiText file as HF ``wikitext-*-raw-v1`` has them (blank lines become "")."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = read_text_file(path, "eval.data_file").splitlines(keepends=True)
     return [line if line.strip() else "" for line in lines]
 
 
@@ -100,8 +100,17 @@ def validate(cfg: DictConfig) -> None:
     if not (ev.data_file and Path(ev.data_file).is_file()) and not ev.hf_dataset:
         raise ConfigError(f"eval.data_file: {ev.data_file} not found and eval.hf_dataset is not set "
                           "(set SDTP_DATA_DIR to the offline data mirror)")
+    if ev.data_file and Path(ev.data_file).is_file() and not read_text_file(ev.data_file, "eval.data_file").strip():
+        # Nothing to score: the mean NLL would divide by zero after the model loaded.
+        raise ConfigError(f"eval.data_file: {ev.data_file} is empty")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 for perplexity (the last context token must survive)")
+
+
+def input_files(cfg: DictConfig) -> list[Path]:
+    """The local text file, if the run reads one (the hub fallback is identified by its config keys)."""
+    path = cfg.eval.data_file
+    return [Path(path)] if path and Path(path).is_file() else []
 
 
 def _load_state(path: Path, signature: dict[str, Any], fresh: bool) -> dict[str, Any]:
@@ -120,6 +129,9 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
     if ev.max_tokens is not None:
         ids = ids[:, : int(ev.max_tokens)]
     ids = ids.to(cfg.model.device)
+    if ids.shape[1] < 2:  # e.g. a hub split of blank rows: no token has a context to be scored in
+        raise ConfigError(f"eval.data_file: {ev.data_file or ev.hf_dataset} tokenizes to {ids.shape[1]} token(s); "
+                          "perplexity needs at least 2")
     spans = window_spans(ids.shape[1], int(ev.window), int(ev.stride))
     signature = {"tokens": int(ids.shape[1]), "window": int(ev.window), "stride": int(ev.stride),
                  "pruning": OmegaConf.to_container(cfg.pruning, resolve=True), "model": cfg.model.name}

@@ -1,9 +1,12 @@
 """Synthetic long-context task data built from WikiText, deterministic given a seed, at any length.
 
-* ``needle``: one fact ("The special magic number for <key> is <7 digits>.") inserted at a chosen
-  depth (0 = start, 1 = end of the filler text) of consecutive WikiText paragraphs; the model is
-  asked for the number. Scored like LongBench's retrieval/count: the share of numbers in the
-  answer that equal the gold number (so extra numbers cost).
+* ``needle``: one fact ("The special magic number for <key> is <7 digits>.") inserted at a sentence
+  boundary of consecutive WikiText paragraphs; the model is asked for the number. Scored like
+  LongBench's retrieval/count: the share of numbers in the answer that equal the gold number (so
+  extra numbers cost). Depth 0 / 1 = the first / last position of the filler that lies OUTSIDE the
+  spans every pruner keeps unconditionally (``protected``: the first ``keep_first`` tokens and the
+  last ``keep_recent`` fraction of the prompt). Placing it at the literal end of the filler would put
+  it inside the protected recent window, where every pruner keeps it for free.
 * ``passage_retrieval``: "Paragraph i: ..." blocks from distinct articles and one sentence quoted
   from one of them; the model names the paragraph (LongBench's passage_retrieval_en prompt, with
   a verbatim sentence instead of an LLM-written abstract, which cannot be made offline). Scored
@@ -20,6 +23,8 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+import bisect
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +59,7 @@ class Sample:
     answer: str  # gold, in the form the scorer expects
     answer_prefix: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    needle: str = ""  # the inserted fact (needle task), to locate it in the encoded prompt
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,39 @@ def _budget(filler: Filler, template: str, length: int, **fields: str) -> int:
     return length - filler.tokens(template.format(context="", **fields))
 
 
-def needle_sample(filler: Filler, rng: random.Random, length: int, depth: float, template_extra: int = 0) -> Sample:
+# Tokens of slack when keeping the needle away from the protected spans: the prompt lands within a
+# few tokens of its target length, and token boundaries can merge across the needle's edges.
+NEEDLE_MARGIN = 8
+
+
+@dataclass(frozen=True)
+class Protected:
+    """Spans every pruner keeps unconditionally: the first ``first`` tokens, the last ``recent`` fraction."""
+
+    first: int = 4
+    recent: float = 0.1
+
+    def num_recent(self, length: int) -> int:
+        return min(length, math.ceil(self.recent * length - 1e-9))
+
+
+def sentence_starts(text: str) -> list[int]:
+    """Character offsets where a sentence or line of ``text`` starts (0 included)."""
+    return [0] + [m.end() for m in re.finditer(r"(?<=[.!?])[ \t]+|\n", text) if m.end() < len(text)]
+
+
+def token_positions(filler: Filler, text: str, offsets: list[int]) -> list[int]:
+    """Tokens of ``text`` before each character offset (one tokenisation when the tokenizer is fast)."""
+    try:
+        spans = filler.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError):  # slow tokenizers have no offsets: count prefixes
+        return [filler.tokens(text[:c]) for c in offsets]
+    starts = [start for start, _ in spans]
+    return [bisect.bisect_left(starts, c) for c in offsets]
+
+
+def needle_sample(filler: Filler, rng: random.Random, length: int, depth: float, template_extra: int = 0,
+                  protected: Protected = Protected()) -> Sample:
     key, number = rng.choice(NEEDLE_KEYS), str(rng.randrange(1_000_000, 10_000_000))
     needle = f"The special magic number for {key} is {number}."
     prefix = NEEDLE_ANSWER_PREFIX.format(input=key)
@@ -120,15 +158,27 @@ def needle_sample(filler: Filler, rng: random.Random, length: int, depth: float,
         text = filler.cut(filler.paragraphs[index].text, budget - used)
         units.append(text)
         used += filler.count(index) if text == filler.paragraphs[index].text else filler.tokens(text)
-    cumulative = [0]
-    for text in units:
-        cumulative.append(cumulative[-1] + filler.tokens(text))
-    slot = min(range(len(cumulative)), key=lambda i: abs(cumulative[i] - depth * cumulative[-1]))
-    units.insert(slot, needle)
+    context = "\n".join(units)
+    # Allowed needle starts, in filler tokens. Template tokens are left out of head and tail on purpose:
+    # fewer tokens around the filler only push the needle further from the protected ends.
+    before, after = NEEDLE_PROMPT.split("{context}")
+    head, tail = filler.tokens(before), filler.tokens(after.format(input=key)) + filler.tokens(prefix)
+    recent = protected.num_recent(length + NEEDLE_MARGIN)
+    candidates = sentence_starts(context)
+    positions = token_positions(filler, context, candidates)
+    lo = max(0, protected.first + NEEDLE_MARGIN - head)
+    hi = filler.tokens(context) - max(0, recent + NEEDLE_MARGIN - tail)
+    allowed = [(p, c) for p, c in zip(positions, candidates) if lo <= p <= hi]
+    if not allowed:
+        raise ValueError(f"a {length}-token needle prompt leaves no sentence boundary outside the protected spans "
+                         f"(first {protected.first} tokens, last {protected.recent:.0%}); use longer eval.lengths")
+    target = lo + depth * (hi - lo)
+    position, cut = min(allowed, key=lambda pc: (abs(pc[0] - target), pc[0]))
+    body = context[:cut] + needle + (" " + context[cut:] if cut < len(context) else "")
     return Sample(
-        id="", task="needle", length=length, prompt=NEEDLE_PROMPT.format(context="\n".join(units), input=key),
-        answer=number, answer_prefix=prefix,
-        meta={"depth": depth, "actual_depth": round(cumulative[slot] / max(cumulative[-1], 1), 4), "key": key},
+        id="", task="needle", length=length, prompt=NEEDLE_PROMPT.format(context=body, input=key),
+        answer=number, answer_prefix=prefix, needle=needle,
+        meta={"depth": depth, "actual_depth": round((position - lo) / max(hi - lo, 1), 4), "key": key},
     )
 
 
@@ -205,11 +255,13 @@ def score(task: str, prediction: str, answer: str) -> float:
 
 
 def make_samples(task: str, tokenizer: Any, source: str | Path, lengths: list[int], depths: list[float],
-                 num_samples: int, seed: int, template_extra: int = 0) -> list[Sample]:
+                 num_samples: int, seed: int, template_extra: int = 0,
+                 protected: Protected = Protected()) -> list[Sample]:
     """All samples of a task: for each length (and depth, for needle) ``num_samples`` of them.
 
     Each sample has its own RNG seeded from (seed, task, length, depth, index), so adding lengths or
-    depths never changes the other samples. ``template_extra``: tokens a chat template adds.
+    depths never changes the other samples. ``template_extra``: tokens a chat template adds;
+    ``protected``: the spans the needle must stay out of (the same for every method compared).
     """
     filler = Filler(tokenizer, wiki_paragraphs(str(source)))
     samples = []
@@ -218,7 +270,7 @@ def make_samples(task: str, tokenizer: Any, source: str | Path, lengths: list[in
             for index in range(num_samples):
                 rng = random.Random(f"{seed}/{task}/{length}/{depth}/{index}")
                 if task == "needle":
-                    sample = needle_sample(filler, rng, length, float(depth), template_extra)
+                    sample = needle_sample(filler, rng, length, float(depth), template_extra, protected)
                 elif task == "passage_retrieval":
                     sample = passage_retrieval_sample(filler, rng, length, template_extra)
                 else:

@@ -1,0 +1,184 @@
+"""Run provenance: what produced a result, and a lock so one run directory has one writer.
+
+A run's *fingerprint* records everything its numbers depend on that the run directory's name does
+not: the fully resolved config (defaults included), the resolved dtype and device (``dtype: auto``
+is bf16 on one CPU and fp32 on another), the sha256 of the predictor checkpoint and of every data
+file the eval reads, the versions of the packages that compute the numbers, and the git commit with
+its dirty flag.
+
+Reuse rule (:func:`differences`): a finished run is reused only if everything but ``git`` matches.
+The commit is recorded, not compared: a commit that touches docs or another stage would otherwise
+invalidate hours of finished sweep runs, while the inputs that change numbers (config defaults,
+predictor weights, data, library versions, dtype) are compared exactly. A reused run whose commit
+differs is logged; ``force=true`` recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sdtp.models.loading import resolve_dtype
+from sdtp.utils import git_commit
+
+log = logging.getLogger(__name__)
+
+# Keys that change how a run is executed, not what it computes (they are also left out of the run
+# directory name, conf/eval.yaml).
+VOLATILE_KEYS = ("force", "threads", "run_dir", "logger")
+PACKAGES = ("torch", "transformers", "lm_eval")
+# Fingerprint entries that must match for a finished run to be reused (everything but ``git``).
+COMPARED = ("config", "dtype", "device", "predictor", "data", "packages")
+LOCK_FILE = ".sdtp.lock"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(paths: Iterable[str | Path]) -> dict[str, str]:
+    """path -> sha256 for each existing file (a directory contributes every file inside it)."""
+    hashes: dict[str, str] = {}
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                hashes[str(file)] = sha256_file(file)
+    return hashes
+
+
+def predictor_files(cfg: DictConfig) -> list[Path]:
+    """The checkpoint files the scorer reads (``pruning.scorer.path``: a file, or a folder of weights + meta)."""
+    scorer = cfg.get("pruning", {}).get("scorer") if "pruning" in cfg else None
+    path = scorer.get("path") if scorer is not None else None
+    if not path:
+        return []
+    path = Path(path)
+    if path.is_dir():  # README / eval notes beside the weights do not change the predictions
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".pt", ".bin")
+                      and not p.name.endswith(("metrics.json", "eval.json")))
+    return [path] if path.is_file() else []
+
+
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in (*PACKAGES, *extra):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def comparable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config (defaults included) without the keys that do not change results."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in VOLATILE_KEYS:
+        config.pop(key, None)
+    return config
+
+
+def fingerprint(cfg: DictConfig, data_files: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """Everything a run's numbers depend on; see the module docstring."""
+    model = cfg.model
+    extra = [str(model.package)] if model.get("source") == "gguf_package" and model.get("package") else []
+    commit = git_commit()
+    return {
+        "config": comparable_config(cfg),
+        "dtype": str(resolve_dtype(model.dtype, model.device)),
+        "device": str(model.device),
+        "predictor": hash_files(predictor_files(cfg)),
+        "data": hash_files(data_files),
+        "packages": package_versions(extra),
+        "git": {"commit": commit.removesuffix("-dirty") if commit else None,
+                "dirty": bool(commit and commit.endswith("-dirty"))},
+    }
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: data}
+
+
+def differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two fingerprints (``git`` ignored); [] = same run.
+
+    A missing stored fingerprint (a run written before provenance was recorded) is a difference.
+    """
+    if not isinstance(stored, dict):
+        return ["fingerprint (none stored)"]
+    # Through JSON, so tuples vs lists and int vs float keys compare as they are stored.
+    old = _leaves(json.loads(json.dumps({k: stored.get(k) for k in COMPARED}, default=str)))
+    new = _leaves(json.loads(json.dumps({k: current.get(k) for k in COMPARED}, default=str)))
+    return sorted(key for key in old.keys() | new.keys() if old.get(key, "<absent>") != new.get(key, "<absent>"))
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock file."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``<run_dir>/.sdtp.lock`` (created with O_EXCL) while the body runs; removed on exit.
+
+    Two processes on one run directory would interleave ``predictions.jsonl`` lines and overwrite
+    each other's metrics, so the second one refuses. A lock left by a killed process on this host
+    (its pid is gone) is taken over; any other leftover lock names the file to delete.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            stale = holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+            if stale and attempt == 0:
+                log.warning("%s: taking over the stale lock of pid %s (no longer running)", path, holder["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            raise RunLockedError(
+                f"{path}: run directory is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"since {holder.get('since', '?')}; wait for it to finish, or, if that process is gone "
+                f"(e.g. the machine rebooted), delete {path} and re-run"
+            ) from None
+    with os.fdopen(fd, "w") as handle:
+        json.dump(owner, handle)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,193 @@
+"""Bad input as a careless user gives it: every case fails before any model work with a message naming
+the config key (and the file and line for data), or warns when an override is ignored."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sdtp.cli import generate
+from sdtp.config import REPO_ROOT, compose, offline_by_default
+from sdtp.errors import ConfigError
+from sdtp.eval import harness, longbench, perplexity, synthetic
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("pruning.keep_ratio=abc", r"pruning\.keep_ratio: expected a number, got 'abc'"),
+    ("pruning.keep_ratio=true", r"pruning\.keep_ratio: expected a number, got True"),
+    ("pruning.keep_ratio=[0.9,x,0.5]", r"pruning\.keep_ratio\[1\]: expected a number"),
+    ("pruning.keep_ratio=[0.9,true,0.5]", r"pruning\.keep_ratio\[1\]"),
+    ("pruning.layers=[1,x]", r"pruning\.layers\[1\]: expected a number, got 'x'"),
+    ("pruning.layers=[1,2.5]", r"pruning\.layers\[1\]: expected an integer"),
+    ("pruning.keep_first=abc", r"pruning\.keep_first: expected a number"),
+    ("pruning.keep_first=true", r"pruning\.keep_first: expected a number, got True"),
+    ("pruning.keep_recent=abc", r"pruning\.keep_recent"),
+    ("pruning.first_layer=abc", r"pruning\.first_layer"),
+    ("pruning.num_stages=false", r"pruning\.num_stages"),
+])
+def test_schedule_keys_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose("generate", ["model=tiny-llama", "pruning=random", override])
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["kv=none", "kv.ratio=0.3"], "kv.ratio=0.3"),
+    (["pruning=none", "pruning.keep_ratio=0.1"], "pruning.keep_ratio=0.1"),
+])
+def test_ignored_overrides_warn(overrides, named, caplog):
+    with caplog.at_level(logging.WARNING, logger="sdtp.config"):
+        compose("generate", ["model=tiny-llama", *overrides])
+    assert any("override ignored" in r.message and named in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdtp.config"):
+        compose("generate", ["model=tiny-llama", "pruning=random", "pruning.keep_ratio=0.5", "kv=h2o", "kv.ratio=0.3"])
+    assert not any("override ignored" in r.message for r in caplog.records)
+
+
+# --- sdtp-generate ---------------------------------------------------------------------------------
+
+def _gen(*overrides):
+    return compose("generate", ["model=tiny-llama", *overrides])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["prompt=''"], r"prompt: the prompt is empty"),
+    (["prompt='   '"], r"prompt: the prompt is empty"),
+    (["prompt=123"], r"prompt: expected text, got 123 \(int\).*prompt_file=-"),
+    (["prompt=[a,b]"], r"prompt: expected text"),
+    (["max_new_tokens=0"], r"max_new_tokens: must be an integer >= 1, got 0"),
+    (["max_new_tokens=-3"], r"max_new_tokens: must be an integer >= 1"),
+    (["max_new_tokens=abc"], r"max_new_tokens"),
+    (["prompt_file=/nonexistent/doc.txt"], r"prompt_file: cannot read /nonexistent/doc.txt"),
+])
+def test_generate_rejects_bad_prompt_settings_before_loading(overrides, message, monkeypatch):
+    monkeypatch.setattr(generate, "load_model", _no_model)
+    with pytest.raises(ConfigError, match=message):
+        generate.run(_gen(*overrides))
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model must not be loaded for bad input")
+
+
+def test_generate_prompt_file_checks_and_stdin(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "load_model", _no_model)
+    (tmp_path / "latin1.txt").write_bytes("line one\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"prompt_file: .*latin1.txt line 2 is not UTF-8"):
+        generate.run(_gen(f"prompt_file={tmp_path / 'latin1.txt'}"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ConfigError, match=r"prompt_file \(.*empty.txt\): the prompt is empty"):
+        generate.run(_gen(f"prompt_file={tmp_path / 'empty.txt'}"))
+    monkeypatch.undo()
+    # prompt_file=- reads stdin: text with =, quotes and newlines that Hydra's grammar cannot take.
+    text = 'He said "a=b"\nand left.'
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    summary = generate.run(_gen("prompt_file=-", "max_new_tokens=2"))
+    assert summary["prompt_tokens"] == len(text.encode()) and summary["new_tokens"] == 2
+
+
+def test_generate_refuses_a_prompt_longer_than_the_model(tmp_path):
+    (tmp_path / "long.txt").write_text("x" * 5000)  # byte tokenizer: 5000 tokens > tiny-llama's 4096
+    with pytest.raises(ConfigError, match=r"prompt_file=.*long.txt: 5000 prompt tokens \+ max_new_tokens=32 exceed "
+                                          r"model.max_length=4096"):
+        generate.run(_gen(f"prompt_file={tmp_path / 'long.txt'}"))
+
+
+@pytest.mark.parametrize("arg", ['prompt=a=b', 'prompt=He said "hi"', "prompt=it's", "prompt=line1\nline2",
+                                 "prompt=x, y"])
+def test_unparseable_prompt_argument_points_to_prompt_file(arg):
+    problem = generate.prompt_argument_problem([arg])
+    assert problem and problem.startswith("prompt:") and "prompt_file=-" in problem
+    assert generate.prompt_argument_problem(["prompt=The capital of France is"]) is None
+    assert generate.prompt_argument_problem(["-m", "prompt=x,y"]) is None  # a deliberate sweep
+
+
+def test_generate_cli_hint_for_grammar_errors():
+    proc = subprocess.run([sys.executable, "-m", "sdtp.cli.generate", "model=tiny-llama", "prompt=a=b"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 2 and "prompt_file=-" in proc.stderr
+
+
+# --- eval data files -------------------------------------------------------------------------------
+
+def _longbench_cfg(tmp_path, *extra):
+    return compose("eval", ["eval=longbench", "model=tiny-llama", f"eval.data_dir={tmp_path}", *extra])
+
+
+ROW = {"input": "", "context": "some news", "answers": ["a summary"], "length": 2, "all_classes": None, "_id": "x"}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", r"multi_news.jsonl holds no records \(empty file\)"),
+    (b"\n  \n", r"holds no records"),
+    (json.dumps(ROW).encode() + b"\n" + json.dumps(ROW).encode()[:30] + b"\n", r"line 2 is not valid JSON"),
+    (b"[1, 2]\n", r"line 1 is a JSON list, expected an object"),
+    (json.dumps({**ROW, "context": "caf\xe9"}).replace("\\u00e9", "\xe9").encode("latin-1"), r"line 1 is not UTF-8"),
+    (json.dumps({k: v for k, v in ROW.items() if k != "answers"}).encode(), r"line 1 lacks \['answers'\]"),
+    (json.dumps({k: v for k, v in ROW.items() if k != "context"}).encode(), r"line 1 lacks \['context'\]"),
+    (json.dumps({**ROW, "answers": "a summary"}).encode(), r"'answers' must be a non-empty list of strings"),
+    (json.dumps({**ROW, "answers": []}).encode(), r"'answers' must be a non-empty list"),
+])
+def test_bad_longbench_files_fail_before_loading_naming_file_and_line(tmp_path, content, message):
+    (tmp_path / "multi_news.jsonl").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"eval\.data_files\.multi_news: .*" + message):
+        longbench.validate(_longbench_cfg(tmp_path))
+
+
+def test_data_files_override_works_without_plus(tmp_path):
+    path = tmp_path / "elsewhere.jsonl"
+    path.write_text(json.dumps(ROW) + "\n")
+    cfg = _longbench_cfg(tmp_path / "missing", f"eval.data_files.multi_news={path}")
+    assert longbench.validate(cfg) == {"multi_news": path}
+    cfg = _longbench_cfg(tmp_path, "+eval.data_files.nope=/x.jsonl")
+    with pytest.raises(ConfigError, match=r"eval\.data_files: \['nope'\]"):
+        longbench.validate(cfg)
+
+
+def test_empty_perplexity_file_is_refused(tmp_path):
+    (tmp_path / "wiki.raw").write_text("\n \n")
+    cfg = compose("eval", ["eval=perplexity", "model=tiny-llama", f"eval.data_file={tmp_path / 'wiki.raw'}"])
+    with pytest.raises(ConfigError, match=r"eval\.data_file: .*wiki.raw is empty"):
+        perplexity.validate(cfg)
+    (tmp_path / "wiki.raw").write_bytes(b"ok line\n\xff\xfe broken\n")
+    with pytest.raises(ConfigError, match=r"eval\.data_file: .*line 2 is not UTF-8"):
+        perplexity.validate(cfg)
+
+
+def test_synthetic_source_without_paragraphs_is_refused(tmp_path):
+    (tmp_path / "wiki.raw").write_text(" = Title = \n short line \n")
+    cfg = compose("eval", ["eval=needle", "model=tiny-llama", f"eval.source={tmp_path / 'wiki.raw'}",
+                           "eval.lengths=[512]"])
+    with pytest.raises(ConfigError, match=r"eval\.source: .*no body paragraph"):
+        synthetic.validate(cfg)
+
+
+def test_bad_offline_lm_eval_file_is_refused(tmp_path):
+    (tmp_path / "copa.jsonl").write_text('{"premise": "x"}\n{"premise": \n')
+    cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", f"eval.data_root={tmp_path}", "eval.tasks=[sdtp_copa]"])
+    with pytest.raises(ConfigError, match=r"eval\.data_root \(sdtp_copa\): .*copa.jsonl line 2 is not valid JSON"):
+        harness.validate(cfg)
+
+
+# --- hygiene ---------------------------------------------------------------------------------------
+
+def test_offline_by_default_respects_the_user(monkeypatch):
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert offline_by_default() == ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.is_offline_mode()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert offline_by_default() == [] and not constants.is_offline_mode()  # an online user's choice stands

@@ -1,0 +1,133 @@
+"""Run provenance: fingerprints decide reuse, force=true really recomputes, one writer per run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from sdtp.cli.evaluate import run
+from sdtp.config import compose
+from sdtp.provenance import LOCK_FILE, RunLockedError, differences, fingerprint, run_lock
+from sdtp.utils import write_json_atomic
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _records(path, n=2):
+    rows = [{"input": "", "context": f"Passage {i}: " + "news text. " * 40, "answers": ["a summary of news"],
+             "length": 90, "all_classes": None, "_id": f"id{i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _longbench(tmp_path, *extra):
+    return compose("eval", ["eval=longbench", "model=tiny-llama", "pruning=random", f"eval.data_dir={tmp_path}",
+                            "eval.max_length=200", "eval.max_new_tokens=3", f"run_dir={tmp_path / 'run'}", *extra])
+
+
+def _tamper(run_dir):
+    """Overwrite every prediction's text and score by hand, as the issue's reviewer did."""
+    path = run_dir / "predictions.jsonl"
+    rows = [dict(json.loads(line), pred="tampered", score=1.0) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_force_recomputes_tampered_predictions(tmp_path):
+    _records(tmp_path / "multi_news.jsonl")
+    first = run(_longbench(tmp_path))
+    assert first["results"]["datasets"]["multi_news"] < 100
+    _tamper(tmp_path / "run")
+    forced = run(_longbench(tmp_path, "force=true"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["pred"] != "tampered" for r in rows) and len(rows) == 2
+    assert forced["results"]["datasets"] == first["results"]["datasets"]
+
+
+def test_partial_outputs_of_another_setup_are_not_resumed(tmp_path):
+    """A killed run (predictions, no metrics) resumes only under the same fingerprint."""
+    _records(tmp_path / "multi_news.jsonl")
+    first = run(_longbench(tmp_path))
+    (tmp_path / "run" / "metrics.json").unlink()
+    _tamper(tmp_path / "run")
+    # Same setup: the partial predictions are resumed (that is what resuming means) ...
+    assert run(_longbench(tmp_path))["results"]["datasets"]["multi_news"] == 100.0
+    # ... but a changed data file makes them stale: deleted, recomputed.
+    (tmp_path / "run" / "metrics.json").unlink()
+    _tamper(tmp_path / "run")
+    text = (tmp_path / "multi_news.jsonl").read_text()
+    (tmp_path / "multi_news.jsonl").write_text(text.replace("news text.", "news text!"))
+    again = run(_longbench(tmp_path))
+    assert again["results"]["datasets"]["multi_news"] < 100
+    assert again["fingerprint"]["data"] != first["fingerprint"]["data"]
+
+
+def test_changed_default_or_predictor_invalidates_a_finished_run(tmp_path):
+    _records(tmp_path / "multi_news.jsonl")
+    run(_longbench(tmp_path))
+    marker = tmp_path / "run" / "metrics.json"
+    marker.write_text(json.dumps(dict(json.loads(marker.read_text()), marker=1)))
+    assert run(_longbench(tmp_path)).get("marker") == 1  # same fingerprint: reused
+    # A different value of a key the command line never names (a config default changing) recomputes.
+    cfg = _longbench(tmp_path)
+    cfg.eval.chat_template = "false"
+    assert "marker" not in run(cfg)
+
+
+def test_fingerprint_contents_and_differences(tmp_path):
+    weights = tmp_path / "ckpt"
+    weights.mkdir()
+    (weights / "predictor.safetensors").write_bytes(b"\x00" * 8)
+    (weights / "predictor.json").write_text("{}")
+    (weights / "README.md").write_text("notes")  # documentation beside the weights is not hashed
+    cfg = compose("eval", ["eval=perplexity", "model=tiny-llama", "pruning=sdtp", f"pruning.scorer.path={weights}"])
+    data = tmp_path / "wiki.raw"
+    data.write_text("text")
+    fp = fingerprint(cfg, [data])
+    assert set(fp["predictor"]) == {str(weights / "predictor.safetensors"), str(weights / "predictor.json")}
+    assert fp["dtype"] == "torch.float32" and fp["device"] == "cpu"
+    assert set(fp["packages"]) >= {"torch", "transformers", "lm_eval"} and fp["packages"]["torch"]
+    assert "force" not in fp["config"] and fp["config"]["eval"]["window"] == 2048
+    assert {"commit", "dirty"} == set(fp["git"])
+    assert differences(fp, fp) == [] and differences(None, fp) == ["fingerprint (none stored)"]
+    (weights / "predictor.safetensors").write_bytes(b"\x01" * 8)
+    changed = differences(fp, fingerprint(cfg, [data]))
+    assert changed == [f"predictor.{weights / 'predictor.safetensors'}"]
+    # The git commit is recorded but not compared (see sdtp/provenance.py).
+    assert differences(dict(fp, git={"commit": "0" * 40, "dirty": True}), fp) == []
+
+
+def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(RunLockedError, match=f"{LOCK_FILE}.*delete"):
+            with run_lock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()
+    # A lock left by a process that no longer exists on this host is taken over.
+    import socket
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    with run_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_locked_run_dir_refuses_before_any_work(tmp_path):
+    _records(tmp_path / "multi_news.jsonl")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))
+    with pytest.raises(RunLockedError, match="in use by pid"):
+        run(_longbench(tmp_path))
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+def test_results_are_world_readable_and_nan_free(tmp_path):
+    path = write_json_atomic(tmp_path / "m.json", {"avg": float("nan"), "rows": [1.0, float("inf")]})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+    assert json.loads(path.read_text()) == {"avg": None, "rows": [1.0, None]}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
