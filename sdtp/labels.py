@@ -32,7 +32,7 @@ from sdtp.utils import write_json_atomic
 
 META_FILE = "meta.json"
 VOLATILE_KEYS = ("source_paths",)  # allowed to differ between a run and its resume
-TRANSFORMS = ("log_z", "max")
+TRANSFORMS = ("log_z", "max", "signed")
 
 
 def meta_hash(meta: dict[str, Any]) -> str:
@@ -130,7 +130,9 @@ def transform_labels(raw: torch.Tensor, region: torch.Tensor, mode: str) -> torc
     ``log_z``: z-scored ``log(|s| + 1e-6 * max|s|)``. Saliency is heavy-tailed (a few tokens hold
     most of it), so on a linear scale almost every token sits near 0 and the score spread a predictor
     learns is tiny next to the selection noise; in log space the spread is about one unit per
-    e-fold. ``max``: ``|s| / max|s|`` in [0, 1] (the method reference's suggestion).
+    e-fold. ``max``: ``|s| / max|s|`` in [0, 1] (the method reference's suggestion). ``signed``:
+    z-scored ``asinh(s / median|s|)``, a sign-keeping log scale for targets whose sign matters
+    (``mask``: a token whose removal lowers the loss should rank below one that is merely unused).
 
     Args:
         region: (B, S) bool, the tokens a stage may choose among (prompt, not protected).
@@ -142,8 +144,21 @@ def transform_labels(raw: torch.Tensor, region: torch.Tensor, mode: str) -> torc
     peak = mag.amax(dim=1, keepdim=True).clamp(min=1e-30)
     if mode == "max":
         return mag / peak
-    logs = torch.log(mag + 1e-6 * peak)
     count = weight.sum(1, keepdim=True).clamp(min=1)
+    if mode == "signed":
+        scale = torch.stack([_region_median(mag[b], region[b]) for b in range(raw.shape[0])])[:, None, :]
+        values = torch.asinh(raw.float() / scale.clamp(min=1e-30)) * weight
+        mean = values.sum(1, keepdim=True) / count
+        std = ((((values - mean) ** 2) * weight).sum(1, keepdim=True) / count).sqrt().clamp(min=1e-6)
+        return (values - mean) / std * weight
+    logs = torch.log(mag + 1e-6 * peak)
     mean = (logs * weight).sum(1, keepdim=True) / count
     std = ((((logs - mean) ** 2) * weight).sum(1, keepdim=True) / count).sqrt().clamp(min=1e-6)
     return (logs - mean) / std * weight
+
+
+def _region_median(mag: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """(S, K) magnitudes, (S,) bool -> (K,) median over the region (1 if the region is empty)."""
+    if not bool(region.any()):
+        return torch.ones(mag.shape[-1], device=mag.device)
+    return mag[region].median(dim=0).values

@@ -120,6 +120,7 @@ class TokenPredictor(nn.Module):
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp_weights))
+        tmp_weights.chmod(0o644)  # safetensors creates 0600 files; results are meant to be shared
         tmp_weights.replace(directory / WEIGHTS_FILE)
         tmp_meta = directory / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(asdict(self.meta), indent=2) + "\n")

@@ -19,6 +19,12 @@ Targets T (``saliency.target``); each sequence has a ``split``: tokens before it
   how much each token supports what the unpruned model would say, without using the reference.
   (A KL to the dense output would be stationary at the dense model: its gradient there is zero.)
 * ``logit``: the logit of each sequence's last token given its prefix.
+* ``mask``: not grad x input but the derivative of the continuation CE with respect to a keep
+  multiplier on each token *as a key* in every layer (``attention logits + log m_j``, m = 1), summed
+  over the layers from l on: the first-order loss increase of dropping token j before layer l,
+  which is exactly what pruning does (grad x input instead estimates zeroing the token's state).
+  Signed (a token whose removal lowers the loss scores below 0); needs an attention implementation
+  that accepts a float mask with gradients (SDPA falls back to its math kernel).
 
 The hidden states are captured by forward pre-hooks (removed on exit); nothing of the model's
 forward is copied. The LM head runs in checkpointed chunks, so no full-vocabulary logits tensor
@@ -36,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdtp.models import decoder_layers
 
-TARGETS = ("sequence", "continuation", "fidelity", "logit")
+TARGETS = ("sequence", "continuation", "fidelity", "logit", "mask")
 CE_CHUNK = 512  # positions per LM-head chunk: bounds the (chunk, vocab) logits held at once
 
 
@@ -165,6 +171,9 @@ def saliency_scores(
     if target not in TARGETS:
         raise ValueError(f"saliency target {target!r} not in {TARGETS}")
     layers = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
+    if target == "mask":
+        raw = mask_saliency(model, input_ids, layers, valid, split)
+        return normalize_saliency(raw, absolute, normalize, valid)
     base, head = model.base_model, model.get_output_embeddings()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -187,3 +196,49 @@ def saliency_scores(
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
     return normalize_saliency(raw.detach(), absolute, normalize, valid)
+
+
+def mask_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int],
+                  valid: torch.Tensor | None, split: torch.Tensor | None) -> torch.Tensor:
+    """(B, S, len(layers)) importance ``-sum_{k >= l} dT/dm_{k,j}`` of the ``mask`` target.
+
+    A forward pre-hook on every decoder layer k gives it the additive mask
+    ``causal + log(m_k + eps)`` (diagonal kept, as in training) with ``m_k`` = 1 leaf tensors.
+    """
+    from sdtp.training.masking import causal_additive_mask, policy_attention_mask
+
+    if split is None:
+        raise ValueError("saliency target 'mask' needs a prompt/continuation split")
+    blocks = decoder_layers(model)
+    ids = input_ids.clone()
+    valid = valid.bool() if valid is not None else torch.ones_like(ids, dtype=torch.bool)
+    causal = causal_additive_mask(valid)
+    keep = [torch.ones(ids.shape, dtype=torch.float32, device=ids.device, requires_grad=True) for _ in blocks]
+
+    def make_hook(k: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = policy_attention_mask(causal, keep[k]).to(hidden.dtype)
+            return args, kwargs
+
+        return hook
+
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [block.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, block in enumerate(blocks)]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            hidden = model.base_model(input_ids=ids, attention_mask=valid.long(), use_cache=False).last_hidden_state
+            value = objective("continuation", model.get_output_embeddings(), hidden, ids, valid, split)
+            if not value.requires_grad:
+                return torch.zeros((*ids.shape, len(layers)), dtype=torch.float32, device=ids.device)
+            grads = torch.autograd.grad(value, keep)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+    from_layer = -torch.stack(grads, dim=-1).flip(-1).cumsum(-1).flip(-1)  # (B, S, L): sum over k >= l
+    return from_layer[..., list(layers)].float() * valid[..., None]

@@ -112,7 +112,7 @@ def test_unparseable_prompt_argument_points_to_prompt_file(arg):
 
 def test_generate_cli_hint_for_grammar_errors():
     proc = subprocess.run([sys.executable, "-m", "sdtp.cli.generate", "model=tiny-llama", "prompt=a=b"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert proc.returncode == 2 and "prompt_file=-" in proc.stderr
 
 

@@ -68,6 +68,10 @@ def test_label_transforms():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert transform_labels(raw, region, "log_z")[0, 3, 0] == 0  # outside the region
     torch.testing.assert_close(transform_labels(raw, region, "max")[0, :3, 0], torch.tensor([1, math.e, math.e**2]) / math.e**2)
+    # signed: asinh(s / median|s|) keeps the sign (median |s| over the region is e)
+    signed = torch.asinh(torch.tensor([-1.0, math.e, math.e**2]) / math.e)
+    expected = (signed - signed.mean()) / signed.std(unbiased=False)
+    torch.testing.assert_close(transform_labels(raw, region, "signed")[0, :3, 0], expected, rtol=1e-4, atol=1e-4)
 
 
 def _stage_grads(model, predictor, ids, labels, stage_weights):

@@ -91,6 +91,7 @@ class ReportOptions:
     num_segments: int = 64
     random_seeds: tuple[int, ...] = (0, 1, 2)
     oracle: bool = False
+    oracle_targets: tuple[str, ...] = ("continuation",)
     only: tuple[str, ...] | None = None
     threads: int = 1
     render_only: bool = False
@@ -134,6 +135,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--num-segments", type=int, default=64)
     p.add_argument("--random-seeds", default="0,1,2")
     p.add_argument("--oracle", action="store_true")
+    p.add_argument("--oracle-targets", default="continuation",
+                   help="saliency targets of the oracle rows (oracle_<target> each; comma-separated)")
     p.add_argument("--only", default=None, help="comma-separated scorer names to compute (random = all seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true")
@@ -156,6 +159,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
     return ReportOptions(
         model=a.model, predictors=predictors, datasets=datasets, contexts=_csv(a.contexts, int), cont_len=a.cont_len,
         num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
+        oracle_targets=tuple(_csv(a.oracle_targets)),
         only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, overrides=tuple(a.override),
         command="PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv),
@@ -169,7 +173,8 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
               for s in opts.random_seeds]
     specs += [ScorerSpec(m, (f"pruning={m}",), "baseline") for m in BASELINES]
     if opts.oracle:
-        specs.append(ScorerSpec("oracle", ("pruning=oracle",), "oracle"))
+        specs += [ScorerSpec(f"oracle_{t}", ("pruning=oracle", f"pruning.scorer.target={t}"), "oracle")
+                  for t in opts.oracle_targets]
     predictors = opts.predictors if opts.predictors is not None else {"sdtp": f"{predictors_dir}/{opts.model}"}
     for name, path in predictors.items():
         if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:

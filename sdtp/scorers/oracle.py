@@ -62,7 +62,9 @@ class OracleScorer(Scorer):
             ids = input_ids.clone()  # a normal tensor even if the caller's is an inference tensor
             seq = ids.shape[1]
             split = torch.full((ids.shape[0],), seq - max(1, math.ceil(self.recent * seq - 1e-9)), device=ids.device)
-            self._saliency = saliency_scores(self._model, ids, self._layers, self.target, self.absolute,
+            # The mask target is a signed loss change: its sign is meaningful, so no |.| there.
+            absolute = self.absolute and self.target != "mask"
+            self._saliency = saliency_scores(self._model, ids, self._layers, self.target, absolute,
                                              normalize=False, split=split)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
