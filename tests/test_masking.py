@@ -106,3 +106,22 @@ def test_noise_annealing_reaches_zero_and_then_agrees_with_noise_free(tiny_llama
             model.base_model(input_ids=prompt_ids)
             agreement[scale] = sum(masker.state.drop_agreement) / 3
     assert agreement[0.0] == 1.0 and agreement[4.0] < 1.0
+
+
+def test_rescore_rebuilds_gumbel_policies_with_gradients(tiny_llama, prompt_ids):
+    """Without autograd through the LLM, the ratio loss still reaches the predictors (gumbel mode)."""
+    from sdtp.losses import ratio_loss
+
+    model, _, _ = tiny_llama
+    predictor = _predictor(model.config.hidden_size)
+    masker = PolicyMasker(SCHEDULE, predictor, mode="gumbel", generator=torch.Generator().manual_seed(0))
+    with masker(model):
+        with torch.no_grad():
+            model.base_model(input_ids=prompt_ids)
+        forward_policies = [p.clone() for p in masker.state.policies]
+        masker.rescore()
+        policies, prompt = masker.state.policies, masker.state.prompt
+    for a, b in zip(policies, forward_policies):
+        torch.testing.assert_close(a.detach(), b)  # same hard decisions
+    ratio_loss(policies, SCHEDULE.keep_fractions, prompt).backward()
+    assert all(stage.fc1.weight.grad is not None and stage.fc1.weight.grad.abs().sum() > 0 for stage in predictor.stages)

@@ -61,6 +61,7 @@ class PolicyState:
 
     scores: list[torch.Tensor] = field(default_factory=list)
     inputs: list[torch.Tensor] = field(default_factory=list)  # per stage (B, S, D) detached predictor input
+    draws: list[tuple] = field(default_factory=list)  # per stage (hard mask, noise) as drawn in the forward
     policies: list[torch.Tensor] = field(default_factory=list)
     decided: list[torch.Tensor] = field(default_factory=list)
     drop_agreement: list[float] = field(default_factory=list)
@@ -183,6 +184,7 @@ class PolicyMasker:
         policy = prev * keep * state.valid.float()
         state.scores.append(scores)
         state.inputs.append(hidden.detach())
+        state.draws.append((hard.detach(), noise))
         state.policies.append(policy)
         state.decided.append(decided)
         state.drop_agreement.append(_drop_agreement(hard.detach(), clean, decided))
@@ -192,12 +194,24 @@ class PolicyMasker:
         """Per stage (B, S) scores recomputed from the recorded inputs, with grad.
 
         For a masked forward run without autograd (no CE/KL term needs gradients through the
-        masks): the predictors then learn from their own stage's losses on exactly the inputs the
-        masked forward gave them, and no backward through the LLM is needed.
+        masked LLM): the predictors then learn from their own stage's losses on exactly the inputs
+        the masked forward gave them, and no backward through the LLM is needed. In ``gumbel`` mode
+        the policies are rebuilt too (same draws, straight-through), so the ratio loss reaches the
+        predictors.
         """
         state = self.state
         positions = torch.arange(state.valid.shape[1], device=state.valid.device).expand(state.valid.shape[0], -1)
-        return [self.predictor(s, x, positions, state.prompt_len).float() for s, x in enumerate(state.inputs)]
+        scores = [self.predictor(s, x, positions, state.prompt_len).float() for s, x in enumerate(state.inputs)]
+        if self.mode == "gumbel":
+            policy = state.valid.float()
+            policies = []
+            for score, (hard, noise) in zip(scores, state.draws):
+                soft = torch.sigmoid((score + noise) / self.tau)
+                keep = torch.where(state.protect, torch.ones_like(soft), hard + (soft - soft.detach()))
+                policy = policy * keep * state.valid.float()
+                policies.append(policy)
+            state.policies = policies
+        return scores
 
     def _topk(self, stage: int, noisy: torch.Tensor, prev: torch.Tensor, protect: torch.Tensor,
               prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
