@@ -169,3 +169,15 @@ def test_experiment_overrides_compose():
     assert base.train.loss.ranking == 1.0 and base.train.loss.mse == 1.0
     assert wo_rank.train.loss.ranking == 0.0 and wo_rank.train.loss.mse == 1.0
     assert wo_both.train.loss.ranking == 0.0 and wo_both.train.loss.mse == 0.0
+
+
+def test_init_from_starts_at_the_given_predictor(tmp_path):
+    first = train_cli.run(_train_cfg(tmp_path / "a", "train.max_steps=2"))
+    cfg = _train_cfg(tmp_path / "b", f"train.init_from={first['predictor']}", "train.max_steps=1",
+                     "train.optimizer.lr=0.0", "train.scheduler=null")
+    train_cli.run(cfg)
+    a = TokenPredictor.load(first["predictor"]).state_dict()
+    b = TokenPredictor.load(tmp_path / "b" / "predictor").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the fine-tune kept the initial weights
+    with pytest.raises(ConfigError, match="position_features"):
+        train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={first['predictor']}", "train.position_features=false"))

@@ -203,6 +203,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("%d training / %d held-out examples, %d tokens", len(train_set), len(val), sum(len(i) for i, _ in examples))
 
     predictor = build_predictor(cfg, model, schedule)
+    if t.init_from:  # fine-tune a trained predictor (e.g. add the CE term to a label-trained one)
+        start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, layers=list(schedule.layers),
+                                    base_model=cfg.model.name)
+        if start.meta.position_features != predictor.meta.position_features:
+            raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
+        predictor.load_state_dict(start.state_dict())
     optimizer = hydra.utils.instantiate(t.optimizer)(params=predictor.parameters())
     scheduler = hydra.utils.instantiate(t.scheduler)(optimizer=optimizer) if t.scheduler else None
     rng = {"gumbel": torch.Generator().manual_seed(int(cfg.seed)), "pairs": torch.Generator().manual_seed(int(cfg.seed) + 1)}
