@@ -23,7 +23,6 @@ Face dataset for online users. Formats:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from collections.abc import Iterable, Mapping
@@ -33,29 +32,20 @@ from typing import Any
 import torch
 
 from sdtp.errors import ConfigError
+from sdtp.utils import read_jsonl_records, read_text_file
 
 FORMATS = ("instruction", "text")
 CHARS_PER_TOKEN = 6  # generous upper bound, used only to cap how much of a long document is tokenised
 Example = tuple[torch.Tensor, int]  # (input_ids (S,), split)
 
 
-def _local_records(path: Path) -> Iterable[Mapping[str, Any]]:
+def _local_records(path: Path, key: str, limit: int | None) -> Iterable[Mapping[str, Any]]:
+    """Records of a jsonl file (strict: errors name ``key``, the file and the line), or the
+    blank-line-separated documents of a raw text file (WikiText)."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                yield record
-        return
-    for block in path.read_text(encoding="utf-8").split("\n\n"):  # raw text (WikiText)
-        if block.strip():
-            yield {"text": block.strip()}
+        return [record for _, record in read_jsonl_records(path, f"{key}.path", limit)]
+    blocks = read_text_file(path, f"{key}.path").split("\n\n")
+    return [{"text": block.strip()} for block in blocks if block.strip()]
 
 
 def _hub_records(name: str, split: str) -> Iterable[Mapping[str, Any]]:
@@ -81,11 +71,11 @@ def validate_source(source: Mapping[str, Any], key: str) -> None:
 
 def source_records(source: Mapping[str, Any], key: str = "data.sources") -> list[Mapping[str, Any]]:
     """The records ``[first_doc, last_doc)`` of a source; ConfigError naming the file on a bad schema."""
+    first, last = int(source.get("first_doc") or 0), source.get("last_doc")
     if source.get("path") is not None:
-        records: Iterable[Mapping[str, Any]] = _local_records(Path(source["path"]))
+        records = _local_records(Path(source["path"]), key, int(last) if last is not None else None)
     else:
         records = _hub_records(source["hub"], source.get("split", "train"))
-    first, last = int(source.get("first_doc") or 0), source.get("last_doc")
     out = []
     for index, record in enumerate(records):
         if last is not None and index >= int(last):

@@ -113,6 +113,19 @@ def objective(target: str, head: nn.Module, hidden: torch.Tensor, input_ids: tor
 
 
 @contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside: only activations get gradients, no ``.grad`` is touched."""
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+
+
+@contextmanager
 def capture_layer_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record (and retain the grad of) the hidden state entering each of ``layers``."""
     captured: dict[int, torch.Tensor] = {}
@@ -175,26 +188,20 @@ def saliency_scores(
         raw = mask_saliency(model, input_ids, layers, valid, split)
         return normalize_saliency(raw, absolute, normalize, valid)
     base, head = model.base_model, model.get_output_embeddings()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # only activations need gradients; no parameter .grad is touched
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), capture_layer_inputs(model, layers) as captured:
-            ids = input_ids.clone()
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            attn = valid.long() if valid is not None else None
-            hidden = base(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
-            value = objective(target, head, hidden, ids, valid, split)
-            if not value.requires_grad:
-                # No target token (a 1-token prompt, or no continuation): T is a constant, so every
-                # token's saliency is 0 (the pruner's protected tokens decide alone).
-                raw = embeds.new_zeros((*ids.shape, len(layers)), dtype=torch.float32)
-            else:
-                value.backward()
-                raw = torch.stack([(captured[i].grad * captured[i]).float().sum(-1) for i in layers], dim=-1)
-    finally:
-        for p, flag in zip(model.parameters(), requires):
-            p.requires_grad_(flag)
+    with frozen_parameters(model), torch.inference_mode(False), torch.enable_grad(), \
+            capture_layer_inputs(model, layers) as captured:
+        ids = input_ids.clone()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        attn = valid.long() if valid is not None else None
+        hidden = base(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
+        value = objective(target, head, hidden, ids, valid, split)
+        if not value.requires_grad:
+            # No target token (a 1-token prompt, or no continuation): T is a constant, so every
+            # token's saliency is 0 (the pruner's protected tokens decide alone).
+            raw = embeds.new_zeros((*ids.shape, len(layers)), dtype=torch.float32)
+        else:
+            value.backward()
+            raw = torch.stack([(captured[i].grad * captured[i]).float().sum(-1) for i in layers], dim=-1)
     return normalize_saliency(raw.detach(), absolute, normalize, valid)
 
 
@@ -224,12 +231,9 @@ def mask_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[in
 
         return hook
 
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     handles = [block.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, block in enumerate(blocks)]
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with frozen_parameters(model), torch.inference_mode(False), torch.enable_grad():
             hidden = model.base_model(input_ids=ids, attention_mask=valid.long(), use_cache=False).last_hidden_state
             value = objective("continuation", model.get_output_embeddings(), hidden, ids, valid, split)
             if not value.requires_grad:
@@ -238,7 +242,5 @@ def mask_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[in
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(model.parameters(), requires):
-            p.requires_grad_(flag)
     from_layer = -torch.stack(grads, dim=-1).flip(-1).cumsum(-1).flip(-1)  # (B, S, L): sum over k >= l
     return from_layer[..., list(layers)].float() * valid[..., None]

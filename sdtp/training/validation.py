@@ -1,7 +1,7 @@
 """Held-out checks of a token scorer during and after training.
 
 * :func:`continuation_nll`: the inference protocol on held-out examples: prefill the prompt with
-  the pruner installed, score the continuation on the pruned cache (:mod:`sdtp.eval.scoring`);
+  the pruner installed, score the continuation on the pruned cache (:mod:`sdtp.eval.continuation`);
   mean NLL per continuation token. Dense (no pruner) and random are the references.
 * :func:`ranking_agreement`: Spearman rank correlation and top-k overlap of the predictor's scores
   with the saliency labels over each example's choosable tokens (prompt, not protected), with k =
@@ -18,7 +18,7 @@ from torch import nn
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import protected_mask
-from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.eval.continuation import score_segment
 from sdtp.predictor import TokenPredictor
 from sdtp.saliency import capture_layer_inputs
 
@@ -95,11 +95,4 @@ def ranking_agreement(model: nn.Module, items: Sequence[tuple[torch.Tensor, int,
 def continuation_nll(model: nn.Module, examples: Sequence[tuple[torch.Tensor, int]],
                      pruner: TokenPruner | None) -> list[float]:
     """Per example, mean NLL of the continuation ``ids[split:]`` given the (pruned) prompt ``ids[:split]``."""
-    device = next(model.parameters()).device
-    out = []
-    for ids, split in examples:
-        ids = ids.to(device)
-        ctx = prefill_context(model, ids[None, :split], pruner)
-        logprobs, _ = score_continuation(model, ctx, ids[None, split:], pruner)
-        out.append(-float(logprobs.float().mean()))
-    return out
+    return [score_segment(model, ids[None, :split], ids[None, split:], pruner).nll for ids, split in examples]
