@@ -25,6 +25,8 @@ Targets T (``saliency.target``); each sequence has a ``split``: tokens before it
   which is exactly what pruning does (grad x input instead estimates zeroing the token's state).
   Signed (a token whose removal lowers the loss scores below 0); needs an attention implementation
   that accepts a float mask with gradients (SDPA falls back to its math kernel).
+* ``attention``: not a gradient either: the attention the continuation queries pay each token in
+  the layers from l on (:mod:`sdtp.attention_saliency`; one forward, no backward).
 
 The hidden states are captured by forward pre-hooks (removed on exit); nothing of the model's
 forward is copied. The LM head runs in checkpointed chunks, so no full-vocabulary logits tensor
@@ -40,9 +42,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sdtp.attention_saliency import attention_saliency
 from sdtp.models import decoder_layers
 
-TARGETS = ("sequence", "continuation", "fidelity", "logit", "mask")
+TARGETS = ("sequence", "continuation", "fidelity", "logit", "mask", "attention")
 CE_CHUNK = 512  # positions per LM-head chunk: bounds the (chunk, vocab) logits held at once
 
 
@@ -186,6 +189,9 @@ def saliency_scores(
     layers = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
     if target == "mask":
         raw = mask_saliency(model, input_ids, layers, valid, split)
+        return normalize_saliency(raw, absolute, normalize, valid)
+    if target == "attention":
+        raw = attention_saliency(model, input_ids, layers, valid, split)
         return normalize_saliency(raw, absolute, normalize, valid)
     base, head = model.base_model, model.get_output_embeddings()
     with frozen_parameters(model), torch.inference_mode(False), torch.enable_grad(), \

@@ -100,3 +100,41 @@ def test_sdtp_eval_discovers_the_runner(tmp_path):
     metrics = eval_run(cfg)
     assert metrics["results"]["segments"] == 2 and metrics["avg_kept_fraction"] < 1.0
     assert metrics["results"]["ppl"] == pytest.approx(2.718281828 ** metrics["results"]["nll"])
+
+
+def _multi_news(tmp_path, n=3):
+    path = tmp_path / "multi_news.jsonl"
+    rows = [{"input": "", "context": f"Passage {i}: " + "news about the town council and its budget. " * (30 + 20 * i),
+             "answers": [f"The council {i} approved a budget after a long debate."], "length": 100}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_longbench_segments_are_truncated_prompts_and_gold_answers(tiny_llama, tmp_path):
+    """One segment per record: the task prompt middle-truncated to context_len (+ chat template), the
+    continuation the first cont_len tokens of the gold answer; too few records is a clear error."""
+    from sdtp.eval.longbench import build_input
+    from sdtp.eval.longbench_tasks import DATASETS as TASKS
+
+    _, tokenizer, _ = tiny_llama
+    path = _multi_news(tmp_path)
+    segs = continuation.longbench_segments(path, "multi_news", tokenizer, context_len=120, cont_len=6,
+                                           num_segments=3, chat=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for (ctx, cont), record in zip(segs, records):
+        expect_ctx, truncated = build_input(tokenizer, TASKS["multi_news"], record, 120, False)
+        assert truncated and torch.equal(ctx, expect_ctx) and ctx.shape[1] <= 121  # + BOS at most
+        assert cont[0].tolist() == tokenizer(record["answers"][0], add_special_tokens=False).input_ids[:6]
+    with pytest.raises(ConfigError, match="eval.num_segments.*only 3"):
+        continuation.longbench_segments(path, "multi_news", tokenizer, 120, 6, 4, chat=False)
+
+
+def test_sdtp_eval_scores_longbench_answers(tmp_path):
+    path = _multi_news(tmp_path)
+    cfg = _cfg(tmp_path, "pruning=random", f"run_dir={tmp_path / 'run'}", "eval.dataset=longbench",
+               f"eval.data_file={path}", "eval.num_segments=3", "eval.context_len=120", "eval.cont_len=6")
+    metrics = eval_run(cfg)
+    assert metrics["results"]["segments"] == 3 and metrics["results"]["task"] == "multi_news"
+    with pytest.raises(ConfigError, match="eval.task"):
+        validate_eval(_cfg(tmp_path, "eval.dataset=longbench", f"eval.data_file={path}", "eval.task=nope"))

@@ -20,12 +20,16 @@ def setup(tmp_path):
     c4 = tmp_path / "c4.jsonl"
     c4.write_text("".join(json.dumps({"text": f"Document {i}: " + "words and more words. " * 8}) + "\n"
                           for i in range(8)))
+    news = tmp_path / "multi_news.jsonl"
+    news.write_text("".join(json.dumps({"input": "", "context": f"Passage {i}: " + "the council met again. " * 20,
+                                        "answers": [f"Council meeting number {i} ended."]}) + "\n" for i in range(4)))
     predictor = tmp_path / "predictor"
     meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)
     TokenPredictor(meta).save(predictor)  # untrained: the report only needs a checkpoint that fits
     out = tmp_path / "out"
     argv = ["--model", "tiny-llama", "--contexts", "48", "--cont-len", "8", "--num-segments", "3",
             "--random-seeds", "0,1", "--wikitext-file", str(wiki), "--c4-file", str(c4), "--c4-docs", "1:7",
+            "--multi-news-file", str(news),
             "--out", str(out), "--predictor", f"sdtp={predictor}"]
     return argv, out
 
@@ -53,7 +57,8 @@ def test_computes_selected_scorers_and_pairs_random_on_the_seed_mean(setup):
     assert all(0.0 <= c["p_holm"] <= 1.0 and c["p_holm"] >= c["p"] for c in cell["comparisons"])
     page = (out / "eval.md").read_text()
     assert "### c4, context 48 (3 segments)" in page and "random (mean of 2 seeds)" in page
-    assert "pooled over c4, wikitext, context 48" in page and "logical CPUs" in page
+    assert "pooled over c4, multi_news, wikitext, context 48" in page and "logical CPUs" in page
+    assert "### multi_news, context 48 (3 segments)" in page
 
 
 def test_renders_fabricated_caches_and_ignores_a_mismatched_fingerprint(setup, monkeypatch):

@@ -33,7 +33,7 @@ def _reference(model, ids, layers, target, split):
     return torch.stack([(h.grad * h).sum(-1) for h in hidden], dim=-1)
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t != "mask"])
+@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("mask", "attention")])
 def test_every_target_matches_autograd_reference(tiny, target):
     model, _, _ = tiny
     ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
@@ -81,6 +81,44 @@ def test_mask_target_is_the_finite_difference_of_dropping_a_key(tiny_llama):
         fd = (loss(token, layers[stage], eps) - loss(token, layers[stage], -eps)) / (2 * eps)
         assert float(ours[0, token, stage]) == pytest.approx(fd, rel=0.05, abs=2e-4)
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
+
+
+def test_attention_target_matches_eager_attention_weights(tiny):
+    """``attention`` = sum over layers k >= l of the mean (heads, continuation rows) attention on j,
+    against the weights HF's eager attention returns with ``output_attentions``."""
+    model, _, _ = tiny
+    ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
+    layers = [0, 2, 3]
+    hooks = [len(layer.self_attn._forward_hooks) for layer in model.model.layers]
+    ours = saliency_scores(model, ids, layers, "attention", absolute=False, normalize=False, split=torch.tensor([SPLIT]))
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        probs = model(input_ids=ids, output_attentions=True).attentions  # per layer (1, H, S, S)
+    finally:
+        model.config._attn_implementation = impl
+    per_layer = torch.stack([a[0, :, SPLIT:].float().mean(dim=(0, 1)) for a in probs], dim=-1)  # (S, L)
+    ref = per_layer.flip(-1).cumsum(-1).flip(-1)[:, layers]
+    torch.testing.assert_close(ours[0], ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(ours[0].sum(0), torch.tensor([4.0, 2.0, 1.0]))  # each layer's rows sum to 1
+    assert [len(layer.self_attn._forward_hooks) for layer in model.model.layers] == hooks
+
+
+def test_attention_target_padded_batch_equals_rows_alone(tiny_llama):
+    model, _, _ = tiny_llama
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randint(4, 260, (20,), generator=gen), torch.randint(4, 260, (14,), generator=gen)
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    ids[0], ids[1, :14] = a, b
+    valid = torch.zeros(2, 20, dtype=torch.bool)
+    valid[0], valid[1, :14] = True, True
+    split = torch.tensor([16, 10])
+    batch = saliency_scores(model, ids, [1, 3], "attention", absolute=False, normalize=False, valid=valid, split=split)
+    for row, seq in enumerate((a, b)):
+        alone = saliency_scores(model, seq[None], [1, 3], "attention", absolute=False, normalize=False,
+                                split=split[row : row + 1])
+        torch.testing.assert_close(batch[row, : len(seq)], alone[0], rtol=1e-4, atol=1e-6)
+    assert not batch[1, 14:].any()
 
 
 def test_continuation_target_differs_from_sequence(tiny_llama):

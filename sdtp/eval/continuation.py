@@ -13,6 +13,13 @@ continuation token in nats; the dense model (no pruner) takes the same code path
 compared paired on identical segments. Unlike the sliding-window perplexity, every scored token
 sees a full ``context_len`` prompt, so the whole budget of the schedule is in play.
 
+Long documents (``eval.dataset=longbench``): each segment is one record of a LongBench JSONL
+(``eval.task`` names its prompt template, default ``multi_news``): the context is the task prompt,
+middle-truncated to ``context_len`` tokens as LongBench's ``pred.py`` does and wrapped in the chat
+template (``eval.chat_template``: auto = when the tokenizer has one), the continuation the first ``cont_len`` tokens of the gold answer. This is
+the "prompt (document + instruction) -> answer" use case; contexts shorter than ``context_len`` stay
+shorter.
+
 Streams: WikiText-2 raw test (``"\\n\\n".join(rows)``, the HF convention) or a JSONL of ``{text}``
 documents restricted to ``[doc_start, doc_end)`` and joined with the tokenizer's EOS (so held-out
 documents can be picked: the shipped predictor trained on C4 documents 0..299). Both are
@@ -51,7 +58,7 @@ from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
 SEGMENTS_FILE = "segments.jsonl"
-DATASETS = ("wikitext", "jsonl")
+DATASETS = ("wikitext", "jsonl", "longbench")
 Segment = tuple[torch.Tensor, torch.Tensor]  # (ctx_ids (1, context_len), cont_ids (1, cont_len))
 
 
@@ -114,6 +121,41 @@ def segments(stream: torch.Tensor, context_len: int, cont_len: int, num_segments
     return out
 
 
+def longbench_segments(path: str | Path, task: str, tokenizer: Any, context_len: int, cont_len: int,
+                       num_segments: int, chat: bool) -> list[Segment]:
+    """The first ``num_segments`` records of a LongBench JSONL as (prompt, gold answer) segments.
+
+    Returns (1, <= context_len + chat template) prompt ids and (1, <= cont_len) answer ids per record.
+    """
+    from sdtp.eval.longbench import build_input, load_records  # longbench imports the scoring stack
+    from sdtp.eval.longbench_tasks import DATASETS as TASKS
+
+    records = load_records(Path(path), num_segments, TASKS[task])
+    if len(records) < num_segments:
+        raise ConfigError(f"eval.num_segments: {num_segments} requested, but {path} has only {len(records)} records")
+    out = []
+    for record in records:
+        ctx_ids, _ = build_input(tokenizer, TASKS[task], record, context_len, chat)
+        answer = _ids(tokenizer, [record["answers"][0]])[0][:cont_len]
+        if not answer:
+            raise ConfigError(f"eval.data_file: a record of {path} has an empty gold answer")
+        out.append((ctx_ids, torch.tensor([answer], dtype=torch.long)))
+    return out
+
+
+def build_segments(ev: DictConfig, tokenizer: Any) -> tuple[list[Segment], int]:
+    """The segments ``cfg.eval`` describes and the number of source tokens they were cut from."""
+    context_len, cont_len, num = int(ev.context_len), int(ev.cont_len), int(ev.num_segments)
+    if ev.dataset == "longbench":
+        from sdtp.eval.predict import wants_chat_template
+
+        chat = wants_chat_template(tokenizer, ev.chat_template)
+        segs = longbench_segments(ev.data_file, ev.task, tokenizer, context_len, cont_len, num, chat)
+        return segs, sum(c.shape[1] + t.shape[1] for c, t in segs)
+    stream = token_stream(ev, tokenizer)
+    return segments(stream, context_len, cont_len, num), int(stream.shape[0])
+
+
 def segments_sha256(segs: Sequence[Segment]) -> str:
     """Hash of every segment's token ids (tokenizer, data, lengths and count all change it)."""
     digest = hashlib.sha256()
@@ -170,7 +212,8 @@ def segment_nll(
 
 
 def summarize(scores: Sequence[SegmentScore]) -> dict[str, float]:
-    """Mean NLL over segments (each segment has the same number of tokens), its exp, mean kept fractions."""
+    """Mean over segments of the per-token NLL (a segment counts once, whatever its length), its exp,
+    mean kept fractions."""
     nll = math.fsum(s.nll for s in scores) / len(scores)
     return {
         "nll": nll,
@@ -198,6 +241,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.context_len + eval.cont_len: {int(ev.context_len) + int(ev.cont_len)} exceeds "
                           f"model.max_length={cfg.model.max_length}")
     empty = ev.doc_end is not None and int(ev.doc_end) <= int(ev.doc_start)
+    if ev.dataset == "longbench":
+        from sdtp.eval.longbench_tasks import DATASETS as TASKS
+
+        if ev.get("task") not in TASKS:
+            raise ConfigError(f"eval.task: {ev.get('task')!r} is not a LongBench dataset ({sorted(TASKS)})")
     if ev.dataset == "jsonl" and (int(ev.doc_start) < 0 or empty):
         raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
@@ -231,8 +279,7 @@ def load_done(path: Path, fp: str, num_segments: int) -> dict[int, SegmentScore]
 
 def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict:
     ev = cfg.eval
-    stream = token_stream(ev, tokenizer)
-    segs = segments(stream, int(ev.context_len), int(ev.cont_len), int(ev.num_segments))
+    segs, source_tokens = build_segments(ev, tokenizer)
     segs_sha = segments_sha256(segs)
     fp = fingerprint(cfg, segs_sha)
     path = Path(run_dir) / SEGMENTS_FILE
@@ -259,6 +306,7 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         "doc_range": [int(ev.doc_start), ev.doc_end] if ev.dataset == "jsonl" else None,
         "context_len": int(ev.context_len),
         "cont_len": int(ev.cont_len),
-        "stream_tokens": int(stream.shape[0]),
+        "task": ev.task if ev.dataset == "longbench" else None,
+        "stream_tokens": source_tokens,
         "segments_sha256": segs_sha,
     }

@@ -10,8 +10,10 @@ Protocol (:mod:`sdtp.eval.continuation`): per dataset and context length, the fi
 ``--num-segments`` non-overlapping segments of ``context + --cont-len`` tokens; each context is
 prefilled with the scorer's pruner, the continuation scored on the pruned cache; one number per
 segment (mean NLL per continuation token, nats), all scorers paired on the same segments.
-Datasets: ``wikitext`` (WikiText-2 raw test) and ``c4`` (C4-en documents ``--c4-docs``, default
-300..999, held out from the predictor's training on documents 0..299, joined with EOS).
+Datasets: ``wikitext`` (WikiText-2 raw test), ``c4`` (C4-en documents ``--c4-docs``, default
+300..999, held out from the predictor's training on documents 0..299, joined with EOS) and
+``multi_news`` (LongBench: one segment per record, chat prompt with the news middle-truncated to the
+context length -> the first ``--cont-len`` tokens of the gold summary; long documents + instruction).
 
 Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
 ``positional``, ``lazyllm``; one per ``--predictor NAME=PATH`` (default
@@ -25,7 +27,7 @@ seed's masks do not depend on what ran before.
 Other options: ``--model`` (default smollm2-135m), ``--datasets wikitext,c4``, ``--contexts 2048,4096``,
 ``--cont-len 128``, ``--num-segments 64``, ``--threads 1``, ``--only NAMES`` (compute only these; the
 page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (default
-``results/predictors/<model>``), ``--wikitext-file``/``--c4-file`` (default: the offline data mirror),
+``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the offline data mirror),
 ``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``).
 
 Cache: ``<out>/continuation/<dataset>_<context>/<scorer>.json`` holds the per-segment NLLs and a
@@ -59,14 +61,14 @@ from sdtp.benchmark.environment import cpu_model, environment
 from sdtp.config import REPO_ROOT, build_pruner, build_schedule, compose
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
-from sdtp.eval.continuation import Segment, segment_nll, segments, segments_sha256, summarize, token_stream
+from sdtp.eval.continuation import Segment, build_segments, segment_nll, segments_sha256, summarize
 from sdtp.models import load_model
 from sdtp.reports import paired_tables
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
 BASELINES = ("norm", "positional", "lazyllm")
-DATASETS = ("wikitext", "c4")
+DATASETS = ("wikitext", "c4", "multi_news")
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -99,6 +101,7 @@ class ReportOptions:
     c4_docs: tuple[int, int] = (300, 1000)
     wikitext_file: str | None = None
     c4_file: str | None = None
+    multi_news_file: str | None = None
     overrides: tuple[str, ...] = ()
     command: str = ""
 
@@ -144,6 +147,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--c4-docs", default="300:1000", help="document range start:end (end exclusive)")
     p.add_argument("--wikitext-file", default=None)
     p.add_argument("--c4-file", default=None)
+    p.add_argument("--multi-news-file", default=None)
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     predictors = None
@@ -161,7 +165,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
         num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
         oracle_targets=tuple(_csv(a.oracle_targets)),
         only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
-        c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, overrides=tuple(a.override),
+        c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
+        overrides=tuple(a.override),
         command="PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv),
     )
 
@@ -255,6 +260,9 @@ def load_cache(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
 def dataset_overrides(dataset: str, opts: ReportOptions, data_dir: str) -> list[str]:
     if dataset == "wikitext":
         return ["eval.dataset=wikitext", f"eval.data_file={opts.wikitext_file or f'{data_dir}/lm/wiki.test.raw'}"]
+    if dataset == "multi_news":
+        return ["eval.dataset=longbench", f"eval.data_file={opts.multi_news_file or f'{data_dir}/longbench/multi_news.jsonl'}",
+                "eval.task=multi_news"]
     start, end = opts.c4_docs
     return ["eval.dataset=jsonl", f"eval.data_file={opts.c4_file or f'{data_dir}/train/c4_en_1k.jsonl'}",
             f"eval.doc_start={start}", f"eval.doc_end={end}"]
@@ -266,10 +274,9 @@ def base_overrides(opts: ReportOptions) -> list[str]:
 
 def plan(opts: ReportOptions, specs: list[ScorerSpec], model: nn.Module, tokenizer: Any, data_dir: str,
          out: Path) -> list[Job]:
-    """Compose every cell's config (validated) and fingerprint it; streams are tokenised once per dataset."""
+    """Compose every cell's config (validated) and fingerprint it; segments are built once per cell."""
     jobs = []
     for dataset in opts.datasets:
-        stream = None
         for ctx in opts.contexts:
             cell = [*base_overrides(opts), *dataset_overrides(dataset, opts, data_dir), f"eval.context_len={ctx}",
                     f"eval.cont_len={opts.cont_len}", f"eval.num_segments={opts.num_segments}"]
@@ -277,10 +284,8 @@ def plan(opts: ReportOptions, specs: list[ScorerSpec], model: nn.Module, tokeniz
             for spec in specs:
                 cfg = compose("eval", [*cell, *spec.overrides])
                 continuation.validate(cfg)
-                if stream is None:
-                    stream = token_stream(cfg.eval, tokenizer)
                 if segs is None:
-                    segs = segments(stream, ctx, opts.cont_len, opts.num_segments)
+                    segs, _ = build_segments(cfg.eval, tokenizer)
                     segs_sha = segments_sha256(segs)
                 path = out / "continuation" / f"{dataset}_{ctx}" / f"{spec.name}.json"
                 jobs.append(Job(dataset, ctx, spec, cfg, segs, fingerprint(cfg, model, dataset, segs_sha, spec), path))
@@ -363,7 +368,10 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                      "is prefilled with the scorer's pruner, the continuation scored on the pruned cache; one number "
                      "per segment = mean NLL per continuation token (nats, lower is better); every scorer paired on "
                      f"the same segments. Datasets: `wikitext` = WikiText-2 raw test; `c4` = C4-en documents "
-                     f"{start}..{end - 1} joined with EOS (the shipped predictor trained on C4 documents 0..299)."),
+                     f"{start}..{end - 1} joined with EOS (the shipped predictor trained on C4 documents 0..299); "
+                     "`multi_news` = LongBench multi_news, one record per segment: the chat prompt with the news "
+                     "middle-truncated to the context length (shorter records stay shorter) -> the first "
+                     f"{opts.cont_len} tokens of the gold summary."),
         "Schedule": "model default for every pruned scorer (equal tokens per layer): " + (
             f"stages before layers {sched['layers']}, cumulative keep "
             f"{[round(f, 3) for f in sched['keep_fractions']]}, first {sched['keep_first']} + last "
