@@ -41,6 +41,16 @@ def test_metrics_json_then_skip_then_force(tmp_path, capsys):
     assert "marker" not in run(_perplexity_cfg(tmp_path, "pruning=random", "force=true"))
 
 
+def test_finished_run_of_the_old_perplexity_protocol_is_recomputed(tmp_path):
+    cfg = _perplexity_cfg(tmp_path)
+    run(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    del saved["fingerprint"]["config"]["eval"]["protocol"]  # as written before protocol 2
+    (tmp_path / "metrics.json").write_text(json.dumps(dict(saved, marker=1)))
+    rerun = run(cfg)
+    assert "marker" not in rerun and rerun["results"]["protocol"] == 2
+
+
 def test_lm_eval_runner_end_to_end(tmp_path):
     cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", "pruning=random", "eval.tasks=[sdtp_copa]",
                            "eval.limit=3", "eval.num_fewshot=1", f"run_dir={tmp_path}"])
@@ -74,7 +84,8 @@ def test_cli_subprocess_writes_run_dir(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last["results"]["scored_tokens"] == 199
+    assert last["results"]["scored_tokens"] == 200 - (96 - 48)  # only tokens after a full window - stride context
+    assert last["results"]["min_context_tokens"] == 96 - 48
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
 
 

@@ -8,9 +8,13 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 
+from sdtp.cli import evaluate
+from sdtp.config import compose
 from sdtp.engine.cache import cache_lengths
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
+from sdtp.errors import ConfigError
+from sdtp.eval.harness import rolling_tasks
 from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
 from sdtp.scorers.random import RandomScorer
@@ -63,9 +67,62 @@ def test_engine_path_keeping_everything_matches_hflm(tiny_llama, hf_lm):
         assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
         assert greedy == greedy_ref
     # Truncation from the left (context + continuation > max_length + 1) follows HFLM too.
-    for ll, ll_ref in zip(lm.loglikelihood_rolling(_rolling()), hf_lm.loglikelihood_rolling(_rolling()), strict=True):
-        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
+    long = [(PAIRS[-1][0] * 4, PAIRS[-1][1])]
+    assert len(lm.tok_encode(long[0][0])) > 128
+    (ll, _), = lm.loglikelihood(_requests(long))
+    (ll_ref, _), = hf_lm.loglikelihood(_requests(long))
+    assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
     assert lm.kept.summary()["avg_kept_fraction"] == 1.0
+    assert max(lm.kept.prompt_tokens) < 128  # the context was truncated to max_length + 1 minus the continuation
+
+
+def test_rolling_loglikelihood_is_refused_with_a_pruner(tiny_llama):
+    """HFLM's rolling windows have 1-token contexts: a pruned run would silently equal dense."""
+    model, tokenizer, _ = tiny_llama
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(KEEP_ALL, RandomScorer()), max_length=128)
+    with pytest.raises(ConfigError, match=r"loglikelihood_rolling[\s\S]*eval=perplexity[\s\S]*eval=continuation"):
+        lm.loglikelihood_rolling(_rolling())
+    assert lm.kept.summary()["pruned_prefills"] == 0  # refused before any prefill
+
+
+TASK_YAML = """task: {name}
+dataset_path: json
+output_type: {output_type}
+test_split: train
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
+
+
+def _task_dir(tmp_path):
+    """A task folder with a rolling task, a multiple-choice one, a group and a tag over them."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "rolling.yaml").write_text(TASK_YAML.format(name="tiny_rolling", output_type="loglikelihood_rolling")
+                                         + "tag: tiny_tag\n")
+    (folder / "choice.yaml").write_text(TASK_YAML.format(name="tiny_choice", output_type="multiple_choice"))
+    (folder / "group.yaml").write_text("group: tiny_group\ntask:\n  - tiny_choice\n  - tiny_tag\n")
+    return folder
+
+
+def test_rolling_tasks_are_found_through_groups_and_tags(tmp_path):
+    folder = str(_task_dir(tmp_path))
+    assert rolling_tasks(["tiny_rolling"], folder) == ["tiny_rolling"]
+    assert rolling_tasks(["tiny_group"], folder) == ["tiny_rolling"]
+    assert rolling_tasks(["tiny_tag", "tiny_choice"], folder) == ["tiny_rolling"]
+    assert rolling_tasks(["tiny_choice"], folder) == []
+
+
+@pytest.mark.parametrize("pruning", ["random", "norm"])
+def test_pruned_rolling_task_is_refused_before_loading(tmp_path, pruning):
+    overrides = [f"eval.include_path={_task_dir(tmp_path)}", "eval.tasks=[tiny_group]", f"run_dir={tmp_path / 'run'}"]
+    cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", f"pruning={pruning}", *overrides])
+    with pytest.raises(ConfigError, match=r"eval.tasks \(tiny_rolling\)[\s\S]*eval=perplexity"):
+        evaluate.validate_eval(cfg)
+    # Dense rolling log-likelihood stays allowed.
+    evaluate.validate_eval(compose("eval", ["eval=lm_eval", "model=tiny-llama", "pruning=none", *overrides]))
 
 
 def test_pruning_changes_scores_and_only_the_context_is_pruned(tiny_llama, hf_lm):

@@ -10,8 +10,9 @@ with the pruner installed (:func:`sdtp.eval.scoring.prefill_context`) and its co
 scored on the pruned cache, every continuation token by every layer
 (:func:`sdtp.eval.scoring.score_continuation`). A segment's number is the mean NLL per
 continuation token in nats; the dense model (no pruner) takes the same code path, so methods are
-compared paired on identical segments. Unlike the sliding-window perplexity, every scored token
-sees a full ``context_len`` prompt, so the whole budget of the schedule is in play.
+compared paired on identical segments. Every scored token sees a full ``context_len`` prompt, so
+the whole budget of the schedule is in play (as in the sliding-window perplexity, whose windows
+share context tokens; these segments do not overlap).
 
 Long documents (``eval.dataset=longbench``): each segment is one record of a LongBench JSONL
 (``eval.task`` names its prompt template, default ``multi_news``): the context is the task prompt,

@@ -6,6 +6,9 @@ on the include path, e.g.
     sdtp-lm-eval --model sdtp --model_args model=smollm2-135m,pruning=random \
         --tasks sdtp_piqa --num_fewshot 5 --limit 100
 
+Pruned runs refuse tasks of lm-eval's ``loglikelihood_rolling`` type (perplexity tasks such as
+``wikitext``) in :func:`validate`, before the model is loaded: see :func:`rolling_refusal`.
+
 Seeds: lm-eval's ``random_seed`` is ``cfg.seed``; numpy/torch/few-shot seeds keep lm-eval's
 defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (its default).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ OFFLINE_FILES = {
     "sdtp_hellaswag": "hellaswag_val_1k.jsonl",
     "sdtp_lambada_openai": "lambada_openai.jsonl",
 }
+ROLLING = "loglikelihood_rolling"
 
 
 def task_list(cfg: DictConfig) -> list[str]:
@@ -45,6 +50,62 @@ def task_list(cfg: DictConfig) -> list[str]:
     for task in tasks:
         expanded += list(OFFLINE_FILES) if task == "sdtp_offline" else [task]
     return expanded
+
+
+def rolling_refusal(where: str) -> str:
+    """Why a pruned model does not run lm-eval's rolling log-likelihood, prefixed by ``where`` (key or request)."""
+    return (f"{where}: lm-eval's {ROLLING} (perplexity-type tasks such as wikitext) scores almost every token "
+            "with a 1-token context, so a pruner has (nearly) nothing to prune: the score would silently equal the "
+            "dense model's while the run reports a kept fraction below 1. For pruned perplexity use "
+            "`sdtp-eval eval=perplexity` (every scored token after a full pruned context) or `eval=continuation`; "
+            "run rolling tasks with pruning=none.")
+
+
+def _leaf_configs(name: str, index: Mapping[str, Any], seen: set[str]) -> Iterator[tuple[str, dict | None]]:
+    """(task, its YAML config or None when ``index`` does not know it) for every task ``name`` expands to.
+
+    ``index`` is lm-eval's ``TaskManager.task_index``: groups list their members under ``task``
+    (names or inline configs), tags hold their members in ``tags``; both are expanded recursively.
+    """
+    if name in seen:
+        return
+    seen.add(name)
+    entry = index.get(name)
+    if entry is None:
+        yield name, None
+        return
+    kind = entry.kind.name
+    if kind not in ("GROUP", "TAG"):
+        yield name, dict(entry.cfg or {})
+        return
+    members = entry.tags if kind == "TAG" else (entry.cfg or {}).get("task", [])
+    for member in [members] if isinstance(members, str | dict) else members:
+        if isinstance(member, dict) and "output_type" in member:  # an inline task config inside a group
+            yield str(member.get("task")), member
+        elif isinstance(member, dict):
+            yield from _leaf_configs(str(member.get("task")), index, seen)
+        else:
+            yield from _leaf_configs(str(member), index, seen)
+
+
+def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
+    """The tasks among ``tasks`` (groups and tags expanded) whose output type is ``loglikelihood_rolling``.
+
+    Reads task YAML configs only (no dataset is loaded). ``include_path`` alone is indexed first;
+    lm-eval's built-in tasks (thousands of files, seconds) only when a name is not found there.
+    Python-class tasks declare no output type in YAML and are not detected here; the adapter
+    refuses them when their requests arrive (:meth:`sdtp.eval.lm_eval_model.SDTPLM.loglikelihood_rolling`).
+    """
+    from lm_eval.tasks import TaskManager
+
+    def leaves(index: Mapping[str, Any]) -> list[tuple[str, dict | None]]:
+        seen: set[str] = set()
+        return [leaf for task in tasks for leaf in _leaf_configs(task, index, seen)]
+
+    found = leaves(TaskManager(include_path=include_path, include_defaults=False).task_index)
+    if any(config is None for _, config in found):
+        found = leaves(TaskManager(include_path=include_path).task_index)
+    return sorted({name for name, config in found if config is not None and config.get("output_type") == ROLLING})
 
 
 def validate(cfg: DictConfig) -> None:
@@ -66,6 +127,10 @@ def validate(cfg: DictConfig) -> None:
             read_jsonl_records(Path(ev.data_root) / OFFLINE_FILES[task], f"eval.data_root ({task})")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
+    if cfg.pruning.get("scorer") is not None:
+        rolling = rolling_tasks(tasks, str(ev.include_path))
+        if rolling:
+            raise ConfigError(rolling_refusal(f"eval.tasks ({', '.join(rolling)}) with pruning={cfg.pruning.name}"))
 
 
 def input_files(cfg: DictConfig) -> list[Path]:

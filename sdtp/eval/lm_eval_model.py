@@ -11,8 +11,14 @@ Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each r
   cache (``attention_mask`` all ones over context + continuation) and scored there, exactly as
   generation would proceed after a pruned prompt. No dense pass is involved. Requests that share
   a context (the choices of one multiple-choice question) reuse one pruned prefill;
-* log-probs, ``is_greedy`` and caching follow HFLM; ``loglikelihood_rolling`` windows go through
-  the same path. ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once).
+* log-probs (in HFLM's ``softmax_dtype``), ``is_greedy`` and caching follow HFLM.
+  ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once);
+* ``loglikelihood_rolling`` is refused (ConfigError) with a pruner: HFLM cuts a document into
+  windows whose context is one token (all but a short last window), so (nearly) nothing would be
+  pruned and the score would equal the dense one while the kept fraction says otherwise.
+  ``sdtp-eval eval=lm_eval`` refuses such tasks before loading the model
+  (:func:`sdtp.eval.harness.validate`); pruned perplexity is ``eval=perplexity`` or
+  ``eval=continuation``. The dense model runs them as HFLM does.
 
 With no pruner the class is plain HFLM (same batching, same numbers as ``--model hf``). With a
 pruner, requests run one at a time (batch size 1, as in the paper's evaluation).
@@ -35,6 +41,8 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from sdtp.engine.pruner import TokenPruner
+from sdtp.errors import ConfigError
+from sdtp.eval.harness import rolling_refusal
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.scoring import prefill_context, score_continuation
 
@@ -82,6 +90,12 @@ class SDTPLM(HFLM):
         self.pruner = pruner
         self.kept = KeptStats()
 
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """HFLM's rolling log-likelihood for the dense model; refused with a pruner (module docstring)."""
+        if self.pruner is not None:
+            raise ConfigError(rolling_refusal(f"{len(requests)} loglikelihood_rolling request(s) with a pruner"))
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
@@ -101,7 +115,8 @@ class SDTPLM(HFLM):
             self.kept.add(prefilled.record)
             for position, (index, cont) in enumerate(members):
                 logprobs, greedy = score_continuation(
-                    self.model, prefilled, cont, self.pruner, reuse=position < len(members) - 1
+                    self.model, prefilled, cont, self.pruner, reuse=position < len(members) - 1,
+                    dtype=self.softmax_dtype,  # HFLM's dense path takes its log-softmax in this dtype
                 )
                 answer = (float(logprobs.sum()), greedy)
                 results[index] = answer

@@ -12,6 +12,12 @@ Protocol (lm-eval adapter and pruned perplexity alike):
 
 With no pruner (or a schedule that keeps everything) this equals a single dense forward over
 context + continuation up to floating-point reassociation.
+
+Log-probabilities are taken by :func:`token_logprobs` only, on logits of scored positions only (the
+prefill keeps the last position's logits, the continuation forward feeds exactly the tokens whose
+next token is scored). Its ``dtype`` is the dtype ``log_softmax`` runs in: a caller that compares
+against another code path (the perplexity eval's dense forward, HFLM's ``softmax_dtype``) passes
+the same value to both, so a bf16 model is not scored in bf16 on one side and float32 on the other.
 """
 
 from __future__ import annotations
@@ -55,17 +61,41 @@ def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner
     return PrefilledContext(out.logits[:, -1], out.past_key_values, int(ctx_ids.shape[1]), record)
 
 
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, bool]:
+    """Log-probabilities of ``targets`` (1, T) under ``logits`` (1, T, V), position by position.
+
+    Args:
+        dtype: the dtype ``log_softmax`` runs in (and returns); None keeps the logits' dtype. The
+            upcast happens inside ``log_softmax`` so the normaliser is accumulated in ``dtype``.
+    Returns:
+        log-probs (T,) and whether every target is the argmax of its log-probs (lm-eval's
+        ``is_greedy``, taken after the log-softmax as HFLM does, so ties rounded in bf16 agree).
+    """
+    logprobs = F.log_softmax(logits, dim=-1, dtype=dtype)  # (1, T, V)
+    greedy = bool((logprobs.argmax(-1) == targets).all())
+    return logprobs.gather(2, targets.unsqueeze(-1))[0, :, 0], greedy
+
+
 @torch.inference_mode()
 def score_continuation(
-    model: nn.Module, ctx: PrefilledContext, cont_ids: torch.Tensor, pruner: TokenPruner | None, reuse: bool = False
+    model: nn.Module,
+    ctx: PrefilledContext,
+    cont_ids: torch.Tensor,
+    pruner: TokenPruner | None,
+    reuse: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Log-probabilities of ``cont_ids`` (1, T) given the prefilled context.
 
     Args:
         reuse: deep-copy the cache first so ``ctx`` can score further continuations.
+        dtype: the log-softmax dtype (:func:`token_logprobs`); None = the logits' dtype, which is
+            lm-eval HFLM's default (``softmax_dtype=None``).
     Returns:
-        per-token log-probs (T,) in the logits' dtype (as lm-eval's HFLM computes them) and whether
-        every continuation token is the argmax (lm-eval's ``is_greedy``).
+        per-token log-probs (T,) in ``dtype`` and whether every continuation token is the argmax
+        (lm-eval's ``is_greedy``).
     """
     logits = ctx.last_logits.unsqueeze(1)  # (1, 1, V) predicts cont[0]
     if cont_ids.shape[1] > 1:
@@ -79,6 +109,4 @@ def score_continuation(
                 pruner.last_prefill = ctx.record
             out = model(input_ids=feed, past_key_values=cache, attention_mask=mask, use_cache=True)
         logits = torch.cat([logits, out.logits], dim=1)  # (1, T, V)
-    logprobs = F.log_softmax(logits, dim=-1)
-    greedy = bool((logprobs.argmax(-1) == cont_ids).all())
-    return logprobs.gather(2, cont_ids.unsqueeze(-1))[0, :, 0], greedy
+    return token_logprobs(logits, cont_ids, dtype)
