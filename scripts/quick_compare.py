@@ -26,6 +26,7 @@ from sdtp.config import REPO_ROOT, build_pruner, compose
 from sdtp.engine.cache import cache_lengths
 from sdtp.kv import KVCompressor, build_kv_policy
 from sdtp.models import load_model
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.utils import write_json_atomic
 
 log = logging.getLogger("quick_compare")
@@ -44,11 +45,11 @@ def continuation_logits(model, ids: torch.Tensor, context: int, pruner, policy) 
         start = time.perf_counter()
         out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - start
-        cache, logits = out.past_key_values, [out.logits[0, -1].float()]
+        cache, logits = output_cache(out), [out.logits[0, -1].float()]
         kept_kv = sum(cache_lengths(cache))
         for pos in range(context, ids.shape[1] - 1):
-            out = model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=ids[:, pos : pos + 1], **cache_kwargs(cache), use_cache=True)
+            cache = output_cache(out)
             logits.append(out.logits[0, -1].float())
     record = pruner.last_prefill if pruner is not None else None
     layers = model.config.num_hidden_layers

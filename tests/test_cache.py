@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from sdtp.engine.cache import AppendLayer, appendable_cache, cache_bytes, cache_lengths
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
+from sdtp.models.compat import cache_kwargs
 from sdtp.scorers.random import RandomScorer
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
@@ -20,11 +21,11 @@ def test_pruned_prefill_and_decode_match_dynamic_cache(tiny, prompt_ids):
     for name, cache in (("hf", DynamicCache(config=model.config)), ("append", appendable_cache(model, headroom=3))):
         pruner = TokenPruner(SCHEDULE, RandomScorer(seed=0))  # a fresh scorer per cache: the same random mask
         with pruner(model):
-            out = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(prompt_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             logits = [out.logits]
             buffers = [layer._key_buffer.data_ptr() for layer in cache.layers] if name == "append" else []
             for token in (5, 6, 7, 8, 9):  # 5 steps > headroom 3: one reallocation on the way
-                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                out = model(torch.tensor([[token]]), **cache_kwargs(cache), use_cache=True)
                 logits.append(out.logits)
                 if name == "append" and token == 7:  # the first 3 steps wrote in place
                     assert [layer._key_buffer.data_ptr() for layer in cache.layers] == buffers

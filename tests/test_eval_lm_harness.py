@@ -17,6 +17,7 @@ from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_tasks
 from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.random import RandomScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -161,8 +162,8 @@ def test_continuation_tokens_are_never_pruned(tiny_llama):
         pruner.last_prefill = decoded.record
         for step in range(cont.shape[1]):
             expected.append(torch.log_softmax(logits, -1)[0, cont[0, step]])
-            out = model(input_ids=cont[:, step : step + 1], past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = model(input_ids=cont[:, step : step + 1], **cache_kwargs(cache), use_cache=True)
+            cache, logits = output_cache(out), out.logits[:, -1]
     assert cache_lengths(cache) == [n + fed + 1 for n in record.tokens_per_layer]
     torch.testing.assert_close(logprobs, torch.stack(expected), rtol=1e-4, atol=1e-4)
 

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.flops import ModelDims, compression_ratio, estimate, flop_counter_mapping
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
 
@@ -26,7 +27,7 @@ def _generate_steps(model, ids, steps):
     """Prefill with logits for the last position, then ``steps`` single-token decode forwards."""
     out = model(ids, use_cache=True, logits_to_keep=1)
     for t in range(steps):
-        out = model(torch.tensor([[5 + t]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[5 + t]]), **cache_kwargs(output_cache(out)), use_cache=True)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.kv import KVCompressor, KVPolicy, build_kv_policy
 from sdtp.models import load_model
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.random import RandomScorer
 
 METHODS = ("h2o", "streaming", "snapkv")
@@ -27,7 +28,7 @@ def test_compression_keeps_budget_per_layer_and_decodes_at_original_positions(ti
     policy = KVPolicy(method, ratio=0.4, window=8)
     n = prompt_ids.shape[1]
     with KVCompressor(policy)(model) as press:
-        cache = model(prompt_ids, use_cache=True).past_key_values
+        cache = output_cache(model(prompt_ids, use_cache=True))
         assert cache_lengths(cache) == [policy.budget(n)] * model.config.num_hidden_layers
         assert press.last_sizes == [(n, policy.budget(n))] * model.config.num_hidden_layers
         assert cache.get_seq_length() == n  # logical length: decoding continues at position n
@@ -36,12 +37,12 @@ def test_compression_keeps_budget_per_layer_and_decodes_at_original_positions(ti
             reference.update(layer.keys.clone(), layer.values.clone(), idx)
         for step, token in enumerate((5, 6, 7)):
             ids = torch.tensor([[token]])
-            ours = model(ids, past_key_values=cache, use_cache=True).logits
-            ref = model(ids, past_key_values=reference, use_cache=True, position_ids=torch.tensor([[n + step]])).logits
+            ours = model(ids, **cache_kwargs(cache), use_cache=True).logits
+            ref = model(ids, **cache_kwargs(reference), use_cache=True, position_ids=torch.tensor([[n + step]])).logits
             torch.testing.assert_close(ours, ref)
         assert cache_lengths(cache) == [policy.budget(n) + 3] * model.config.num_hidden_layers
         with pytest.raises(NotImplementedError, match="token-by-token"):
-            model(torch.tensor([[1, 2]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[1, 2]]), **cache_kwargs(cache), use_cache=True)
 
 
 @torch.no_grad()

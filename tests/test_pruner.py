@@ -11,6 +11,7 @@ from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.models import decoder_layers
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.random import RandomScorer
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
@@ -42,11 +43,11 @@ def _reference_forward(model, input_ids, layer_positions, decode_ids=()):
             hidden, positions = hidden[:, local], target
         cos_sin = base.rotary_emb(hidden, position_ids=positions)
         hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, position_ids=positions,
-                       past_key_values=cache, use_cache=True)
+                       **cache_kwargs(cache), use_cache=True)
     logits = model.lm_head(base.norm(hidden))
     decode_logits = []
     for step, token in enumerate(decode_ids):
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+        out = model(input_ids=torch.tensor([[token]]), **cache_kwargs(cache), use_cache=True,
                     position_ids=torch.tensor([[n + step]]))
         decode_logits.append(out.logits[:, -1])
     return logits, decode_logits
@@ -61,8 +62,8 @@ def test_keep_ratio_one_reproduces_unpruned_model(tiny, prompt_ids):
     with pruner(model):
         pruned = model(prompt_ids, use_cache=True)
         assert pruner.last_prefill.kept_per_stage == [97, 97, 97]
-        steps = [model(torch.tensor([[t]]), past_key_values=pruned.past_key_values).logits for t in (5, 6, 7)]
-    dense_steps = [model(torch.tensor([[t]]), past_key_values=dense.past_key_values).logits for t in (5, 6, 7)]
+        steps = [model(torch.tensor([[t]]), **cache_kwargs(output_cache(pruned))).logits for t in (5, 6, 7)]
+    dense_steps = [model(torch.tensor([[t]]), **cache_kwargs(output_cache(dense))).logits for t in (5, 6, 7)]
     assert torch.equal(pruned.logits, dense.logits)
     for a, b in zip(steps, dense_steps):
         assert torch.equal(a, b)
@@ -104,7 +105,7 @@ def test_cache_lengths_match_tokens_per_layer(tiny, prompt_ids):
     with pruner(model):
         out = model(prompt_ids, use_cache=True)
     record = pruner.last_prefill
-    assert cache_lengths(out.past_key_values) == record.tokens_per_layer
+    assert cache_lengths(output_cache(out)) == record.tokens_per_layer
     assert record.tokens_per_layer == SCHEDULE.tokens_per_layer(prompt_ids.shape[1], 4)
     # logits come back for the tokens that reached the last layer only
     assert out.logits.shape[1] == record.final_positions.shape[1] == record.kept_per_stage[-1]
@@ -117,10 +118,10 @@ def test_pruned_forward_equals_explicit_slicing_reference(tiny, prompt_ids):
     decode_ids = [11, 12, 13]
     with pruner(model):
         out = model(prompt_ids, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         steps = []
         for token in decode_ids:
-            step = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            step = model(torch.tensor([[token]]), **cache_kwargs(cache), use_cache=True)
             steps.append(step.logits[:, -1])
     ref_logits, ref_steps = _reference_forward(model, prompt_ids, pruner.last_prefill.layer_positions, decode_ids)
     torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-5)
@@ -138,7 +139,7 @@ def test_multi_token_continuation_with_mask_matches_reference(tiny, prompt_ids):
     with pruner(model):
         out = model(prompt_ids, use_cache=True)
         mask = torch.ones(1, n + cont.shape[1], dtype=torch.long)
-        cont_logits = model(cont, past_key_values=out.past_key_values, attention_mask=mask, use_cache=True).logits
+        cont_logits = model(cont, **cache_kwargs(output_cache(out)), attention_mask=mask, use_cache=True).logits
     _, ref = _reference_forward(model, prompt_ids, pruner.last_prefill.layer_positions, cont[0].tolist())
     torch.testing.assert_close(cont_logits[0], torch.cat(ref), rtol=1e-4, atol=1e-5)
 

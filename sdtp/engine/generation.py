@@ -18,6 +18,7 @@ from torch import nn
 
 from sdtp.engine.cache import appendable_cache
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
+from sdtp.models.compat import cache_kwargs, output_cache
 
 
 @dataclass
@@ -68,9 +69,9 @@ def prefill(
     """
     _sync(input_ids.device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     _sync(input_ids.device)
-    return out.logits, out.past_key_values, time.perf_counter() - start
+    return out.logits, output_cache(out), time.perf_counter() - start
 
 
 def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
@@ -131,8 +132,8 @@ def generate(
             tokens.append(int(token[0, 0]))
             if len(tokens) >= max_new_tokens or tokens[-1] in eos:
                 break
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, **cache_kwargs(cache), use_cache=True)
+            cache = output_cache(out)
             if keep_logits:
                 step_logits.append(out.logits[:, -1].float().cpu())
             token = _next_token(_block_eos(out.logits[:, -1], eos, len(tokens) < min_new_tokens), sampling, generator)

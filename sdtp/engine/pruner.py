@@ -31,6 +31,7 @@ from torch import nn
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import gather_tokens, protected_mask, select_kept
 from sdtp.models import check_supported, decoder_layers
+from sdtp.models.compat import cache_from_kwargs
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
@@ -104,7 +105,7 @@ class TokenPruner:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         self._prefill = past == 0
         if not self._prefill:
@@ -156,7 +157,7 @@ class TokenPruner:
                 positions=alive.positions,
                 seq_len=seq_len,
                 model=self._model,
-                past_key_values=kwargs.get("past_key_values"),
+                past_key_values=cache_from_kwargs(kwargs),
                 extras=self._extras,
             )
             scores = self.scorer.score(ctx)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
+from sdtp.models.compat import cache_kwargs, output_cache
 
 
 @dataclass
@@ -58,7 +59,7 @@ def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner
     record = pruner.last_prefill if pruner is not None else None
     if record is not None and int(record.final_positions[0, -1]) != ctx_ids.shape[1] - 1:
         raise ValueError("pruning.keep_recent: the last context token was pruned; keep_recent must be > 0")
-    return PrefilledContext(out.logits[:, -1], out.past_key_values, int(ctx_ids.shape[1]), record)
+    return PrefilledContext(out.logits[:, -1], output_cache(out), int(ctx_ids.shape[1]), record)
 
 
 def token_logprobs(
@@ -107,6 +108,6 @@ def score_continuation(
         with context:
             if pruner is not None:
                 pruner.last_prefill = ctx.record
-            out = model(input_ids=feed, past_key_values=cache, attention_mask=mask, use_cache=True)
+            out = model(input_ids=feed, **cache_kwargs(cache), attention_mask=mask, use_cache=True)
         logits = torch.cat([logits, out.logits], dim=1)  # (1, T, V)
     return token_logprobs(logits, cont_ids, dtype)

@@ -5,7 +5,8 @@ position of the next token from ``cache.get_seq_length()``. :class:`CompressedCa
 reports the *logical* length (stored + evicted) at the cache level, while every layer object (HF's
 ``DynamicLayer`` or the engine's in-place ``AppendLayer``) keeps its own *physical* length, which
 is what layer appends and attention-mask sizing use. Decoding thus continues at positions N, N+1,
-... with plain ``model(input_ids=token, past_key_values=cache)`` calls (ours, HF ``generate()``).
+... with plain ``model(input_ids=token, **cache_kwargs(cache))`` calls (ours, HF ``generate()``;
+the keyword is ``past_key_values`` before transformers 5.24, ``cache`` from 5.24: ``sdtp.models.compat``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from sdtp.kv.cache import compress_cache
 from sdtp.kv.policy import KVPolicy
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
+from sdtp.models.compat import cache_from_kwargs, output_cache
 
 QUERY_CHUNK = 512  # H2O query chunk: bounds the transient (B, H, chunk, T) probabilities
 
@@ -72,14 +73,14 @@ class KVCompressor:
         return self.entries_after / self.entries_before if self.entries_before else None
 
     def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         self._prefill = cache is None or cache.get_seq_length() == 0
         self._scores = {}
 
     def _on_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._prefill:
             return
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if cache is None:
             raise RuntimeError("KV compression needs the prefill cache: run the model with use_cache=True")
         self.last_sizes = compress_cache(cache, self.policy, self._scores)
@@ -90,7 +91,7 @@ class KVCompressor:
     def _make_attn_hook(self, idx: int):
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            cache = kwargs.get("past_key_values")
+            cache = cache_from_kwargs(kwargs)
             if not self._prefill or cache is None:  # no cache: _on_end reports it
                 return
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), post input_layernorm

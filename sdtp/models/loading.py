@@ -16,7 +16,8 @@ from sdtp.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Families whose decoder layers share the call signature the pruning hooks rely on
-# (hidden_states, attention_mask, position_embeddings, position_ids, past_key_values).
+# (hidden_states, attention_mask, position_embeddings, position_ids, and the KV cache, whose keyword
+# name depends on the transformers version: sdtp.models.compat).
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
 SOURCES = ("tiny", "hub", "gguf_package")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
