@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
+from sdtp.models.compat import cache_kwargs
 
 
 def continuation_weights(valid: torch.Tensor, split: torch.Tensor, start: int) -> torch.Tensor:
@@ -75,7 +76,8 @@ def attention_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
     handles = [block.self_attn.register_forward_hook(make_hook(k), with_kwargs=True)
                for k, block in enumerate(blocks)]
     try:
-        model.base_model(input_ids=input_ids, attention_mask=valid.long(), past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=input_ids, attention_mask=valid.long(), **cache_kwargs(cache),
+                         use_cache=True)
     finally:
         for handle in handles:
             handle.remove()
