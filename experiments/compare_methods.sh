@@ -2,7 +2,8 @@
 # Side-by-side comparison of token pruners (and KV policies) at the SAME schedule and budgets:
 # dense, random, positional, norm, lazyllm, gemfilter, fastkv (equal average tokens per layer) and sdtp,
 # on the seven offline lm-eval tasks (with a limit), LongBench multi_news, a needle task and WikiText perplexity,
-# plus sdtp-bench prefill timings; then renders results/compare/{compare_methods.md,.csv,.json,.png}.
+# plus sdtp-bench prefill timings; then renders results/compare/{compare_methods.md,.csv,.json,.png}
+# (scripts/compare_methods.py -> sdtp/reports/compare_methods.py: paired t intervals, Holm per eval).
 # A smaller (e.g. LIMIT=2 smoke) pass never replaces a committed page built from more documents: it is
 # rendered into results/compare_smoke/ (gitignored) instead. OUT=dir renders elsewhere; REPLACE=1 overwrites.
 #
@@ -10,6 +11,11 @@
 #   MODEL=llama2-7b LIMIT=200 experiments/compare_methods.sh
 #   STEPS="perplexity table" experiments/compare_methods.sh   # only some steps
 #   TASKS=[sdtp_copa,sdtp_boolq] STEPS="lm_eval table" experiments/compare_methods.sh   # other lm-eval tasks
+#   RANDOM_SEEDS=0,1,2,3,4 STEPS="lm_eval table" experiments/compare_methods.sh           # more random seeds
+#
+# The random scorer is run once per seed in RANDOM_SEEDS (pruning.scorer.seed, its own multirun: one run
+# directory per seed); the table shows a row per seed and a `random` row whose per-document outcome is
+# the mean over the seeds, which is the row paired with the other methods.
 #
 # A clean clone needs nothing else: the default .venv is set up first (make setup) when missing.
 # Every sdtp-eval run writes metrics.json in its own deterministic run directory and is skipped when it
@@ -30,6 +36,7 @@ NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-2}     # per (length, depth); 5 depths
 PPL_TOKENS=${PPL_TOKENS:-8192}          # WikiText test tokens scored
 BENCH_LENGTHS=${BENCH_LENGTHS:-[2048]}
 STEPS=${STEPS:-"lm_eval perplexity longbench needle kv bench table"}
+RANDOM_SEEDS=${RANDOM_SEEDS:-0,1,2}     # pruning.scorer.seed values of the random scorer
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736} \
@@ -48,12 +55,21 @@ if [ -z "${METHODS:-}" ]; then
   METHODS="$METHODS,oracle"
 fi
 # Benchmarked methods: every pruned one but the oracle (its backward pass is not a deployable cost).
+# One random seed is enough there: the seed changes which tokens are kept, not how many.
 PRUNED=$(tr "," "\n" <<<"$METHODS" | { grep -v -x -e none -e oracle || true; } | paste -sd, -)
+# random runs as a sweep over RANDOM_SEEDS of its own; every other method in one multirun.
+SEEDLESS=$(tr "," "\n" <<<"$METHODS" | { grep -v -x random || true; } | paste -sd, -)
+WITH_RANDOM=0; if [[ ",$METHODS," == *,random,* ]]; then WITH_RANDOM=1; fi
 
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # step <name> <command...>: run the command only if <name> is in $STEPS.
 step() { local name=$1; shift; if has_step "$name"; then echo "[compare] $*" >&2; "$@"; fi; }
-evaluate() { "$BIN/sdtp-eval" -m model="$MODEL" pruning="$METHODS" "$@"; }
+evaluate() {
+  if [ -n "$SEEDLESS" ]; then "$BIN/sdtp-eval" -m model="$MODEL" pruning="$SEEDLESS" "$@"; fi
+  if [ "$WITH_RANDOM" = 1 ]; then
+    "$BIN/sdtp-eval" -m model="$MODEL" pruning=random pruning.scorer.seed="$RANDOM_SEEDS" "$@"
+  fi
+}
 
 LM_EVAL=(eval=lm_eval eval.limit="$LIMIT")
 if [ -n "$TASKS" ]; then LM_EVAL+=("eval.tasks=$TASKS"); fi

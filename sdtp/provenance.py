@@ -126,10 +126,15 @@ def differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[
     """
     if not isinstance(stored, dict):
         return ["fingerprint (none stored)"]
+    return changed_keys({k: stored.get(k) for k in COMPARED}, {k: current.get(k) for k in COMPARED})
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose leaf values differ between two nested dicts (a key absent on one side differs)."""
     # Through JSON, so tuples vs lists and int vs float keys compare as they are stored.
-    old = _leaves(json.loads(json.dumps({k: stored.get(k) for k in COMPARED}, default=str)))
-    new = _leaves(json.loads(json.dumps({k: current.get(k) for k in COMPARED}, default=str)))
-    return sorted(key for key in old.keys() | new.keys() if old.get(key, "<absent>") != new.get(key, "<absent>"))
+    a = _leaves(json.loads(json.dumps(old, default=str)))
+    b = _leaves(json.loads(json.dumps(new, default=str)))
+    return sorted(key for key in a.keys() | b.keys() if a.get(key, "<absent>") != b.get(key, "<absent>"))
 
 
 class RunLockedError(RuntimeError):

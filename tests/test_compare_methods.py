@@ -1,18 +1,19 @@
-"""The comparison table script renders fabricated sweep outputs (no model is run)."""
+"""The comparison page renders fabricated sweep outputs (no model is run)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from sdtp.config import REPO_ROOT
+from sdtp.reports import compare_methods as compare
 
-spec = importlib.util.spec_from_file_location("compare_methods", REPO_ROOT / "scripts" / "compare_methods.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+T975_DF3 = 3.182446305284263  # Student t 0.975 quantile, 3 degrees of freedom (tables)
+T975_DF2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # df = 2 has a closed form: F(t) = 1/2 + t / (2 sqrt(2 + t^2))
 
 
 def _write(path: Path, data: dict) -> None:
@@ -20,18 +21,44 @@ def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
 
-def _eval(root: Path, method: str, eval_name: str, results: dict, kv: str | None = None) -> None:
+def _eval(root: Path, method: str, eval_name: str, results: dict, kv: str | None = None, run: str = "x",
+          config: dict | None = None, **extra) -> Path:
+    """A fabricated sdtp-eval run directory (``metrics.json``); returns it."""
     config = {"pruning": {"name": method}, "eval": {"limit": 20 if method != "random" else 10},
-              **({"kv": {"method": kv, "ratio": 0.4}} if kv else {})}
+              **({"kv": {"method": kv, "ratio": 0.4}} if kv else {}), **(config or {})}
     record = {"method": kv, "ratio": 0.4, "kept_fraction": 0.4} if kv else {"method": "none", "kept_fraction": 1.0}
-    _write(root / "eval" / eval_name / method / (kv or "x") / "metrics.json",
-           {"eval": eval_name, "pruning": {"name": method}, "kv": record, "results": results, "config": config})
+    run_dir = root / "eval" / eval_name / method / (kv or run)
+    _write(run_dir / "metrics.json", {"eval": eval_name, "pruning": {"name": method}, "kv": record,
+                                      "results": results, "config": config, **extra})
+    return run_dir
 
 
-def _samples(root: Path, method: str, outcomes: list[int]) -> None:
-    """lm-eval's per-document log (samples_<task>.jsonl) beside the method's lm_eval metrics.json."""
+def _samples(run_dir: Path, outcomes: list[int], task: str = "piqa") -> None:
+    """lm-eval's per-document log (samples_<task>.jsonl) beside a run's metrics.json."""
     lines = [json.dumps({"doc_id": i, "acc": float(a), "acc_norm": 0.0}) for i, a in enumerate(outcomes)]
-    (root / "eval" / "lm_eval" / method / "x" / "samples_sdtp_piqa.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / f"samples_sdtp_{task}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _lm_eval(root: Path, method: str, outcomes: list[int], run: str = "x", **kwargs) -> Path:
+    """An lm-eval run over one task (piqa) with the given 0/1 document outcomes."""
+    acc = sum(outcomes) / len(outcomes)
+    results = {"tasks": {"sdtp_piqa": {"acc,none": acc}}, "n_samples": {"sdtp_piqa": len(outcomes)}}
+    run_dir = _eval(root, method, "lm_eval", results, run=run, **kwargs)
+    _samples(run_dir, outcomes)
+    return run_dir
+
+
+def _render(root: Path, out: Path) -> tuple[dict, str, dict]:
+    """rows by method, the markdown page and the whole json of a render of ``root``."""
+    assert compare.main(["--root", str(root), "--out", str(out)]) == 0
+    page = json.loads((out / "compare_methods.json").read_text())
+    return {r["method"]: r for r in page["rows"]}, (out / "compare_methods.md").read_text(), page
+
+
+def _two_sided_p_df3(t: float) -> float:
+    """Closed form for 3 degrees of freedom: F(t) = 1/2 + (u / (1 + u^2) + atan(u)) / pi with u = t / sqrt(3)."""
+    u = abs(t) / math.sqrt(3)
+    return 1 - 2 / math.pi * (u / (1 + u * u) + math.atan(u))
 
 
 def test_table_and_plot_from_fabricated_runs(tmp_path):
@@ -43,10 +70,9 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
         _eval(root, method, "perplexity", {"perplexity": ppl, **extra})
         _eval(root, method, "longbench", {"datasets": {"multi_news": acc / 3}, "avg": acc / 3})
     # Paired outcomes on 4 shared documents: sdtp loses doc 1 and gains doc 3 vs dense (delta 0); random loses 2.
-    _samples(root, "none", [1, 1, 0, 0])
-    _samples(root, "sdtp", [1, 0, 0, 1])
-    _samples(root, "random", [0, 0, 0, 0])
-    for method, scores in (("none", [0.3, 0.2]), ("sdtp", [0.2, 0.1])):
+    for method, outcomes in (("none", [1, 1, 0, 0]), ("sdtp", [1, 0, 0, 1]), ("random", [0, 0, 0, 0])):
+        _samples(root / "eval" / "lm_eval" / method / "x", outcomes)
+    for method, scores in (("none", [0.5, 0.25]), ("sdtp", [0.375, 0.125])):  # exact in binary: diffs -1/8
         lines = [json.dumps({"id": f"s{i}", "dataset": "multi_news", "score": v}) for i, v in enumerate(scores)]
         (root / "eval" / "longbench" / method / "x" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     _eval(root, "sdtp", "longbench", {"tasks": {"multi_news": {"score": 0.15}}, "avg_layer_token_fraction": 0.63},
@@ -66,49 +92,147 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     (root / "eval" / "broken").mkdir(parents=True)
     (root / "eval" / "broken" / "metrics.json").write_text("{not json")
     out = tmp_path / "compare"
-    assert compare.main(["--root", str(root), "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in json.loads((out / "compare_methods.json").read_text())["rows"]}
+    rows, md, page = _render(root, out)
     assert list(rows)[0] == "none"
     assert set(rows) == {"none", "sdtp", "random", "sdtp+h2o@0.4", "sdtp[pruning.first_layer=8]"}
     assert rows["sdtp[pruning.first_layer=8]"]["perplexity"] == 25.0 and rows["sdtp"]["perplexity"] == 22.0
-    # lm-eval fractions become percentages, like the LongBench scores they are averaged with.
     assert abs(rows["sdtp"]["piqa"] - 58.0) < 1e-9 and abs(rows["sdtp"]["arc_easy"] - 48.0) < 1e-9
-    assert abs(rows["sdtp"]["mean_acc"] - (58.0 + 48.0 + 0.58 / 3) / 3) < 1e-9
     assert rows["sdtp"]["perplexity"] == 22.0 and rows["sdtp"]["prefill_speedup"] == 1.5
     assert rows["random"]["prefill_speedup"] == 1.6
     assert abs(rows["sdtp"]["analytic_speedup"] - 1 / 0.63) < 1e-9 and rows["none"]["prefill_speedup"] == 1.0
     assert abs(rows["sdtp+h2o@0.4"]["kv_cache"] - 0.63 * 0.4) < 1e-9 and rows["sdtp"]["kv_cache"] == 0.63
-    assert rows["sdtp+h2o@0.4"]["mean_acc"] is None  # only one of three accuracy columns present
     assert (out / "compare_methods.png").stat().st_size > 0
-    md = (out / "compare_methods.md").read_text()
     assert "* perplexity: limit=10 | limit=20 (methods differ!)" in md  # random was run with another limit
     assert "* bench" not in md  # the fabricated bench files carry no settings
-    assert md.splitlines()[0].startswith("| method | arc_easy | multi_news | piqa | perplexity | mean_acc")
-    # Binomial 95% half-widths from the document counts: dense piqa 60% of 50, arc_easy 50% of 40.
-    ci = json.loads((out / "compare_methods.json").read_text())["ci95"]
-    assert abs(ci["none"]["piqa"] - 196 * (0.6 * 0.4 / 50) ** 0.5) < 0.01
-    assert abs(ci["sdtp"]["arc_easy"] - 196 * (0.48 * 0.52 / 40) ** 0.5) < 0.01
-    assert "multi_news" not in ci["none"]  # ROUGE is not a per-document 0/1 outcome
-    assert "arc_easy ±15.5 (n=40), piqa ±13.6 (n=50)" in md
-    # Paired deltas over the same documents: mean difference, t-free normal half-width of its mean.
+    assert "| method | arc_easy | multi_news | piqa | perplexity | lm_eval_mean_acc | tokens_per_layer" in md
+    # Paired lm-eval differences to dense (4 documents): sdtp's cancel out, random loses 2 of 4.
     assert rows["sdtp"]["lm_eval_delta"] == 0.0 and rows["none"]["lm_eval_delta"] == 0.0
-    assert rows["random"]["lm_eval_delta"] == -50.0
-    sd = (4 * 0.25 / 3) ** 0.5  # diffs -1,-1,0,0: mean -0.5, sample variance 1/3
-    assert abs(rows["random"]["lm_eval_delta_ci95"] - 100 * 1.959964 * sd / 2) < 1e-6
-    assert "* lm_eval: sdtp - random: +50.00 ± " in md and "over 4 documents" in md
-    # Generation evals pair their predictions.jsonl scores the same way (fractions -> points).
-    assert abs(rows["sdtp"]["longbench_delta"] - (-10.0)) < 1e-9 and rows["random"]["longbench_delta"] is None
-    assert md.splitlines()[0].split(" | ")[6:10] == ["lm_eval_delta", "lm_eval_delta_ci95", "longbench_delta",
-                                                      "longbench_delta_ci95"]
+    assert rows["random"]["lm_eval_delta"] == -50.0 and rows["random"]["lm_eval_delta_n"] == 4
+    se = 100 * math.sqrt(1 / 3) / 2  # diffs -1,-1,0,0 (x100): sample variance 1/3, 4 pairs
+    assert rows["random"]["lm_eval_delta_high"] == pytest.approx(-50 + T975_DF3 * se, rel=1e-9)
+    assert "| sdtp − random | +50.00 [" in md
+    # LongBench pairs predictions.jsonl scores the same way; sdtp is 12.5 points below dense on both samples.
+    assert rows["sdtp"]["longbench_delta"] == -12.5 and rows["random"]["longbench_delta"] is None
+    assert "constant difference on all 2" in md  # zero variance, non-zero: no p-value to speak of
+    # No interval without per-window NLLs (runs from before perplexity protocol 2).
+    assert "Perplexity: no interval for none, random, sdtp, sdtp[pruning.first_layer=8]" in md
+    csv_header = (out / "compare_methods.csv").read_text().splitlines()[0].split(",")
+    assert csv_header[:7] == ["method", "seed_of", "arc_easy", "multi_news", "piqa", "perplexity", "lm_eval_mean_acc"]
 
 
-def test_paired_delta_needs_common_documents():
-    from sdtp.eval.stats import binomial_ci95, paired_delta
+def test_no_cross_metric_mean(tmp_path):
+    """lm_eval_mean_acc averages the lm-eval accuracy tasks only, never ROUGE-L, needle scores or perplexity."""
+    root = tmp_path / "multiruns"
+    for method, acc in (("none", 0.6), ("sdtp", 0.5)):
+        tasks = {"sdtp_piqa": {"acc": acc}, "sdtp_arc_easy": {"acc": acc - 0.2}}
+        _eval(root, method, "lm_eval", {"tasks": tasks})
+        _eval(root, method, "longbench", {"datasets": {"multi_news": 13.0}})
+        _eval(root, method, "needle", {"score": 100.0})
+        _eval(root, method, "perplexity", {"perplexity": 20.0})
+    _eval(root, "norm", "longbench", {"datasets": {"multi_news": 12.0}})  # no lm-eval run: no mean at all
+    rows, md, page = _render(root, tmp_path / "out")
+    assert "mean_acc" not in page["columns"] and "lm_eval_mean_acc" in page["columns"]
+    assert rows["none"]["lm_eval_mean_acc"] == pytest.approx((60.0 + 40.0) / 2)
+    assert rows["sdtp"]["lm_eval_mean_acc"] == pytest.approx((50.0 + 30.0) / 2)
+    assert rows["norm"]["lm_eval_mean_acc"] is None
+    assert "| mean_acc" not in md and " mean_acc " not in md
 
-    assert paired_delta({("piqa", 0): 1.0}, {("piqa", 0): 0.0}) is None  # one document: no variance
-    assert paired_delta({("piqa", 0): 1.0, ("piqa", 1): 1.0}, {("arc", 0): 0.0, ("arc", 1): 0.0}) is None
-    assert paired_delta({("a", 0): 1.0, ("a", 1): 0.0}, {("a", 0): 1.0, ("a", 1): 0.0}) == (0.0, 0.0, 2)
-    assert binomial_ci95(0.0, 50) == 0.0 and abs(binomial_ci95(50.0, 100) - 9.8) < 0.01
+
+def test_t_interval_holm_and_identical_against_closed_form(tmp_path):
+    root = tmp_path / "multiruns"
+    dense = [1, 1, 0, 0]
+    _lm_eval(root, "none", dense)
+    _lm_eval(root, "positional", [0, 0, 0, 0])  # diffs -1,-1,0,0: t = 0.5 / (sqrt(1/3) / 2) = sqrt(3)
+    _lm_eval(root, "norm", [0, 1, 0, 0])  # diffs -1,0,0,0: mean -0.25, sd 0.5, t = 1
+    _lm_eval(root, "lazyllm", dense)  # never differs
+    # Perplexity protocol 2: per-window NLL sums and token counts -> NLL per token per window.
+    _eval(root, "none", "perplexity", {"perplexity": 10.0, "window_nll": [20.0, 30.0, 12.0],
+                                       "window_tokens": [10, 10, 4]})
+    _eval(root, "positional", "perplexity", {"perplexity": 11.0, "window_nll": [21.0, 30.5, 12.4],
+                                             "window_tokens": [10, 10, 4]})
+    rows, md, page = _render(root, tmp_path / "out")
+    p_positional = _two_sided_p_df3(math.sqrt(3))
+    p_norm = _two_sided_p_df3(1.0)
+    assert p_positional == pytest.approx(1 / 2 - 1 / math.pi, rel=1e-12)
+    assert p_norm == pytest.approx(2 / 3 - math.sqrt(3) / (2 * math.pi), rel=1e-12)
+    pos, norm, lazy = rows["positional"], rows["norm"], rows["lazyllm"]
+    assert pos["lm_eval_delta"] == -50.0 and pos["lm_eval_delta_p"] == pytest.approx(p_positional, rel=1e-9)
+    half = T975_DF3 * 100 * math.sqrt(1 / 3) / 2
+    assert (pos["lm_eval_delta_low"], pos["lm_eval_delta_high"]) == pytest.approx((-50 - half, -50 + half), rel=1e-9)
+    assert norm["lm_eval_delta"] == -25.0 and norm["lm_eval_delta_p"] == pytest.approx(p_norm, rel=1e-9)
+    assert norm["lm_eval_delta_high"] == pytest.approx(-25 + T975_DF3 * 25, rel=1e-9)  # sd 50 points / sqrt(4)
+    # Holm over the three comparisons to dense: p sorted 0.182, 0.391, 1 -> x3, x2 (monotone), x1.
+    assert pos["lm_eval_delta_p_holm"] == pytest.approx(3 * p_positional, rel=1e-9)
+    assert norm["lm_eval_delta_p_holm"] == pytest.approx(2 * p_norm, rel=1e-9)
+    assert lazy["lm_eval_delta_p_holm"] == 1.0
+    assert "| lazyllm | identical on all 4 | – |" in md and "± 0.00" not in md and "±" not in md
+    assert "Holm over 3" in md
+    # Per window NLL/token: dense 2, 3, 3; positional 2.1, 3.05, 3.1 -> diffs 0.1, 0.05, 0.1 (df = 2).
+    diffs = [0.1, 0.05, 0.1]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
+    assert pos["perplexity_delta"] == pytest.approx(mean, rel=1e-9) and pos["perplexity_delta_n"] == 3
+    assert pos["perplexity_delta_high"] == pytest.approx(mean + T975_DF2 * se, rel=1e-9)
+    assert "### perplexity (Δ in nats/token" in md
+    assert "Perplexity: no interval" not in md
+
+
+def test_random_seeds_are_grouped_into_a_mean_row(tmp_path):
+    root = tmp_path / "multiruns"
+    _lm_eval(root, "none", [1, 1, 0, 0])
+    _lm_eval(root, "sdtp", [1, 1, 0, 1])
+    seeds = {0: [1, 0, 0, 0], 1: [1, 1, 0, 0], 2: [0, 0, 0, 0]}
+    for seed, outcomes in seeds.items():
+        # One multirun job per seed: its own directory, the seed in the overrides and in the resolved config.
+        config = {"pruning": {"name": "random", "scorer": {"seed": seed}}, "eval": {"limit": 20}}
+        run_dir = _lm_eval(root, "random", outcomes, run=f"pruning.scorer.seed={seed}", config=config)
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- pruning=random\n- pruning.scorer.seed={seed}\n")
+    _write(root / "bench" / "r" / "bench.json", {"pruning": {"name": "random", "scorer": {"seed": 0}},
+                                                 "prefill_speedup": 1.4})
+    rows, md, page = _render(root, tmp_path / "out")
+    assert set(rows) == {"none", "sdtp", "random", "random_s0", "random_s1", "random_s2"}
+    assert list(rows) == ["none", "random", "random_s0", "random_s1", "random_s2", "sdtp"]
+    assert rows["random"]["seeds"] == ["random_s0", "random_s1", "random_s2"]
+    assert rows["random_s1"]["seed_of"] == "random" and rows["random"]["seed_of"] is None
+    # The mean row pairs the per-document mean over seeds (2/3, 1/3, 0, 0) with dense (1, 1, 0, 0).
+    assert rows["random"]["lm_eval_delta"] == pytest.approx(-25.0) and rows["random"]["lm_eval_delta_n"] == 4
+    assert rows["random"]["piqa"] == pytest.approx(100 * (0.25 + 0.5 + 0.0) / 3)
+    assert rows["random"]["prefill_speedup"] == 1.4  # the benchmark times the schedule, not a seed
+    # Seed rows are shown with their own difference but are not in the Holm family; the mean row is.
+    assert rows["random_s1"]["lm_eval_delta"] == 0.0 and rows["random_s1"]["lm_eval_delta_p_holm"] is None
+    assert rows["random"]["lm_eval_delta_p_holm"] is not None
+    assert "| random (mean of 3 seeds) |" in md and "| ↳ random_s0 |" in md
+    assert "(seed row, not in Holm)" in md and "identical on all 4" in md
+    focus = [c["b"] for c in page["comparisons"]["focus"]["lm_eval"]]
+    assert focus == ["none", "random"]  # sdtp vs the seeds' mean, not vs each seed
+    assert "pruning.scorer.seed" not in " ".join(rows)  # the seed is in the name, not a variant suffix
+
+
+def _fingerprint(root: str = "/clone", commit: str = "c1", limit: int = 20, pruning: str = "none") -> dict:
+    data = f"{root}/../shared/data/mc/piqa.jsonl"
+    return {"config": {"paths": {"root": root, "data_dir": f"{root}/../shared/data"}, "model": {"name": "m"},
+                       "eval": {"limit": limit, "data_root": f"{root}/../shared/data/mc"},
+                       "pruning": {"name": pruning}},
+            "dtype": "torch.float32", "device": "cpu", "predictor": {}, "data": {data: "abc"},
+            "packages": {"torch": "2.6"}, "git": {"commit": commit, "dirty": False}}
+
+
+def test_mismatched_fingerprint_is_marked(tmp_path):
+    root = tmp_path / "multiruns"
+    _lm_eval(root, "none", [1, 1, 0, 0], fingerprint=_fingerprint())
+    # Only the method differs (pruning config, predictor), and the sweep ran in another clone: not marked.
+    same = _fingerprint(root="/elsewhere", pruning="sdtp") | {"predictor": {"/w/p.safetensors": "f00"}}
+    _lm_eval(root, "sdtp", [1, 0, 0, 0], fingerprint=same)
+    _lm_eval(root, "positional", [1, 1, 0, 1], fingerprint=_fingerprint(commit="c2", limit=10, pruning="positional"))
+    _lm_eval(root, "norm", [1, 1, 1, 0])  # written before fingerprints existed
+    rows, md, page = _render(root, tmp_path / "out")
+    assert rows["sdtp"]["fingerprint"] is None and rows["norm"]["fingerprint"] is None
+    marked = rows["positional"]["fingerprint"]
+    assert "git.commit" in marked and "config.eval.limit" in marked and "config.pruning" not in marked
+    assert "| positional † |" in md and "| sdtp |" in md and "| sdtp − positional † |" in md
+    assert "* † positional: differs from dense in lm_eval: config.eval.limit, git.commit" in md
+    assert "Fingerprints not checked" in md and "norm (lm_eval)" in md
 
 
 def test_outcomes_skip_a_torn_last_line(tmp_path):
@@ -122,8 +246,7 @@ def test_outcomes_skip_a_torn_last_line(tmp_path):
 def _lm_eval_root(root: Path, n: int) -> Path:
     """Dense and sdtp lm-eval runs over ``n`` documents (per-document outcomes included)."""
     for method in ("none", "sdtp"):
-        _eval(root, method, "lm_eval", {"tasks": {"sdtp_piqa": {"acc": 0.5}}, "n_samples": {"sdtp_piqa": n}})
-        _samples(root, method, [i % 2 for i in range(n)])
+        _lm_eval(root, method, [i % 2 for i in range(n)])
     return root
 
 
@@ -146,3 +269,10 @@ def test_smaller_page_never_replaces_a_bigger_one(tmp_path):
     (out / "compare_methods.json").write_text(json.dumps({"columns": [], "rows": [], "ci95": {}}))
     with pytest.raises(SystemExit):
         compare.main(["--root", small, "--out", str(out)])
+
+
+def test_script_is_a_thin_wrapper():
+    spec = importlib.util.spec_from_file_location("compare_script", REPO_ROOT / "scripts" / "compare_methods.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main is compare.main

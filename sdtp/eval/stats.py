@@ -1,18 +1,16 @@
-"""How much a limited evaluation can tell apart: binomial intervals and paired accuracy deltas.
+"""Paired statistics for method comparisons: per-document outcomes, t intervals, Holm, bootstrap.
 
 Method comparisons run with ``limit`` (tens of documents per task), where a few points of accuracy
-are noise. Two numbers say what is resolved:
+are noise. What resolves a difference is pairing: both methods are scored on the *same* documents
+(lm-eval writes one 0/1 outcome per document to ``samples_<task>.jsonl``; the generation runners one
+score in [0, 1] per sample to ``predictions.jsonl``; the perplexity runner one NLL per window), and
+the per-document differences are much less noisy than two independent accuracies because both
+methods get the easy documents right.
 
-* the 95% binomial half-width of one accuracy (normal approximation), and
-* the paired difference between two methods on the *same* documents (lm-eval writes one 0/1
-  outcome per document to ``samples_<task>.jsonl``; the generation runners one score in [0, 1] per
-  sample to ``predictions.jsonl``), whose interval is much narrower than the difference of two
-  independent intervals because both methods get the easy documents right.
-
-For continuous per-segment numbers (the continuation protocol's NLL per token) the paired
-difference gets a Student t interval and a two-sided t test (:func:`paired_t_interval`), the
-p-values of one table are Holm-corrected (:func:`holm`), and a mean pooled over datasets gets a
-bootstrap interval that resamples within each dataset (:func:`stratified_bootstrap_ci`).
+A mean of paired differences gets a Student t interval and a two-sided t test
+(:func:`paired_t_interval`; at n = 20-30 the normal z = 1.96 interval is too narrow), the p-values
+of one method against several are Holm-corrected (:func:`holm`), and a mean pooled over datasets
+gets a bootstrap interval that resamples within each dataset (:func:`stratified_bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -21,16 +19,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdtp.utils import parse_jsonl
-
-Z95 = 1.959964
-
-
-def binomial_ci95(percent: float, n: int) -> float:
-    """Half-width in points of the 95% interval of an accuracy of ``percent`` % over ``n`` documents."""
-    p = min(max(percent / 100.0, 0.0), 1.0)
-    return 100.0 * Z95 * math.sqrt(p * (1.0 - p) / n)
 
 
 def document_outcomes(run_dir: Path, metric: str = "acc") -> dict[tuple[str, int], float]:
@@ -57,22 +48,19 @@ def prediction_outcomes(run_dir: Path) -> dict[tuple[str, str], float]:
     return outcomes
 
 
-def paired_delta(method: dict, reference: dict) -> tuple[float, float, int] | None:
-    """Mean paired difference ``method - reference`` in points over their common documents.
 
-    Args:
-        method, reference: (task, doc_id) -> outcome in [0, 1], as from :func:`document_outcomes`.
-    Returns:
-        (delta, 95% half-width, documents), or None with fewer than two common documents.
+def window_outcomes(results: dict[str, Any]) -> dict[tuple[str, int, int], float]:
+    """("window", index, scored tokens) -> mean NLL per scored token, from a perplexity run's results.
+
+    Perplexity protocol 2 stores each window's NLL sum (``window_nll``) and scored-token count
+    (``window_tokens``); earlier runs have neither, and give {}. The token count is part of the key,
+    so runs over other windows do not pair.
     """
-    common = sorted(method.keys() & reference.keys())
-    n = len(common)
-    if n < 2:
-        return None
-    diffs = [method[key] - reference[key] for key in common]
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return 100.0 * mean, 100.0 * Z95 * math.sqrt(var / n), n
+    sums, counts = results.get("window_nll"), results.get("window_tokens")
+    if not isinstance(sums, list) or not isinstance(counts, list) or len(sums) != len(counts):
+        return {}
+    return {("window", i, int(n)): float(nll) / n for i, (nll, n) in enumerate(zip(sums, counts))
+            if isinstance(nll, int | float) and isinstance(n, int) and n > 0}
 
 
 @dataclass(frozen=True)

@@ -118,17 +118,19 @@ def pooled(per_dataset: dict[str, dict[str, list[float]]], order: Sequence[str],
 # Markdown
 
 
-def _interval(d: dict[str, Any] | None) -> str:
+def interval_text(d: dict[str, Any] | None, digits: int = 4) -> str:
+    """``mean [low, high]`` of a :func:`paired_summary`-like dict; "identical on all n" when every pair is equal."""
     if d is None:
         return "–"
     if d.get("identical"):
         return f"identical on all {d['n']}" if "n" in d else "identical"
     if d.get("low") is None:
-        return f"{d['mean']:+.4f}"
-    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+        return f"{d['mean']:+.{digits}f}"
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
 
-def _p(value: float | None, d: dict[str, Any]) -> str:
+def p_text(value: float | None, d: dict[str, Any]) -> str:
+    """A p-value cell: "–" for identical pairs (no test), a note for a constant difference (p = 0 says nothing)."""
     if d.get("identical"):
         return "–"
     if d.get("constant"):
@@ -150,14 +152,15 @@ def cell_markdown(cell: dict[str, Any]) -> list[str]:
         name = f"  ↳ {row['scorer']}" if row["seed_of"] else row["scorer"]
         if row["seeds"]:
             name = f"random (mean of {len(row['seeds'])} seeds)"
-        lines.append(f"| {name} | {row['nll']:.4f} | {row['ppl']:.3f} | {_interval(row['delta_vs_dense'])} | "
+        lines.append(f"| {name} | {row['nll']:.4f} | {row['ppl']:.3f} | {interval_text(row['delta_vs_dense'])} | "
                      f"{_pct(row['kept_fraction'])} | {_pct(row['layer_fraction'])} |")
     if cell["comparisons"]:
         lines += ["", f"Predictor comparisons (Δ = first − second; Holm over the {len(cell['comparisons'])} "
                       "comparisons of this table):", "",
                   "| comparison | Δ NLL [95% t CI] | p | p (Holm) |", "|---|---|---:|---:|"]
         for c in cell["comparisons"]:
-            lines.append(f"| {c['a']} − {c['b']} | {_interval(c)} | {_p(c['p'], c)} | {_p(c['p_holm'], c)} |")
+            lines.append(f"| {c['a']} − {c['b']} | {interval_text(c)} | {p_text(c['p'], c)} | "
+                         f"{p_text(c['p_holm'], c)} |")
     if cell["missing"]:
         lines += ["", "Not computed (or cache fingerprint mismatch): " + ", ".join(cell["missing"])]
     return lines + [""]
@@ -169,11 +172,11 @@ def pooled_markdown(block: dict[str, Any]) -> list[str]:
              "each dataset), no p-values.", "",
              "| scorer | mean NLL | Δ vs dense [95% bootstrap CI] |", "|---|---:|---|"]
     label = {RANDOM: "random (mean of seeds)"}
-    lines += [f"| {label.get(r['scorer'], r['scorer'])} | {r['nll']:.4f} | {_interval(r['delta_vs_dense'])} |"
+    lines += [f"| {label.get(r['scorer'], r['scorer'])} | {r['nll']:.4f} | {interval_text(r['delta_vs_dense'])} |"
               for r in block["rows"]]
     if block["comparisons"]:
         lines += ["", "| comparison | Δ NLL [95% bootstrap CI] |", "|---|---|"]
-        lines += [f"| {c['a']} − {c['b']} | {_interval(c)} |" for c in block["comparisons"]]
+        lines += [f"| {c['a']} − {c['b']} | {interval_text(c)} |" for c in block["comparisons"]]
     return lines + [""]
 
 
