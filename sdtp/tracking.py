@@ -2,6 +2,11 @@
 
 W&B is imported only when ``logger.backend == wandb``; a failed job still finishes its run
 (use as a context manager) so a multirun sweep is never left with a dangling W&B process.
+The W&B run id is saved in the run directory (``wandb_run_id``, next to a training checkpoint), so a
+resumed job (``resume=True``) continues the same W&B run instead of opening a second, unlinked one.
+Runs are grouped by ``logger.group`` (the experiment name) and tagged with the job's command-line
+overrides, so the points of an ablation sweep can be told apart. Offline runs upload later with
+``wandb sync <run_dir>/wandb/offline-run-*``.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +24,33 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+RUN_ID_FILE = "wandb_run_id"
+
+
+def command_line_overrides() -> list[str]:
+    """The Hydra overrides of the running job (``[]`` outside a Hydra app), used as W&B tags."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def wandb_run_id(run_dir: Path, resume: bool) -> tuple[str, str | None]:
+    """(run id, W&B ``resume`` mode): the saved id when resuming, else a fresh one (saved)."""
+    path = run_dir / RUN_ID_FILE
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip(), "allow"
+    run_id = uuid.uuid4().hex[:12]  # W&B accepts any id of [a-z0-9]
+    path.write_text(run_id + "\n")
+    return run_id, None
+
+
 class RunLogger:
     """Append metrics to ``<run_dir>/metrics.jsonl`` and mirror them to W&B when configured."""
 
     def __init__(self, run_dir: str | Path, logger_cfg: Mapping[str, Any] | None = None,
-                 config: DictConfig | None = None, name: str | None = None) -> None:
+                 config: DictConfig | None = None, name: str | None = None, resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -31,11 +59,14 @@ class RunLogger:
         if backend == "wandb":
             import wandb
 
+            run_id, resume_mode = wandb_run_id(self.run_dir, resume)
             self._wandb = wandb.init(
+                id=run_id,
+                resume=resume_mode,
                 project=logger_cfg.get("project", "sdtp"),
                 entity=logger_cfg.get("entity"),
                 group=logger_cfg.get("group"),
-                tags=list(logger_cfg.get("tags") or []),
+                tags=[*(logger_cfg.get("tags") or []), *command_line_overrides()][:64],  # W&B caps tags
                 mode=logger_cfg.get("mode", "offline"),
                 name=name,
                 dir=str(self.run_dir),

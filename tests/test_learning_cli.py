@@ -181,3 +181,16 @@ def test_init_from_starts_at_the_given_predictor(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the fine-tune kept the initial weights
     with pytest.raises(ConfigError, match="position_features"):
         train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={first['predictor']}", "train.position_features=false"))
+
+
+def test_resumed_training_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """logger=wandb: the stopped and the resumed job open one W&B run (the id saved next to the checkpoint)."""
+    import sys
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None, summary={})
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw) or run))
+    train_cli.run(_train_cfg(tmp_path, "logger=wandb", "train.stop_at=2"))
+    train_cli.run(_train_cfg(tmp_path, "logger=wandb", "resume=true"))
+    assert len(calls) == 2 and calls[1]["id"] == calls[0]["id"] and calls[1]["resume"] == "allow"

@@ -227,7 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                   "nll_random": sum(continuation_nll(model, val, TokenPruner(schedule, RandomScorer(0)))) / len(val)}
     max_steps, anneal = int(t.max_steps), int(t.anneal_steps or t.max_steps)
     begin, tokens = time.perf_counter(), 0
-    with RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name) as logger:
+    with RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name, resume=bool(cfg.resume)) as logger:
         bar = tqdm(total=max_steps, initial=step, desc="train", unit="step")
         while step < max_steps:
             masker.noise_scale, masker.tau = annealed(t.noise_scale, step, anneal), annealed(t.tau, step, anneal)
