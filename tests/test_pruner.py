@@ -164,7 +164,9 @@ def test_hooks_removed_when_forward_raises(tiny_llama, prompt_ids):
     pruner = TokenPruner(SCHEDULE, RandomScorer())
     try:
         with pruner(model):
-            model(prompt_ids, attention_mask=torch.zeros_like(prompt_ids))  # padded: rejected
+            right_padded = torch.ones_like(prompt_ids)
+            right_padded[:, -3:] = 0
+            model(prompt_ids, attention_mask=right_padded)  # right padding: rejected
     except NotImplementedError:
         pass
     assert all(len(layer._forward_pre_hooks) == 0 for layer in decoder_layers(model))

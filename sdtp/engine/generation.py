@@ -1,7 +1,8 @@
 """Prefill (optionally pruned) and token-by-token decoding from the resulting cache, timed.
 
 Decoding runs the model's own forward with the cache; since layer 0 is never pruned, the model
-derives decode positions from it (N, N+1, ...). :func:`generate` uses a cache whose layers append in
+derives decode positions from it (N, N+1, ...). Batches of different-length prompts are
+left-padded (see :mod:`sdtp.engine.pruner`): they pass the growing 2D mask and per-row positions. :func:`generate` uses a cache whose layers append in
 place (:class:`sdtp.engine.cache.AppendLayer`) for the dense and the pruned model alike. Timings use ``perf_counter`` (CPU ops are
 synchronous) and ``torch.cuda.synchronize`` on GPU.
 """
@@ -34,15 +35,28 @@ class SamplingConfig:
 
 @dataclass
 class GenerationResult:
-    """Output of :func:`generate` (batch 1)."""
+    """Output of :func:`generate`.
 
-    tokens: list[int]
+    Attributes:
+        sequences: the generated tokens of every row (a row stops at its first EOS, kept).
+        prompt_tokens: prompt width N (padded width for a ragged batch).
+        step_logits: per step, (B, V) next-token logits (rows that already stopped included).
+    """
+
+    sequences: list[list[int]]
     prompt_tokens: int
     prefill_s: float
     decode_s: float
     record: PrefillRecord | None = None
     cache: Any = None
     step_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens of a one-row batch (use :attr:`sequences` for more rows)."""
+        if len(self.sequences) != 1:
+            raise ValueError(f"{len(self.sequences)} rows were generated: read .sequences")
+        return self.sequences[0]
 
     @property
     def kept_per_stage(self) -> list[int]:
@@ -56,22 +70,39 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def prefill(
-    model: nn.Module, input_ids: torch.Tensor, pruner: TokenPruner | None = None, cache: Any = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    pruner: TokenPruner | None = None,
+    cache: Any = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any, float]:
     """One prefill forward with logits for the last position only.
 
     Args:
-        input_ids: (B, N) prompt.
+        input_ids: (B, N) prompt, left-padded if the rows differ in length.
         cache: an empty cache to fill (default: the model's own ``DynamicCache``).
+        attention_mask: (B, N) 1 = real token, 0 = left padding; None = no padding. Padded rows get
+            ``position_ids`` counted over their real tokens (what batch 1 would use).
     Returns:
         logits (B, 1, V), the KV cache, and the wall time in seconds. Call inside ``with pruner(model)``
         (or pass no pruner) so that hooks are installed once, not per call.
     """
     _sync(input_ids.device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1,
+                **_padding_kwargs(attention_mask, input_ids.shape[1]))
     _sync(input_ids.device)
     return out.logits, output_cache(out), time.perf_counter() - start
+
+
+def _padding_kwargs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tensor]:
+    """``attention_mask`` (B, T) and ``position_ids`` (B, new) for a left-padded batch; {} when unpadded.
+
+    Unpadded calls pass nothing, exactly as before batching existed (HF then numbers from the cache).
+    """
+    if mask is None:
+        return {}
+    return {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]}
 
 
 def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
@@ -110,37 +141,55 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     keep_logits: bool = False,
     min_new_tokens: int = 0,
+    attention_mask: torch.Tensor | None = None,
 ) -> GenerationResult:
-    """Prefill ``input_ids`` (1, N) with optional pruning, then decode up to ``max_new_tokens``.
+    """Prefill ``input_ids`` (B, N) with optional pruning, then decode up to ``max_new_tokens`` per row.
 
-    ``min_new_tokens`` blocks the EOS ids until that many tokens exist (HF's ``min_length``).
+    Prompts of different lengths are left-padded, with ``attention_mask`` (B, N) marking the real
+    tokens; the mask grows by one column per step and each row's positions continue from its own
+    length. A row that emits an EOS stops (its later steps feed the EOS again and are discarded);
+    decoding ends when every row has stopped. ``min_new_tokens`` blocks the EOS ids until that
+    many tokens exist (HF's ``min_length``).
     """
     sampling = sampling or SamplingConfig()
     generator = torch.Generator().manual_seed(sampling.seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # nothing padded: take the unpadded path, identical to batch 1
+    mask = attention_mask
     context = pruner(model) if pruner is not None else nullcontext()
     # Room for every generated token up front: decode steps then append in place (no per-step copy).
     cache = appendable_cache(model, headroom=max_new_tokens)
+    batch = input_ids.shape[0]
     with context:
-        logits, cache, prefill_s = prefill(model, input_ids, pruner, cache)
+        logits, cache, prefill_s = prefill(model, input_ids, pruner, cache, attention_mask=mask)
         step_logits = [logits[:, -1].float().cpu()] if keep_logits else []
-        tokens: list[int] = []
+        sequences: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
         token = _next_token(_block_eos(logits[:, -1], eos, 0 < min_new_tokens), sampling, generator)
         _sync(input_ids.device)
         start = time.perf_counter()
         while True:
-            tokens.append(int(token[0, 0]))
-            if len(tokens) >= max_new_tokens or tokens[-1] in eos:
+            for row in range(batch):
+                if not done[row]:
+                    sequences[row].append(int(token[row, 0]))
+                    done[row] = sequences[row][-1] in eos or len(sequences[row]) >= max_new_tokens
+            if all(done):
                 break
-            out = model(input_ids=token, **cache_kwargs(cache), use_cache=True)
+            # Stopped rows feed their last token again; their outputs are discarded.
+            token = torch.tensor([[seq[-1]] for seq in sequences], device=input_ids.device)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            out = model(input_ids=token, **cache_kwargs(cache), use_cache=True, **_padding_kwargs(mask, 1))
             cache = output_cache(out)
             if keep_logits:
                 step_logits.append(out.logits[:, -1].float().cpu())
-            token = _next_token(_block_eos(out.logits[:, -1], eos, len(tokens) < min_new_tokens), sampling, generator)
+            generated = max(len(seq) for seq in sequences)
+            token = _next_token(_block_eos(out.logits[:, -1], eos, generated < min_new_tokens), sampling, generator)
         _sync(input_ids.device)
         decode_s = time.perf_counter() - start
     return GenerationResult(
-        tokens=tokens,
+        sequences=sequences,
         prompt_tokens=int(input_ids.shape[1]),
         prefill_s=prefill_s,
         decode_s=decode_s,

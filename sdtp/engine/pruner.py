@@ -16,6 +16,23 @@ After the prompt, forwards with a non-empty cache (decode steps, or lm-eval cont
 never pruned; if they carry an attention-mask tensor, its key axis is sliced per layer to the
 positions that layer's cache holds. Nothing of HF's forward code is copied or patched, and all
 hooks are removed on exit.
+
+Batches. Rows are pruned independently: every row gets its own scores, kept set, positions and
+RoPE cos/sin. Prompts of different lengths must be **left-padded** with a 2D ``attention_mask``
+(1 = real token). Left padding is the choice because (a) every row's last real token then sits in
+the last column, which is where ``logits_to_keep=1`` and decoding read the next-token logits, and
+(b) decode steps append one column for every row at the same cache slot, so the caches stay
+rectangular without per-row bookkeeping; with right padding the new tokens would land after each
+row's padding. The pruner derives each row's budget, protected first ``keep_first`` and recent
+``keep_recent`` fraction from that row's real length ``L_b`` and its real positions
+(``column - padding``; the caller's ``position_ids``, if absent they are set from the mask as
+``cumsum - 1``). Padding is never kept as a real token. After a stage the rows keep different
+numbers of tokens, so the shorter rows are left-padded with *masked slots* up to the longest
+row's count: the per-layer tensors and each layer's KV cache stay rectangular, and a per-slot
+validity mask is folded into the 4D attention mask at every pruned layer (prefill) and into the
+key axis of every later decode step, so masked slots are never attended. Decoding must pass the
+2D mask (grown by one column per step) and ``position_ids`` continuing each row from its own
+length (``sdtp.engine.generation.generate`` does).
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import torch
 from torch import nn
 
 from sdtp.engine.schedule import PruningSchedule
-from sdtp.engine.selection import gather_tokens, protected_mask, select_kept
+from sdtp.engine.selection import gather_tokens, protected_mask, select_kept, select_kept_rows
 from sdtp.models import check_supported, decoder_layers
 from sdtp.models.compat import cache_from_kwargs
 from sdtp.scorers.base import Scorer, ScoreContext
@@ -40,12 +57,19 @@ class PrefillRecord:
     """What the last pruned prefill did (read it after the forward).
 
     Attributes:
-        seq_len: prompt length N.
-        kept_per_stage: tokens alive after each stage.
-        tokens_per_layer: tokens each decoder layer processed.
-        final_positions: (B, k) original positions of the tokens that reached the last layer;
-            the model's output logits/hidden states are for these positions, in this order.
-        layer_positions: layer -> (B, k_l) positions whose K/V that layer cached (pruned layers only).
+        seq_len: prompt width N (the padded width in a ragged batch).
+        kept_per_stage: token slots alive after each stage (the widest row's count in a ragged batch).
+        tokens_per_layer: token slots each decoder layer processed.
+        final_positions: (B, k) original positions (in each row's unpadded prompt) of the tokens
+            that reached the last layer; the model's output logits/hidden states are for these
+            slots, in this order. Masked slots hold -1.
+        layer_positions: layer -> (B, k_l) positions whose K/V that layer cached (pruned layers
+            only; masked slots hold -1).
+        seq_lens: real prompt length of each row.
+        pad: (B,) left padding of each row, or None for an unpadded batch.
+        final_valid: (B, k) bool real-token slots of ``final_positions`` (None: all real).
+        layer_valid: layer -> (B, k_l) bool real-token slots of that layer's cache (None: all real).
+        kept_rows_per_stage: real tokens each row kept after each stage, ``[stage][row]``.
     """
 
     seq_len: int
@@ -53,13 +77,22 @@ class PrefillRecord:
     tokens_per_layer: list[int] = field(default_factory=list)
     final_positions: torch.Tensor | None = None
     layer_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    seq_lens: list[int] = field(default_factory=list)
+    pad: torch.Tensor | None = None
+    final_valid: torch.Tensor | None = None
+    layer_valid: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    kept_rows_per_stage: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class _Alive:
-    """Per-prefill state: the alive tokens and the layer inputs sliced to them."""
+    """Per-prefill state: the alive token slots and the layer inputs sliced to them."""
 
-    positions: torch.Tensor  # (B, n) original positions
+    columns: torch.Tensor  # (B, n) indices into the model's (possibly left-padded) prompt axis
+    positions: torch.Tensor  # (B, n) original positions in each row's unpadded prompt (padding < 0)
+    valid: torch.Tensor | None = None  # (B, n) bool real-token slots; None = all real
+    lengths: torch.Tensor | None = None  # (B,) real prompt length per row
+    pruned: bool = False  # a stage has gathered: later layers need the sliced kwargs
     position_ids: torch.Tensor | None = None  # what layers receive as position_ids
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), each (B, n, hd)
     attention_mask: torch.Tensor | None = None
@@ -101,25 +134,49 @@ class TokenPruner:
     # ----------------------------------------------------------------------------------------
     # hooks
 
-    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         self._prefill = past == 0
-        if not self._prefill:
-            return
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            raise NotImplementedError("token pruning does not support padded batches; use batch size 1 or equal lengths")
+        padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
+        if padded and kwargs.get("position_ids") is None:
+            # Without explicit ids HF numbers columns 0..N-1, i.e. a left-padded row's tokens
+            # would sit at shifted positions; the real ones are the count of real tokens before.
+            kwargs = dict(kwargs)
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ref.shape[1]:]
+        if not self._prefill:
+            return (args, kwargs) if padded else None
         batch, seq_len = ref.shape[0], ref.shape[1]
-        positions = torch.arange(seq_len, device=ref.device).unsqueeze(0).expand(batch, -1)
-        self._alive = _Alive(positions=positions)
+        columns = torch.arange(seq_len, device=ref.device).unsqueeze(0).expand(batch, -1)
+        if padded:
+            real = mask.bool()
+            if bool((real[:, :-1] & ~real[:, 1:]).any()):
+                raise NotImplementedError("token pruning supports left-padded batches only (pad before the prompt)")
+            lengths = real.sum(-1)
+            if not bool(lengths.all()):
+                raise ValueError("a batch row has no real token (its attention_mask is all 0)")
+            pad = seq_len - lengths
+            positions = columns - pad.unsqueeze(1)
+            self._alive = _Alive(columns=columns, positions=positions, valid=real, lengths=lengths)
+        else:
+            self._alive = _Alive(columns=columns, positions=columns)
+            lengths, pad = torch.full((batch,), seq_len, device=ref.device), None
         # Layers before the first stage are not hooked: they always see the whole prompt.
-        self.last_prefill = PrefillRecord(seq_len=seq_len, tokens_per_layer=[seq_len] * self.schedule.layers[0])
+        self.last_prefill = PrefillRecord(
+            seq_len=seq_len,
+            tokens_per_layer=[seq_len] * self.schedule.layers[0],
+            seq_lens=[int(n) for n in lengths.tolist()],
+            pad=pad,
+        )
         self._extras = {"input_ids": input_ids}
+        if padded:
+            self._extras["attention_mask"] = mask
         self.scorer.begin(input_ids, self._extras)
+        return (args, kwargs) if padded else None
 
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -134,11 +191,14 @@ class TokenPruner:
         alive, record = self._alive, self.last_prefill
         if layer in self._stage_of:
             hidden = self._run_stage(layer, self._stage_of[layer], hidden, kwargs)
-        if alive.positions.shape[1] < record.seq_len:
+        positions = alive.positions if alive.valid is None else alive.positions.masked_fill(~alive.valid, -1)
+        if alive.pruned:
             kwargs = self._sliced_kwargs(kwargs)
-            record.layer_positions[layer] = alive.positions
+            record.layer_positions[layer] = positions
+            record.layer_valid[layer] = alive.valid
         record.tokens_per_layer.append(alive.positions.shape[1])
-        record.final_positions = alive.positions
+        record.final_positions = positions
+        record.final_valid = alive.valid
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -148,50 +208,88 @@ class TokenPruner:
         """Score, select and gather: (B, n, D) -> (B, k, D)."""
         alive, record = self._alive, self.last_prefill
         n, seq_len = alive.positions.shape[1], record.seq_len
-        budget = self.schedule.budget(stage, seq_len)
-        if budget < n:
+        lens = record.seq_lens
+        budgets = [self.schedule.budget(stage, length) for length in lens]
+        protect = protected_mask(
+            alive.positions,
+            torch.tensor(lens, device=hidden.device),
+            self.schedule.keep_first,
+            torch.tensor([self.schedule.num_recent(length) for length in lens], device=hidden.device),
+        )
+        if alive.valid is not None:
+            protect = protect & alive.valid
+        real = alive.valid.sum(-1) if alive.valid is not None else torch.full((hidden.shape[0],), n)
+        counts = torch.minimum(real.cpu(), torch.maximum(torch.tensor(budgets), protect.sum(-1).cpu()))
+        # Score only when some row drops a real token or some masked slot can go (the random
+        # scorer's generator must advance exactly as before for unpruned stages).
+        if bool((counts < real.cpu()).any()) or int(counts.max()) < n:
             ctx = ScoreContext(
                 layer=layer,
                 stage=stage,
                 hidden_states=hidden,
-                positions=alive.positions,
+                positions=alive.positions.clamp(min=0),
                 seq_len=seq_len,
                 model=self._model,
                 past_key_values=cache_from_kwargs(kwargs),
                 extras=self._extras,
+                seq_lens=alive.lengths,
+                valid=alive.valid,
             )
             scores = self.scorer.score(ctx)
-            protect = protected_mask(
-                alive.positions, seq_len, self.schedule.keep_first, self.schedule.num_recent(seq_len)
-            )
-            keep = select_kept(scores, protect, budget)  # (B, k) indices into the alive tokens
+            if alive.valid is None and len(set(budgets)) == 1:
+                keep, keep_valid = select_kept(scores, protect, budgets[0]), None  # (B, k) indices into alive
+            else:
+                valid = alive.valid if alive.valid is not None else torch.ones_like(protect)
+                keep, keep_valid = select_kept_rows(scores, protect, valid, torch.tensor(budgets))
+                if bool(keep_valid.all()):
+                    keep_valid = None
             hidden = gather_tokens(hidden, keep)
-            self._shrink(keep, kwargs)
+            self._shrink(keep, keep_valid, kwargs)
         record.kept_per_stage.append(alive.positions.shape[1])
+        valid_now = alive.valid
+        record.kept_rows_per_stage.append(
+            [alive.positions.shape[1]] * alive.positions.shape[0] if valid_now is None else valid_now.sum(-1).tolist()
+        )
         return hidden
 
-    def _shrink(self, keep: torch.Tensor, kwargs: dict) -> None:
-        """Slice the alive-token state by ``keep`` (B, k) once per stage; layers reuse the slices."""
+    def _shrink(self, keep: torch.Tensor, keep_valid: torch.Tensor | None, kwargs: dict) -> None:
+        """Slice the alive-slot state by ``keep`` (B, k) once per stage; layers reuse the slices.
+
+        ``keep_valid`` (B, k) marks which kept slots are real tokens (None: all).
+        """
         alive = self._alive
         full_cos, full_sin = kwargs["position_embeddings"]
         if alive.position_embeddings is None:  # first stage: start from the model's full tensors
             alive.position_embeddings = (full_cos, full_sin)
-            alive.position_ids = kwargs.get("position_ids")
+            ids = kwargs.get("position_ids")
+            alive.position_ids = ids if ids is not None else alive.positions.clamp(min=0)
+        alive.columns = gather_tokens(alive.columns, keep)
         alive.positions = gather_tokens(alive.positions, keep)
+        alive.valid = keep_valid
+        alive.pruned = True
         if self.schedule.position_ids == "renumber":
-            # Ablation: the kept tokens are treated as a contiguous prompt 0..k-1.
-            new_ids = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(keep.shape[0], -1)
+            # Ablation: the kept tokens of each row are treated as a contiguous prompt 0..k_b-1.
+            if keep_valid is None:
+                new_ids = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(keep.shape[0], -1)
+            else:
+                new_ids = (keep_valid.long().cumsum(-1) - 1).clamp(min=0)
             rotary = self._model.base_model.rotary_emb
             alive.position_embeddings = rotary(full_cos, position_ids=new_ids)
             alive.position_ids = new_ids
         else:
             cos, sin = alive.position_embeddings
             alive.position_embeddings = (gather_tokens(cos, keep), gather_tokens(sin, keep))
-            alive.position_ids = alive.positions
-        mask = kwargs.get("attention_mask")
+            alive.position_ids = gather_tokens(alive.position_ids, keep)
         alive.attention_mask = None
+        mask = kwargs.get("attention_mask")
         if mask is not None:
-            alive.attention_mask = _slice_mask(mask, alive.positions, alive.positions)
+            alive.attention_mask = self._prefill_mask(mask)
+        elif keep_valid is not None:
+            raise NotImplementedError("a ragged batch needs the model to build a 4D attention-mask tensor")
+
+    def _prefill_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        alive = self._alive
+        return _mask_keys(_slice_mask(mask, alive.columns, alive.columns), alive.valid)
 
     def _sliced_kwargs(self, kwargs: dict) -> dict:
         alive = self._alive
@@ -201,7 +299,7 @@ class TokenPruner:
             kwargs["position_ids"] = alive.position_ids
         if kwargs.get("attention_mask") is not None:
             if alive.attention_mask is None:
-                alive.attention_mask = _slice_mask(kwargs["attention_mask"], alive.positions, alive.positions)
+                alive.attention_mask = self._prefill_mask(kwargs["attention_mask"])
             kwargs["attention_mask"] = alive.attention_mask
         return kwargs
 
@@ -209,17 +307,38 @@ class TokenPruner:
         """Decode/continuation step: only the mask's key axis must match this layer's cache."""
         mask = kwargs.get("attention_mask")
         record = self.last_prefill
-        if mask is None or record is None or layer not in record.layer_positions:
+        if record is None or layer not in record.layer_positions:
+            return None
+        valid = record.layer_valid.get(layer)
+        if mask is None:
+            if valid is not None:
+                raise NotImplementedError("decoding from a ragged pruned cache needs the 2D attention mask")
             return None
         if not isinstance(mask, torch.Tensor):
             raise NotImplementedError(f"attention mask of type {type(mask).__name__} is not supported with pruning")
-        cached = record.layer_positions[layer]  # (B, k_l) prompt positions held by this layer
+        cached = record.layer_positions[layer]  # (B, k_l) prompt positions held by this layer (-1: masked)
+        if record.pad is not None:
+            cached = (cached + record.pad.unsqueeze(1)).clamp(min=0)  # columns of the padded prompt
         total = mask.shape[-1]
         new = torch.arange(record.seq_len, total, device=cached.device).unsqueeze(0).expand(cached.shape[0], -1)
-        keys = torch.cat([cached, new], dim=1)  # (B, k_l + t) positions of this layer's cached keys
+        keys = torch.cat([cached, new], dim=1)  # (B, k_l + t) columns of this layer's cached keys
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _slice_mask(mask, None, keys)
+        key_valid = None if valid is None else torch.cat([valid, torch.ones_like(new, dtype=torch.bool)], dim=1)
+        kwargs["attention_mask"] = _mask_keys(_slice_mask(mask, None, keys), key_valid)
         return args, kwargs
+
+
+def _mask_keys(mask: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Block the keys whose ``key_valid`` (B, K) is False in a 4D mask (B, H or 1, Q, K).
+
+    Works for both formats HF builds: bool (True = attend, SDPA) and additive float (eager).
+    """
+    if key_valid is None:
+        return mask
+    block = ~key_valid[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~block
+    return mask.masked_fill(block, torch.finfo(mask.dtype).min)
 
 
 def _slice_mask(mask: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:

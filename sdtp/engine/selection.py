@@ -5,14 +5,20 @@ from __future__ import annotations
 import torch
 
 
-def protected_mask(positions: torch.Tensor, seq_len: int, keep_first: int, num_recent: int) -> torch.Tensor:
+def protected_mask(
+    positions: torch.Tensor, seq_len: int | torch.Tensor, keep_first: int, num_recent: int | torch.Tensor
+) -> torch.Tensor:
     """Tokens that must survive every stage: the first ``keep_first`` and the last ``num_recent``.
 
     Args:
         positions: (B, n) original prompt positions of the alive tokens.
+        seq_len, num_recent: ints, or (B,) tensors when the rows of a ragged batch differ in length.
     Returns:
         (B, n) bool.
     """
+    if isinstance(seq_len, torch.Tensor) or isinstance(num_recent, torch.Tensor):
+        last = torch.as_tensor(seq_len, device=positions.device) - torch.as_tensor(num_recent, device=positions.device)
+        return (positions < keep_first) | (positions >= last.reshape(-1, 1))
     return (positions < keep_first) | (positions >= seq_len - num_recent)
 
 
@@ -35,17 +41,54 @@ def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int) -> t
     return kept.sort(dim=-1).values
 
 
+def select_kept_rows(
+    scores: torch.Tensor, protected: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row selection for a ragged batch: each row keeps its own number of real tokens.
+
+    Row b keeps ``k_b = min(valid_b, max(budgets[b], protected_b))`` real tokens (its protected
+    ones plus its top-scored others). Invalid slots (padding) are never chosen as real tokens. So
+    that the result stays rectangular, rows with ``k_b < K = max_b k_b`` get ``K - k_b`` extra
+    *masked* slots (the next-ranked indices, whose contents the caller must mask out).
+
+    Args:
+        scores: (B, n) importance, higher = keep; finite on valid slots.
+        protected: (B, n) bool, always kept (only where ``valid``).
+        valid: (B, n) bool, which alive slots hold real tokens.
+        budgets: (B,) long, real tokens to keep per row.
+    Returns:
+        keep (B, K) long indices into the alive slots and kept_valid (B, K) bool. In each row the
+        masked slots come first (left padding), then the kept real tokens in ascending order, so
+        causal order is preserved and the last slot is the row's last kept real token.
+    """
+    n = scores.shape[-1]
+    protected = protected & valid
+    counts = torch.minimum(valid.sum(-1), torch.maximum(budgets.to(valid.device), protected.sum(-1)))  # (B,)
+    k = int(counts.max().item())
+    ranked = scores.float().masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)[:, :k]  # (B, K) best first
+    chosen = torch.arange(k, device=scores.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, K)
+    # Sort key: masked slots (< n) before real ones (>= n), each group by index.
+    key = torch.where(chosen, order + n, order)
+    perm = key.argsort(dim=-1)
+    return order.gather(1, perm), chosen.gather(1, perm)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather along the token axis.
 
     Args:
-        x: (B, n, ...) tensor.
+        x: (B, n, ...) tensor, or (1, n, ...) shared by every row of ``index``.
         index: (B, k) long.
     Returns:
         (B, k, ...) tensor.
     """
-    if x.shape[0] == 1:
+    if x.shape[0] == 1 and index.shape[0] == 1:
         # index_select avoids materialising an expanded index: measurably cheaper at batch 1.
         return x[0].index_select(0, index[0]).unsqueeze(0)
+    if x.shape[0] == 1:
+        # A tensor shared by the batch (e.g. RoPE cos/sin from (1, n) position ids): each row of
+        # ``index`` must select from it independently, not reuse row 0's selection.
+        x = x.expand(index.shape[0], *x.shape[1:])
     expand = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, expand)

@@ -18,10 +18,13 @@ class ScoreContext:
         stage: 0-based pruning stage.
         hidden_states: (B, n, D) hidden states entering ``layer`` for the n alive tokens.
         positions: (B, n) original prompt positions of those tokens.
-        seq_len: original prompt length N.
+        seq_len: original prompt length N (the padded width in a left-padded batch).
         model: the causal LM being pruned.
         past_key_values: the prefill cache so far (layers < ``layer`` are filled).
         extras: per-forward data set by the scorer in :meth:`Scorer.begin` (e.g. input ids).
+        seq_lens: (B,) real prompt length of each row of a left-padded batch, None when unpadded.
+        valid: (B, n) bool real-token slots (False = padding or masked slot; their scores are
+            ignored), None when all slots are real.
     """
 
     layer: int
@@ -32,6 +35,8 @@ class ScoreContext:
     model: nn.Module
     past_key_values: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    seq_lens: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 class Scorer:

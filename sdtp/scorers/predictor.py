@@ -40,4 +40,6 @@ class PredictorScorer(Scorer):
     @torch.no_grad()
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         prompt_len = torch.full((ctx.positions.shape[0],), ctx.seq_len, device=ctx.positions.device)
+        if ctx.seq_lens is not None:  # ragged batch: each row's own length
+            prompt_len = ctx.seq_lens.to(ctx.positions.device)
         return self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len)

@@ -1,0 +1,142 @@
+"""Batched pruned inference (issue 14): a batch must behave exactly like its rows run one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdtp.engine.generation import generate
+from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.scorers.base import Scorer, ScoreContext
+from sdtp.scorers.norm import HiddenNormScorer
+
+SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
+NEW_TOKENS = 6
+
+
+class RowSeededScorer(Scorer):
+    """Random scores seeded per row: row b's token at real position p scores ``rand(seed_b)[p]``.
+
+    The same row run alone (with its own seed) therefore gets the same scores, so a batch and its
+    rows one at a time must keep the same tokens.
+    """
+
+    def __init__(self, seeds: list[int], max_len: int = 256) -> None:
+        self.tables = torch.stack([torch.rand(max_len, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return self.tables.gather(1, ctx.positions)
+
+
+def _prompts(lengths: tuple[int, ...], seed: int = 5) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 260, (1, n), generator=generator) for n in lengths]
+
+
+def _left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) ids and (B, N) mask, each prompt right-aligned."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[1]:] = prompt[0]
+        mask[row, width - prompt.shape[1]:] = 1
+    return ids, mask
+
+
+def _scorer(kind: str, seeds: list[int]) -> Scorer:
+    return HiddenNormScorer() if kind == "norm" else RowSeededScorer(seeds)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fp32_one_thread(single_thread):
+    yield
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["norm", "random"])
+def test_equal_length_batch_equals_rows_one_at_a_time(tiny, kind):
+    model, _, _ = tiny
+    prompts = _prompts((53, 53))
+    batch = torch.cat(prompts)
+    pruner = TokenPruner(SCHEDULE, _scorer(kind, [11, 12]))
+    with pruner(model):
+        logits = model(batch, use_cache=True).logits
+        record = pruner.last_prefill
+    assert record.final_valid is None
+    result = generate(model, batch, NEW_TOKENS, TokenPruner(SCHEDULE, _scorer(kind, [11, 12])))
+    assert len(result.sequences) == 2
+    for row, prompt in enumerate(prompts):
+        single = TokenPruner(SCHEDULE, _scorer(kind, [11 + row]))
+        with single(model):
+            ref = model(prompt, use_cache=True).logits
+        assert torch.equal(record.final_positions[row], single.last_prefill.final_positions[0])
+        torch.testing.assert_close(logits[row], ref[0], atol=1e-5, rtol=1e-5)
+        alone = generate(model, prompt, NEW_TOKENS, TokenPruner(SCHEDULE, _scorer(kind, [11 + row])))
+        assert result.sequences[row] == alone.tokens
+
+
+def _continuation_logprob(model, ids, mask, cont, pruner):
+    """Sum of log p(cont) after prefilling ``ids`` (B, N); ``cont`` (B, T) scored token by token.
+
+    Returns (B,) log-likelihoods and the prefill record.
+    """
+    batch = ids.shape[0]
+    with pruner(model) if pruner is not None else torch.no_grad():
+        kwargs = {}
+        if mask is not None:
+            kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        cache, logits = output_cache(out), out.logits[:, -1]
+        total = torch.zeros(batch)
+        for step in range(cont.shape[1]):
+            total += logits.log_softmax(-1).gather(1, cont[:, step:step + 1])[:, 0]
+            kwargs = {}
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                kwargs = {"attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
+            out = model(input_ids=cont[:, step:step + 1], **cache_kwargs(cache), use_cache=True, **kwargs)
+            cache, logits = output_cache(out), out.logits[:, -1]
+        record = pruner.last_prefill if pruner is not None else None
+    return total, record
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["norm", "random"])
+def test_ragged_batch_equals_rows_one_at_a_time(tiny, kind):
+    model, _, _ = tiny
+    prompts = _prompts((61, 40))
+    ids, mask = _left_pad(prompts)
+    cont = torch.randint(4, 260, (2, 5), generator=torch.Generator().manual_seed(9))
+    seeds = [21, 22]
+    batch_ll, record = _continuation_logprob(model, ids, mask, cont, TokenPruner(SCHEDULE, _scorer(kind, seeds)))
+    assert record.seq_lens == [61, 40]
+    # Each row keeps its own budget of real tokens; the shorter row is padded with masked slots.
+    assert [rows for rows in record.kept_rows_per_stage] == [
+        [SCHEDULE.budget(stage, 61), SCHEDULE.budget(stage, 40)] for stage in range(3)
+    ]
+    assert record.final_valid is not None and not bool(record.final_valid[1].all())
+    result = generate(model, ids, NEW_TOKENS, TokenPruner(SCHEDULE, _scorer(kind, seeds)), attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        single = TokenPruner(SCHEDULE, _scorer(kind, [seeds[row]]))
+        alone_ll, alone_record = _continuation_logprob(model, prompt, None, cont[row:row + 1], single)
+        kept = record.final_positions[row][record.final_valid[row]]
+        assert torch.equal(kept, alone_record.final_positions[0])
+        torch.testing.assert_close(batch_ll[row], alone_ll[0], atol=1e-4, rtol=1e-5)
+        alone = generate(model, prompt, NEW_TOKENS, TokenPruner(SCHEDULE, _scorer(kind, [seeds[row]])))
+        assert result.sequences[row] == alone.tokens
+
+
+@torch.no_grad()
+def test_ragged_keep_ratio_one_equals_dense_batch(tiny):
+    model, _, _ = tiny
+    ids, mask = _left_pad(_prompts((50, 33)))
+    schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(1.0, 1.0, 1.0))
+    dense = generate(model, ids, NEW_TOKENS, None, attention_mask=mask, keep_logits=True)
+    pruned = generate(model, ids, NEW_TOKENS, TokenPruner(schedule, HiddenNormScorer()), attention_mask=mask,
+                      keep_logits=True)
+    assert pruned.sequences == dense.sequences
+    for a, b in zip(pruned.step_logits, dense.step_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
