@@ -138,3 +138,36 @@ def test_sdtp_eval_scores_longbench_answers(tmp_path):
     assert metrics["results"]["segments"] == 3 and metrics["results"]["task"] == "multi_news"
     with pytest.raises(ConfigError, match="eval.task"):
         validate_eval(_cfg(tmp_path, "eval.dataset=longbench", f"eval.data_file={path}", "eval.task=nope"))
+
+
+@pytest.mark.parametrize("scorer", [None, HiddenNormScorer], ids=["dense", "norm"])
+def test_batched_segments_equal_one_at_a_time(tiny_llama, scorer):
+    model, _, _ = tiny_llama
+    generator = torch.Generator().manual_seed(4)
+    stream = torch.randint(4, 260, (400,), generator=generator)
+    equal = segments(stream, context_len=80, cont_len=16, num_segments=3)
+    # Ragged, as LongBench segments are: contexts and continuations of different lengths.
+    ragged = [(torch.randint(4, 260, (1, n), generator=generator), torch.randint(4, 260, (1, t), generator=generator))
+              for n, t in ((90, 7), (57, 12), (73, 1))]
+    for segs in (equal, ragged):
+        pruner = (lambda: TokenPruner(PRUNE, scorer())) if scorer else (lambda: None)
+        one = segment_nll(model, segs, pruner())
+        seen = []
+        two = segment_nll(model, segs, pruner(), batch_size=2, on_segment=lambda i, s: seen.append(i))
+        assert seen == [0, 1, 2]
+        assert [s.nll for s in two] == pytest.approx([s.nll for s in one], abs=1e-5)
+        assert [s.kept_fraction for s in two] == [s.kept_fraction for s in one]
+        assert [s.layer_fraction for s in two] == pytest.approx([s.layer_fraction for s in one], abs=1e-12)
+
+
+def test_runner_batch_size_key(tiny_llama, tmp_path):
+    model, tokenizer, _ = tiny_llama
+    one = continuation.run(_cfg(tmp_path, "pruning=norm"), model, tokenizer, TokenPruner(PRUNE, HiddenNormScorer()),
+                           tmp_path / "one")
+    two = continuation.run(_cfg(tmp_path, "pruning=norm", "eval.batch_size=2"), model, tokenizer,
+                           TokenPruner(PRUNE, HiddenNormScorer()), tmp_path / "two")
+    assert two["segments"] == one["segments"] == 5
+    assert two["nll"] == pytest.approx(one["nll"], abs=1e-5)
+    assert two["avg_kept_fraction"] == one["avg_kept_fraction"] < 1.0
+    with pytest.raises(ConfigError, match="eval.batch_size"):
+        continuation.validate(_cfg(tmp_path, "eval.batch_size=0"))

@@ -2,9 +2,10 @@
 
 Decoding runs the model's own forward with the cache; since layer 0 is never pruned, the model
 derives decode positions from it (N, N+1, ...). Batches of different-length prompts are
-left-padded (see :mod:`sdtp.engine.pruner`): they pass the growing 2D mask and per-row positions. :func:`generate` uses a cache whose layers append in
-place (:class:`sdtp.engine.cache.AppendLayer`) for the dense and the pruned model alike. Timings use ``perf_counter`` (CPU ops are
-synchronous) and ``torch.cuda.synchronize`` on GPU.
+left-padded (see :mod:`sdtp.engine.pruner`): they pass the growing 2D mask and per-row positions.
+:func:`generate` uses a cache whose layers append in place (:class:`sdtp.engine.cache.AppendLayer`)
+for the dense and the pruned model alike. Timings use ``perf_counter`` (CPU ops are synchronous)
+and ``torch.cuda.synchronize`` on GPU.
 """
 
 from __future__ import annotations

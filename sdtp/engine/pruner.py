@@ -70,6 +70,7 @@ class PrefillRecord:
         final_valid: (B, k) bool real-token slots of ``final_positions`` (None: all real).
         layer_valid: layer -> (B, k_l) bool real-token slots of that layer's cache (None: all real).
         kept_rows_per_stage: real tokens each row kept after each stage, ``[stage][row]``.
+        tokens_per_layer_rows: real tokens each decoder layer processed per row, ``[layer][row]``.
     """
 
     seq_len: int
@@ -82,6 +83,31 @@ class PrefillRecord:
     final_valid: torch.Tensor | None = None
     layer_valid: dict[int, torch.Tensor | None] = field(default_factory=dict)
     kept_rows_per_stage: list[list[int]] = field(default_factory=list)
+    tokens_per_layer_rows: list[list[int]] = field(default_factory=list)
+
+    def row(self, index: int) -> PrefillRecord:
+        """Row ``index`` of a batched prefill as the one-row record its prompt alone would give.
+
+        Counts are the row's real tokens (masked slots left out), ``seq_len`` its real length.
+        """
+        final = self.final_positions[index : index + 1] if self.final_positions is not None else None
+        if final is not None and self.final_valid is not None:
+            final = final[:, self.final_valid[index]]
+        layers = {}
+        for layer, positions in self.layer_positions.items():
+            valid = self.layer_valid.get(layer)
+            row = positions[index : index + 1]
+            layers[layer] = row if valid is None else row[:, valid[index]]
+        return PrefillRecord(
+            seq_len=self.seq_lens[index] if self.seq_lens else self.seq_len,
+            kept_per_stage=[counts[index] for counts in self.kept_rows_per_stage],
+            tokens_per_layer=[counts[index] for counts in self.tokens_per_layer_rows],
+            final_positions=final,
+            layer_positions=layers,
+            seq_lens=[self.seq_lens[index]] if self.seq_lens else [],
+            kept_rows_per_stage=[[counts[index]] for counts in self.kept_rows_per_stage],
+            tokens_per_layer_rows=[[counts[index]] for counts in self.tokens_per_layer_rows],
+        )
 
 
 @dataclass
@@ -170,6 +196,7 @@ class TokenPruner:
             seq_len=seq_len,
             tokens_per_layer=[seq_len] * self.schedule.layers[0],
             seq_lens=[int(n) for n in lengths.tolist()],
+            tokens_per_layer_rows=[[int(n) for n in lengths.tolist()]] * self.schedule.layers[0],
             pad=pad,
         )
         self._extras = {"input_ids": input_ids}
@@ -197,6 +224,10 @@ class TokenPruner:
             record.layer_positions[layer] = positions
             record.layer_valid[layer] = alive.valid
         record.tokens_per_layer.append(alive.positions.shape[1])
+        width = alive.positions.shape[1]
+        record.tokens_per_layer_rows.append(
+            [width] * alive.positions.shape[0] if alive.valid is None else alive.valid.sum(-1).tolist()
+        )
         record.final_positions = positions
         record.final_valid = alive.valid
         if args:

@@ -21,6 +21,10 @@ template (``eval.chat_template``: auto = when the tokenizer has one), the contin
 the "prompt (document + instruction) -> answer" use case; contexts shorter than ``context_len`` stay
 shorter.
 
+``eval.batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`):
+contexts left-padded and each row pruned by its own budget; the numbers equal batch 1 up to float
+noise (``tests/test_eval_continuation.py``), so the key is not part of the fingerprint.
+
 Streams: WikiText-2 raw test (``"\\n\\n".join(rows)``, the HF convention) or a JSONL of ``{text}``
 documents restricted to ``[doc_start, doc_end)`` and joined with the tokenizer's EOS (so held-out
 documents can be picked: the shipped predictor trained on C4 documents 0..299). Both are
@@ -41,6 +45,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,8 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.perplexity import wikitext_rows
-from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.eval.scoring import prefill_context, score_continuation, token_logprobs
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
@@ -196,19 +202,85 @@ def score_segment(model: nn.Module, ctx_ids: torch.Tensor, cont_ids: torch.Tenso
     return SegmentScore(-float(logprobs.float().mean()), kept.final[0], kept.per_layer[0])
 
 
+def _left_pad(rows: Sequence[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids with each (1, n_b) row right-aligned, and the (B, width) mask of real tokens."""
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, width - row.shape[1]:] = row[0]
+        mask[index, width - row.shape[1]:] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def score_segments_batch(model: nn.Module, segs: Sequence[Segment], pruner: TokenPruner | None) -> list[SegmentScore]:
+    """:func:`score_segment` for several segments in one batch: same numbers up to float noise.
+
+    Contexts are left-padded (see :mod:`sdtp.engine.pruner`) and prefilled together, each row pruned
+    by its own budget; the continuations (right-padded: a padded token comes after every scored one,
+    so causal attention keeps it out of them) are then fed in one forward on the pruned cache, with
+    every row's positions continuing from its own context length.
+    """
+    ctx_lens = torch.tensor([c.shape[1] for c, _ in segs])
+    cont_lens = [t.shape[1] for _, t in segs]
+    width, cont_width = int(ctx_lens.max()), max(cont_lens)
+    ids, mask = _left_pad([c for c, _ in segs], width)
+    cont = torch.zeros(len(segs), cont_width, dtype=torch.long)
+    for index, (_, cont_ids) in enumerate(segs):
+        cont[index, : cont_ids.shape[1]] = cont_ids[0]
+    ids, mask, cont, ctx_lens = (t.to(model.device) for t in (ids, mask, cont, ctx_lens))
+    padded = not bool(mask.all())
+    context = pruner(model) if pruner is not None else nullcontext()
+    with context:
+        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if padded else {}
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
+        record = pruner.last_prefill if pruner is not None else None
+        if record is not None and not bool((record.final_positions[:, -1] == ctx_lens - 1).all()):
+            raise ValueError("pruning.keep_recent: the last context token was pruned; keep_recent must be > 0")
+        logits = out.logits[:, -1:]  # (B, 1, V) predicts cont[:, 0]
+        if cont_width > 1:
+            feed = cont[:, :-1]  # the last continuation token predicts nothing we score
+            full = torch.cat([mask, mask.new_ones(feed.shape)], dim=1)
+            positions = ctx_lens.unsqueeze(1) + torch.arange(feed.shape[1], device=feed.device)
+            step = model(input_ids=feed, **cache_kwargs(output_cache(out)), attention_mask=full,
+                         position_ids=positions, use_cache=True)
+            logits = torch.cat([logits, step.logits], dim=1)  # (B, T, V)
+    scores = []
+    for index, length in enumerate(cont_lens):
+        logprobs, _ = token_logprobs(logits[index : index + 1, :length], cont[index : index + 1, :length], None)
+        kept = KeptStats()
+        kept.add(record.row(index) if record is not None else None)  # no-op when dense
+        nll = -float(logprobs.float().mean())
+        scores.append(SegmentScore(nll, kept.final[0], kept.per_layer[0]) if kept.final else SegmentScore(nll))
+    return scores
+
+
 def segment_nll(
     model: nn.Module,
     segs: Sequence[Segment],
     pruner: TokenPruner | None,
     on_segment: Callable[[int, SegmentScore], None] | None = None,
     desc: str = "continuation segments",
+    batch_size: int = 1,
 ) -> list[SegmentScore]:
-    """Score every segment in order (tqdm bar); ``on_segment(i, score)`` runs after each (checkpointing)."""
-    scores = []
-    for index, (ctx_ids, cont_ids) in enumerate(tqdm(segs, desc=desc)):
-        scores.append(score_segment(model, ctx_ids, cont_ids, pruner))
-        if on_segment is not None:
-            on_segment(index, scores[-1])
+    """Score every segment in order (tqdm bar); ``on_segment(i, score)`` runs after each (checkpointing).
+
+    ``batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`); 1 keeps
+    the one-at-a-time path (:func:`score_segment`).
+    """
+    scores: list[SegmentScore] = []
+    with tqdm(total=len(segs), desc=desc) as bar:
+        for start in range(0, len(segs), batch_size):
+            chunk = segs[start : start + batch_size]
+            if batch_size == 1:
+                done = [score_segment(model, chunk[0][0], chunk[0][1], pruner)]
+            else:
+                done = score_segments_batch(model, chunk, pruner)
+            for score in done:
+                scores.append(score)
+                if on_segment is not None:
+                    on_segment(len(scores) - 1, score)
+            bar.update(len(done))
     return scores
 
 
@@ -235,8 +307,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.dataset: {ev.dataset!r} not in {DATASETS}")
     if not (ev.data_file and Path(ev.data_file).is_file()):
         raise ConfigError(f"eval.data_file: {ev.data_file} not found (set SDTP_DATA_DIR to the offline data mirror)")
-    for key in ("context_len", "cont_len", "num_segments"):
-        if int(ev[key]) < 1:
+    for key in ("context_len", "cont_len", "num_segments", "batch_size"):
+        if int(ev.get(key, 1)) < 1:
             raise ConfigError(f"eval.{key}: must be >= 1, got {ev[key]}")
     if int(ev.context_len) + int(ev.cont_len) > int(cfg.model.max_length):
         raise ConfigError(f"eval.context_len + eval.cont_len: {int(ev.context_len) + int(ev.cont_len)} exceeds "
@@ -298,7 +370,7 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
             handle.write(json.dumps({"id": todo[k], **asdict(score), "fp": fp}) + "\n")
             handle.flush()
 
-        segment_nll(model, [segs[i] for i in todo], pruner, on_segment=save)
+        segment_nll(model, [segs[i] for i in todo], pruner, on_segment=save, batch_size=int(ev.get("batch_size", 1)))
     scores = [done[i] for i in range(len(segs))]
     return {
         **summarize(scores),
