@@ -140,3 +140,28 @@ def test_ragged_keep_ratio_one_equals_dense_batch(tiny):
     assert pruned.sequences == dense.sequences
     for a, b in zip(pruned.step_logits, dense.step_logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_select_kept_rows_keeps_per_row_budgets_and_never_padding():
+    from sdtp.engine.selection import select_kept_rows
+
+    scores = torch.tensor([[9.0, 8.0, 1.0, 2.0, 3.0, 0.5], [9.0, 9.0, 5.0, 1.0, 4.0, 0.1]])
+    valid = torch.tensor([[True] * 6, [False, False, True, True, True, True]])  # row 1: 2 left pads
+    protected = torch.tensor([[False] * 5 + [True], [False] * 5 + [True]])
+    keep, keep_valid = select_kept_rows(scores, protected, valid, torch.tensor([3, 2]))
+    # Row 1 keeps its 2 real tokens (2, 5; never the padding 0, 1) after one masked filler slot.
+    assert keep_valid.tolist() == [[True, True, True], [False, True, True]]
+    assert keep[0].tolist() == [0, 1, 5] and keep[1, 1:].tolist() == [2, 5]
+
+
+@torch.no_grad()
+def test_padding_rules(tiny_llama):
+    model, _, _ = tiny_llama
+    ids, mask = _left_pad(_prompts((30, 20)))
+    mask[1] = 0
+    with TokenPruner(SCHEDULE, HiddenNormScorer())(model), pytest.raises(ValueError, match="no real token"):
+        model(ids, attention_mask=mask)
+    single = generate(model, _prompts((30,))[0], 3)
+    with pytest.raises(ValueError, match="sequences"):
+        _ = generate(model, torch.cat(_prompts((30, 30))), 3).tokens
+    assert len(single.tokens) == 3 and single.sequences == [single.tokens]
