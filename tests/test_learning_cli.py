@@ -22,6 +22,7 @@ from sdtp.saliency import saliency_scores
 from sdtp.training.loop import collate, loss_step
 from sdtp.training.masking import PolicyMasker
 
+GRADIENT_LABELS = ["saliency.target=continuation"]  # the paper's grad x input labels (default: attention)
 DATA = ["model=tiny-llama", "data=c4", "data.sources.0.num_samples=10", "data.max_length=48",
         "data.continuation_length=12", "threads=1"]
 
@@ -29,13 +30,13 @@ DATA = ["model=tiny-llama", "data=c4", "data.sources.0.num_samples=10", "data.ma
 @pytest.fixture(scope="module")
 def labels_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("labels")
-    label_cli.run(compose("label", DATA + [f"out_dir={out}", "shard_size=4", "batch_size=3"]))
+    label_cli.run(compose("label", DATA + [f"out_dir={out}", "shard_size=4", "batch_size=3", *GRADIENT_LABELS]))
     return out
 
 
 def _train_cfg(out: Path, *extra: str, labels: Path | None = None):
     source = ["train.labels=stored", f"train.labels_dir={labels}"] if labels else []
-    return compose("train", DATA + source + [f"out_dir={out}", "train.val_sequences=3", "train.max_steps=4",
+    return compose("train", DATA + source + [f"out_dir={out}", "train.target=continuation", "train.val_sequences=3", "train.max_steps=4",
                                              "train.ckpt_every=2", "train.grad_accum=1", *extra])
 
 
@@ -59,7 +60,7 @@ def test_labels_at_every_layer_match_a_direct_computation(labels_dir, tmp_path):
     (copy / "shard_00002.safetensors").unlink()
     with pytest.raises(ConfigError, match="2 of 3 shards"):
         load_labels(copy)  # a partial folder is refused
-    label_cli.run(compose("label", DATA + [f"out_dir={copy}", "shard_size=4", "batch_size=3"]))
+    label_cli.run(compose("label", DATA + [f"out_dir={copy}", "shard_size=4", "batch_size=3", *GRADIENT_LABELS]))
     new, old = load_file(str(copy / "shard_00002.safetensors")), load_file(str(labels_dir / "shard_00002.safetensors"))
     assert torch.equal(new["input_ids"], old["input_ids"])
     torch.testing.assert_close(new["saliency"], old["saliency"])
@@ -194,3 +195,15 @@ def test_resumed_training_continues_the_same_wandb_run(tmp_path, monkeypatch):
     train_cli.run(_train_cfg(tmp_path, "logger=wandb", "train.stop_at=2"))
     train_cli.run(_train_cfg(tmp_path, "logger=wandb", "resume=true"))
     assert len(calls) == 2 and calls[1]["id"] == calls[0]["id"] and calls[1]["resume"] == "allow"
+
+
+def test_attention_labels_from_sdtp_label_match_a_direct_computation(tmp_path):
+    """The default ``attention`` target through sdtp-label: stored every-layer labels equal a direct call."""
+    label_cli.run(compose("label", DATA + [f"out_dir={tmp_path}", "shard_size=4", "batch_size=1"]))
+    meta, items = load_labels(tmp_path)
+    assert meta["saliency"]["target"] == "attention"
+    model, _ = load_model(compose("label", DATA).model)
+    ids, split, sal = items[0]
+    direct = saliency_scores(model, ids[None], None, "attention", absolute=False, normalize=False,
+                             split=torch.tensor([split]))[0]
+    torch.testing.assert_close(sal, direct, rtol=1e-3, atol=1e-6)
