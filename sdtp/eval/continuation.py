@@ -17,9 +17,9 @@ share context tokens; these segments do not overlap).
 Long documents (``eval.dataset=longbench``): each segment is one record of a LongBench JSONL
 (``eval.task`` names its prompt template, default ``multi_news``): the context is the task prompt,
 middle-truncated to ``context_len`` tokens as LongBench's ``pred.py`` does and wrapped in the chat
-template (``eval.chat_template``: auto = when the tokenizer has one), the continuation the first ``cont_len`` tokens of the gold answer. This is
-the "prompt (document + instruction) -> answer" use case; contexts shorter than ``context_len`` stay
-shorter.
+template (``eval.chat_template``: auto = when the tokenizer has one); the continuation is the first
+``cont_len`` tokens of the gold answer. This is the "prompt (document + instruction) -> answer" use
+case; contexts shorter than ``context_len`` stay shorter.
 
 ``eval.batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`):
 contexts left-padded and each row pruned by its own budget; the numbers equal batch 1 up to float
