@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Long-context evals on the embedded model, dense vs random pruning (NOTES_issue4b.md table).
+# Long-context evals on the embedded model, dense vs random pruning (results/eval/long_context_smollm2-135m.md; docs/results.md).
 # multi_news: first 10 samples, middle-truncated to 4096 prompt tokens and decoding capped at 64 new tokens
 # (official: model.max_length - 500 and 512) to fit the shared 2-core CPU. needle: 4K-token prompts, 5 depths x 2.
 # passage_retrieval / passage_count: 2K-token prompts, 5 samples each. One heavy process at a time.
