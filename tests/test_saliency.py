@@ -104,15 +104,20 @@ def test_attention_target_matches_eager_attention_weights(tiny):
     assert [len(layer.self_attn._forward_hooks) for layer in model.model.layers] == hooks
 
 
-def test_attention_target_padded_batch_equals_rows_alone(tiny_llama):
-    model, _, _ = tiny_llama
+def _padded_pair():
+    """Rows of 20 and 14 random tokens, right-padded to (2, 20), with their valid mask and splits."""
     gen = torch.Generator().manual_seed(5)
     a, b = torch.randint(4, 260, (20,), generator=gen), torch.randint(4, 260, (14,), generator=gen)
     ids = torch.zeros(2, 20, dtype=torch.long)
     ids[0], ids[1, :14] = a, b
     valid = torch.zeros(2, 20, dtype=torch.bool)
     valid[0], valid[1, :14] = True, True
-    split = torch.tensor([16, 10])
+    return (a, b), ids, valid, torch.tensor([16, 10])
+
+
+def test_attention_target_padded_batch_equals_rows_alone(tiny_llama):
+    model, _, _ = tiny_llama
+    (a, b), ids, valid, split = _padded_pair()
     batch = saliency_scores(model, ids, [1, 3], "attention", absolute=False, normalize=False, valid=valid, split=split)
     for row, seq in enumerate((a, b)):
         alone = saliency_scores(model, seq[None], [1, 3], "attention", absolute=False, normalize=False,
@@ -145,13 +150,7 @@ def test_labels_at_every_layer_equal_per_schedule_labels(tiny_llama):
 
 def test_padded_batch_equals_rows_alone(tiny_llama):
     model, _, _ = tiny_llama
-    gen = torch.Generator().manual_seed(5)
-    a, b = torch.randint(4, 260, (20,), generator=gen), torch.randint(4, 260, (14,), generator=gen)
-    ids = torch.zeros(2, 20, dtype=torch.long)
-    ids[0], ids[1, :14] = a, b
-    valid = torch.zeros(2, 20, dtype=torch.bool)
-    valid[0], valid[1, :14] = True, True
-    split = torch.tensor([16, 10])
+    (a, b), ids, valid, split = _padded_pair()
     batch = saliency_scores(model, ids, [1, 3], "continuation", absolute=False, normalize=False, valid=valid, split=split)
     for row, seq in enumerate((a, b)):
         alone = saliency_scores(model, seq[None], [1, 3], "continuation", absolute=False, normalize=False,
