@@ -91,12 +91,12 @@ def prefill(
     _sync(input_ids.device)
     start = time.perf_counter()
     out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1,
-                **_padding_kwargs(attention_mask, input_ids.shape[1]))
+                **padding_kwargs(attention_mask, input_ids.shape[1]))
     _sync(input_ids.device)
     return out.logits, output_cache(out), time.perf_counter() - start
 
 
-def _padding_kwargs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tensor]:
+def padding_kwargs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tensor]:
     """``attention_mask`` (B, T) and ``position_ids`` (B, new) for a left-padded batch; {} when unpadded.
 
     Unpadded calls pass nothing, exactly as before batching existed (HF then numbers from the cache).
@@ -181,7 +181,7 @@ def generate(
             token = torch.tensor([[seq[-1]] for seq in sequences], device=input_ids.device)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            out = model(input_ids=token, **cache_kwargs(cache), use_cache=True, **_padding_kwargs(mask, 1))
+            out = model(input_ids=token, **cache_kwargs(cache), use_cache=True, **padding_kwargs(mask, 1))
             cache = output_cache(out)
             if keep_logits:
                 step_logits.append(out.logits[:, -1].float().cpu())

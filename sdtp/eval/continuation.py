@@ -55,12 +55,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.perplexity import wikitext_rows
 from sdtp.eval.scoring import prefill_context, score_continuation, token_logprobs
-from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.models.compat import cache_kwargs
 from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,15 @@ def score_segment(model: nn.Module, ctx_ids: torch.Tensor, cont_ids: torch.Tenso
     """Prefill ``ctx_ids`` (1, N) (pruned), then score ``cont_ids`` (1, T) on the cache."""
     ctx = prefill_context(model, ctx_ids.to(model.device), pruner)
     logprobs, _ = score_continuation(model, ctx, cont_ids.to(model.device), pruner)  # (T,)
+    return _segment_score(logprobs, ctx.record)
+
+
+def _segment_score(logprobs: torch.Tensor, record: PrefillRecord | None) -> SegmentScore:
+    """Mean NLL of one segment's continuation log-probs (T,) and its kept fractions (1.0 dense)."""
     kept = KeptStats()
-    kept.add(ctx.record)  # no-op when dense
-    if not kept.final:
-        return SegmentScore(nll=-float(logprobs.float().mean()))
-    return SegmentScore(-float(logprobs.float().mean()), kept.final[0], kept.per_layer[0])
+    kept.add(record)  # no-op when dense
+    nll = -float(logprobs.float().mean())
+    return SegmentScore(nll, kept.final[0], kept.per_layer[0]) if kept.final else SegmentScore(nll)
 
 
 def _left_pad(rows: Sequence[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,28 +234,24 @@ def score_segments_batch(model: nn.Module, segs: Sequence[Segment], pruner: Toke
         cont[index, : cont_ids.shape[1]] = cont_ids[0]
     ids, mask, cont, ctx_lens = (t.to(model.device) for t in (ids, mask, cont, ctx_lens))
     padded = not bool(mask.all())
-    context = pruner(model) if pruner is not None else nullcontext()
-    with context:
-        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if padded else {}
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
-        record = pruner.last_prefill if pruner is not None else None
-        if record is not None and not bool((record.final_positions[:, -1] == ctx_lens - 1).all()):
-            raise ValueError("pruning.keep_recent: the last context token was pruned; keep_recent must be > 0")
-        logits = out.logits[:, -1:]  # (B, 1, V) predicts cont[:, 0]
-        if cont_width > 1:
-            feed = cont[:, :-1]  # the last continuation token predicts nothing we score
-            full = torch.cat([mask, mask.new_ones(feed.shape)], dim=1)
-            positions = ctx_lens.unsqueeze(1) + torch.arange(feed.shape[1], device=feed.device)
-            step = model(input_ids=feed, **cache_kwargs(output_cache(out)), attention_mask=full,
+    prefilled = prefill_context(model, ids, pruner, mask if padded else None)
+    record = prefilled.record
+    logits = prefilled.last_logits.unsqueeze(1)  # (B, 1, V) predicts cont[:, 0]
+    if cont_width > 1:
+        feed = cont[:, :-1]  # the last continuation token predicts nothing we score
+        full = torch.cat([mask, mask.new_ones(feed.shape)], dim=1)
+        positions = ctx_lens.unsqueeze(1) + torch.arange(feed.shape[1], device=feed.device)
+        # Hooks must be installed so per-layer masks are sliced to each row's (pruned) cache.
+        with pruner(model) if pruner is not None else nullcontext():
+            if pruner is not None:
+                pruner.last_prefill = record
+            step = model(input_ids=feed, **cache_kwargs(prefilled.cache), attention_mask=full,
                          position_ids=positions, use_cache=True)
-            logits = torch.cat([logits, step.logits], dim=1)  # (B, T, V)
+        logits = torch.cat([logits, step.logits], dim=1)  # (B, T, V)
     scores = []
     for index, length in enumerate(cont_lens):
         logprobs, _ = token_logprobs(logits[index : index + 1, :length], cont[index : index + 1, :length], None)
-        kept = KeptStats()
-        kept.add(record.row(index) if record is not None else None)  # no-op when dense
-        nll = -float(logprobs.float().mean())
-        scores.append(SegmentScore(nll, kept.final[0], kept.per_layer[0]) if kept.final else SegmentScore(nll))
+        scores.append(_segment_score(logprobs, record.row(index) if record is not None else None))
     return scores
 
 

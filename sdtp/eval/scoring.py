@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtp.engine.generation import padding_kwargs
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.models.compat import cache_kwargs, output_cache
 
@@ -39,25 +40,31 @@ from sdtp.models.compat import cache_kwargs, output_cache
 class PrefilledContext:
     """A context after (pruned) prefill, ready to score any number of continuations."""
 
-    last_logits: torch.Tensor  # (1, V) logits of the last context position
+    last_logits: torch.Tensor  # (B, V) logits of each row's last context position
     cache: Any  # the per-layer KV cache (ragged across layers when pruned)
     length: int  # context tokens N (the cache length the model sees, layer 0 is never pruned)
     record: PrefillRecord | None
 
 
 @torch.inference_mode()
-def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner | None) -> PrefilledContext:
-    """Prefill ``ctx_ids`` (1, N) with pruning; checks the last position survived.
+def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner | None,
+                    attention_mask: torch.Tensor | None = None) -> PrefilledContext:
+    """Prefill ``ctx_ids`` (B, N) with pruning; checks every row's last position survived.
 
+    Args:
+        attention_mask: (B, N) real-token mask of a left-padded batch (None = unpadded).
     Raises:
-        ValueError: if the pruner dropped the last context position (``pruning.keep_recent`` = 0),
+        ValueError: if the pruner dropped a row's last context position (``pruning.keep_recent`` = 0),
             which would make the first continuation token's logits come from another position.
     """
     context = pruner(model) if pruner is not None else nullcontext()
     with context:
-        out = model(input_ids=ctx_ids, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ctx_ids, use_cache=True, logits_to_keep=1,
+                    **padding_kwargs(attention_mask, ctx_ids.shape[1]))
     record = pruner.last_prefill if pruner is not None else None
-    if record is not None and int(record.final_positions[0, -1]) != ctx_ids.shape[1] - 1:
+    lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full(
+        (ctx_ids.shape[0],), ctx_ids.shape[1], device=ctx_ids.device)
+    if record is not None and not bool((record.final_positions[:, -1] == lengths - 1).all()):
         raise ValueError("pruning.keep_recent: the last context token was pruned; keep_recent must be > 0")
     return PrefilledContext(out.logits[:, -1], output_cache(out), int(ctx_ids.shape[1]), record)
 
