@@ -27,7 +27,8 @@ seed's masks do not depend on what ran before.
 Other options: ``--model`` (default smollm2-135m), ``--datasets wikitext,c4``, ``--contexts 2048,4096``,
 ``--cont-len 128``, ``--num-segments 64``, ``--threads 1``, ``--only NAMES`` (compute only these; the
 page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (default
-``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the offline data mirror),
+``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the
+offline data mirror),
 ``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``).
 
 Cache: ``<out>/continuation/<dataset>_<context>/<scorer>.json`` holds the per-segment NLLs and a
