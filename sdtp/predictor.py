@@ -45,6 +45,9 @@ class PredictorMeta:
     # MLP's output scale; off by default so older checkpoints load unchanged.
     input_norm: bool = False
     position_features: bool = False  # append position_features() to the input (older checkpoints: off)
+    # Weight of the recency prior the scorer blends in at inference (sdtp/scorers/prior.py), chosen
+    # on validation data after training; 0 = raw predictor scores (older checkpoints).
+    recency_weight: float = 0.0
 
 
 NUM_POSITION_FEATURES = 2

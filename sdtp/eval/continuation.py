@@ -129,17 +129,18 @@ def segments(stream: torch.Tensor, context_len: int, cont_len: int, num_segments
 
 
 def longbench_segments(path: str | Path, task: str, tokenizer: Any, context_len: int, cont_len: int,
-                       num_segments: int, chat: bool) -> list[Segment]:
-    """The first ``num_segments`` records of a LongBench JSONL as (prompt, gold answer) segments.
+                       num_segments: int, chat: bool, start: int = 0) -> list[Segment]:
+    """Records ``[start, start + num_segments)`` of a LongBench JSONL as (prompt, gold answer) segments.
 
     Returns (1, <= context_len + chat template) prompt ids and (1, <= cont_len) answer ids per record.
     """
     from sdtp.eval.longbench import build_input, load_records  # longbench imports the scoring stack
     from sdtp.eval.longbench_tasks import DATASETS as TASKS
 
-    records = load_records(Path(path), num_segments, TASKS[task])
+    records = load_records(Path(path), start + num_segments, TASKS[task])[start:]
     if len(records) < num_segments:
-        raise ConfigError(f"eval.num_segments: {num_segments} requested, but {path} has only {len(records)} records")
+        raise ConfigError(f"eval.num_segments: {num_segments} records from eval.doc_start={start} requested, but "
+                          f"{path} has only {start + len(records)} records")
     out = []
     for record in records:
         ctx_ids, _ = build_input(tokenizer, TASKS[task], record, context_len, chat)
@@ -157,7 +158,7 @@ def build_segments(ev: DictConfig, tokenizer: Any) -> tuple[list[Segment], int]:
         from sdtp.eval.predict import wants_chat_template
 
         chat = wants_chat_template(tokenizer, ev.chat_template)
-        segs = longbench_segments(ev.data_file, ev.task, tokenizer, context_len, cont_len, num, chat)
+        segs = longbench_segments(ev.data_file, ev.task, tokenizer, context_len, cont_len, num, chat, int(ev.doc_start))
         return segs, sum(c.shape[1] + t.shape[1] for c, t in segs)
     stream = token_stream(ev, tokenizer)
     return segments(stream, context_len, cont_len, num), int(stream.shape[0])
@@ -319,7 +320,7 @@ def validate(cfg: DictConfig) -> None:
 
         if ev.get("task") not in TASKS:
             raise ConfigError(f"eval.task: {ev.get('task')!r} is not a LongBench dataset ({sorted(TASKS)})")
-    if ev.dataset == "jsonl" and (int(ev.doc_start) < 0 or empty):
+    if int(ev.doc_start) < 0 or (ev.dataset == "jsonl" and empty):
         raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")

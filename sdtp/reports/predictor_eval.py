@@ -29,7 +29,20 @@ Other options: ``--model`` (default smollm2-135m), ``--datasets wikitext,c4``, `
 page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (default
 ``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the
 offline data mirror),
-``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``).
+``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``),
+``--multi-news-start N`` (first multi_news record; validation pages use records the test page does not).
+
+Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` adds a row
+``<predictor>_rw<w>`` per weight next to the predictor as shipped (its checkpoint's own weight); the page
+then states, per predictor, each weight's worst-cell margin to the best training-free scorer and the
+weight that minimises it (:mod:`sdtp.reports.recency_selection`); ``--write-selected`` stores that weight as
+``recency_weight`` in the predictor's ``predictor.json``. Run it on validation data, never on the test
+page's segments::
+
+    PYTHONPATH=. python scripts/predictor_report.py --threads 2 --datasets wikitext,multi_news --contexts 2048 \
+        --wikitext-file ../shared/data/lm/wiki.valid.raw --multi-news-start 64 --recency-weights 0,0.5,1,2,4 \
+        --only dense,positional,lazyllm,norm,sdtp_rw0,sdtp_rw0.5,sdtp_rw1,sdtp_rw2,sdtp_rw4 \
+        --out results/predictors/smollm2-135m/recency_tuning --write-selected
 
 Cache: ``<out>/continuation/<dataset>_<context>/<scorer>.json`` holds the per-segment NLLs and a
 fingerprint (segment token hash, model config and dtype, schedule, scorer config, predictor file
@@ -65,6 +78,7 @@ from sdtp.eval import continuation
 from sdtp.eval.continuation import Segment, build_segments, segment_nll, segments_sha256, summarize
 from sdtp.models import load_model
 from sdtp.reports import paired_tables
+from sdtp.reports.recency_selection import select_recency, selection_text, variant_name, write_selected
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -103,6 +117,9 @@ class ReportOptions:
     wikitext_file: str | None = None
     c4_file: str | None = None
     multi_news_file: str | None = None
+    multi_news_start: int = 0
+    recency_weights: tuple[float, ...] = ()
+    write_selected: bool = False
     overrides: tuple[str, ...] = ()
     command: str = ""
 
@@ -149,6 +166,12 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--wikitext-file", default=None)
     p.add_argument("--c4-file", default=None)
     p.add_argument("--multi-news-file", default=None)
+    p.add_argument("--multi-news-start", type=int, default=0,
+                   help="first multi_news record (validation runs use records the test page does not)")
+    p.add_argument("--recency-weights", default="",
+                   help="comma-separated recency-prior weights: one row <predictor>_rw<w> per predictor and weight")
+    p.add_argument("--write-selected", action="store_true",
+                   help="write each predictor's selected recency weight into its predictor.json")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     predictors = None
@@ -167,6 +190,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
         oracle_targets=tuple(_csv(a.oracle_targets)),
         only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
+        multi_news_start=a.multi_news_start, recency_weights=_csv(a.recency_weights, float),
+        write_selected=a.write_selected,
         overrides=tuple(a.override),
         command="PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv),
     )
@@ -186,7 +211,10 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
             raise ConfigError(f"--predictor {name}=...: the name must be new and match {NAME_RE.pattern}")
         full = Path(path).resolve()
-        specs.append(ScorerSpec(name, ("pruning=sdtp", f"pruning.scorer.path={full}"), "predictor", full))
+        base = ("pruning=sdtp", f"pruning.scorer.path={full}")
+        specs.append(ScorerSpec(name, base, "predictor", full))  # as shipped: the checkpoint's own recency weight
+        specs += [ScorerSpec(variant_name(name, w), (*base, f"pruning.scorer.recency_weight={w}"), "predictor", full)
+                  for w in opts.recency_weights]
     return specs
 
 
@@ -221,6 +249,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     scorer = OmegaConf.to_container(cfg.pruning.scorer, resolve=True) if schedule is not None else None
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
+        if scorer.get("recency_weight", 0) is None:
+            scorer.pop("recency_weight")  # null = the checkpoint's own weight, covered by its predictor.json hash
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dtype": str(next(model.parameters()).dtype),
@@ -263,7 +293,7 @@ def dataset_overrides(dataset: str, opts: ReportOptions, data_dir: str) -> list[
         return ["eval.dataset=wikitext", f"eval.data_file={opts.wikitext_file or f'{data_dir}/lm/wiki.test.raw'}"]
     if dataset == "multi_news":
         return ["eval.dataset=longbench", f"eval.data_file={opts.multi_news_file or f'{data_dir}/longbench/multi_news.jsonl'}",
-                "eval.task=multi_news"]
+                "eval.task=multi_news", f"eval.doc_start={opts.multi_news_start}"]
     start, end = opts.c4_docs
     return ["eval.dataset=jsonl", f"eval.data_file={opts.c4_file or f'{data_dir}/train/c4_en_1k.jsonl'}",
             f"eval.doc_start={start}", f"eval.doc_end={end}"]
@@ -362,15 +392,18 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
               for s in specs if s.group == "predictor"}
     preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]})" for s in specs if s.name in hashes]
     start, end = opts.c4_docs
+    wikitext = f"`{Path(opts.wikitext_file).name}`" if opts.wikitext_file else "WikiText-2 raw test"
+    first = opts.multi_news_start
     commands = sorted({j.record["command"] for j in jobs if j.record is not None} - {opts.command})
     return {
         "Protocol": (f"continuation (`sdtp/eval/continuation.py`): per dataset and context length, the first "
                      f"{opts.num_segments} non-overlapping segments of context + {opts.cont_len} tokens; the context "
                      "is prefilled with the scorer's pruner, the continuation scored on the pruned cache; one number "
                      "per segment = mean NLL per continuation token (nats, lower is better); every scorer paired on "
-                     f"the same segments. Datasets: `wikitext` = WikiText-2 raw test; `c4` = C4-en documents "
+                     f"the same segments. Datasets: `wikitext` = {wikitext}; `c4` = C4-en documents "
                      f"{start}..{end - 1} joined with EOS (the shipped predictor trained on C4 documents 0..299); "
-                     "`multi_news` = LongBench multi_news, one record per segment: the chat prompt with the news "
+                     f"`multi_news` = LongBench multi_news records {first}..{first + opts.num_segments - 1}, one "
+                     "record per segment: the chat prompt with the news "
                      "middle-truncated to the context length (shorter records stay shorter) -> the first "
                      f"{opts.cont_len} tokens of the gold summary."),
         "Schedule": "model default for every pruned scorer (equal tokens per layer): " + (
@@ -392,20 +425,25 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
 
 
 def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict:
-    cells, pooled = [], []
+    cells, pooled, cell_nll = [], [], []
     predictors = [s.name for s in specs if s.group == "predictor"]
     for ctx in opts.contexts:
         per_dataset = {}
         for dataset in opts.datasets:
             cell, nll = _cell([j for j in jobs if j.dataset == dataset and j.context_len == ctx], specs)
             cells.append(cell)
+            cell_nll.append(nll)
             per_dataset[dataset] = nll
         pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, False),
                                                                    predictors)})
+    selection = select_recency(list(opts.predictors or {"sdtp": None}), opts.recency_weights, cell_nll)
+    head = header(opts, jobs, specs, machine)
+    if selection:
+        head["Recency weight selection"] = selection_text(selection)
     return {
         "title": f"SDTP predictor vs training-free scorers: {opts.model}, continuation protocol",
-        "command": opts.command, "header": header(opts, jobs, specs, machine), "contexts": list(opts.contexts),
-        "cells": cells, "pooled": pooled, "machine": machine,
+        "command": opts.command, "header": head, "contexts": list(opts.contexts),
+        "cells": cells, "pooled": pooled, "machine": machine, "recency_selection": selection,
         "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in CACHE_INFO}
                    for j in jobs if j.record is not None},
     }
@@ -431,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if job.record is None and not opts.render_only and selected(job.spec, opts.only):
             job.record = compute(job, model, opts.command)
     report = build_report(opts, jobs, specs, environment(model, str(base.model.device)))
+    if opts.write_selected:
+        write_selected({s.name: s.path for s in specs if s.group == "predictor"}, report["recency_selection"])
     write_json_atomic(out / "eval.json", report)
     (out / "eval.md").write_text(paired_tables.render_markdown(report))
     log.info("wrote %s and %s", out / "eval.md", out / "eval.json")

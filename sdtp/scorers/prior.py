@@ -1,0 +1,42 @@
+"""A recency prior blended into a learned scorer's ranking (``pruning.scorer.recency_weight``).
+
+A per-token predictor guesses, from one token's state, whether a continuation it has not seen
+will need that token. Its guesses are noisy far from the prompt end, where the positional rule
+(keep the most recent tokens) is a strong default on plain text. Blending the two rankings shrinks
+the predictor towards that default by a weight chosen on validation data
+(``scripts/predictor_report.py --recency-weights``; see ``docs/predictor-learning.md``).
+
+Both terms are standardised per row over the real (non-padding) alive tokens, so the weight is
+scale-free: ``score = z(predictor) + w * z(-log(1 + distance to the prompt's last token))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def standardize(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) -> (B, n) zero mean, unit std per row over the ``valid`` (B, n) slots (all if None).
+
+    Masked slots get 0 (their scores are ignored by selection anyway). A constant row becomes 0.
+    """
+    scores = scores.float()
+    weight = torch.ones_like(scores) if valid is None else valid.float()
+    count = weight.sum(-1, keepdim=True).clamp(min=1)
+    mean = (scores * weight).sum(-1, keepdim=True) / count
+    var = ((scores - mean) ** 2 * weight).sum(-1, keepdim=True) / count
+    return (scores - mean) / var.sqrt().clamp(min=1e-6) * weight
+
+
+def recency(positions: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """(B, n) original positions, (B,) prompt lengths -> (B, n) ``-log(1 + distance to the last token)``."""
+    distance = (prompt_len.to(positions.device)[:, None] - 1 - positions).clamp(min=0).float()
+    return -torch.log1p(distance)
+
+
+def blend_recency(scores: torch.Tensor, positions: torch.Tensor, prompt_len: torch.Tensor, weight: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) learned scores -> (B, n) ``z(scores) + weight * z(recency)``; ``weight == 0`` returns them unchanged."""
+    if weight == 0:
+        return scores
+    return standardize(scores, valid) + weight * standardize(recency(positions, prompt_len), valid)
