@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from sdtp.cli.bench import SCHEMA, run
 from sdtp.config import REPO_ROOT, compose
 from sdtp.errors import ConfigError
+from sdtp.reports import paper_table2
 
 VARIANT_KEYS = {"prefill_s", "decode_ms_per_token", "end_to_end_s", "kv_cache_bytes", "cache_lengths",
                 "tokens_per_layer", "kept_per_stage", "memory"}
@@ -61,6 +63,26 @@ def test_smoke_two_repeats_in_process(tmp_path, capsys):
     # resume: a second run in the same dir reuses both lengths (identical numbers)
     run(cfg, run_dir=tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
+    # ... also when the list of lengths changes (each length is its own entry): 160 is reused, 96 measured
+    more = compose("bench", ["model=tiny-llama", "pruning=sdtp", "pruning.scorer.path=null", "lengths=[96,160]",
+                             "new_tokens=3", "repeats=2", "memory=false"])
+    run(more, run_dir=tmp_path)
+    again = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [e["seq_len"] for e in again] == [96, 160] and again[1] == report["results"][1]
+    # the Table 2 page renders from this run: our rows, the paper's, and the ratios side by side
+    page = paper_table2.write_page(tmp_path, tmp_path / "paper", "bash experiments/paper_table2.sh")
+    text = page.read_text()
+    assert "| ours | 96 |" in text and "| paper | 128K | 47.2% / 47.2% | 2.15× | 1.75× | 34.3% |" in text
+    rows = list(csv.DictReader((tmp_path / "paper" / "tiny-llama.csv").open()))
+    ours = [r for r in rows if r["source"].startswith("ours")]
+    assert [(int(r["seq_len"]), r["method"]) for r in ours] == [(96, "dense"), (96, "sdtp"), (160, "dense"), (160, "sdtp")]
+    assert float(ours[1]["gflops_prefill"]) < float(ours[0]["gflops_prefill"])
+    assert (tmp_path / "paper" / "tiny-llama.png").stat().st_size > 1000
+
+
+def test_paper_table2_experiment_composes():
+    cfg = compose("bench", ["experiment=paper_table2"])
+    assert list(cfg.lengths) == [1024, 2048, 4096, 8192] and cfg.new_tokens == 128 and cfg.model.name == "smollm2-135m"
 
 
 def test_dense_only(tmp_path):

@@ -189,13 +189,24 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
+def _comparable(report: dict[str, Any]) -> dict[str, Any]:
+    """What decides whether an earlier run's lengths can be reused: schema, model, settings but the
+    list of lengths (each length is its own entry), and the pruning config without where the predictor
+    lies (timings and FLOPs depend on its architecture, fixed by model and schedule, not on its file)."""
+    report = json.loads(json.dumps(report))  # tuples -> lists, as read back from a file
+    settings = {k: v for k, v in report.get("settings", {}).items() if k != "lengths"}
+    pruning = {k: v for k, v in report.get("pruning", {}).items() if k != "predictor"}
+    if isinstance(pruning.get("scorer"), dict):
+        pruning["scorer"] = {k: v for k, v in pruning["scorer"].items() if k != "path"}
+    return {"schema": report.get("schema"), "model": report.get("model"), "settings": settings, "pruning": pruning}
+
+
 def _load_previous(path: Path, report: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Finished lengths of an earlier run in the same dir with the same model, pruning and settings."""
+    """Finished lengths of an earlier run (same dir, or a committed copy) with comparable settings."""
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    same = all(old.get(key) == report[key] for key in ("schema", "model", "settings")) and \
-        {k: v for k, v in old.get("pruning", {}).items()} == json.loads(json.dumps(report["pruning"]))
+    same = _comparable(old) == _comparable(report)
     return {int(e["seq_len"]): e for e in old.get("results", [])} if same else {}
 
 
