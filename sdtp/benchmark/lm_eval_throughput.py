@@ -197,7 +197,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=["sdtp_piqa", "sdtp_arc_easy"])
-    parser.add_argument("--limit", type=int, default=100, help="documents per task")
+    parser.add_argument("--limit", type=int, default=150, help="documents per task")
     parser.add_argument("--num-fewshot", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--pruning", nargs="+", default=["none", "sdtp", "random"])
