@@ -23,9 +23,13 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     Non-finite floats are written as ``null``: Python would emit a bare ``NaN`` token, which is not
     JSON and breaks every strict reader of the results (an undefined mean is "no value").
     """
+    return write_text_atomic(path, json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` via a temporary file + rename (readable by others), so readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         # mkstemp creates the file 0600; results are meant to be read by others (0644, less the umask).

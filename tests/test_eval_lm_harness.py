@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -18,6 +20,10 @@ from sdtp.eval.harness import rolling_tasks
 from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
 from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.scorers.base import Scorer
+from sdtp.scorers.norm import HiddenNormScorer
+from sdtp.scorers.predictor import PredictorScorer
 from sdtp.scorers.random import RandomScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,6 +35,18 @@ PAIRS = [
     ("", "An empty context is scored after the prefix token."),
     ("In 1492 Columbus sailed the ocean blue, and then " * 6, " he reached the Bahamas"),
 ]
+# Multiple-choice-like requests: contexts of different lengths (one shorter than keep_first + 1, one
+# empty: lm-eval's prefix token), several choices each, 1-token and multi-token continuations,
+# interleaved so the choices of one context are not adjacent.
+QUESTIONS = [
+    ("Question: Which animal barks?\nAnswer:", [" dog", " cat that meows all day long", " a"]),
+    ("In 1492 Columbus sailed the ocean blue, and then " * 5, [" he reached the Bahamas", " home", " nothing at all"]),
+    ("Hi", [" there", " you, how are you doing today?"]),
+    ("", ["An empty context is scored after the prefix token.", " x"]),
+    ("The quick brown fox jumps over the lazy dog. " * 3 + "What jumps?", [" the fox", " the dog"]),
+]
+CHOICES = [(ctx, cont) for ctx, conts in QUESTIONS for cont in conts]
+CHOICES = CHOICES[1::2] + CHOICES[::2]
 ROLLING = ["A rolling log-likelihood over a whole document, split into windows by lm-eval. " * 4]
 KEEP_ALL = PruningSchedule(layers=(1, 2, 3), keep_fractions=(1.0, 1.0, 1.0))
 PRUNE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.7, 0.5, 0.35), keep_first=4, keep_recent=0.1)
@@ -59,10 +77,12 @@ def test_dense_adapter_equals_hflm_exactly(tiny_llama, hf_lm):
     assert lm.loglikelihood_rolling(_rolling()) == hf_lm.loglikelihood_rolling(_rolling())
 
 
-def test_engine_path_keeping_everything_matches_hflm(tiny_llama, hf_lm):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_engine_path_keeping_everything_matches_hflm(tiny_llama, hf_lm, batch_size):
     """The pruned code path (prefill + continuation on the cache) with nothing pruned = HFLM's dense pass."""
     model, tokenizer, _ = tiny_llama
-    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(KEEP_ALL, RandomScorer()), max_length=128)
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(KEEP_ALL, RandomScorer()), max_length=128,
+                batch_size=batch_size)
     ours, ref = lm.loglikelihood(_requests()), hf_lm.loglikelihood(_requests())
     for (ll, greedy), (ll_ref, greedy_ref) in zip(ours, ref, strict=True):
         assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4)
@@ -98,13 +118,14 @@ metric_list:
 
 
 def _task_dir(tmp_path):
-    """A task folder with a rolling task, a multiple-choice one, a group and a tag over them."""
+    """A task folder with a rolling task, a multiple-choice one, a group and a tag over them, a generation task."""
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "rolling.yaml").write_text(TASK_YAML.format(name="tiny_rolling", output_type="loglikelihood_rolling")
                                          + "tag: tiny_tag\n")
     (folder / "choice.yaml").write_text(TASK_YAML.format(name="tiny_choice", output_type="multiple_choice"))
     (folder / "group.yaml").write_text("group: tiny_group\ntask:\n  - tiny_choice\n  - tiny_tag\n")
+    (folder / "gen.yaml").write_text(TASK_YAML.format(name="tiny_gen", output_type="generate_until"))
     return folder
 
 
@@ -124,6 +145,16 @@ def test_pruned_rolling_task_is_refused_before_loading(tmp_path, pruning):
         evaluate.validate_eval(cfg)
     # Dense rolling log-likelihood stays allowed.
     evaluate.validate_eval(compose("eval", ["eval=lm_eval", "model=tiny-llama", "pruning=none", *overrides]))
+
+
+def test_pruned_generation_task_with_batch_size_above_one_is_refused_before_loading(tmp_path):
+    overrides = [f"eval.include_path={_task_dir(tmp_path)}", "eval.tasks=[tiny_choice,tiny_gen]",
+                 f"run_dir={tmp_path / 'run'}"]
+    cfg = lambda *extra: compose("eval", ["eval=lm_eval", "model=tiny-llama", *overrides, *extra])
+    with pytest.raises(ConfigError, match=r"eval.batch_size=2: pruned generation \(eval.tasks tiny_gen\)"):
+        evaluate.validate_eval(cfg("pruning=random", "eval.batch_size=2"))
+    evaluate.validate_eval(cfg("pruning=random", "eval.batch_size=1"))
+    evaluate.validate_eval(cfg("pruning=none", "eval.batch_size=2"))
 
 
 def test_pruning_changes_scores_and_only_the_context_is_pruned(tiny_llama, hf_lm):
@@ -187,3 +218,88 @@ def test_generate_until_under_pruner(tiny_llama, hf_lm):
     pruned = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(PRUNE, RandomScorer()), max_length=128)
     assert isinstance(pruned.generate_until(request())[0], str)
     assert pruned.kept.summary()["avg_kept_fraction"] < 0.5
+
+
+
+def _token_requests(lm: SDTPLM, monkeypatch) -> list:
+    """The (request, context ids, continuation ids) that lm-eval's ``loglikelihood`` makes of CHOICES."""
+    captured: list = []
+    with monkeypatch.context() as patch:
+        patch.setattr(lm, "_loglikelihood_tokens", lambda reqs, **_: captured.extend(reqs) or [])
+        lm.loglikelihood(_requests(CHOICES))
+    return captured
+
+
+def _one_at_a_time(model, lm: SDTPLM, pruner: TokenPruner, monkeypatch) -> list[tuple[float, bool]]:
+    """Reference: each request alone, with its own pruned prefill and its continuation on that cache.
+
+    Context + continuation keep their last ``max_length + 1`` tokens, as in HFLM.
+    """
+    out = []
+    for _, context_enc, continuation_enc in _token_requests(lm, monkeypatch):
+        context_enc = (context_enc + continuation_enc)[-(lm.max_length + 1):][: -len(continuation_enc)]
+        prefilled = prefill_context(model, torch.tensor([context_enc]), pruner)
+        logprobs, greedy = score_continuation(model, prefilled, torch.tensor([continuation_enc]), pruner)
+        out.append((float(logprobs.sum()), greedy))
+    return out
+
+
+def _deterministic_scorer(kind: str, model) -> Scorer:
+    """Scores that do not depend on the batch: hidden-state norms, or an (untrained, seeded) predictor
+    with the position features, which read each row's own prompt length."""
+    if kind == "norm":
+        return HiddenNormScorer()
+    torch.manual_seed(0)
+    meta = PredictorMeta(hidden_size=model.config.hidden_size, layers=list(PRUNE.layers), position_features=True)
+    return PredictorScorer(predictor=TokenPredictor(meta))
+
+
+@pytest.mark.parametrize("kind", ["norm", "predictor"])
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_batched_pruned_loglikelihood_equals_one_at_a_time(tiny, batch_size, kind, monkeypatch):
+    """Contexts prefilled together (ragged, each pruned by its budget), all choices scored in one forward
+    = every request alone, in request order; one prefill per distinct context; cache hook per request."""
+    model, tokenizer, _ = tiny
+    scorer = _deterministic_scorer(kind, model)
+    pruner = lambda: TokenPruner(PRUNE, scorer)
+    single = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner(), max_length=128)
+    batched = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner(), max_length=128, batch_size=batch_size)
+    hooked: list = []
+    batched.cache_hook = SimpleNamespace(add_partial=lambda *args: hooked.append(args))
+    reference = _one_at_a_time(model, single, pruner(), monkeypatch)
+    ones, many = single.loglikelihood(_requests(CHOICES)), batched.loglikelihood(_requests(CHOICES))
+    assert len(many) == len(CHOICES)
+    for (ll, greedy), (ll_one, greedy_one), (ll_ref, greedy_ref) in zip(many, ones, reference, strict=True):
+        assert ll == pytest.approx(ll_one, rel=1e-5, abs=1e-4) and greedy == greedy_one
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4) and greedy == greedy_ref
+    # Hooked in processing order (longest context first), each request once with its own answer.
+    expected = [("loglikelihood", pair, answer) for pair, answer in zip(CHOICES, many)]
+    assert sorted(hooked, key=repr) == sorted(expected, key=repr)
+    # One prefill per distinct (truncated) context: choices share theirs, truncation may split them.
+    assert batched.kept.summary()["pruned_prefills"] == single.kept.summary()["pruned_prefills"] < len(CHOICES)
+    assert batched.kept.summary() == pytest.approx(single.kept.summary())
+    assert batched.kept.summary()["avg_kept_fraction"] < 0.6
+
+
+def test_batched_keep_all_equals_dense_hflm(tiny):
+    """Keep ratio 1.0 through the batched pruned path (padded contexts, shared choices) = dense HFLM."""
+    model, tokenizer, _ = tiny
+    dense = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=128).loglikelihood(_requests(CHOICES))
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(KEEP_ALL, HiddenNormScorer()),
+                max_length=128, batch_size=4)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(lm.loglikelihood(_requests(CHOICES)), dense, strict=True):
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4) and greedy == greedy_ref
+    assert lm.kept.summary()["avg_kept_fraction"] == 1.0
+
+
+def test_batch_size_limits_with_a_pruner(tiny_llama):
+    """Pruned generation stays one prompt at a time (refused up front); ``auto`` has no pruned meaning."""
+    model, tokenizer, _ = tiny_llama
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(PRUNE, RandomScorer()), max_length=128,
+                batch_size=2)
+    request = Instance("generate_until", doc={}, idx=0, arguments=("Once upon", {"until": ["\n"], "max_gen_toks": 2}))
+    with pytest.raises(ConfigError, match="generate_until.*batch_size=2.*one prompt at a time"):
+        lm.generate_until([request])
+    assert lm.kept.summary()["pruned_prefills"] == 0
+    with pytest.raises(ConfigError, match="batch_size=auto"):
+        SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(PRUNE, RandomScorer()), batch_size="auto")

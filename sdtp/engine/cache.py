@@ -1,7 +1,8 @@
-"""The (ragged, per-layer) KV cache a pruned prefill leaves behind: inspection and an in-place layout."""
+"""The (ragged, per-layer) KV cache a pruned prefill leaves behind: inspection, row selection, an in-place layout."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -24,6 +25,22 @@ def cache_lengths(cache: Any) -> list[int]:
 def cache_bytes(cache: Any) -> int:
     """Bytes held by keys and values across all layers."""
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in _layer_keys_values(cache))
+
+
+def select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new cache whose row ``j`` is row ``rows[j]`` of ``cache`` (rows may repeat); ``cache`` stays intact.
+
+    Each layer is shallow-copied and HF's own ``batch_select_indices`` then replaces the copy's
+    keys/values (B, H_kv, T_l, hd) by indexed, i.e. new, (B', H_kv, T_l, hd) tensors: later appends
+    to the result never write into ``cache``, so it can serve further selections.
+
+    Args:
+        rows: (B',) long indices into the cache's batch axis.
+    """
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
 
 
 class AppendLayer(DynamicLayer):

@@ -109,6 +109,36 @@ class PrefillRecord:
             tokens_per_layer_rows=[[counts[index]] for counts in self.tokens_per_layer_rows],
         )
 
+    def select(self, rows: torch.Tensor) -> PrefillRecord:
+        """The record of the batch whose row ``j`` is row ``rows[j]`` of this one (rows may repeat).
+
+        Pairs with a KV cache whose batch axis was selected by the same ``rows`` (e.g. one row per
+        answer choice of a shared context): the extend-layer hooks then slice every row's mask to
+        the slots its own cache holds. Slot layout and padded width stay as they are, so a column
+        that is a masked slot in every selected row simply stays masked.
+
+        Args:
+            rows: (B',) long indices into this record's batch.
+        """
+        picked = rows.tolist()
+
+        def take(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.index_select(0, rows.to(value.device))
+
+        return PrefillRecord(
+            seq_len=self.seq_len,
+            kept_per_stage=list(self.kept_per_stage),
+            tokens_per_layer=list(self.tokens_per_layer),
+            final_positions=take(self.final_positions),
+            layer_positions={layer: take(positions) for layer, positions in self.layer_positions.items()},
+            seq_lens=[self.seq_lens[i] for i in picked] if self.seq_lens else [],
+            pad=take(self.pad),
+            final_valid=take(self.final_valid),
+            layer_valid={layer: take(valid) for layer, valid in self.layer_valid.items()},
+            kept_rows_per_stage=[[counts[i] for i in picked] for counts in self.kept_rows_per_stage],
+            tokens_per_layer_rows=[[counts[i] for i in picked] for counts in self.tokens_per_layer_rows],
+        )
+
 
 @dataclass
 class _Alive:

@@ -45,7 +45,6 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +58,7 @@ from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.perplexity import wikitext_rows
-from sdtp.eval.scoring import prefill_context, score_continuation, token_logprobs
-from sdtp.models.compat import cache_kwargs
+from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuation, score_continuations
 from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
@@ -207,53 +205,20 @@ def _segment_score(logprobs: torch.Tensor, record: PrefillRecord | None) -> Segm
     return SegmentScore(nll, kept.final[0], kept.per_layer[0]) if kept.final else SegmentScore(nll)
 
 
-def _left_pad(rows: Sequence[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, width) ids with each (1, n_b) row right-aligned, and the (B, width) mask of real tokens."""
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, width - row.shape[1]:] = row[0]
-        mask[index, width - row.shape[1]:] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def score_segments_batch(model: nn.Module, segs: Sequence[Segment], pruner: TokenPruner | None) -> list[SegmentScore]:
     """:func:`score_segment` for several segments in one batch: same numbers up to float noise.
 
-    Contexts are left-padded (see :mod:`sdtp.engine.pruner`) and prefilled together, each row pruned
-    by its own budget; the continuations (right-padded: a padded token comes after every scored one,
-    so causal attention keeps it out of them) are then fed in one forward on the pruned cache, with
-    every row's positions continuing from its own context length.
+    Contexts are left-padded and prefilled together, each row pruned by its own budget
+    (:func:`sdtp.eval.scoring.prefill_contexts`); the continuations are then fed in one forward on
+    the pruned cache, every row continuing from its own context length
+    (:func:`sdtp.eval.scoring.score_continuations`).
     """
-    ctx_lens = torch.tensor([c.shape[1] for c, _ in segs])
-    cont_lens = [t.shape[1] for _, t in segs]
-    width, cont_width = int(ctx_lens.max()), max(cont_lens)
-    ids, mask = _left_pad([c for c, _ in segs], width)
-    cont = torch.zeros(len(segs), cont_width, dtype=torch.long)
-    for index, (_, cont_ids) in enumerate(segs):
-        cont[index, : cont_ids.shape[1]] = cont_ids[0]
-    ids, mask, cont, ctx_lens = (t.to(model.device) for t in (ids, mask, cont, ctx_lens))
-    padded = not bool(mask.all())
-    prefilled = prefill_context(model, ids, pruner, mask if padded else None)
+    prefilled = prefill_contexts(model, [ctx_ids.to(model.device) for ctx_ids, _ in segs], pruner)
+    scored = score_continuations(model, prefilled, [cont_ids.to(model.device) for _, cont_ids in segs], pruner)
     record = prefilled.record
-    logits = prefilled.last_logits.unsqueeze(1)  # (B, 1, V) predicts cont[:, 0]
-    if cont_width > 1:
-        feed = cont[:, :-1]  # the last continuation token predicts nothing we score
-        full = torch.cat([mask, mask.new_ones(feed.shape)], dim=1)
-        positions = ctx_lens.unsqueeze(1) + torch.arange(feed.shape[1], device=feed.device)
-        # Hooks must be installed so per-layer masks are sliced to each row's (pruned) cache.
-        with pruner(model) if pruner is not None else nullcontext():
-            if pruner is not None:
-                pruner.last_prefill = record
-            step = model(input_ids=feed, **cache_kwargs(prefilled.cache), attention_mask=full,
-                         position_ids=positions, use_cache=True)
-        logits = torch.cat([logits, step.logits], dim=1)  # (B, T, V)
-    scores = []
-    for index, length in enumerate(cont_lens):
-        logprobs, _ = token_logprobs(logits[index : index + 1, :length], cont[index : index + 1, :length], None)
-        scores.append(_segment_score(logprobs, record.row(index) if record is not None else None))
-    return scores
+    return [_segment_score(logprobs, record.row(index) if record is not None else None)
+            for index, (logprobs, _) in enumerate(scored)]
 
 
 def segment_nll(

@@ -7,7 +7,9 @@ on the include path, e.g.
         --tasks sdtp_piqa --num_fewshot 5 --limit 100
 
 Pruned runs refuse tasks of lm-eval's ``loglikelihood_rolling`` type (perplexity tasks such as
-``wikitext``) in :func:`validate`, before the model is loaded: see :func:`rolling_refusal`.
+``wikitext``) in :func:`validate`, before the model is loaded: see :func:`rolling_refusal`; and
+``generate_until`` tasks unless ``eval.batch_size`` is 1 (pruned log-likelihood requests batch,
+pruned generation does not).
 
 Seeds: lm-eval's ``random_seed`` is ``cfg.seed``; numpy/torch/few-shot seeds keep lm-eval's
 defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (its default).
@@ -88,13 +90,13 @@ def _leaf_configs(name: str, index: Mapping[str, Any], seen: set[str]) -> Iterat
             yield from _leaf_configs(str(member), index, seen)
 
 
-def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
-    """The tasks among ``tasks`` (groups and tags expanded) whose output type is ``loglikelihood_rolling``.
+def output_types(tasks: list[str], include_path: str) -> dict[str, str]:
+    """Output type of every task among ``tasks`` (groups and tags expanded) whose YAML config declares one.
 
     Reads task YAML configs only (no dataset is loaded). ``include_path`` alone is indexed first;
     lm-eval's built-in tasks (thousands of files, seconds) only when a name is not found there.
-    Python-class tasks declare no output type in YAML and are not detected here; the adapter
-    refuses them when their requests arrive (:meth:`sdtp.eval.lm_eval_model.SDTPLM.loglikelihood_rolling`).
+    Python-class tasks declare no output type in YAML and are not listed; the adapter refuses
+    what it cannot run when their requests arrive (:class:`sdtp.eval.lm_eval_model.SDTPLM`).
     """
     from lm_eval.tasks import TaskManager
 
@@ -105,7 +107,12 @@ def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
     found = leaves(TaskManager(include_path=include_path, include_defaults=False).task_index)
     if any(config is None for _, config in found):
         found = leaves(TaskManager(include_path=include_path).task_index)
-    return sorted({name for name, config in found if config is not None and config.get("output_type") == ROLLING})
+    return {name: str(config["output_type"]) for name, config in found if config and config.get("output_type")}
+
+
+def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
+    """The tasks among ``tasks`` (groups and tags expanded) whose output type is ``loglikelihood_rolling``."""
+    return sorted(name for name, kind in output_types(tasks, include_path).items() if kind == ROLLING)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -128,9 +135,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
     if cfg.pruning.get("scorer") is not None:
-        rolling = rolling_tasks(tasks, str(ev.include_path))
+        kinds = output_types(tasks, str(ev.include_path))
+        rolling = sorted(name for name, kind in kinds.items() if kind == ROLLING)
         if rolling:
             raise ConfigError(rolling_refusal(f"eval.tasks ({', '.join(rolling)}) with pruning={cfg.pruning.name}"))
+        generating = sorted(name for name, kind in kinds.items() if kind == "generate_until")
+        if generating and int(ev.batch_size) > 1:
+            raise ConfigError(f"eval.batch_size={ev.batch_size}: pruned generation (eval.tasks "
+                              f"{', '.join(generating)}) runs one prompt at a time; set eval.batch_size=1 or run "
+                              "those tasks separately")
 
 
 def input_files(cfg: DictConfig) -> list[Path]:
@@ -138,7 +151,7 @@ def input_files(cfg: DictConfig) -> list[Path]:
     return [Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in task_list(cfg) if t in OFFLINE_FILES]
 
 
-def _clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
+def clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
     """``{"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": 0.5}`` (numbers only)."""
     clean = {}
     for key, value in task_results.items():
@@ -179,15 +192,20 @@ def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:
     )
 
 
-def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict[str, Any]:
+def make_lm(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None) -> Any:
+    """The ``sdtp`` lm-eval model (:class:`sdtp.eval.lm_eval_model.SDTPLM`) with ``cfg.eval.batch_size``."""
     from sdtp.eval.lm_eval_model import SDTPLM
 
-    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner, batch_size=int(cfg.eval.batch_size),
-                max_length=int(cfg.model.max_length))
+    return SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner, batch_size=int(cfg.eval.batch_size),
+                  max_length=int(cfg.model.max_length))
+
+
+def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict[str, Any]:
+    lm = make_lm(cfg, model, tokenizer, pruner)
     out = evaluate_lm(lm, cfg)
     if cfg.eval.log_samples:
         _write_samples(run_dir, out.get("samples", {}))
-    tasks = {task: _clean_metrics(res) for task, res in out["results"].items()}
+    tasks = {task: clean_metrics(res) for task, res in out["results"].items()}
     return {
         "tasks": tasks,
         "n_samples": {task: n.get("effective") for task, n in out.get("n-samples", {}).items()},

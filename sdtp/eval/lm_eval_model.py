@@ -7,12 +7,13 @@ Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each r
   physically dropped layer by layer, the first ``keep_first`` and the last ``keep_recent`` of the
   context are always kept, so the last context position survives and its logits
   (``out.logits[:, -1]``) score the first continuation token;
-* the CONTINUATION tokens are never pruned: they are fed in one forward on top of the pruned KV
-  cache (``attention_mask`` all ones over context + continuation) and scored there, exactly as
-  generation would proceed after a pruned prompt. No dense pass is involved. Requests that share
-  a context (the choices of one multiple-choice question) reuse one pruned prefill;
+* the CONTINUATION tokens are never pruned: they are fed on top of the pruned KV cache and scored
+  there, exactly as generation would proceed after a pruned prompt. No dense pass is involved.
+  Requests that share a context (the choices of one multiple-choice question) share one pruned
+  prefill;
 * log-probs (in HFLM's ``softmax_dtype``), ``is_greedy`` and caching follow HFLM.
-  ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once);
+  ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once), one prompt at a
+  time: a pruner with ``batch_size`` > 1 is refused there (ConfigError);
 * ``loglikelihood_rolling`` is refused (ConfigError) with a pruner: HFLM cuts a document into
   windows whose context is one token (all but a short last window), so (nearly) nothing would be
   pruned and the score would equal the dense one while the kept fraction says otherwise.
@@ -20,8 +21,18 @@ Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each r
   (:func:`sdtp.eval.harness.validate`); pruned perplexity is ``eval=perplexity`` or
   ``eval=continuation``. The dense model runs them as HFLM does.
 
-With no pruner the class is plain HFLM (same batching, same numbers as ``--model hf``). With a
-pruner, requests run one at a time (batch size 1, as in the paper's evaluation).
+With no pruner the class is plain HFLM (same batching, same numbers as ``--model hf``).
+
+Batching with a pruner. ``batch_size`` (an integer; ``auto`` is refused, its probe measures the
+dense forward) counts CONTEXTS, the rows of the expensive forward, as it counts the rows of
+HFLM's dense forward: the distinct contexts are sorted longest first (so left padding is small,
+as HFLM sorts its requests), ``batch_size`` of them are prefilled together left-padded, each row
+pruned by its own budget, and then every continuation of those contexts (all their choices) is
+scored in one more forward on a row-selected copy of the pruned cache
+(:func:`sdtp.eval.scoring.score_continuations`; 1-token continuations need none). Results come
+back in request order. Scores equal batch 1 up to float noise for deterministic scorers
+(``tests/test_eval_lm_harness.py``); ``pruning=random`` draws per batch, so its kept sets depend on
+the batch composition.
 
 Usage: ``sdtp-lm-eval --model sdtp --model_args model=smollm2-135m,pruning=random --tasks ...``
 (lm-eval has no plugin discovery, so its own ``lm_eval`` CLI does not see ``sdtp`` unless this
@@ -32,7 +43,6 @@ module is imported; ``sdtp-lm-eval`` is lm-eval's CLI with the model registered)
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -44,7 +54,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_refusal
 from sdtp.eval.kept import KeptStats
-from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.eval.scoring import prefill_contexts, score_continuations
 
 log = logging.getLogger(__name__)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -84,8 +94,9 @@ class SDTPLM(HFLM):
             pretrained, tokenizer, pruner, cfg = load_from_config(model, pruning, overrides, pretrained)
             kwargs.setdefault("max_length", int(cfg.model.max_length))
         kwargs.pop("device", None)  # the model is already placed; HFLM ignores device for instances
-        if pruner is not None:
-            kwargs["batch_size"] = 1
+        if pruner is not None and str(kwargs.get("batch_size", 1)).startswith("auto"):
+            raise ConfigError("batch_size=auto with a pruner: lm-eval's probe sizes the dense forward; give an "
+                              "integer (it counts contexts prefilled together)")
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.pruner = pruner
         self.kept = KeptStats()
@@ -101,30 +112,55 @@ class SDTPLM(HFLM):
     ) -> list[tuple[float, bool]]:
         if self.pruner is None:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        # Group by truncated context so the choices of one question share one pruned prefill.
-        groups: OrderedDict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = OrderedDict()
-        for index, (_, context_enc, continuation_enc) in enumerate(requests):
-            assert len(context_enc) > 0 and 0 < len(continuation_enc) <= self.max_length
-            whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
-            ctx = tuple(whole[: -len(continuation_enc)])
-            groups.setdefault(ctx, []).append((index, torch.tensor([continuation_enc], device=self.device)))
+        groups = self._context_groups(requests)
+        contexts = sorted(groups, key=lambda ctx: (-len(ctx), ctx))  # longest first: little padding per batch
+        batch_size = int(override_bs or self.batch_size)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Pruned loglikelihood")
-        for ctx, members in groups.items():
-            prefilled = prefill_context(self.model, torch.tensor([ctx], device=self.device), self.pruner)
-            self.kept.add(prefilled.record)
-            for position, (index, cont) in enumerate(members):
-                logprobs, greedy = score_continuation(
-                    self.model, prefilled, cont, self.pruner, reuse=position < len(members) - 1,
-                    dtype=self.softmax_dtype,  # HFLM's dense path takes its log-softmax in this dtype
-                )
-                answer = (float(logprobs.sum()), greedy)
+        for start in range(0, len(contexts), batch_size):
+            batch = contexts[start : start + batch_size]
+            for index, answer in self._score_batch(batch, groups):
                 results[index] = answer
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
                 pbar.update(1)
         pbar.close()
         return results  # type: ignore[return-value]
+
+    def _context_groups(self, requests: list[Request]) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
+        """Truncated context -> [(request index, continuation)], so the choices of one question share a prefill.
+
+        Truncation follows HFLM: context + continuation keep their last ``max_length + 1`` tokens.
+        """
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for index, (_, context_enc, continuation_enc) in enumerate(requests):
+            assert len(context_enc) > 0 and 0 < len(continuation_enc) <= self.max_length
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            groups.setdefault(tuple(whole[: -len(continuation_enc)]), []).append((index, continuation_enc))
+        return groups
+
+    def _score_batch(self, batch: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[tuple[int, list[int]]]]
+                     ) -> list[tuple[int, tuple[float, bool]]]:
+        """Prefill the contexts ``batch`` together, score all their continuations; [(request index, answer)]."""
+        prefilled = prefill_contexts(self.model, [torch.tensor([ctx], device=self.device) for ctx in batch],
+                                     self.pruner)
+        for row in range(len(batch)):
+            self.kept.add(prefilled.record.row(row))
+        members = [(row, index, cont) for row, ctx in enumerate(batch) for index, cont in groups[ctx]]
+        scored = score_continuations(
+            self.model, prefilled, [torch.tensor([cont], device=self.device) for _, _, cont in members], self.pruner,
+            rows=[row for row, _, _ in members],
+            dtype=self.softmax_dtype,  # HFLM's dense path takes its log-softmax in this dtype
+        )
+        return [(index, (float(logprobs.sum()), greedy)) for (_, index, _), (logprobs, greedy) in zip(members, scored)]
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """HFLM's generation; with a pruner only at batch size 1 (prompts are pruned one at a time)."""
+        if self.pruner is not None and self.batch_size != 1:
+            raise ConfigError(f"{len(requests)} generate_until request(s) with a pruner and batch_size="
+                              f"{self.batch_size}: pruned generation runs one prompt at a time; use batch_size=1 "
+                              "(only log-likelihood requests are batched with a pruner)")
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
         if self.pruner is None:

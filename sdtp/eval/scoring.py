@@ -13,6 +13,14 @@ Protocol (lm-eval adapter and pruned perplexity alike):
 With no pruner (or a schedule that keeps everything) this equals a single dense forward over
 context + continuation up to floating-point reassociation.
 
+Batches (:func:`prefill_contexts`, :func:`score_continuations`): contexts of different lengths are
+left-padded and prefilled together, each row pruned by its own budget; then any number of
+continuations, several per context if wanted (the answer choices of a question), are right-padded
+and fed in one forward on a copy of the cache whose rows are the contexts they follow (the
+prefill record's rows are selected alike, so every row's masks match its own pruned cache). Every
+row continues at its own context length. The numbers equal the one-at-a-time path up to float
+noise (``tests/test_eval_lm_harness.py``, ``tests/test_eval_continuation.py``).
+
 Log-probabilities are taken by :func:`token_logprobs` only, on logits of scored positions only (the
 prefill keeps the last position's logits, the continuation forward feeds exactly the tokens whose
 next token is scored). Its ``dtype`` is the dtype ``log_softmax`` runs in: a caller that compares
@@ -22,7 +30,7 @@ the same value to both, so a bf16 model is not scored in bf16 on one side and fl
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtp.engine.cache import select_rows
 from sdtp.engine.generation import padding_kwargs
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.models.compat import cache_kwargs, output_cache
@@ -38,12 +47,19 @@ from sdtp.models.compat import cache_kwargs, output_cache
 
 @dataclass
 class PrefilledContext:
-    """A context after (pruned) prefill, ready to score any number of continuations."""
+    """One or more contexts after (pruned) prefill, ready to score any number of continuations."""
 
     last_logits: torch.Tensor  # (B, V) logits of each row's last context position
     cache: Any  # the per-layer KV cache (ragged across layers when pruned)
-    length: int  # context tokens N (the cache length the model sees, layer 0 is never pruned)
+    length: int  # context width N (the cache length the model sees, layer 0 is never pruned)
     record: PrefillRecord | None
+    attention_mask: torch.Tensor | None = None  # (B, N) real tokens of a left-padded batch; None = unpadded
+
+    def lengths(self) -> torch.Tensor:
+        """(B,) real context length of each row."""
+        if self.attention_mask is not None:
+            return self.attention_mask.sum(-1)
+        return torch.full((self.last_logits.shape[0],), self.length, device=self.last_logits.device)
 
 
 @torch.inference_mode()
@@ -62,11 +78,35 @@ def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner
         out = model(input_ids=ctx_ids, use_cache=True, logits_to_keep=1,
                     **padding_kwargs(attention_mask, ctx_ids.shape[1]))
     record = pruner.last_prefill if pruner is not None else None
-    lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full(
-        (ctx_ids.shape[0],), ctx_ids.shape[1], device=ctx_ids.device)
-    if record is not None and not bool((record.final_positions[:, -1] == lengths - 1).all()):
+    prefilled = PrefilledContext(out.logits[:, -1], output_cache(out), int(ctx_ids.shape[1]), record, attention_mask)
+    if record is not None and not bool((record.final_positions[:, -1] == prefilled.lengths() - 1).all()):
         raise ValueError("pruning.keep_recent: the last context token was pruned; keep_recent must be > 0")
-    return PrefilledContext(out.logits[:, -1], output_cache(out), int(ctx_ids.shape[1]), record)
+    return prefilled
+
+
+def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, N) ids with each (1, n_b) row right-aligned (N = max n_b), and the (B, N) real-token mask.
+
+    The mask is None when every row is N long (an unpadded batch takes the unpadded code path).
+    """
+    width = max(row.shape[1] for row in rows)
+    ids = rows[0].new_zeros(len(rows), width)
+    mask = rows[0].new_zeros(len(rows), width)
+    for index, row in enumerate(rows):
+        ids[index, width - row.shape[1]:] = row[0]
+        mask[index, width - row.shape[1]:] = 1
+    return ids, None if bool(mask.all()) else mask
+
+
+def prefill_contexts(model: nn.Module, contexts: Sequence[torch.Tensor],
+                     pruner: TokenPruner | None) -> PrefilledContext:
+    """:func:`prefill_context` of contexts (1, n_b) of any lengths as one left-padded batch.
+
+    Each row is pruned by its own budget (see :mod:`sdtp.engine.pruner`); numbers equal the
+    contexts prefilled one at a time up to float noise.
+    """
+    ids, mask = left_pad(contexts)
+    return prefill_context(model, ids, pruner, mask)
 
 
 def token_logprobs(
@@ -86,7 +126,77 @@ def token_logprobs(
     return logprobs.gather(2, targets.unsqueeze(-1))[0, :, 0], greedy
 
 
+def _feed_continuations(model: nn.Module, ctx: PrefilledContext, feeds: Sequence[torch.Tensor], rows: torch.Tensor,
+                        pruner: TokenPruner | None, consume: bool) -> torch.Tensor:
+    """Logits (R, W, V) of feeds (1, w_r) (right-padded to W) run after context rows ``rows`` (R,).
+
+    ``consume``: ``rows`` is every context row in order, so the forward appends to ``ctx.cache``
+    itself; otherwise those rows of the cache (and of the prefill record) are selected into new
+    ones, leaving ``ctx`` intact for further continuations. Right padding is harmless: a padded
+    token comes after every real one of its row, so causal attention keeps it out of them.
+    """
+    width = max(feed.shape[1] for feed in feeds)
+    ids = feeds[0].new_zeros(len(feeds), width)
+    for index, feed in enumerate(feeds):
+        ids[index, : feed.shape[1]] = feed[0]
+    cache = ctx.cache if consume else select_rows(ctx.cache, rows)
+    record = ctx.record if consume or ctx.record is None else ctx.record.select(rows)
+    context_mask = ctx.attention_mask.index_select(0, rows) if ctx.attention_mask is not None else \
+        ids.new_ones(len(feeds), ctx.length)
+    mask = torch.cat([context_mask, ids.new_ones(ids.shape)], dim=1)  # (R, N + W)
+    # Every row continues from its own context length (left padding shifts none of its positions).
+    positions = ctx.lengths().index_select(0, rows).unsqueeze(1) + torch.arange(width, device=ids.device)
+    # Hooks must be installed so per-layer masks are sliced to each row's (pruned) cache.
+    with pruner(model) if pruner is not None else nullcontext():
+        if pruner is not None:
+            pruner.last_prefill = record
+        return model(input_ids=ids, **cache_kwargs(cache), attention_mask=mask, position_ids=positions,
+                     use_cache=True).logits
+
+
 @torch.inference_mode()
+def score_continuations(
+    model: nn.Module,
+    ctx: PrefilledContext,
+    conts: Sequence[torch.Tensor],
+    pruner: TokenPruner | None,
+    rows: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[tuple[torch.Tensor, bool]]:
+    """Log-probabilities of each continuation ``conts[j]`` (1, T_j) after context row ``rows[j]``, in one forward.
+
+    All continuations longer than one token are fed together (their first token is predicted by
+    the prefill's logits, so a 1-token continuation needs no forward at all).
+
+    Args:
+        rows: the context row each continuation follows (rows may repeat: several answer choices of
+            one context); ``ctx`` is left intact and can score further continuations. None = one
+            continuation per context row, in order, appending to ``ctx.cache`` (no copy).
+        dtype: the log-softmax dtype (:func:`token_logprobs`); None = the logits' dtype, which is
+            lm-eval HFLM's default (``softmax_dtype=None``).
+    Returns:
+        per continuation: log-probs (T_j,) in ``dtype`` and whether every token is the argmax
+        (lm-eval's ``is_greedy``).
+    """
+    device = ctx.last_logits.device
+    if rows is None and len(conts) != ctx.last_logits.shape[0]:
+        raise ValueError(f"{len(conts)} continuations for {ctx.last_logits.shape[0]} context rows: pass rows=")
+    source = torch.arange(len(conts), device=device) if rows is None else torch.tensor(list(rows), device=device)
+    longer = [j for j, cont in enumerate(conts) if cont.shape[1] > 1]
+    step: dict[int, torch.Tensor] = {}
+    if longer:
+        # The last continuation token predicts nothing we score.
+        logits = _feed_continuations(model, ctx, [conts[j][:, :-1] for j in longer], source[longer], pruner,
+                                     consume=rows is None and len(longer) == len(conts))
+        step = {j: logits[k, : conts[j].shape[1] - 1] for k, j in enumerate(longer)}  # (T_j - 1, V)
+    scored = []
+    for j, cont in enumerate(conts):
+        first = ctx.last_logits[source[j]].unsqueeze(0)  # (1, V) predicts cont[0]
+        logits = torch.cat([first, step[j]]) if j in step else first  # (T_j, V)
+        scored.append(token_logprobs(logits.unsqueeze(0), cont, dtype))
+    return scored
+
+
 def score_continuation(
     model: nn.Module,
     ctx: PrefilledContext,
@@ -95,26 +205,11 @@ def score_continuation(
     reuse: bool = False,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """Log-probabilities of ``cont_ids`` (1, T) given the prefilled context.
+    """Log-probabilities of ``cont_ids`` (1, T) given a one-row prefilled context (:func:`score_continuations`).
 
     Args:
-        reuse: deep-copy the cache first so ``ctx`` can score further continuations.
-        dtype: the log-softmax dtype (:func:`token_logprobs`); None = the logits' dtype, which is
-            lm-eval HFLM's default (``softmax_dtype=None``).
+        reuse: leave ``ctx`` intact so it can score further continuations (the cache is copied).
     Returns:
-        per-token log-probs (T,) in ``dtype`` and whether every continuation token is the argmax
-        (lm-eval's ``is_greedy``).
+        per-token log-probs (T,) in ``dtype`` and whether every continuation token is the argmax.
     """
-    logits = ctx.last_logits.unsqueeze(1)  # (1, 1, V) predicts cont[0]
-    if cont_ids.shape[1] > 1:
-        cache = copy.deepcopy(ctx.cache) if reuse else ctx.cache
-        feed = cont_ids[:, :-1]  # the last continuation token predicts nothing we score
-        mask = torch.ones(1, ctx.length + feed.shape[1], dtype=torch.long, device=cont_ids.device)
-        # Hooks must be installed so per-layer masks are sliced to each layer's (pruned) cache.
-        context = pruner(model) if pruner is not None else nullcontext()
-        with context:
-            if pruner is not None:
-                pruner.last_prefill = ctx.record
-            out = model(input_ids=feed, **cache_kwargs(cache), attention_mask=mask, use_cache=True)
-        logits = torch.cat([logits, out.logits], dim=1)  # (1, T, V)
-    return token_logprobs(logits, cont_ids, dtype)
+    return score_continuations(model, ctx, [cont_ids], pruner, rows=[0] if reuse else None, dtype=dtype)[0]
