@@ -53,15 +53,23 @@ class PredictorMeta:
 NUM_POSITION_FEATURES = 2
 
 
+def distance_to_prompt_end(positions: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """(B, n) original positions, (B,) prompt lengths -> (B, n) float tokens to the prompt's last token.
+
+    Positions at or past the prompt end (a training continuation) get distance 0.
+    """
+    length = prompt_len.to(positions.device, torch.float32)[:, None].clamp(min=1)
+    return (length - 1 - positions.float()).clamp(min=0)
+
+
 def position_features(positions: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
     """(B, n) original positions, (B,) prompt lengths -> (B, n, 2) features (see module docstring).
 
     Positions at or past the prompt end (a training continuation) get distance 0 and relative 1.
     """
     length = prompt_len.to(positions.device, torch.float32)[:, None].clamp(min=1)
-    pos = positions.float()
-    distance = (length - 1 - pos).clamp(min=0)
-    return torch.stack([torch.log1p(distance) / 8.0, (pos / length).clamp(max=1.0)], dim=-1)
+    distance = distance_to_prompt_end(positions, prompt_len)
+    return torch.stack([torch.log1p(distance) / 8.0, (positions.float() / length).clamp(max=1.0)], dim=-1)
 
 
 class StageMLP(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from sdtp.config import build_pruner, compose
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
+from sdtp.eval.scoring import left_pad
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
 from sdtp.reports.recency_selection import select_recency, write_selected
@@ -95,10 +96,7 @@ def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama):
     model = tiny_llama[0]
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 260, (1, n), generator=generator) for n in (61, 40)]
-    ids = torch.zeros(2, 61, dtype=torch.long)
-    mask = torch.zeros(2, 61, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, 61 - prompt.shape[1]:], mask[row, 61 - prompt.shape[1]:] = prompt[0], 1
+    ids, mask = left_pad(prompts)
     scorer = PredictorScorer(predictor=_predictor(), recency_weight=0.5)
     pruner = TokenPruner(SCHEDULE, scorer)
     with pruner(model):

@@ -110,9 +110,14 @@ def output_types(tasks: list[str], include_path: str) -> dict[str, str]:
     return {name: str(config["output_type"]) for name, config in found if config and config.get("output_type")}
 
 
+def _of_type(kinds: dict[str, str], kind: str) -> list[str]:
+    """The task names in ``kinds`` (name -> output type) whose output type is ``kind``, sorted."""
+    return sorted(name for name, found in kinds.items() if found == kind)
+
+
 def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
     """The tasks among ``tasks`` (groups and tags expanded) whose output type is ``loglikelihood_rolling``."""
-    return sorted(name for name, kind in output_types(tasks, include_path).items() if kind == ROLLING)
+    return _of_type(output_types(tasks, include_path), ROLLING)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -136,10 +141,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
     if cfg.pruning.get("scorer") is not None:
         kinds = output_types(tasks, str(ev.include_path))
-        rolling = sorted(name for name, kind in kinds.items() if kind == ROLLING)
+        rolling = _of_type(kinds, ROLLING)
         if rolling:
             raise ConfigError(rolling_refusal(f"eval.tasks ({', '.join(rolling)}) with pruning={cfg.pruning.name}"))
-        generating = sorted(name for name, kind in kinds.items() if kind == "generate_until")
+        generating = _of_type(kinds, "generate_until")
         if generating and int(ev.batch_size) > 1:
             raise ConfigError(f"eval.batch_size={ev.batch_size}: pruned generation (eval.tasks "
                               f"{', '.join(generating)}) runs one prompt at a time; set eval.batch_size=1 or run "

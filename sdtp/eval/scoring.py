@@ -84,17 +84,25 @@ def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner
     return prefilled
 
 
+def _pad(rows: Sequence[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) ids of the (1, n_b) rows padded with 0 to N = max n_b (on the left or the right), and the
+    (B, N) real-token mask."""
+    width = max(row.shape[1] for row in rows)
+    ids = rows[0].new_zeros(len(rows), width)
+    mask = rows[0].new_zeros(len(rows), width)
+    for index, row in enumerate(rows):
+        span = slice(width - row.shape[1], None) if left else slice(0, row.shape[1])
+        ids[index, span] = row[0]
+        mask[index, span] = 1
+    return ids, mask
+
+
 def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, N) ids with each (1, n_b) row right-aligned (N = max n_b), and the (B, N) real-token mask.
 
     The mask is None when every row is N long (an unpadded batch takes the unpadded code path).
     """
-    width = max(row.shape[1] for row in rows)
-    ids = rows[0].new_zeros(len(rows), width)
-    mask = rows[0].new_zeros(len(rows), width)
-    for index, row in enumerate(rows):
-        ids[index, width - row.shape[1]:] = row[0]
-        mask[index, width - row.shape[1]:] = 1
+    ids, mask = _pad(rows, left=True)
     return ids, None if bool(mask.all()) else mask
 
 
@@ -135,10 +143,8 @@ def _feed_continuations(model: nn.Module, ctx: PrefilledContext, feeds: Sequence
     ones, leaving ``ctx`` intact for further continuations. Right padding is harmless: a padded
     token comes after every real one of its row, so causal attention keeps it out of them.
     """
-    width = max(feed.shape[1] for feed in feeds)
-    ids = feeds[0].new_zeros(len(feeds), width)
-    for index, feed in enumerate(feeds):
-        ids[index, : feed.shape[1]] = feed[0]
+    ids, _ = _pad(feeds, left=False)
+    width = ids.shape[1]
     cache = ctx.cache if consume else select_rows(ctx.cache, rows)
     record = ctx.record if consume or ctx.record is None else ctx.record.select(rows)
     context_mask = ctx.attention_mask.index_select(0, rows) if ctx.attention_mask is not None else \

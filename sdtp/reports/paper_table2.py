@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.benchmark.report import speedups
+from sdtp.utils import write_text_atomic
 
 # [P] Table 2: Mistral-7B, batch 1, 128 generated tokens, GPU (hardware not stated).
 # length -> (TFLOPs prefill, TFLOPs E2E, prefill s, E2E s, memory GB) for (w/o SDTP, w SDTP).
@@ -216,8 +217,8 @@ def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None 
     if (run_dir / "bench.json").resolve() != stem.with_suffix(".json").resolve():
         shutil.copyfile(run_dir / "bench.json", stem.with_suffix(".json"))
     render_plot(report, stem.with_suffix(".png"))
-    stem.with_suffix(".csv").write_text(to_csv(rows(report)))
-    stem.with_suffix(".md").write_text(render(report, command, wall_s))
+    write_text_atomic(stem.with_suffix(".csv"), to_csv(rows(report)))
+    write_text_atomic(stem.with_suffix(".md"), render(report, command, wall_s))
     return stem.with_suffix(".md")
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+from statistics import fmean
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sdtp.predictor import META_FILE
+from sdtp.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 TRAINING_FREE = ("random", "norm", "positional", "lazyllm")  # random = the seed mean row
@@ -22,10 +24,6 @@ TRAINING_FREE = ("random", "norm", "positional", "lazyllm")  # random = the seed
 def variant_name(predictor: str, weight: float) -> str:
     """Row name of ``predictor`` with recency weight ``weight``: ``sdtp_rw0.5``."""
     return f"{predictor}_rw{weight:g}"
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def select_recency(predictors: Sequence[str], weights: Sequence[float],
@@ -49,9 +47,9 @@ def select_recency(predictors: Sequence[str], weights: Sequence[float],
         rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
         if not rows:
             continue
-        best = [min(_mean(c[b]) for b in TRAINING_FREE if b in c) for c in cells]
-        margin = {w: max(_mean(c[row]) - b for c, b in zip(cells, best)) for w, row in rows.items()}
-        delta = {w: sum(_mean(c[row]) - _mean(c["dense"]) for c in cells) / len(cells) for w, row in rows.items()}
+        best = [min(fmean(c[b]) for b in TRAINING_FREE if b in c) for c in cells]
+        margin = {w: max(fmean(c[row]) - b for c, b in zip(cells, best)) for w, row in rows.items()}
+        delta = {w: sum(fmean(c[row]) - fmean(c["dense"]) for c in cells) / len(cells) for w, row in rows.items()}
         out[name] = {"worst_margin_vs_best_baseline": margin, "mean_delta_vs_dense": delta,
                      "selected": float(min(margin, key=lambda w: (margin[w], float(w))))}
     return out
@@ -74,7 +72,5 @@ def write_selected(paths: dict[str, Path], selection: dict[str, dict[str, Any]])
         path = paths[name] / META_FILE
         meta = json.loads(path.read_text())
         meta["recency_weight"] = sel["selected"]
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(path)
+        write_json_atomic(path, meta)
         log.info("%s: recency_weight = %g", path, sel["selected"])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from sdtp.predictor import distance_to_prompt_end
+
 
 def standardize(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) -> (B, n) zero mean, unit std per row over the ``valid`` (B, n) slots (all if None).
@@ -30,8 +32,7 @@ def standardize(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torc
 
 def recency(positions: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
     """(B, n) original positions, (B,) prompt lengths -> (B, n) ``-log(1 + distance to the last token)``."""
-    distance = (prompt_len.to(positions.device)[:, None] - 1 - positions).clamp(min=0).float()
-    return -torch.log1p(distance)
+    return -torch.log1p(distance_to_prompt_end(positions, prompt_len))
 
 
 def blend_recency(scores: torch.Tensor, positions: torch.Tensor, prompt_len: torch.Tensor, weight: float,
