@@ -48,6 +48,9 @@ class PredictorMeta:
     # Weight of the recency prior the scorer blends in at inference (sdtp/scorers/prior.py), chosen
     # on validation data after training; 0 = raw predictor scores (older checkpoints).
     recency_weight: float = 0.0
+    # The weight for chat prompts (ending with the chat template's generation prompt), chosen on chat
+    # validation cells; None = ``recency_weight`` for every prompt.
+    recency_weight_chat: float | None = None
 
 
 NUM_POSITION_FEATURES = 2

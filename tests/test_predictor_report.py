@@ -29,7 +29,7 @@ def setup(tmp_path):
     out = tmp_path / "out"
     argv = ["--model", "tiny-llama", "--contexts", "48", "--cont-len", "8", "--num-segments", "3",
             "--random-seeds", "0,1", "--wikitext-file", str(wiki), "--c4-file", str(c4), "--c4-docs", "1:7",
-            "--multi-news-file", str(news),
+            "--multi-news-file", str(news), "--datasets", "wikitext,c4,multi_news",
             "--out", str(out), "--predictor", f"sdtp={predictor}"]
     return argv, out
 
@@ -96,3 +96,28 @@ def test_unknown_only_name_fails(setup):
     argv, _ = setup
     with pytest.raises(Exception, match="--only"):
         predictor_eval.main([*argv, "--only", "dense,sdpt"])
+
+
+def test_passage_qa_cell_and_the_prior_weight_in_the_fingerprint(setup, monkeypatch, tmp_path):
+    """The long-document QA cell is computed like the others; a predictor row's fingerprint records the
+    weight its prompts get: the chat weight only when the model has a chat template."""
+    argv, out = setup
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("".join(json.dumps({"instruction": f"What is {i}?", "context": f"Fact {i}. " + "more text. " * 30,
+                                         "response": f"{i}.", "category": "closed_qa"}) + "\n" for i in range(12)))
+    meta = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
+    (tmp_path / "predictor" / "predictor.json").write_text(json.dumps({**meta, "recency_weight": 1.0,
+                                                                       "recency_weight_chat": 0.5}))
+    qa = [*argv, "--datasets", "passage_qa", "--contexts", "300", "--dolly-file", str(dolly), "--passage-qa-start", "2"]
+    report = predictor_eval.main([*qa, "--only", "dense,sdtp"])
+    _, rows = _rows(report, "passage_qa")
+    assert set(rows) == {"dense", "sdtp"}
+    assert "`passage_qa` = records 2..4" in (out / "eval.md").read_text()
+    cached = json.loads(_cache(out, "passage_qa_300", "sdtp").read_text())["fingerprint"]
+    assert cached["recency_weight"] == 1.0  # the tiny byte tokenizer has no chat template: text weight
+    model = type("Model", (), {"sdtp_chat_suffix": (1, 2)})()
+    spec = predictor_eval.ScorerSpec("sdtp", (), "predictor", tmp_path / "predictor")
+    cfg = predictor_eval.compose("eval", ["model=tiny-llama", "pruning=sdtp",
+                                          f"pruning.scorer.path={tmp_path / 'predictor'}"])
+    assert predictor_eval.prior_weight(cfg, spec, model, "passage_qa") == 0.5
+    assert predictor_eval.prior_weight(cfg, spec, model, "wikitext") == 1.0

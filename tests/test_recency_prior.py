@@ -17,7 +17,8 @@ from sdtp.reports.recency_selection import select_recency, write_selected
 from sdtp.scorers.base import ScoreContext
 from sdtp.scorers.positional import PositionalScorer
 from sdtp.scorers.predictor import PredictorScorer
-from sdtp.scorers.prior import standardize
+from sdtp.models.chat import generation_suffix
+from sdtp.scorers.prior import chat_rows, standardize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
@@ -111,28 +112,115 @@ def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama):
         assert torch.equal(kept, single.last_prefill.final_positions[0])
 
 
-def test_report_selects_the_weight_with_the_best_worst_cell_and_writes_it(tmp_path):
+def test_report_selects_the_weight_with_the_best_worst_cell_per_kind_and_writes_them(tmp_path):
     predictor = tmp_path / "p"
     _predictor().save(predictor)
     opts = predictor_eval.parse_args(["--predictor", f"sdtp={predictor}", "--recency-weights", "0,0.5,1"])
     specs = predictor_eval.scorer_specs(opts, str(tmp_path))
     assert [s.name for s in specs if s.group == "predictor"] == ["sdtp", "sdtp_rw0", "sdtp_rw0.5", "sdtp_rw1"]
     assert "pruning.scorer.recency_weight=0.5" in specs[-2].overrides
-    # Per cell (means): best training-free scorer 1.2 / 2.05; margins w=0 (+0.1, +0.05), w=0.5 (-0.1, +0.15),
+    # Text cells (means): best training-free scorer 1.2 / 2.05; margins w=0 (+0.1, +0.05), w=0.5 (-0.1, +0.15),
     # w=1 (-0.2, +0.45): worst cells +0.1 / +0.15 / +0.45 -> w=0 (although w=0.5 has the lower mean Δ).
+    # The chat cell: best baseline 1.5; margins w=0 +0.3, w=0.5 -0.1, w=1 -0.1 -> w=0.5 (tie: the smaller).
     cells = [
         {"dense": [1.0, 1.0], "positional": [1.2, 1.2], "norm": [1.5, 1.5],
          "sdtp_rw0": [1.3, 1.3], "sdtp_rw0.5": [1.1, 1.1], "sdtp_rw1": [1.0, 1.0]},
         {"dense": [2.0, 2.0], "positional": [2.2, 2.2], "lazyllm": [2.05, 2.05],
          "sdtp_rw0": [2.1, 2.1], "sdtp_rw0.5": [2.2, 2.2], "sdtp_rw1": [2.5, 2.5]},
         {"dense": [3.0, 3.0], "sdtp_rw0": [9.0, 9.0]},  # no training-free scorer: skipped
+        {"dense": [1.0, 1.0], "norm": [1.5, 1.5], "sdtp_rw0": [1.8, 1.8], "sdtp_rw0.5": [1.4, 1.4],
+         "sdtp_rw1": [1.4, 1.4]},
     ]
-    selection = select_recency(["sdtp"], opts.recency_weights, cells)["sdtp"]
-    assert selection["worst_margin_vs_best_baseline"] == pytest.approx({"0": 0.1, "0.5": 0.15, "1": 0.45})
-    assert selection["mean_delta_vs_dense"] == pytest.approx({"0": 0.2, "0.5": 0.15, "1": 0.25})
-    assert selection["selected"] == 0.0
-    selection["selected"] = 0.5
-    selection = {"sdtp": selection}
-    write_selected({"sdtp": predictor}, selection)
-    assert json.loads((predictor / "predictor.json").read_text())["recency_weight"] == 0.5
-    assert TokenPredictor.load(predictor).meta.recency_weight == 0.5
+    selection = select_recency(["sdtp"], opts.recency_weights, cells, ["text", "text", "text", "chat"])["sdtp"]
+    text, chat = selection["text"], selection["chat"]
+    assert text["cells"] == 2 and chat["cells"] == 1
+    assert text["worst_margin_vs_best_baseline"] == pytest.approx({"0": 0.1, "0.5": 0.15, "1": 0.45})
+    assert text["mean_delta_vs_dense"] == pytest.approx({"0": 0.2, "0.5": 0.15, "1": 0.25})
+    assert text["selected"] == 0.0 and chat["selected"] == 0.5
+    text["selected"] = 2.0
+    write_selected({"sdtp": predictor}, {"sdtp": selection})
+    meta = json.loads((predictor / "predictor.json").read_text())
+    assert (meta["recency_weight"], meta["recency_weight_chat"]) == (2.0, 0.5)
+    loaded = TokenPredictor.load(predictor).meta
+    assert (loaded.recency_weight, loaded.recency_weight_chat) == (2.0, 0.5)
+
+
+def test_predictor_hash_ignores_the_prior_weights(tmp_path):
+    _predictor().save(tmp_path)
+    before = predictor_eval.predictor_hashes(tmp_path)
+    meta = json.loads((tmp_path / "predictor.json").read_text())
+    (tmp_path / "predictor.json").write_text(json.dumps({**meta, "recency_weight": 3.0, "recency_weight_chat": 1.0}))
+    assert predictor_eval.predictor_hashes(tmp_path) == before
+    (tmp_path / "predictor.json").write_text(json.dumps({**meta, "hidden_ratio": 0.5}))
+    assert predictor_eval.predictor_hashes(tmp_path) != before
+
+
+# --------------------------------------------------------------------------------------------
+# prompt kinds: raw text vs chat
+
+
+SUFFIX = (7, 8, 9)
+
+
+def test_chat_rows_by_hand():
+    ids = torch.tensor([[5, 7, 8, 9], [7, 8, 9, 5], [0, 0, 8, 9]])
+    assert chat_rows(ids, SUFFIX).tolist() == [True, False, False]
+    assert chat_rows(ids, None).tolist() == [False, False, False]
+    assert chat_rows(ids[:, :2], SUFFIX).tolist() == [False, False, False]  # shorter than the suffix
+
+
+def test_chat_weight_resolution(tmp_path):
+    predictor = _predictor(recency_weight=4.0)
+    assert PredictorScorer(predictor=predictor).recency_weight_chat == 4.0  # no chat weight: the text one
+    predictor.meta.recency_weight_chat = 0.5
+    scorer = PredictorScorer(predictor=predictor)
+    assert (scorer.recency_weight, scorer.recency_weight_chat) == (4.0, 0.5)
+    assert PredictorScorer(predictor=predictor, recency_weight=0.0).recency_weight_chat == 0.0  # sets both kinds
+    assert PredictorScorer(predictor=predictor, recency_weight=1.0, recency_weight_chat=2.0).recency_weight_chat == 2.0
+    with pytest.raises(ValueError, match="recency_weight_chat"):
+        PredictorScorer(predictor=predictor, recency_weight_chat=-1.0)
+
+
+class _ChatTemplateTokenizer:
+    """Just enough of a tokenizer: chat template ``<u>{content}</u>`` + generation prompt ``<a>``."""
+
+    chat_template = "fake"
+    vocab = {"<u>": 1, "</u>": 2, "<a>": 3, "x": 4}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "<u>" + messages[0]["content"] + "</u>" + ("<a>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens):
+        ids = [self.vocab[t] for t in text.replace("<", " <").replace(">", "> ").split()]
+        return type("Encoding", (), {"input_ids": ids})()
+
+
+def test_generation_suffix_is_the_tail_the_generation_prompt_adds(tiny_llama):
+    assert generation_suffix(_ChatTemplateTokenizer()) == (3,)
+    assert generation_suffix(tiny_llama[1]) is None  # the byte tokenizer has no chat template
+    assert tiny_llama[0].sdtp_chat_suffix is None
+
+
+@torch.no_grad()
+def test_a_mixed_batch_uses_each_row_kind_weight(tiny_llama, monkeypatch):
+    """A chat row is ranked with the chat weight and a text row with the text weight, as each alone."""
+    model = tiny_llama[0]
+    monkeypatch.setattr(model, "sdtp_chat_suffix", SUFFIX, raising=False)
+    generator = torch.Generator().manual_seed(5)
+    text = torch.randint(10, 260, (1, 57), generator=generator)
+    chat = torch.cat([torch.randint(10, 260, (1, 45), generator=generator), torch.tensor([SUFFIX])], dim=1)
+    ids, mask = left_pad([text, chat])
+    predictor = _predictor(recency_weight=1e6)  # text rows: positional ranking
+    predictor.meta.recency_weight_chat = 0.0  # chat rows: the predictor alone
+    pruner = TokenPruner(SCHEDULE, PredictorScorer(predictor=predictor))
+    with pruner(model):
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    record = pruner.last_prefill
+    for row, (prompt, reference) in enumerate([(text, PositionalScorer()),
+                                                (chat, PredictorScorer(predictor=predictor, recency_weight=0.0))]):
+        single = TokenPruner(SCHEDULE, reference)
+        with single(model):
+            model(prompt, use_cache=True)
+        kept = record.final_positions[row]
+        kept = kept[record.final_valid[row]] if record.final_valid is not None else kept
+        assert torch.equal(kept, single.last_prefill.final_positions[0])

@@ -21,6 +21,11 @@ template (``eval.chat_template``: auto = when the tokenizer has one); the contin
 ``cont_len`` tokens of the gold answer. This is the "prompt (document + instruction) -> answer" use
 case; contexts shorter than ``context_len`` stay shorter.
 
+Multi-passage QA (``eval.dataset=passage_qa``, ``eval.data_file`` = the Dolly-15k JSONL): records
+``[doc_start, doc_start + num_segments)`` of :mod:`sdtp.eval.passage_qa` (a Dolly question's reference
+text hidden among other rows' texts up to ``context_len`` tokens, LongBench's ``hotpotqa`` prompt, chat
+template as above) -> the first ``cont_len`` tokens of the gold answer.
+
 ``eval.batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`):
 contexts left-padded and each row pruned by its own budget; the numbers equal batch 1 up to float
 noise (``tests/test_eval_continuation.py``), so the key is not part of the fingerprint.
@@ -57,13 +62,15 @@ from tqdm import tqdm
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
+from sdtp.eval.passage_qa import TASK as PASSAGE_QA_TASK
+from sdtp.eval.passage_qa import passage_qa_records
 from sdtp.eval.perplexity import wikitext_rows
 from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuation, score_continuations
 from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
 SEGMENTS_FILE = "segments.jsonl"
-DATASETS = ("wikitext", "jsonl", "longbench")
+DATASETS = ("wikitext", "jsonl", "longbench", "passage_qa")
 Segment = tuple[torch.Tensor, torch.Tensor]  # (ctx_ids (1, context_len), cont_ids (1, cont_len))
 
 
@@ -128,23 +135,30 @@ def segments(stream: torch.Tensor, context_len: int, cont_len: int, num_segments
 
 def longbench_segments(path: str | Path, task: str, tokenizer: Any, context_len: int, cont_len: int,
                        num_segments: int, chat: bool, start: int = 0) -> list[Segment]:
-    """Records ``[start, start + num_segments)`` of a LongBench JSONL as (prompt, gold answer) segments.
-
-    Returns (1, <= context_len + chat template) prompt ids and (1, <= cont_len) answer ids per record.
-    """
-    from sdtp.eval.longbench import build_input, load_records  # longbench imports the scoring stack
+    """Records ``[start, start + num_segments)`` of a LongBench JSONL as (prompt, gold answer) segments."""
+    from sdtp.eval.longbench import load_records  # longbench imports the scoring stack
     from sdtp.eval.longbench_tasks import DATASETS as TASKS
 
     records = load_records(Path(path), start + num_segments, TASKS[task])[start:]
     if len(records) < num_segments:
         raise ConfigError(f"eval.num_segments: {num_segments} records from eval.doc_start={start} requested, but "
                           f"{path} has only {start + len(records)} records")
+    return record_segments(records, task, tokenizer, context_len, cont_len, chat)
+
+
+def record_segments(records: Sequence[dict[str, Any]], task: str, tokenizer: Any, context_len: int, cont_len: int,
+                    chat: bool) -> list[Segment]:
+    """LongBench-format records -> (1, <= context_len + chat template) prompt ids and (1, <= cont_len)
+    gold-answer ids each, the prompt built with ``task``'s template and middle-truncated as LongBench does."""
+    from sdtp.eval.longbench import build_input
+    from sdtp.eval.longbench_tasks import DATASETS as TASKS
+
     out = []
     for record in records:
         ctx_ids, _ = build_input(tokenizer, TASKS[task], record, context_len, chat)
         answer = _ids(tokenizer, [record["answers"][0]])[0][:cont_len]
         if not answer:
-            raise ConfigError(f"eval.data_file: a record of {path} has an empty gold answer")
+            raise ConfigError(f"eval.data_file: record {record.get('_id', '?')} has an empty gold answer")
         out.append((ctx_ids, torch.tensor([answer], dtype=torch.long)))
     return out
 
@@ -152,11 +166,16 @@ def longbench_segments(path: str | Path, task: str, tokenizer: Any, context_len:
 def build_segments(ev: DictConfig, tokenizer: Any) -> tuple[list[Segment], int]:
     """The segments ``cfg.eval`` describes and the number of source tokens they were cut from."""
     context_len, cont_len, num = int(ev.context_len), int(ev.cont_len), int(ev.num_segments)
-    if ev.dataset == "longbench":
+    if ev.dataset in ("longbench", "passage_qa"):
         from sdtp.eval.predict import wants_chat_template
 
         chat = wants_chat_template(tokenizer, ev.chat_template)
-        segs = longbench_segments(ev.data_file, ev.task, tokenizer, context_len, cont_len, num, chat, int(ev.doc_start))
+        if ev.dataset == "longbench":
+            segs = longbench_segments(ev.data_file, ev.task, tokenizer, context_len, cont_len, num, chat,
+                                      int(ev.doc_start))
+        else:
+            records = passage_qa_records(ev.data_file, tokenizer, context_len, int(ev.doc_start), num)
+            segs = record_segments(records, PASSAGE_QA_TASK, tokenizer, context_len, cont_len, chat)
         return segs, sum(c.shape[1] + t.shape[1] for c, t in segs)
     stream = token_stream(ev, tokenizer)
     return segments(stream, context_len, cont_len, num), int(stream.shape[0])
@@ -345,7 +364,7 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         "doc_range": [int(ev.doc_start), ev.doc_end] if ev.dataset == "jsonl" else None,
         "context_len": int(ev.context_len),
         "cont_len": int(ev.cont_len),
-        "task": ev.task if ev.dataset == "longbench" else None,
+        "task": ev.task if ev.dataset == "longbench" else PASSAGE_QA_TASK if ev.dataset == "passage_qa" else None,
         "stream_tokens": source_tokens,
         "segments_sha256": segs_sha,
     }

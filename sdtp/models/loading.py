@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdtp.errors import ConfigError
+from sdtp.models.chat import generation_suffix
 
 log = logging.getLogger(__name__)
 
@@ -106,4 +107,6 @@ def load_model(
              model.config.num_hidden_layers, dtype, model_cfg.get("device", "cpu"))
     # The predictor checkpoint records this name; loading checks it matches.
     model.sdtp_name = model_cfg["name"]
+    # The SDTP scorer's recency prior recognises chat prompts by their ending (sdtp/scorers/prior.py).
+    model.sdtp_chat_suffix = generation_suffix(tokenizer)
     return model, tokenizer

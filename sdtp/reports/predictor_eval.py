@@ -13,7 +13,9 @@ segment (mean NLL per continuation token, nats), all scorers paired on the same 
 Datasets: ``wikitext`` (WikiText-2 raw test), ``c4`` (C4-en documents ``--c4-docs``, default
 300..999, held out from the predictor's training on documents 0..299, joined with EOS) and
 ``multi_news`` (LongBench: one segment per record, chat prompt with the news middle-truncated to the
-context length -> the first ``--cont-len`` tokens of the gold summary; long documents + instruction).
+context length -> the first ``--cont-len`` tokens of the gold summary; long documents + instruction) and
+``passage_qa`` (:mod:`sdtp.eval.passage_qa`: a Dolly question's reference text among distractor texts,
+LongBench's hotpotqa chat prompt -> the gold answer; long-document QA).
 
 Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
 ``positional``, ``lazyllm``; one per ``--predictor NAME=PATH`` (default
@@ -30,18 +32,21 @@ page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (d
 ``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the
 offline data mirror),
 ``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``),
-``--multi-news-start N`` (first multi_news record; validation pages use records the test page does not).
+``--multi-news-start N`` / ``--passage-qa-start N`` (first record; validation pages use records the test
+page does not), ``--dolly-file``.
 
 Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` adds a row
-``<predictor>_rw<w>`` per weight next to the predictor as shipped (its checkpoint's own weight); the page
-then states, per predictor, each weight's worst-cell margin to the best training-free scorer and the
-weight that minimises it (:mod:`sdtp.reports.recency_selection`); ``--write-selected`` stores that weight as
-``recency_weight`` in the predictor's ``predictor.json``. Run it on validation data, never on the test
-page's segments::
+``<predictor>_rw<w>`` per weight (applied to every prompt) next to the predictor as shipped (its
+checkpoint's own weights). With ``--write-selected`` the page states, per predictor and prompt kind (raw
+text: wikitext, c4; chat: multi_news, passage_qa), each weight's worst-cell margin to the best
+training-free scorer and the weight that minimises it (:mod:`sdtp.reports.recency_selection`), and stores
+them as ``recency_weight`` / ``recency_weight_chat`` in the predictor's ``predictor.json``. Run it on
+validation data, never on the test page's segments (where the weight rows are comparisons, not a choice)::
 
-    PYTHONPATH=. python scripts/predictor_report.py --threads 2 --datasets wikitext,multi_news --contexts 2048 \
-        --wikitext-file ../shared/data/lm/wiki.valid.raw --multi-news-start 64 --recency-weights 0,0.5,1,2,4 \
-        --only dense,positional,lazyllm,norm,sdtp_rw0,sdtp_rw0.5,sdtp_rw1,sdtp_rw2,sdtp_rw4 \
+    PYTHONPATH=. python scripts/predictor_report.py --threads 2 --datasets wikitext,multi_news,passage_qa \
+        --contexts 2048 --wikitext-file ../shared/data/lm/wiki.valid.raw --multi-news-start 64 \
+        --passage-qa-start 64 --recency-weights 0,0.5,1,2,4,8 \
+        --only dense,positional,lazyllm,norm,sdtp_rw0,sdtp_rw0.5,sdtp_rw1,sdtp_rw2,sdtp_rw4,sdtp_rw8 \
         --out results/predictors/smollm2-135m/recency_tuning --write-selected
 
 Cache: ``<out>/continuation/<dataset>_<context>/<scorer>.json`` holds the per-segment NLLs and a
@@ -78,12 +83,16 @@ from sdtp.eval import continuation
 from sdtp.eval.continuation import Segment, build_segments, segment_nll, segments_sha256, summarize
 from sdtp.models import load_model
 from sdtp.reports import paired_tables
+from sdtp.predictor import TokenPredictor
 from sdtp.reports.recency_selection import select_recency, selection_text, variant_name, write_selected
+from sdtp.scorers.predictor import PredictorScorer
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
 BASELINES = ("norm", "positional", "lazyllm")
-DATASETS = ("wikitext", "c4", "multi_news")
+DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
+CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
+PRIOR_KEYS = ("recency_weight", "recency_weight_chat")
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -118,6 +127,8 @@ class ReportOptions:
     c4_file: str | None = None
     multi_news_file: str | None = None
     multi_news_start: int = 0
+    passage_qa_start: int = 0
+    dolly_file: str | None = None
     recency_weights: tuple[float, ...] = ()
     write_selected: bool = False
     overrides: tuple[str, ...] = ()
@@ -168,10 +179,14 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--multi-news-file", default=None)
     p.add_argument("--multi-news-start", type=int, default=0,
                    help="first multi_news record (validation runs use records the test page does not)")
+    p.add_argument("--passage-qa-start", type=int, default=0,
+                   help="first passage_qa record (validation runs use records the test page does not)")
+    p.add_argument("--dolly-file", default=None)
     p.add_argument("--recency-weights", default="",
                    help="comma-separated recency-prior weights: one row <predictor>_rw<w> per predictor and weight")
     p.add_argument("--write-selected", action="store_true",
-                   help="write each predictor's selected recency weight into its predictor.json")
+                   help="select each predictor's recency weights (per prompt kind) on this page's cells and write "
+                        "them into its predictor.json (validation pages only)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     predictors = None
@@ -190,7 +205,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
         oracle_targets=tuple(_csv(a.oracle_targets)),
         only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
-        multi_news_start=a.multi_news_start, recency_weights=_csv(a.recency_weights, float),
+        multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
+        recency_weights=_csv(a.recency_weights, float),
         write_selected=a.write_selected,
         overrides=tuple(a.override),
         command="PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv),
@@ -237,10 +253,32 @@ def file_sha256(path: Path) -> str:
 def predictor_hashes(path: Path) -> dict[str, str]:
     """sha256 of a predictor's weights and metadata (``*.safetensors``, ``predictor*.json``), by file name.
 
-    Only the checkpoint files: the same folder also receives this page and its cache.
+    Only the checkpoint files: the same folder also receives this page and its cache. The metadata is
+    hashed without its recency-prior weights (canonical JSON): a cell's fingerprint records the weight
+    it ran with instead (:func:`prior_weight`), so writing a newly selected weight into
+    ``predictor.json`` keeps the cells computed with explicit weights valid.
     """
     files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("predictor*.json")])
-    return {f.name: file_sha256(f) for f in files}
+    return {f.name: _meta_sha256(f) if f.suffix == ".json" else file_sha256(f) for f in files}
+
+
+def _meta_sha256(path: Path) -> str:
+    meta = {k: v for k, v in json.loads(path.read_text()).items() if k not in PRIOR_KEYS}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def prior_weight(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str) -> float | None:
+    """The recency-prior weight a predictor row applies to ``dataset``'s prompts (None: not a predictor).
+
+    Chat datasets' prompts are chat prompts only when the model's tokenizer has a chat template.
+    """
+    if spec.path is None:
+        return None
+    scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path),
+                             recency_weight=cfg.pruning.scorer.get(PRIOR_KEYS[0]),
+                             recency_weight_chat=cfg.pruning.scorer.get(PRIOR_KEYS[1]))
+    chat = dataset in CHAT_DATASETS and getattr(model, "sdtp_chat_suffix", None)
+    return scorer.recency_weight_chat if chat else scorer.recency_weight
 
 
 def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, spec: ScorerSpec) -> dict[str, Any]:
@@ -249,8 +287,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     scorer = OmegaConf.to_container(cfg.pruning.scorer, resolve=True) if schedule is not None else None
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
-        if scorer.get("recency_weight", 0) is None:
-            scorer.pop("recency_weight")  # null = the checkpoint's own weight, covered by its predictor.json hash
+        for key in PRIOR_KEYS:  # replaced by the weight this dataset's prompts get (prior_weight)
+            scorer.pop(key, None)
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dtype": str(next(model.parameters()).dtype),
@@ -264,6 +302,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         "scorer": scorer,
         "predictor_sha256": predictor_hashes(spec.path) if spec.path is not None else None,
     }
+    if spec.path is not None:
+        what["recency_weight"] = prior_weight(cfg, spec, model, dataset)
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 
@@ -294,6 +334,9 @@ def dataset_overrides(dataset: str, opts: ReportOptions, data_dir: str) -> list[
     if dataset == "multi_news":
         return ["eval.dataset=longbench", f"eval.data_file={opts.multi_news_file or f'{data_dir}/longbench/multi_news.jsonl'}",
                 "eval.task=multi_news", f"eval.doc_start={opts.multi_news_start}"]
+    if dataset == "passage_qa":
+        dolly = opts.dolly_file or f"{data_dir}/train/databricks_dolly_15k.jsonl"
+        return ["eval.dataset=passage_qa", f"eval.data_file={dolly}", f"eval.doc_start={opts.passage_qa_start}"]
     start, end = opts.c4_docs
     return ["eval.dataset=jsonl", f"eval.data_file={opts.c4_file or f'{data_dir}/train/c4_en_1k.jsonl'}",
             f"eval.doc_start={start}", f"eval.doc_end={end}"]
@@ -385,12 +428,23 @@ def _display(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
+def _prior_text(spec: ScorerSpec) -> str:
+    """How a predictor row weighs the recency prior: a fixed override, or its checkpoint's per-kind weights."""
+    fixed = [o.split("=", 1)[1] for o in spec.overrides if o.startswith(f"pruning.scorer.{PRIOR_KEYS[0]}=")]
+    if fixed:
+        return f"recency weight {fixed[0]} for every prompt"
+    scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path))
+    return (f"as shipped: recency weight {scorer.recency_weight:g} on raw text, "
+            f"{scorer.recency_weight_chat:g} on chat prompts")
+
+
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
     pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
     sched = pruned.fingerprint["schedule"] if pruned else None
     hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
               for s in specs if s.group == "predictor"}
-    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]})" for s in specs if s.name in hashes]
+    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]}; {_prior_text(s)})"
+             for s in specs if s.name in hashes]
     start, end = opts.c4_docs
     wikitext = f"`{Path(opts.wikitext_file).name}`" if opts.wikitext_file else "WikiText-2 raw test"
     first = opts.multi_news_start
@@ -405,7 +459,12 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                      f"`multi_news` = LongBench multi_news records {first}..{first + opts.num_segments - 1}, one "
                      "record per segment: the chat prompt with the news "
                      "middle-truncated to the context length (shorter records stay shorter) -> the first "
-                     f"{opts.cont_len} tokens of the gold summary."),
+                     f"{opts.cont_len} tokens of the gold summary; `passage_qa` = records "
+                     f"{opts.passage_qa_start}..{opts.passage_qa_start + opts.num_segments - 1} of "
+                     "`sdtp/eval/passage_qa.py`: a Dolly-15k closed-QA / information-extraction question whose "
+                     "reference text sits at a random depth among other rows' texts filling the context, in "
+                     "LongBench's hotpotqa chat prompt -> the first "
+                     f"{opts.cont_len} tokens of the gold answer."),
         "Schedule": "model default for every pruned scorer (equal tokens per layer): " + (
             f"stages before layers {sched['layers']}, cumulative keep "
             f"{[round(f, 3) for f in sched['keep_fractions']]}, first {sched['keep_first']} + last "
@@ -436,7 +495,9 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
             per_dataset[dataset] = nll
         pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, False),
                                                                    predictors)})
-    selection = select_recency(list(opts.predictors or {"sdtp": None}), opts.recency_weights, cell_nll)
+    kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
+    selection = select_recency(list(opts.predictors or {"sdtp": None}), opts.recency_weights, cell_nll,
+                               kinds) if opts.write_selected else {}
     head = header(opts, jobs, specs, machine)
     if selection:
         head["Recency weight selection"] = selection_text(selection)

@@ -1,16 +1,17 @@
 """Choosing a predictor's recency-prior weight from a validation page (:mod:`sdtp.scorers.prior`).
 
 ``scripts/predictor_report.py --recency-weights 0,1,4`` adds one row ``<predictor>_rw<w>`` per weight;
-:func:`select_recency` picks the weight from those rows' per-segment NLLs and :func:`write_selected`
-stores it in the checkpoint's ``predictor.json``, which the scorer reads at inference.
+:func:`select_recency` picks a weight per prompt kind (raw text, chat) from those rows' per-segment
+NLLs and :func:`write_selected` stores them in the checkpoint's ``predictor.json``, which the scorer
+reads at inference.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from statistics import fmean
 from collections.abc import Sequence
+from statistics import fmean
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from sdtp.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 TRAINING_FREE = ("random", "norm", "positional", "lazyllm")  # random = the seed mean row
+KINDS = {"text": "recency_weight", "chat": "recency_weight_chat"}  # prompt kind -> predictor.json key
 
 
 def variant_name(predictor: str, weight: float) -> str:
@@ -26,51 +28,65 @@ def variant_name(predictor: str, weight: float) -> str:
     return f"{predictor}_rw{weight:g}"
 
 
-def select_recency(predictors: Sequence[str], weights: Sequence[float],
-                   cell_nll: Sequence[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
-    """Per predictor: pick the recency weight whose worst cell is closest to the best training-free scorer.
+def select_recency(predictors: Sequence[str], weights: Sequence[float], cell_nll: Sequence[dict[str, list[float]]],
+                   kinds: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per predictor and prompt kind: the recency weight whose worst cell is closest to the best training-free scorer.
 
     For weight w and cell c, margin(w, c) = mean NLL of ``<predictor>_rw<w>`` minus the lowest mean NLL
     of the training-free scorers computed in c (random seed mean, norm, positional, lazyllm): the goal
     is to beat every scorer everywhere, so the selected w minimises max over cells of the margin (ties:
     the smaller w). Also reports each weight's mean over cells of Δ NLL vs dense. Only weights computed
     in every cell compete; cells without dense or without any training-free scorer are skipped.
-    ``cell_nll``: per cell, scorer name -> per-segment NLLs. Empty unless at least two weights are
-    given (one weight is a comparison, not a choice).
+    ``cell_nll``: per cell, scorer name -> per-segment NLLs; ``kinds``: per cell, the prompt kind
+    (``text`` or ``chat``, see :data:`KINDS`; default all text), each kind selected on its own cells.
+    Empty unless at least two weights are given (one weight is a comparison, not a choice).
     """
     if len(weights) < 2:
         return {}
-    cells = [c for c in cell_nll if "dense" in c and any(b in c for b in TRAINING_FREE)]
-    out = {}
+    kinds = list(kinds) if kinds is not None else ["text"] * len(cell_nll)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in predictors:
-        rows = {f"{w:g}": variant_name(name, w) for w in weights}
-        rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
-        if not rows:
-            continue
-        best = [min(fmean(c[b]) for b in TRAINING_FREE if b in c) for c in cells]
-        margin = {w: max(fmean(c[row]) - b for c, b in zip(cells, best)) for w, row in rows.items()}
-        delta = {w: sum(fmean(c[row]) - fmean(c["dense"]) for c in cells) / len(cells) for w, row in rows.items()}
-        out[name] = {"worst_margin_vs_best_baseline": margin, "mean_delta_vs_dense": delta,
-                     "selected": float(min(margin, key=lambda w: (margin[w], float(w))))}
+        for kind in KINDS:
+            cells = [c for c, k in zip(cell_nll, kinds) if k == kind and "dense" in c
+                     and any(b in c for b in TRAINING_FREE)]
+            chosen = _select(name, weights, cells)
+            if chosen:
+                out.setdefault(name, {})[kind] = chosen
     return out
 
 
-def selection_text(selection: dict[str, dict[str, Any]]) -> str:
-    """The page line stating each predictor's weights and the selected one."""
+def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[float]]]) -> dict[str, Any] | None:
+    """:func:`select_recency` for one predictor over one kind's cells (None when no weight is in all of them)."""
+    rows = {f"{w:g}": variant_name(name, w) for w in weights}
+    rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
+    if not rows:
+        return None
+    best = [min(fmean(c[b]) for b in TRAINING_FREE if b in c) for c in cells]
+    margin = {w: max(fmean(c[row]) - b for c, b in zip(cells, best)) for w, row in rows.items()}
+    delta = {w: sum(fmean(c[row]) - fmean(c["dense"]) for c in cells) / len(cells) for w, row in rows.items()}
+    return {"cells": len(cells), "worst_margin_vs_best_baseline": margin, "mean_delta_vs_dense": delta,
+            "selected": float(min(margin, key=lambda w: (margin[w], float(w))))}
+
+
+def selection_text(selection: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The page line stating each predictor's weights and the selected one, per prompt kind."""
     return "; ".join(
-        f"`{name}`: worst-cell margin to the best training-free scorer (mean Δ vs dense) "
+        f"`{name}` on {kind} prompts ({sel['cells']} cells): worst-cell margin to the best training-free scorer "
+        "(mean Δ vs dense) "
         + ", ".join(f"w={w} {m:+.4f} ({sel['mean_delta_vs_dense'][w]:+.4f})"
                     for w, m in sel["worst_margin_vs_best_baseline"].items())
         + f" -> selected w={sel['selected']:g} (smallest worst-cell margin)"
-        for name, sel in selection.items()
+        for name, by_kind in selection.items() for kind, sel in by_kind.items()
     )
 
 
-def write_selected(paths: dict[str, Path], selection: dict[str, dict[str, Any]]) -> None:
-    """Store each selected weight as ``recency_weight`` in ``paths[name]/predictor.json`` (atomically)."""
-    for name, sel in selection.items():
+def write_selected(paths: dict[str, Path], selection: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Store each selected weight in ``paths[name]/predictor.json`` (atomically): the text kind's as
+    ``recency_weight``, the chat kind's as ``recency_weight_chat``."""
+    for name, by_kind in selection.items():
         path = paths[name] / META_FILE
         meta = json.loads(path.read_text())
-        meta["recency_weight"] = sel["selected"]
+        for kind, sel in by_kind.items():
+            meta[KINDS[kind]] = sel["selected"]
+            log.info("%s: %s = %g", path, KINDS[kind], sel["selected"])
         write_json_atomic(path, meta)
-        log.info("%s: recency_weight = %g", path, sel["selected"])
