@@ -45,8 +45,8 @@ validation data, never on the test page's segments (where the weight rows are co
 
     PYTHONPATH=. python scripts/predictor_report.py --threads 2 --datasets wikitext,multi_news,passage_qa \
         --contexts 2048 --wikitext-file ../shared/data/lm/wiki.valid.raw --multi-news-start 64 \
-        --passage-qa-start 64 --recency-weights 0,0.5,1,2,4,8 \
-        --only dense,positional,lazyllm,norm,sdtp_rw0,sdtp_rw0.5,sdtp_rw1,sdtp_rw2,sdtp_rw4,sdtp_rw8 \
+        --passage-qa-start 64 --recency-weights 0,1,2,4 \
+        --only dense,positional,lazyllm,norm,sdtp_rw0,sdtp_rw1,sdtp_rw2,sdtp_rw4 \
         --out results/predictors/smollm2-135m/recency_tuning --write-selected
 
 Cache: ``<out>/continuation/<dataset>_<context>/<scorer>.json`` holds the per-segment NLLs and a
