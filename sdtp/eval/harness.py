@@ -152,8 +152,14 @@ def validate(cfg: DictConfig) -> None:
 
 
 def input_files(cfg: DictConfig) -> list[Path]:
-    """The offline task files the run reads (built-in online tasks are not hashed)."""
-    return [Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in task_list(cfg) if t in OFFLINE_FILES]
+    """The data files and task YAMLs of the offline tasks the run reads (built-in online tasks are not hashed).
+
+    The YAML is hashed because it decides the prompts (template, splits, few-shot source): a run made
+    under an older YAML is recomputed, not reused.
+    """
+    tasks = [t for t in task_list(cfg) if t in OFFLINE_FILES]
+    return ([Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in tasks]
+            + [Path(cfg.eval.include_path) / f"{t}.yaml" for t in tasks])
 
 
 def clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
