@@ -41,6 +41,10 @@ OFFLINE_FILES = {
     "sdtp_winogrande": "winogrande.jsonl",
     "sdtp_hellaswag": "hellaswag_val_1k.jsonl",
     "sdtp_lambada_openai": "lambada_openai.jsonl",
+    "sdtp_mathqa": "mathqa_test.jsonl",
+    "sdtp_cb": "superglue_cb_val.jsonl",
+    "sdtp_wic": "superglue_wic_val.jsonl",
+    "sdtp_wsc": "superglue_wsc_val.jsonl",
 }
 ROLLING = "loglikelihood_rolling"
 
