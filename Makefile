@@ -38,7 +38,7 @@ paper-table2: setup
 	bash experiments/paper_table2.sh
 
 # Paper Table 3 (eight 5-shot lm-eval tasks, dense vs SDTP, paired intervals) beside the paper's numbers;
-# resumable, and a fresh clone resumes from the committed page (~30 min on 2 CPU cores; MODEL=<m> ARGS="..." pass through).
+# resumable, and a fresh clone resumes from the committed page (~40 min on 2 CPU cores; MODEL=<m> ARGS="..." pass through).
 paper-table3: setup
 	bash experiments/paper_table3.sh $(ARGS)
 

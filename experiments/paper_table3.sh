@@ -2,7 +2,7 @@
 # Paper Table 3: accuracy on eight 5-shot lm-eval tasks (COPA, PIQA, WinoGrande, MathQA, BoolQ, CB, WiC, WSC),
 # dense vs SDTP, with paired intervals over the same documents.
 #
-#   bash experiments/paper_table3.sh                                   # embedded model (~30 min on 2 CPU cores)
+#   bash experiments/paper_table3.sh                                   # embedded model (~40 min on 2 CPU cores)
 #   MODEL=mistral-7b-instruct-v0.2 bash experiments/paper_table3.sh    # GPU (needs results/predictors/<model>)
 #   bash experiments/paper_table3.sh eval.limit=null eval.batch_size=16   # every document, bigger batches (GPU)
 #
