@@ -63,6 +63,7 @@ def test_paired_interval_matches_a_hand_computation(page_dir):
     assert copa["delta"]["mean"] == pytest.approx(mean)
     assert (copa["delta"]["low"], copa["delta"]["high"]) == pytest.approx((mean - half, mean + half))
     assert (copa["gained"], copa["lost"]) == (1, 2)
+    assert copa["dense_top_answer"] == 100.0  # every fabricated document's choices tie: lm-eval picks the first
     assert rows["CB"]["delta"]["identical"] and rows["CB"]["chance"] == pytest.approx(100 / 3)
     assert rows["CB"]["majority"] == 75.0 and rows["WSC"]["delta"]["mean"] == 25.0
     avg = rows["Avg"]
@@ -85,6 +86,7 @@ def test_page_holds_the_papers_numbers_and_the_setup(page_dir):
     assert (page_dir / "tiny.png").stat().st_size > 0
     page = json.loads((page_dir / "tiny.json").read_text())
     assert "config" not in page["runs"]["sdtp"]["metrics"] and page["runs"]["sdtp"]["documents"]["sdtp_copa"]["acc"] == "010"
+    assert page["runs"]["sdtp"]["documents"]["sdtp_copa"]["pred"] == "000"
 
 
 def test_committed_summary_restores_a_run_only_for_the_same_setup(page_dir, tmp_path):

@@ -61,6 +61,16 @@ def majority_share(docs: dict[str, Any] | None) -> float | None:
     return max(targets.count(t) for t in set(targets)) / len(targets)
 
 
+def top_answer_share(summary: dict[str, Any], task: str, shared: list[int]) -> float | None:
+    """Share (%) of the shared documents given the run's most frequent answer (100 = one answer to all)."""
+    docs = summary["documents"].get(task) or {}
+    if not docs.get("pred") or not shared:
+        return None
+    picks = dict(zip(docs["doc_ids"], docs["pred"]))
+    chosen = [picks[i] for i in shared]
+    return 100.0 * max(chosen.count(c) for c in set(chosen)) / len(chosen)
+
+
 def task_row(task: str, dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str, Any]:
     """Our numbers for one task: accuracies over the shared documents, the paired difference, flips."""
     a, b = outcomes(dense, task), outcomes(sdtp, task)
@@ -74,6 +84,7 @@ def task_row(task: str, dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str
         "sdtp_acc": 100.0 * math.fsum(b[i] for i in shared) / len(shared) if shared else None,
         "delta": paired_summary(paired_t_interval(diffs)) if shared else None,
         "gained": sum(1 for d in diffs if d > 0), "lost": sum(1 for d in diffs if d < 0),
+        "dense_top_answer": top_answer_share(dense, task, shared), "sdtp_top_answer": top_answer_share(sdtp, task, shared),
         "chance": 100.0 / choices if choices else None,
         "majority": None if majority_share(docs) is None else 100.0 * majority_share(docs),
         "paper": {m: PAPER[TASKS[task]][m] for m in PAPER_MODELS} if task in TASKS else None,
@@ -103,7 +114,7 @@ def average_row(rows: list[dict[str, Any]], dense: dict[str, Any], sdtp: dict[st
             "sdtp_acc": math.fsum(r["sdtp_acc"] for r in rows) / len(rows),
             "delta": {"mean": mean, "low": low, "high": high, "identical": all(d == 0 for s in strata for d in s)},
             "gained": sum(r["gained"] for r in rows), "lost": sum(r["lost"] for r in rows),
-            "chance": None, "majority": None, "paper": {m: PAPER_AVG[m] for m in PAPER_MODELS}}
+            "dense_top_answer": None, "sdtp_top_answer": None, "chance": None, "majority": None, "paper": {m: PAPER_AVG[m] for m in PAPER_MODELS}}
 
 
 def table(dense: dict[str, Any], sdtp: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,7 +127,7 @@ def table(dense: dict[str, Any], sdtp: dict[str, Any]) -> list[dict[str, Any]]:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     fields = ["task", "lm_eval_task", "n", "dense_acc", "sdtp_acc", "delta", "delta_low", "delta_high", "p", "p_holm",
-              "gained", "lost", "chance", "majority"] + [f"paper_{m}_{k}" for m in PAPER_MODELS for k in ("full", "sdtp")]
+              "gained", "lost", "dense_top_answer", "sdtp_top_answer", "chance", "majority"] + [f"paper_{m}_{k}" for m in PAPER_MODELS for k in ("full", "sdtp")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
@@ -124,7 +135,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
         d = r["delta"] or {}
         paper = r["paper"] or {}
         writer.writerow({**{k: r[k] for k in ("task", "lm_eval_task", "n", "dense_acc", "sdtp_acc", "gained", "lost",
-                                                "chance", "majority")},
+                                                "dense_top_answer", "sdtp_top_answer", "chance", "majority")},
                          "delta": d.get("mean"), "delta_low": d.get("low"), "delta_high": d.get("high"),
                          "p": d.get("p"), "p_holm": d.get("p_holm"),
                          **{f"paper_{m}_{k}": paper[m][j] if m in paper else None
@@ -141,16 +152,18 @@ def _paper_cell(pair: tuple[float, float] | None) -> str:
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| task | n | chance / majority | dense | SDTP | Δ SDTP − dense [95% CI] | flips: SDTP gains / loses |"
-             " p (Holm) | paper Mistral-7B full → SDTP (Δ) | paper Llama2-7B | paper BLOOM-7B |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
+    lines = ["| task | n | chance / majority | top answer dense / SDTP | dense | SDTP | Δ SDTP − dense [95% CI] |"
+             " flips: SDTP gains / loses | p (Holm) | paper Mistral-7B full → SDTP (Δ) | paper Llama2-7B | paper BLOOM-7B |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
     for r in rows:
         d = r["delta"]
         base = f"{_num(r['chance'], '.0f')} / {_num(r['majority'], '.0f')}" if r["chance"] is not None else "–"
         p = "bootstrap" if r["task"] == "Avg" else (p_text(d.get("p_holm"), d) if d else "–")
         paper = r["paper"] or {}
         name = f"**{r['task']}**" if r["task"] == "Avg" else r["task"]
-        lines.append(f"| {name} | {r['n']} | {base} | {_num(r['dense_acc'])} | {_num(r['sdtp_acc'])} | "
+        top = (f"{_num(r['dense_top_answer'], '.0f')} / {_num(r['sdtp_top_answer'], '.0f')}"
+               if r["dense_top_answer"] is not None else "–")
+        lines.append(f"| {name} | {r['n']} | {base} | {top} | {_num(r['dense_acc'])} | {_num(r['sdtp_acc'])} | "
                      f"{interval_text(d, 2)} | {r['gained']} / {r['lost']} | {p} | "
                      + " | ".join(_paper_cell(paper.get(m)) for m in PAPER_MODELS) + " |")
     return lines
@@ -180,9 +193,9 @@ def expected_lines(page: dict[str, Any]) -> list[str]:
     return [
         "- **Expected to differ.** The accuracies: the paper evaluates 7B models on a GPU, this page "
         f"{page['model']}. A 135M model is near chance on several of these tasks (MathQA has 5 choices, CB 3; "
-        "on WiC, WSC, BoolQ and CB it tends to give one answer to most documents, so its accuracy approaches "
-        "that answer's share: compare the chance / majority column; the paper's 36.54 on WSC for Llama2-7B and "
-        "BLOOM-7B is such a constant answer too, the share of \"yes\"). Near chance, dense and SDTP differ "
+        "where it gives nearly one answer to every document (the top-answer column near 100), its accuracy is "
+        "that answer's share of the gold answers, the majority share or its complement; the paper's 36.54 on WSC "
+        "for Llama2-7B and BLOOM-7B is such a constant answer too, the share of \"yes\"). Near chance, dense and SDTP differ "
         "mostly by which way near-ties break, and a task's Δ says little about the method. The paper evaluates "
         "every document with few-shot examples from the train splits; here the first `n` documents of each task, "
         "with few-shot examples drawn from the evaluated split minus the document itself (the offline mirror "
@@ -242,14 +255,17 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"batch size {(fp_cfg.get('eval') or {}).get('batch_size')}; commit {', '.join(commits)}. Wall time: dense "
         f"{_minutes(dense.get('wall_s'))}, SDTP {_minutes(sdtp.get('wall_s'))}"
         + (f"; this command {_minutes(page.get('wall_s'))}" if page.get("wall_s") is not None else "")
-        + (f" (restored from the committed page, not re-run: {', '.join(restored)})" if restored else "") + ".",
+        + (f" (restored from the committed page, not re-run: {', '.join(restored)})" if restored else "")
+        + ". Wall times follow the machine's load and are no speed comparison (that is "
+        "`results/bench/lm_eval_throughput.md`).",
         "- **Paper.** Table 3: Llama2-7B, Mistral-7B and BLOOM-7B, 5-shot, SDTP pruning 65% of the input "
         "tokens, GPU; accuracy in %.",
         "- **Statistics.** Δ is the mean over the same documents of SDTP's minus dense's 0/1 correctness, in "
         "points, with a 95% paired Student t interval; p: paired t test, Holm-corrected over the tasks. Avg: "
         "the mean of the task accuracies (as the paper's), its interval a bootstrap that resamples documents "
         "within each task (10,000 resamples). Chance = 1 / number of choices; majority = the share of the most "
-        "frequent gold answer among the documents.",
+        "frequent gold answer among the documents; top answer = the share of documents given the run's most "
+        "frequent answer (near 100: the model answers one class whatever the document).",
     ]
 
 

@@ -42,19 +42,30 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def task_documents(path: Path) -> dict[str, Any]:
-    """One ``samples_<task>.jsonl`` -> ``{doc_ids, acc: "0110...", target, choices}`` (documents in id order).
+def predicted(record: dict[str, Any]) -> int | None:
+    """The choice lm-eval's ``acc`` picks: the highest log-likelihood (or the restored ``pred``)."""
+    resps = record.get("resps")
+    if isinstance(resps, list) and resps:
+        scores = [r[0] if isinstance(r, list) else r for r in resps]
+        return max(range(len(scores)), key=lambda i: scores[i])
+    return record.get("pred")
 
-    ``target`` is the gold choice index per document when lm-eval logs one (None for partial scoring,
-    where the target is the shared continuation); ``choices`` is the number of choices of the first
-    document (from its per-choice log-likelihoods, or as restored).
+
+def task_documents(path: Path) -> dict[str, Any]:
+    """One ``samples_<task>.jsonl`` -> ``{doc_ids, acc: "0110...", pred, target, choices}`` (documents in id order).
+
+    ``pred`` is the chosen answer's index per document (digits, like ``acc``); ``target`` the gold
+    index when lm-eval logs one (None for partial scoring, where the target is the shared
+    continuation); ``choices`` the number of choices of the first document.
     """
     records = sorted((r for r in parse_jsonl(path.read_text()) if isinstance(r.get("doc_id"), int)),
                      key=lambda r: r["doc_id"])
     targets = [r.get("target") for r in records]
+    preds = [predicted(r) for r in records]
     first = records[0] if records else {}
     choices = len(first["resps"]) if isinstance(first.get("resps"), list) else first.get("choices")
     return {"doc_ids": [r["doc_id"] for r in records], "acc": "".join(str(int(r["acc"])) for r in records),
+            "pred": "".join(map(str, preds)) if all(isinstance(x, int) and x < 10 for x in preds) else None,
             "target": [int(t) for t in targets] if all(isinstance(t, int) for t in targets) else None,
             "choices": choices}
 
@@ -71,9 +82,11 @@ def summarise(run_dir: Path) -> dict[str, Any]:
 
 def sample_lines(docs: dict[str, Any]) -> str:
     """The ``samples_<task>.jsonl`` text of one task of a summary (what :func:`task_documents` reads)."""
-    targets = docs.get("target") or [None] * len(docs["doc_ids"])
-    return "".join(json.dumps({"doc_id": i, "target": t, "acc": float(a), "choices": docs.get("choices")}) + "\n"
-                   for i, a, t in zip(docs["doc_ids"], docs["acc"], targets))
+    n = len(docs["doc_ids"])
+    targets, preds = docs.get("target") or [None] * n, docs.get("pred") or [None] * n
+    return "".join(json.dumps({"doc_id": i, "target": t, "acc": float(a), "pred": None if p is None else int(p),
+                               "choices": docs.get("choices")}) + "\n"
+                   for i, a, t, p in zip(docs["doc_ids"], docs["acc"], targets, preds))
 
 
 def restore(summary: dict[str, Any], run_dir: Path, current: dict[str, Any], source: str) -> bool:
