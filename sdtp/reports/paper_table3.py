@@ -242,7 +242,7 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"- **Ours.** `sdtp-eval experiment=paper_table3` ({page['model']}): lm-eval "
         f"{(sdtp.get('fingerprint') or {}).get('packages', {}).get('lm_eval')}, {results.get('num_fewshot')}-shot, "
         f"the offline tasks of `sdtp/eval/tasks` (prompts, choices and metrics of lm-eval's built-in tasks, "
-        f"`tests/test_offline_tasks.py`), the first documents of each task (`eval.limit={json.dumps(page['limit'])}`; the n column). Dense = "
+        f"`tests/test_offline_tasks.py`), the first documents of each task (`eval.limit={json.dumps(page['limit'])}`, the n column: a CPU time budget; `eval.limit=null` runs every document, as the paper). Dense = "
         f"`pruning=none`; SDTP = `pruning=sdtp`, the shipped predictor (`{shown_path(scorer.get('path'), fp_cfg)}`, recency weight "
         f"{scorer.get('recency_weight') or 'from its predictor.json'}), stages before layers {schedule.get('layers')}, "
         f"keep {keep[0] if keep else '?'} per stage ({100 * keep[-1]:.1f}% of the prompt after the last stage), first "
