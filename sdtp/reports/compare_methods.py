@@ -54,7 +54,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sdtp.eval.stats import document_outcomes, holm, paired_t_interval, prediction_outcomes, window_outcomes
-from sdtp.provenance import changed_keys
+from sdtp.provenance import changed_keys, relocate
 from sdtp.reports.paired_tables import interval_text, p_text, paired_summary
 
 log = logging.getLogger("compare_methods")
@@ -393,30 +393,13 @@ def add_seed_groups(rows: dict[str, dict[str, Any]]) -> None:
 # Fingerprints
 
 
-def _relocate(node: Any, paths: dict[str, str]) -> Any:
-    """``node`` with string values under one of ``paths`` rewritten to ``${paths.<key>}/...``.
-
-    A sweep finished in another clone resolves its data and task paths under another root; the data
-    files' *contents* are compared by hash, so their location must not count as a difference.
-    """
-    if isinstance(node, dict):
-        return {key: _relocate(value, paths) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_relocate(value, paths) for value in node]
-    if isinstance(node, str):
-        for key, prefix in sorted(paths.items(), key=lambda item: -len(item[1])):
-            if node.startswith(prefix):
-                return f"${{paths.{key}}}{node[len(prefix):]}"
-    return node
-
-
 def comparable_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
     """The non-method parts of a run's fingerprint (see :data:`METHOD_CONFIG_KEYS`), locations factored out."""
     config = fp.get("config") if isinstance(fp.get("config"), dict) else {}
     paths = {k: v for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v}
     kept = {k: v for k, v in config.items() if k not in (*METHOD_CONFIG_KEYS, "paths")}
     data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
-    return {"config": _relocate(kept, paths), "data": sorted(map(str, data.values())),
+    return {"config": relocate(kept, paths), "data": sorted(map(str, data.values())),
             **{part: fp.get(part) for part in NON_METHOD_PARTS}}
 
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Paper Table 3: accuracy on eight 5-shot lm-eval tasks (COPA, PIQA, WinoGrande, MathQA, BoolQ, CB, WiC, WSC),
+# dense vs SDTP, with paired intervals over the same documents.
+#
+#   bash experiments/paper_table3.sh                                   # embedded model (~40 min on 2 CPU cores)
+#   MODEL=mistral-7b-instruct-v0.2 bash experiments/paper_table3.sh    # GPU (needs results/predictors/<model>)
+#   bash experiments/paper_table3.sh eval.limit=null eval.batch_size=16   # every document, bigger batches (GPU)
+#
+# Two sdtp-eval runs (conf/experiment/paper_table3.yaml), dense (pruning=none) then SDTP (pruning=sdtp,
+# the shipped predictor), one after the other, in stable run directories under
+# results/runs/paper/table3/<model>/{none,sdtp}: a finished run with the same fingerprint is skipped.
+# A fresh clone resumes from the committed page: results/paper/table3/<model>.json holds both runs'
+# summaries (metrics, fingerprint, per-document correctness), restored into the run directories first
+# when they were made with the same setup (sdtp/reports/run_summary.py). Then sdtp/reports/paper_table3.py
+# renders results/paper/table3/<model>.{md,csv,png,json} with the paper's numbers beside ours.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${MODEL:-smollm2-135m}"
+RUN="results/runs/paper/table3/${MODEL}"
+PAGE="results/paper/table3/${MODEL}"
+PY="${PYTHON:-.venv/bin/python}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
+  MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
+start=$(date +%s)
+for run in none:dense sdtp:sdtp; do   # one after the other: on a small machine two runs only slow each other
+  pruning="${run%%:*}" name="${run##*:}"
+  overrides=(experiment=paper_table3 "model=${MODEL}" "pruning=${pruning}" "$@")
+  "$PY" -m sdtp.reports.run_summary restore --page "$PAGE.json" --name "$name" --run "$RUN/$pruning" -- "${overrides[@]}"
+  "$PY" -m sdtp.cli.evaluate "${overrides[@]}" "hydra.run.dir=$RUN/$pruning"
+done
+shown="bash experiments/paper_table3.sh${*:+ $*}"
+[[ "$MODEL" == smollm2-135m ]] || shown="MODEL=$MODEL $shown"
+"$PY" -m sdtp.reports.paper_table3 --run "dense=$RUN/none" --run "sdtp=$RUN/sdtp" --out "$(dirname "$PAGE")" \
+  --command "$shown" --wall-s "$(( $(date +%s) - start ))"

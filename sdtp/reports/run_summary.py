@@ -1,0 +1,152 @@
+"""A finished ``sdtp-eval eval=lm_eval`` run as a small JSON (per-document correctness), and back.
+
+    python -m sdtp.reports.run_summary restore --page results/paper/table3/smollm2-135m.json --name sdtp \
+        --run results/runs/paper/table3/smollm2-135m/sdtp -- experiment=paper_table3 pruning=sdtp
+
+A paper page commits :func:`summarise` of each of its runs: the run's ``metrics.json`` (fingerprint
+included, resolved config dropped: the fingerprint holds it) and, per task, the evaluated document ids
+with their 0/1 ``acc``, gold index and number of choices: a few kB where lm-eval's samples are MBs.
+
+:func:`restore` turns a committed summary back into a run directory (``metrics.json`` and
+``samples_<task>.jsonl``) when, and only when, the run that ``sdtp-eval`` would make now has the same
+fingerprint up to the clone's location (:func:`sdtp.provenance.portable`): same config, data and
+task files, predictor, packages, dtype and device. ``sdtp-eval`` then finds a finished run and skips
+it, so a fresh clone re-renders the page without re-running, and any change recomputes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+from sdtp.provenance import portable
+from sdtp.utils import parse_jsonl, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+SAMPLES_PREFIX = "samples_"
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Where a run was made: CPU model (and GPU name on CUDA), for the page."""
+    from sdtp.benchmark.environment import cpu_model
+
+    info: dict[str, Any] = {"cpu_model": cpu_model(), "device": device, "platform": platform.platform()}
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def predicted(record: dict[str, Any]) -> int | None:
+    """The choice lm-eval's ``acc`` picks: the highest log-likelihood (or the restored ``pred``)."""
+    resps = record.get("resps")
+    if isinstance(resps, list) and resps:
+        scores = [r[0] if isinstance(r, list) else r for r in resps]
+        return max(range(len(scores)), key=lambda i: scores[i])
+    return record.get("pred")
+
+
+def task_documents(path: Path) -> dict[str, Any]:
+    """One ``samples_<task>.jsonl`` -> ``{doc_ids, acc: "0110...", pred, target, choices}`` (documents in id order).
+
+    ``pred`` is the chosen answer's index per document (digits, like ``acc``); ``target`` the gold
+    index when lm-eval logs one (None for partial scoring, where the target is the shared
+    continuation); ``choices`` the number of choices of the first document.
+    """
+    records = sorted((r for r in parse_jsonl(path.read_text()) if isinstance(r.get("doc_id"), int)),
+                     key=lambda r: r["doc_id"])
+    targets = [r.get("target") for r in records]
+    preds = [predicted(r) for r in records]
+    first = records[0] if records else {}
+    choices = len(first["resps"]) if isinstance(first.get("resps"), list) else first.get("choices")
+    return {"doc_ids": [r["doc_id"] for r in records], "acc": "".join(str(int(r["acc"])) for r in records),
+            "pred": "".join(map(str, preds)) if all(isinstance(x, int) and x < 10 for x in preds) else None,
+            "target": [int(t) for t in targets] if all(isinstance(t, int) for t in targets) else None,
+            "choices": choices}
+
+
+def summarise(run_dir: Path) -> dict[str, Any]:
+    """A finished lm-eval run directory -> ``{metrics, documents: {task: ...}}`` (JSON-ready, small)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("config", None)  # the fingerprint holds the resolved config
+    metrics.setdefault("machine", machine(str(metrics.get("fingerprint", {}).get("device", "cpu"))))
+    documents = {path.stem.removeprefix(SAMPLES_PREFIX): task_documents(path)
+                 for path in sorted(run_dir.glob(f"{SAMPLES_PREFIX}*.jsonl"))}
+    return {"metrics": metrics, "documents": documents}
+
+
+def sample_lines(docs: dict[str, Any]) -> str:
+    """The ``samples_<task>.jsonl`` text of one task of a summary (what :func:`task_documents` reads)."""
+    n = len(docs["doc_ids"])
+    targets, preds = docs.get("target") or [None] * n, docs.get("pred") or [None] * n
+    return "".join(json.dumps({"doc_id": i, "target": t, "acc": float(a), "pred": None if p is None else int(p),
+                               "choices": docs.get("choices")}) + "\n"
+                   for i, a, t, p in zip(docs["doc_ids"], docs["acc"], targets, preds))
+
+
+def restore(summary: dict[str, Any], run_dir: Path, current: dict[str, Any], source: str) -> bool:
+    """Write ``summary`` into ``run_dir`` as a finished run if it was made with ``current``'s setup.
+
+    Returns whether it did. Never touches a run directory that already holds a ``metrics.json``
+    (``sdtp-eval`` decides about that one). The restored ``metrics.json`` carries ``current`` as its
+    fingerprint, so ``sdtp-eval`` reuses it, and ``restored_from`` naming ``source``.
+    """
+    if (run_dir / "metrics.json").exists():
+        return False
+    stored = summary.get("metrics", {}).get("fingerprint")
+    if not isinstance(stored, dict) or portable(stored) != portable(current):
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for task, docs in summary["documents"].items():
+        write_text_atomic(run_dir / f"{SAMPLES_PREFIX}{task}.jsonl", sample_lines(docs))
+    write_json_atomic(run_dir / "metrics.json", {**summary["metrics"], "fingerprint": current, "restored_from": source})
+    return True
+
+
+def current_fingerprint(overrides: list[str]) -> dict[str, Any]:
+    """The fingerprint ``sdtp-eval <overrides>`` would record (config composed as the CLI does; no model loaded)."""
+    from sdtp.cli.evaluate import input_files
+    from sdtp.config import compose
+    from sdtp.provenance import fingerprint
+
+    cfg = compose("eval", overrides)
+    return fingerprint(cfg, input_files(cfg))
+
+
+def _current_or_none(overrides: list[str]) -> dict[str, Any] | None:
+    from sdtp.errors import ConfigError
+
+    try:
+        return current_fingerprint(overrides)
+    except ConfigError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rest = sub.add_parser("restore", help="restore a committed run summary into a run directory if it matches")
+    rest.add_argument("--page", type=Path, required=True, help="a page JSON with {'runs': {name: summary}}")
+    rest.add_argument("--name", required=True, help="which run of the page")
+    rest.add_argument("--run", type=Path, required=True, help="the run directory sdtp-eval will use")
+    rest.add_argument("overrides", nargs="*", help="the sdtp-eval overrides (after --), hydra.* excluded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[run_summary] %(message)s")
+    summary = json.loads(args.page.read_text()).get("runs", {}).get(args.name) if args.page.is_file() else None
+    if summary is None:
+        log.info("%s: no committed %s run", args.page, args.name)
+    elif not (current := _current_or_none(args.overrides)):
+        log.info("%s: not restored (the overrides do not compose; sdtp-eval will say why)", args.run)
+    elif restore(summary, args.run, current, str(args.page)):
+        log.info("%s: restored the committed %s run from %s (same setup)", args.run, args.name, args.page)
+    else:
+        log.info("%s: not restored (a run is there already, or the committed one was made another way)", args.run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Paper Table 3 page on fabricated run outputs: paired intervals by hand, the paper's numbers, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sdtp.reports import paper_table3
+from sdtp.reports.run_summary import restore, summarise
+
+# Per-document 0/1 correctness (doc ids 0..n-1) and gold answers; COPA: SDTP loses docs 0 and 2, gains doc 1.
+DENSE = {"sdtp_copa": [1, 0, 1], "sdtp_cb": [1, 1, 0, 0], "sdtp_wsc": [0, 1, 1, 1]}
+SDTP = {"sdtp_copa": [0, 1, 0], "sdtp_cb": [1, 1, 0, 0], "sdtp_wsc": [1, 1, 1, 1]}
+TARGETS = {"sdtp_copa": [0, 1, 1], "sdtp_cb": [0, 0, 0, 2], "sdtp_wsc": [0, 0, 0, 1]}
+CHOICES = {"sdtp_copa": 2, "sdtp_cb": 3, "sdtp_wsc": 2}
+
+
+def _fingerprint(root: str, pruning: str) -> dict:
+    return {"config": {"paths": {"root": root, "data_dir": f"{root}/../data"},
+                       "eval": {"limit": {"sdtp_copa": 3}, "batch_size": 4, "include_path": f"{root}/sdtp/eval/tasks"},
+                       "pruning": {"name": pruning, "scorer": {"path": f"{root}/results/predictors/m"}}},
+            "dtype": "torch.bfloat16", "device": "cpu", "packages": {"lm_eval": "0.4.13"},
+            "data": {f"{root}/../data/mc/copa.jsonl": "abc"}, "predictor": {}, "git": {"commit": "c0ffee"}}
+
+
+def _run(path, outcomes: dict[str, list[int]], pruning: str, root: str = "/clone/a"):
+    path.mkdir(parents=True)
+    for task, accs in outcomes.items():
+        rows = [{"doc_id": i, "target": TARGETS[task][i], "resps": [[-1.0, False]] * CHOICES[task], "acc": float(a)}
+                for i, a in enumerate(accs)]
+        (path / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schedule = {"layers": [1, 2], "keep_fractions": [0.9, 0.81], "keep_first": 4, "keep_recent": 0.1}
+    metrics = {"eval": "lm_eval", "model": "tiny", "dtype": "torch.bfloat16", "threads": 2, "wall_s": 60.0,
+               "pruning": {"name": pruning, "schedule": schedule if pruning == "sdtp" else None},
+               "avg_kept_fraction": 0.81 if pruning == "sdtp" else 1.0, "git_commit": "c0ffee",
+               "results": {"num_fewshot": 5, "avg_layer_token_fraction": 0.9, "avg_pruned_prompt_tokens": 300.0,
+                           "pruned_prefills": 11},
+               "machine": {"cpu_model": "Test CPU", "device": "cpu"}, "config": {"big": "dropped from the summary"},
+               "fingerprint": _fingerprint(root, pruning)}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+@pytest.fixture
+def page_dir(tmp_path):
+    runs = {"dense": _run(tmp_path / "none", DENSE, "none"), "sdtp": _run(tmp_path / "sdtp", SDTP, "sdtp")}
+    md = paper_table3.write_page(runs, tmp_path / "page", "bash experiments/paper_table3.sh", wall_s=120.0)
+    return md.parent
+
+
+def test_paired_interval_matches_a_hand_computation(page_dir):
+    page = json.loads((page_dir / "tiny.json").read_text())
+    rows = {r["task"]: r for r in page["table"]}
+    copa = rows["COPA"]
+    # diffs (points) -100, +100, -100: mean -100/3, sample sd sqrt(((-200/3)^2 * 2 + (400/3)^2) / 2) = 115.47,
+    # t_{0.975, 2} = 0.95 sqrt(2 / (1 - 0.95^2)) = 4.3027 (closed form for 2 degrees of freedom).
+    mean = -100 / 3
+    sd = math.sqrt(((-100 - mean) ** 2 * 2 + (100 - mean) ** 2) / 2)
+    half = 0.95 * math.sqrt(2 / (1 - 0.95**2)) * sd / math.sqrt(3)
+    assert copa["n"] == 3 and copa["dense_acc"] == pytest.approx(200 / 3) and copa["sdtp_acc"] == pytest.approx(100 / 3)
+    assert copa["delta"]["mean"] == pytest.approx(mean)
+    assert (copa["delta"]["low"], copa["delta"]["high"]) == pytest.approx((mean - half, mean + half))
+    assert (copa["gained"], copa["lost"]) == (1, 2)
+    assert copa["dense_top_answer"] == 100.0  # every fabricated document's choices tie: lm-eval picks the first
+    assert rows["CB"]["delta"]["identical"] and rows["CB"]["chance"] == pytest.approx(100 / 3)
+    assert rows["CB"]["majority"] == 75.0 and rows["WSC"]["delta"]["mean"] == 25.0
+    avg = rows["Avg"]
+    assert avg["dense_acc"] == pytest.approx((200 / 3 + 50 + 75) / 3)
+    assert avg["delta"]["mean"] == pytest.approx((mean + 0 + 25) / 3)
+    assert [r["task"] for r in page["table"]] == ["COPA", "CB", "WSC", "Avg"]  # the paper's order
+
+
+def test_page_holds_the_papers_numbers_and_the_setup(page_dir):
+    md = (page_dir / "tiny.md").read_text()
+    assert "| COPA | 83.00 | 85.00 | 90.00 | 91.00 | 69.00 | 69.00 |" in md  # the paper's Table 3, as printed
+    assert "| Avg | 58.62 | 59.88 | 71.39 | 71.24 | 54.03 | 53.90 |" in md
+    assert "90.00 → 91.00 (+1.00)" in md and "92.86 → 89.29 (-3.57)" in md  # beside ours: Mistral COPA, CB
+    assert "-33.33 [" in md and "identical on all 4" in md
+    assert "bash experiments/paper_table3.sh" in md and "c0ffee" in md and "Test CPU" in md and "bfloat16" in md
+    assert "results/predictors/m" in md and "/clone/a" not in md  # shown relative to the clone
+    assert "near chance" in md and "5.44 points" in md  # expected differences; the paper's largest |Δ|
+    csv_lines = (page_dir / "tiny.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("task,lm_eval_task,n,dense_acc") and len(csv_lines) == 5
+    assert (page_dir / "tiny.png").stat().st_size > 0
+    page = json.loads((page_dir / "tiny.json").read_text())
+    assert "config" not in page["runs"]["sdtp"]["metrics"] and page["runs"]["sdtp"]["documents"]["sdtp_copa"]["acc"] == "010"
+    assert page["runs"]["sdtp"]["documents"]["sdtp_copa"]["pred"] == "000"
+
+
+def test_committed_summary_restores_a_run_only_for_the_same_setup(page_dir, tmp_path):
+    summary = json.loads((page_dir / "tiny.json").read_text())["runs"]["sdtp"]
+    here = _fingerprint("/home/u/other-clone", "sdtp")  # the same run, made in another clone
+    assert restore(summary, tmp_path / "restored", here, "page.json")
+    restored = summarise(tmp_path / "restored")
+    assert restored["documents"] == summary["documents"]
+    assert restored["metrics"]["fingerprint"] == here and restored["metrics"]["restored_from"] == "page.json"
+    assert not restore(summary, tmp_path / "restored", here, "page.json")  # a finished run is left alone
+    other = dict(here, dtype="torch.float32")
+    assert not restore(summary, tmp_path / "fp32", other, "page.json") and not (tmp_path / "fp32").exists()
