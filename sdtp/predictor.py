@@ -9,6 +9,11 @@ state): ``log(1 + distance to the prompt's last token) / 8`` (recency in tokens,
 prompt lengths) and ``position / prompt length`` (relative place in the prompt). They let the
 predictor learn recency, which a hidden state alone encodes only weakly.
 
+Optional norm feature (``norm_feature``, one more input): ``log`` of the hidden state's RMS, taken
+before the input normalisation removes it. Tokens with massive activations (attention sinks such as
+delimiters and newlines) are recognisable by their norm alone, which is what the training-free ``norm``
+scorer keeps; with ``input_norm`` the MLP would otherwise never see it.
+
 The predictor always computes in its own parameter dtype (fp32 master weights): the hidden states
 are cast to it, so a bf16 model never changes the trained weights and export equals the checkpoint.
 """
@@ -45,6 +50,7 @@ class PredictorMeta:
     # MLP's output scale; off by default so older checkpoints load unchanged.
     input_norm: bool = False
     position_features: bool = False  # append position_features() to the input (older checkpoints: off)
+    norm_feature: bool = False  # append log RMS of the raw hidden state (older checkpoints: off)
     # Weight of the recency prior the scorer blends in at inference (sdtp/scorers/prior.py), chosen
     # on validation data after training; 0 = raw predictor scores (older checkpoints).
     recency_weight: float = 0.0
@@ -75,6 +81,17 @@ def position_features(positions: torch.Tensor, prompt_len: torch.Tensor) -> torc
     return torch.stack([torch.log1p(distance) / 8.0, (positions.float() / length).clamp(max=1.0)], dim=-1)
 
 
+def with_norm_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without the norm feature -> the same with a zero-weight input column appended to
+    every stage's ``fc1`` (the norm feature is the last input), so the widened predictor scores
+    exactly as the original until it is trained."""
+    out = dict(state)
+    for key, weight in state.items():
+        if key.endswith("fc1.weight"):
+            out[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
+    return out
+
+
 class StageMLP(nn.Module):
     """Linear(d, h) -> GELU -> Linear(h, 2). Input (B, n, d) -> logits (B, n, 2)."""
 
@@ -95,7 +112,7 @@ class TokenPredictor(nn.Module):
         super().__init__()
         self.meta = meta
         width = max(2, int(round(meta.hidden_size * meta.hidden_ratio)))
-        extra = NUM_POSITION_FEATURES if meta.position_features else 0
+        extra = (NUM_POSITION_FEATURES if meta.position_features else 0) + int(meta.norm_feature)
         self.stages = nn.ModuleList(StageMLP(meta.hidden_size + extra, width) for _ in meta.layers)
 
     def logits(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
@@ -108,13 +125,15 @@ class TokenPredictor(nn.Module):
         """
         weight = self.stages[stage].fc1.weight
         x = hidden_states.to(weight.dtype)
-        if self.meta.input_norm:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        mean_square = x.pow(2).mean(-1, keepdim=True) + 1e-6
+        features = [x * torch.rsqrt(mean_square) if self.meta.input_norm else x]
         if self.meta.position_features:
             if positions is None or prompt_len is None:
                 raise ValueError("this predictor uses position features: pass positions and prompt_len")
-            x = torch.cat([x, position_features(positions, prompt_len).to(x.dtype)], dim=-1)
-        return self.stages[stage](x)
+            features.append(position_features(positions, prompt_len).to(x.dtype))
+        if self.meta.norm_feature:
+            features.append(0.5 * torch.log(mean_square))  # log RMS
+        return self.stages[stage](torch.cat(features, dim=-1) if len(features) > 1 else features[0])
 
     def forward(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
                 prompt_len: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,3 +62,24 @@ def test_checkpoint_for_other_model_is_rejected_at_bind(tmp_path, tiny_llama):
     cfg = compose("generate", ["model=tiny-llama", "pruning=sdtp", f"pruning.scorer.path={tmp_path}"])
     with pytest.raises(ConfigError, match="stage layers"), build_pruner(cfg)(model):
         pass
+
+
+def test_norm_feature_is_the_log_rms_the_input_norm_removes(tmp_path):
+    """With input_norm the MLP sees only the direction; norm_feature appends log RMS of the raw state,
+    so two tokens that differ only in scale score differently, and the checkpoint round-trips."""
+    torch.manual_seed(0)
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2], input_norm=True, norm_feature=True)
+    p = TokenPredictor(meta)
+    assert p.stages[0].fc1.in_features == 65
+    x = torch.randn(1, 3, 64)
+    x[0, 1] = 10.0 * x[0, 0]  # same direction, 10x the norm
+    mlp = p.stages[1]
+    unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    log_rms = 0.5 * torch.log(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = mlp(torch.cat([unit, log_rms], dim=-1))
+    torch.testing.assert_close(p.logits(1, x), expected)
+    assert not torch.allclose(p(1, x)[0, 0], p(1, x)[0, 1])
+    blind = TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2], input_norm=True))
+    torch.testing.assert_close(blind(1, x)[0, 0], blind(1, x)[0, 1], rtol=1e-4, atol=1e-4)
+    p.save(tmp_path)
+    torch.testing.assert_close(TokenPredictor.load(tmp_path)(1, x), p(1, x))

@@ -40,7 +40,7 @@ from sdtp.errors import ConfigError
 from sdtp.labels import load_labels, transform_labels
 from sdtp.losses import distill_kl, sdtp_loss
 from sdtp.models import load_model
-from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.predictor import PredictorMeta, TokenPredictor, with_norm_input
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.scorers.random import RandomScorer
@@ -181,7 +181,7 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
     return TokenPredictor(PredictorMeta(
         hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(t.hidden_ratio),
         base_model=cfg.model.name, num_layers=int(cfg.model.num_layers), input_norm=bool(t.input_norm),
-        position_features=bool(t.position_features),
+        position_features=bool(t.position_features), norm_feature=bool(t.norm_feature),
         extra={"keep_mode": t.keep_mode, "target": t.target, "label_transform": t.label_transform,
                "loss": OmegaConf.to_container(t.loss), "data": cfg.data.name},
     )).to(next(model.parameters()).device)
@@ -208,7 +208,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                     base_model=cfg.model.name)
         if start.meta.position_features != predictor.meta.position_features:
             raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
-        predictor.load_state_dict(start.state_dict())
+        if start.meta.norm_feature and not predictor.meta.norm_feature:
+            raise ConfigError(f"train.init_from: {t.init_from} has norm_feature=true; set train.norm_feature=true")
+        # A checkpoint without the norm input gets it as a zero-weight column: training starts from
+        # exactly the old scores and learns how much the norm adds.
+        predictor.load_state_dict(with_norm_input(start.state_dict()) if predictor.meta.norm_feature
+                                  and not start.meta.norm_feature else start.state_dict())
     optimizer = hydra.utils.instantiate(t.optimizer)(params=predictor.parameters())
     scheduler = hydra.utils.instantiate(t.scheduler)(optimizer=optimizer) if t.scheduler else None
     rng = {"gumbel": torch.Generator().manual_seed(int(cfg.seed)), "pairs": torch.Generator().manual_seed(int(cfg.seed) + 1)}
