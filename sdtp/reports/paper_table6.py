@@ -56,11 +56,18 @@ PAPER_MODEL = "Llama2-7B"
 
 
 def label(name: str) -> str:
+    """The column label of a run name ("sdtp_h2o" -> "SDTP w. H2O")."""
     return COLUMNS.get(name, name)
 
 
 def comparison_key(other: str, base: str) -> str:
+    """The key of the comparison ``other − base`` in a row's ``comparisons`` ("sdtp_h2o-h2o")."""
     return f"{other}-{base}"
+
+
+def percent(fraction: float | None) -> str:
+    """A fraction as a percentage with one decimal ("–" for None)."""
+    return "–" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def paper_delta(row: str, other: str, base: str) -> float | None:
@@ -172,6 +179,7 @@ def to_csv(page: dict[str, Any]) -> str:
 
 
 def accuracy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The main table: every column's accuracy per task, the paper's Llama2-7B row beside it."""
     runs = list(COLUMNS)
     lines = ["| task | n | chance / majority | " + " | ".join(label(r) for r in runs) + " | paper "
              f"{PAPER_MODEL}: Full / Local / H2O / SDTP w. H2O |",
@@ -189,6 +197,7 @@ def accuracy_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def difference_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per comparison and task: Δ with its interval, flips, Holm p, the paper's Δ."""
     lines = ["| comparison | task | n | Δ [95% CI] | flips: gains / losses | p (Holm) | "
              f"paper {PAPER_MODEL} Δ |", "|---|---|---:|---|---:|---:|---:|"]
     for other, base in COMPARISONS:
@@ -205,6 +214,7 @@ def difference_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def answer_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each run's top-answer share per task (near 100: one answer whatever the document)."""
     runs = list(COLUMNS)
     lines = ["| task | " + " | ".join(label(r) for r in runs) + " |", "|---|" + "---:|" * len(runs)]
     for r in rows:
@@ -214,15 +224,15 @@ def answer_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def kept_lines(page: dict[str, Any]) -> list[str]:
+    """What each run kept, as measured (:func:`kept_summary`)."""
     lines = ["| run | KV policy | KV entries kept / entries the prefill left | prompt tokens after the last "
              "stage | tokens per layer | KV entries kept / dense cache | mean prompt tokens (pruned runs) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name in COLUMNS:
         k = page["kept"][name]
         policy = "none" if k["kv_method"] == "none" else f"{k['kv_method']} {k['kv_ratio']:.0%}"
-        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-        lines.append(f"| {label(name)} | {policy} | {pct(k['kv_kept'])} | {pct(k['tokens_kept'])} | "
-                     f"{pct(k['layer_tokens'])} | {pct(k['kv_vs_dense'])} | {num(k['prompt_tokens'], '.0f')} |")
+        lines.append(f"| {label(name)} | {policy} | {percent(k['kv_kept'])} | {percent(k['tokens_kept'])} | "
+                     f"{percent(k['layer_tokens'])} | {percent(k['kv_vs_dense'])} | {num(k['prompt_tokens'], '.0f')} |")
     return lines
 
 
@@ -241,6 +251,8 @@ def paper_bounds() -> dict[str, float]:
 
 
 def header_lines(page: dict[str, Any]) -> list[str]:
+    """The setup: our runs, where dense and SDTP come from, how the KV cache is compressed, machine, paper,
+    statistics."""
     runs = page["runs"]
     metrics = {name: runs[name]["metrics"] for name in COLUMNS}
     h2o = metrics["sdtp_h2o"]
@@ -260,7 +272,8 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"documents of each task (`eval.limit={json.dumps(page['limit'])}`, the n column: a CPU time budget; "
         "`eval.limit=null` runs every document, as the paper). Local = `kv=streaming` (the first "
         f"{kv.get('keep_first')} entries, StreamingLLM's attention sinks, plus the most recent ones), H2O = `kv=h2o` "
-        f"(the entries with the most attention accumulated over every prompt query, plus the first {kv.get('keep_first')} "
+        "(the entries with the most attention accumulated over every prompt query, plus the first "
+        f"{kv.get('keep_first')} "
         f"and the last {100 * (kv.get('keep_recent') or 0):.0f}%), both keeping `kv.ratio={kv.get('ratio')}` of every "
         "layer's cache, per KV head. SDTP = `pruning=sdtp`, the shipped predictor "
         f"(`{shown_path(scorer.get('path'), run_config(metrics['sdtp']))}`), stages before layers "
@@ -319,8 +332,8 @@ def expected_lines(page: dict[str, Any]) -> list[str]:
         f"- **Short contexts.** 5-shot prompts are short (mean {num(kept['sdtp_h2o']['prompt_tokens'], '.0f')} "
         "tokens for the SDTP runs here), so 40% of a layer's cache is some tens to a few hundred entries, of which "
         "the first 4 and the last 10% are always kept. With SDTP the KV budget is 40% of what pruning left in each "
-        f"layer: SDTP w. H2O keeps {num(100 * (kept['sdtp_h2o']['kv_vs_dense'] or math.nan), '.1f')}% of the dense "
-        f"cache's entries, H2O alone {num(100 * (kept['h2o']['kv_vs_dense'] or math.nan), '.1f')}% (table above).",
+        f"layer: SDTP w. H2O keeps {percent(kept['sdtp_h2o']['kv_vs_dense'])} of the dense cache's entries, H2O "
+        f"alone {percent(kept['h2o']['kv_vs_dense'])} (table above).",
         f"- **Not expected to differ.** The size of the KV-only loss and of SDTP's cost on top of it: in the paper "
         f"H2O − Full is at most {bounds['h2o-dense']:.2f} points in magnitude and SDTP w. H2O − H2O at most "
         f"{bounds['sdtp_h2o-h2o']:.2f}. A task the model solves clearly above chance whose H2O − dense or SDTP w. "
@@ -331,6 +344,7 @@ def expected_lines(page: dict[str, Any]) -> list[str]:
 
 
 def render(page: dict[str, Any]) -> str:
+    """The page's Markdown."""
     lines = [f"# Paper Table 6: 5-shot accuracy with 40% of the KV cache, alone and with SDTP ({page['model']})", "",
              "Generated by `sdtp/reports/paper_table6.py` (do not edit by hand). Command:", "",
              "```bash", page["command"], "```", "", *header_lines(page), "",
@@ -375,7 +389,8 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
         paper = [r["comparisons"][key]["paper"] for r in rows]
         if any(p is not None for p in paper):
             right.scatter([i + offset for i, p in zip(x, paper) if p is not None],
-                          [p for p in paper if p is not None], marker="x", color=drawn[0].get_color(), label=f"{label(other)} (paper {PAPER_MODEL})")
+                          [p for p in paper if p is not None], marker="x", color=drawn[0].get_color(),
+                          label=f"{label(other)} (paper {PAPER_MODEL})")
     right.axhline(0, color="grey", linewidth=0.8)
     right.set_ylabel("Δ vs dense (points)")
     for ax in (left, right):
