@@ -99,6 +99,7 @@ def test_page_holds_the_papers_numbers_the_kept_fractions_and_the_setup(page_dir
     # Measured: 40% of the entries the prefill left; with SDTP that is 40% of 90% of the dense cache.
     assert "| SDTP w. H2O | h2o 40% | 40.0% | 81.0% | 90.0% | 36.0% | 300 |" in md
     assert "| dense | none | 100.0% | 100.0% | 100.0% | 100.0% | – |" in md
+    assert "| Pruning ratio (measured) | | | - | - | - | 19.0% | 19.0% | 19.0% | - / - / - / 65% |" in md
     assert "bash experiments/paper_table6.sh" in md and "Test CPU" in md and "c0ffee" in md
     assert "results/predictors/m" in md and "/clone/a" not in md
     assert "Llama2-7B on a GPU, this page tiny (cpu)" in md and "H2O − Full is at most 2.00 points" in md
