@@ -242,7 +242,10 @@ def kept_lines(page: dict[str, Any]) -> list[str]:
         policy = "none" if k["kv_method"] == "none" else f"{k['kv_method']} {k['kv_ratio']:.0%}"
         lines.append(f"| {label(name)} | {policy} | {percent(k['kv_kept'])} | {percent(k['tokens_kept'])} | "
                      f"{percent(k['layer_tokens'])} | {percent(k['kv_vs_dense'])} | {num(k['prompt_tokens'], '.0f')} |")
-    return lines
+    tasks = ", ".join(TASKS.get(t, t) for t in page["tasks"])
+    return lines + ["", f"Summed over every prefill of each run: the KV runs' over {tasks}; dense and SDTP (no KV) "
+                        "are the Table 3 runs, whose fractions cover its eight tasks. KV entries kept / dense cache = "
+                        "the KV fraction x tokens per layer (SDTP's KV budget is a share of what pruning left)."]
 
 
 def paper_lines() -> list[str]:
