@@ -100,7 +100,7 @@ def test_page_holds_the_papers_numbers_the_kept_fractions_and_the_setup(page_dir
     assert "| SDTP w. H2O | h2o 40% | 40.0% | 81.0% | 90.0% | 36.0% | 300 |" in md
     assert "| dense | none | 100.0% | 100.0% | 100.0% | 100.0% | – |" in md
     assert "| Pruning ratio (measured) | | | - | - | - | 19.0% | 19.0% | 19.0% | - / - / - / 65% |" in md
-    assert "bash experiments/paper_table6.sh" in md and "Test CPU" in md and "c0ffee" in md
+    assert "bash experiments/paper_table6.sh" in md and "Test CPU" in md and "c0ffee" in md and "†" not in md
     assert "results/predictors/m" in md and "/clone/a" not in md
     assert "Llama2-7B on a GPU, this page tiny (cpu)" in md and "H2O − Full is at most 2.00 points" in md
     assert "within 10 points of chance here on: no task;" in md and "SDTP w. H2O keeps 36.0% of the dense" in md
@@ -123,7 +123,20 @@ def test_kv_runs_must_be_made_like_the_table3_runs(tmp_path, table3):
         paper_table6.build_page(table3, _kv_runs(tmp_path / "fewer", outcomes=fewer), "c", None)
     # Another clone, another KV policy, more tasks in Table 3: still the same documents, scored alike.
     moved = lambda pruning, kv: lm_eval_fingerprint("/home/u/clone", pruning, kv)  # noqa: E731
-    assert paper_table6.build_page(table3, _kv_runs(tmp_path / "moved", moved), "c", None)["table"]
+    page = paper_table6.build_page(table3, _kv_runs(tmp_path / "moved", moved), "c", None)
+    assert page["table"] and page["sdtp_differs"] == []
+
+
+def test_sdtp_alone_made_with_another_predictor_is_marked(tmp_path, table3):
+    """SDTP (no KV) enters no comparison: a predictor changed since Table 3 is named on the page, not refused."""
+    def edited(pruning, kv):
+        fp = lm_eval_fingerprint("/clone/a", pruning, kv)
+        fp["predictor"] = {path: "456" for path in fp["predictor"]}
+        return fp
+
+    md = paper_table6.write_page(table3, _kv_runs(tmp_path / "edited", edited), tmp_path / "page", "c")
+    text = md.read_text()
+    assert "| SDTP (no KV) † |" in text and "predictor.${paths.root}/results/predictors/m/predictor.safetensors" in text
 
 
 def test_committed_kv_summary_restores_for_the_same_setup(page_dir, tmp_path):
