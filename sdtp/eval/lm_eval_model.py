@@ -32,8 +32,8 @@ cache at the end of that forward, and the continuation tokens are scored on the 
 (every choice of the context in one forward; :class:`sdtp.kv.cache.CompressedCache` gathers each
 layer's mask to the entries every KV head kept). Contexts are prefilled one at a time (a KV budget
 is a fraction of a row's prompt, which left padding would distort; ``batch_size`` is then not used
-for log-likelihood requests). A prefill that was not compressed (hooks missing) raises instead of scoring an
-uncompressed cache. ``loglikelihood_rolling`` is refused as with a pruner (1-token contexts leave
+for log-likelihood requests). A prefill that was not compressed (hooks missing) raises instead of
+scoring an uncompressed cache. ``loglikelihood_rolling`` is refused as with a pruner (1-token contexts leave
 nothing to compress), ``generate_until`` needs ``batch_size`` 1.
 
 Batching with a pruner. ``batch_size`` (an integer; ``auto`` is refused, its probe measures the
@@ -142,7 +142,8 @@ class SDTPLM(HFLM):
         # KV budgets are fractions of each row's prompt: left padding would count, so one context per prefill.
         batch_size = 1 if self.kv_policy is not None else int(override_bs or self.batch_size)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Pruned loglikelihood")
+        desc = "Pruned loglikelihood" if self.pruner is not None else f"{self.kv_policy.method} KV loglikelihood"
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
         for start in range(0, len(contexts), batch_size):
             batch = contexts[start : start + batch_size]
             for index, answer in self._score_batch(batch, groups):
