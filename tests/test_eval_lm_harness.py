@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_tasks
 from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
+from sdtp.kv import CompressedCache, KVCompressor, KVPolicy
 from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.base import Scorer
@@ -303,3 +305,81 @@ def test_batch_size_limits_with_a_pruner(tiny_llama):
     assert lm.kept.summary()["pruned_prefills"] == 0
     with pytest.raises(ConfigError, match="batch_size=auto"):
         SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(PRUNE, RandomScorer()), batch_size="auto")
+
+
+def _decoded_one_by_one(model, lm: SDTPLM, pruner: TokenPruner | None, monkeypatch) -> list[tuple[float, bool]]:
+    """Reference for a KV policy: each request alone, its context prefilled (pruned) and compressed by the
+    installed hooks, the continuation then *decoded token by token* on the compressed cache (the
+    generation path, which needs no mask), log-probs summed."""
+    out = []
+    for _, context_enc, continuation_enc in _token_requests(lm, monkeypatch):
+        context_enc = (context_enc + continuation_enc)[-(lm.max_length + 1):][: -len(continuation_enc)]
+        with pruner(model) if pruner is not None else nullcontext():
+            prefill = model(input_ids=torch.tensor([context_enc]), use_cache=True)
+            cache, logits = output_cache(prefill), [prefill.logits[:, -1]]
+            assert isinstance(cache, CompressedCache)
+            for i, token in enumerate(continuation_enc[:-1]):
+                step = model(input_ids=torch.tensor([[token]]), **cache_kwargs(cache), use_cache=True,
+                             position_ids=torch.tensor([[len(context_enc) + i]]))
+                logits.append(step.logits[:, -1])
+        logprobs = torch.log_softmax(torch.cat(logits), dim=-1)
+        targets = torch.tensor(continuation_enc)
+        out.append((float(logprobs[torch.arange(len(targets)), targets].sum()),
+                    bool((logprobs.argmax(-1) == targets).all())))
+    return out
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming", "snapkv"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_kv_policy_scores_every_request_on_its_compressed_cache(tiny, hf_lm, method, pruned, monkeypatch):
+    """kv=...: the context is prefilled (pruned) and compressed, the continuation scored on that cache; = decoding
+    the continuation token by token after the same prefill; the compression changes the scores."""
+    model, tokenizer, _ = tiny
+    policy = KVPolicy(method, ratio=0.4, window=4)
+    pruner = TokenPruner(PRUNE, HiddenNormScorer()) if pruned else None
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner, kv_policy=policy, max_length=128, batch_size=4)
+    with KVCompressor(policy)(model) as press:
+        ours = lm.loglikelihood(_requests(CHOICES))
+        prefills = press.entries_before
+        reference = _decoded_one_by_one(model, lm, pruner, monkeypatch)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(ours, reference, strict=True):
+        assert ll == pytest.approx(ll_ref, rel=1e-4, abs=1e-4) and greedy == greedy_ref
+    dense = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=128).loglikelihood(_requests(CHOICES))
+    assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(ours, dense))
+    # One compressed prefill per distinct context (choices share it), not one per request.
+    contexts = {tuple((c + t)[-(lm.max_length + 1):][: -len(t)]) for _, c, t in _token_requests(lm, monkeypatch)}
+    if pruned:
+        assert lm.kept.summary()["pruned_prefills"] == len(contexts)
+    else:
+        assert prefills == sum(len(c) for c in contexts) * model.config.num_hidden_layers
+    assert press.kept_fraction is not None and press.kept_fraction < 0.75
+
+
+def test_kv_ratio_one_equals_dense_hflm(tiny_llama, hf_lm):
+    """Keeping the whole cache through the KV path (prefill, continuation block on the cache) = HFLM's dense pass."""
+    model, tokenizer, _ = tiny_llama
+    policy = KVPolicy("h2o", ratio=1.0)
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, kv_policy=policy, max_length=128, batch_size=3)
+    with KVCompressor(policy)(model):
+        ours = lm.loglikelihood(_requests(CHOICES))
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(ours, hf_lm.loglikelihood(_requests(CHOICES)), strict=True):
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4) and greedy == greedy_ref
+
+
+def test_kv_policy_without_its_hooks_is_an_error(tiny_llama):
+    """An adapter told about a KV policy refuses to score an uncompressed cache (hooks not installed)."""
+    model, tokenizer, _ = tiny_llama
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, kv_policy=KVPolicy("h2o"), max_length=128)
+    with pytest.raises(RuntimeError, match="not compressed"):
+        lm.loglikelihood(_requests(PAIRS[:1]))
+    with pytest.raises(ConfigError, match="loglikelihood_rolling"):
+        lm.loglikelihood_rolling(_rolling())
+
+
+def test_kv_with_lm_eval_is_validated_before_loading(tmp_path):
+    """sdtp-eval eval=lm_eval accepts kv=... (scored on the compressed cache) but refuses rolling tasks with it."""
+    overrides = ["eval=lm_eval", "model=tiny-llama", "kv=h2o", f"eval.include_path={_task_dir(tmp_path)}",
+                 f"run_dir={tmp_path / 'run'}"]
+    evaluate.validate_eval(compose("eval", [*overrides, "eval.tasks=[tiny_choice]"]))
+    with pytest.raises(ConfigError, match="kv=h2o"):
+        evaluate.validate_eval(compose("eval", [*overrides, "eval.tasks=[tiny_rolling]"]))

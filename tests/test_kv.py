@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 import sdtp.kv.compressor as compressor_module
 from sdtp.config import compose
-from sdtp.engine.cache import cache_lengths
+from sdtp.engine.cache import cache_lengths, select_rows
 from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
-from sdtp.kv import KVCompressor, KVPolicy, build_kv_policy
+from sdtp.eval.scoring import prefill_context
+from sdtp.kv import CompressedCache, KVCompressor, KVPolicy, build_kv_policy
 from sdtp.models import load_model
 from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.random import RandomScorer
@@ -41,8 +44,65 @@ def test_compression_keeps_budget_per_layer_and_decodes_at_original_positions(ti
             ref = model(ids, **cache_kwargs(reference), use_cache=True, position_ids=torch.tensor([[n + step]])).logits
             torch.testing.assert_close(ours, ref)
         assert cache_lengths(cache) == [policy.budget(n) + 3] * model.config.num_hidden_layers
-        with pytest.raises(NotImplementedError, match="token-by-token"):
-            model(torch.tensor([[1, 2]]), **cache_kwargs(cache), use_cache=True)
+    with pytest.raises(NotImplementedError, match="token by token only"):  # no hooks: no mask for a block
+        model(torch.tensor([[1, 2]]), **cache_kwargs(cache), use_cache=True)
+
+
+def _decode_one_by_one(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """(1, W, V) logits of ``ids`` (1, W) fed one token per forward from position ``start`` (the decode path)."""
+    steps = [model(ids[:, i : i + 1], **cache_kwargs(cache), use_cache=True,
+                   position_ids=torch.tensor([[start + i]])).logits for i in range(ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pruned", [False, True])
+@torch.no_grad()
+def test_block_of_tokens_on_compressed_cache_equals_decoding_them_one_by_one(tiny, prompt_ids, method, pruned):
+    """A continuation fed in one forward (lm-eval's scoring) attends exactly what token-by-token decoding does:
+    each head its kept prompt entries, the new tokens causally; also after row selection, and under a pruner."""
+    model, _, _ = tiny
+    policy = KVPolicy(method, ratio=0.4, window=8)
+    schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
+    pruner = TokenPruner(schedule, RandomScorer(seed=0)) if pruned else None
+    n, block = prompt_ids.shape[1], torch.tensor([[11, 12, 13, 14, 15]])
+    with KVCompressor(policy)(model) as press:
+        ctx = prefill_context(model, prompt_ids, pruner)
+        assert isinstance(ctx.cache, CompressedCache) and press.kept_fraction < 0.5
+        rows = torch.tensor([0, 0])  # two choices of one context, as lm-eval scores them
+        with pruner(model) if pruner is not None else nullcontext():
+            if pruner is not None:
+                pruner.last_prefill = ctx.record.select(rows)
+            together = model(input_ids=block.expand(2, -1), **cache_kwargs(select_rows(ctx.cache, rows)),
+                             attention_mask=torch.ones(2, n + block.shape[1], dtype=torch.long),
+                             position_ids=n + torch.arange(block.shape[1]).expand(2, -1), use_cache=True).logits
+            if pruner is not None:
+                pruner.last_prefill = ctx.record
+            one_by_one = _decode_one_by_one(model, select_rows(ctx.cache, torch.tensor([0])), block, n)
+    torch.testing.assert_close(together[:1], one_by_one, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1:], one_by_one, atol=1e-4, rtol=1e-4)
+    assert cache_lengths(ctx.cache) == [after for _, after in press.last_sizes]  # the copies left it intact
+
+
+@torch.no_grad()
+def test_block_on_compressed_cache_differs_from_the_uncompressed_one(tiny_llama, prompt_ids):
+    """The mask gathering does not undo the compression: the same block on the full cache scores differently."""
+    model, _, _ = tiny_llama
+    block, n = torch.tensor([[11, 12, 13]]), prompt_ids.shape[1]
+    kwargs = {"attention_mask": torch.ones(1, n + 3, dtype=torch.long), "use_cache": True}
+    full = model(input_ids=block, **cache_kwargs(output_cache(model(prompt_ids, use_cache=True))), **kwargs).logits
+    with KVCompressor(KVPolicy("streaming", ratio=0.3))(model):
+        cache = output_cache(model(prompt_ids, use_cache=True))
+        ours = model(input_ids=block, **cache_kwargs(cache), **kwargs).logits
+    assert (ours - full).abs().max() > 1e-3
+
+
+def test_left_padded_prefill_is_refused(tiny_llama, prompt_ids):
+    model, _, _ = tiny_llama
+    mask = torch.ones_like(prompt_ids)
+    mask[:, :3] = 0
+    with KVCompressor(KVPolicy("h2o"))(model), pytest.raises(NotImplementedError, match="left-padded"):
+        model(prompt_ids, attention_mask=mask, use_cache=True)
 
 
 @torch.no_grad()

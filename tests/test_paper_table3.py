@@ -9,6 +9,7 @@ import pytest
 
 from sdtp.reports import paper_table3
 from sdtp.reports.run_summary import restore, summarise
+from conftest import lm_eval_fingerprint, write_lm_eval_run
 
 # Per-document 0/1 correctness (doc ids 0..n-1) and gold answers; COPA: SDTP loses docs 0 and 2, gains doc 1.
 DENSE = {"sdtp_copa": [1, 0, 1], "sdtp_cb": [1, 1, 0, 0], "sdtp_wsc": [0, 1, 1, 1]}
@@ -17,30 +18,8 @@ TARGETS = {"sdtp_copa": [0, 1, 1], "sdtp_cb": [0, 0, 0, 2], "sdtp_wsc": [0, 0, 0
 CHOICES = {"sdtp_copa": 2, "sdtp_cb": 3, "sdtp_wsc": 2}
 
 
-def _fingerprint(root: str, pruning: str) -> dict:
-    return {"config": {"paths": {"root": root, "data_dir": f"{root}/../data"},
-                       "eval": {"limit": {"sdtp_copa": 3}, "batch_size": 4, "include_path": f"{root}/sdtp/eval/tasks"},
-                       "pruning": {"name": pruning, "scorer": {"path": f"{root}/results/predictors/m"}}},
-            "dtype": "torch.bfloat16", "device": "cpu", "packages": {"lm_eval": "0.4.13"},
-            "data": {f"{root}/../data/mc/copa.jsonl": "abc"}, "predictor": {}, "git": {"commit": "c0ffee"}}
-
-
-def _run(path, outcomes: dict[str, list[int]], pruning: str, root: str = "/clone/a"):
-    path.mkdir(parents=True)
-    for task, accs in outcomes.items():
-        rows = [{"doc_id": i, "target": TARGETS[task][i], "resps": [[-1.0, False]] * CHOICES[task], "acc": float(a)}
-                for i, a in enumerate(accs)]
-        (path / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    schedule = {"layers": [1, 2], "keep_fractions": [0.9, 0.81], "keep_first": 4, "keep_recent": 0.1}
-    metrics = {"eval": "lm_eval", "model": "tiny", "dtype": "torch.bfloat16", "threads": 2, "wall_s": 60.0,
-               "pruning": {"name": pruning, "schedule": schedule if pruning == "sdtp" else None},
-               "avg_kept_fraction": 0.81 if pruning == "sdtp" else 1.0, "git_commit": "c0ffee",
-               "results": {"num_fewshot": 5, "avg_layer_token_fraction": 0.9, "avg_pruned_prompt_tokens": 300.0,
-                           "pruned_prefills": 11},
-               "machine": {"cpu_model": "Test CPU", "device": "cpu"}, "config": {"big": "dropped from the summary"},
-               "fingerprint": _fingerprint(root, pruning)}
-    (path / "metrics.json").write_text(json.dumps(metrics))
-    return path
+def _run(path, outcomes: dict[str, list[int]], pruning: str):
+    return write_lm_eval_run(path, outcomes, TARGETS, CHOICES, pruning)
 
 
 @pytest.fixture
@@ -91,7 +70,7 @@ def test_page_holds_the_papers_numbers_and_the_setup(page_dir):
 
 def test_committed_summary_restores_a_run_only_for_the_same_setup(page_dir, tmp_path):
     summary = json.loads((page_dir / "tiny.json").read_text())["runs"]["sdtp"]
-    here = _fingerprint("/home/u/other-clone", "sdtp")  # the same run, made in another clone
+    here = lm_eval_fingerprint("/home/u/other-clone", "sdtp")  # the same run, made in another clone
     assert restore(summary, tmp_path / "restored", here, "page.json")
     restored = summarise(tmp_path / "restored")
     assert restored["documents"] == summary["documents"]

@@ -11,7 +11,8 @@ The ``eval`` config group picks the runner: every ``conf/eval/<name>.yaml`` has 
 function ``validate(cfg) -> None`` that checks the runner's own keys (raising ConfigError) before
 the model is loaded. The optional ``kv`` group compresses the cache after every prefill
 (``sdtp.kv``); runners that score multi-token continuations on the cache declare
-``continuation_blocks: true`` and refuse it.
+``continuation_blocks: true`` and refuse it, except those listed in ``KV_SCORING_RUNNERS``
+(``eval=lm_eval``: every request on the compressed cache of its context).
 
 An optional ``inputs: <dotted path>`` names a function ``inputs(cfg) -> list[Path]``: the data
 files the runner reads, hashed into the run's fingerprint.
@@ -54,6 +55,9 @@ from sdtp.utils import finite_json, git_commit, seed_everything, set_threads, wr
 log = logging.getLogger(__name__)
 Runner = Callable[[DictConfig, Any, Any, Any, Path], dict[str, Any]]
 FINGERPRINT_FILE = "fingerprint.json"
+# Runners with ``continuation_blocks: true`` that score every request on the KV-compressed cache of its
+# own unpadded prefill (sdtp/eval/lm_eval_model.py); the others refuse kv=... .
+KV_SCORING_RUNNERS = ("sdtp.eval.harness.run",)
 # What a run writes into its directory (Hydra's .hydra/ and log file are the launcher's, kept).
 OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "*_state.json",
                    FINGERPRINT_FILE)
@@ -75,12 +79,13 @@ def validate_eval(cfg: DictConfig) -> Runner:
     if "eval" not in cfg or cfg.eval is None:
         raise ConfigError("eval: missing; choose a runner with eval=<name> (see conf/eval/)")
     runner = resolve_function(cfg, "runner")
-    if build_kv_policy(cfg) is not None and cfg.eval.get("continuation_blocks", False):
-        # A compressed cache is decoded token by token only (per-head eviction leaves no
-        # position-wise mask for a block of continuation tokens), see sdtp/kv/cache.py.
+    if build_kv_policy(cfg) is not None and cfg.eval.get("continuation_blocks", False) \
+            and str(cfg.eval.runner) not in KV_SCORING_RUNNERS:
+        # These runners left-pad batches of prompts or score dense requests in one forward without
+        # the cache, so the policy would not apply to what they score (sdtp/kv/compressor.py).
         raise ConfigError(
-            f"kv={cfg.kv.method}: eval={cfg.eval.name} scores multi-token continuations on the cache, "
-            "which a compressed cache does not support; use a generation runner "
+            f"kv={cfg.kv.method}: eval={cfg.eval.name} scores multi-token continuations in a way KV compression "
+            "does not reach; use eval=lm_eval, a generation runner "
             "(eval=longbench|needle|passage_count|passage_retrieval) or kv=none"
         )
     if cfg.eval.get("validate"):

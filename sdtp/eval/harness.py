@@ -6,10 +6,12 @@ on the include path, e.g.
     sdtp-lm-eval --model sdtp --model_args model=smollm2-135m,pruning=random \
         --tasks sdtp_piqa --num_fewshot 5 --limit 100
 
-Pruned runs refuse tasks of lm-eval's ``loglikelihood_rolling`` type (perplexity tasks such as
-``wikitext``) in :func:`validate`, before the model is loaded: see :func:`rolling_refusal`; and
-``generate_until`` tasks unless ``eval.batch_size`` is 1 (pruned log-likelihood requests batch,
-pruned generation does not).
+Pruned and KV-compressed runs (``kv=h2o|streaming|snapkv``) refuse tasks of lm-eval's
+``loglikelihood_rolling`` type (perplexity tasks such as ``wikitext``) in :func:`validate`, before
+the model is loaded: see :func:`rolling_refusal`; and ``generate_until`` tasks unless
+``eval.batch_size`` is 1 (pruned log-likelihood requests batch, pruned generation does not). With a
+KV policy every log-likelihood request is scored on the compressed cache of its context
+(:mod:`sdtp.eval.lm_eval_model`).
 
 Seeds: lm-eval's ``random_seed`` is ``cfg.seed``; numpy/torch/few-shot seeds keep lm-eval's
 defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (its default).
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
+from sdtp.kv.policy import build_kv_policy
 from sdtp.utils import read_jsonl_records
 
 log = logging.getLogger(__name__)
@@ -169,16 +172,20 @@ def validate(cfg: DictConfig) -> None:
                               "(set SDTP_DATA_DIR, or use lm-eval's built-in task name online)")
         if task in OFFLINE_FILES:  # empty / non-JSON / non-UTF-8 files fail here, not inside lm-eval after loading
             read_jsonl_records(Path(ev.data_root) / OFFLINE_FILES[task], f"eval.data_root ({task})")
-    if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
+    pruned = cfg.pruning.get("scorer") is not None
+    if pruned and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
-    if cfg.pruning.get("scorer") is not None:
+    kv = build_kv_policy(cfg)
+    if pruned or kv is not None:  # requests scored on the prefilled cache (sdtp.eval.lm_eval_model)
+        what = f"pruning={cfg.pruning.name}" if pruned else f"kv={kv.method}"
         kinds = output_types(tasks, str(ev.include_path))
         rolling = _of_type(kinds, ROLLING)
         if rolling:
-            raise ConfigError(rolling_refusal(f"eval.tasks ({', '.join(rolling)}) with pruning={cfg.pruning.name}"))
+            raise ConfigError(rolling_refusal(f"eval.tasks ({', '.join(rolling)}) with {what}"))
         generating = _of_type(kinds, "generate_until")
         if generating and int(ev.batch_size) > 1:
-            raise ConfigError(f"eval.batch_size={ev.batch_size}: pruned generation (eval.tasks "
+            kind = "pruned" if pruned else "KV-compressed"
+            raise ConfigError(f"eval.batch_size={ev.batch_size}: {kind} generation (eval.tasks "
                               f"{', '.join(generating)}) runs one prompt at a time; set eval.batch_size=1 or run "
                               "those tasks separately")
 
@@ -241,11 +248,12 @@ def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:
 
 
 def make_lm(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None) -> Any:
-    """The ``sdtp`` lm-eval model (:class:`sdtp.eval.lm_eval_model.SDTPLM`) with ``cfg.eval.batch_size``."""
+    """The ``sdtp`` lm-eval model (:class:`sdtp.eval.lm_eval_model.SDTPLM`) with ``cfg.eval.batch_size`` and the
+    ``kv`` policy (whose hooks ``sdtp-eval`` installs around the runner)."""
     from sdtp.eval.lm_eval_model import SDTPLM
 
-    return SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner, batch_size=int(cfg.eval.batch_size),
-                  max_length=int(cfg.model.max_length))
+    return SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=pruner, kv_policy=build_kv_policy(cfg),
+                  batch_size=int(cfg.eval.batch_size), max_length=int(cfg.model.max_length))
 
 
 def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict[str, Any]:

@@ -21,7 +21,20 @@ Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each r
   (:func:`sdtp.eval.harness.validate`); pruned perplexity is ``eval=perplexity`` or
   ``eval=continuation``. The dense model runs them as HFLM does.
 
-With no pruner the class is plain HFLM (same batching, same numbers as ``--model hf``).
+With no pruner and no KV policy the class is plain HFLM (same batching, same numbers as ``--model hf``).
+
+KV-cache compression (``kv_policy``, ``sdtp-eval ... kv=h2o``; the hooks are installed around the
+whole evaluation by ``sdtp-eval``, :func:`sdtp.kv.kv_compression`). HFLM's dense path scores each
+request in one forward over context + continuation, where no cache is ever read back: compressing
+it would change nothing. So with a KV policy every request takes the path above, with or without
+a pruner: the context is prefilled (pruned, if a pruner is given), the policy cuts the prefill's
+cache at the end of that forward, and the continuation tokens are scored on the compressed cache
+(every choice of the context in one forward; :class:`sdtp.kv.cache.CompressedCache` gathers each
+layer's mask to the entries every KV head kept). Contexts are prefilled one at a time (a KV budget
+is a fraction of a row's prompt, which left padding would distort; ``batch_size`` is then not used
+for log-likelihood requests). A prefill that was not compressed (hooks missing) raises instead of
+scoring an uncompressed cache. ``loglikelihood_rolling`` is refused as with a pruner (1-token contexts leave
+nothing to compress), ``generate_until`` needs ``batch_size`` 1.
 
 Batching with a pruner. ``batch_size`` (an integer; ``auto`` is refused, its probe measures the
 dense forward) counts CONTEXTS, the rows of the expensive forward, as it counts the rows of
@@ -55,6 +68,7 @@ from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_refusal
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.scoring import prefill_contexts, score_continuations
+from sdtp.kv import CompressedCache, KVPolicy, build_kv_policy
 
 log = logging.getLogger(__name__)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -72,19 +86,23 @@ def load_from_config(model: str, pruning: str, overrides: str | None, pretrained
 
     extra = ["model.source=hub", f"model.hf_id={pretrained}"] if pretrained else []
     cfg = compose("eval", [f"model={model}", f"pruning={pruning}", *extra, *_split_overrides(overrides)])
+    if build_kv_policy(cfg) is not None:
+        raise ConfigError(f"kv={cfg.kv.method} in --model_args: lm-eval's CLI installs no KV compression hooks; "
+                          "run `sdtp-eval eval=lm_eval kv=...` instead")
     hf_model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     return hf_model, tokenizer, build_pruner(cfg), cfg
 
 
 @register_model("sdtp")
 class SDTPLM(HFLM):
-    """HFLM + prefill token pruning of each request's context (see the module docstring)."""
+    """HFLM + prefill token pruning and/or KV-cache compression of each request's context (module docstring)."""
 
     def __init__(
         self,
         pretrained: Any = None,
         tokenizer: Any = None,
         pruner: TokenPruner | None = None,
+        kv_policy: KVPolicy | None = None,
         model: str = "smollm2-135m",
         pruning: str = "none",
         overrides: str | None = None,
@@ -94,29 +112,38 @@ class SDTPLM(HFLM):
             pretrained, tokenizer, pruner, cfg = load_from_config(model, pruning, overrides, pretrained)
             kwargs.setdefault("max_length", int(cfg.model.max_length))
         kwargs.pop("device", None)  # the model is already placed; HFLM ignores device for instances
-        if pruner is not None and str(kwargs.get("batch_size", 1)).startswith("auto"):
-            raise ConfigError("batch_size=auto with a pruner: lm-eval's probe sizes the dense forward; give an "
-                              "integer (it counts contexts prefilled together)")
+        if (pruner is not None or kv_policy is not None) and str(kwargs.get("batch_size", 1)).startswith("auto"):
+            raise ConfigError("batch_size=auto with a pruner or KV policy: lm-eval's probe sizes the dense forward; "
+                              "give an integer (it counts contexts prefilled together)")
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.pruner = pruner
+        self.kv_policy = kv_policy
         self.kept = KeptStats()
 
+    @property
+    def uses_cache_path(self) -> bool:
+        """Whether requests are scored on the prefilled cache (a pruner or a KV policy), not by HFLM."""
+        return self.pruner is not None or self.kv_policy is not None
+
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """HFLM's rolling log-likelihood for the dense model; refused with a pruner (module docstring)."""
-        if self.pruner is not None:
-            raise ConfigError(rolling_refusal(f"{len(requests)} loglikelihood_rolling request(s) with a pruner"))
+        """HFLM's rolling log-likelihood for the dense model; refused with a pruner or KV policy (module docstring)."""
+        if self.uses_cache_path:
+            what = "a pruner" if self.pruner is not None else f"kv={self.kv_policy.method}"
+            raise ConfigError(rolling_refusal(f"{len(requests)} loglikelihood_rolling request(s) with {what}"))
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
-        if self.pruner is None:
+        if not self.uses_cache_path:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         groups = self._context_groups(requests)
         contexts = sorted(groups, key=lambda ctx: (-len(ctx), ctx))  # longest first: little padding per batch
-        batch_size = int(override_bs or self.batch_size)
+        # KV budgets are fractions of each row's prompt: left padding would count, so one context per prefill.
+        batch_size = 1 if self.kv_policy is not None else int(override_bs or self.batch_size)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Pruned loglikelihood")
+        desc = "Pruned loglikelihood" if self.pruner is not None else f"{self.kv_policy.method} KV loglikelihood"
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
         for start in range(0, len(contexts), batch_size):
             batch = contexts[start : start + batch_size]
             for index, answer in self._score_batch(batch, groups):
@@ -144,7 +171,10 @@ class SDTPLM(HFLM):
         """Prefill the contexts ``batch`` together, score all their continuations; [(request index, answer)]."""
         prefilled = prefill_contexts(self.model, [torch.tensor([ctx], device=self.device) for ctx in batch],
                                      self.pruner)
-        for row in range(len(batch)):
+        if self.kv_policy is not None and not isinstance(prefilled.cache, CompressedCache):
+            raise RuntimeError(f"kv={self.kv_policy.method}: the prefill's cache was not compressed; score inside "
+                               "`with kv_compression(policy, model)` (sdtp-eval installs it)")
+        for row in range(len(batch) if prefilled.record is not None else 0):
             self.kept.add(prefilled.record.row(row))
         members = [(row, index, cont) for row, ctx in enumerate(batch) for index, cont in groups[ctx]]
         scored = score_continuations(
@@ -155,11 +185,11 @@ class SDTPLM(HFLM):
         return [(index, (float(logprobs.sum()), greedy)) for (_, index, _), (logprobs, greedy) in zip(members, scored)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """HFLM's generation; with a pruner only at batch size 1 (prompts are pruned one at a time)."""
-        if self.pruner is not None and self.batch_size != 1:
-            raise ConfigError(f"{len(requests)} generate_until request(s) with a pruner and batch_size="
-                              f"{self.batch_size}: pruned generation runs one prompt at a time; use batch_size=1 "
-                              "(only log-likelihood requests are batched with a pruner)")
+        """HFLM's generation; with a pruner or KV policy only at batch size 1 (one prompt per prefill)."""
+        if self.uses_cache_path and self.batch_size != 1:
+            raise ConfigError(f"{len(requests)} generate_until request(s) with a pruner or KV policy and batch_size="
+                              f"{self.batch_size}: pruned or KV-compressed generation runs one prompt at a time; use "
+                              "batch_size=1 (only log-likelihood requests are batched with a pruner)")
         return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):

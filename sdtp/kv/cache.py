@@ -1,12 +1,24 @@
-"""Evict entries from a Hugging Face ``DynamicCache`` while keeping decode positions right.
+"""Evict entries from a Hugging Face ``DynamicCache`` while keeping positions and masks right.
 
 After eviction a layer holds fewer entries than the prompt had, but the model derives the
 position of the next token from ``cache.get_seq_length()``. :class:`CompressedCache` therefore
-reports the *logical* length (stored + evicted) at the cache level, while every layer object (HF's
+reports the *logical* length (stored + evicted) at the cache level, and sizes the attention mask
+HF builds to that logical length too (:meth:`CompressedCache.get_mask_sizes`), i.e. in the same
+column space an uncompressed (or token-pruned) cache would have. Every layer object (HF's
 ``DynamicLayer`` or the engine's in-place ``AppendLayer``) keeps its own *physical* length, which
-is what layer appends and attention-mask sizing use. Decoding thus continues at positions N, N+1,
-... with plain ``model(input_ids=token, **cache_kwargs(cache))`` calls (ours, HF ``generate()``;
-the keyword is ``past_key_values`` before transformers 5.24, ``cache`` from 5.24: ``sdtp.models.compat``).
+is what layer appends use.
+
+Each layer remembers which of its pre-compression entries every KV head kept
+(:attr:`CompressedCache.kept`). :meth:`CompressedCache.layer_mask` gathers a layer's mask down to
+those entries per head, plus every entry appended after the prefill:
+:class:`sdtp.kv.compressor.KVCompressor` does so in a pre-hook on each attention module. Decode
+steps and blocks of several new tokens alike (the continuation of an lm-eval request) are then
+attended exactly: kept prompt entries as the mask allows them, new tokens causally. A block of
+new tokens is accepted only when its mask was gathered so (:meth:`CompressedCache.update`);
+single tokens without a mask (HF's SDPA decode) need none. Decoding continues at positions N,
+N+1, ... with plain ``model(input_ids=token, **cache_kwargs(cache))`` calls (ours, HF
+``generate()``; the keyword is ``past_key_values`` before transformers 5.24, ``cache`` from 5.24:
+``sdtp.models.compat``).
 """
 
 from __future__ import annotations
@@ -21,9 +33,19 @@ from sdtp.kv.policy import KVPolicy
 
 
 class CompressedCache(DynamicCache):
-    """A ``DynamicCache`` from whose layers ``evicted[l]`` prompt entries were removed."""
+    """A ``DynamicCache`` from whose layers ``evicted[l]`` prompt entries were removed.
+
+    Attributes:
+        evicted: entries removed from each layer.
+        kept: per layer, (B, H_kv, k_l) long indices of the entries each KV head kept among the
+            layer's ``source_lengths[l]`` pre-compression entries (ascending), None if not compressed.
+        source_lengths: entries each layer held before compression.
+    """
 
     evicted: list[int]
+    kept: list[torch.Tensor | None]
+    source_lengths: list[int]
+    _masked_layer: int | None
 
     @classmethod
     def adopt(cls, cache: Any) -> CompressedCache:
@@ -35,17 +57,75 @@ class CompressedCache(DynamicCache):
         # Same object, so the caller's reference (e.g. generate()'s) sees the compressed cache.
         cache.__class__ = cls
         cache.evicted = [0] * len(cache.layers)
+        cache.kept = [None] * len(cache.layers)
+        cache.source_lengths = [0] * len(cache.layers)
+        cache._masked_layer = None
         return cache
 
+    def _evicted(self, layer_idx: int) -> int:
+        return self.evicted[layer_idx] if layer_idx < len(self.evicted) else 0
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        evicted = self.evicted[layer_idx] if layer_idx < len(self.evicted) else 0
-        return super().get_seq_length(layer_idx) + evicted
+        return super().get_seq_length(layer_idx) + self._evicted(layer_idx)
+
+    def get_mask_sizes(self, query: Any, layer_idx: int = 0, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """HF's (kv_length, kv_offset) in the logical column space (stored + evicted + new).
+
+        ``query`` is the query length (transformers 5.24) or the cache positions (earlier 5.x):
+        whatever the installed version passes, the layer answers and the evicted count is added.
+        """
+        kv_length, kv_offset = super().get_mask_sizes(query, layer_idx, *args, **kwargs)
+        return kv_length + self._evicted(layer_idx), kv_offset
+
+    def key_columns(self, layer_idx: int, new: int) -> torch.Tensor:
+        """(B, H_kv, k_l + t + new) columns of the layer's logical key axis that its physical entries hold.
+
+        The kept prompt entries first (per head), then the ``t`` entries appended since the
+        prefill and the ``new`` ones about to be appended, which every head holds.
+        """
+        kept = self.kept[layer_idx]
+        stored = self.layers[layer_idx].keys.shape[-2]
+        source = self.source_lengths[layer_idx]
+        appended = torch.arange(source, source + stored - kept.shape[-1] + new, device=kept.device)
+        return torch.cat([kept, appended.expand(*kept.shape[:2], -1)], dim=-1)
+
+    def layer_mask(self, mask: torch.Tensor, layer_idx: int, heads: int) -> torch.Tensor:
+        """A 4D mask over the layer's logical keys (B or 1, 1, Q, K) gathered to its physical entries.
+
+        Args:
+            mask: bool (True = attend) or additive float, K = ``source_lengths[l]`` + entries
+                appended since + Q new ones.
+            heads: the attention module's query heads (a multiple of the KV heads).
+        Returns:
+            (B, heads, Q, k_l + t + Q): each query head sees its KV head's kept entries; marks the
+            layer so :meth:`update` accepts a block of Q > 1 new entries.
+        """
+        columns = self.key_columns(layer_idx, mask.shape[-2])  # (B, H_kv, K')
+        batch, kv_heads, width = columns.shape
+        expected = self.source_lengths[layer_idx] + columns.shape[-1] - self.kept[layer_idx].shape[-1]
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != expected:
+            raise NotImplementedError(f"layer {layer_idx}: expected a (B, 1, Q, {expected}) attention mask over the "
+                                      f"logical keys, got {tuple(mask.shape)}")
+        queries = mask.shape[2]
+        mask = mask.expand(batch, kv_heads, queries, mask.shape[-1])
+        gathered = mask.gather(3, columns[:, :, None, :].expand(batch, kv_heads, queries, width))
+        self._masked_layer = layer_idx
+        return gathered.repeat_interleave(heads // kv_heads, dim=1)  # query head h reads KV head h // groups
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if key_states.shape[-2] != 1:
-            # A multi-token extension needs a mask over the kept entries, which differ per head.
-            raise NotImplementedError("a compressed KV cache supports token-by-token decoding only")
+        masked, self._masked_layer = self._masked_layer == layer_idx, None
+        if key_states.shape[-2] != 1 and not masked:
+            # A block needs a mask over the kept entries (which differ per head) and causal among
+            # the new tokens: the KVCompressor's attention hooks build it (layer_mask).
+            raise NotImplementedError("a block of new tokens on a compressed KV cache needs the attention mask "
+                                      "gathered by the KVCompressor's hooks (run it inside `with KVCompressor(...)`, "
+                                      "with an attention mask); without them it is decoded token by token only")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Select rows of every layer and of the kept indices (``sdtp.engine.cache.select_rows``)."""
+        super().batch_select_indices(indices)
+        self.kept = [None if kept is None else kept.index_select(0, indices.to(kept.device)) for kept in self.kept]
 
 
 def compress_cache(
@@ -79,5 +159,7 @@ def compress_cache(
         # notices the foreign tensors and moves them into a fresh buffer at its next update.
         layer.keys, layer.values = kept_keys, kept_values
         cache.evicted[idx] += length - keep.shape[1]
+        cache.kept[idx] = index[..., 0]
+        cache.source_lengths[idx] = length
         sizes.append((length, keep.shape[1]))
     return sizes

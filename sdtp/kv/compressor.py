@@ -12,7 +12,17 @@ cached entry and KV head:
 
 When the base model's forward returns, :func:`compress_cache` cuts every layer. With a token
 pruner active, each layer's statistics cover exactly the tokens that reached it, so the policy
-applies "to whatever the pruned prefill left". Decode steps pass through untouched.
+applies "to whatever the pruned prefill left".
+
+Later forwards on the compressed cache (decode steps, or a block of continuation tokens scored at
+once) keep their computation; a pre-hook on every attention module only gathers the attention
+mask, which HF builds over the logical key axis, down to the entries each KV head holds
+(:meth:`sdtp.kv.cache.CompressedCache.layer_mask`). It runs after the token pruner's decoder-layer
+hooks, which have sliced the same mask to the tokens that reached the layer, so both compose.
+
+Prefills must not be left-padded: the budget, the protected first and recent entries and H2O's
+statistics are per row of the prompt, and padding would count as prompt. A padded prefill is
+refused (``NotImplementedError``); batch prompts of equal length, or one at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdtp.kv.cache import compress_cache
+from sdtp.kv.cache import CompressedCache, compress_cache
 from sdtp.kv.policy import KVPolicy
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
@@ -57,8 +67,9 @@ class KVCompressor:
             base.register_forward_pre_hook(self._on_start, with_kwargs=True),
             base.register_forward_hook(self._on_end, with_kwargs=True),
         ]
-        if self.policy.method != "streaming":
-            for idx, layer in enumerate(decoder_layers(model)):
+        for idx, layer in enumerate(decoder_layers(model)):
+            handles.append(layer.self_attn.register_forward_pre_hook(self._make_mask_hook(idx), with_kwargs=True))
+            if self.policy.method != "streaming":
                 handles.append(layer.self_attn.register_forward_hook(self._make_attn_hook(idx), with_kwargs=True))
         try:
             yield self
@@ -76,6 +87,10 @@ class KVCompressor:
         cache = cache_from_kwargs(kwargs)
         self._prefill = cache is None or cache.get_seq_length() == 0
         self._scores = {}
+        mask = kwargs.get("attention_mask")
+        if self._prefill and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise NotImplementedError("KV compression of a left-padded prefill: the budgets and statistics would "
+                                      "count the padding as prompt; prefill prompts of equal length together")
 
     def _on_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._prefill:
@@ -87,6 +102,19 @@ class KVCompressor:
         self.entries_before += sum(before for before, _ in self.last_sizes)
         self.entries_after += sum(after for _, after in self.last_sizes)
         self._scores, self._prefill = {}, False
+
+    def _make_mask_hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            cache = cache_from_kwargs(kwargs)
+            mask = kwargs.get("attention_mask")
+            if not isinstance(cache, CompressedCache) or cache.kept[idx] is None or mask is None:
+                return None  # prefill, or a single query over an unmasked cache (attends everything)
+            if not isinstance(mask, torch.Tensor):
+                raise NotImplementedError(f"attention mask of type {type(mask).__name__} on a compressed KV cache")
+            heads = module.config.num_attention_heads
+            return args, {**kwargs, "attention_mask": cache.layer_mask(mask, idx, heads)}
+
+        return hook
 
     def _make_attn_hook(self, idx: int):
         @torch.no_grad()

@@ -8,7 +8,7 @@ Reads two finished ``sdtp-eval eval=lm_eval`` runs (``metrics.json`` and lm-eval
 summaries (:mod:`sdtp.reports.run_summary`: metrics, fingerprint, per-document correctness; small, and
 what a fresh clone resumes from) and the table; the page shows per task the accuracy of each, the
 paired difference SDTP − dense over the same documents with a 95% Student t interval and a
-Holm-corrected p (:mod:`sdtp.eval.stats`), and the paper's Table 3. Run by
+Holm-corrected p (:mod:`sdtp.reports.paired_accuracy`), and the paper's Table 3. Run by
 ``experiments/paper_table3.sh``; never edit the page by hand.
 """
 
@@ -22,16 +22,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sdtp.eval.stats import holm, paired_t_interval, stratified_bootstrap_ci
-from sdtp.reports.paired_tables import interval_text, p_text, paired_summary
+from sdtp.reports.lm_eval_pages import (TASKS, eval_limit, machine_text, minutes, num, ordered_tasks, run_argument,
+                                        run_config, shown_path, write_page_files)
+from sdtp.reports.paired_accuracy import (average_difference, chance, holm_adjust, majority_share, paired_difference,
+                                          shared_documents, top_answer_share)
+from sdtp.reports.paired_tables import interval_text, p_text
 from sdtp.reports.run_summary import summarise
-from sdtp.utils import write_json_atomic, write_text_atomic
 
 SCHEMA = 1
 DENSE, SDTP = "dense", "sdtp"
-# Our offline task -> the paper's row name, in the paper's order.
-TASKS = {"sdtp_copa": "COPA", "sdtp_piqa": "PIQA", "sdtp_winogrande": "WinoGrande", "sdtp_mathqa": "MathQA",
-         "sdtp_boolq": "BoolQ", "sdtp_cb": "CB", "sdtp_wic": "WiC", "sdtp_wsc": "WSC"}
 # [P] Table 3 (accuracy %, 5-shot, SDTP pruning 65% of the input tokens): row -> model -> (full, SDTP).
 PAPER: dict[str, dict[str, tuple[float, float]]] = {
     "COPA": {"Llama2-7B": (83.00, 85.00), "Mistral-7B": (90.00, 91.00), "BLOOM-7B": (69.00, 69.00)},
@@ -47,80 +46,42 @@ PAPER_AVG = {"Llama2-7B": (58.62, 59.88), "Mistral-7B": (71.39, 71.24), "BLOOM-7
 PAPER_MODELS = ("Mistral-7B", "Llama2-7B", "BLOOM-7B")
 
 
-def outcomes(summary: dict[str, Any], task: str) -> dict[int, float]:
-    """doc_id -> 0/1 correctness of one task of a run summary ({} if the task is missing)."""
-    docs = summary["documents"].get(task)
-    return {} if docs is None else {i: float(a) for i, a in zip(docs["doc_ids"], docs["acc"])}
-
-
-def majority_share(docs: dict[str, Any] | None) -> float | None:
-    """Share of the most frequent gold choice among the documents (None without class targets)."""
-    targets = (docs or {}).get("target")
-    if not targets:
-        return None
-    return max(targets.count(t) for t in set(targets)) / len(targets)
-
-
-def top_answer_share(summary: dict[str, Any], task: str, shared: list[int]) -> float | None:
-    """Share (%) of the shared documents given the run's most frequent answer (100 = one answer to all)."""
-    docs = summary["documents"].get(task) or {}
-    if not docs.get("pred") or not shared:
-        return None
-    picks = dict(zip(docs["doc_ids"], docs["pred"]))
-    chosen = [picks[i] for i in shared]
-    return 100.0 * max(chosen.count(c) for c in set(chosen)) / len(chosen)
-
-
 def task_row(task: str, dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str, Any]:
     """Our numbers for one task: accuracies over the shared documents, the paired difference, flips."""
-    a, b = outcomes(dense, task), outcomes(sdtp, task)
-    shared = sorted(a.keys() & b.keys())
-    diffs = [100.0 * (b[i] - a[i]) for i in shared]
-    docs = dense["documents"].get(task) or {}
-    choices = docs.get("choices")
+    pair = paired_difference(dense, sdtp, task)
+    shared = shared_documents(dense, sdtp, task)
+    majority = majority_share(dense["documents"].get(task))
     return {
-        "task": TASKS.get(task, task), "lm_eval_task": task, "n": len(shared),
-        "dense_acc": 100.0 * math.fsum(a[i] for i in shared) / len(shared) if shared else None,
-        "sdtp_acc": 100.0 * math.fsum(b[i] for i in shared) / len(shared) if shared else None,
-        "delta": paired_summary(paired_t_interval(diffs)) if shared else None,
-        "gained": sum(1 for d in diffs if d > 0), "lost": sum(1 for d in diffs if d < 0),
+        "task": TASKS.get(task, task), "lm_eval_task": task, "n": pair["n"],
+        "dense_acc": pair["base_acc"], "sdtp_acc": pair["acc"], "delta": pair["delta"],
+        "gained": pair["gained"], "lost": pair["lost"],
         "dense_top_answer": top_answer_share(dense, task, shared), "sdtp_top_answer": top_answer_share(sdtp, task, shared),
-        "chance": 100.0 / choices if choices else None,
-        "majority": None if majority_share(docs) is None else 100.0 * majority_share(docs),
+        "chance": chance(dense, task), "majority": None if majority is None else 100.0 * majority,
         "paper": {m: PAPER[TASKS[task]][m] for m in PAPER_MODELS} if task in TASKS else None,
     }
 
 
 def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's delta gets ``p_holm``: Holm over the tasks' paired t tests (identical pairs have no test)."""
-    ps = [math.nan if r["delta"] is None or r["delta"]["p"] is None or r["delta"]["identical"] else r["delta"]["p"]
-          for r in rows]
-    for row, p in zip(rows, holm(ps)):
-        if row["delta"] is not None:
-            row["delta"]["p_holm"] = None if math.isnan(p) else p
+    holm_adjust([r["delta"] for r in rows])
     return rows
 
 
 def average_row(rows: list[dict[str, Any]], dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str, Any]:
     """The mean over tasks (each task weighs the same, as the paper's Avg), with a bootstrap interval for Δ
     that resamples documents within each task."""
-    strata = []
-    for r in rows:
-        a, b = outcomes(dense, r["lm_eval_task"]), outcomes(sdtp, r["lm_eval_task"])
-        strata.append([100.0 * (b[i] - a[i]) for i in sorted(a.keys() & b.keys())])
-    mean, low, high = stratified_bootstrap_ci(strata)
     return {"task": "Avg", "lm_eval_task": None, "n": sum(r["n"] for r in rows),
             "dense_acc": math.fsum(r["dense_acc"] for r in rows) / len(rows),
             "sdtp_acc": math.fsum(r["sdtp_acc"] for r in rows) / len(rows),
-            "delta": {"mean": mean, "low": low, "high": high, "identical": all(d == 0 for s in strata for d in s)},
+            "delta": average_difference(dense, sdtp, [r["lm_eval_task"] for r in rows]),
             "gained": sum(r["gained"] for r in rows), "lost": sum(r["lost"] for r in rows),
-            "dense_top_answer": None, "sdtp_top_answer": None, "chance": None, "majority": None, "paper": {m: PAPER_AVG[m] for m in PAPER_MODELS}}
+            "dense_top_answer": None, "sdtp_top_answer": None, "chance": None, "majority": None,
+            "paper": {m: PAPER_AVG[m] for m in PAPER_MODELS}}
 
 
 def table(dense: dict[str, Any], sdtp: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task both runs evaluated (the paper's order first), then the average over those tasks."""
-    found = [t for t in TASKS if t in dense["documents"] and t in sdtp["documents"]]
-    found += sorted((dense["documents"].keys() & sdtp["documents"].keys()) - set(found))
+    found = ordered_tasks(dense["documents"].keys() & sdtp["documents"].keys())
     rows = with_holm([task_row(t, dense, sdtp) for t in found])
     return rows + ([average_row(rows, dense, sdtp)] if rows else [])
 
@@ -143,10 +104,6 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _num(x: float | None, spec: str = ".2f") -> str:
-    return "–" if x is None else f"{x:{spec}}"
-
-
 def _paper_cell(pair: tuple[float, float] | None) -> str:
     return "–" if pair is None else f"{pair[0]:.2f} → {pair[1]:.2f} ({pair[1] - pair[0]:+.2f})"
 
@@ -157,13 +114,13 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
     for r in rows:
         d = r["delta"]
-        base = f"{_num(r['chance'], '.0f')} / {_num(r['majority'], '.0f')}" if r["chance"] is not None else "–"
+        base = f"{num(r['chance'], '.0f')} / {num(r['majority'], '.0f')}" if r["chance"] is not None else "–"
         p = "bootstrap" if r["task"] == "Avg" else (p_text(d.get("p_holm"), d) if d else "–")
         paper = r["paper"] or {}
         name = f"**{r['task']}**" if r["task"] == "Avg" else r["task"]
-        top = (f"{_num(r['dense_top_answer'], '.0f')} / {_num(r['sdtp_top_answer'], '.0f')}"
+        top = (f"{num(r['dense_top_answer'], '.0f')} / {num(r['sdtp_top_answer'], '.0f')}"
                if r["dense_top_answer"] is not None else "–")
-        lines.append(f"| {name} | {r['n']} | {base} | {top} | {_num(r['dense_acc'])} | {_num(r['sdtp_acc'])} | "
+        lines.append(f"| {name} | {r['n']} | {base} | {top} | {num(r['dense_acc'])} | {num(r['sdtp_acc'])} | "
                      f"{interval_text(d, 2)} | {r['gained']} / {r['lost']} | {p} | "
                      + " | ".join(_paper_cell(paper.get(m)) for m in PAPER_MODELS) + " |")
     return lines
@@ -201,7 +158,7 @@ def expected_lines(page: dict[str, Any]) -> list[str]:
         "every document with few-shot examples from the train splits; here the first `n` documents of each task, "
         "with few-shot examples drawn from the evaluated split minus the document itself (the offline mirror "
         "has no train splits), so even the dense numbers are not lm-eval's published ones for the same model.",
-        f"- **Short contexts.** 5-shot prompts are short (mean {_num(prompt, '.0f')} tokens for the pruned runs "
+        f"- **Short contexts.** 5-shot prompts are short (mean {num(prompt, '.0f')} tokens for the pruned runs "
         "here). The schedule keeps the same 34.9% of the prompt after the last stage at any length, but the "
         "always-kept tokens (the first 4 and the last 10%) take a fixed part of that budget; at these lengths the "
         "last 10% is about the evaluated question itself, so SDTP prunes mostly the few-shot demonstrations. "
@@ -214,28 +171,15 @@ def expected_lines(page: dict[str, Any]) -> list[str]:
     ]
 
 
-def shown_path(path: str | None, config: dict[str, Any]) -> str | None:
-    """``path`` relative to the run's repository root when it lies inside it (the page is read in any clone)."""
-    root = (config.get("paths") or {}).get("root")
-    if path and root and path.startswith(root.rstrip("/") + "/"):
-        return path[len(root.rstrip("/")) + 1:]
-    return path
-
-
-def _minutes(seconds: float | None) -> str:
-    return "–" if seconds is None else f"{seconds / 60:.1f} min"
-
-
 def header_lines(page: dict[str, Any]) -> list[str]:
     dense, sdtp = (page["runs"][k]["metrics"] for k in (DENSE, SDTP))
     pruning = sdtp.get("pruning") or {}
     schedule = pruning.get("schedule") or {}
     results = sdtp.get("results") or {}
-    fp_cfg = (sdtp.get("fingerprint") or {}).get("config") or {}
+    fp_cfg = run_config(sdtp)
     scorer = (fp_cfg.get("pruning") or {}).get("scorer") or {}
     machine = sdtp.get("machine") or {}
-    where = machine.get("gpu") or machine.get("cpu_model", "?")
-    commits = sorted({str(m.get("git_commit")) for m in (dense, sdtp)})
+    where, commits = machine_text((dense, sdtp))
     restored = [k for k in (DENSE, SDTP) if page["runs"][k]["metrics"].get("restored_from")]
     keep = schedule.get("keep_fractions") or []
     return [
@@ -247,15 +191,15 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"{scorer.get('recency_weight') or 'from its predictor.json'}), stages before layers {schedule.get('layers')}, "
         f"keep {keep[0] if keep else '?'} per stage ({100 * keep[-1]:.1f}% of the prompt after the last stage), first "
         f"{schedule.get('keep_first')} + last {100 * (schedule.get('keep_recent') or 0):.0f}% always kept.",
-        f"- **Kept.** Prompt tokens kept after the last stage: {_num(100 * sdtp['avg_kept_fraction'], '.1f')}% "
-        f"on average; tokens per layer: {_num(100 * (results.get('avg_layer_token_fraction') or math.nan), '.1f')}% "
-        f"of dense; mean pruned prompt length {_num(results.get('avg_pruned_prompt_tokens'), '.0f')} tokens "
+        f"- **Kept.** Prompt tokens kept after the last stage: {num(100 * sdtp['avg_kept_fraction'], '.1f')}% "
+        f"on average; tokens per layer: {num(100 * (results.get('avg_layer_token_fraction') or math.nan), '.1f')}% "
+        f"of dense; mean pruned prompt length {num(results.get('avg_pruned_prompt_tokens'), '.0f')} tokens "
         f"({results.get('pruned_prefills')} pruned prefills).",
         f"- **Machine.** {where} ({machine.get('device')}, {sdtp.get('threads')} threads), "
         f"{str(sdtp.get('dtype')).removeprefix('torch.')}, "
-        f"batch size {(fp_cfg.get('eval') or {}).get('batch_size')}; commit {', '.join(commits)}. Wall time: dense "
-        f"{_minutes(dense.get('wall_s'))}, SDTP {_minutes(sdtp.get('wall_s'))}"
-        + (f"; this command {_minutes(page.get('wall_s'))}" if page.get("wall_s") is not None else "")
+        f"batch size {(fp_cfg.get('eval') or {}).get('batch_size')}; commit {commits}. Wall time: dense "
+        f"{minutes(dense.get('wall_s'))}, SDTP {minutes(sdtp.get('wall_s'))}"
+        + (f"; this command {minutes(page.get('wall_s'))}" if page.get("wall_s") is not None else "")
         + (f" (restored from the committed page, not re-run: {', '.join(restored)})" if restored else "")
         + ". Wall times follow the machine's load and are no speed comparison (that is "
         "`results/bench/lm_eval_throughput.md`).",
@@ -325,33 +269,19 @@ def build_page(runs: dict[str, Path], command: str, wall_s: float | None) -> dic
     if dense["metrics"].get("model") != sdtp["metrics"].get("model"):
         raise ValueError(f"dense ({dense['metrics'].get('model')}) and sdtp ({sdtp['metrics'].get('model')}) runs "
                          "are of different models")
-    limit = (((sdtp["metrics"].get("fingerprint") or {}).get("config") or {}).get("eval") or {}).get("limit")
     return {"schema": SCHEMA, "model": sdtp["metrics"]["model"], "command": command, "wall_s": wall_s,
-            "limit": limit, "table": table(dense, sdtp), "runs": summaries}
+            "limit": eval_limit(sdtp["metrics"]), "table": table(dense, sdtp), "runs": summaries}
 
 
 def write_page(runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None) -> Path:
     """Render ``<out_dir>/<model>.{json,md,csv,png}``; returns the .md path."""
     page = build_page(runs, command, wall_s)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / page["model"]
-    write_json_atomic(stem.with_suffix(".json"), page)
-    render_plot(page, stem.with_suffix(".png"))
-    write_text_atomic(stem.with_suffix(".csv"), to_csv(page["table"]))
-    write_text_atomic(stem.with_suffix(".md"), render(page))
-    return stem.with_suffix(".md")
-
-
-def _run_arg(text: str) -> tuple[str, Path]:
-    name, _, path = text.partition("=")
-    if name not in (DENSE, SDTP) or not path:
-        raise argparse.ArgumentTypeError(f"--run {text!r}: expected dense=<run dir> or sdtp=<run dir>")
-    return name, Path(path)
+    return write_page_files(out_dir, page, render, lambda p: to_csv(p["table"]), render_plot)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=_run_arg, action="append", required=True,
+    parser.add_argument("--run", type=run_argument((DENSE, SDTP)), action="append", required=True,
                         help="dense=<run dir> and sdtp=<run dir> (finished sdtp-eval eval=lm_eval runs)")
     parser.add_argument("--out", type=Path, default=Path("results/paper/table3"))
     parser.add_argument("--command", default="bash experiments/paper_table3.sh")

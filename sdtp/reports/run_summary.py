@@ -12,6 +12,9 @@ with their 0/1 ``acc``, gold index and number of choices: a few kB where lm-eval
 fingerprint up to the clone's location (:func:`sdtp.provenance.portable`): same config, data and
 task files, predictor, packages, dtype and device. ``sdtp-eval`` then finds a finished run and skips
 it, so a fresh clone re-renders the page without re-running, and any change recomputes.
+
+:func:`setup_differences` says whether two runs of *different* configs (another method, more tasks)
+evaluated the same documents the same way, so that a page may pair them document by document.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from sdtp.provenance import portable
+from sdtp.provenance import changed_keys, portable
 from sdtp.utils import parse_jsonl, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,39 @@ def restore(summary: dict[str, Any], run_dir: Path, current: dict[str, Any], sou
         write_text_atomic(run_dir / f"{SAMPLES_PREFIX}{task}.jsonl", sample_lines(docs))
     write_json_atomic(run_dir / "metrics.json", {**summary["metrics"], "fingerprint": current, "restored_from": source})
     return True
+
+
+def _document_setup(fp: dict[str, Any], tasks: list[str], with_pruning: bool) -> dict[str, Any]:
+    """What decides ``tasks``' documents, prompts and scoring in a fingerprint, locations factored out."""
+    from sdtp.eval.harness import OFFLINE_FILES
+
+    comparable = portable(fp)
+    config = comparable["config"]
+    ev = config.get("eval") or {}
+    limit = ev.get("limit")
+    files = {OFFLINE_FILES.get(task) for task in tasks} | {f"{task}.yaml" for task in tasks}
+    setup = {"model": config.get("model"), "seed": config.get("seed"), "num_fewshot": ev.get("num_fewshot"),
+             "limit": {task: limit.get(task) if isinstance(limit, dict) else limit for task in tasks},
+             "data": {path: digest for path, digest in comparable["data"].items() if Path(path).name in files},
+             **{part: comparable.get(part) for part in ("dtype", "device", "packages")}}
+    if with_pruning:
+        setup.update(pruning=config.get("pruning"), predictor=comparable["predictor"])
+    return setup
+
+
+def setup_differences(base: dict[str, Any], other: dict[str, Any], tasks: list[str],
+                      with_pruning: bool = False) -> list[str]:
+    """Keys in which two run summaries' setups differ for ``tasks`` ([] = same documents, scored alike).
+
+    Compared: the model config, seed, few-shot count, per-task document limit, the tasks' data and
+    YAML files (by sha256), dtype, device and package versions; with ``with_pruning`` also the
+    pruning config and predictor files. Everything else (other tasks, the KV policy, batch size) may
+    differ: runs of two experiments that agree here pair up document by document.
+    """
+    fps = [summary.get("metrics", {}).get("fingerprint") for summary in (base, other)]
+    if not all(isinstance(fp, dict) for fp in fps):
+        return ["fingerprint (none stored)"]
+    return changed_keys(*(_document_setup(fp, tasks, with_pruning) for fp in fps))
 
 
 def current_fingerprint(overrides: list[str]) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Paper Table 6: accuracy on four 5-shot lm-eval tasks (COPA, PIQA, WinoGrande, MathQA) with the KV cache
+# compressed to 40% after prefill: Local (StreamingLLM-style, kv=streaming), H2O (kv=h2o), each alone and
+# with SDTP, beside dense and SDTP alone (Table 3's runs), with paired intervals over the same documents.
+#
+#   bash experiments/paper_table6.sh threads=1                         # embedded model (~60 min on 2 CPU cores)
+#   MODEL=mistral-7b-instruct-v0.2 bash experiments/paper_table6.sh   # GPU (needs results/predictors/<model>)
+#
+# Dense and SDTP alone come from the Table 3 page (results/paper/table3/<model>.json, made by
+# experiments/paper_table3.sh with the same tasks, documents and few-shot; run first if missing). Four
+# sdtp-eval runs (conf/experiment/paper_table6.yaml), one after the other, in stable run directories under
+# results/runs/paper/table6/<model>/<name>: a finished run with the same fingerprint is skipped. A fresh
+# clone resumes from the committed page: results/paper/table6/<model>.json holds the four runs' summaries
+# (metrics, fingerprint, per-document correctness), restored into the run directories first when they were
+# made with the same setup (sdtp/reports/run_summary.py). Then sdtp/reports/paper_table6.py renders
+# results/paper/table6/<model>.{md,csv,png,json} with the paper's numbers beside ours.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${MODEL:-smollm2-135m}"
+RUN="results/runs/paper/table6/${MODEL}"
+PAGE="results/paper/table6/${MODEL}"
+TABLE3="results/paper/table3/${MODEL}.json"
+PY="${PYTHON:-.venv/bin/python}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
+  MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
+start=$(date +%s)
+[[ -f "$TABLE3" ]] || bash experiments/paper_table3.sh "$@"   # dense and SDTP alone
+# name:pruning:kv, in the paper's column order, then SDTP with Local (not in the paper).
+for run in local:none:streaming h2o:none:h2o sdtp_h2o:sdtp:h2o sdtp_local:sdtp:streaming; do
+  IFS=: read -r name pruning kv <<< "$run"
+  overrides=(experiment=paper_table6 "model=${MODEL}" "pruning=${pruning}" "kv=${kv}" "$@")
+  "$PY" -m sdtp.reports.run_summary restore --page "$PAGE.json" --name "$name" --run "$RUN/$name" -- "${overrides[@]}"
+  "$PY" -m sdtp.cli.evaluate "${overrides[@]}" "hydra.run.dir=$RUN/$name"
+done
+shown="bash experiments/paper_table6.sh${*:+ $*}"
+[[ "$MODEL" == smollm2-135m ]] || shown="MODEL=$MODEL $shown"
+"$PY" -m sdtp.reports.paper_table6 --table3 "$TABLE3" --run "local=$RUN/local" --run "h2o=$RUN/h2o" \
+  --run "sdtp_h2o=$RUN/sdtp_h2o" --run "sdtp_local=$RUN/sdtp_local" --out "$(dirname "$PAGE")" \
+  --command "$shown" --wall-s "$(( $(date +%s) - start ))"

@@ -1,0 +1,90 @@
+"""What the paper pages over lm-eval runs share: the paper's task names, the setup read off the runs,
+number formatting, the ``--run name=<dir>`` argument and writing a page's four files.
+
+A page (``paper_table3``, ``paper_table6``) is a dict saved as ``<out>/<model>.json`` beside its
+rendering ``<model>.md``, the table as ``<model>.csv`` and a figure ``<model>.png``, each written
+atomically (:func:`write_page_files`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sdtp.utils import write_json_atomic, write_text_atomic
+
+# Our offline task -> the paper's row name, in the paper's order (Tables 3 and 6 use these rows).
+TASKS = {"sdtp_copa": "COPA", "sdtp_piqa": "PIQA", "sdtp_winogrande": "WinoGrande", "sdtp_mathqa": "MathQA",
+         "sdtp_boolq": "BoolQ", "sdtp_cb": "CB", "sdtp_wic": "WiC", "sdtp_wsc": "WSC"}
+
+
+def ordered_tasks(found: Collection[str]) -> list[str]:
+    """``found`` in the paper's row order, tasks the paper does not have after them (sorted)."""
+    return [t for t in TASKS if t in found] + sorted(set(found) - set(TASKS))
+
+
+def num(x: float | None, spec: str = ".2f") -> str:
+    """``x`` formatted by ``spec``, "–" for None."""
+    return "–" if x is None else f"{x:{spec}}"
+
+
+def minutes(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def run_config(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config a run recorded in its fingerprint ({} if none)."""
+    return (metrics.get("fingerprint") or {}).get("config") or {}
+
+
+def shown_path(path: str | None, config: Mapping[str, Any]) -> str | None:
+    """``path`` relative to the run's repository root when it lies inside it (the page is read in any clone)."""
+    root = (config.get("paths") or {}).get("root")
+    if path and root and path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1:]
+    return path
+
+
+def eval_limit(metrics: Mapping[str, Any]) -> Any:
+    """The run's ``eval.limit`` (documents per task) as recorded in its fingerprint."""
+    return (run_config(metrics).get("eval") or {}).get("limit")
+
+
+def machine_text(metrics: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
+    """(where the last of the runs ran: GPU name or CPU model, the runs' git commits joined)."""
+    runs = list(metrics)
+    machine = runs[-1].get("machine") or {}
+    where = machine.get("gpu") or machine.get("cpu_model", "?")
+    return where, ", ".join(sorted({str(m.get("git_commit")) for m in runs}))
+
+
+def run_argument(names: Collection[str]) -> Callable[[str], tuple[str, Path]]:
+    """argparse ``type`` for ``--run <name>=<run dir>`` with ``name`` among ``names``."""
+
+    def parse(text: str) -> tuple[str, Path]:
+        name, _, path = text.partition("=")
+        if name not in names or not path:
+            raise argparse.ArgumentTypeError(f"--run {text!r}: expected <name>=<run dir>, name one of "
+                                             f"{', '.join(names)}")
+        return name, Path(path)
+
+    return parse
+
+
+def write_page_files(out_dir: Path, page: dict[str, Any], markdown: Callable[[dict[str, Any]], str],
+                     csv_text: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], Path]) -> Path:
+    """Write ``<out_dir>/<model>.{json,png,csv,md}`` of ``page`` (each atomically); returns the .md path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / page["model"]
+    write_json_atomic(stem.with_suffix(".json"), page)
+    drawn = out_dir / f".{page['model']}.{os.getpid()}.png"  # drawn beside, then renamed: atomic like the others
+    try:
+        os.replace(plot(page, drawn), stem.with_suffix(".png"))
+    finally:
+        drawn.unlink(missing_ok=True)
+    write_text_atomic(stem.with_suffix(".csv"), csv_text(page))
+    write_text_atomic(stem.with_suffix(".md"), markdown(page))
+    return stem.with_suffix(".md")

@@ -1,0 +1,103 @@
+"""Per-document accuracy of lm-eval run summaries, paired between two runs over the same documents.
+
+A run summary (:mod:`sdtp.reports.run_summary`) holds, per task, the evaluated document ids with
+their 0/1 correctness, chosen and gold answers. Two runs of the same documents pair up document by
+document: :func:`paired_difference` gives both accuracies over the shared documents, the mean
+difference in points with a 95% Student t interval (:func:`sdtp.eval.stats.paired_t_interval`) and
+how many documents flipped each way; :func:`holm_adjust` corrects the p-values of a family of such
+tests; :func:`average_difference` is the mean over tasks (each task weighs the same, as the paper's
+Avg) with a bootstrap interval that resamples documents within each task. :func:`majority_share`
+and :func:`top_answer_share` say when a model answers near-constantly. Used by the paper pages
+(``paper_table3``, ``paper_table6``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sdtp.eval.stats import holm, paired_t_interval, stratified_bootstrap_ci
+from sdtp.reports.paired_tables import paired_summary
+
+Summary = dict[str, Any]  # a run summary: {"metrics": ..., "documents": {task: {doc_ids, acc, pred, target, choices}}}
+
+
+def outcomes(summary: Summary, task: str) -> dict[int, float]:
+    """doc_id -> 0/1 correctness of one task of a run summary ({} if the task is missing)."""
+    docs = summary["documents"].get(task)
+    return {} if docs is None else {i: float(a) for i, a in zip(docs["doc_ids"], docs["acc"])}
+
+
+def shared_documents(base: Summary, other: Summary, task: str) -> list[int]:
+    """The ids of the documents of ``task`` that both runs evaluated, ascending."""
+    return sorted(outcomes(base, task).keys() & outcomes(other, task).keys())
+
+
+def differences(base: Summary, other: Summary, task: str) -> list[float]:
+    """Per shared document, ``other``'s minus ``base``'s correctness in points (-100, 0 or +100)."""
+    a, b = outcomes(base, task), outcomes(other, task)
+    return [100.0 * (b[i] - a[i]) for i in shared_documents(base, other, task)]
+
+
+def accuracy(summary: Summary, task: str, documents: Sequence[int]) -> float | None:
+    """Accuracy (%) of a run over ``documents`` (None when there are none)."""
+    if not documents:
+        return None
+    acc = outcomes(summary, task)
+    return 100.0 * math.fsum(acc[i] for i in documents) / len(documents)
+
+
+def paired_difference(base: Summary, other: Summary, task: str) -> dict[str, Any]:
+    """``other`` against ``base`` on ``task``'s shared documents.
+
+    Returns ``{n, base_acc, acc, delta, gained, lost}``: ``delta`` is a
+    :func:`sdtp.reports.paired_tables.paired_summary` (mean, 95% t interval, p, identical,
+    constant; None without shared documents), ``gained``/``lost`` count the documents ``other``
+    gets right/wrong where ``base`` does not/does.
+    """
+    shared = shared_documents(base, other, task)
+    diffs = differences(base, other, task)
+    return {"n": len(shared), "base_acc": accuracy(base, task, shared), "acc": accuracy(other, task, shared),
+            "delta": paired_summary(paired_t_interval(diffs)) if shared else None,
+            "gained": sum(1 for d in diffs if d > 0), "lost": sum(1 for d in diffs if d < 0)}
+
+
+def holm_adjust(deltas: Sequence[dict[str, Any] | None]) -> None:
+    """Set ``p_holm`` on each delta: Holm over the family's paired t tests (identical pairs have no test)."""
+    ps = [math.nan if d is None or d["p"] is None or d["identical"] else d["p"] for d in deltas]
+    for delta, p in zip(deltas, holm(ps)):
+        if delta is not None:
+            delta["p_holm"] = None if math.isnan(p) else p
+
+
+def average_difference(base: Summary, other: Summary, tasks: Sequence[str]) -> dict[str, Any]:
+    """Mean over ``tasks`` of the per-task mean difference (points), with a bootstrap interval that
+    resamples documents within each task (10,000 resamples, seeded)."""
+    strata = [differences(base, other, task) for task in tasks]
+    mean, low, high = stratified_bootstrap_ci(strata)
+    return {"mean": mean, "low": low, "high": high, "identical": all(d == 0 for s in strata for d in s)}
+
+
+def majority_share(docs: dict[str, Any] | None) -> float | None:
+    """Share of the most frequent gold choice among the documents (None without class targets)."""
+    targets = (docs or {}).get("target")
+    if not targets:
+        return None
+    return max(targets.count(t) for t in set(targets)) / len(targets)
+
+
+def top_answer_share(summary: Summary, task: str, shared: Sequence[int]) -> float | None:
+    """Share (%) of the shared documents given the run's most frequent answer (100 = one answer to all)."""
+    docs = summary["documents"].get(task) or {}
+    if not docs.get("pred") or not shared:
+        return None
+    picks = dict(zip(docs["doc_ids"], docs["pred"]))
+    chosen = [picks[i] for i in shared]
+    return 100.0 * max(chosen.count(c) for c in set(chosen)) / len(chosen)
+
+
+def chance(summary: Summary, task: str) -> float | None:
+    """Accuracy (%) of a uniform guess: 100 / number of choices (None when unknown)."""
+    choices = (summary["documents"].get(task) or {}).get("choices")
+    return 100.0 / choices if choices else None
