@@ -19,18 +19,13 @@ MODEL="${MODEL:-smollm2-135m}"
 RUN="results/runs/paper/table3/${MODEL}"
 PAGE="results/paper/table3/${MODEL}"
 PY="${PYTHON:-.venv/bin/python}"
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
-# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
-export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
-  MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
+source experiments/lib/lm_eval_runs.sh
 start=$(date +%s)
 for run in none:dense sdtp:sdtp; do   # one after the other: on a small machine two runs only slow each other
   pruning="${run%%:*}" name="${run##*:}"
   overrides=(experiment=paper_table3 "model=${MODEL}" "pruning=${pruning}" "$@")
-  "$PY" -m sdtp.reports.run_summary restore --page "$PAGE.json" --name "$name" --run "$RUN/$pruning" -- "${overrides[@]}"
-  "$PY" -m sdtp.cli.evaluate "${overrides[@]}" "hydra.run.dir=$RUN/$pruning"
+  restored_run "$PAGE.json" "$name" "$RUN/$pruning" "${overrides[@]}"
 done
-shown="bash experiments/paper_table3.sh${*:+ $*}"
-[[ "$MODEL" == smollm2-135m ]] || shown="MODEL=$MODEL $shown"
+shown="$(shown_command experiments/paper_table3.sh "$@")"
 "$PY" -m sdtp.reports.paper_table3 --run "dense=$RUN/none" --run "sdtp=$RUN/sdtp" --out "$(dirname "$PAGE")" \
   --command "$shown" --wall-s "$(( $(date +%s) - start ))"

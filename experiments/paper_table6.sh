@@ -21,21 +21,16 @@ RUN="results/runs/paper/table6/${MODEL}"
 PAGE="results/paper/table6/${MODEL}"
 TABLE3="results/paper/table3/${MODEL}.json"
 PY="${PYTHON:-.venv/bin/python}"
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
-# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
-export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
-  MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
+source experiments/lib/lm_eval_runs.sh
 start=$(date +%s)
 [[ -f "$TABLE3" ]] || bash experiments/paper_table3.sh "$@"   # dense and SDTP alone
 # name:pruning:kv, in the paper's column order, then SDTP with Local (not in the paper).
 for run in local:none:streaming h2o:none:h2o sdtp_h2o:sdtp:h2o sdtp_local:sdtp:streaming; do
   IFS=: read -r name pruning kv <<< "$run"
   overrides=(experiment=paper_table6 "model=${MODEL}" "pruning=${pruning}" "kv=${kv}" "$@")
-  "$PY" -m sdtp.reports.run_summary restore --page "$PAGE.json" --name "$name" --run "$RUN/$name" -- "${overrides[@]}"
-  "$PY" -m sdtp.cli.evaluate "${overrides[@]}" "hydra.run.dir=$RUN/$name"
+  restored_run "$PAGE.json" "$name" "$RUN/$name" "${overrides[@]}"
 done
-shown="bash experiments/paper_table6.sh${*:+ $*}"
-[[ "$MODEL" == smollm2-135m ]] || shown="MODEL=$MODEL $shown"
+shown="$(shown_command experiments/paper_table6.sh "$@")"
 "$PY" -m sdtp.reports.paper_table6 --table3 "$TABLE3" --run "local=$RUN/local" --run "h2o=$RUN/h2o" \
   --run "sdtp_h2o=$RUN/sdtp_h2o" --run "sdtp_local=$RUN/sdtp_local" --out "$(dirname "$PAGE")" \
   --command "$shown" --wall-s "$(( $(date +%s) - start ))"

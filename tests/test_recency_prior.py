@@ -92,24 +92,30 @@ def test_a_dominant_prior_keeps_what_the_positional_rule_keeps(tiny_llama, promp
     assert torch.equal(kept[0], kept[1])
 
 
-@torch.no_grad()
-def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama):
-    model = tiny_llama[0]
-    generator = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(4, 260, (1, n), generator=generator) for n in (61, 40)]
+def _assert_batch_rows_keep_as_alone(model, prompts: list[torch.Tensor], scorer, references: list) -> None:
+    """Prefill ``prompts`` (each (1, n)) left-padded in one batch with ``scorer``: row i keeps exactly the
+    positions that ``references[i]`` keeps from prompt i run alone."""
     ids, mask = left_pad(prompts)
-    scorer = PredictorScorer(predictor=_predictor(), recency_weight=0.5)
     pruner = TokenPruner(SCHEDULE, scorer)
     with pruner(model):
         model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
     record = pruner.last_prefill
-    for row, prompt in enumerate(prompts):
-        single = TokenPruner(SCHEDULE, scorer)
+    for row, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
+        single = TokenPruner(SCHEDULE, reference)
         with single(model):
             model(prompt, use_cache=True)
         kept = record.final_positions[row]
         kept = kept[record.final_valid[row]] if record.final_valid is not None else kept
         assert torch.equal(kept, single.last_prefill.final_positions[0])
+
+
+@torch.no_grad()
+def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama):
+    model = tiny_llama[0]
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 260, (1, n), generator=generator) for n in (61, 40)]
+    scorer = PredictorScorer(predictor=_predictor(), recency_weight=0.5)
+    _assert_batch_rows_keep_as_alone(model, prompts, scorer, [scorer, scorer])
 
 
 def test_report_selects_the_weight_with_the_best_worst_cell_per_kind_and_writes_them(tmp_path):
@@ -209,18 +215,7 @@ def test_a_mixed_batch_uses_each_row_kind_weight(tiny_llama, monkeypatch):
     generator = torch.Generator().manual_seed(5)
     text = torch.randint(10, 260, (1, 57), generator=generator)
     chat = torch.cat([torch.randint(10, 260, (1, 45), generator=generator), torch.tensor([SUFFIX])], dim=1)
-    ids, mask = left_pad([text, chat])
     predictor = _predictor(recency_weight=1e6)  # text rows: positional ranking
     predictor.meta.recency_weight_chat = 0.0  # chat rows: the predictor alone
-    pruner = TokenPruner(SCHEDULE, PredictorScorer(predictor=predictor))
-    with pruner(model):
-        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    record = pruner.last_prefill
-    for row, (prompt, reference) in enumerate([(text, PositionalScorer()),
-                                                (chat, PredictorScorer(predictor=predictor, recency_weight=0.0))]):
-        single = TokenPruner(SCHEDULE, reference)
-        with single(model):
-            model(prompt, use_cache=True)
-        kept = record.final_positions[row]
-        kept = kept[record.final_valid[row]] if record.final_valid is not None else kept
-        assert torch.equal(kept, single.last_prefill.final_positions[0])
+    _assert_batch_rows_keep_as_alone(model, [text, chat], PredictorScorer(predictor=predictor),
+                                     [PositionalScorer(), PredictorScorer(predictor=predictor, recency_weight=0.0)])

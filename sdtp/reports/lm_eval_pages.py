@@ -31,6 +31,18 @@ def num(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None else f"{x:{spec}}"
 
 
+def error_bars(deltas: Iterable[Mapping[str, Any]]) -> tuple[list[float], list[list[float]]]:
+    """Paired deltas ``{"mean", "low", "high"}`` -> (means, matplotlib ``yerr`` [below, above]).
+
+    A delta without an interval (identical on every document) gets a zero-length bar.
+    """
+    deltas = list(deltas)
+    means = [d["mean"] for d in deltas]
+    below = [d["mean"] - (d["low"] if d.get("low") is not None else d["mean"]) for d in deltas]
+    above = [(d["high"] if d.get("high") is not None else d["mean"]) - d["mean"] for d in deltas]
+    return means, [below, above]
+
+
 def minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f} min"
 

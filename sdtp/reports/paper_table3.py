@@ -22,8 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sdtp.reports.lm_eval_pages import (TASKS, eval_limit, machine_text, minutes, num, ordered_tasks, run_argument,
-                                        run_config, shown_path, write_page_files)
+from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
+                                        run_argument, run_config, shown_path, write_page_files)
 from sdtp.reports.paired_accuracy import (average_difference, chance, holm_adjust, majority_share, paired_difference,
                                           shared_documents, top_answer_share)
 from sdtp.reports.paired_tables import interval_text, p_text
@@ -240,10 +240,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     left.scatter([i for i, r in zip(x, rows) if r["chance"]], [r["chance"] for r in rows if r["chance"]],
                  marker="_", s=300, color="black", label="chance", zorder=3)
     left.set_ylabel("accuracy (%)")
-    d = [r["delta"] for r in rows]
-    mean = [v["mean"] for v in d]
-    err = [[v["mean"] - (v["low"] if v.get("low") is not None else v["mean"]) for v in d],
-           [(v["high"] if v.get("high") is not None else v["mean"]) - v["mean"] for v in d]]
+    mean, err = error_bars(r["delta"] for r in rows)
     right.errorbar(x, mean, yerr=err, fmt="o", capsize=3, color="black", label=f"ours ({page['model']}), 95% CI")
     for offset, model, marker, color in ((0.15, "Mistral-7B", "s", "tab:red"), (0.3, "Llama2-7B", "^", "tab:green")):
         right.scatter([i + offset for i in x], [r["paper"][model][1] - r["paper"][model][0] if r["paper"] else math.nan

@@ -28,8 +28,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sdtp.reports.lm_eval_pages import (TASKS, eval_limit, machine_text, minutes, num, ordered_tasks, run_argument,
-                                        run_config, shown_path, write_page_files)
+from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
+                                        run_argument, run_config, shown_path, write_page_files)
 from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, holm_adjust, majority_share, outcomes,
                                           paired_difference, top_answer_share)
 from sdtp.reports.paired_tables import interval_text, p_text
@@ -405,10 +405,8 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     for j, (other, base) in enumerate(versus_dense):
         key = comparison_key(other, base)
         offset = -0.4 + (j + 0.5) * step
-        d = [r["comparisons"][key]["delta"] for r in rows]
-        err = [[v["mean"] - (v["low"] if v.get("low") is not None else v["mean"]) for v in d],
-               [(v["high"] if v.get("high") is not None else v["mean"]) - v["mean"] for v in d]]
-        drawn = right.errorbar([i + offset for i in x], [v["mean"] for v in d], yerr=err, fmt="o", capsize=3,
+        mean, err = error_bars(r["comparisons"][key]["delta"] for r in rows)
+        drawn = right.errorbar([i + offset for i in x], mean, yerr=err, fmt="o", capsize=3,
                                label=f"{label(other)} (ours, 95% CI)")
         paper = [r["comparisons"][key]["paper"] for r in rows]
         if any(p is not None for p in paper):

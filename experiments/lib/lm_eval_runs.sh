@@ -1,0 +1,26 @@
+# Sourced by the paper scripts over lm-eval runs (experiments/paper_table3.sh, paper_table6.sh), after
+# they set PY (the Python to use) and MODEL: offline environment, allocator settings and the one
+# resumable run step they share.
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
+  MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
+
+# restored_run PAGE_JSON NAME RUN_DIR OVERRIDE...: restore run NAME's summary from the committed page into
+# RUN_DIR when it was made with the same setup (sdtp/reports/run_summary.py), then run sdtp-eval there,
+# which skips a finished run with the same fingerprint.
+restored_run() {
+  local page="$1" name="$2" dir="$3"
+  shift 3
+  "$PY" -m sdtp.reports.run_summary restore --page "$page" --name "$name" --run "$dir" -- "$@"
+  "$PY" -m sdtp.cli.evaluate "$@" "hydra.run.dir=$dir"
+}
+
+# shown_command SCRIPT ARG...: the command line a page states it was made by.
+shown_command() {
+  local script="$1"
+  shift
+  local shown="bash $script${*:+ $*}"
+  [[ "$MODEL" == smollm2-135m ]] || shown="MODEL=$MODEL $shown"
+  echo "$shown"
+}
