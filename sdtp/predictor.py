@@ -14,6 +14,13 @@ before the input normalisation removes it. Tokens with massive activations (atte
 delimiters and newlines) are recognisable by their norm alone, which is what the training-free ``norm``
 scorer keeps; with ``input_norm`` the MLP would otherwise never see it.
 
+Optional query branch (``query_tokens`` = m > 0): a low-rank bilinear relevance of each token to the
+prompt's last m alive tokens (the question of a chat prompt, the text the continuation follows),
+``logsumexp_t (K x_j) . (Q x_t) / sqrt(r) - log |T|`` added to the keep logit. The MLP scores one
+token from its own state; the labels (where the continuation will attend) depend on what the prompt
+ends with, which only this term can see. ``Q`` starts at zero, so the term starts at exactly 0 and a
+warm start from a predictor without it scores as that predictor did.
+
 The predictor always computes in its own parameter dtype (fp32 master weights): the hidden states
 are cast to it, so a bf16 model never changes the trained weights and export equals the checkpoint.
 """
@@ -57,6 +64,8 @@ class PredictorMeta:
     # The weight for chat prompts (ending with the chat template's generation prompt), chosen on chat
     # validation cells; None = ``recency_weight`` for every prompt.
     recency_weight_chat: float | None = None
+    query_tokens: int = 0  # m: the query branch reads the prompt's last m alive tokens (0 = no branch)
+    query_rank: int = 32  # r: width of the bilinear key/query projections
 
 
 NUM_POSITION_FEATURES = 2
@@ -92,6 +101,44 @@ def with_norm_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def query_slots(positions: torch.Tensor, prompt_len: torch.Tensor, alive: torch.Tensor | None,
+                m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query set: each row's last ``m`` alive prompt tokens.
+
+    Args:
+        positions: (B, n) original positions; prompt_len: (B,); alive: (B, n) bool or None (all alive).
+    Returns:
+        index (B, k) slots into n, k = min(m, n); ok (B, k) bool, False where a row has fewer than k.
+    """
+    prompt_len = prompt_len.to(positions.device)[:, None]
+    member = (positions < prompt_len) & (positions >= prompt_len - m)
+    if alive is not None:
+        member = member & alive
+    rank = torch.where(member, positions, torch.full_like(positions, -1))
+    values, index = rank.topk(min(m, positions.shape[1]), dim=1)
+    return index, values >= 0
+
+
+class QueryBranch(nn.Module):
+    """Bilinear relevance of every token to the query tokens. (B, n, d), query set -> (B, n)."""
+
+    def __init__(self, in_features: int, rank: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(in_features, rank, bias=False)
+        self.query = nn.Linear(in_features, rank, bias=False)
+        nn.init.zeros_(self.query.weight)  # the branch starts at exactly 0 (warm starts keep their scores)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """x: (B, n, d); index, ok: (B, k) from :func:`query_slots` -> (B, n) smooth max over queries."""
+        queries = self.query(torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1])))  # (B, k, r)
+        logits = self.key(x) @ queries.transpose(1, 2) / self.key.out_features ** 0.5  # (B, n, k)
+        logits = logits.masked_fill(~ok[:, None, :], float("-inf"))
+        count = ok.sum(1, keepdim=True).clamp(min=1).to(x.dtype)  # (B, 1)
+        # logsumexp - log count: the mean of exp (0 at init); rows without queries get 0.
+        out = torch.logsumexp(logits, dim=-1) - torch.log(count)
+        return torch.where(ok.any(1, keepdim=True), out, torch.zeros_like(out))
+
+
 class StageMLP(nn.Module):
     """Linear(d, h) -> GELU -> Linear(h, 2). Input (B, n, d) -> logits (B, n, 2)."""
 
@@ -114,37 +161,53 @@ class TokenPredictor(nn.Module):
         width = max(2, int(round(meta.hidden_size * meta.hidden_ratio)))
         extra = (NUM_POSITION_FEATURES if meta.position_features else 0) + int(meta.norm_feature)
         self.stages = nn.ModuleList(StageMLP(meta.hidden_size + extra, width) for _ in meta.layers)
+        if meta.query_tokens < 0 or meta.query_rank < 1:
+            raise ConfigError(f"predictor: query_tokens must be >= 0 and query_rank >= 1, got "
+                              f"{meta.query_tokens} / {meta.query_rank}")
+        self.queries = nn.ModuleList(QueryBranch(meta.hidden_size, meta.query_rank) for _ in meta.layers
+                                     ) if meta.query_tokens else None
 
     def logits(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
-               prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+               prompt_len: torch.Tensor | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, d) -> (B, n, 2) keep/drop logits, computed in the predictor's dtype.
 
         Args:
             positions: (B, n) original positions; prompt_len: (B,) prompt lengths. Required when
-                the predictor uses position features, ignored otherwise.
+                the predictor uses position features or the query branch, ignored otherwise.
+            alive: (B, n) bool, the tokens still present (None = all): the query branch reads only
+                alive tokens, so masked training sees the query set physical pruning leaves.
         """
         weight = self.stages[stage].fc1.weight
         x = hidden_states.to(weight.dtype)
         mean_square = x.pow(2).mean(-1, keepdim=True) + 1e-6
-        features = [x * torch.rsqrt(mean_square) if self.meta.input_norm else x]
+        normed = x * torch.rsqrt(mean_square) if self.meta.input_norm else x
+        features = [normed]
+        if (self.meta.position_features or self.queries is not None) and (positions is None or prompt_len is None):
+            raise ValueError("this predictor uses token positions: pass positions and prompt_len")
         if self.meta.position_features:
-            if positions is None or prompt_len is None:
-                raise ValueError("this predictor uses position features: pass positions and prompt_len")
             features.append(position_features(positions, prompt_len).to(x.dtype))
         if self.meta.norm_feature:
             features.append(0.5 * torch.log(mean_square))  # log RMS
-        return self.stages[stage](torch.cat(features, dim=-1) if len(features) > 1 else features[0])
+        logits = self.stages[stage](torch.cat(features, dim=-1) if len(features) > 1 else features[0])
+        if self.queries is None:
+            return logits
+        index, ok = query_slots(positions, prompt_len, alive, self.meta.query_tokens)
+        relevance = self.queries[stage](normed, index, ok)
+        return torch.stack([logits[..., 0] + relevance, logits[..., 1]], dim=-1)
 
     def forward(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
-                prompt_len: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, n, d) -> (B, n) importance score = keep logit - drop logit."""
-        logits = self.logits(stage, hidden_states, positions, prompt_len)
+                prompt_len: torch.Tensor | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, d) -> (B, n) importance score = keep logit - drop logit (arguments as :meth:`logits`)."""
+        logits = self.logits(stage, hidden_states, positions, prompt_len, alive)
         return logits[..., 0] - logits[..., 1]
 
     def num_flops_per_token(self) -> int:
         """Multiply-adds x2 of one stage for one token (the predictor's own cost)."""
         mlp = self.stages[0]
-        return 2 * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
+        flops = 2 * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
+        if self.queries is not None:  # key projection + one dot product per query token
+            flops += 2 * self.meta.query_rank * (self.meta.hidden_size + self.meta.query_tokens)
+        return flops
 
     def save(self, directory: str | Path) -> Path:
         """Write ``predictor.safetensors`` + ``predictor.json`` atomically into ``directory``."""

@@ -201,6 +201,22 @@ def test_init_from_adds_the_norm_input_as_a_zero_column(tmp_path):
         train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={tmp_path / 'b' / 'predictor'}"))
 
 
+def test_init_from_adds_a_query_branch_that_starts_at_zero(tmp_path):
+    """A predictor without the query branch warm-starts one with it; (lr 0) it scores exactly as the
+    original, and a checkpoint with the branch refuses to start a predictor without it."""
+    first = train_cli.run(_train_cfg(tmp_path / "a", "train.max_steps=2"))
+    cfg = _train_cfg(tmp_path / "b", f"train.init_from={first['predictor']}", "train.max_steps=1",
+                     "train.query_tokens=4", "train.query_rank=8", "train.optimizer.lr=0.0", "train.scheduler=null")
+    train_cli.run(cfg)
+    old = TokenPredictor.load(first["predictor"])
+    new = TokenPredictor.load(tmp_path / "b" / "predictor")
+    assert new.meta.query_tokens == 4 and new.queries[0].key.out_features == 8
+    x, pos = 3.0 * torch.randn(1, 6, old.meta.hidden_size), torch.arange(6)[None]
+    torch.testing.assert_close(new(1, x, pos, torch.tensor([6])), old(1, x, pos, torch.tensor([6])))
+    with pytest.raises(ConfigError, match="query branch"):
+        train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={tmp_path / 'b' / 'predictor'}"))
+
+
 def test_resumed_training_continues_the_same_wandb_run(tmp_path, monkeypatch):
     """logger=wandb: the stopped and the resumed job open one W&B run (the id saved next to the checkpoint)."""
     import sys

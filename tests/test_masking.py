@@ -16,16 +16,23 @@ from sdtp.training.masking import PolicyMasker
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.4), keep_first=2, keep_recent=0.1)
 
 
-def _predictor(hidden: int, position_features: bool = False) -> TokenPredictor:
+def _predictor(hidden: int, position_features: bool = False, query_tokens: int = 0) -> TokenPredictor:
+    """query_tokens > 0: with a query branch whose (zero-initialised) query weights are randomised,
+    reading more tokens than the protected tail, so which of them are alive matters."""
     torch.manual_seed(0)
-    return TokenPredictor(PredictorMeta(hidden_size=hidden, layers=list(SCHEDULE.layers),
-                                        position_features=position_features))
+    predictor = TokenPredictor(PredictorMeta(hidden_size=hidden, layers=list(SCHEDULE.layers),
+                                             position_features=position_features, query_tokens=query_tokens,
+                                             query_rank=8))
+    if query_tokens:
+        for branch in predictor.queries:
+            torch.nn.init.normal_(branch.query.weight, std=2.0)
+    return predictor
 
 
 def test_hard_mask_matches_gather_at_kept_positions(tiny, prompt_ids):
     model, _, _ = tiny
-    for position_features in (False, True):
-        predictor = _predictor(model.config.hidden_size, position_features)
+    for position_features, query_tokens in ((False, 0), (True, 0), (True, 40)):
+        predictor = _predictor(model.config.hidden_size, position_features, query_tokens)
         masker = PolicyMasker(SCHEDULE, predictor, mode="topk", noise_scale=0.0)
         with torch.no_grad():
             with masker(model):
@@ -82,7 +89,7 @@ def test_gradients_reach_every_predictor_through_the_mask(tiny_llama, prompt_ids
 
 def test_rescored_scores_equal_the_forward_scores(tiny_llama, prompt_ids):
     model, _, _ = tiny_llama
-    predictor = _predictor(model.config.hidden_size, position_features=True)
+    predictor = _predictor(model.config.hidden_size, position_features=True, query_tokens=40)
     masker = PolicyMasker(SCHEDULE, predictor, noise_scale=0.5, generator=torch.Generator().manual_seed(0))
     with masker(model, torch.tensor([80])):
         with torch.no_grad():

@@ -83,3 +83,33 @@ def test_norm_feature_is_the_log_rms_the_input_norm_removes(tmp_path):
     torch.testing.assert_close(blind(1, x)[0, 0], blind(1, x)[0, 1], rtol=1e-4, atol=1e-4)
     p.save(tmp_path)
     torch.testing.assert_close(TokenPredictor.load(tmp_path)(1, x), p(1, x))
+
+
+def test_query_branch_is_a_smooth_max_over_the_last_alive_prompt_tokens(tmp_path):
+    """The branch adds logsumexp_t (K x_j).(Q x_t)/sqrt(r) - log|T| to the keep logit, T = the last m
+    alive prompt tokens; it starts at exactly 0 (Q = 0), ignores dead and continuation tokens, and
+    round-trips through a checkpoint."""
+    torch.manual_seed(0)
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2], input_norm=True, position_features=True,
+                         query_tokens=3, query_rank=4)
+    p = TokenPredictor(meta)
+    plain = TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2], input_norm=True, position_features=True))
+    plain.stages.load_state_dict(p.stages.state_dict())
+    x, pos, n = torch.randn(1, 8, 64), torch.arange(8)[None], torch.tensor([6])  # 6 prompt + 2 continuation
+    torch.testing.assert_close(p(1, x, pos, n), plain(1, x, pos, n))  # zero-initialised Q: no change
+    torch.nn.init.normal_(p.queries[1].query.weight)
+    alive = torch.tensor([[True, True, True, True, False, True, True, True]])  # token 4 was dropped
+    unit = x[0] * torch.rsqrt(x[0].pow(2).mean(-1, keepdim=True) + 1e-6)
+    k, q = p.queries[1].key(unit), p.queries[1].query(unit[[3, 5]])  # last 3 prompt tokens 3..5, 4 dead
+    relevance = torch.logsumexp(k @ q.T / 2.0, dim=-1) - torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(p(1, x, pos, n, alive)[0], plain(1, x, pos, n)[0] + relevance)
+    y = x.clone()
+    y[0, [0, 4, 6, 7]] += 5.0 * torch.randn(4, 64)  # non-query tokens: only their own scores move
+    changed = (p(1, y, pos, n, alive) - p(1, x, pos, n, alive)).abs()[0] > 1e-5
+    assert changed.tolist() == [True, False, False, False, True, False, True, True]
+    with pytest.raises(ValueError, match="positions"):
+        p(1, x)
+    p.save(tmp_path)
+    torch.testing.assert_close(TokenPredictor.load(tmp_path)(1, x, pos, n, alive), p(1, x, pos, n, alive))
+    with pytest.raises(ConfigError, match="query_tokens"):
+        TokenPredictor(PredictorMeta(hidden_size=64, layers=[1], query_tokens=-1))

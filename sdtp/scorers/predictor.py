@@ -92,6 +92,6 @@ class PredictorScorer(Scorer):
         prompt_len = torch.full((ctx.positions.shape[0],), ctx.seq_len, device=ctx.positions.device)
         if ctx.seq_lens is not None:  # ragged batch: each row's own length
             prompt_len = ctx.seq_lens.to(ctx.positions.device)
-        scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len)
+        scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len, ctx.valid)
         weights = self._row_weights(ctx.positions.shape[0], ctx.positions.device)
         return blend_recency(scores, ctx.positions, prompt_len, weights, ctx.valid)

@@ -182,6 +182,7 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
         hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(t.hidden_ratio),
         base_model=cfg.model.name, num_layers=int(cfg.model.num_layers), input_norm=bool(t.input_norm),
         position_features=bool(t.position_features), norm_feature=bool(t.norm_feature),
+        query_tokens=int(t.query_tokens), query_rank=int(t.query_rank),
         extra={"keep_mode": t.keep_mode, "target": t.target, "label_transform": t.label_transform,
                "loss": OmegaConf.to_container(t.loss), "data": cfg.data.name},
     )).to(next(model.parameters()).device)
@@ -210,10 +211,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
         if start.meta.norm_feature and not predictor.meta.norm_feature:
             raise ConfigError(f"train.init_from: {t.init_from} has norm_feature=true; set train.norm_feature=true")
-        # A checkpoint without the norm input gets it as a zero-weight column: training starts from
-        # exactly the old scores and learns how much the norm adds.
-        predictor.load_state_dict(with_norm_input(start.state_dict()) if predictor.meta.norm_feature
-                                  and not start.meta.norm_feature else start.state_dict())
+        if start.meta.query_tokens and not predictor.meta.query_tokens:
+            raise ConfigError(f"train.init_from: {t.init_from} has a query branch; set train.query_tokens="
+                              f"{start.meta.query_tokens}")
+        # A checkpoint without the norm input gets it as a zero-weight column, one without the query
+        # branch gets a fresh branch whose output starts at 0: training starts from exactly the old
+        # scores and learns what the new input adds.
+        state = with_norm_input(start.state_dict()) if predictor.meta.norm_feature and not start.meta.norm_feature \
+            else start.state_dict()
+        missing, unexpected = predictor.load_state_dict(state, strict=False)
+        if unexpected or any(not key.startswith("queries.") for key in missing):
+            raise ConfigError(f"train.init_from: {t.init_from} does not fit this predictor "
+                              f"(missing {missing}, unexpected {unexpected})")
     optimizer = hydra.utils.instantiate(t.optimizer)(params=predictor.parameters())
     scheduler = hydra.utils.instantiate(t.scheduler)(optimizer=optimizer) if t.scheduler else None
     rng = {"gumbel": torch.Generator().manual_seed(int(cfg.seed)), "pairs": torch.Generator().manual_seed(int(cfg.seed) + 1)}

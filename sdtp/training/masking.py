@@ -165,8 +165,9 @@ class PolicyMasker:
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         # The predictor reads the frozen model's features: its gradient comes from its own stage's
         # losses and, through the masks, from the CE; not through earlier stages' inputs.
-        scores = self.predictor(stage, hidden.detach(), positions, state.prompt_len).float()  # (B, S)
         prev = state.policies[-1] if state.policies else state.valid.float()
+        alive = (prev.detach() > 0.5) & state.valid  # what physical pruning would still hold
+        scores = self.predictor(stage, hidden.detach(), positions, state.prompt_len, alive).float()  # (B, S)
         decided = (prev.detach() > 0.5) & state.prompt & ~state.protect
         noise = 0.0
         if self.noise_scale > 0:
@@ -201,7 +202,8 @@ class PolicyMasker:
         """
         state = self.state
         positions = torch.arange(state.valid.shape[1], device=state.valid.device).expand(state.valid.shape[0], -1)
-        scores = [self.predictor(s, x, positions, state.prompt_len).float() for s, x in enumerate(state.inputs)]
+        alive = [state.valid] + [(p.detach() > 0.5) & state.valid for p in state.policies[:-1]]
+        scores = [self.predictor(s, x, positions, state.prompt_len, alive[s]).float() for s, x in enumerate(state.inputs)]
         if self.mode == "gumbel":
             policy = state.valid.float()
             policies = []
