@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sdtp.distributed import worker_overrides
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
@@ -153,6 +154,15 @@ def sdtp_main(
             validate_config(cfg, list(HydraConfig.get().overrides.task))
             return task(cfg)
 
-        return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(validated)
+        hydra_entry = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(validated)
+
+        @functools.wraps(task)
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            # hydra.main reads its overrides from sys.argv: a non-zero torchrun rank adds the ones
+            # that keep it from writing the run directory's config copy and log (rank 0 writes them).
+            sys.argv.extend(worker_overrides())
+            return hydra_entry(*args, **kwargs)
+
+        return entry
 
     return decorator

@@ -8,8 +8,9 @@ Layout of a label directory::
     shard_00001.safetensors   ...
 
 Labels are stored at every decoder layer's input, raw, so any schedule and any label transform
-(:func:`transform_labels`) reuse them. Shards are written atomically and in order, so a killed
-labelling run resumes at the first missing shard; each shard carries the hash of ``meta.json``.
+(:func:`transform_labels`) reuse them. Shards are written atomically (by whichever rank of a
+``torchrun`` job labelled them), so a killed labelling run resumes with the missing shards; each
+shard carries the hash of ``meta.json``.
 Loading refuses a folder whose shard count does not match ``meta.num_sequences`` (a partial run) or
 whose shards carry another meta hash (copied from another run); re-labelling into a directory whose
 ``meta.json`` differs in any identity field raises :class:`ConfigError` instead of mixing labels.

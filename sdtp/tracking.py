@@ -96,3 +96,19 @@ class RunLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.finish()
+
+
+class NullLogger:
+    """The :class:`RunLogger` of a process that must not write (a non-zero rank of a ``torchrun`` job)."""
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        pass
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

@@ -7,6 +7,10 @@
 Writes ``metrics.jsonl`` (every step), ``metrics.json`` (final validation), ``checkpoint.pt`` and
 ``predictor/`` into ``out_dir``; the last stdout line is a JSON summary. ``resume=true`` continues
 from the checkpoint (refused if the model, schedule, data or training setup differ).
+
+Data parallel (every rank its own examples, predictor gradients averaged, rank 0 writes)::
+
+    torchrun --standalone --nproc_per_node=2 -m sdtp.cli.train model=tiny-llama data=c4 distributed.backend=gloo
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from omegaconf import DictConfig
 
 from sdtp.config import sdtp_main
 from sdtp.data import validate_source
+from sdtp.distributed import World, check_world, process_group
 from sdtp.errors import ConfigError
 from sdtp.losses import TIES
 from sdtp.saliency import TARGETS
@@ -54,11 +59,14 @@ def validate_train_config(cfg: DictConfig) -> None:
     if t.labels == "online":
         for i, source in enumerate(cfg.data.sources):
             validate_source(source, f"data.sources.{i}")
+    check_world(World.from_env(), cfg.distributed, str(cfg.model.device))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, then train: in one process, or as this rank of a ``torchrun`` job (:mod:`sdtp.distributed`)."""
     validate_train_config(cfg)
-    return train(cfg)
+    with process_group(World.from_env(), cfg.distributed, str(cfg.model.device)) as world:
+        return train(cfg, world)
 
 
 @sdtp_main("train")

@@ -3,12 +3,14 @@
 A checkpoint holds the predictor (fp32 master weights), optimizer, scheduler and RNG states, the
 step, and a *signature*: model, schedule, data hash, label target and every training setting that
 changes the result. ``resume=true`` refuses a checkpoint whose signature differs, naming the keys,
-instead of silently continuing another run's weights under a new label.
+instead of silently continuing another run's weights under a new label. A data-parallel run
+(:mod:`sdtp.distributed`) also stores the other ranks' RNG states, so each rank resumes its own streams.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +22,32 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, step: int, signature: dict[str, Any], predictor: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, torch.Generator]) -> None:
-    """Write atomically (temporary file + rename)."""
+                    optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, torch.Generator],
+                    rank_rng: Sequence[dict[str, torch.Tensor]] = ()) -> None:
+    """Write atomically (temporary file + rename).
+
+    Args:
+        rng: this process's (rank 0's) generators; rank_rng: the generator states of ranks 1, 2, ...
+    """
     state = {"step": step, "signature": json.dumps(signature, sort_keys=True, default=str),
              "predictor": predictor.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "rng": {name: gen.get_state() for name, gen in rng.items()}}
+    if rank_rng:
+        state["rank_rng"] = list(rank_rng)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
 def load_checkpoint(path: Path, signature: dict[str, Any], predictor: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, torch.Generator]) -> int:
-    """Restore everything in place and return the step; ConfigError if the signature differs."""
+                    optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, torch.Generator],
+                    rank: int = 0) -> int:
+    """Restore everything in place (``rng`` from rank ``rank``'s states) and return the step;
+    ConfigError if the signature differs."""
     try:
-        state = torch.load(path, weights_only=True)
+        # On the CPU: load_state_dict moves each tensor to its parameter's device (rank r's GPU).
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # a truncated or foreign file: say which one
         raise ConfigError(f"resume: cannot read the checkpoint {path} ({exc})") from exc
     old = json.loads(state.get("signature", "{}"))
@@ -49,8 +61,9 @@ def load_checkpoint(path: Path, signature: dict[str, Any], predictor: torch.nn.M
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    states = state["rng"] if rank == 0 else state["rank_rng"][rank - 1]  # the signature fixed the rank count
     for name, gen in rng.items():
-        gen.set_state(state["rng"][name])
+        gen.set_state(states[name])
     return int(state["step"])
 
 

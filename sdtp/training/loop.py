@@ -15,6 +15,10 @@
 6. Checkpoint every ``ckpt_every`` steps (with a signature, so a resume cannot mix setups);
    validation on the held-out examples (continuation NLL dense / random / predictor, ranking
    agreement); the predictor is saved (and exported) at the end.
+
+Launched by ``torchrun`` (:mod:`sdtp.distributed`), every rank runs this same recipe on its own
+micro-batches of each step (labels computed by the rank that trains on them), the predictor
+gradients are averaged over the ranks before clipping, and rank 0 alone validates, logs and writes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from tqdm import tqdm
 
 from sdtp.config import build_schedule
 from sdtp.data import Example, build_examples, examples_hash
+from sdtp.distributed import (World, all_ranks, average_gradients, broadcast_parameters, check_enough_items,
+                              rank_seed, rank_slice, reduce_floats, require_shared)
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
@@ -44,7 +50,7 @@ from sdtp.predictor import PredictorMeta, TokenPredictor, with_norm_input
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.scorers.random import RandomScorer
-from sdtp.tracking import RunLogger
+from sdtp.tracking import NullLogger, RunLogger
 from sdtp.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from sdtp.training.masking import PolicyMasker
 from sdtp.training.validation import continuation_nll, ranking_agreement
@@ -61,6 +67,11 @@ class Batch:
     valid: torch.Tensor
     split: torch.Tensor
     labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device`` (the model's), ``split`` included."""
+        labels = self.labels.to(device) if self.labels is not None else None
+        return Batch(self.ids.to(device), self.valid.to(device), self.split.to(device), labels)
 
 
 def collate(examples: list[Example], labels: list[torch.Tensor] | None = None) -> Batch:
@@ -79,11 +90,17 @@ def collate(examples: list[Example], labels: list[torch.Tensor] | None = None) -
     return Batch(ids, valid, split, stacked)
 
 
-def sample_order(step: int, t: DictConfig, seed: int, num_items: int) -> list[list[int]]:
-    """Example indices of each micro-batch of optimizer step ``step``: seeded per-epoch permutations."""
+def sample_order(step: int, t: DictConfig, seed: int, num_items: int, ranks: int = 1) -> list[list[int]]:
+    """Example indices of each micro-batch of optimizer step ``step``: seeded per-epoch permutations.
+
+    With ``ranks`` processes a step has ``ranks * grad_accum`` micro-batches (rank r trains on the
+    r-th block of ``grad_accum``): the same as one process with ``grad_accum * ranks``, and within an
+    epoch no two ranks share an example.
+    """
     out = []
-    for micro in range(int(t.grad_accum)):
-        start = (step * int(t.grad_accum) + micro) * int(t.batch_size)
+    micro_batches = int(t.grad_accum) * ranks
+    for micro in range(micro_batches):
+        start = (step * micro_batches + micro) * int(t.batch_size)
         batch = []
         for i in range(start, start + int(t.batch_size)):
             perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + i // num_items))
@@ -166,14 +183,17 @@ def load_data(cfg: DictConfig, model, tokenizer, schedule: PruningSchedule) -> t
     return examples, [sal[:, columns] for _, _, sal in items], meta["examples_hash"]
 
 
-def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed."""
+def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_size: int = 1) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (the number of ranks too: it sets the step's batch)."""
     t = OmegaConf.to_container(cfg.train, resolve=True)
     for volatile in ("max_steps", "ckpt_every", "eval_every", "stop_at", "val_sequences", "labels_dir"):
         t.pop(volatile, None)
-    return {"model": cfg.model.name, "layers": list(schedule.layers), "keep_fractions": list(schedule.keep_fractions),
-            "keep_first": schedule.keep_first, "keep_recent": schedule.keep_recent, "data": data_hash,
-            "train": t, "seed": int(cfg.seed)}
+    sig = {"model": cfg.model.name, "layers": list(schedule.layers), "keep_fractions": list(schedule.keep_fractions),
+           "keep_first": schedule.keep_first, "keep_recent": schedule.keep_recent, "data": data_hash,
+           "train": t, "seed": int(cfg.seed)}
+    if world_size > 1:  # absent for one process, so single-process checkpoints keep their signature
+        sig["world_size"] = world_size
+    return sig
 
 
 def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenPredictor:
@@ -188,7 +208,95 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
     )).to(next(model.parameters()).device)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
+    """Start from the trained predictor in ``train.init_from`` (fine-tuning) instead of random weights."""
+    t = cfg.train
+    start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, layers=list(predictor.meta.layers),
+                                base_model=cfg.model.name)
+    if start.meta.position_features != predictor.meta.position_features:
+        raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
+    if start.meta.norm_feature and not predictor.meta.norm_feature:
+        raise ConfigError(f"train.init_from: {t.init_from} has norm_feature=true; set train.norm_feature=true")
+    if start.meta.query_tokens and not predictor.meta.query_tokens:
+        raise ConfigError(f"train.init_from: {t.init_from} has a query branch; set train.query_tokens="
+                          f"{start.meta.query_tokens}")
+    # A checkpoint without the norm input gets it as a zero-weight column, one without the query
+    # branch gets a fresh branch whose output starts at 0: training starts from exactly the old
+    # scores and learns what the new input adds.
+    state = with_norm_input(start.state_dict()) if predictor.meta.norm_feature and not start.meta.norm_feature \
+        else start.state_dict()
+    missing, unexpected = predictor.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith("queries.") for key in missing):
+        raise ConfigError(f"train.init_from: {t.init_from} does not fit this predictor "
+                          f"(missing {missing}, unexpected {unexpected})")
+
+
+def rank_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
+    """This rank's Gumbel-noise and ranking-pair streams (rank 0's are the single-process ones)."""
+    base = rank_seed(seed, rank)
+    return {"gumbel": torch.Generator().manual_seed(base), "pairs": torch.Generator().manual_seed(base + 1)}
+
+
+def held_out(model, schedule: PruningSchedule, val: list[Example], stored_val: list[torch.Tensor] | None,
+             target: str) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Labels of the held-out examples (each (S_i, num_stages), on the CPU) and their dense / random NLL."""
+    device = next(model.parameters()).device
+    labels = list(stored_val) if stored_val is not None else [
+        online_labels(model, collate([ex]).to(device), schedule, target)[0].cpu() for ex in val]
+    references = {"nll_dense": sum(continuation_nll(model, val, None)) / len(val),
+                  "nll_random": sum(continuation_nll(model, val, TokenPruner(schedule, RandomScorer(0)))) / len(val)}
+    return labels, references
+
+
+def resume(cfg: DictConfig, sig: dict[str, Any], predictor: TokenPredictor, optimizer: torch.optim.Optimizer,
+           scheduler: Any, rng: dict[str, torch.Generator], world: World) -> int:
+    """The step to start from: the checkpoint's with ``resume=true`` (every rank loads it), else 0."""
+    ckpt = Path(cfg.out_dir) / CHECKPOINT
+    if not cfg.resume:
+        return 0
+    require_shared(ckpt, world, "out_dir")
+    if not ckpt.is_file():
+        return 0
+    step = load_checkpoint(ckpt, sig, predictor, optimizer, scheduler, rng, rank=world.rank)
+    if world.is_main:
+        truncate_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
+        log.info("Resumed from %s at step %d", ckpt, step)
+    return step
+
+
+def checkpoint(path: Path, step: int, sig: dict[str, Any], predictor: TokenPredictor, optimizer: torch.optim.Optimizer,
+               scheduler: Any, rng: dict[str, torch.Generator], world: World) -> None:
+    """Rank 0 saves, with every rank's RNG state; every rank calls this (the states are gathered)."""
+    states = all_ranks({name: gen.get_state() for name, gen in rng.items()}, world)
+    if world.is_main:
+        save_checkpoint(path, step, sig, predictor, optimizer, scheduler, rng, rank_rng=states[1:])
+
+
+def train_step(step: int, model, masker: PolicyMasker, train_set: list[Example], stored: list | None,
+               cfg: DictConfig, pairs: torch.Generator, world: World) -> tuple[dict[str, float], int]:
+    """Forward + backward of this rank's micro-batches of ``step``; the gradients then hold the mean over ranks.
+
+    Returns the step's loss terms (mean over every rank's micro-batches) and its tokens (all ranks).
+    """
+    t, device = cfg.train, next(model.parameters()).device
+    terms_acc: dict[str, float] = {}
+    tokens = 0
+    for micro in rank_slice(sample_order(step, t, int(cfg.seed), len(train_set), world.size), world):
+        batch = collate([train_set[i] for i in micro], [stored[i] for i in micro] if stored else None).to(device)
+        if batch.labels is None:  # online: this rank labels the examples it trains on
+            batch.labels = online_labels(model, batch, masker.schedule, t.target)
+        loss, terms = loss_step(model, masker, batch, t, pairs)
+        (loss / int(t.grad_accum)).backward()
+        tokens += int(batch.valid.sum())
+        for k, v in terms.items():
+            terms_acc[k] = terms_acc.get(k, 0.0) + v / int(t.grad_accum)
+    average_gradients(masker.predictor.parameters(), world)
+    tokens = int(reduce_floats({"tokens": tokens}, world, mean=False)["tokens"])
+    return reduce_floats(terms_acc, world), tokens
+
+
+def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
+    """Train the predictors; ``world`` is this process's place in a ``torchrun`` job (one process by default)."""
     t = cfg.train
     seed_everything(int(cfg.seed))
     set_threads(cfg.threads)
@@ -201,61 +309,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"train.val_sequences: {t.val_sequences} >= the {len(examples)} examples")
     cut = len(examples) - int(t.val_sequences)
     train_set, val = examples[:cut], examples[cut:]
-    log.info("%d training / %d held-out examples, %d tokens", len(train_set), len(val), sum(len(i) for i, _ in examples))
+    check_enough_items(world, len(train_set), int(t.grad_accum) * int(t.batch_size), "training examples per step",
+                       "train.grad_accum x train.batch_size")
+    if world.is_main:
+        log.info("%d training / %d held-out examples, %d tokens, %d rank(s)", len(train_set), len(val),
+                 sum(len(i) for i, _ in examples), world.size)
 
     predictor = build_predictor(cfg, model, schedule)
     if t.init_from:  # fine-tune a trained predictor (e.g. add the CE term to a label-trained one)
-        start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, layers=list(schedule.layers),
-                                    base_model=cfg.model.name)
-        if start.meta.position_features != predictor.meta.position_features:
-            raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
-        if start.meta.norm_feature and not predictor.meta.norm_feature:
-            raise ConfigError(f"train.init_from: {t.init_from} has norm_feature=true; set train.norm_feature=true")
-        if start.meta.query_tokens and not predictor.meta.query_tokens:
-            raise ConfigError(f"train.init_from: {t.init_from} has a query branch; set train.query_tokens="
-                              f"{start.meta.query_tokens}")
-        # A checkpoint without the norm input gets it as a zero-weight column, one without the query
-        # branch gets a fresh branch whose output starts at 0: training starts from exactly the old
-        # scores and learns what the new input adds.
-        state = with_norm_input(start.state_dict()) if predictor.meta.norm_feature and not start.meta.norm_feature \
-            else start.state_dict()
-        missing, unexpected = predictor.load_state_dict(state, strict=False)
-        if unexpected or any(not key.startswith("queries.") for key in missing):
-            raise ConfigError(f"train.init_from: {t.init_from} does not fit this predictor "
-                              f"(missing {missing}, unexpected {unexpected})")
+        init_predictor(cfg, model, predictor)
+    broadcast_parameters(predictor, world)
     optimizer = hydra.utils.instantiate(t.optimizer)(params=predictor.parameters())
     scheduler = hydra.utils.instantiate(t.scheduler)(optimizer=optimizer) if t.scheduler else None
-    rng = {"gumbel": torch.Generator().manual_seed(int(cfg.seed)), "pairs": torch.Generator().manual_seed(int(cfg.seed) + 1)}
+    rng = rank_generators(int(cfg.seed), world.rank)
     masker = PolicyMasker(schedule, predictor, t.keep_mode, generator=rng["gumbel"])
-    sig = signature(cfg, schedule, data_hash)
+    sig = signature(cfg, schedule, data_hash, world.size)
+    step, ckpt = resume(cfg, sig, predictor, optimizer, scheduler, rng, world), out_dir / CHECKPOINT
 
-    step, ckpt = 0, out_dir / CHECKPOINT
-    if cfg.resume and ckpt.is_file():
-        step = load_checkpoint(ckpt, sig, predictor, optimizer, scheduler, rng)
-        truncate_metrics(out_dir / "metrics.jsonl", step)
-        log.info("Resumed from %s at step %d", ckpt, step)
-
-    val_labels = [lab for lab in stored[cut:]] if stored is not None else [
-        online_labels(model, collate([ex]), schedule, t.target)[0] for ex in val]
-    references = {"nll_dense": sum(continuation_nll(model, val, None)) / len(val),
-                  "nll_random": sum(continuation_nll(model, val, TokenPruner(schedule, RandomScorer(0)))) / len(val)}
+    # Rank 0 alone validates (as one process would); meanwhile the others wait at the next collective.
+    if world.is_main:
+        val_labels, references = held_out(model, schedule, val, stored[cut:] if stored is not None else None, t.target)
     max_steps, anneal = int(t.max_steps), int(t.anneal_steps or t.max_steps)
     begin, tokens = time.perf_counter(), 0
-    with RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name, resume=bool(cfg.resume)) as logger:
-        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step")
+    run_logger = RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name, resume=bool(cfg.resume)) \
+        if world.is_main else NullLogger()  # metrics.jsonl and W&B: rank 0 only
+    with run_logger as logger:
+        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not world.is_main)
         while step < max_steps:
             masker.noise_scale, masker.tau = annealed(t.noise_scale, step, anneal), annealed(t.tau, step, anneal)
             optimizer.zero_grad(set_to_none=True)
-            terms_acc: dict[str, float] = {}
-            for micro in sample_order(step, t, int(cfg.seed), len(train_set)):
-                batch = collate([train_set[i] for i in micro], [stored[i] for i in micro] if stored else None)
-                if batch.labels is None:
-                    batch.labels = online_labels(model, batch, schedule, t.target)
-                loss, terms = loss_step(model, masker, batch, t, rng["pairs"])
-                (loss / int(t.grad_accum)).backward()
-                tokens += int(batch.valid.sum())
-                for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0.0) + v / int(t.grad_accum)
+            terms_acc, step_tokens = train_step(step, model, masker, train_set, stored, cfg, rng["pairs"], world)
+            tokens += step_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), float(t.grad_clip))
             optimizer.step()
             if scheduler is not None:
@@ -268,19 +352,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             bar.set_postfix({**{k: f"{terms_acc[k]:.3f}" for k in ("loss", "ce", "rank", "drop_agreement") if k in terms_acc},
                              "tok/s": f"{tok_s:.0f}"})
             if step % int(t.ckpt_every) == 0 or step == max_steps:
-                save_checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng)
+                checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng, world)
             if t.stop_at and int(t.stop_at) <= step < max_steps:
-                save_checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng)
+                checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng, world)
                 log.info("Stopping at step %d (train.stop_at); continue with resume=true", step)
                 return {"out_dir": str(out_dir), "step": step, "stopped": True}
-            if t.eval_every and step % int(t.eval_every) == 0 and step < max_steps:
+            if t.eval_every and step % int(t.eval_every) == 0 and step < max_steps and world.is_main:
                 val_metrics = validate(model, predictor, schedule, val, val_labels, references)
                 logger.log({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
         bar.close()
+        if not world.is_main:
+            return {"out_dir": str(out_dir), "step": step, "rank": world.rank}
         metrics = validate(model, predictor, schedule, val, val_labels, references)
         metrics.update(final_noise_metrics(out_dir / "metrics.jsonl"))
         metrics.update({"step": step, "train_seconds_this_run": round(time.perf_counter() - begin, 1),
-                        "train_examples": len(train_set), "val_examples": len(val), "data_hash": data_hash})
+                        "train_examples": len(train_set), "val_examples": len(val), "data_hash": data_hash,
+                        "world_size": world.size})
         logger.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
         logger.summary(metrics)
     predictor.save(out_dir / "predictor")

@@ -1,0 +1,220 @@
+"""Data-parallel training and labelling (sdtp/distributed.py) with 2 CPU processes on the gloo backend.
+
+One DDP optimizer step equals the single-process step on the concatenated batch; rank 0 alone writes;
+a stopped 2-rank run resumes to the single-process result; ``torchrun`` labelling writes the shards one
+process writes; bad set-ups fail before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from sdtp.cli import label as label_cli
+from sdtp.cli import train as train_cli
+from sdtp.config import REPO_ROOT, build_schedule, compose
+from sdtp.data import build_examples
+from sdtp.distributed import World, average_gradients, check_world, shard, worker_overrides
+from sdtp.errors import ConfigError
+from sdtp.models import load_model
+from sdtp.predictor import TokenPredictor
+from sdtp.training import loop
+from sdtp.training.checkpoint import CHECKPOINT
+from sdtp.training.masking import PolicyMasker
+
+DATA = ["model=tiny-llama", "data=c4", "data.sources.0.num_samples=10", "data.max_length=48",
+        "data.continuation_length=12", "threads=1"]
+LR = 0.05
+# SGD, so the step is p - lr * g and equal parameters mean equal (averaged) gradients; no Gumbel noise
+# (each rank draws its own), few enough ranking pairs that none are sampled, and tied label pairs
+# counted (ignoring them can leave rows with different pair counts, which one concatenated batch
+# would weight differently from the mean of per-row losses that the ranks average).
+STEP = ["train.val_sequences=2", "train.max_steps=2", "train.ckpt_every=1", "train.batch_size=1",
+        "train.noise_scale.start=0", "train.loss.ties=include", "train.optimizer._target_=torch.optim.SGD",
+        f"train.optimizer.lr={LR}"]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _record_writes(rank: int, writes: list[str]) -> None:
+    """Wrap everything the training loop writes with, recording which rank called it."""
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            writes.append(name)
+            return fn(*args, **kwargs)
+        return recorded
+
+    loop.save_checkpoint = wrap("checkpoint", loop.save_checkpoint)
+    loop.write_json_atomic = wrap("metrics.json", loop.write_json_atomic)
+    loop.RunLogger = wrap("metrics.jsonl/W&B", loop.RunLogger)
+    TokenPredictor.save = wrap("predictor", TokenPredictor.save)
+
+
+def _train_worker(rank: int, port: int, runs: list[list[str]], record_dir: str) -> None:
+    """One rank: join the gloo group, run each ``sdtp-train`` config in turn, save what it wrote."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    writes: list[str] = []
+    _record_writes(rank, writes)
+    # One group for both runs (sdtp-train uses a group it finds open): a second rendezvous on the
+    # same port right after the first could race the port's release.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    for overrides in runs:
+        train_cli.run(compose("train", DATA + overrides))
+        if rank == 0 and "train.stop_at=1" in overrides:  # keep the step-1 checkpoint for the tests
+            out = Path(next(o for o in overrides if o.startswith("out_dir=")).split("=", 1)[1])
+            shutil.copy(out / CHECKPOINT, out / "step1.pt")
+    dist.destroy_process_group()
+    Path(record_dir, f"rank{rank}.json").write_text(json.dumps(writes))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A predictor to start from, a 2-rank run stopped at step 1 and resumed to step 2, and the
+    single-process run with ``grad_accum=2`` (the same micro-batches) stopped and resumed alike."""
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = compose("train", DATA)
+    torch.manual_seed(3)
+    loop.build_predictor(cfg, load_model(cfg.model)[0], build_schedule(cfg)).save(root / "init")
+    common = STEP + [f"train.init_from={root / 'init'}"]
+    ddp = common + ["train.grad_accum=1", f"out_dir={root / 'ddp'}"]
+    mp.spawn(_train_worker, args=(_free_port(), [ddp + ["train.stop_at=1"], ddp + ["resume=true"]], str(root)),
+             nprocs=WORLD, join=True)
+    single = common + ["train.grad_accum=2", f"out_dir={root / 'single'}"]
+    train_cli.run(compose("train", DATA + single + ["train.stop_at=1"]))
+    shutil.copy(root / "single" / CHECKPOINT, root / "single" / "step1.pt")
+    train_cli.run(compose("train", DATA + single + ["resume=true"]))
+    return root
+
+
+def _predictor(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["predictor"]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_one_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(runs):
+    cfg = compose("train", DATA + STEP + ["train.grad_accum=2"])
+    model, tokenizer = load_model(cfg.model)
+    train_set = build_examples(tokenizer, cfg.data, int(cfg.seed))[: -int(cfg.train.val_sequences)]
+    # Step 0's micro-batches of one process with grad_accum=2 are rank 0's and rank 1's of the 2-rank run.
+    order = loop.sample_order(0, cfg.train, int(cfg.seed), len(train_set))
+    assert order == loop.sample_order(0, compose("train", DATA + STEP + ["train.grad_accum=1"]).train,
+                                      int(cfg.seed), len(train_set), ranks=WORLD)
+    batch = loop.collate([train_set[i] for micro in order for i in micro])
+    # Equal-length windows: the per-row means the ranks average equal the concatenated batch's means.
+    assert batch.valid.all() and len(set(batch.split.tolist())) == 1
+    schedule = build_schedule(cfg)
+    batch.labels = loop.online_labels(model, batch, schedule, cfg.train.target)
+    predictor = TokenPredictor.load(runs / "init")
+    masker = PolicyMasker(schedule, predictor, "topk", noise_scale=0.0)
+    loss, _ = loop.loss_step(model, masker, batch, cfg.train, torch.Generator())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(predictor.parameters(), float(cfg.train.grad_clip))
+    torch.optim.SGD(predictor.parameters(), lr=LR).step()
+
+    ddp = _predictor(runs / "ddp" / "step1.pt")
+    _assert_same(ddp, predictor.state_dict())
+    _assert_same(ddp, _predictor(runs / "single" / "step1.pt"))
+    start = TokenPredictor.load(runs / "init").state_dict()
+    assert max(float((ddp[k] - start[k]).abs().max()) for k in ddp) > 1e-3  # the step did move the weights
+
+
+def test_rank_zero_alone_writes_and_a_stopped_run_resumes(runs):
+    writes = {rank: json.loads((runs / f"rank{rank}.json").read_text()) for rank in range(WORLD)}
+    assert writes[1] == []
+    assert {"checkpoint", "metrics.json", "metrics.jsonl/W&B", "predictor"} <= set(writes[0])
+    records = [json.loads(line) for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # one record per step, none repeated
+    state = torch.load(runs / "ddp" / CHECKPOINT, weights_only=True)
+    assert len(state["rank_rng"]) == 1 and not torch.equal(state["rank_rng"][0]["gumbel"], state["rng"]["gumbel"])
+    assert json.loads(state["signature"])["world_size"] == WORLD
+    # stopped at step 1 and resumed: the single-process (grad_accum=2) run, also across the restart
+    _assert_same(_predictor(runs / "ddp" / CHECKPOINT), _predictor(runs / "single" / CHECKPOINT))
+    ddp, single = (json.loads((runs / d / "metrics.json").read_text()) for d in ("ddp", "single"))
+    assert ddp["world_size"] == WORLD and ddp["step"] == single["step"] == 2
+    assert ddp["nll_sdtp"] == pytest.approx(single["nll_sdtp"], rel=1e-5)
+
+
+def test_torchrun_labelling_writes_the_shards_of_one_process(tmp_path):
+    """``torchrun -m sdtp.cli.label`` (the documented command): rank r labels shards r, r+2, ...; the
+    folder equals a single-process one; rank 1 writes no log or config copy."""
+    one = tmp_path / "one"
+    label_cli.run(compose("label", DATA + [f"out_dir={one}", "shard_size=4", "batch_size=3"]))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "sdtp.cli.label", *DATA, f"out_dir={two}", "shard_size=4", "batch_size=3", "distributed.backend=gloo",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == WORLD and summary["num_shards"] == 3
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in ("shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"):
+        a, b = load_file(str(one / name)), load_file(str(two / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    log = (tmp_path / "run" / "label.log").read_text()
+    assert log.count("Labelling 10 examples") == 1  # rank 1 logs warnings only, to stderr
+    assert not (tmp_path / ".hydra").exists()  # rank 1's run directory (".") got no config copy
+
+
+def test_ranks_share_each_step_without_overlap():
+    t = compose("train", DATA + ["train.grad_accum=3", "train.batch_size=2"]).train
+    for step in range(4):
+        order = loop.sample_order(step, t, 0, 24, ranks=WORLD)
+        blocks = [loop.rank_slice(order, World(rank=r, size=WORLD)) for r in range(WORLD)]
+        assert all(len(b) == 3 for b in blocks) and blocks[0] + blocks[1] == order
+        flat = [[i for micro in b for i in micro] for b in blocks]
+        assert not set(flat[0]) & set(flat[1])  # 12 positions of one epoch's permutation
+    assert shard(list(range(7)), World(rank=1, size=3)) == [1, 4]
+    assert worker_overrides(0) == [] and "hydra.output_subdir=null" in worker_overrides(1)
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.full((2,), 3.0)
+    average_gradients([param], World())  # one process: untouched
+    assert torch.equal(param.grad, torch.full((2,), 3.0))
+
+
+def test_bad_distributed_setups_fail_before_any_work(tmp_path, monkeypatch):
+    cfg = compose("train", DATA)
+    two = World(rank=0, size=2)
+    for override, key in ((["distributed.backend=mpi"], "distributed.backend"),
+                          (["distributed.backend=nccl"], "distributed.backend=nccl"),
+                          (["model.device=cuda:1"], "model.device"),
+                          (["distributed.timeout_s=0"], "distributed.timeout_s")):
+        bad = compose("train", DATA + override)
+        with pytest.raises(ConfigError, match=key):
+            check_world(two, bad.distributed, str(bad.model.device))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="distributed.backend"):  # sdtp-train checks before the model loads
+        train_cli.run(compose("train", DATA + [f"out_dir={tmp_path / 'x'}", "distributed.backend=mpi"]))
+    # More ranks than a step has examples (8 training examples), or than there are label shards (3):
+    # refused on every rank before the first collective, and nothing is written.
+    with pytest.raises(ConfigError, match="train.grad_accum x train.batch_size: 16 ranks need"):
+        loop.train(compose("train", DATA + ["train.val_sequences=2", "train.grad_accum=1", f"out_dir={tmp_path / 't'}"]),
+                   World(rank=0, size=16))
+    with pytest.raises(ConfigError, match="shard_size: 4 ranks need"):
+        label_cli.label(compose("label", DATA + [f"out_dir={tmp_path / 'l'}", "shard_size=4"]), World(rank=0, size=4))
+    assert not (tmp_path / "t").exists() and not (tmp_path / "l").exists()
