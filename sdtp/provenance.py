@@ -97,6 +97,8 @@ def fingerprint(cfg: DictConfig, data_files: Iterable[str | Path] = ()) -> dict[
     """Everything a run's numbers depend on; see the module docstring."""
     model = cfg.model
     extra = [str(model.package)] if model.get("source") == "gguf_package" and model.get("package") else []
+    if (cfg.get("compression") or {}).get("method", "none") == "llmlingua2":
+        extra.append("llmlingua")  # its selection rule decides which words the model reads
     commit = git_commit()
     return {
         "config": comparable_config(cfg),

@@ -1,6 +1,6 @@
-# Sourced by the paper scripts over lm-eval runs (experiments/paper_table3.sh, paper_table6.sh), after
-# they set PY (the Python to use) and MODEL: offline environment, allocator settings and the one
-# resumable run step they share.
+# Sourced by the paper scripts over sdtp-eval runs (experiments/paper_table1.sh, paper_table3.sh,
+# paper_table6.sh), after they set PY (the Python to use) and MODEL: offline environment, allocator
+# settings and the one resumable run step they share (lm-eval and generation runs alike).
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 # Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
@@ -12,7 +12,7 @@ export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
 restored_run() {
   local page="$1" name="$2" dir="$3"
   shift 3
-  "$PY" -m sdtp.reports.run_summary restore --page "$page" --name "$name" --run "$dir" -- "$@"
+  [[ ! -f "$page" ]] || "$PY" -m sdtp.reports.run_summary restore --page "$page" --name "$name" --run "$dir" -- "$@"
   "$PY" -m sdtp.cli.evaluate "$@" "hydra.run.dir=$dir"
 }
 

@@ -12,7 +12,9 @@ function ``validate(cfg) -> None`` that checks the runner's own keys (raising Co
 the model is loaded. The optional ``kv`` group compresses the cache after every prefill
 (``sdtp.kv``); runners that score multi-token continuations on the cache declare
 ``continuation_blocks: true`` and refuse it, except those listed in ``KV_SCORING_RUNNERS``
-(``eval=lm_eval``: every request on the compressed cache of its context).
+(``eval=lm_eval``: every request on the compressed cache of its context). The optional
+``compression`` group (prompt compression before the model, :mod:`sdtp.eval.prompt_compression`)
+applies to the generation runners in ``COMPRESSION_RUNNERS`` only.
 
 An optional ``inputs: <dotted path>`` names a function ``inputs(cfg) -> list[Path]``: the data
 files the runner reads, hashed into the run's fingerprint.
@@ -58,6 +60,9 @@ FINGERPRINT_FILE = "fingerprint.json"
 # Runners with ``continuation_blocks: true`` that score every request on the KV-compressed cache of its
 # own unpadded prefill (sdtp/eval/lm_eval_model.py); the others refuse kv=... .
 KV_SCORING_RUNNERS = ("sdtp.eval.harness.run",)
+# Runners that compress each prompt's context when the (optional) ``compression`` group is set
+# (sdtp/eval/prompt_compression.py); the others refuse compression=... .
+COMPRESSION_RUNNERS = ("sdtp.eval.longbench.run", "sdtp.eval.synthetic.run")
 # What a run writes into its directory (Hydra's .hydra/ and log file are the launcher's, kept).
 OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "*_state.json",
                    FINGERPRINT_FILE)
@@ -88,6 +93,10 @@ def validate_eval(cfg: DictConfig) -> Runner:
             "does not reach; use eval=lm_eval, a generation runner "
             "(eval=longbench|needle|passage_count|passage_retrieval) or kv=none"
         )
+    compression = (cfg.get("compression") or {}).get("method", "none")
+    if compression != "none" and str(cfg.eval.runner) not in COMPRESSION_RUNNERS:
+        raise ConfigError(f"compression={compression}: eval={cfg.eval.name} does not compress prompts; use a generation "
+                          "runner (eval=longbench|needle|passage_count|passage_retrieval) or compression=none")
     if cfg.eval.get("validate"):
         resolve_function(cfg, "validate")(cfg)
     return runner

@@ -35,6 +35,8 @@ from sdtp.eval.longbench_tasks import (
     LongBenchDataset,
 )
 from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
+from sdtp.eval.prompt_compression import PromptCompression, build_compression, compressed_ids, compression_summary
+from sdtp.eval.prompt_compression import validate as validate_compression
 from sdtp.utils import read_jsonl_records
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ def validate(cfg: DictConfig) -> dict[str, Path]:
     unknown_files = sorted(set(cfg.eval.get("data_files") or {}) - set(DATASETS))
     if unknown_files:
         raise ConfigError(f"eval.data_files: {unknown_files} are not LongBench v1 datasets; known: {sorted(DATASETS)}")
+    validate_compression(cfg)
     paths = {n: data_file(cfg, n) for n in names}
     for name, path in paths.items():
         load_records(path, cfg.eval.get("limit"), DATASETS[name])  # schema errors before the model loads
@@ -129,8 +132,29 @@ def truncate_middle(tokenizer: Any, prompt: str, max_length: int) -> tuple[str, 
 def build_input(tokenizer: Any, spec: LongBenchDataset, record: dict[str, Any], max_length: int,
                 chat: bool) -> tuple[Any, bool]:
     """(1, N) input ids for one record, and whether it was truncated."""
+    input_ids, truncated, _ = compressed_input(tokenizer, spec, record, max_length, chat, None)
+    return input_ids, truncated
+
+
+def prompt_context(spec: LongBenchDataset, record: dict[str, Any], prompt: str) -> str:
+    """The part of ``prompt`` (formatted, maybe middle-truncated) that stands for ``{context}``: what
+    prompt compression may shorten. "" when the template has no context or a truncation cut into it."""
+    before, found, after = spec.prompt.partition("{context}")
+    head, tail = before.format(**record), after.format(**record)
+    if not found or not prompt.startswith(head) or not prompt.endswith(tail) or len(prompt) < len(head) + len(tail):
+        return ""
+    return prompt[len(head):len(prompt) - len(tail)]
+
+
+def compressed_input(tokenizer: Any, spec: LongBenchDataset, record: dict[str, Any], max_length: int, chat: bool,
+                     compression: PromptCompression | None) -> tuple[Any, bool, dict[str, Any]]:
+    """(1, N) input ids for one record, whether it was truncated, and its compression record ({} without):
+    the prompt is middle-truncated as pred.py does, then its context part compressed."""
     prompt, truncated = truncate_middle(tokenizer, spec.prompt.format(**record), max_length)
-    return encode(tokenizer, prompt, chat and spec.name not in NO_CHAT_DATASETS), truncated
+    use_chat = chat and spec.name not in NO_CHAT_DATASETS
+    input_ids, compressed = compressed_ids(compression, prompt, prompt_context(spec, record, prompt),
+                                           lambda text: encode(tokenizer, text, use_chat))
+    return input_ids, truncated, compressed
 
 
 def summarize(scores: dict[str, float]) -> dict[str, Any]:
@@ -145,8 +169,12 @@ def summarize(scores: dict[str, float]) -> dict[str, Any]:
 
 
 def predict_dataset(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner | None,
-                    name: str, path: Path, predictions: PredictionLog) -> list[dict[str, Any]]:
-    """Predict (or reuse from ``predictions``) every record of one dataset; returns their rows."""
+                    name: str, path: Path, predictions: PredictionLog,
+                    compression: PromptCompression | None = None) -> list[dict[str, Any]]:
+    """Predict (or reuse from ``predictions``) every record of one dataset; returns their rows.
+
+    With ``compression`` the context part of each (truncated) prompt is compressed first.
+    """
     spec = DATASETS[name]
     max_length = max_prompt_length(cfg)
     max_new = int(cfg.eval.max_new_tokens or spec.max_new_tokens)
@@ -157,14 +185,14 @@ def predict_dataset(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: T
     for index, record in enumerate(tqdm(load_records(path, cfg.eval.get("limit"), spec), desc=name, leave=False)):
         key = f"{name}/{record.get('_id', index)}"
         if key not in predictions:
-            input_ids, truncated = build_input(tokenizer, spec, record, max_length, chat)
+            input_ids, truncated, compressed = compressed_input(tokenizer, spec, record, max_length, chat, compression)
             pred = greedy_predict(model, tokenizer, input_ids, max_new, pruner, stops, min_new_tokens=int(newline))
             score = sample_score(spec.metric, pred.text, record["answers"], record.get("all_classes"),
                                  first_line=name in FIRST_LINE_DATASETS)
             predictions.add({
                 "id": key, "dataset": name, "pred": pred.text, "answers": record["answers"],
                 "all_classes": record.get("all_classes"), "length": record.get("length"),
-                "truncated": truncated, "score": score, **pred.fields(),
+                "truncated": truncated, "score": score, **pred.fields(), **compressed,
             })
         rows.append(predictions.records[key])
     return rows
@@ -175,9 +203,10 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
     paths = validate(cfg)
     start = time.perf_counter()
     predictions = PredictionLog(Path(run_dir) / "predictions.jsonl")
+    compression = build_compression(cfg, tokenizer)
     scores, rows_all, counts = {}, [], {}
     for name, path in paths.items():
-        rows = predict_dataset(cfg, model, tokenizer, pruner, name, path, predictions)
+        rows = predict_dataset(cfg, model, tokenizer, pruner, name, path, predictions, compression)
         scores[name] = dataset_score([r["score"] for r in rows])
         counts[name] = len(rows)
         rows_all += rows
@@ -189,5 +218,6 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         "max_new_tokens": {name: int(cfg.eval.max_new_tokens or DATASETS[name].max_new_tokens) for name in paths},
         "truncated_samples": sum(bool(r["truncated"]) for r in rows_all),
         **cost_summary(rows_all),
+        **compression_summary(rows_all),
         "wall_s": round(time.perf_counter() - start, 3),
     }

@@ -26,6 +26,8 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.longbench_metrics import dataset_score
 from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
+from sdtp.eval.prompt_compression import build_compression, compressed_ids, compression_summary
+from sdtp.eval.prompt_compression import validate as validate_compression
 from sdtp.eval.synthetic_data import SCORERS, Protected, Sample, make_samples, score, wiki_paragraphs
 from sdtp.kv import build_kv_policy
 from sdtp.utils import read_text_file
@@ -57,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.{key}: must be >= 1, got {ev[key]}")
     if ev.task == "needle":
         check_protection(cfg)
+    validate_compression(cfg)
 
 
 def protection(cfg: DictConfig) -> Protected:
@@ -136,15 +139,17 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         assert_needle_unprotected(cfg, tokenizer, samples, chat, pruner)
     stops = stop_token_ids(model, tokenizer)
     predictions = PredictionLog(Path(run_dir) / "predictions.jsonl")
+    compression = build_compression(cfg, tokenizer)
     for sample in tqdm(samples, desc=ev.task, leave=False):
         if sample.id in predictions:
             continue
-        input_ids = encode(tokenizer, sample.prompt, chat, sample.answer_prefix)
+        input_ids, compressed = compressed_ids(compression, sample.prompt, sample.context,
+                                               lambda text: encode(tokenizer, text, chat, sample.answer_prefix))
         pred = greedy_predict(model, tokenizer, input_ids, int(ev.max_new_tokens), pruner, stops)
         predictions.add({"id": sample.id, "task": sample.task, "length": sample.length, **sample.meta,
                          "pred": pred.text, "answer": sample.answer,
                          "score": score(sample.task, pred.text, sample.answer),
-                         **pred.fields()})
+                         **pred.fields(), **compressed})
     rows = [predictions.records[s.id] for s in samples]
     metrics: dict[str, Any] = {
         "task": ev.task,
@@ -152,6 +157,7 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         "by_length": _group(rows, "length"),
         "num_samples": len(rows),
         **cost_summary(rows),
+        **compression_summary(rows),
         "wall_s": round(time.perf_counter() - start, 3),
     }
     if ev.task == "needle":

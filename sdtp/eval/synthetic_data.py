@@ -60,6 +60,7 @@ class Sample:
     answer_prefix: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     needle: str = ""  # the inserted fact (needle task), to locate it in the encoded prompt
+    context: str = ""  # the text standing for the template's {context} (what prompt compression may shorten)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def needle_sample(filler: Filler, rng: random.Random, length: int, depth: float,
     body = context[:cut] + needle + (" " + context[cut:] if cut < len(context) else "")
     return Sample(
         id="", task="needle", length=length, prompt=NEEDLE_PROMPT.format(context=body, input=key),
-        answer=number, answer_prefix=prefix, needle=needle,
+        answer=number, answer_prefix=prefix, needle=needle, context=body,
         meta={"depth": depth, "actual_depth": round((position - lo) / max(hi - lo, 1), 4), "key": key},
     )
 
@@ -220,7 +221,7 @@ def passage_retrieval_sample(filler: Filler, rng: random.Random, length: int, te
     context = _labelled([filler.paragraphs[i].text for i in chosen])
     return Sample(id="", task="passage_retrieval", length=length,
                   prompt=RETRIEVAL_PROMPT.format(n=len(chosen), context=context, input=query),
-                  answer=f"Paragraph {slot + 1}", meta={"num_paragraphs": len(chosen)})
+                  answer=f"Paragraph {slot + 1}", meta={"num_paragraphs": len(chosen)}, context=context)
 
 
 def passage_count_sample(filler: Filler, rng: random.Random, length: int, template_extra: int = 0,
@@ -238,9 +239,9 @@ def passage_count_sample(filler: Filler, rng: random.Random, length: int, templa
         used += filler.count(index) + 6
     unique = len(set(sequence))
     rng.shuffle(sequence)
-    return Sample(id="", task="passage_count", length=length,
-                  prompt=template.format(context=_labelled([filler.paragraphs[i].text for i in sequence])),
-                  answer=str(unique), meta={"num_paragraphs": len(sequence), "unique": unique})
+    context = _labelled([filler.paragraphs[i].text for i in sequence])
+    return Sample(id="", task="passage_count", length=length, prompt=template.format(context=context),
+                  answer=str(unique), meta={"num_paragraphs": len(sequence), "unique": unique}, context=context)
 
 
 SCORERS: dict[str, Callable[[str, str], float]] = {

@@ -55,6 +55,7 @@ from omegaconf import OmegaConf
 
 from sdtp.eval.stats import document_outcomes, holm, paired_t_interval, prediction_outcomes, window_outcomes
 from sdtp.provenance import changed_keys, relocate
+from sdtp.reports.lm_eval_pages import smaller_page
 from sdtp.reports.paired_tables import interval_text, p_text, paired_summary
 
 log = logging.getLogger("compare_methods")
@@ -786,17 +787,7 @@ def page_sizes(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 def smaller_than_existing(out: Path, sizes: dict[str, int]) -> str | None:
     """Why the page in ``out`` must not be replaced by one of ``sizes`` (None if it may be)."""
-    path = out / "compare_methods.json"
-    if not path.is_file():
-        return None
-    try:
-        old = json.loads(path.read_text()).get("sizes")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        old = None
-    if not isinstance(old, dict):
-        return f"{path} does not record how many documents it was built from (rendered before sizes were kept)"
-    shrunk = [f"{key}: {n} -> {sizes.get(key, 0)}" for key, n in sorted(old.items()) if sizes.get(key, 0) < n]
-    return f"{path} was built from more data ({'; '.join(shrunk)})" if shrunk else None
+    return smaller_page(out / "compare_methods.json", sizes)
 
 
 def render(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:

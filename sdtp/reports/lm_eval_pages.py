@@ -1,5 +1,6 @@
-"""What the paper pages over lm-eval runs share: the paper's task names, the setup read off the runs,
-number formatting, the ``--run name=<dir>`` argument and writing a page's four files.
+"""What the result pages share: the paper's task names, the setup read off the runs, number
+formatting, the ``--run name=<dir>`` argument, writing a page's four files and refusing to replace a
+page built from more data with a smaller one (:func:`smaller_page`).
 
 A page (``paper_table3``, ``paper_table6``) is a dict saved as ``<out>/<model>.json`` beside its
 rendering ``<model>.md``, the table as ``<model>.csv`` and a figure ``<model>.png``, each written
@@ -9,6 +10,7 @@ atomically (:func:`write_page_files`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -100,3 +102,21 @@ def write_page_files(out_dir: Path, page: dict[str, Any], markdown: Callable[[di
     write_text_atomic(stem.with_suffix(".csv"), csv_text(page))
     write_text_atomic(stem.with_suffix(".md"), markdown(page))
     return stem.with_suffix(".md")
+
+
+def smaller_page(path: Path, sizes: Mapping[str, int]) -> str | None:
+    """Why the page JSON at ``path`` must not be replaced by one built from ``sizes`` (None if it may be).
+
+    A page records ``sizes`` (documents per eval, lengths, steps...); a smoke or limited run that has less
+    of any of them must render elsewhere, so a committed page is never silently shrunk.
+    """
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text()).get("sizes")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        old = None
+    if not isinstance(old, dict):
+        return f"{path} does not record how many documents it was built from (rendered before sizes were kept)"
+    shrunk = [f"{key}: {n} -> {sizes.get(key, 0)}" for key, n in sorted(old.items()) if sizes.get(key, 0) < n]
+    return f"{path} was built from more data ({'; '.join(shrunk)})" if shrunk else None

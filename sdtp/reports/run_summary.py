@@ -1,17 +1,23 @@
-"""A finished ``sdtp-eval eval=lm_eval`` run as a small JSON (per-document correctness), and back.
+"""A finished ``sdtp-eval`` run as a small JSON (per-document outcomes), and back.
 
     python -m sdtp.reports.run_summary restore --page results/paper/table3/smollm2-135m.json --name sdtp \
         --run results/runs/paper/table3/smollm2-135m/sdtp -- experiment=paper_table3 pruning=sdtp
+    python -m sdtp.reports.run_summary restore-bench --page results/paper/table1/smollm2-135m.json --name sdtp \
+        --run results/runs/paper/table1/smollm2-135m/bench_sdtp
 
 A paper page commits :func:`summarise` of each of its runs: the run's ``metrics.json`` (fingerprint
-included, resolved config dropped: the fingerprint holds it) and, per task, the evaluated document ids
-with their 0/1 ``acc``, gold index and number of choices: a few kB where lm-eval's samples are MBs.
+included, resolved config dropped: the fingerprint holds it) and, for lm-eval runs, per task the
+evaluated document ids with their 0/1 ``acc``, gold index and number of choices: a few kB where
+lm-eval's samples are MBs. For generation runs (LongBench, synthetic tasks) ``predictions`` holds each
+sample's score, lengths and timings from ``predictions.jsonl`` (:data:`PREDICTION_KEYS`; the generated
+text is left out).
 
 :func:`restore` turns a committed summary back into a run directory (``metrics.json`` and
-``samples_<task>.jsonl``) when, and only when, the run that ``sdtp-eval`` would make now has the same
+``samples_<task>.jsonl`` or ``predictions.jsonl``) when, and only when, the run that ``sdtp-eval`` would make now has the same
 fingerprint up to the clone's location (:func:`sdtp.provenance.portable`): same config, data and
 task files, predictor, packages, dtype and device. ``sdtp-eval`` then finds a finished run and skips
-it, so a fresh clone re-renders the page without re-running, and any change recomputes.
+it, so a fresh clone re-renders the page without re-running, and any change recomputes. A page's
+``sdtp-bench`` reports come back the same way (:func:`restore_bench`); ``sdtp-bench`` decides what to reuse.
 
 :func:`setup_differences` says whether two runs of *different* configs (another method, more tasks)
 evaluated the same documents the same way, so that a page may pair them document by document.
@@ -31,6 +37,12 @@ from sdtp.utils import parse_jsonl, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 SAMPLES_PREFIX = "samples_"
+PREDICTIONS = "predictions.jsonl"
+# What a summary keeps of a generation run's predictions: enough for paired scores, kept-token and
+# compression ratios and time sums (sdtp/eval/predict.py, sdtp/eval/prompt_compression.py name them).
+PREDICTION_KEYS = ("id", "dataset", "task", "length", "score", "truncated", "prompt_tokens", "new_tokens",
+                   "prefill_s", "decode_s", "kept_fraction", "layer_token_fraction", "original_prompt_tokens",
+                   "compress_s")
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -74,13 +86,18 @@ def task_documents(path: Path) -> dict[str, Any]:
 
 
 def summarise(run_dir: Path) -> dict[str, Any]:
-    """A finished lm-eval run directory -> ``{metrics, documents: {task: ...}}`` (JSON-ready, small)."""
+    """A finished run directory -> ``{metrics, documents: {task: ...}}`` (JSON-ready, small), plus
+    ``predictions`` (:data:`PREDICTION_KEYS` of each line) when it has a ``predictions.jsonl``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("config", None)  # the fingerprint holds the resolved config
     metrics.setdefault("machine", machine(str(metrics.get("fingerprint", {}).get("device", "cpu"))))
     documents = {path.stem.removeprefix(SAMPLES_PREFIX): task_documents(path)
                  for path in sorted(run_dir.glob(f"{SAMPLES_PREFIX}*.jsonl"))}
-    return {"metrics": metrics, "documents": documents}
+    summary: dict[str, Any] = {"metrics": metrics, "documents": documents}
+    if (run_dir / PREDICTIONS).is_file():
+        summary["predictions"] = [{k: r[k] for k in PREDICTION_KEYS if k in r}
+                                  for r in parse_jsonl((run_dir / PREDICTIONS).read_text())]
+    return summary
 
 
 def sample_lines(docs: dict[str, Any]) -> str:
@@ -105,9 +122,22 @@ def restore(summary: dict[str, Any], run_dir: Path, current: dict[str, Any], sou
     if not isinstance(stored, dict) or portable(stored) != portable(current):
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
-    for task, docs in summary["documents"].items():
+    for task, docs in summary.get("documents", {}).items():
         write_text_atomic(run_dir / f"{SAMPLES_PREFIX}{task}.jsonl", sample_lines(docs))
+    if "predictions" in summary:
+        write_text_atomic(run_dir / PREDICTIONS, "".join(json.dumps(r) + "\n" for r in summary["predictions"]))
     write_json_atomic(run_dir / "metrics.json", {**summary["metrics"], "fingerprint": current, "restored_from": source})
+    return True
+
+
+def restore_bench(page: dict[str, Any], name: str, run_dir: Path) -> bool:
+    """Write the page's ``bench`` report ``name`` as ``run_dir/bench.json`` if the run has none. ``sdtp-bench``
+    then reuses the lengths it finds there when its settings match (its own ``resume`` check)."""
+    report = page.get("bench", {}).get(name)
+    if report is None or (run_dir / "bench.json").exists():
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "bench.json", report)
     return True
 
 
@@ -171,9 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     rest.add_argument("--name", required=True, help="which run of the page")
     rest.add_argument("--run", type=Path, required=True, help="the run directory sdtp-eval will use")
     rest.add_argument("overrides", nargs="*", help="the sdtp-eval overrides (after --), hydra.* excluded")
+    bench = sub.add_parser("restore-bench", help="copy a page's sdtp-bench report into a run directory without one")
+    bench.add_argument("--page", type=Path, required=True, help="a page JSON with {'bench': {name: bench.json}}")
+    bench.add_argument("--name", required=True)
+    bench.add_argument("--run", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[run_summary] %(message)s")
-    summary = json.loads(args.page.read_text()).get("runs", {}).get(args.name) if args.page.is_file() else None
+    page = json.loads(args.page.read_text()) if args.page.is_file() else {}
+    if args.command == "restore-bench":
+        restored = restore_bench(page, args.name, args.run)
+        log.info("%s: %s", args.run, f"bench report {args.name} restored from {args.page}" if restored else "not restored")
+        return
+    summary = page.get("runs", {}).get(args.name)
     if summary is None:
         log.info("%s: no committed %s run", args.page, args.name)
     elif not (current := _current_or_none(args.overrides)):

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Paper Table 1: LongBench accuracy, compression ratio 1/τ and prefill / end-to-end speedup of dense,
+# LLMLingua-2, SDTP (10 stages) and SDTP-low (5 stages), beside the paper's numbers.
+#
+#   bash experiments/paper_table1.sh                     # embedded model, ~1.5-2 h on 2 CPU cores (see below)
+#   THREADS=1 bash experiments/paper_table1.sh eval.limit=20   # threads for every stage; overrides for every eval run
+#   SMOKE=1 THREADS=1 bash experiments/paper_table1.sh   # pipeline check (~2.5 min): 2 samples, a 2-step SDTP-low, scratch folders
+#   LB_ARGS="eval.datasets=[multi_news,hotpotqa] eval.data_files.hotpotqa=/data/hotpotqa.jsonl" bash experiments/paper_table1.sh
+#   MODEL=mistral-7b-instruct-v0.2 LB_ARGS="eval.limit=null eval.max_new_tokens=null" bash experiments/paper_table1.sh   # GPU
+#
+# Steps, each skipped when already done (an interrupted run resumes; finished runs are reused only when
+# their fingerprint matches, sdtp/provenance.py):
+# 1. SDTP-low's predictor: if $LOW_PREDICTOR (results/predictors/<model>-low) holds none, sdtp-train with
+#    pruning=sdtp_low (conf/pruning/sdtp_low.yaml: 5 stages) and the shipped v3 recipe
+#    (results/predictors/<model>/README.md), TRAIN_STEPS (480) steps, resuming from the checkpoint in
+#    $RUN/train_low if one is there.
+# 2. sdtp-eval, one run per row and eval, in stable run directories $RUN/<eval>/<row>: LongBench
+#    (conf/experiment/paper_table1.yaml; LB_ARGS adds overrides) and the synthetic passage tasks in SYNTHETIC
+#    (paper_table1_synthetic.yaml; SYN_ARGS). Rows: dense, sdtp (the shipped predictor), sdtp_low (with the
+#    shipped predictor's recency-prior weights) and llmlingua2 (compression=llmlingua2 at SDTP's tokens per
+#    layer, LLMLINGUA_MODEL): skipped, and said so on the page, when the compressor cannot be loaded here.
+#    A fresh clone resumes from the committed page: results/paper/table1/<model>.json holds every run's
+#    summary, restored first when made with the same setup (sdtp/reports/run_summary.py).
+# 3. sdtp-bench for sdtp and sdtp_low (paper_table1_bench.yaml; BENCH_ARGS) in $RUN/bench_<row>; the
+#    committed page's reports are copied in first and finished lengths reused.
+# 4. sdtp/reports/paper_table1.py renders $OUT/<model>.{md,csv,png,json}; a page built from less data than
+#    the one in $OUT goes to results/paper/table1_smoke/ (gitignored) instead (REPLACE=1 overwrites).
+# THREADS=n passes threads=n to every stage; TRAIN_ARGS adds sdtp-train overrides.
+# Time on smollm2-135m, 1 thread (measured per document / sample, or the recipe's): SDTP-low's training ~45 min,
+# LongBench 3 rows x 50 documents x ~17 s = ~45 min, passage tasks 3 x 2 x 10 x ~6 s = ~6 min, bench ~7 min.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${MODEL:-smollm2-135m}"
+PY="${PYTHON:-.venv/bin/python}"
+source experiments/lib/lm_eval_runs.sh
+shown="$(shown_command experiments/paper_table1.sh "$@")"
+for var in LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SMOKE; do
+  [[ -z "${!var+x}" ]] || shown="$var=${!var@Q} $shown"   # the environment that made the page, on the page
+done
+if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
+  RUN="${RUN:-results/runs/paper/table1_smoke/${MODEL}}"
+  OUT="${OUT:-results/paper/table1_smoke}"
+  LOW_PREDICTOR="${LOW_PREDICTOR:-$RUN/predictor_low}"
+  TRAIN_STEPS="${TRAIN_STEPS:-2}"
+  TRAIN_ARGS="${TRAIN_ARGS:-data.sources.0.num_samples=6 data.sources.1.num_samples=3 data.sources.2.num_samples=3 data.max_length=320 data.continuation_length=64 train.val_sequences=2 train.grad_accum=1}"
+  LB_ARGS="${LB_ARGS:-eval.limit=2 eval.max_length=1024 eval.max_new_tokens=8}"
+  SYN_ARGS="${SYN_ARGS:-eval.lengths=[512] eval.num_samples=1 eval.max_new_tokens=8}"
+  BENCH_ARGS="${BENCH_ARGS:-lengths=[512] repeats=1 warmup=0 new_tokens=4}"
+  SYNTHETIC="${SYNTHETIC-passage_count}"
+fi
+RUN="${RUN:-results/runs/paper/table1/${MODEL}}"
+OUT="${OUT:-results/paper/table1}"
+COMMITTED="results/paper/table1/${MODEL}.json"
+LOW_PREDICTOR="${LOW_PREDICTOR:-results/predictors/${MODEL}-low}"
+TRAIN_STEPS="${TRAIN_STEPS:-480}"
+SYNTHETIC="${SYNTHETIC-passage_retrieval passage_count}"
+LLMLINGUA_MODEL="${LLMLINGUA_MODEL:-microsoft/llmlingua-2-xlm-roberta-large-meetingbank}"
+read -r -a lb_args <<< "${LB_ARGS:-}"
+read -r -a syn_args <<< "${SYN_ARGS:-}"
+read -r -a bench_args <<< "${BENCH_ARGS:-}"
+read -r -a train_args <<< "${TRAIN_ARGS:-}"
+threads=(${THREADS:+"threads=$THREADS"})
+start=$(date +%s)
+
+# 1. SDTP-low's predictor (the shipped v3 command, results/predictors/<model>/README.md, on the 5-stage schedule).
+if [[ ! -f "$LOW_PREDICTOR/predictor.json" ]]; then
+  train=(pruning=sdtp_low "model=$MODEL" train.target=attention train.loss.ce=0 "train.max_steps=$TRAIN_STEPS"
+         train.grad_accum=3 data.sources.0.num_samples=800 data.sources.1.num_samples=500 data.sources.2.num_samples=150
+         "${train_args[@]}" "out_dir=$RUN/train_low" "export_dir=$LOW_PREDICTOR")
+  "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
+  "$PY" -m sdtp.reports.paper_table1 record-training --run "$RUN/train_low" --predictor "$LOW_PREDICTOR" \
+    --train-command "sdtp-train ${train[*]}"
+fi
+
+# 2. The eval runs. Row -> its overrides.
+prior=$("$PY" -c 'import json, sys; m = json.load(open(sys.argv[1])); w = m.get("recency_weight", 0.0)
+print("pruning.scorer.recency_weight=%s pruning.scorer.recency_weight_chat=%s" % (w, m.get("recency_weight_chat") or w))' \
+  "results/predictors/${MODEL}/predictor.json")
+tau=$("$PY" -m sdtp.reports.paper_table1 tau --model "$MODEL")
+declare -A row_args=(
+  [dense]="pruning=none"
+  [sdtp]="pruning=sdtp"
+  [sdtp_low]="pruning=sdtp_low pruning.scorer.path=$LOW_PREDICTOR $prior"
+  [llmlingua2]="pruning=none compression=llmlingua2 compression.rate=$tau compression.model=$LLMLINGUA_MODEL"
+)
+evals=(longbench ${SYNTHETIC})
+overrides() {   # overrides EVAL ROW: the sdtp-eval overrides of one run
+  local -a own
+  read -r -a own <<< "${row_args[$2]}"
+  if [[ "$1" == longbench ]]; then echo experiment=paper_table1 "model=$MODEL" "${lb_args[@]}" "${own[@]}"
+  else echo experiment=paper_table1_synthetic "eval=$1" "model=$MODEL" "${syn_args[@]}" "${own[@]}"; fi
+}
+skipped=()
+lingua_missing=$("$PY" -m sdtp.eval.prompt_compression check "$LLMLINGUA_MODEL") && lingua_missing=""
+for row in dense sdtp sdtp_low llmlingua2; do   # one after the other: on a small machine two runs only slow each other
+  for ev in "${evals[@]}"; do
+    read -r -a args <<< "$(overrides "$ev" "$row")"
+    args+=("$@" "${threads[@]}")
+    if [[ "$row" != llmlingua2 || -z "$lingua_missing" ]]; then
+      restored_run "$COMMITTED" "$ev/$row" "$RUN/$ev/$row" "${args[@]}"
+    else   # the compressor cannot run here: only a committed run of the same setup stands in for it
+      [[ ! -f "$COMMITTED" ]] || "$PY" -m sdtp.reports.run_summary restore --page "$COMMITTED" --name "$ev/$row" \
+        --run "$RUN/$ev/$row" -- "${args[@]}"
+    fi
+  done
+done
+[[ -z "$lingua_missing" ]] || skipped=(--skipped "llmlingua2=$LLMLINGUA_MODEL could not be loaded ($lingua_missing).")
+
+# 3. Speed: sdtp-bench, dense vs each pruned row interleaved.
+for row in sdtp sdtp_low; do
+  read -r -a own <<< "${row_args[$row]}"
+  [[ ! -f "$COMMITTED" ]] || "$PY" -m sdtp.reports.run_summary restore-bench --page "$COMMITTED" --name "$row" \
+    --run "$RUN/bench_$row"
+  "$PY" -m sdtp.cli.bench experiment=paper_table1_bench "model=$MODEL" "${own[@]}" "${bench_args[@]}" "${threads[@]}" \
+    "hydra.run.dir=$RUN/bench_$row" | tail -1
+done
+
+# 4. The page.
+replace=()
+[[ "${REPLACE:-0}" != 1 ]] || replace=(--replace)
+"$PY" -m sdtp.reports.paper_table1 render --runs "$RUN" --low-predictor "$LOW_PREDICTOR" "${skipped[@]}" "${replace[@]}" \
+  --out "$OUT" --smaller-out results/paper/table1_smoke --command "$shown" --wall-s "$(( $(date +%s) - start ))"
