@@ -217,6 +217,21 @@ def test_init_from_adds_a_query_branch_that_starts_at_zero(tmp_path):
         train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={tmp_path / 'b' / 'predictor'}"))
 
 
+def test_lr_scale_zero_freezes_the_mlp_while_the_query_branch_trains(tmp_path):
+    """train.lr_scale.stages=0: the warm-started MLPs stay bit-identical, the new query branch moves;
+    a negative or unknown scale is refused."""
+    first = train_cli.run(_train_cfg(tmp_path / "a", "train.max_steps=2"))
+    train_cli.run(_train_cfg(tmp_path / "b", f"train.init_from={first['predictor']}", "train.max_steps=2",
+                             "train.query_tokens=4", "train.query_rank=8", "train.lr_scale.stages=0.0"))
+    old = TokenPredictor.load(first["predictor"]).state_dict()
+    new = TokenPredictor.load(tmp_path / "b" / "predictor").state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    assert any(new[k].abs().sum() > 0 for k in new if k.endswith("query.weight"))  # zero at the start
+    for bad in ("train.lr_scale.stages=-1.0", "+train.lr_scale.mlp=1.0", "train.lr_scale.stages=0.0"):
+        with pytest.raises(ConfigError, match="lr_scale"):
+            train_cli.run(_train_cfg(tmp_path / "c", bad))
+
+
 def test_resumed_training_continues_the_same_wandb_run(tmp_path, monkeypatch):
     """logger=wandb: the stopped and the resumed job open one W&B run (the id saved next to the checkpoint)."""
     import sys

@@ -54,6 +54,14 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"train.{key}: start/end must be >= 0")
     if float(t.tau.start) == 0 or float(t.tau.end) == 0:
         raise ConfigError("train.tau: start/end must be > 0")
+    if int(t.query_tokens) < 0 or int(t.query_rank) < 1:
+        raise ConfigError(f"train.query_tokens / query_rank: must be >= 0 / >= 1, got {t.query_tokens} / {t.query_rank}")
+    scales = dict(t.lr_scale or {})
+    if set(scales) - {"stages", "queries"} or any(float(v) < 0 for v in scales.values()):
+        raise ConfigError(f"train.lr_scale: keys are stages / queries, scales >= 0; got {scales}")
+    trained = float(scales.get("stages", 1.0)) > 0 or (int(t.query_tokens) > 0 and float(scales.get("queries", 1.0)) > 0)
+    if not trained:
+        raise ConfigError(f"train.lr_scale: {scales} freezes every part of the predictor")
     if t.labels == "stored" and not Path(t.labels_dir, "meta.json").is_file():
         raise ConfigError(f"train.labels_dir: no labels at {t.labels_dir}; run `sdtp-label` with the same model/data/target")
     if t.labels == "online":

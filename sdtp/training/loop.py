@@ -231,6 +231,23 @@ def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
                           f"(missing {missing}, unexpected {unexpected})")
 
 
+def param_groups(predictor: TokenPredictor, scales: DictConfig | dict | None, lr: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the per-stage MLPs (``stages``) and the query branch (``queries``),
+    each at ``lr`` times its scale in ``train.lr_scale``; a scale of 0 freezes that part (e.g. train
+    only a new query branch on top of a trained predictor)."""
+    scales = dict(scales or {})  # validated by sdtp.cli.train.validate_train_config
+    groups = []
+    for name in ("stages", "queries"):
+        module = getattr(predictor, name)
+        if module is None:
+            continue
+        scale = float(scales.get(name, 1.0))
+        module.requires_grad_(scale > 0)  # frozen parts need no gradient at all
+        if scale > 0:
+            groups.append({"params": list(module.parameters()), "lr": lr * scale})
+    return groups
+
+
 def rank_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
     """This rank's Gumbel-noise and ranking-pair streams (rank 0's are the single-process ones)."""
     base = rank_seed(seed, rank)
@@ -319,7 +336,7 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
     if t.init_from:  # fine-tune a trained predictor (e.g. add the CE term to a label-trained one)
         init_predictor(cfg, model, predictor)
     broadcast_parameters(predictor, world)
-    optimizer = hydra.utils.instantiate(t.optimizer)(params=predictor.parameters())
+    optimizer = hydra.utils.instantiate(t.optimizer)(params=param_groups(predictor, t.lr_scale, float(t.optimizer.lr)))
     scheduler = hydra.utils.instantiate(t.scheduler)(optimizer=optimizer) if t.scheduler else None
     rng = rank_generators(int(cfg.seed), world.rank)
     masker = PolicyMasker(schedule, predictor, t.keep_mode, generator=rng["gumbel"])
