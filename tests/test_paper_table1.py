@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from sdtp.config import build_schedule, compose
 from sdtp.errors import ConfigError
+from sdtp.predictor import TokenPredictor
 from sdtp.reports import paper_table1
 from sdtp.reports.run_summary import restore, restore_bench, summarise
 
@@ -28,8 +30,11 @@ PREFILL_S = {"dense": 2.0, "sdtp": 1.0, "sdtp_low": 1.5, "llmlingua2": 0.5}
 
 
 def test_sdtp_low_is_five_stages_over_the_same_depth():
-    with pytest.raises(ConfigError, match="pruning.scorer.path: .*smollm2-135m-low does not exist"):
-        compose("eval", ["pruning=sdtp_low"])  # its predictor is trained by the experiment, not shipped
+    committed = compose("eval", ["pruning=sdtp_low"])  # the committed SDTP-low predictor of the embedded model
+    assert Path(committed.pruning.scorer.path).name == "smollm2-135m-low"
+    TokenPredictor.load(committed.pruning.scorer.path, layers=[2, 8, 14, 20, 26], base_model="smollm2-135m")
+    with pytest.raises(ConfigError, match="pruning.scorer.path: .*mistral-7b-instruct-v0.2-low does not exist"):
+        compose("eval", ["pruning=sdtp_low", "model=mistral-7b-instruct-v0.2", "model.device=cpu"])  # trained by the experiment
     cfg = compose("eval", ["pruning=sdtp_low", "pruning.scorer.path=/"])
     schedule = build_schedule(cfg)
     assert cfg.pruning.name == "sdtp_low" and schedule.layers == (2, 8, 14, 20, 26)
