@@ -42,7 +42,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch
   OUT="${OUT:-results/paper/table1_smoke}"
   LOW_PREDICTOR="${LOW_PREDICTOR:-$RUN/predictor_low}"
   TRAIN_STEPS="${TRAIN_STEPS:-2}"
-  TRAIN_ARGS="${TRAIN_ARGS:-data.sources.0.num_samples=6 data.sources.1.num_samples=3 data.sources.2.num_samples=3 data.max_length=320 data.continuation_length=64 train.val_sequences=2 train.grad_accum=1}"
+  TRAIN_ARGS="${TRAIN_ARGS:-$SMOKE_TRAIN_ARGS}"
   LB_ARGS="${LB_ARGS:-eval.limit=2 eval.max_length=1024 eval.max_new_tokens=8}"
   SYN_ARGS="${SYN_ARGS:-eval.lengths=[512] eval.num_samples=1 eval.max_new_tokens=8}"
   BENCH_ARGS="${BENCH_ARGS:-lengths=[512] repeats=1 warmup=0 new_tokens=4}"

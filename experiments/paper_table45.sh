@@ -38,7 +38,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch
   RUN="${RUN:-results/runs/paper/table45_smoke/${MODEL}}"
   OUT="${OUT:-results/paper/table45_smoke}"
   TRAIN_STEPS="${TRAIN_STEPS:-2}"
-  TRAIN_ARGS="${TRAIN_ARGS:-data.sources.0.num_samples=6 data.sources.1.num_samples=3 data.sources.2.num_samples=3 data.max_length=320 data.continuation_length=64 train.val_sequences=2 train.grad_accum=1}"
+  TRAIN_ARGS="${TRAIN_ARGS:-$SMOKE_TRAIN_ARGS}"
   EVAL_ARGS="${EVAL_ARGS:-eval.num_segments=2 eval.context_len=512 eval.cont_len=32}"
   SEEDS="${SEEDS:-0 1}"
 fi
