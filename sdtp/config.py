@@ -24,13 +24,11 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.kv.policy import build_kv_policy
 from sdtp.models.loading import check_family, resolve_dtype
+from sdtp.paths import REPO_ROOT  # also registers the ${repo_root:} resolver
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 
-if not OmegaConf.has_resolver("repo_root"):
-    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
 if not OmegaConf.has_resolver("layer_at"):
     # ${layer_at:${model.num_layers},0.4} -> the decoder layer at 40% of depth (clamped to 1..L-1),
     # so single-stage schedules (pruning=gemfilter|fastkv) fit any model depth.

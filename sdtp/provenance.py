@@ -11,6 +11,13 @@ The commit is recorded, not compared: a commit that touches docs or another stag
 invalidate hours of finished sweep runs, while the inputs that change numbers (config defaults,
 predictor weights, data, library versions, dtype) are compared exactly. A reused run whose commit
 differs is logged; ``force=true`` recomputes.
+
+Locations (:func:`locations_portable`): a fingerprint is stored with its paths in the portable form of
+:mod:`sdtp.paths` (``${paths.data_dir}/...``, repo-relative, ``<home>/...``, ``<abs>/<name>``), each made
+against the fingerprint's *own* ``config.paths``, and both sides of every comparison are normalised
+the same way (:func:`portable`). So a fingerprint written before paths were portable, or in another
+clone, equals the one made here for the same setup, while the files' contents are still compared
+exactly through their sha256.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sdtp.models.loading import resolve_dtype
+from sdtp.paths import portable_tree, roots_for
+from sdtp.predictor import META_FILE, WEIGHTS_FILE
 from sdtp.utils import git_commit
 
 log = logging.getLogger(__name__)
@@ -63,15 +72,19 @@ def hash_files(paths: Iterable[str | Path]) -> dict[str, str]:
 
 
 def predictor_files(cfg: DictConfig) -> list[Path]:
-    """The checkpoint files the scorer reads (``pruning.scorer.path``: a file, or a folder of weights + meta)."""
+    """The checkpoint files the scorer reads (``pruning.scorer.path``: a file, or a folder of weights + meta).
+
+    Only what :meth:`sdtp.predictor.TokenPredictor.load` reads is hashed: reports kept beside the
+    weights (README, eval pages, ``multi_news.json``) do not change predictions, and rewriting the
+    paths inside them (``scripts/portable_paths.py``) must not make finished runs stale.
+    """
     scorer = cfg.get("pruning", {}).get("scorer") if "pruning" in cfg else None
     path = scorer.get("path") if scorer is not None else None
     if not path:
         return []
     path = Path(path)
-    if path.is_dir():  # README / eval notes beside the weights do not change the predictions
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".pt", ".bin")
-                      and not p.name.endswith(("metrics.json", "eval.json")))
+    if path.is_dir():
+        return [path / name for name in (WEIGHTS_FILE, META_FILE) if (path / name).is_file()]
     return [path] if path.is_file() else []
 
 
@@ -94,13 +107,13 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def fingerprint(cfg: DictConfig, data_files: Iterable[str | Path] = ()) -> dict[str, Any]:
-    """Everything a run's numbers depend on; see the module docstring."""
+    """Everything a run's numbers depend on, locations portable; see the module docstring."""
     model = cfg.model
     extra = [str(model.package)] if model.get("source") == "gguf_package" and model.get("package") else []
     if (cfg.get("compression") or {}).get("method", "none") == "llmlingua2":
         extra.append("llmlingua")  # its selection rule decides which words the model reads
     commit = git_commit()
-    return {
+    return locations_portable({
         "config": comparable_config(cfg),
         "dtype": str(resolve_dtype(model.dtype, model.device)),
         "device": str(model.device),
@@ -109,36 +122,37 @@ def fingerprint(cfg: DictConfig, data_files: Iterable[str | Path] = ()) -> dict[
         "packages": package_versions(extra),
         "git": {"commit": commit.removesuffix("-dirty") if commit else None,
                 "dirty": bool(commit and commit.endswith("-dirty"))},
-    }
+    })
 
 
-def relocate(node: Any, paths: dict[str, str]) -> Any:
-    """``node`` with string values under one of ``paths`` rewritten to ``${paths.<key>}/...`` (longest prefix first).
-
-    A run made in another clone resolves its data, task and predictor paths under another root; the
-    files' *contents* are compared by hash, so their location must not count as a difference.
-    """
-    if isinstance(node, dict):
-        return {key: relocate(value, paths) for key, value in node.items()}
-    if isinstance(node, list):
-        return [relocate(value, paths) for value in node]
-    if isinstance(node, str):
-        for key, prefix in sorted(paths.items(), key=lambda item: -len(item[1])):
-            if node.startswith(prefix):
-                return f"${{paths.{key}}}{node[len(prefix):]}"
-    return node
+def locations_portable(fp: dict[str, Any]) -> dict[str, Any]:
+    """``fp`` with the paths in its config and file-hash keys made portable (:mod:`sdtp.paths`) against
+    its own ``config.paths``: where *that* run's repo and data dir were, not this checkout's.
+    Idempotent (a stored portable fingerprint has no absolute paths left)."""
+    config = fp.get("config") if isinstance(fp.get("config"), dict) else {}
+    roots = roots_for(config.get("paths") or {})
+    return {key: portable_tree(value, roots) if key in ("config", "data", "predictor") else value
+            for key, value in fp.items()}
 
 
 def portable(fp: dict[str, Any]) -> dict[str, Any]:
-    """The compared parts of a fingerprint (:data:`COMPARED`) with locations factored out (:func:`relocate`):
-    equal for the same run made in another clone, so committed results can stand in for a local run."""
-    config = fp.get("config") if isinstance(fp.get("config"), dict) else {}
-    paths = {k: v for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v}
+    """The compared parts of a fingerprint (:data:`COMPARED`), locations made portable and the
+    ``config.paths`` entries (where things lie, not what they hold) left out: equal for the same run
+    made in another clone or before paths were portable, so committed results can stand in for a local run.
+
+    Predictor files are narrowed to the checkpoint itself (:func:`predictor_files`): fingerprints
+    written before that rule also hashed reports beside the weights.
+    """
+    fp = locations_portable(fp)
     out: dict[str, Any] = {part: fp.get(part) for part in COMPARED}
-    out["config"] = relocate({k: v for k, v in config.items() if k != "paths"}, paths)
-    for part in ("data", "predictor"):  # path -> sha256: the paths are keys here
-        hashes = fp.get(part) if isinstance(fp.get(part), dict) else {}
-        out[part] = {relocate(str(path), paths): digest for path, digest in hashes.items()}
+    config = out["config"] if isinstance(out["config"], dict) else {}
+    out["config"] = {k: v for k, v in config.items() if k != "paths"}
+    scorer = ((config.get("pruning") or {}).get("scorer") or {}) if isinstance(config.get("pruning"), dict) else {}
+    target = str(scorer.get("path")) if isinstance(scorer, dict) and scorer.get("path") else None
+    hashes = out["predictor"] if isinstance(out["predictor"], dict) else {}
+    out["predictor"] = {path: digest for path, digest in hashes.items()
+                        if path == target or Path(path).name in (WEIGHTS_FILE, META_FILE)}
+    out["data"] = out["data"] if isinstance(out["data"], dict) else {}
     return out
 
 
@@ -152,13 +166,13 @@ def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two fingerprints (``git`` ignored); [] = same run.
+    """Dotted keys whose values differ between two fingerprints (``git`` and locations ignored, :func:`portable`); [] = same run.
 
     A missing stored fingerprint (a run written before provenance was recorded) is a difference.
     """
     if not isinstance(stored, dict):
         return ["fingerprint (none stored)"]
-    return changed_keys({k: stored.get(k) for k in COMPARED}, {k: current.get(k) for k in COMPARED})
+    return changed_keys(portable(stored), portable(current))
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

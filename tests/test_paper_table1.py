@@ -163,7 +163,8 @@ def test_paired_difference_avg_and_speedups(runs):
     assert eff["sdtp"]["end_to_end_bench"] == pytest.approx(3.0 / 2.25)
     assert page["sizes"] == {"multi_news_documents": 3, "passage_count_documents": 2, "bench_lengths": 2,
                              "sdtp_low_train_steps": 480}
-    assert page["bench"]["sdtp"]["pruning"]["scorer"]["path"] == "/clone/a/results/predictors/tiny"
+    # made portable (sdtp/paths.py); /clone/a is not this checkout, so the predictor is named by its folder only
+    assert page["bench"]["sdtp"]["pruning"]["scorer"]["path"] == "<abs>/tiny"
 
 
 def test_llmlingua_row_counts_compression_and_compressor_time(runs):

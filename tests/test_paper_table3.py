@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from sdtp.provenance import locations_portable
 from sdtp.reports import paper_table3
 from sdtp.reports.run_summary import restore, summarise
 from conftest import lm_eval_fingerprint, write_lm_eval_run
@@ -74,7 +75,7 @@ def test_committed_summary_restores_a_run_only_for_the_same_setup(page_dir, tmp_
     assert restore(summary, tmp_path / "restored", here, "page.json")
     restored = summarise(tmp_path / "restored")
     assert restored["documents"] == summary["documents"]
-    assert restored["metrics"]["fingerprint"] == here and restored["metrics"]["restored_from"] == "page.json"
+    assert restored["metrics"]["fingerprint"] == locations_portable(here) and restored["metrics"]["restored_from"] == "page.json"
     assert not restore(summary, tmp_path / "restored", here, "page.json")  # a finished run is left alone
     other = dict(here, dtype="torch.float32")
     assert not restore(summary, tmp_path / "fp32", other, "page.json") and not (tmp_path / "fp32").exists()

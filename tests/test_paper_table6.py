@@ -136,7 +136,7 @@ def test_sdtp_alone_made_with_another_predictor_is_marked(tmp_path, table3):
 
     md = paper_table6.write_page(table3, _kv_runs(tmp_path / "edited", edited), tmp_path / "page", "c")
     text = md.read_text()
-    assert "| SDTP (no KV) † |" in text and "predictor.${paths.root}/results/predictors/m/predictor.safetensors" in text
+    assert "| SDTP (no KV) † |" in text and "predictor.results/predictors/m/predictor.safetensors" in text
 
 
 def test_committed_kv_summary_restores_for_the_same_setup(page_dir, tmp_path):

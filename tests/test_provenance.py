@@ -10,7 +10,8 @@ import pytest
 
 from sdtp.cli.evaluate import run
 from sdtp.config import compose
-from sdtp.provenance import LOCK_FILE, RunLockedError, differences, fingerprint, portable, run_lock
+from sdtp.paths import ABS_PATH
+from sdtp.provenance import LOCK_FILE, RunLockedError, differences, fingerprint, locations_portable, portable, run_lock
 from sdtp.utils import write_json_atomic
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -85,7 +86,8 @@ def test_fingerprint_contents_and_differences(tmp_path):
     data = tmp_path / "wiki.raw"
     data.write_text("text")
     fp = fingerprint(cfg, [data])
-    assert set(fp["predictor"]) == {str(weights / "predictor.safetensors"), str(weights / "predictor.json")}
+    # Stored portable (sdtp/paths.py): a checkpoint outside the repo, data dir and home is named by file only.
+    assert set(fp["predictor"]) == {"<abs>/predictor.safetensors", "<abs>/predictor.json"}
     assert fp["dtype"] == "torch.float32" and fp["device"] == "cpu"
     assert set(fp["packages"]) >= {"torch", "transformers", "lm_eval"} and fp["packages"]["torch"]
     assert "force" not in fp["config"] and fp["config"]["eval"]["window"] == 2048
@@ -93,7 +95,7 @@ def test_fingerprint_contents_and_differences(tmp_path):
     assert differences(fp, fp) == [] and differences(None, fp) == ["fingerprint (none stored)"]
     (weights / "predictor.safetensors").write_bytes(b"\x01" * 8)
     changed = differences(fp, fingerprint(cfg, [data]))
-    assert changed == [f"predictor.{weights / 'predictor.safetensors'}"]
+    assert changed == ["predictor.<abs>/predictor.safetensors"]
     # The git commit is recorded but not compared (see sdtp/provenance.py).
     assert differences(dict(fp, git={"commit": "0" * 40, "dirty": True}), fp) == []
 
@@ -106,12 +108,64 @@ def test_portable_fingerprint_ignores_the_clone_location_only():
                            "pruning": {"scorer": {"path": f"{root}/results/predictors/m"}}},
                 "dtype": dtype, "device": "cpu", "packages": {"lm_eval": "0.4.13"},
                 "data": {f"{root}/../shared/data/mc/copa.jsonl": digest, f"{root}/sdtp/eval/tasks/sdtp_copa.yaml": "y"},
-                "predictor": {f"{root}/results/predictors/m/w.safetensors": "p"}, "git": {"commit": root}}
+                "predictor": {f"{root}/results/predictors/m/predictor.safetensors": "p"}, "git": {"commit": root}}
 
     here, there = portable(fp("/work/a")), portable(fp("/home/u/clone"))
     assert here == there and "git" not in here
-    assert here["data"] == {"${paths.data_dir}/mc/copa.jsonl": "d1", "${paths.root}/sdtp/eval/tasks/sdtp_copa.yaml": "y"}
+    assert here["data"] == {"${paths.data_dir}/mc/copa.jsonl": "d1", "sdtp/eval/tasks/sdtp_copa.yaml": "y"}
     assert portable(fp("/work/a", digest="d2")) != here and portable(fp("/work/a", dtype="torch.float32")) != here
+
+
+def _clone_fingerprint(root: str, data_dir: str, copa: str = "d1") -> dict:
+    """A run's fingerprint as it was stored before paths were portable: absolute, in a clone at ``root``."""
+    return {"config": {"paths": {"root": root, "data_dir": data_dir, "cache_dir": "/root/.cache/sdtp"},
+                       "eval": {"data_root": f"{data_dir}/mc", "include_path": f"{root}/sdtp/eval/tasks"},
+                       "pruning": {"scorer": {"path": f"{root}/results/predictors/m"}}},
+            "dtype": "torch.bfloat16", "device": "cpu", "packages": {"lm_eval": "0.4.13"},
+            "data": {f"{data_dir}/mc/copa.jsonl": copa, f"{root}/sdtp/eval/tasks/sdtp_copa.yaml": "y"},
+            "predictor": {f"{root}/results/predictors/m/predictor.safetensors": "p",
+                          f"{root}/results/predictors/m/predictor.json": "j",
+                          # hashed before only the checkpoint files were (a report beside the weights)
+                          f"{root}/results/predictors/m/multi_news.json": "report"},
+            "git": {"commit": "c0ffee"}}
+
+
+def test_committed_fingerprint_is_reused_in_a_fresh_clone_with_the_same_data():
+    """(a) A fingerprint made here before paths were portable (absolute, worktree /work/wt_t3, data beside it),
+    then migrated by scripts/portable_paths.py and committed, still matches the run a fresh clone elsewhere makes."""
+    from sdtp.reports.portable_results import migrate_text
+
+    made_here = _clone_fingerprint("/work/wt_t3", "/work/wt_t3/../shared/data")
+    committed = json.loads(migrate_text(json.dumps(made_here)))
+    assert not ABS_PATH.search(json.dumps(committed))
+    elsewhere = locations_portable(dict(_clone_fingerprint("/ci/build/sdtp", "/ci/build/shared/data"),
+                                        predictor={"/ci/build/sdtp/results/predictors/m/predictor.safetensors": "p",
+                                                   "/ci/build/sdtp/results/predictors/m/predictor.json": "j"}))
+    assert differences(made_here, elsewhere) == [] and differences(committed, elsewhere) == []
+    assert portable(committed) == portable(made_here) == portable(elsewhere)
+
+
+def test_different_data_or_predictor_is_detected_whatever_the_paths():
+    """(b) The sha256 stays the identity: the same portable paths with other contents differ."""
+    committed = locations_portable(_clone_fingerprint("/work/main", "/work/shared/data"))
+    other_data = _clone_fingerprint("/ci/sdtp", "/mnt/mirror", copa="d2")  # data dir moved (SDTP_DATA_DIR)
+    assert differences(committed, other_data) == ["data.${paths.data_dir}/mc/copa.jsonl"]
+    other_weights = _clone_fingerprint("/ci/sdtp", "/mnt/mirror")
+    other_weights["predictor"] = {**other_weights["predictor"], "/ci/sdtp/results/predictors/m/predictor.json": "j2"}
+    assert differences(committed, other_weights) == ["predictor.results/predictors/m/predictor.json"]
+
+
+def test_fingerprint_is_stored_portable(tmp_path):
+    data_dir = tmp_path / "mirror"
+    (data_dir / "lm").mkdir(parents=True)
+    (data_dir / "lm" / "wiki.raw").write_text("text")
+    cfg = compose("eval", ["eval=perplexity", "model=tiny-llama", f"paths.data_dir={data_dir}",
+                           "eval.data_file=${paths.data_dir}/lm/wiki.raw"])
+    fp = fingerprint(cfg, [data_dir / "lm" / "wiki.raw"])
+    assert list(fp["data"]) == ["${paths.data_dir}/lm/wiki.raw"]
+    assert fp["config"]["eval"]["data_file"] == "${paths.data_dir}/lm/wiki.raw" and fp["config"]["paths"]["root"] == "."
+    assert not ABS_PATH.search(json.dumps(fp)), "an absolute path is left in the stored fingerprint"
+    assert locations_portable(fp) == fp  # idempotent
 
 
 def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path):

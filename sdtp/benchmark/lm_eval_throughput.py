@@ -39,6 +39,7 @@ from sdtp.benchmark.environment import MALLOC_ENV, ensure_malloc_env, environmen
 from sdtp.config import REPO_ROOT, build_pruner, compose, offline_by_default
 from sdtp.eval.harness import clean_metrics, evaluate_lm, make_lm
 from sdtp.models import load_model
+from sdtp.paths import portable_text
 from sdtp.utils import set_threads, write_json_atomic, write_text_atomic
 
 SCHEMA = "sdtp-lm-eval-throughput/1"
@@ -158,7 +159,7 @@ def command_line() -> str:
     """The command as run, with the environment variables that change its numbers or its reach."""
     names = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *MALLOC_ENV]
     env = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
-    return shlex.join([*env, "python", "-m", MODULE, *sys.argv[1:]])
+    return portable_text(shlex.join([*env, "python", "-m", MODULE, *sys.argv[1:]]))
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.flops import ATTENTION_MODES, estimate
 from sdtp.models import load_model
+from sdtp.paths import portable_tree
 from sdtp.predictor import META_FILE, PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.utils import seed_everything, set_threads, write_json_atomic
@@ -163,8 +164,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "model": cfg.model.name,
-        "pruning": {**OmegaConf.to_container(cfg.pruning, resolve=True), "predictor": predictor_label,
-                    "stage_layers": list(pruner.schedule.layers) if pruner else []},
+        # portable: bench.json is copied into committed pages (resume ignores where the predictor lies)
+        "pruning": portable_tree({**OmegaConf.to_container(cfg.pruning, resolve=True), "predictor": predictor_label,
+                                  "stage_layers": list(pruner.schedule.layers) if pruner else []}),
         "settings": settings,
         "environment": environment(model, cfg.model.device),
         "results": [],

@@ -50,6 +50,7 @@ from sdtp.config import build_pruner, build_schedule, sdtp_main
 from sdtp.errors import ConfigError
 from sdtp.kv import KVCompressor, build_kv_policy, kv_compression
 from sdtp.models import load_model
+from sdtp.paths import portable_tree
 from sdtp.provenance import differences, fingerprint, run_lock
 from sdtp.tracking import RunLogger
 from sdtp.utils import finite_json, git_commit, seed_everything, set_threads, write_json_atomic
@@ -240,7 +241,7 @@ def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str,
             "pruning": pruning_summary(cfg),
             "kv": kv_summary(press),
             "avg_kept_fraction": results.get("avg_kept_fraction", 1.0 if pruner is None else None),
-            "results": results,
+            "results": portable_tree(results),  # e.g. data_file: summaries of it are committed
             "seed": cfg.seed,
             "threads": threads,
             "wall_s": round(wall_s, 3),

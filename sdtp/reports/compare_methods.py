@@ -54,7 +54,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sdtp.eval.stats import document_outcomes, holm, paired_t_interval, prediction_outcomes, window_outcomes
-from sdtp.provenance import changed_keys, relocate
+from sdtp.paths import portable_text, portable_tree
+from sdtp.provenance import changed_keys, portable
 from sdtp.reports.lm_eval_pages import smaller_page
 from sdtp.reports.paired_tables import interval_text, p_text, paired_summary
 
@@ -396,11 +397,9 @@ def add_seed_groups(rows: dict[str, dict[str, Any]]) -> None:
 
 def comparable_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
     """The non-method parts of a run's fingerprint (see :data:`METHOD_CONFIG_KEYS`), locations factored out."""
-    config = fp.get("config") if isinstance(fp.get("config"), dict) else {}
-    paths = {k: v for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v}
-    kept = {k: v for k, v in config.items() if k not in (*METHOD_CONFIG_KEYS, "paths")}
-    data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
-    return {"config": relocate(kept, paths), "data": sorted(map(str, data.values())),
+    comparable = portable(fp)
+    kept = {k: v for k, v in comparable["config"].items() if k not in METHOD_CONFIG_KEYS}
+    return {"config": kept, "data": sorted(map(str, comparable["data"].values())),
             **{part: fp.get(part) for part in NON_METHOD_PARTS}}
 
 
@@ -709,7 +708,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path, page: str,
                   compared: dict[str, Any], sizes: dict[str, int]) -> list[Path]:
-    """``compare_methods.{md,csv,json,png}`` in ``out``, each written atomically."""
+    """``compare_methods.{md,csv,json,png}`` in ``out``, each written atomically, paths portable (:mod:`sdtp.paths`)."""
+    page, records, compared = portable_text(page), portable_tree(records), portable_tree(compared)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
     _atomic_write(paths[0], page)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from sdtp.eval.stats import PairedT, holm, paired_t_interval, prediction_outcomes
+from sdtp.paths import portable_text
 from sdtp.utils import write_json_atomic
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.focus is not None and a.focus not in runs:
         p.error(f"--focus {a.focus}: not one of the runs {list(runs)}")
     result = compare(runs, a.focus)
-    command = "PYTHONPATH=. python scripts/generation_pairs.py " + shlex.join(argv)
+    command = portable_text("PYTHONPATH=. python scripts/generation_pairs.py " + shlex.join(argv))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".md.tmp")
     tmp.write_text(render(result, a.title, a.focus, command))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sdtp.paths import portable_path, portable_tree, roots_for
 from sdtp.utils import write_json_atomic, write_text_atomic
 
 # Our offline task -> the paper's row name, in the paper's order (Tables 3 and 6 use these rows).
@@ -55,11 +56,8 @@ def run_config(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shown_path(path: str | None, config: Mapping[str, Any]) -> str | None:
-    """``path`` relative to the run's repository root when it lies inside it (the page is read in any clone)."""
-    root = (config.get("paths") or {}).get("root")
-    if path and root and path.startswith(root.rstrip("/") + "/"):
-        return path[len(root.rstrip("/")) + 1:]
-    return path
+    """``path`` made portable against the run's own ``paths`` (relative inside its repository; the page is read in any clone)."""
+    return portable_path(path, roots_for(config.get("paths") or {})) if path else path
 
 
 def eval_limit(metrics: Mapping[str, Any]) -> Any:
@@ -90,7 +88,10 @@ def run_argument(names: Collection[str]) -> Callable[[str], tuple[str, Path]]:
 
 def write_page_files(out_dir: Path, page: dict[str, Any], markdown: Callable[[dict[str, Any]], str],
                      csv_text: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], Path]) -> Path:
-    """Write ``<out_dir>/<model>.{json,png,csv,md}`` of ``page`` (each atomically); returns the .md path."""
+    """Write ``<out_dir>/<model>.{json,png,csv,md}`` of ``page`` (each atomically); returns the .md path.
+
+    Every path on the page is made portable first (:mod:`sdtp.paths`): pages are committed."""
+    page = portable_tree(page)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / page["model"]
     write_json_atomic(stem.with_suffix(".json"), page)

@@ -32,7 +32,7 @@ from typing import Any
 
 from sdtp.benchmark.report import speedups
 from sdtp.eval.longbench_tasks import DATASETS
-from sdtp.provenance import relocate
+from sdtp.paths import portable_tree
 from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_ratios, cost_sums, dataset_rows,
                                           shared_ids)
 from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, shown_path, smaller_page,
@@ -136,15 +136,13 @@ def low_predictor(path: Path | None) -> dict[str, Any] | None:
 def build_page(runs_dir: Path, low: Path | None, skipped: dict[str, str], command: str,
                wall_s: float | None) -> dict[str, Any]:
     """The page's JSON from the run directories under ``runs_dir`` (dense LongBench is required)."""
-    from sdtp.config import REPO_ROOT
-
     runs = collect(runs_dir)
     if f"{LONGBENCH}/dense" not in runs:
         raise FileNotFoundError(f"{runs_dir}/{LONGBENCH}/dense/metrics.json: the dense LongBench run is required")
     models = {s["metrics"].get("model") for s in runs.values()}
     if len(models) != 1:
         raise ValueError(f"runs of different models under {runs_dir}: {sorted(map(str, models))}")
-    bench = {row: relocate(json.loads((runs_dir / f"bench_{row}" / "bench.json").read_text()), {"root": str(REPO_ROOT)})
+    bench = {row: portable_tree(json.loads((runs_dir / f"bench_{row}" / "bench.json").read_text()))
              for row in BENCH_ROWS if (runs_dir / f"bench_{row}" / "bench.json").is_file()}
     preds = by_run(runs)
     table = dataset_rows(preds, list(ROWS), "dense")
@@ -481,7 +479,7 @@ def record_training(run_dir: Path, predictor: Path, command: str) -> Path:
     """Save a training run's final validation with its command as ``<predictor>/train_metrics.json``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     target = predictor / "train_metrics.json"
-    write_json_atomic(target, {**metrics, "command": command})
+    write_json_atomic(target, portable_tree({**metrics, "command": command}))  # committed beside the predictor
     return target
 
 

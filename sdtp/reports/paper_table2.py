@@ -15,12 +15,12 @@ import argparse
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sdtp.benchmark.report import speedups
-from sdtp.utils import write_text_atomic
+from sdtp.paths import portable_tree
+from sdtp.utils import write_json_atomic, write_text_atomic
 
 # [P] Table 2: Mistral-7B, batch 1, 128 generated tokens, GPU (hardware not stated).
 # length -> (TFLOPs prefill, TFLOPs E2E, prefill s, E2E s, memory GB) for (w/o SDTP, w SDTP).
@@ -214,8 +214,7 @@ def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None 
     report = json.loads((run_dir / "bench.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / report["model"]
-    if (run_dir / "bench.json").resolve() != stem.with_suffix(".json").resolve():
-        shutil.copyfile(run_dir / "bench.json", stem.with_suffix(".json"))
+    write_json_atomic(stem.with_suffix(".json"), portable_tree(report))  # a bench.json written before paths were portable
     render_plot(report, stem.with_suffix(".png"))
     write_text_atomic(stem.with_suffix(".csv"), to_csv(rows(report)))
     write_text_atomic(stem.with_suffix(".md"), render(report, command, wall_s))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.eval.stats import paired_t_interval
+from sdtp.paths import portable_tree
 from sdtp.reports.lm_eval_pages import minutes, num, write_page_files
 from sdtp.reports.paired_tables import paired_summary
 from sdtp.reports.run_summary import machine
@@ -92,14 +93,14 @@ def record(row: str | None, seed: int | None, train_dir: Path | None, eval_dir: 
     if train_dir is not None:
         train = json.loads((train_dir / "metrics.json").read_text())
         point["train"] = {k: v for k, v in train.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
-    write_json_atomic(out, point)
+    write_json_atomic(out, portable_tree(point))
     return point
 
 
 def done(point: Path, setup: dict[str, Any]) -> bool:
     """Is ``point`` summarised with this setup (same steps, data and eval arguments)?"""
     try:
-        return json.loads(point.read_text()).get("setup") == setup
+        return portable_tree(json.loads(point.read_text()).get("setup")) == portable_tree(setup)
     except (OSError, json.JSONDecodeError):
         return False
 

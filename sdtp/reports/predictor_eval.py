@@ -77,11 +77,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sdtp.benchmark.environment import cpu_model, environment
-from sdtp.config import REPO_ROOT, build_pruner, build_schedule, compose
+from sdtp.config import build_pruner, build_schedule, compose
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
 from sdtp.eval.continuation import Segment, build_segments, segment_nll, segments_sha256, summarize
 from sdtp.models import load_model
+from sdtp.paths import portable_path, portable_text, portable_tree
 from sdtp.reports import paired_tables
 from sdtp.predictor import TokenPredictor
 from sdtp.reports.recency_selection import select_recency, selection_text, variant_name, write_selected
@@ -209,7 +210,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         recency_weights=_csv(a.recency_weights, float),
         write_selected=a.write_selected,
         overrides=tuple(a.override),
-        command="PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv),
+        command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
 
 
@@ -424,8 +425,8 @@ def _cell(jobs: list[Job], specs: list[ScorerSpec]) -> tuple[dict[str, Any], dic
 
 
 def _display(path: Path) -> str:
-    """``path`` relative to the repo when inside it (the committed page must not show a home directory)."""
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+    """``path`` in its portable form (the committed page must not show a machine's directories)."""
+    return portable_path(path)
 
 
 def _prior_text(spec: ScorerSpec) -> str:
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         job.record = load_cache(job.path, job.fingerprint)
         if job.record is None and not opts.render_only and selected(job.spec, opts.only):
             job.record = compute(job, model, opts.command)
-    report = build_report(opts, jobs, specs, environment(model, str(base.model.device)))
+    report = portable_tree(build_report(opts, jobs, specs, environment(model, str(base.model.device))))
     if opts.write_selected:
         write_selected({s.name: s.path for s in specs if s.group == "predictor"}, report["recency_selection"])
     write_json_atomic(out / "eval.json", report)

@@ -32,7 +32,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from sdtp.provenance import changed_keys, portable
+from sdtp.provenance import changed_keys, locations_portable, portable
 from sdtp.utils import parse_jsonl, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     ``predictions`` (:data:`PREDICTION_KEYS` of each line) when it has a ``predictions.jsonl``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("config", None)  # the fingerprint holds the resolved config
+    if isinstance(metrics.get("fingerprint"), dict):  # a run from before fingerprints were stored portable
+        metrics["fingerprint"] = locations_portable(metrics["fingerprint"])
     metrics.setdefault("machine", machine(str(metrics.get("fingerprint", {}).get("device", "cpu"))))
     documents = {path.stem.removeprefix(SAMPLES_PREFIX): task_documents(path)
                  for path in sorted(run_dir.glob(f"{SAMPLES_PREFIX}*.jsonl"))}
