@@ -19,7 +19,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
-source experiments/lib/lm_eval_runs.sh
 source experiments/lib/ablation_points.sh
 shown="$(ablation_shown experiments/paper_fig5.sh "STAGES SEED TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
 PAGE_STAGES="1 2 3 4 5 6 7"   # the paper's: the page lists what is not summarised yet

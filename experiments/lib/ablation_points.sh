@@ -1,8 +1,10 @@
-# Sourced by the retrained-predictor ablations (experiments/paper_table45.sh, paper_fig4.sh, paper_fig5.sh) after
-# experiments/lib/lm_eval_runs.sh and after they set PY, MODEL and the variables they accept. One *point* = one
+# Sourced by the retrained-predictor ablations (experiments/paper_table45.sh, paper_fig4.sh, paper_fig5.sh) after they
+# set PY and MODEL (it sources experiments/lib/lm_eval_runs.sh: offline environment, SMOKE_TRAIN_ARGS, shown_command). One *point* = one
 # predictor trained by sdtp-train, evaluated by continuation NLL on the same segments as a dense reference, its
 # summary written to $POINTS/<row>_s<seed>.json (commit it) by sdtp/reports/ablation_points.py, and skipped next
 # time when that summary has the same setup (steps, training / eval arguments, the point's schedule).
+
+source experiments/lib/lm_eval_runs.sh
 
 # ablation_defaults NAME STEPS SEGMENTS: RUN, OUT, POINTS, TRAIN_STEPS, TRAIN_ARGS, EVAL_ARGS unless set. SMOKE=1
 # makes every size tiny and every output a scratch folder (results/paper/<NAME>_smoke/, gitignored).

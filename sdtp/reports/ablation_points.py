@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.eval.stats import paired_t_interval
+from sdtp.reports.lm_eval_pages import minutes
 from sdtp.reports.paired_tables import paired_summary
 from sdtp.reports.run_summary import machine
 from sdtp.utils import parse_jsonl, write_json_atomic
@@ -186,6 +187,20 @@ def verdict(d: dict[str, Any] | None, expected: str) -> str:
     if d["low"] > 0 or d["high"] < 0:
         return "**expected**" if (d["low"] > 0) == (expected == "positive") else "**unexpected**"
     return "unresolved (interval includes 0)"
+
+
+def page_header(title: str, page: dict[str, Any]) -> list[str]:
+    """A page's first lines: title with the model, and the command that made it."""
+    return [f"# {title} — {page['model']}", "",
+            "Made by (resumable; each finished point's summary is committed beside this page):", "", "```bash",
+            page["command"], "```", ""]
+
+
+def provenance_text(page: dict[str, Any]) -> str:
+    """Commits, machines, dtypes, this session's wall time and the compute of every summarised point."""
+    return (f"Commit(s): {', '.join(page['commits']) or '–'}; machine: {', '.join(page['machines']) or '–'}; "
+            f"dtype: {', '.join(page['dtypes']) or '–'}; wall time of this session {minutes(page['wall_s'])}, "
+            f"compute of all summarised points {minutes(page['compute_s'])}.")
 
 
 def figure_caveats(model: str, paper: str, paper_metric: str) -> list[str]:

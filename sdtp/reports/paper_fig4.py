@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
-                                          figure_caveats, load_points, model_depth, paired_delta, provenance,
-                                          setup_text, verdict)
+                                          figure_caveats, load_points, model_depth, page_header, paired_delta,
+                                          provenance, provenance_text, setup_text, verdict)
 from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
 
 # The paper's Figure 4 (sdtp-method.md): Llama2-7B, WinoGrande 5-shot accuracy, dense 73.88.
@@ -150,9 +150,7 @@ def expectations(page: dict[str, Any]) -> list[str]:
 
 def render(page: dict[str, Any]) -> str:
     ratios, pts = page["ratios"], page["points"]
-    out = [f"# Paper Figure 4: effect of the first pruning layer — {page['model']}", "",
-           "Made by (resumable; each finished point's summary is committed beside this page):", "", "```bash",
-           page["command"], "```", "",
+    out = [*page_header("Paper Figure 4: effect of the first pruning layer", page),
            f"Setup: {setup_text(page['setups'])}. One pruning stage before 0-based layer k "
            "(`pruning.layers=[k]`), keeping the fraction r of the prompt (first 4 and last 10% always kept); "
            "each point its own predictor trained for that schedule (seed "
@@ -163,9 +161,7 @@ def render(page: dict[str, Any]) -> str:
            "the shipped schedules (the paper's default first layer 4 is `first_layer: 4` in "
            "`conf/model/llama2-7b.yaml`); SmolLM2's default schedule shifts by −2 only so that 10 stages end at its "
            "last layer, which does not concern one stage, and would make k = 1, 2 impossible.", "",
-           f"Commit(s): {', '.join(page['commits']) or '–'}; machine: {', '.join(page['machines']) or '–'}; "
-           f"dtype: {', '.join(page['dtypes']) or '–'}; wall time of this session {minutes(page['wall_s'])}, "
-           f"compute of all summarised points {minutes(page['compute_s'])}.", "",
+           provenance_text(page), "",
            f"Dense reference: {dense_text(page['dense'])}.", "",
            "## Ours: Δ NLL vs dense [95% paired t interval over segments] (lower is better)", "",
            "| First layer k | " + " | ".join(f"r = {r:g}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]

@@ -26,9 +26,9 @@ from typing import Any
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
-                                          figure_caveats, load_points, model_depth, paired_delta, provenance,
-                                          setup_text, verdict)
-from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
+                                          figure_caveats, load_points, model_depth, page_header, paired_delta,
+                                          provenance, provenance_text, setup_text, verdict)
+from sdtp.reports.lm_eval_pages import error_bars, num, write_page_files
 
 KEEP = 0.9
 PAPER_STAGES = list(range(1, 8))
@@ -171,9 +171,7 @@ def expectations(page: dict[str, Any]) -> list[str]:
 
 def render(page: dict[str, Any]) -> str:
     pts = page["points"]
-    out = [f"# Paper Figure 5: effect of multi-stage pruning — {page['model']}", "",
-           "Made by (resumable; each finished point's summary is committed beside this page):", "", "```bash",
-           page["command"], "```", "",
+    out = [*page_header("Paper Figure 5: effect of multi-stage pruning", page),
            f"Setup: {setup_text(page['setups'])}. S stages at keep {KEEP:g} per stage (stage s keeps {KEEP:g}^(s+1) "
            "of the prompt; first 4 and last 10% always kept) before the layers of the model's default schedule "
            "(`model.schedule`: first layer + i x step, the paper's layer 4, step 3 on a 32-layer model); each point "
@@ -181,9 +179,7 @@ def render(page: dict[str, Any]) -> str:
            "pruning=sdtp` with it (recency prior off) and dense on the same WikiText-2 validation segments. Training "
            f"budget per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS}. FLOPs: analytic "
            f"prefill of a {page['seq_len']}-token prompt (`sdtp/flops.py`, causal attention, predictor cost left out).",
-           "", f"Commit(s): {', '.join(page['commits']) or '–'}; machine: {', '.join(page['machines']) or '–'}; "
-           f"dtype: {', '.join(page['dtypes']) or '–'}; wall time of this session {minutes(page['wall_s'])}, "
-           f"compute of all summarised points {minutes(page['compute_s'])}.", "",
+           "", provenance_text(page), "",
            f"Dense reference: {dense_text(page['dense'])}.", "",
            "## Ours (Δ NLL: 95% paired t interval over segments, lower is better)", "",
            "| Stages | Layers (0-based) | Δ NLL vs dense | Prefill TFLOPs | FLOPs vs dense | Tokens per layer "

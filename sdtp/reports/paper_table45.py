@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.reports.ablation_points import (FULL_LOSSES, MAIN_STEPS, SCHEMA, cell, delta_nll, dense_entry,
-                                          dense_text, done, interval, load_points, mean_nll, provenance, setup_text)
+                                          dense_text, done, interval, load_points, mean_nll, page_header, provenance,
+                                          provenance_text, setup_text)
 from sdtp.reports.ablation_points import train_overrides as recipe_overrides
-from sdtp.reports.lm_eval_pages import minutes, num, write_page_files
+from sdtp.reports.lm_eval_pages import num, write_page_files
 
 __all__ = ["ROWS", "PAPER", "train_overrides", "done", "build_page", "render", "to_csv", "render_plot", "main"]
 
@@ -134,17 +135,13 @@ def expectations(page: dict[str, Any]) -> list[str]:
 
 def render(page: dict[str, Any]) -> str:
     rows = page["rows"]
-    out = [f"# Paper Tables 4/5: loss ablations — {page['model']}", "",
-           "Made by (resumable; each finished point's summary is committed beside this page):", "", "```bash",
-           page["command"], "```", "",
+    out = [*page_header("Paper Tables 4/5: loss ablations", page),
            f"Setup: {setup_text(page['setups'])}. "
            f"Training budget per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS} "
            "(results/predictors/<model>/README.md). Downstream: continuation NLL (`sdtp-eval eval=continuation`, "
            "`pruning=sdtp` with the point's predictor, `pruning.scorer.recency_weight=0` so the losses are compared "
            "without the recency prior) on WikiText-2 validation, text none of the training data contains.",
-           "", f"Commit(s): {', '.join(page['commits']) or '–'}; machine: {', '.join(page['machines']) or '–'}; "
-           f"dtype: {', '.join(page['dtypes']) or '–'}; wall time of this session {minutes(page['wall_s'])}, "
-           f"compute of all summarised points {minutes(page['compute_s'])}.", "",
+           "", provenance_text(page), "",
            "## Ours: mean [95% t interval over training seeds]", "",
            "| Row | Seeds | Missing seeds | Spearman | Top-k overlap | Δ NLL vs dense |", "|---|---|---|---|---|---|"]
     for row in ROWS:
