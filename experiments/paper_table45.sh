@@ -8,7 +8,8 @@
 #   SMOKE=1 THREADS=1 bash experiments/paper_table45.sh     # pipeline check: 2-step trainings, 2 short segments, scratch folders
 #   MODEL=llama2-7b EVAL_ARGS="eval.num_segments=64" bash experiments/paper_table45.sh   # GPU
 #
-# Per point (row x seed), skipped when results/paper/table45/<model>/<row>_s<seed>.json already summarises it
+# Per point (row x seed; the steps shared with paper_fig4.sh / paper_fig5.sh are in experiments/lib/ablation_points.sh),
+# skipped when results/paper/table45/<model>/<row>_s<seed>.json already summarises it
 # with the same setup (steps, training and eval arguments), so a fresh clone resumes from what is committed:
 # 1. sdtp-train with the shipped v3 recipe (results/predictors/<model>/README.md: attention labels, grad_accum 3,
 #    the same data) plus the row's losses (sdtp/reports/paper_table45.py ROWS: full = CE off, MSE + ranking;
@@ -29,70 +30,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
-source experiments/lib/lm_eval_runs.sh
-shown="$(shown_command experiments/paper_table45.sh "$@")"
-for var in SEEDS ROWS TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE; do
-  [[ -z "${!var+x}" ]] || shown="$var=${!var@Q} $shown"
-done
-if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
-  RUN="${RUN:-results/runs/paper/table45_smoke/${MODEL}}"
-  OUT="${OUT:-results/paper/table45_smoke}"
-  TRAIN_STEPS="${TRAIN_STEPS:-2}"
-  TRAIN_ARGS="${TRAIN_ARGS:-$SMOKE_TRAIN_ARGS}"
-  EVAL_ARGS="${EVAL_ARGS:-eval.num_segments=2 eval.context_len=512 eval.cont_len=32}"
-  SEEDS="${SEEDS:-0 1}"
-fi
-RUN="${RUN:-results/runs/paper/table45/${MODEL}}"
-OUT="${OUT:-results/paper/table45}"
-POINTS="$OUT/$MODEL"
-TRAIN_STEPS="${TRAIN_STEPS:-120}"
+source experiments/lib/ablation_points.sh
+shown="$(ablation_shown experiments/paper_table45.sh "SEEDS ROWS TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
+[[ "${SMOKE:-0}" != 1 ]] || SEEDS="${SEEDS:-0 1}"
+ablation_defaults table45 120 16
 SEEDS="${SEEDS:-0 1 2}"
 ROWS="${ROWS:-full wo_rank wo_rank_mse}"
-EVAL_ARGS="${EVAL_ARGS:-eval.num_segments=16 eval.context_len=2048 eval.cont_len=128}"
-read -r -a train_args <<< "${TRAIN_ARGS:-}"
-read -r -a eval_args <<< "$EVAL_ARGS"
-threads=(${THREADS:+"threads=$THREADS"})
-eval_common=(eval=continuation "model=$MODEL" eval.dataset=wikitext 'eval.data_file=${paths.data_dir}/lm/wiki.valid.raw'
-             "${eval_args[@]}" "$@")
-setup() {   # setup ROW: what a point's summary must match to be reused (JSON)
-  "$PY" -c 'import json, sys; print(json.dumps({"row": sys.argv[1], "train_steps": int(sys.argv[2]),
-    "train_args": sys.argv[3], "eval_args": sys.argv[4]}, sort_keys=True))' "$1" "$TRAIN_STEPS" "${TRAIN_ARGS:-}" \
-    "$EVAL_ARGS${extra:+ $extra}"
-}
-extra="$*"   # the script's own arguments (sdtp-eval overrides) are part of every point's setup
 start=$(date +%s)
-mkdir -p "$POINTS"
 
-# Dense reference (once).
-dense_setup=$(setup dense)
-if ! "$PY" -m sdtp.reports.paper_table45 done --point "$POINTS/dense.json" --setup "$dense_setup"; then
-  t0=$(date +%s)
-  "$PY" -m sdtp.cli.evaluate "${eval_common[@]}" pruning=none "${threads[@]}" "hydra.run.dir=$RUN/dense"
-  "$PY" -m sdtp.reports.paper_table45 record --row dense --eval "$RUN/dense" --setup "$dense_setup" \
-    --out "$POINTS/dense.json" --command "sdtp-eval ${eval_common[*]} pruning=none" --wall-s "$(( $(date +%s) - t0 ))"
-fi
-
+ablation_dense "$@"
 for seed in $SEEDS; do   # seed-major: an interrupted session leaves whole seeds of every row
   for row in $ROWS; do
-    point="$POINTS/${row}_s${seed}.json"
-    point_setup=$(setup "$row")
-    if "$PY" -m sdtp.reports.paper_table45 done --point "$point" --setup "$point_setup"; then
-      echo "paper_table45: $row seed $seed already summarised ($point)"
-      continue
-    fi
-    t0=$(date +%s)
-    dir="$RUN/${row}_s${seed}"
-    read -r -a train <<< "$("$PY" -m sdtp.reports.paper_table45 train-args --row "$row" --seed "$seed" \
+    ablation_point "$row" "$seed" "$("$PY" -m sdtp.reports.paper_table45 train-args --row "$row" --seed "$seed" \
       --steps "$TRAIN_STEPS" --model "$MODEL")"
-    train+=("${train_args[@]}" "out_dir=$dir/train" "export_dir=$dir/predictor")
-    if [[ ! -f "$dir/predictor/predictor.json" || ! -f "$dir/train/metrics.json" ]]; then
-      "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
-    fi
-    ev=("${eval_common[@]}" pruning=sdtp "pruning.scorer.path=$dir/predictor" pruning.scorer.recency_weight=0 pruning.scorer.recency_weight_chat=0)
-    "$PY" -m sdtp.cli.evaluate "${ev[@]}" "${threads[@]}" "hydra.run.dir=$dir/eval"
-    "$PY" -m sdtp.reports.paper_table45 record --row "$row" --seed "$seed" --train "$dir/train" --eval "$dir/eval" \
-      --setup "$point_setup" --out "$point" --command "sdtp-train ${train[*]}; sdtp-eval ${ev[*]}" \
-      --wall-s "$(( $(date +%s) - t0 ))"
   done
 done
 

@@ -1,13 +1,14 @@
-# Sourced by the paper scripts over sdtp-eval runs (experiments/paper_table1.sh, paper_table3.sh,
-# paper_table45.sh, paper_table6.sh), after they set PY (the Python to use) and MODEL: offline environment, allocator
-# settings and the one resumable run step they share (lm-eval and generation runs alike).
+# Sourced by the paper scripts over sdtp-eval runs (experiments/paper_table1.sh, paper_table3.sh, paper_table6.sh;
+# paper_table45.sh, paper_fig4.sh, paper_fig5.sh through experiments/lib/ablation_points.sh), after they set PY (the
+# Python to use) and MODEL: offline environment, allocator settings and the one resumable run step they share (lm-eval
+# and generation runs alike).
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 # Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
   MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
 
-# sdtp-train overrides of a SMOKE=1 pipeline check: a handful of short examples, one per step (paper_table1.sh,
-# paper_table45.sh).
+# sdtp-train overrides of a SMOKE=1 pipeline check: a handful of short examples, one per step (paper_table1.sh and
+# the ablations of experiments/lib/ablation_points.sh).
 SMOKE_TRAIN_ARGS="data.sources.0.num_samples=6 data.sources.1.num_samples=3 data.sources.2.num_samples=3 \
 data.max_length=320 data.continuation_length=64 train.val_sequences=2 train.grad_accum=1"
 

@@ -1,9 +1,6 @@
 """Paper Tables 4/5 (loss ablations): full vs w/o ranking vs w/o ranking and MSE, several training seeds each.
 
     python -m sdtp.reports.paper_table45 train-args --row wo_rank --seed 1 --steps 120 --model smollm2-135m
-    python -m sdtp.reports.paper_table45 record --row full --seed 0 --train <run>/train --eval <run>/eval \
-        --setup '<json>' --out results/paper/table45/smollm2-135m/full_s0.json
-    python -m sdtp.reports.paper_table45 done --point <json> --setup '<json>'      # exit 0: finished, same setup
     python -m sdtp.reports.paper_table45 render --points results/paper/table45/smollm2-135m --seeds "0 1 2" \
         --out results/paper/table45 --command "bash experiments/paper_table45.sh"
 
@@ -11,7 +8,8 @@ One *point* = one row trained with one seed (``sdtp-train``) and evaluated by co
 (``sdtp-eval eval=continuation pruning=sdtp``). Its small summary (``<row>_s<seed>.json``: the
 training's final validation metrics, i.e. ranking agreement with the saliency labels, and the NLL of
 every evaluated segment) is committed, so the table is completed over several sessions and a fresh
-clone resumes from what is committed; ``dense.json`` holds the dense reference segments.
+clone resumes from what is committed; ``dense.json`` holds the dense reference segments. Recording a
+point, the reuse check and the NLL arithmetic are shared with Figures 4/5 (:mod:`sdtp.reports.ablation_points`).
 
 The page gives per row the mean and 95% Student t interval over seeds of Spearman and top-k overlap
 with the labels (``sdtp.training.validation``) and of Δ NLL vs dense (per seed: the mean over segments of
@@ -25,33 +23,27 @@ import argparse
 import csv
 import io
 import json
-import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from sdtp.eval.stats import paired_t_interval
-from sdtp.paths import portable_tree
-from sdtp.reports.lm_eval_pages import minutes, num, write_page_files
-from sdtp.reports.paired_tables import paired_summary
-from sdtp.reports.run_summary import machine
-from sdtp.utils import parse_jsonl, write_json_atomic
+from sdtp.reports.ablation_points import (FULL_LOSSES, MAIN_STEPS, SCHEMA, cell, delta_nll, dense_entry,
+                                          dense_text, done, interval, load_points, mean_nll, page_header, provenance,
+                                          provenance_text, setup_text)
+from sdtp.reports.ablation_points import train_overrides as recipe_overrides
+from sdtp.reports.lm_eval_pages import num, write_page_files
 
-SCHEMA = 1
+__all__ = ["ROWS", "PAPER", "train_overrides", "done", "build_page", "render", "to_csv", "render_plot", "main"]
+
 # Row -> (label, sdtp-train overrides). The shipped v3 recipe (results/predictors/<model>/README.md) is
 # attention labels with CE off; "w/o ranking" drops the ranking loss (MSE only). "w/o ranking and MSE"
 # (conf/experiment/sdtp_wo_rank_mse.yaml) has no label loss at all, so it keeps the LM cross-entropy
 # (train.loss.ce=1, the config's default): with ce=0 as in v3 it would have no loss. Its pruning rate is
 # the hard top-k budget of keep_mode=topk (train.loss.ratio stays 0): the constraint is exact, not a loss.
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "full": ("SDTP (MSE + ranking)", ["train.loss.ce=0"]),
+    "full": ("SDTP (MSE + ranking)", FULL_LOSSES),
     "wo_rank": ("w/o ranking", ["experiment=sdtp_wo_rank", "train.loss.ce=0"]),
     "wo_rank_mse": ("w/o ranking & MSE", ["experiment=sdtp_wo_rank_mse", "train.loss.ce=1"]),
 }
-# The shipped recipe's data and accumulation (results/predictors/smollm2-135m/README.md); steps are the page's.
-RECIPE = ["train.target=attention", "train.grad_accum=3", "data.sources.0.num_samples=800",
-          "data.sources.1.num_samples=500", "data.sources.2.num_samples=150"]
-MAIN_STEPS = 480  # the shipped predictor's budget
 # The paper's deltas vs SDTP (sdtp-method.md): Table 4 (Llama2-7B, four 5-shot tasks, Average) and
 # Table 5 (Mistral-7B, LongBench categories); accuracy points, higher is better.
 PAPER = {
@@ -64,74 +56,17 @@ PAPER = {
                "wo_rank": [32.23, 26.51, 26.32, 61.91, 53.34],
                "wo_rank_mse": [31.94, 26.16, 26.59, 62.00, 53.59]},
 }
-EVAL_KEYS = ("eval", "model", "dtype", "pruning", "seed", "threads", "wall_s", "git_commit", "machine")
 
 
 def train_overrides(row: str, seed: int, steps: int, model: str) -> list[str]:
     """The sdtp-train overrides of one point (before the script's output directories and extra arguments)."""
-    return [f"model={model}", *RECIPE, *ROWS[row][1], f"train.max_steps={steps}", f"seed={seed}"]
-
-
-def segment_nll(run_dir: Path) -> dict[str, float]:
-    """segment id -> NLL of a finished continuation run (its ``segments.jsonl``)."""
-    from sdtp.eval.continuation import SEGMENTS_FILE
-
-    return {str(r["id"]): float(r["nll"]) for r in parse_jsonl((run_dir / SEGMENTS_FILE).read_text())}
-
-
-def eval_summary(run_dir: Path) -> dict[str, Any]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.setdefault("machine", machine(str((metrics.get("fingerprint") or {}).get("device", "cpu"))))
-    return {"metrics": {k: metrics[k] for k in EVAL_KEYS if k in metrics}, "segments": segment_nll(run_dir)}
-
-
-def record(row: str | None, seed: int | None, train_dir: Path | None, eval_dir: Path, setup: dict[str, Any],
-           out: Path, command: str = "", wall_s: float | None = None) -> dict[str, Any]:
-    """Write one point's (or, without ``train_dir``, the dense reference's) summary to ``out``."""
-    point: dict[str, Any] = {"schema": SCHEMA, "row": row or "dense", "seed": seed, "setup": setup,
-                             "command": command, "wall_s": wall_s, **eval_summary(eval_dir)}
-    if train_dir is not None:
-        train = json.loads((train_dir / "metrics.json").read_text())
-        point["train"] = {k: v for k, v in train.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
-    write_json_atomic(out, portable_tree(point))
-    return point
-
-
-def done(point: Path, setup: dict[str, Any]) -> bool:
-    """Is ``point`` summarised with this setup (same steps, data and eval arguments)?"""
-    try:
-        return portable_tree(json.loads(point.read_text()).get("setup")) == portable_tree(setup)
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def interval(values: list[float]) -> dict[str, Any] | None:
-    """Mean with its 95% t interval (None without values; no interval from one value)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return paired_summary(paired_t_interval(values)) if values else None
-
-
-def delta_nll(point: dict[str, Any], dense: dict[str, Any]) -> float | None:
-    """Mean over the segments both evaluated of the point's − dense NLL."""
-    shared = sorted(point["segments"].keys() & dense["segments"].keys())
-    return sum(point["segments"][i] - dense["segments"][i] for i in shared) / len(shared) if shared else None
-
-
-def load_points(points_dir: Path) -> tuple[dict[tuple[str, int], dict[str, Any]], dict[str, Any] | None]:
-    points, dense = {}, None
-    for path in sorted(points_dir.glob("*.json")):
-        p = json.loads(path.read_text())
-        if p.get("row") == "dense":
-            dense = p
-        elif p.get("row") in ROWS:
-            points[(p["row"], int(p["seed"]))] = p
-    return points, dense
+    return recipe_overrides(model, steps, seed, ROWS[row][1])
 
 
 def build_page(points_dir: Path, model: str, seeds: list[int], command: str = "", wall_s: float | None = None
                ) -> dict[str, Any]:
     """The page dict: per row its seeds, missing points, intervals and paired differences vs the full row."""
-    points, dense = load_points(points_dir)
+    points, dense = load_points(points_dir, ROWS.__contains__)
     rows: dict[str, Any] = {}
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for row in ROWS:
@@ -142,7 +77,7 @@ def build_page(points_dir: Path, model: str, seeds: list[int], command: str = ""
             per_seed[row][s] = {"spearman": p.get("train", {}).get("spearman"),
                                 "topk_overlap": p.get("train", {}).get("topk_overlap"),
                                 "delta_nll": delta_nll(p, dense) if dense else None,
-                                "nll": sum(p["segments"].values()) / max(len(p["segments"]), 1)}
+                                "nll": mean_nll(p)}
         stats = {k: interval([v[k] for v in per_seed[row].values() if v[k] is not None])
                  for k in ("spearman", "topk_overlap", "delta_nll")}
         rows[row] = {"label": ROWS[row][0], "seeds": found, "missing": [s for s in seeds if s not in found],
@@ -155,45 +90,14 @@ def build_page(points_dir: Path, model: str, seeds: list[int], command: str = ""
         for k in ("spearman", "topk_overlap"):
             vs[k] = interval([per_seed[row][s][k] - per_seed["full"][s][k] for s in shared
                               if per_seed[row][s][k] is not None and per_seed["full"][s][k] is not None])
-        diffs = []  # per seed: mean over shared segments of row − full NLL (= Δ NLL difference on those segments)
-        for s in shared:
-            a, b = points[("full", s)]["segments"], points[(row, s)]["segments"]
-            ids = sorted(a.keys() & b.keys())
-            if ids:
-                diffs.append(sum(b[i] - a[i] for i in ids) / len(ids))
-        vs["delta_nll"] = interval(diffs)
+        # per seed: mean over shared segments of row − full NLL (= Δ NLL difference on those segments)
+        vs["delta_nll"] = interval([d for s in shared if (d := delta_nll(points[(row, s)], points[("full", s)]))
+                                    is not None])
         rows[row]["vs_full"] = vs
-    metrics = [p["metrics"] for p in [*points.values(), *([dense] if dense else [])]]
-    setups = sorted({json.dumps(p["setup"], sort_keys=True) for p in [*points.values(), *([dense] if dense else [])]})
     return {"schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s, "seeds": seeds, "rows": rows,
-            "dense": None if dense is None else {"nll": sum(dense["segments"].values()) / len(dense["segments"]),
-                                                 "segments": len(dense["segments"])},
-            "setups": [json.loads(s) for s in setups],
-            "point_commands": {f"{p['row']}_s{p['seed']}": p.get("command", "") for p in points.values()},
-            "compute_s": sum(p.get("wall_s") or 0 for p in [*points.values(), *([dense] if dense else [])]),
-            "commits": sorted({str(m.get("git_commit")) for m in metrics}),
-            "dtypes": sorted({str(m.get("dtype")).removeprefix("torch.") for m in metrics}),
-            "machines": sorted({(m.get("machine") or {}).get("gpu") or (m.get("machine") or {}).get("cpu_model", "?")
-                                for m in metrics}),
+            "dense": dense_entry(dense),
+            **provenance(points.values(), dense),
             "sizes": {"points": len(points), "segments": 0 if dense is None else len(dense["segments"])}}
-
-
-def setup_text(setups: list[dict[str, Any]]) -> str:
-    """The points' setups without the row name (one entry when every point was made the same way)."""
-    shared = sorted({json.dumps({k: v for k, v in s.items() if k != "row"}, sort_keys=True) for s in setups})
-    if not shared:
-        return "–"
-    text = "; ".join(f"{s['train_steps']} training steps, training arguments `{s['train_args'] or '(recipe)'}`, "
-                     f"eval arguments `{s['eval_args']}`" for s in map(json.loads, shared))
-    return text if len(shared) == 1 else f"**points made with different setups**: {text}"
-
-
-def cell(d: dict[str, Any] | None, spec: str = "+.3f") -> str:
-    if d is None:
-        return "missing"
-    if d.get("low") is None:
-        return f"{d['mean']:{spec}} (n={d['n']}, no interval)"
-    return f"{d['mean']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}] (n={d['n']})"
 
 
 def expectations(page: dict[str, Any]) -> list[str]:
@@ -231,17 +135,13 @@ def expectations(page: dict[str, Any]) -> list[str]:
 
 def render(page: dict[str, Any]) -> str:
     rows = page["rows"]
-    out = [f"# Paper Tables 4/5: loss ablations — {page['model']}", "",
-           "Made by (resumable; each finished point's summary is committed beside this page):", "", "```bash",
-           page["command"], "```", "",
+    out = [*page_header("Paper Tables 4/5: loss ablations", page),
            f"Setup: {setup_text(page['setups'])}. "
            f"Training budget per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS} "
            "(results/predictors/<model>/README.md). Downstream: continuation NLL (`sdtp-eval eval=continuation`, "
            "`pruning=sdtp` with the point's predictor, `pruning.scorer.recency_weight=0` so the losses are compared "
            "without the recency prior) on WikiText-2 validation, text none of the training data contains.",
-           "", f"Commit(s): {', '.join(page['commits']) or '–'}; machine: {', '.join(page['machines']) or '–'}; "
-           f"dtype: {', '.join(page['dtypes']) or '–'}; wall time of this session {minutes(page['wall_s'])}, "
-           f"compute of all summarised points {minutes(page['compute_s'])}.", "",
+           "", provenance_text(page), "",
            "## Ours: mean [95% t interval over training seeds]", "",
            "| Row | Seeds | Missing seeds | Spearman | Top-k overlap | Δ NLL vs dense |", "|---|---|---|---|---|---|"]
     for row in ROWS:
@@ -249,9 +149,7 @@ def render(page: dict[str, Any]) -> str:
         out.append(f"| {r['label']} | {', '.join(map(str, r['seeds'])) or '–'} | "
                    f"{', '.join(map(str, r['missing'])) or '–'} | {cell(r['spearman'])} | {cell(r['topk_overlap'])} | "
                    f"{cell(r['delta_nll'], '+.4f')} |")
-    dense = page["dense"]
-    dense_text = "missing" if dense is None else f"NLL {dense['nll']:.4f} over {dense['segments']} segments"
-    out += ["", f"Dense reference: {dense_text}.",
+    out += ["", f"Dense reference: {dense_text(page['dense'])}.",
             "", "## Paired differences vs the full row (row − full; paired by seed, NLL also by segment)", "",
             "| Row | Paired seeds | Δ Spearman | Δ top-k overlap | Δ NLL (lower is better) |", "|---|---|---|---|---|"]
     for row in ("wo_rank", "wo_rank_mse"):
@@ -332,18 +230,6 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--seed", type=int, required=True)
     a.add_argument("--steps", type=int, required=True)
     a.add_argument("--model", required=True)
-    r = sub.add_parser("record")
-    r.add_argument("--row", choices=[*ROWS, "dense"], required=True)
-    r.add_argument("--seed", type=int)
-    r.add_argument("--train", type=Path)
-    r.add_argument("--eval", type=Path, required=True)
-    r.add_argument("--setup", required=True)
-    r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--command", default="")
-    r.add_argument("--wall-s", type=float)
-    d = sub.add_parser("done")
-    d.add_argument("--point", type=Path, required=True)
-    d.add_argument("--setup", required=True)
     p = sub.add_parser("render")
     p.add_argument("--points", type=Path, required=True)
     p.add_argument("--model", required=True)
@@ -354,11 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.cmd == "train-args":
         print(" ".join(train_overrides(args.row, args.seed, args.steps, args.model)))
-    elif args.cmd == "record":
-        record(None if args.row == "dense" else args.row, args.seed, args.train, args.eval, json.loads(args.setup),
-               args.out, args.command, args.wall_s)
-    elif args.cmd == "done":
-        sys.exit(0 if done(args.point, json.loads(args.setup)) else 1)
     else:
         page = build_page(args.points, args.model, [int(s) for s in args.seeds.split()], args.command, args.wall_s)
         print(write_page_files(args.out, page, render, to_csv, render_plot))
