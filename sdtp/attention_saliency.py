@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
 from sdtp.models.compat import cache_kwargs
+from sdtp.models.layer_types import require_full_attention
 
 
 def continuation_weights(valid: torch.Tensor, split: torch.Tensor, start: int) -> torch.Tensor:
@@ -53,6 +54,7 @@ def attention_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
     """
     if split is None:
         raise ValueError("saliency target 'attention' needs a prompt/continuation split")
+    require_full_attention(model, "attention saliency labels (target=attention)")
     blocks = decoder_layers(model)
     valid = valid.bool() if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
     split = split.to(input_ids.device)

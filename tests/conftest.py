@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Mistral models built from config (offline, CPU), and
+"""Shared fixtures: tiny random Llama / Qwen2 / Mistral / Qwen3 (/ Gemma3) models built from config (offline, CPU), and
 fabricated finished lm-eval runs for the paper pages."""
 
 from __future__ import annotations
@@ -17,15 +17,28 @@ from sdtp.config import compose  # noqa: E402
 from sdtp.models import load_model  # noqa: E402
 from sdtp.scorers.base import Scorer, ScoreContext  # noqa: E402
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
+# Gemma3's sliding-window layers are supported by the pruning engine only (sdtp.models.layer_types):
+# its tests are the engine's (test_pruner.py), not those of the attention-recomputing components.
+ENGINE_FAMILIES = (*FAMILIES, "gemma3")
+
+
+def _tiny(family: str):
+    cfg = compose("generate", [f"model=tiny-{family}"])
+    model, tokenizer = load_model(cfg.model)
+    return model, tokenizer, cfg
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny(request):
-    """(model, tokenizer, cfg) for one tiny architecture; parametrised over all three families."""
-    cfg = compose("generate", [f"model=tiny-{request.param}"])
-    model, tokenizer = load_model(cfg.model)
-    return model, tokenizer, cfg
+    """(model, tokenizer, cfg) for one tiny architecture; parametrised over the full-attention families."""
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="session", params=ENGINE_FAMILIES)
+def tiny_engine(request):
+    """Like ``tiny``, over every family the pruning engine supports (Gemma3 too)."""
+    return _tiny(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,20 @@ def appendable_cache(model: Any, headroom: int = 128) -> DynamicCache:
     if all(type(layer) is DynamicLayer for layer in cache.layers):
         cache.layers = [AppendLayer(headroom) for _ in cache.layers]
     return cache
+
+
+def unslide(cache: Any) -> None:
+    """Replace the empty sliding-window layers of ``cache`` by plain ``DynamicLayer``s, in place.
+
+    HF's ``DynamicSlidingWindowLayer`` keeps the last ``window - 1`` *slots*. After token pruning the
+    slots of a layer are the kept tokens, whose original positions have gaps, so the last slots are
+    not the window; and HF builds later masks over a contiguous range of cache positions, which the
+    pruned layers' caches do not hold. Keeping every kept token leaves each layer's keys in the
+    prompt's column space, where the engine slices HF's own window mask (:mod:`sdtp.models.layer_types`),
+    at the cost of a sliding layer caching all its kept tokens instead of the last ``window - 1``.
+    """
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False):
+            if layer.is_initialized and layer.get_seq_length():
+                raise ValueError("unslide: the cache already holds tokens; it must be empty before the prefill")
+            cache.layers[index] = DynamicLayer()

@@ -7,7 +7,11 @@ own forward; forward pre-hooks on the decoder layers shrink the token axis at ea
   last ``keep_recent`` of the prompt) plus the top-scored others up to the stage budget are kept,
   and the hidden states are gathered, so this and every later layer run on fewer tokens;
 * every later layer receives the matching slices of ``position_embeddings`` (RoPE cos/sin of the
-  tokens' *original* positions), ``position_ids`` and, if present, the attention mask;
+  tokens' *original* positions), ``position_ids`` and, if present, the attention mask, each sliced
+  from the tensors HF hands *that* layer: models with sliding-window layers (Gemma3) get the mask
+  and RoPE of each layer's own kind, so a window stays a window over original positions
+  (:mod:`sdtp.models.layer_types`), and their sliding cache layers keep every kept token
+  (:func:`sdtp.engine.cache.unslide`);
 * each layer's KV cache therefore holds exactly the tokens that reached it. Layer 0 is never
   pruned, so the cache length the model reads (layer 0's) stays the prompt length N and decoding
   continues at position N.
@@ -45,10 +49,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdtp.engine.cache import unslide
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import gather_tokens, protected_mask, select_kept, select_kept_rows
 from sdtp.models import check_supported, decoder_layers
-from sdtp.models.compat import cache_from_kwargs
+from sdtp.models.compat import CACHE_KWARG, cache_from_kwargs
+from sdtp.models.layer_types import has_sliding_layers, layer_kinds
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
@@ -149,9 +155,11 @@ class _Alive:
     valid: torch.Tensor | None = None  # (B, n) bool real-token slots; None = all real
     lengths: torch.Tensor | None = None  # (B,) real prompt length per row
     pruned: bool = False  # a stage has gathered: later layers need the sliced kwargs
-    position_ids: torch.Tensor | None = None  # what layers receive as position_ids
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), each (B, n, hd)
-    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # (B, n) what layers receive as position_ids
+    rope_columns: torch.Tensor | None = None  # (B, n) columns of the model's cos/sin each slot takes
+    # Per layer kind (full / sliding attention), sliced once per stage from the first layer of that kind.
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (B, n, hd)
+    attention_mask: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, H or 1, n, n)
 
 
 class TokenPruner:
@@ -163,6 +171,7 @@ class TokenPruner:
         self.last_prefill: PrefillRecord | None = None
         self._stage_of = schedule.stage_of_layer()
         self._model: nn.Module | None = None
+        self._kinds: tuple[str, ...] = ()
         self._alive: _Alive | None = None
         self._extras: dict[str, Any] = {}
         self._prefill = False
@@ -174,6 +183,7 @@ class TokenPruner:
         self.schedule.validate(len(layers))
         self.scorer.bind(model, self.schedule.layers)
         self._model = model
+        self._kinds = layer_kinds(model.config)
         handles = [model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True)]
         first = self.schedule.layers[0]
         for idx in range(first, len(layers)):
@@ -206,6 +216,9 @@ class TokenPruner:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ref.shape[1]:]
         if not self._prefill:
             return (args, kwargs) if padded else None
+        changed = padded
+        if has_sliding_layers(self._model.config):
+            kwargs, changed = self._full_layer_cache(kwargs), True
         batch, seq_len = ref.shape[0], ref.shape[1]
         columns = torch.arange(seq_len, device=ref.device).unsqueeze(0).expand(batch, -1)
         if padded:
@@ -233,7 +246,23 @@ class TokenPruner:
         if padded:
             self._extras["attention_mask"] = mask
         self.scorer.begin(input_ids, self._extras)
-        return (args, kwargs) if padded else None
+        return (args, kwargs) if changed else None
+
+    def _full_layer_cache(self, kwargs: dict) -> dict:
+        """Give a sliding-window model a cache whose every layer keeps all its tokens (see ``unslide``)."""
+        cache = cache_from_kwargs(kwargs)
+        if cache is not None:
+            unslide(cache)
+            return kwargs
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = self._model.config.use_cache
+        if not use_cache:
+            return kwargs
+        from transformers import DynamicCache
+
+        # Without a config HF's DynamicCache makes every layer a plain DynamicLayer.
+        return {**kwargs, CACHE_KWARG: DynamicCache()}
 
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -250,7 +279,7 @@ class TokenPruner:
             hidden = self._run_stage(layer, self._stage_of[layer], hidden, kwargs)
         positions = alive.positions if alive.valid is None else alive.positions.masked_fill(~alive.valid, -1)
         if alive.pruned:
-            kwargs = self._sliced_kwargs(kwargs)
+            kwargs = self._sliced_kwargs(self._kinds[layer], kwargs)
             record.layer_positions[layer] = positions
             record.layer_valid[layer] = alive.valid
         record.tokens_per_layer.append(alive.positions.shape[1])
@@ -316,52 +345,56 @@ class TokenPruner:
     def _shrink(self, keep: torch.Tensor, keep_valid: torch.Tensor | None, kwargs: dict) -> None:
         """Slice the alive-slot state by ``keep`` (B, k) once per stage; layers reuse the slices.
 
-        ``keep_valid`` (B, k) marks which kept slots are real tokens (None: all).
+        ``keep_valid`` (B, k) marks which kept slots are real tokens (None: all). The per-kind RoPE
+        tables and masks are sliced lazily (``_sliced_kwargs``) from the full tensors HF passes each
+        layer, by column: every layer of the forward receives the same full tensors of its kind.
         """
         alive = self._alive
-        full_cos, full_sin = kwargs["position_embeddings"]
-        if alive.position_embeddings is None:  # first stage: start from the model's full tensors
-            alive.position_embeddings = (full_cos, full_sin)
-            ids = kwargs.get("position_ids")
-            alive.position_ids = ids if ids is not None else alive.positions.clamp(min=0)
+        ids = kwargs.get("position_ids")  # (B or 1, N): the model's own, for every column
         alive.columns = gather_tokens(alive.columns, keep)
         alive.positions = gather_tokens(alive.positions, keep)
         alive.valid = keep_valid
         alive.pruned = True
+        alive.position_embeddings, alive.attention_mask = {}, {}
         if self.schedule.position_ids == "renumber":
-            # Ablation: the kept tokens of each row are treated as a contiguous prompt 0..k_b-1.
+            # Ablation: the kept tokens of each row are treated as a contiguous prompt 0..k_b-1,
+            # whose RoPE is the model's own at the column that holds position k in that row.
             if keep_valid is None:
                 new_ids = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(keep.shape[0], -1)
             else:
                 new_ids = (keep_valid.long().cumsum(-1) - 1).clamp(min=0)
-            rotary = self._model.base_model.rotary_emb
-            alive.position_embeddings = rotary(full_cos, position_ids=new_ids)
+            pad = self.last_prefill.pad
+            alive.rope_columns = new_ids if pad is None else new_ids + pad.unsqueeze(1)
             alive.position_ids = new_ids
         else:
-            cos, sin = alive.position_embeddings
-            alive.position_embeddings = (gather_tokens(cos, keep), gather_tokens(sin, keep))
-            alive.position_ids = gather_tokens(alive.position_ids, keep)
-        alive.attention_mask = None
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            alive.attention_mask = self._prefill_mask(mask)
-        elif keep_valid is not None:
+            alive.rope_columns = alive.columns
+            alive.position_ids = gather_tokens(ids, alive.columns) if ids is not None else alive.positions.clamp(min=0)
+        if kwargs.get("attention_mask") is None and keep_valid is not None:
             raise NotImplementedError("a ragged batch needs the model to build a 4D attention-mask tensor")
 
-    def _prefill_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        alive = self._alive
-        return _mask_keys(_slice_mask(mask, alive.columns, alive.columns), alive.valid)
+    def _sliced_kwargs(self, kind: str, kwargs: dict) -> dict:
+        """The layer's kwargs with RoPE, position ids and mask sliced to the alive slots.
 
-    def _sliced_kwargs(self, kwargs: dict) -> dict:
+        Args:
+            kind: the layer's attention kind (``sdtp.models.layer_types``); its cos/sin (B or 1, N, hd)
+                and 4D mask (B or 1, H or 1, N, N), as HF passes them, are sliced once per stage.
+        """
         alive = self._alive
         kwargs = dict(kwargs)
-        kwargs["position_embeddings"] = alive.position_embeddings
+        if kind not in alive.position_embeddings:
+            cos, sin = kwargs["position_embeddings"]
+            alive.position_embeddings[kind] = (gather_tokens(cos, alive.rope_columns),
+                                               gather_tokens(sin, alive.rope_columns))
+        kwargs["position_embeddings"] = alive.position_embeddings[kind]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = alive.position_ids
-        if kwargs.get("attention_mask") is not None:
-            if alive.attention_mask is None:
-                alive.attention_mask = self._prefill_mask(kwargs["attention_mask"])
-            kwargs["attention_mask"] = alive.attention_mask
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if kind not in alive.attention_mask:
+                alive.attention_mask[kind] = _mask_keys(_slice_mask(mask, alive.columns, alive.columns), alive.valid)
+            kwargs["attention_mask"] = alive.attention_mask[kind]
+        elif alive.valid is not None:
+            raise NotImplementedError("a ragged batch needs the model to build a 4D attention-mask tensor")
         return kwargs
 
     def _extend_layer(self, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

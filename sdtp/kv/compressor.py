@@ -40,6 +40,7 @@ from sdtp.kv.policy import KVPolicy
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
 from sdtp.models.compat import cache_from_kwargs, output_cache
+from sdtp.models.layer_types import require_full_attention
 
 QUERY_CHUNK = 512  # H2O query chunk: bounds the transient (B, H, chunk, T) probabilities
 
@@ -62,6 +63,7 @@ class KVCompressor:
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[KVCompressor]:
+        require_full_attention(model, f"KV compression (kv={self.policy.method})")
         base = model.base_model
         handles = [
             base.register_forward_pre_hook(self._on_start, with_kwargs=True),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -18,8 +19,13 @@ log = logging.getLogger(__name__)
 
 # Families whose decoder layers share the call signature the pruning hooks rely on
 # (hidden_states, attention_mask, position_embeddings, position_ids, and the KV cache, whose keyword
-# name depends on the transformers version: sdtp.models.compat).
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+# name depends on the transformers version: sdtp.models.compat). Gemma3's layers also get per-kind
+# masks and RoPE (sliding-window vs global; sdtp.models.layer_types).
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gemma3")
+# config.model_type of each family's causal LM when it differs from the family name: Gemma3's text-only
+# model (1B, 270M) is "gemma3_text"; the multimodal "gemma3" (4B+) nests its decoder and is not supported.
+MODEL_TYPES = {"gemma3": "gemma3_text"}
+_FAMILY_OF_TYPE = {MODEL_TYPES.get(family, family): family for family in SUPPORTED_FAMILIES}
 SOURCES = ("tiny", "hub", "gguf_package")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -59,7 +65,7 @@ def check_family(family: str) -> None:
 def check_supported(model: nn.Module) -> None:
     """Raise if ``model`` is not one of the architectures the engine is tested on."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
+    if model_type not in _FAMILY_OF_TYPE:
         raise ConfigError(
             f"model.family: architecture {model_type!r} is not supported; "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
@@ -67,7 +73,7 @@ def check_supported(model: nn.Module) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama/Qwen2/Mistral causal LM (``model.model.layers``)."""
+    """The decoder layers of a supported causal LM (``model.model.layers``)."""
     return model.base_model.layers
 
 
@@ -82,7 +88,10 @@ def load_model(
     if source == "tiny":
         from sdtp.models.tiny import build_tiny_model
 
-        model, tokenizer = build_tiny_model(model_cfg["family"], dict(model_cfg["arch"]), seed=int(model_cfg.get("seed", 0)))
+        arch = model_cfg["arch"]
+        # Plain lists, not ListConfig: HF's strict config dataclasses type-check e.g. Gemma3's layer_types.
+        arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
+        model, tokenizer = build_tiny_model(model_cfg["family"], arch, seed=int(model_cfg.get("seed", 0)))
         model.config._attn_implementation = attn
     elif source == "gguf_package":
         from sdtp.models.gguf import cached_gguf_folder

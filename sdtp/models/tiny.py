@@ -1,4 +1,4 @@
-"""Tiny randomly initialised Llama / Qwen2 / Mistral models and a byte-level tokenizer, built in code."""
+"""Tiny randomly initialised Llama / Qwen2 / Mistral / Qwen3 / Gemma3 models and a byte-level tokenizer, built in code."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
-_CONFIGS: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+_CONFIGS: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
+                                               "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 

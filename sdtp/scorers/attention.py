@@ -18,6 +18,7 @@ from torch import nn
 
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
+from sdtp.models.layer_types import require_full_attention
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
@@ -33,6 +34,7 @@ class AttentionScorer(Scorer):
         self._handles: list[Any] = []
 
     def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
+        require_full_attention(model, "the attention scorer (pruning=lazyllm|gemfilter|fastkv)")
         self.unbind()
         all_layers = decoder_layers(model)
         for layer in layers:

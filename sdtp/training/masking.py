@@ -41,6 +41,7 @@ from torch import nn
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import protected_mask
 from sdtp.models import decoder_layers
+from sdtp.models.layer_types import require_full_attention
 from sdtp.predictor import TokenPredictor
 
 MODES = ("gumbel", "topk")
@@ -120,6 +121,8 @@ class PolicyMasker:
     @contextmanager
     def __call__(self, model: nn.Module, split: torch.Tensor | None = None) -> Iterator[PolicyMasker]:
         """Install the hooks for forwards whose rows have prompts ``[0, split)`` (None = whole rows)."""
+        # Its additive masks replace each layer's own, which would drop a sliding layer's window.
+        require_full_attention(model, "predictor training (PolicyMasker)")
         layers = decoder_layers(model)
         self.schedule.validate(len(layers))
         self._split = split

@@ -1,0 +1,44 @@
+"""Which attention each decoder layer runs: full causal, or causal within a sliding window.
+
+Gemma3 interleaves sliding-window layers (local RoPE base) with global ones (``config.layer_types``);
+Qwen2/Qwen3 may (``use_sliding_window``); Mistral with a ``sliding_window`` slides in every layer. HF
+gives every layer the mask and RoPE tables of its own kind, so the pruning engine slices them per kind.
+
+After pruning, a sliding window is measured in the kept tokens' **original** positions: a query at
+position q sees the kept keys at positions p with ``q - window < p <= q``, as the unpruned model would
+see them, minus the dropped tokens (not the last ``window`` *kept* tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+def layer_kinds(config: Any) -> tuple[str, ...]:
+    """The attention kind of every decoder layer (``FULL`` or ``SLIDING``), in order."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return tuple(types)
+    kind = SLIDING if getattr(config, "sliding_window", None) is not None else FULL
+    return (kind,) * int(config.num_hidden_layers)
+
+
+def has_sliding_layers(config: Any) -> bool:
+    return SLIDING in layer_kinds(config)
+
+
+def require_full_attention(model: nn.Module, component: str) -> None:
+    """Refuse ``component`` (which assumes plain causal attention in every layer) for sliding-window models."""
+    kinds = layer_kinds(model.config)
+    sliding = [i for i, kind in enumerate(kinds) if kind == SLIDING]
+    if sliding:
+        raise NotImplementedError(
+            f"{component} assumes full causal attention in every layer, but {model.config.model_type!r} has "
+            f"sliding-window layers {sliding} (window {model.config.sliding_window}); such models run pruned "
+            f"inference (TokenPruner) with scorers that do not recompute attention (random, norm, positional)"
+        )

@@ -1,0 +1,68 @@
+"""Layer kinds (full vs sliding-window attention) and the components that refuse sliding-window models.
+
+The pruning engine supports Gemma3's sliding layers (tests/test_pruner.py); the components that recompute
+attention or replace the model's masks assume full causal attention and must say so instead of computing
+something else.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sdtp.config import compose
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.errors import ConfigError
+from sdtp.kv.compressor import KVCompressor
+from sdtp.kv.policy import KVPolicy
+from sdtp.models import check_supported, load_model
+from sdtp.models.layer_types import FULL, SLIDING, layer_kinds
+from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.scorers.attention import AttentionScorer
+from sdtp.training.masking import PolicyMasker
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    model, _ = load_model(compose("generate", ["model=tiny-gemma3"]).model)
+    return model
+
+
+def test_layer_kinds_per_family():
+    assert layer_kinds(SimpleNamespace(num_hidden_layers=2)) == (FULL, FULL)  # Llama: no window
+    assert layer_kinds(SimpleNamespace(num_hidden_layers=2, sliding_window=4096)) == (SLIDING, SLIDING)  # Mistral v0.1
+    assert layer_kinds(SimpleNamespace(num_hidden_layers=2, sliding_window=None)) == (FULL, FULL)  # Mistral v0.2
+    explicit = SimpleNamespace(num_hidden_layers=2, sliding_window=8, layer_types=[SLIDING, FULL])
+    assert layer_kinds(explicit) == (SLIDING, FULL)  # Gemma3 / Qwen2 / Qwen3: the config lists them
+
+
+def test_gemma3_tiny_model_has_both_kinds_and_its_specifics(gemma3):
+    config = gemma3.config
+    assert config.model_type == "gemma3_text" and layer_kinds(config) == (SLIDING, SLIDING, FULL, SLIDING)
+    assert config.rope_parameters[SLIDING]["rope_theta"] != config.rope_parameters[FULL]["rope_theta"]
+    assert gemma3.model.layers[0].self_attn.scaling == pytest.approx(config.query_pre_attn_scalar ** -0.5)
+    check_supported(gemma3)
+
+
+def test_multimodal_gemma3_is_refused_naming_the_supported_families():
+    with pytest.raises(ConfigError, match="'gemma3'.*llama, qwen2, mistral, qwen3, gemma3"):
+        check_supported(SimpleNamespace(config=SimpleNamespace(model_type="gemma3")))
+
+
+def test_components_that_assume_full_attention_refuse_sliding_layers(gemma3):
+    with pytest.raises(NotImplementedError, match="attention scorer.*sliding-window layers \\[0, 1, 3\\]"):
+        AttentionScorer().bind(gemma3, (1, 2))
+    with pytest.raises(NotImplementedError, match="KV compression"):
+        with KVCompressor(KVPolicy(method="snapkv"))(gemma3):
+            pass
+    schedule = PruningSchedule(layers=(1, 2), keep_fractions=(0.8, 0.6))
+    meta = PredictorMeta(hidden_size=gemma3.config.hidden_size, layers=list(schedule.layers))
+    with pytest.raises(NotImplementedError, match="predictor training"):
+        with PolicyMasker(schedule, TokenPredictor(meta))(gemma3):
+            pass
+    with pytest.raises(NotImplementedError, match="attention saliency"):
+        from sdtp.attention_saliency import attention_saliency
+
+        attention_saliency(gemma3, torch.zeros(1, 8, dtype=torch.long), [1], None, torch.tensor([6]))
