@@ -88,31 +88,63 @@ def test_prefill_fraction():
     assert prefill_fraction(config, 100, [100, 90, 81, 73])["fraction"] < prefill_fraction(config, 100, [100, 100, 90, 81])["fraction"] < 1.0
 
 
-def test_tiny_sweep_end_to_end(tmp_path):
-    """3 trials on tiny-llama; layer steps 2..3 with 3 stages do not fit 4 layers: those fail, the sweep finishes."""
+def _metrics(nll: float, fraction: float, schedule: tuple | None) -> dict:
+    """A finished continuation run's metrics.json, as far as the page reads it."""
+    keys = dict(zip(page.KEYS, schedule)) if schedule else {}
+    first, step, stages = schedule[:3] if schedule else (0, 0, 0)
+    return {"model": "tiny-llama", "dtype": "torch.float32", "threads": 1, "wall_s": 2.0, "git_commit": "c0ffee",
+            "pruning": {"schedule": {"layers": [first + i * step for i in range(stages)]} if schedule else None},
+            "results": {"nll": nll, "avg_kept_fraction": fraction, "flops": {"fraction": fraction,
+                                                                             "pruned_gflops": fraction}},
+            "config": {"paths": {"root": "/clone", "data_dir": "/data"}, "model": {"device": "cpu"},
+                       "pruning": {"name": "lazyllm", **keys},
+                       "eval": {"dataset": "wikitext", "data_file": "/data/lm/wiki.valid.raw", "context_len": 96,
+                                "cont_len": 16, "num_segments": 2}}}
+
+
+def test_page_marks_the_front_and_the_paper_schedule(tmp_path):
+    import json
+
+    runs = {"dense": _metrics(2.0, 1.0, None), "paper": _metrics(2.3, 0.6, (1, 1, 3, 0.9)),
+            "sweep/a": _metrics(2.2, 0.5, (1, 1, 3, 0.8)), "sweep/b": _metrics(2.5, 0.4, (2, 1, 2, 0.7)),
+            "sweep/c": _metrics(2.6, 0.7, (1, 2, 2, 0.9))}
+    for name, metrics in runs.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    page.main(["render", "--sweep", str(tmp_path / "sweep"), "--paper", str(tmp_path / "paper"), "--dense",
+               str(tmp_path / "dense"), "--out", str(tmp_path / "out"), "--wall-s", "1"])
+    built = json.loads((tmp_path / "out" / "tiny-llama.json").read_text())
+    assert [p["pareto"] for p in built["trials"]] == [True, True, False] and not built["paper"]["pareto"]
+    assert built["paper_dominated_by"] == [0] and built["best_within_budget"]["keep_ratio"] == 0.8
+    assert built["eval"]["data_file"] == "<data_dir>/lm/wiki.valid.raw"
+    text = (tmp_path / "out" / "tiny-llama.md").read_text()
+    assert "dominated by 1 trial(s), e.g. first 1, step 1, 3 stages, r = 0.8" in text
+    assert {p.suffix for p in (tmp_path / "out").iterdir()} == {".md", ".csv", ".png", ".json"}
+    with pytest.raises(SystemExit, match="built from more data"):  # a smaller search never replaces the page
+        (tmp_path / "sweep" / "c" / "metrics.json").unlink()
+        page.main(["render", "--sweep", str(tmp_path / "sweep"), "--paper", str(tmp_path / "paper"), "--dense",
+                   str(tmp_path / "dense"), "--out", str(tmp_path / "out")])
+
+
+def test_tiny_sweep_survives_schedules_that_do_not_fit(tmp_path):
+    """4 trials on tiny-llama (4 layers): a first stage at layer 4 does not fit, so those trials fail at
+    composition; the others run; the sweep finishes and the study records which is which."""
     text = tmp_path / "wiki.valid.raw"
     text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    common = ["experiment=schedule_search", "model=tiny-llama", "threads=1", f"eval.data_file={text}",
-              "eval.context_len=96", "eval.cont_len=16", "eval.num_segments=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "SQLALCHEMY_SILENCE_UBER_WARNING": "1"}
-    run = [sys.executable, "-m", "sdtp.cli.evaluate"]
     sweep = subprocess.run(
-        [*run, "-m", *common, "pruning.num_stages=3", "pruning.layer_step=int(interval(1, 3))",
-         f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=3",
-         "hydra.sweeper.sampler.population_size=2"], env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+        [sys.executable, "-m", "sdtp.cli.evaluate", "-m", "experiment=schedule_search", "model=tiny-llama", "threads=1",
+         f"eval.data_file={text}", "eval.context_len=96", "eval.cont_len=16", "eval.num_segments=2",
+         "pruning.first_layer=choice(1, 4)", f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.sweeper.storage={storage}",
+         "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.population_size=2"],
+        env=env, capture_output=True, text=True, cwd=REPO_ROOT)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    states = page.study_states(storage)
-    assert sum(states.values()) == 3 and states.get("COMPLETE", 0) >= 1, (states, sweep.stderr[-3000:])
-    assert page.remaining_trials(storage, 5) == 2
-    for name, extra in (("dense", ["pruning=none"]), ("paper", [])):
-        fixed = subprocess.run([*run, *common, *extra, f"hydra.run.dir={tmp_path}/{name}"], env=env,
-                               capture_output=True, text=True, cwd=REPO_ROOT)
-        assert fixed.returncode == 0, fixed.stderr[-3000:]
-    page.main(["render", "--sweep", str(tmp_path / "sweep"), "--paper", str(tmp_path / "paper"), "--dense",
-               str(tmp_path / "dense"), "--study", storage, "--out", str(tmp_path / "out"), "--wall-s", "1"])
-    rendered = (tmp_path / "out" / "tiny-llama.md").read_text()
-    assert "## Pareto front" in rendered and "(paper)" in rendered or "dominated by" in rendered
-    assert {p.suffix for p in (tmp_path / "out").iterdir()} == {".md", ".csv", ".png", ".json"}
-    csv_rows = (tmp_path / "out" / "tiny-llama.csv").read_text().splitlines()
-    assert csv_rows[1].startswith("dense,") and csv_rows[2].startswith("paper,1,1,3,0.9,")
+    import optuna
+
+    trials = optuna.load_study(study_name=page.STUDY_NAME, storage=storage).trials
+    assert len(trials) == 4
+    for trial in trials:  # failed exactly when the schedule does not fit
+        assert (trial.state.name == "FAIL") == (trial.params["pruning.first_layer"] == 4), trial
+        assert trial.state.name == "FAIL" or len(trial.values) == 2
+    assert page.remaining_trials(storage, 6) == 2
