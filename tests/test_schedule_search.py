@@ -1,0 +1,150 @@
+"""The schedule search (experiment=schedule_search): config, objective, depth-aware stage counts, Pareto front,
+and a tiny end-to-end Optuna sweep on a random model whose invalid schedules fail without stopping it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+
+from sdtp.config import CONF_DIR, REPO_ROOT, validate_config
+from sdtp.errors import ConfigError
+from sdtp.flops import prefill_fraction
+from sdtp.reports import schedule_search as page
+from sdtp.search.objective import objective_values
+from sdtp.search.pareto import pareto_front
+from sdtp.search.space import max_stages, suggest_num_stages
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("eval", ["experiment=schedule_search", *overrides], return_hydra_config=True)
+
+
+def test_sweep_config_composes_and_validates():
+    cfg = _compose()
+    validate_config(cfg)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_.endswith("NSGAIISampler")
+    assert list(sweeper.direction) == ["minimize", "minimize"] and sweeper.max_failure_rate == 1.0
+    assert sweeper.params["pruning.first_layer"] == "int(interval(1, 10))"  # resolved for 30 layers
+    assert sweeper.params["pruning.layer_step"] == "int(interval(1, 4))"
+    assert cfg.eval.name == "continuation" and cfg.eval.data_file.endswith("wiki.valid.raw")
+    assert cfg.pruning.name == "lazyllm" and list(cfg.objective) == ["results.nll", "results.flops.fraction"]
+    # The fixed point: the model's default schedule at r = 0.9 (smollm2-135m: 2, 5, ..., 29).
+    assert (cfg.pruning.first_layer, cfg.pruning.layer_step, cfg.pruning.num_stages, cfg.pruning.keep_ratio) == \
+        (2, 3, 10, 0.9)
+
+
+def test_objective_reads_the_named_metrics():
+    metrics = {"results": {"nll": 2.5, "flops": {"fraction": 0.6}}}
+    assert objective_values(metrics, None) is None
+    assert objective_values(metrics, "results.nll") == 2.5
+    assert objective_values(metrics, ["results.nll", "results.flops.fraction"]) == [2.5, 0.6]
+    with pytest.raises(ConfigError, match=r"objective\[1\]: 'results.flops.total'"):
+        objective_values(metrics, ["results.nll", "results.flops.total"])
+    with pytest.raises(ConfigError, match="not a finite number"):
+        objective_values({"results": {"nll": float("nan")}}, "results.nll")
+
+
+class FakeTrial(SimpleNamespace):
+    def suggest_int(self, name, low, high):
+        self.params[name] = (low, high)
+
+
+def test_stage_count_stays_within_the_depth():
+    assert max_stages(2, 3, 30) == 10 and max_stages(1, 1, 4) == 3 and max_stages(10, 4, 30) == 5
+    assert max_stages(30, 1, 30) == 0  # the first stage itself is out of range
+    cfg = _compose()
+    trial = FakeTrial(params={"pruning.first_layer": 10, "pruning.layer_step": 4}, user_attrs={})
+    suggest_num_stages(cfg, trial)
+    assert trial.params["pruning.num_stages"] == (1, 5)  # 10, 14, 18, 22, 26
+    trial = FakeTrial(params={"pruning.first_layer": 1}, user_attrs={"pruning.layer_step": "1"})
+    suggest_num_stages(cfg, trial)
+    assert trial.params["pruning.num_stages"] == (1, 12)  # capped by search.max_stages
+    trial = FakeTrial(params={}, user_attrs={"pruning.num_stages": "3"})
+    suggest_num_stages(cfg, trial)
+    assert trial.params == {}  # fixed on the command line: nothing drawn
+
+
+def test_pareto_front_of_hand_made_points():
+    points = [(2.0, 0.5), (2.1, 0.4), (2.0, 0.6), (1.9, 0.9), (2.2, 0.45), (2.1, 0.4), (1.9, 1.0)]
+    # (2.0, 0.6) is dominated by (2.0, 0.5); (2.2, 0.45) by (2.1, 0.4); (1.9, 1.0) by (1.9, 0.9); equal points both stay.
+    assert pareto_front(points) == [0, 1, 3, 5]
+    assert pareto_front([]) == [] and pareto_front([(1.0, 1.0)]) == [0]
+
+
+def test_prefill_fraction():
+    config = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+              "vocab_size": 260, "num_hidden_layers": 4}
+    dense = prefill_fraction(config, 100)
+    assert dense["fraction"] == 1.0 and dense["pruned_gflops"] == dense["dense_gflops"]
+    assert prefill_fraction(config, 100, [100, 90, 81, 73])["fraction"] < prefill_fraction(config, 100, [100, 100, 90, 81])["fraction"] < 1.0
+
+
+def _metrics(nll: float, fraction: float, schedule: tuple | None) -> dict:
+    """A finished continuation run's metrics.json, as far as the page reads it."""
+    keys = dict(zip(page.KEYS, schedule)) if schedule else {}
+    first, step, stages = schedule[:3] if schedule else (0, 0, 0)
+    return {"model": "tiny-llama", "dtype": "torch.float32", "threads": 1, "wall_s": 2.0, "git_commit": "c0ffee",
+            "pruning": {"schedule": {"layers": [first + i * step for i in range(stages)]} if schedule else None},
+            "results": {"nll": nll, "avg_kept_fraction": fraction, "flops": {"fraction": fraction,
+                                                                             "pruned_gflops": fraction}},
+            "config": {"paths": {"root": "/clone", "data_dir": "/data"}, "model": {"device": "cpu"},
+                       "pruning": {"name": "lazyllm", **keys},
+                       "eval": {"dataset": "wikitext", "data_file": "/data/lm/wiki.valid.raw", "context_len": 96,
+                                "cont_len": 16, "num_segments": 2}}}
+
+
+def test_page_marks_the_front_and_the_paper_schedule(tmp_path):
+    import json
+
+    runs = {"dense": _metrics(2.0, 1.0, None), "paper": _metrics(2.3, 0.6, (1, 1, 3, 0.9)),
+            "sweep/a": _metrics(2.2, 0.5, (1, 1, 3, 0.8)), "sweep/b": _metrics(2.5, 0.4, (2, 1, 2, 0.7)),
+            "sweep/c": _metrics(2.6, 0.7, (1, 2, 2, 0.9))}
+    for name, metrics in runs.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    page.main(["render", "--sweep", str(tmp_path / "sweep"), "--paper", str(tmp_path / "paper"), "--dense",
+               str(tmp_path / "dense"), "--out", str(tmp_path / "out"), "--wall-s", "1"])
+    built = json.loads((tmp_path / "out" / "tiny-llama.json").read_text())
+    assert [p["pareto"] for p in built["trials"]] == [True, True, False] and not built["paper"]["pareto"]
+    assert built["paper_dominated_by"] == [0] and built["best_within_budget"]["keep_ratio"] == 0.8
+    assert built["eval"]["data_file"] == "<data_dir>/lm/wiki.valid.raw"
+    text = (tmp_path / "out" / "tiny-llama.md").read_text()
+    assert "dominated by 1 trial(s), e.g. first 1, step 1, 3 stages, r = 0.8" in text
+    assert {p.suffix for p in (tmp_path / "out").iterdir()} == {".md", ".csv", ".png", ".json"}
+    with pytest.raises(SystemExit, match="built from more data"):  # a smaller search never replaces the page
+        (tmp_path / "sweep" / "c" / "metrics.json").unlink()
+        page.main(["render", "--sweep", str(tmp_path / "sweep"), "--paper", str(tmp_path / "paper"), "--dense",
+                   str(tmp_path / "dense"), "--out", str(tmp_path / "out")])
+
+
+def test_tiny_sweep_survives_schedules_that_do_not_fit(tmp_path):
+    """4 trials on tiny-llama (4 layers): a first stage at layer 4 does not fit, so those trials fail at
+    composition; the others run; the sweep finishes and the study records which is which."""
+    text = tmp_path / "wiki.valid.raw"
+    text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "SQLALCHEMY_SILENCE_UBER_WARNING": "1"}
+    sweep = subprocess.run(
+        [sys.executable, "-m", "sdtp.cli.evaluate", "-m", "experiment=schedule_search", "model=tiny-llama", "threads=1",
+         f"eval.data_file={text}", "eval.context_len=96", "eval.cont_len=16", "eval.num_segments=2",
+         "pruning.first_layer=choice(1, 4)", f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.sweeper.storage={storage}",
+         "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.population_size=2"],
+        env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    import optuna
+
+    trials = optuna.load_study(study_name=page.STUDY_NAME, storage=storage).trials
+    assert len(trials) == 4
+    for trial in trials:  # failed exactly when the schedule does not fit
+        assert (trial.state.name == "FAIL") == (trial.params["pruning.first_layer"] == 4), trial
+        assert trial.state.name == "FAIL" or len(trial.values) == 2
+    assert page.remaining_trials(storage, 6) == 2
