@@ -108,15 +108,26 @@ def test_page_marks_the_front_and_the_paper_schedule(tmp_path):
     runs = {"dense": _metrics(2.0, 1.0, None), "paper": _metrics(2.3, 0.6, (1, 1, 3, 0.9)),
             "sweep/a": _metrics(2.2, 0.5, (1, 1, 3, 0.8)), "sweep/b": _metrics(2.5, 0.4, (2, 1, 2, 0.7)),
             "sweep/c": _metrics(2.6, 0.7, (1, 2, 2, 0.9))}
+    # Per-segment NLLs (two segments around each run's mean): the page pairs every point with the paper's.
+    spread = {"dense": 0.0, "paper": 0.1, "sweep/a": 0.3, "sweep/b": 0.0, "sweep/c": 0.1}
     for name, metrics in runs.items():
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+        nll, d = metrics["results"]["nll"], spread[name]
+        (tmp_path / name / "segments.jsonl").write_text(
+            "".join(json.dumps({"id": i, "nll": v}) + "\n" for i, v in enumerate([nll - d, nll + d])))
     page.main(["render", "--sweep", str(tmp_path / "sweep"), "--paper", str(tmp_path / "paper"), "--dense",
                str(tmp_path / "dense"), "--out", str(tmp_path / "out"), "--wall-s", "1"])
     built = json.loads((tmp_path / "out" / "tiny-llama.json").read_text())
     assert [p["pareto"] for p in built["trials"]] == [True, True, False] and not built["paper"]["pareto"]
     assert built["paper_dominated_by"] == [0] and built["best_within_budget"]["keep_ratio"] == 0.8
     assert built["eval"]["data_file"] == "<data_dir>/lm/wiki.valid.raw"
+    # a − paper per segment: (1.9 − 2.2, 2.5 − 2.4) = (−0.3, +0.1): mean −0.1, sd √0.08, t(0.975, 1) = 12.706
+    paired = built["trials"][0]["delta_vs_paper"]
+    half = 12.7062 * (0.08 ** 0.5) / 2 ** 0.5
+    assert paired["mean"] == pytest.approx(-0.1) and paired["n"] == 2
+    assert paired["low"] == pytest.approx(-0.1 - half, abs=1e-3) and paired["high"] == pytest.approx(-0.1 + half, abs=1e-3)
+    assert built["paper"]["delta_vs_paper"]["identical"]
     text = (tmp_path / "out" / "tiny-llama.md").read_text()
     assert "dominated by 1 trial(s), e.g. first 1, step 1, 3 stages, r = 0.8" in text
     assert {p.suffix for p in (tmp_path / "out").iterdir()} == {".md", ".csv", ".png", ".json"}

@@ -24,7 +24,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtp.eval.stats import paired_t_interval
+from sdtp.reports.ablation_points import segment_nll
 from sdtp.reports.lm_eval_pages import machine_text, minutes, num, run_config, shown_path, smaller_page, write_page_files
+from sdtp.reports.paired_tables import interval_text, paired_summary
 from sdtp.reports.run_summary import machine
 from sdtp.search.pareto import dominates, pareto_front
 
@@ -47,7 +50,19 @@ def point(metrics: dict[str, Any], kind: str, run_dir: Path) -> dict[str, Any]:
             "layers": schedule["layers"] if schedule else [], "flops_fraction": flops["fraction"],
             "prefill_gflops": flops["pruned_gflops"], "nll": results["nll"],
             "context_kept": results.get("avg_kept_fraction", 1.0), "wall_s": metrics.get("wall_s"),
-            "run": str(run_dir)}
+            "run": str(run_dir), "segments": segment_nll(run_dir)}
+
+
+def delta_vs(p: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any] | None:
+    """Paired Δ NLL of ``p`` minus ``reference`` over the segments both scored, with its 95% t interval.
+
+    The search picks schedules on these same segments, so an interval here says how much of a gap is segment
+    noise; it does not correct the selection (a front point's advantage is optimistic).
+    """
+    shared = sorted(p.get("segments", {}).keys() & reference.get("segments", {}).keys())
+    if not shared:
+        return None
+    return paired_summary(paired_t_interval([p["segments"][i] - reference["segments"][i] for i in shared]))
 
 
 def resolved_config(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +129,7 @@ def build_page(trials: list[dict[str, Any]], paper: dict[str, Any], dense: dict[
     for index, p in enumerate([*points, dense]):
         p["pareto"] = index in front
         p["delta_nll_vs_dense"] = p["nll"] - dense["nll"]
+        p["delta_vs_paper"] = delta_vs(p, paper)
     budget = paper["flops_fraction"] if budget is None else budget
     within = [p for p in trials if p["flops_fraction"] <= budget + 1e-12]
     best = min(within, key=lambda p: p["nll"]) if within else None
@@ -168,16 +184,21 @@ def markdown(page: dict[str, Any]) -> str:
         f"{standing}.",
         f"- **Best within the budget** (FLOPs <= {page['budget']:.3f} of dense): "
         + (f"{schedule_text(best)}, NLL {best['nll']:.4f} ({best['nll'] - paper['nll']:+.4f} vs the paper's "
-           f"schedule) at {best['flops_fraction']:.3f}." if best else "no trial."),
+           f"schedule; paired over segments {interval_text(best['delta_vs_paper'])}) at {best['flops_fraction']:.3f}."
+           if best else "no trial."),
+        "- **Noise.** Δ vs the paper's schedule is paired over the segments with a 95% t interval. The search "
+        "chooses schedules on these same segments, so front points that beat the paper's schedule by less than "
+        "their interval are not shown to be better; confirm a chosen schedule on other segments.",
         f"- **Machine**: {page['machine']}, torch threads {page['threads']}, dtype {page['dtype']}, "
         f"git {page['commits']}; wall time {minutes(page['wall_s'])} (runs {minutes(page['trial_wall_s'])}).", "",
         "## Pareto front", "",
-        "| schedule | stage layers | prefill FLOPs (of dense) | NLL | Δ vs dense |", "|---|---|---:|---:|---:|",
+        "| schedule | stage layers | prefill FLOPs (of dense) | NLL | Δ vs dense | Δ vs paper [95% t CI] |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for p in front:
         name = schedule_text(p) + (" **(paper)**" if p["kind"] == "paper" else "")
         lines.append(f"| {name} | {p['layers']} | {p['flops_fraction']:.3f} | {p['nll']:.4f} | "
-                     f"{p['delta_nll_vs_dense']:+.4f} |")
+                     f"{p['delta_nll_vs_dense']:+.4f} | {interval_text(p['delta_vs_paper'])} |")
     lines += ["", f"Dense: NLL {dense['nll']:.4f} at {dense['prefill_gflops']:.2f} GFLOPs per prefill.", "",
               "## All points", "", "![front](" + page["model"] + ".png)", "",
               "| kind | schedule | FLOPs | NLL | Δ vs dense | context kept | front |", "|---|---|---:|---:|---:|---:|---|"]
