@@ -16,6 +16,8 @@ each rank works on its own examples and only the predictor's gradients travel.
   for it to wrap, and its bucketed overlap buys nothing for a model this small.
 * **Who writes**: rank 0 alone writes checkpoints, metrics, logs and W&B; the other ranks' Hydra
   output directory and log file are switched off on the command line (:func:`worker_overrides`).
+* **Evaluation** (``sdtp-eval eval=lm_eval``): every rank builds all of lm-eval's requests, scores its
+  share and receives everyone's results (:func:`sharded_map`, :class:`sdtp.eval.lm_eval_model.SDTPLM`).
 * **Bad set-ups** fail before any model loads (:func:`check_world`) or before the first step
   (:func:`check_enough_items`), with a :class:`~sdtp.errors.ConfigError` naming the key.
 """
@@ -122,7 +124,7 @@ def process_group(world: World, dist_cfg: Mapping[str, Any], device: str) -> Ite
     backend = resolve_backend(dist_cfg.get("backend", "auto"), device)
     if str(device).startswith("cuda"):
         torch.cuda.set_device(world.local_rank)  # "cuda" (model.to, new tensors) now means this rank's GPU
-    world = replace(world, device=torch.device(f"cuda:{world.local_rank}") if backend == "nccl" else torch.device("cpu"))
+    world = replace(world, device=collective_device(backend, world))
     if dist.is_initialized():
         yield world
         return
@@ -132,6 +134,25 @@ def process_group(world: World, dist_cfg: Mapping[str, Any], device: str) -> Ite
         yield world
     finally:
         dist.destroy_process_group()
+
+
+def collective_device(backend: str, world: World) -> torch.device:
+    """Where collectives of ``backend`` take their tensors: this rank's GPU for NCCL, the CPU for gloo."""
+    return torch.device(f"cuda:{world.local_rank}") if backend == "nccl" else torch.device("cpu")
+
+
+def joined_world() -> World:
+    """This process's :class:`World` inside the process group its caller joined (:func:`process_group`).
+
+    For code that is handed no ``World`` (lm-eval builds its model itself); one process without a launcher.
+    """
+    world = World.from_env()
+    if world.size == 1:
+        return world
+    if not dist.is_initialized():
+        raise RuntimeError(f"WORLD_SIZE={world.size} but this process joined no process group: run inside "
+                           "sdtp.distributed.process_group (sdtp-eval and sdtp-lm-eval do)")
+    return replace(world, device=collective_device(dist.get_backend(), world))
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -191,6 +212,17 @@ def all_ranks(value: T, world: World) -> list[T]:
     return out
 
 
+def sharded_map(fn: Callable[[list[T]], list[Any]], items: Sequence[T], world: World) -> list[Any]:
+    """``fn`` on this rank's strided share of ``items`` (:func:`shard`); every rank gets every result, in
+    ``items``' order. ``fn`` returns one result per item; every rank calls this with the same ``items``."""
+    if world.size == 1:
+        return fn(list(items))
+    out: list[Any] = [None] * len(items)
+    for rank, part in enumerate(all_ranks(fn(shard(items, world)), world)):
+        out[rank :: world.size] = part
+    return out
+
+
 def broadcast_parameters(module: nn.Module, world: World) -> None:
     """Copy rank 0's parameters to every rank (as DDP does at start-up), so all replicas step alike."""
     if world.size == 1:
@@ -201,20 +233,27 @@ def broadcast_parameters(module: nn.Module, world: World) -> None:
         param.data.copy_(data)
 
 
-def on_main(task: Callable[[], None], world: World) -> None:
-    """Run ``task`` on rank 0 only; if it raises :class:`ConfigError` there, every rank raises it.
+def on_main(task: Callable[[], T], world: World, errors: tuple[type[Exception], ...] = (ConfigError,)) -> T:
+    """Run ``task`` on rank 0 only and return its value on every rank; if it raises one of ``errors``
+    there, every rank raises it.
 
-    The other ranks wait for rank 0 and never go on alone into work rank 0 refused.
+    The other ranks wait for rank 0 and never go on alone into work rank 0 refused. The value and the
+    error travel pickled (:func:`all_ranks`).
     """
-    error = None
+    if world.size == 1:
+        return task()
+    value, error = None, None
     if world.is_main:
         try:
-            task()
-        except ConfigError as exc:
-            error = str(exc)
-    error = all_ranks(error, world)[0]
+            value = task()
+        except errors as exc:
+            error = exc
+    value, shared = all_ranks((value, error), world)[0]
     if error is not None:
-        raise ConfigError(error)
+        raise error  # rank 0: the original, with its traceback
+    if shared is not None:
+        raise shared
+    return value
 
 
 def require_shared(path: Path, world: World, key: str) -> None:

@@ -44,8 +44,9 @@ from sdtp.utils import git_commit
 log = logging.getLogger(__name__)
 
 # Keys that change how a run is executed, not what it computes (they are also left out of the run
-# directory name, conf/eval.yaml).
-VOLATILE_KEYS = ("force", "threads", "run_dir", "logger")
+# directory name, conf/eval.yaml). ``distributed``: a data-parallel lm-eval run scores every document as
+# one process does (docs/scaling.md), so it reuses, and is reused as, the single-process run.
+VOLATILE_KEYS = ("force", "threads", "run_dir", "logger", "distributed")
 PACKAGES = ("torch", "transformers", "lm_eval")
 # Fingerprint entries that must match for a finished run to be reused (everything but ``git``).
 COMPARED = ("config", "dtype", "device", "predictor", "data", "packages")

@@ -16,6 +16,12 @@ the model is loaded. The optional ``kv`` group compresses the cache after every 
 ``compression`` group (prompt compression before the model, :mod:`sdtp.eval.prompt_compression`)
 applies to the generation runners in ``COMPRESSION_RUNNERS`` only.
 
+Data parallel (``eval=lm_eval`` only, the runners in ``DATA_PARALLEL_RUNNERS``): launched by
+``torchrun`` or ``accelerate launch`` with N processes, every rank loads its own replica of the model
+and pruner and scores its share of the documents; rank 0 alone takes the lock, checks and writes the
+run directory (fingerprint, metrics, samples, W&B) and prints the JSON line; every rank returns rank
+0's metrics. Other runners refuse more than one process (ConfigError). See docs/scaling.md.
+
 An optional ``inputs: <dotted path>`` names a function ``inputs(cfg) -> list[Path]``: the data
 files the runner reads, hashed into the run's fingerprint.
 
@@ -38,7 +44,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +54,14 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from sdtp.config import build_pruner, build_schedule, sdtp_main
+from sdtp.distributed import World, check_world, on_main, process_group, reduce_floats
 from sdtp.errors import ConfigError
 from sdtp.kv import KVCompressor, build_kv_policy, kv_compression
 from sdtp.models import load_model
 from sdtp.paths import portable_tree
-from sdtp.provenance import differences, fingerprint, run_lock
+from sdtp.provenance import RunLockedError, differences, fingerprint, run_lock
 from sdtp.search.objective import objective_values
-from sdtp.tracking import RunLogger
+from sdtp.tracking import NullLogger, RunLogger
 from sdtp.utils import finite_json, git_commit, seed_everything, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,9 @@ KV_SCORING_RUNNERS = ("sdtp.eval.harness.run",)
 # Runners that compress each prompt's context when the (optional) ``compression`` group is set
 # (sdtp/eval/prompt_compression.py); the others refuse compression=... .
 COMPRESSION_RUNNERS = ("sdtp.eval.longbench.run", "sdtp.eval.synthetic.run")
+# Runners that run data parallel (each rank scores its share of the requests, rank 0 gathers them:
+# sdtp/eval/lm_eval_model.py); the others refuse more than one process.
+DATA_PARALLEL_RUNNERS = ("sdtp.eval.harness.run",)
 # What a run writes into its directory (Hydra's .hydra/ and log file are the launcher's, kept).
 OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "*_state.json",
                    FINGERPRINT_FILE)
@@ -104,6 +115,19 @@ def validate_eval(cfg: DictConfig) -> Runner:
     return runner
 
 
+def distributed_config(cfg: DictConfig) -> Mapping[str, Any]:
+    """The ``distributed`` group (a config composed before it existed: the defaults)."""
+    return cfg.get("distributed") or {}
+
+
+def check_data_parallel(cfg: DictConfig, world: World) -> None:
+    """Refuse a multi-process launch that cannot work, before the model loads (:func:`sdtp.distributed.check_world`)."""
+    check_world(world, distributed_config(cfg), str(cfg.model.device))
+    if world.size > 1 and str(cfg.eval.runner) not in DATA_PARALLEL_RUNNERS:
+        raise ConfigError(f"eval={cfg.eval.name}: runs in one process only, but WORLD_SIZE={world.size}; launch it "
+                          "without torchrun / accelerate launch (data parallel: eval=lm_eval)")
+
+
 def pruning_summary(cfg: DictConfig) -> dict[str, Any]:
     """The pruning method and its resolved schedule (layers, cumulative keep fractions, protection)."""
     schedule = build_schedule(cfg)
@@ -122,13 +146,16 @@ def pruning_summary(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def kv_summary(press: KVCompressor | None) -> dict[str, Any]:
-    """The run's KV-cache policy and the fraction of the prefilled entries it kept (over all prefills)."""
+def kv_summary(press: KVCompressor | None, world: World = World()) -> dict[str, Any]:
+    """The run's KV-cache policy and the fraction of the prefilled entries it kept (over all prefills of
+    every rank; a collective when ``world`` has several)."""
     if press is None:
         return {"method": "none", "ratio": 1.0, "kept_fraction": 1.0}
     policy = press.policy
+    entries = reduce_floats({"before": press.entries_before, "after": press.entries_after}, world, mean=False)
+    kept = entries["after"] / entries["before"] if entries["before"] else None
     return {"method": policy.method, "ratio": policy.ratio, "keep_first": policy.keep_first,
-            "keep_recent": policy.keep_recent, "kept_fraction": press.kept_fraction}
+            "keep_recent": policy.keep_recent, "kept_fraction": kept}
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -207,54 +234,82 @@ def prepare_run_dir(run_dir: Path, current: dict[str, Any], force: bool) -> None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, then evaluate: in one process, or as this rank of a ``torchrun`` / ``accelerate launch`` job."""
     runner = validate_eval(cfg)
-    run_dir = run_directory(cfg)
-    force = bool(cfg.get("force", False))
-    with run_lock(run_dir):
-        current = fingerprint(cfg, input_files(cfg))
-        metrics = None if force else finished_run(run_dir, current)
-        if metrics is not None:
-            log.info("%s: finished run with the same fingerprint, skipping (force=true re-runs)", run_dir)
-        else:
-            prepare_run_dir(run_dir, current, force)
-            metrics = _evaluate(cfg, runner, run_dir, current)
-    print(json.dumps(finite_json(metrics), default=str))  # bare NaN is not JSON
+    world = World.from_env()
+    check_data_parallel(cfg, world)
+    with process_group(world, distributed_config(cfg), str(cfg.model.device)) as world:
+        metrics = _run(cfg, runner, world)
+    if world.is_main:
+        print(json.dumps(finite_json(metrics), default=str))  # bare NaN is not JSON
     return metrics
 
 
-def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
-    """Load model / pruner, run the runner, write metrics.json (with the fingerprint)."""
+def _run(cfg: DictConfig, runner: Runner, world: World) -> dict[str, Any]:
+    """Reuse a finished run or evaluate; rank 0 holds the run directory's lock throughout."""
+    run_dir = run_directory(cfg)
+    force = bool(cfg.get("force", False))
+    with ExitStack() as lock:
+        def start() -> tuple[dict[str, Any], dict[str, Any] | None]:
+            """Rank 0: lock, fingerprint, and the finished run's metrics (else a prepared directory)."""
+            lock.enter_context(run_lock(run_dir))
+            current = fingerprint(cfg, input_files(cfg))
+            metrics = None if force else finished_run(run_dir, current)
+            if metrics is None:
+                prepare_run_dir(run_dir, current, force)
+            return current, metrics
+
+        # A locked directory stops every rank, not rank 0 alone (the others would wait at a collective).
+        current, metrics = on_main(start, world, errors=(ConfigError, RunLockedError))
+        if metrics is not None:
+            log.info("%s: finished run with the same fingerprint, skipping (force=true re-runs)", run_dir)
+            return metrics
+        return _evaluate(cfg, runner, run_dir, current, world)
+
+
+def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str, Any],
+              world: World = World()) -> dict[str, Any]:
+    """Load model / pruner, run the runner (on every rank), write metrics.json (rank 0); rank 0's metrics."""
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
     pruner = build_pruner(cfg)
     kv_policy = build_kv_policy(cfg)
     model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
-    log.info("eval=%s model=%s pruning=%s -> %s", cfg.eval.name, cfg.model.name, cfg.pruning.name, run_dir)
-    with RunLogger(run_dir, cfg.logger, cfg, name=f"{cfg.eval.name}-{cfg.model.name}-{cfg.pruning.name}") as logger:
+    log.info("eval=%s model=%s pruning=%s -> %s (rank %d of %d)", cfg.eval.name, cfg.model.name, cfg.pruning.name,
+             run_dir, world.rank, world.size)
+    name = f"{cfg.eval.name}-{cfg.model.name}-{cfg.pruning.name}"
+    with RunLogger(run_dir, cfg.logger, cfg, name=name) if world.is_main else NullLogger() as logger:
         start = time.perf_counter()
         with kv_compression(kv_policy, model) as press:
             results = runner(cfg, model, tokenizer, pruner, run_dir)
         wall_s = time.perf_counter() - start
-        metrics = {
-            "eval": cfg.eval.name,
-            "model": cfg.model.name,
-            "dtype": str(next(model.parameters()).dtype),
-            "pruning": pruning_summary(cfg),
-            "kv": kv_summary(press),
-            "avg_kept_fraction": results.get("avg_kept_fraction", 1.0 if pruner is None else None),
-            "results": portable_tree(results),  # e.g. data_file: summaries of it are committed
-            "seed": cfg.seed,
-            "threads": threads,
-            "wall_s": round(wall_s, 3),
-            "git_commit": git_commit(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "fingerprint": current,
-        }
-        numbers = _numbers(results)
-        logger.log({**numbers, "wall_s": wall_s})
-        logger.summary(numbers)
-        write_json_atomic(run_dir / "metrics.json", metrics)
-    return metrics
+        kv = kv_summary(press, world)
+
+        def report() -> dict[str, Any]:
+            """Rank 0, which holds every rank's results (the runner gathered them): metrics.json and the tracker."""
+            metrics = {
+                "eval": cfg.eval.name,
+                "model": cfg.model.name,
+                "dtype": str(next(model.parameters()).dtype),
+                "pruning": pruning_summary(cfg),
+                "kv": kv,
+                "avg_kept_fraction": results.get("avg_kept_fraction", 1.0 if pruner is None else None),
+                "results": portable_tree(results),  # e.g. data_file: summaries of it are committed
+                "seed": cfg.seed,
+                "threads": threads,
+                "world_size": world.size,
+                "wall_s": round(wall_s, 3),
+                "git_commit": git_commit(),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "fingerprint": current,
+            }
+            numbers = _numbers(results)
+            logger.log({**numbers, "wall_s": wall_s})
+            logger.summary(numbers)
+            write_json_atomic(run_dir / "metrics.json", metrics)
+            return metrics
+
+        return on_main(report, world)
 
 
 @sdtp_main("eval")

@@ -13,6 +13,10 @@ the model is loaded: see :func:`rolling_refusal`; and ``generate_until`` tasks u
 KV policy every log-likelihood request is scored on the compressed cache of its context
 (:mod:`sdtp.eval.lm_eval_model`).
 
+Data parallel: under ``torchrun`` / ``accelerate launch`` every rank runs :func:`run`, scores its share
+of the requests and receives everyone's results (:mod:`sdtp.eval.lm_eval_model`); rank 0 reports them
+with the pruning statistics of every rank and writes the samples, the others return ``{}``.
+
 Seeds: lm-eval's ``random_seed`` is ``cfg.seed``; numpy/torch/few-shot seeds keep lm-eval's
 defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (its default).
 """
@@ -26,10 +30,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sdtp.distributed import World, all_ranks, process_group
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
+from sdtp.eval.kept import KeptStats
 from sdtp.kv.policy import build_kv_policy
 from sdtp.utils import read_jsonl_records
 
@@ -259,6 +266,9 @@ def make_lm(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | N
 def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict[str, Any]:
     lm = make_lm(cfg, model, tokenizer, pruner)
     out = evaluate_lm(lm, cfg)
+    kept = KeptStats.merged(all_ranks(lm.kept, lm.world))  # each rank prefilled its own share of the contexts
+    if out is None or not lm.world.is_main:  # every rank has every result; rank 0 reports them
+        return {}
     if cfg.eval.log_samples:
         _write_samples(run_dir, out.get("samples", {}))
     tasks = {task: clean_metrics(res) for task, res in out["results"].items()}
@@ -267,7 +277,7 @@ def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None,
         "n_samples": {task: n.get("effective") for task, n in out.get("n-samples", {}).items()},
         "num_fewshot": cfg.eval.num_fewshot,
         "limit": OmegaConf.to_container(cfg.eval.limit) if isinstance(cfg.eval.limit, DictConfig) else cfg.eval.limit,
-        **lm.kept.summary(),
+        **kept.summary(),
     }
 
 
@@ -281,7 +291,10 @@ def cli_main() -> None:
 
     if "--include_path" not in sys.argv:
         sys.argv += ["--include_path", str(TASKS_DIR)]
-    cli_evaluate()
+    # Under torchrun / accelerate launch every rank joins the group SDTPLM's collectives use; NCCL when
+    # GPUs are present (the launcher gives rank r GPU LOCAL_RANK), gloo otherwise.
+    with process_group(World.from_env(), {"backend": "auto"}, "cuda" if torch.cuda.is_available() else "cpu"):
+        cli_evaluate()
 
 
 if __name__ == "__main__":

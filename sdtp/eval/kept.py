@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,16 @@ class KeptStats:
         self.final.append(kept / n)
         self.per_layer.append(sum(record.tokens_per_layer) / (n * max(1, len(record.tokens_per_layer))))
         self.prompt_tokens.append(n)
+
+    @classmethod
+    def merged(cls, parts: Iterable[KeptStats]) -> KeptStats:
+        """One record of every prefill in ``parts`` (e.g. each rank's share of a data-parallel evaluation)."""
+        out = cls()
+        for part in parts:
+            out.final += part.final
+            out.per_layer += part.per_layer
+            out.prompt_tokens += part.prompt_tokens
+        return out
 
     def summary(self) -> dict[str, Any]:
         if not self.final:

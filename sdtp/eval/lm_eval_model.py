@@ -47,6 +47,17 @@ back in request order. Scores equal batch 1 up to float noise for deterministic 
 (``tests/test_eval_lm_harness.py``); ``pruning=random`` draws per batch, so its kept sets depend on
 the batch composition.
 
+Data parallelism (``torchrun`` / ``accelerate launch -m sdtp.cli.evaluate eval=lm_eval``, docs/scaling.md).
+Each rank holds its own replica of the model, pruner and KV policy. lm-eval is told it runs in one
+process, so every rank builds every request exactly as one process does; this class then scores only
+this rank's share and gathers everyone's results (:func:`sdtp.distributed.sharded_map`), so every rank
+returns the full list. Log-likelihood requests are dealt by CONTEXT (longest first, round-robin: the
+choices of one question stay on one rank and share its prefill; ranks get similar token counts),
+generation requests one by one. lm-eval's own data parallelism (``rank`` / ``world_size`` on the model)
+is not used: it shards the documents before building their prompts, and its few-shot sampler is one
+random stream advanced document by document, so with N ranks a document gets other few-shot examples
+than in one process and the scores differ whenever ``num_fewshot`` > 0.
+
 Usage: ``sdtp-lm-eval --model sdtp --model_args model=smollm2-135m,pruning=random --tasks ...``
 (lm-eval has no plugin discovery, so its own ``lm_eval`` CLI does not see ``sdtp`` unless this
 module is imported; ``sdtp-lm-eval`` is lm-eval's CLI with the model registered), or in Python
@@ -63,6 +74,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from sdtp.distributed import World, joined_world, sharded_map
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_refusal
@@ -106,6 +118,7 @@ class SDTPLM(HFLM):
         model: str = "smollm2-135m",
         pruning: str = "none",
         overrides: str | None = None,
+        world: World | None = None,
         **kwargs: Any,
     ) -> None:
         if pretrained is None or isinstance(pretrained, str):
@@ -118,7 +131,9 @@ class SDTPLM(HFLM):
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.pruner = pruner
         self.kv_policy = kv_policy
-        self.kept = KeptStats()
+        self.kept = KeptStats()  # this rank's prefills only
+        # Not HFLM's rank / world_size, which stay 0 and 1: lm-eval builds every request on every rank.
+        self.world = world or joined_world()
 
     @property
     def uses_cache_path(self) -> bool:
@@ -135,24 +150,36 @@ class SDTPLM(HFLM):
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
+        quiet = disable_tqdm or not self.world.is_main
         if not self.uses_cache_path:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            dense = super()._loglikelihood_tokens
+            return sharded_map(lambda mine: dense(mine, disable_tqdm=quiet, override_bs=override_bs), requests,
+                               self.world)
         groups = self._context_groups(requests)
         contexts = sorted(groups, key=lambda ctx: (-len(ctx), ctx))  # longest first: little padding per batch
-        # KV budgets are fractions of each row's prompt: left padding would count, so one context per prefill.
-        batch_size = 1 if self.kv_policy is not None else int(override_bs or self.batch_size)
+        scored = sharded_map(lambda mine: self._score_contexts(mine, groups, quiet, override_bs), contexts, self.world)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        desc = "Pruned loglikelihood" if self.pruner is not None else f"{self.kv_policy.method} KV loglikelihood"
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
-        for start in range(0, len(contexts), batch_size):
-            batch = contexts[start : start + batch_size]
-            for index, answer in self._score_batch(batch, groups):
+        for answers in scored:
+            for index, answer in answers:
                 results[index] = answer
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
-                pbar.update(1)
-        pbar.close()
         return results  # type: ignore[return-value]
+
+    def _score_contexts(self, contexts: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[tuple[int, list[int]]]],
+                        quiet: bool, override_bs: int | None) -> list[list[tuple[int, tuple[float, bool]]]]:
+        """Prefill ``contexts`` in batches, score their continuations; per context, [(request index, answer)]."""
+        # KV budgets are fractions of each row's prompt: left padding would count, so one context per prefill.
+        batch_size = 1 if self.kv_policy is not None else int(override_bs or self.batch_size)
+        answers: dict[int, tuple[float, bool]] = {}
+        desc = "Pruned loglikelihood" if self.pruner is not None else f"{self.kv_policy.method} KV loglikelihood"
+        pbar = tqdm(total=sum(len(groups[ctx]) for ctx in contexts), disable=quiet, desc=desc)
+        for start in range(0, len(contexts), batch_size):
+            batch = self._score_batch(contexts[start : start + batch_size], groups)
+            answers.update(batch)
+            pbar.update(len(batch))
+        pbar.close()
+        return [[(index, answers[index]) for index, _ in groups[ctx]] for ctx in contexts]
 
     def _context_groups(self, requests: list[Request]) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
         """Truncated context -> [(request index, continuation)], so the choices of one question share a prefill.
@@ -190,7 +217,9 @@ class SDTPLM(HFLM):
             raise ConfigError(f"{len(requests)} generate_until request(s) with a pruner or KV policy and batch_size="
                               f"{self.batch_size}: pruned or KV-compressed generation runs one prompt at a time; use "
                               "batch_size=1 (only log-likelihood requests are batched with a pruner)")
-        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        generate = super().generate_until
+        quiet = disable_tqdm or not self.world.is_main
+        return sharded_map(lambda mine: generate(mine, disable_tqdm=quiet), requests, self.world)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
         if self.pruner is None:
