@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/ablation_points.sh
-shown="$(ablation_shown experiments/paper_fig4.sh "FIRST_LAYERS RATIOS SEED TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
+shown="$(shown_with_env experiments/paper_fig4.sh "FIRST_LAYERS RATIOS SEED TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
 PAGE_LAYERS="1 2 3 4 5 6 7 8 9 10"   # the paper's grid: the page lists what is not summarised yet
 PAGE_RATIOS="0.9 0.8 0.7"
 if [[ "${SMOKE:-0}" == 1 ]]; then

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/ablation_points.sh
-shown="$(ablation_shown experiments/paper_fig5.sh "STAGES SEED TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
+shown="$(shown_with_env experiments/paper_fig5.sh "STAGES SEED TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
 PAGE_STAGES="1 2 3 4 5 6 7"   # the paper's: the page lists what is not summarised yet
 [[ "${SMOKE:-0}" != 1 ]] || { STAGES="${STAGES:-1 2}"; PAGE_STAGES="$STAGES"; }
 STAGES="${STAGES:-$PAGE_STAGES}"

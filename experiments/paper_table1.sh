@@ -33,10 +33,8 @@ cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
-shown="$(shown_command experiments/paper_table1.sh "$@")"
-for var in LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SMOKE; do
-  [[ -z "${!var+x}" ]] || shown="$var=${!var@Q} $shown"   # the environment that made the page, on the page
-done
+shown="$(shown_with_env experiments/paper_table1.sh \
+  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SMOKE" "$@")"
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
   RUN="${RUN:-results/runs/paper/table1_smoke/${MODEL}}"
   OUT="${OUT:-results/paper/table1_smoke}"

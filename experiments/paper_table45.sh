@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/ablation_points.sh
-shown="$(ablation_shown experiments/paper_table45.sh "SEEDS ROWS TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
+shown="$(shown_with_env experiments/paper_table45.sh "SEEDS ROWS TRAIN_STEPS TRAIN_ARGS EVAL_ARGS THREADS SMOKE" "$@")"
 [[ "${SMOKE:-0}" != 1 ]] || SEEDS="${SEEDS:-0 1}"
 ablation_defaults table45 120 16
 SEEDS="${SEEDS:-0 1 2}"

@@ -23,10 +23,7 @@ cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
-shown="$(shown_command experiments/schedule_search.sh "$@")"
-for var in N_TRIALS PRUNING POPULATION THREADS SMOKE; do
-  [[ -z "${!var+x}" ]] || shown="$var=${!var@Q} $shown"
-done
+shown="$(shown_with_env experiments/schedule_search.sh "N_TRIALS PRUNING POPULATION THREADS SMOKE" "$@")"
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
   RUN="${RUN:-results/runs/paper/schedule_search_smoke/${MODEL}}"
   OUT="${OUT:-results/paper/schedule_search_smoke}"

@@ -1,5 +1,5 @@
 # Sourced by the retrained-predictor ablations (experiments/paper_table45.sh, paper_fig4.sh, paper_fig5.sh) after they
-# set PY and MODEL (it sources experiments/lib/lm_eval_runs.sh: offline environment, SMOKE_TRAIN_ARGS, shown_command). One *point* = one
+# set PY and MODEL (it sources experiments/lib/lm_eval_runs.sh: offline environment, SMOKE_TRAIN_ARGS, shown_with_env). One *point* = one
 # predictor trained by sdtp-train, evaluated by continuation NLL on the same segments as a dense reference, its
 # summary written to $POINTS/<row>_s<seed>.json (commit it) by sdtp/reports/ablation_points.py, and skipped next
 # time when that summary has the same setup (steps, training / eval arguments, the point's schedule).
@@ -26,17 +26,6 @@ ablation_defaults() {
   read -r -a eval_args <<< "$EVAL_ARGS"
   threads=(${THREADS:+"threads=$THREADS"})
   mkdir -p "$POINTS"
-}
-
-# ablation_shown SCRIPT "VAR..." ARG...: the command line the page states, with the variables that were set.
-ablation_shown() {
-  local script="$1" vars="$2" var shown
-  shift 2
-  shown="$(shown_command "$script" "$@")"
-  for var in $vars; do
-    [[ -z "${!var+x}" ]] || shown="$var=${!var@Q} $shown"
-  done
-  echo "$shown"
 }
 
 # ablation_setup ROW [SCHEDULE]: the setup JSON a point's summary must match (the script's own arguments, sdtp-eval

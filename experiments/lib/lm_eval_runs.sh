@@ -30,3 +30,15 @@ shown_command() {
   [[ "$MODEL" == smollm2-135m ]] || shown="MODEL=$MODEL $shown"
   echo "$shown"
 }
+
+# shown_with_env SCRIPT "VAR..." ARG...: shown_command prefixed with those of the VARs that are set (the environment
+# that made the page, on the page).
+shown_with_env() {
+  local script="$1" vars="$2" var shown
+  shift 2
+  shown="$(shown_command "$script" "$@")"
+  for var in $vars; do
+    [[ -z "${!var+x}" ]] || shown="$var=${!var@Q} $shown"
+  done
+  echo "$shown"
+}
