@@ -64,6 +64,9 @@ class PredictorMeta:
     # The weight for chat prompts (ending with the chat template's generation prompt), chosen on chat
     # validation cells; None = ``recency_weight`` for every prompt.
     recency_weight_chat: float | None = None
+    # Weights of the hidden-state-norm prior (sdtp/scorers/prior.py), the same way; 0 = none.
+    norm_weight: float = 0.0
+    norm_weight_chat: float | None = None
     query_tokens: int = 0  # m: the query branch reads the prompt's last m alive tokens (0 = no branch)
     query_rank: int = 32  # r: width of the bilinear key/query projections
 

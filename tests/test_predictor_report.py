@@ -119,5 +119,22 @@ def test_passage_qa_cell_and_the_prior_weight_in_the_fingerprint(setup, monkeypa
     spec = predictor_eval.ScorerSpec("sdtp", (), "predictor", tmp_path / "predictor")
     cfg = predictor_eval.compose("eval", ["model=tiny-llama", "pruning=sdtp",
                                           f"pruning.scorer.path={tmp_path / 'predictor'}"])
-    assert predictor_eval.prior_weight(cfg, spec, model, "passage_qa") == 0.5
-    assert predictor_eval.prior_weight(cfg, spec, model, "wikitext") == 1.0
+    assert predictor_eval.prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0}
+    assert predictor_eval.prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0}
+    assert "norm_weight" not in cached  # absent at 0: cells from before the norm prior stay valid
+
+
+def test_norm_weight_rows_are_fingerprinted_and_selected(setup, tmp_path):
+    """``--norm-weights`` adds <predictor>_nw<w> rows whose fingerprints record the weight; with
+    ``--write-selected`` the chosen weight lands in predictor.json as norm_weight."""
+    argv, out = setup
+    report = predictor_eval.main([*argv, "--norm-weights", "0,2", "--only", "dense,norm,sdtp_nw0,sdtp_nw2",
+                                  "--write-selected"])
+    _, rows = _rows(report, "wikitext")
+    assert {"sdtp_nw0", "sdtp_nw2"} <= set(rows)
+    cell = next(p.parent.name for p in out.glob("continuation/*/sdtp_nw2.json"))
+    assert json.loads(_cache(out, cell, "sdtp_nw2").read_text())["fingerprint"]["norm_weight"] == 2.0
+    assert "norm_weight" not in json.loads(_cache(out, cell, "sdtp_nw0").read_text())["fingerprint"]
+    chosen = report["norm_selection"]["sdtp"]["text"]["selected"]
+    meta = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
+    assert meta["norm_weight"] == chosen and "Norm weight selection" in (out / "eval.md").read_text()

@@ -175,6 +175,27 @@ def test_chat_rows_by_hand():
     assert chat_rows(ids[:, :2], SUFFIX).tolist() == [False, False, False]  # shorter than the suffix
 
 
+def test_norm_prior_is_the_hand_blend_and_resolves_like_recency():
+    """z(pred) + w_r z(recency) + w_n z(log ||h||), by hand; the norm weights resolve per kind as recency's."""
+    predictor = _predictor()
+    hidden, positions = torch.randn(1, 6, 64) * torch.arange(1.0, 7.0)[None, :, None], torch.tensor([[0, 2, 3, 7, 8, 9]])
+    raw = predictor(0, hidden, positions, torch.tensor([10]))
+    blended = PredictorScorer(predictor=predictor, recency_weight=0.5, norm_weight=2.0).score(_context(hidden, positions, 10))
+
+    def z(x):
+        return (x - x.mean()) / x.std(unbiased=False)
+
+    distance = torch.tensor([9.0, 7, 6, 2, 1, 0])
+    expected = z(raw) + 0.5 * z(-torch.log1p(distance)) + 2.0 * z(hidden.norm(dim=-1).log())
+    torch.testing.assert_close(blended, expected, atol=1e-5, rtol=1e-5)
+    predictor.meta.norm_weight, predictor.meta.norm_weight_chat = 1.0, 3.0
+    scorer = PredictorScorer(predictor=predictor)
+    assert (scorer.prior_weight("norm", chat=False), scorer.prior_weight("norm", chat=True)) == (1.0, 3.0)
+    assert PredictorScorer(predictor=predictor, norm_weight=0.0).prior_weight("norm", chat=True) == 0.0
+    with pytest.raises(ValueError, match="norm_weight_chat"):
+        PredictorScorer(predictor=predictor, norm_weight_chat=-1.0)
+
+
 def test_chat_weight_resolution(tmp_path):
     predictor = _predictor(recency_weight=4.0)
     assert PredictorScorer(predictor=predictor).recency_weight_chat == 4.0  # no chat weight: the text one

@@ -85,7 +85,8 @@ from sdtp.models import load_model
 from sdtp.paths import portable_path, portable_text, portable_tree
 from sdtp.reports import paired_tables
 from sdtp.predictor import TokenPredictor
-from sdtp.reports.recency_selection import select_recency, selection_text, variant_name, write_selected
+from sdtp.reports.recency_selection import (KINDS, meta_key, select_recency, selection_text, variant_name,
+                                            write_selected)
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
@@ -93,7 +94,8 @@ log = logging.getLogger(__name__)
 BASELINES = ("norm", "positional", "lazyllm")
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
-PRIOR_KEYS = ("recency_weight", "recency_weight_chat")
+PRIORS = ("recency", "norm")
+PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -131,6 +133,7 @@ class ReportOptions:
     passage_qa_start: int = 0
     dolly_file: str | None = None
     recency_weights: tuple[float, ...] = ()
+    norm_weights: tuple[float, ...] = ()
     write_selected: bool = False
     overrides: tuple[str, ...] = ()
     command: str = ""
@@ -185,8 +188,11 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--dolly-file", default=None)
     p.add_argument("--recency-weights", default="",
                    help="comma-separated recency-prior weights: one row <predictor>_rw<w> per predictor and weight")
+    p.add_argument("--norm-weights", default="",
+                   help="comma-separated hidden-state-norm prior weights: one row <predictor>_nw<w> per predictor and "
+                        "weight (recency prior as shipped)")
     p.add_argument("--write-selected", action="store_true",
-                   help="select each predictor's recency weights (per prompt kind) on this page's cells and write "
+                   help="select each predictor's prior weights (per prompt kind) on this page's cells and write "
                         "them into its predictor.json (validation pages only)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
@@ -208,6 +214,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
         multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
         recency_weights=_csv(a.recency_weights, float),
+        norm_weights=_csv(a.norm_weights, float),
         write_selected=a.write_selected,
         overrides=tuple(a.override),
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
@@ -230,8 +237,9 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         full = Path(path).resolve()
         base = ("pruning=sdtp", f"pruning.scorer.path={full}")
         specs.append(ScorerSpec(name, base, "predictor", full))  # as shipped: the checkpoint's own recency weight
-        specs += [ScorerSpec(variant_name(name, w), (*base, f"pruning.scorer.recency_weight={w}"), "predictor", full)
-                  for w in opts.recency_weights]
+        for prior, weights in (("recency", opts.recency_weights), ("norm", opts.norm_weights)):
+            specs += [ScorerSpec(variant_name(name, w, prior), (*base, f"pruning.scorer.{prior}_weight={w}"),
+                                 "predictor", full) for w in weights]
     return specs
 
 
@@ -268,18 +276,17 @@ def _meta_sha256(path: Path) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def prior_weight(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str) -> float | None:
-    """The recency-prior weight a predictor row applies to ``dataset``'s prompts (None: not a predictor).
+def prior_weights(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str) -> dict[str, float]:
+    """The prior weights a predictor row applies to ``dataset``'s prompts, by prior (empty: not a predictor).
 
     Chat datasets' prompts are chat prompts only when the model's tokenizer has a chat template.
     """
     if spec.path is None:
-        return None
+        return {}
     scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path),
-                             recency_weight=cfg.pruning.scorer.get(PRIOR_KEYS[0]),
-                             recency_weight_chat=cfg.pruning.scorer.get(PRIOR_KEYS[1]))
-    chat = dataset in CHAT_DATASETS and getattr(model, "sdtp_chat_suffix", None)
-    return scorer.recency_weight_chat if chat else scorer.recency_weight
+                             **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
+    chat = bool(dataset in CHAT_DATASETS and getattr(model, "sdtp_chat_suffix", None))
+    return {prior: scorer.prior_weight(prior, chat) for prior in PRIORS}
 
 
 def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, spec: ScorerSpec) -> dict[str, Any]:
@@ -288,7 +295,7 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     scorer = OmegaConf.to_container(cfg.pruning.scorer, resolve=True) if schedule is not None else None
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
-        for key in PRIOR_KEYS:  # replaced by the weight this dataset's prompts get (prior_weight)
+        for key in PRIOR_KEYS:  # replaced by the weights this dataset's prompts get (prior_weights)
             scorer.pop(key, None)
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -304,7 +311,10 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         "predictor_sha256": predictor_hashes(spec.path) if spec.path is not None else None,
     }
     if spec.path is not None:
-        what["recency_weight"] = prior_weight(cfg, spec, model, dataset)
+        weights = prior_weights(cfg, spec, model, dataset)
+        what["recency_weight"] = weights["recency"]
+        if weights["norm"]:  # absent at 0, so cells computed before the norm prior existed stay valid
+            what["norm_weight"] = weights["norm"]
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 
@@ -430,13 +440,18 @@ def _display(path: Path) -> str:
 
 
 def _prior_text(spec: ScorerSpec) -> str:
-    """How a predictor row weighs the recency prior: a fixed override, or its checkpoint's per-kind weights."""
-    fixed = [o.split("=", 1)[1] for o in spec.overrides if o.startswith(f"pruning.scorer.{PRIOR_KEYS[0]}=")]
-    if fixed:
-        return f"recency weight {fixed[0]} for every prompt"
+    """How a predictor row weighs its priors: a fixed override, or its checkpoint's per-kind weights."""
     scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path))
-    return (f"as shipped: recency weight {scorer.recency_weight:g} on raw text, "
-            f"{scorer.recency_weight_chat:g} on chat prompts")
+    parts = []
+    for prior in PRIORS:
+        fixed = [o.split("=", 1)[1] for o in spec.overrides if o.startswith(f"pruning.scorer.{prior}_weight=")]
+        text, chat = scorer.prior_weight(prior, chat=False), scorer.prior_weight(prior, chat=True)
+        if fixed:
+            parts.append(f"{prior} weight {fixed[0]} for every prompt")
+        elif prior == "recency" or text or chat:  # the norm prior only when the checkpoint uses it
+            parts.append(f"{prior} weight {text:g} on raw text, {chat:g} on chat prompts")
+    return ("as shipped: " if not any(o.startswith("pruning.scorer.") and "_weight=" in o for o in spec.overrides)
+            else "") + ", ".join(parts)
 
 
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
@@ -497,15 +512,18 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
         pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, False),
                                                                    predictors)})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
-    selection = select_recency(list(opts.predictors or {"sdtp": None}), opts.recency_weights, cell_nll,
-                               kinds) if opts.write_selected else {}
+    names = list(opts.predictors or {"sdtp": None})
+    selection = {prior: select_recency(names, weights, cell_nll, kinds, prior) if opts.write_selected else {}
+                 for prior, weights in (("recency", opts.recency_weights), ("norm", opts.norm_weights))}
     head = header(opts, jobs, specs, machine)
-    if selection:
-        head["Recency weight selection"] = selection_text(selection)
+    for prior, chosen in selection.items():
+        if chosen:
+            head[f"{prior.capitalize()} weight selection"] = selection_text(chosen)
     return {
         "title": f"SDTP predictor vs training-free scorers: {opts.model}, continuation protocol",
         "command": opts.command, "header": head, "contexts": list(opts.contexts),
-        "cells": cells, "pooled": pooled, "machine": machine, "recency_selection": selection,
+        "cells": cells, "pooled": pooled, "machine": machine, "recency_selection": selection["recency"],
+        **({"norm_selection": selection["norm"]} if selection["norm"] else {}),
         "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in CACHE_INFO}
                    for j in jobs if j.record is not None},
     }
@@ -532,7 +550,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             job.record = compute(job, model, opts.command)
     report = portable_tree(build_report(opts, jobs, specs, environment(model, str(base.model.device))))
     if opts.write_selected:
-        write_selected({s.name: s.path for s in specs if s.group == "predictor"}, report["recency_selection"])
+        paths = {s.name: s.path for s in specs if s.group == "predictor"}
+        write_selected(paths, report["recency_selection"])
+        write_selected(paths, report.get("norm_selection", {}), prior="norm")
     write_json_atomic(out / "eval.json", report)
     (out / "eval.md").write_text(paired_tables.render_markdown(report))
     log.info("wrote %s and %s", out / "eval.md", out / "eval.json")

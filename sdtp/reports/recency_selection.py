@@ -1,9 +1,9 @@
-"""Choosing a predictor's recency-prior weight from a validation page (:mod:`sdtp.scorers.prior`).
+"""Choosing a predictor's prior weights from a validation page (:mod:`sdtp.scorers.prior`).
 
-``scripts/predictor_report.py --recency-weights 0,1,4`` adds one row ``<predictor>_rw<w>`` per weight;
-:func:`select_recency` picks a weight per prompt kind (raw text, chat) from those rows' per-segment
-NLLs and :func:`write_selected` stores them in the checkpoint's ``predictor.json``, which the scorer
-reads at inference.
+``scripts/predictor_report.py --recency-weights 0,1,4`` adds one row ``<predictor>_rw<w>`` per weight
+(``--norm-weights``: ``<predictor>_nw<w>``, the hidden-state-norm prior); :func:`select_recency` picks
+a weight per prompt kind (raw text, chat) from those rows' per-segment NLLs and :func:`write_selected`
+stores them in the checkpoint's ``predictor.json``, which the scorer reads at inference.
 """
 
 from __future__ import annotations
@@ -20,17 +20,23 @@ from sdtp.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 TRAINING_FREE = ("random", "norm", "positional", "lazyllm")  # random = the seed mean row
-KINDS = {"text": "recency_weight", "chat": "recency_weight_chat"}  # prompt kind -> predictor.json key
+KINDS = ("text", "chat")  # prompt kinds; their predictor.json keys: meta_key(prior, kind)
+SUFFIX = {"recency": "rw", "norm": "nw"}  # prior -> row-name suffix
 
 
-def variant_name(predictor: str, weight: float) -> str:
-    """Row name of ``predictor`` with recency weight ``weight``: ``sdtp_rw0.5``."""
-    return f"{predictor}_rw{weight:g}"
+def meta_key(prior: str, kind: str) -> str:
+    """``predictor.json`` key of ``prior``'s weight for prompt ``kind``: ``recency_weight_chat``."""
+    return f"{prior}_weight" + ("_chat" if kind == "chat" else "")
+
+
+def variant_name(predictor: str, weight: float, prior: str = "recency") -> str:
+    """Row name of ``predictor`` with ``prior`` weight ``weight``: ``sdtp_rw0.5``, ``sdtp_nw1``."""
+    return f"{predictor}_{SUFFIX[prior]}{weight:g}"
 
 
 def select_recency(predictors: Sequence[str], weights: Sequence[float], cell_nll: Sequence[dict[str, list[float]]],
-                   kinds: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per predictor and prompt kind: the recency weight whose worst cell is closest to the best training-free scorer.
+                   kinds: Sequence[str] | None = None, prior: str = "recency") -> dict[str, dict[str, dict[str, Any]]]:
+    """Per predictor and prompt kind: the ``prior`` weight whose worst cell is closest to the best training-free scorer.
 
     For weight w and cell c, margin(w, c) = mean NLL of ``<predictor>_rw<w>`` minus the lowest mean NLL
     of the training-free scorers computed in c (random seed mean, norm, positional, lazyllm): the goal
@@ -49,15 +55,16 @@ def select_recency(predictors: Sequence[str], weights: Sequence[float], cell_nll
         for kind in KINDS:
             cells = [c for c, k in zip(cell_nll, kinds) if k == kind and "dense" in c
                      and any(b in c for b in TRAINING_FREE)]
-            chosen = _select(name, weights, cells)
+            chosen = _select(name, weights, cells, prior)
             if chosen:
                 out.setdefault(name, {})[kind] = chosen
     return out
 
 
-def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[float]]]) -> dict[str, Any] | None:
+def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[float]]],
+            prior: str) -> dict[str, Any] | None:
     """:func:`select_recency` for one predictor over one kind's cells (None when no weight is in all of them)."""
-    rows = {f"{w:g}": variant_name(name, w) for w in weights}
+    rows = {f"{w:g}": variant_name(name, w, prior) for w in weights}
     rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
     if not rows:
         return None
@@ -80,13 +87,14 @@ def selection_text(selection: dict[str, dict[str, dict[str, Any]]]) -> str:
     )
 
 
-def write_selected(paths: dict[str, Path], selection: dict[str, dict[str, dict[str, Any]]]) -> None:
+def write_selected(paths: dict[str, Path], selection: dict[str, dict[str, dict[str, Any]]],
+                   prior: str = "recency") -> None:
     """Store each selected weight in ``paths[name]/predictor.json`` (atomically): the text kind's as
-    ``recency_weight``, the chat kind's as ``recency_weight_chat``."""
+    ``<prior>_weight``, the chat kind's as ``<prior>_weight_chat``."""
     for name, by_kind in selection.items():
         path = paths[name] / META_FILE
         meta = json.loads(path.read_text())
         for kind, sel in by_kind.items():
-            meta[KINDS[kind]] = sel["selected"]
-            log.info("%s: %s = %g", path, KINDS[kind], sel["selected"])
+            meta[meta_key(prior, kind)] = sel["selected"]
+            log.info("%s: %s = %g", path, meta_key(prior, kind), sel["selected"])
         write_json_atomic(path, meta)

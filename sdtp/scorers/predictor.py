@@ -1,8 +1,9 @@
 """SDTP's learned scorer: the per-stage MLP predictor applied to the alive hidden states.
 
-Optionally blended with a recency prior (:mod:`sdtp.scorers.prior`) whose weights are stored in the
-checkpoint's ``predictor.json`` (``recency_weight`` for raw text, ``recency_weight_chat`` for chat
-prompts) or overridden with ``pruning.scorer.recency_weight`` / ``pruning.scorer.recency_weight_chat``.
+Optionally blended with priors (:mod:`sdtp.scorers.prior`): recency and the hidden-state norm. Their
+weights are stored in the checkpoint's ``predictor.json`` (``<prior>_weight`` for raw text,
+``<prior>_weight_chat`` for chat prompts) or overridden with ``pruning.scorer.<prior>_weight`` /
+``pruning.scorer.<prior>_weight_chat``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from sdtp.predictor import TokenPredictor
 from sdtp.scorers.base import Scorer, ScoreContext
-from sdtp.scorers.prior import blend_recency, chat_rows
+from sdtp.scorers.prior import blend, chat_rows, log_norm, recency
+
+PRIORS = ("recency", "norm")
 
 
 class PredictorScorer(Scorer):
@@ -25,43 +28,53 @@ class PredictorScorer(Scorer):
     it keeps its fp32 master weights and casts the hidden states instead.
 
     ``recency_weight``: weight of the recency prior for every prompt (None = the checkpoint's
-    ``meta.recency_weight`` for raw text and ``meta.recency_weight_chat`` for chat prompts; 0 = the
-    predictor's raw scores). ``recency_weight_chat``: the chat-prompt weight alone (None = as above).
-    A prompt is a chat prompt when it ends with the model's ``sdtp_chat_suffix`` (set by
-    :func:`sdtp.models.load_model` from the tokenizer's chat template; absent = every prompt is text).
+    ``meta.recency_weight`` for raw text and ``meta.recency_weight_chat`` for chat prompts; 0 = no
+    prior). ``recency_weight_chat``: the chat-prompt weight alone (None = as above). ``norm_weight`` /
+    ``norm_weight_chat``: the same for the hidden-state-norm prior. A prompt is a chat prompt when it
+    ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from the
+    tokenizer's chat template; absent = every prompt is text).
     """
 
     def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None,
-                 recency_weight: float | None = None, recency_weight_chat: float | None = None) -> None:
+                 recency_weight: float | None = None, recency_weight_chat: float | None = None,
+                 norm_weight: float | None = None, norm_weight_chat: float | None = None) -> None:
         if path is None and predictor is None:
             raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
-        for key, value in (("recency_weight", recency_weight), ("recency_weight_chat", recency_weight_chat)):
+        self._overrides = {"recency_weight": recency_weight, "recency_weight_chat": recency_weight_chat,
+                           "norm_weight": norm_weight, "norm_weight_chat": norm_weight_chat}
+        for key, value in self._overrides.items():
             if value is not None and value < 0:
                 raise ValueError(f"pruning.scorer.{key}: must be >= 0, got {value}")
         self.path = path
         self.predictor = predictor
-        self._recency_override = recency_weight
-        self._chat_override = recency_weight_chat
         self._chat_suffix: tuple[int, ...] | None = None
         self._is_chat: torch.Tensor | None = None
 
+    def prior_weight(self, prior: str, chat: bool) -> float:
+        """Weight of ``prior`` (one of :data:`PRIORS`) for raw-text or chat prompts.
+
+        Raw text: the override, else the checkpoint's ``<prior>_weight`` (0 without a checkpoint).
+        Chat: its own override, the raw-text override, the checkpoint's ``<prior>_weight_chat``, else
+        the raw-text weight.
+        """
+        meta = self.predictor.meta if self.predictor is not None else None
+        override = self._overrides[f"{prior}_weight"]
+        text = override if override is not None else getattr(meta, f"{prior}_weight", 0.0)
+        if not chat:
+            return float(text)
+        chat_override = self._overrides[f"{prior}_weight_chat"]
+        meta_chat = getattr(meta, f"{prior}_weight_chat", None)
+        if chat_override is not None:
+            return float(chat_override)
+        return float(text if override is not None or meta_chat is None else meta_chat)
+
     @property
     def recency_weight(self) -> float:
-        """The prior weight for raw-text prompts: the override, else the checkpoint's."""
-        if self._recency_override is not None:
-            return float(self._recency_override)
-        return float(self.predictor.meta.recency_weight) if self.predictor is not None else 0.0
+        return self.prior_weight("recency", chat=False)
 
     @property
     def recency_weight_chat(self) -> float:
-        """The prior weight for chat prompts: its own override, the common override, the checkpoint's
-        chat weight, else the raw-text weight."""
-        if self._chat_override is not None:
-            return float(self._chat_override)
-        meta_chat = self.predictor.meta.recency_weight_chat if self.predictor is not None else None
-        if self._recency_override is not None or meta_chat is None:
-            return self.recency_weight
-        return float(meta_chat)
+        return self.prior_weight("recency", chat=True)
 
     def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
         hidden = model.config.hidden_size
@@ -80,18 +93,22 @@ class PredictorScorer(Scorer):
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         self._is_chat = chat_rows(input_ids, self._chat_suffix) if input_ids is not None else None
 
-    def _row_weights(self, batch: int, device: torch.device) -> torch.Tensor:
-        """(B,) the prior weight of each row by its prompt kind."""
-        weights = torch.full((batch,), self.recency_weight, device=device)
+    def _row_weights(self, prior: str, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) the weight of ``prior`` for each row by its prompt kind."""
+        weights = torch.full((batch,), self.prior_weight(prior, chat=False), device=device)
         if self._is_chat is not None and self._is_chat.shape[0] == batch:
-            weights[self._is_chat.to(device)] = self.recency_weight_chat
+            weights[self._is_chat.to(device)] = self.prior_weight(prior, chat=True)
         return weights
 
     @torch.no_grad()
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        prompt_len = torch.full((ctx.positions.shape[0],), ctx.seq_len, device=ctx.positions.device)
+        batch, device = ctx.positions.shape[0], ctx.positions.device
+        prompt_len = torch.full((batch,), ctx.seq_len, device=device)
         if ctx.seq_lens is not None:  # ragged batch: each row's own length
-            prompt_len = ctx.seq_lens.to(ctx.positions.device)
+            prompt_len = ctx.seq_lens.to(device)
         scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len, ctx.valid)
-        weights = self._row_weights(ctx.positions.shape[0], ctx.positions.device)
-        return blend_recency(scores, ctx.positions, prompt_len, weights, ctx.valid)
+        terms = [(self._row_weights("recency", batch, device), recency(ctx.positions, prompt_len))]
+        norm = self._row_weights("norm", batch, device)
+        if bool(norm.any()):  # the norm term only when used (it reads the full hidden states)
+            terms.append((norm, log_norm(ctx.hidden_states)))
+        return blend(scores, terms, ctx.valid)

@@ -1,4 +1,4 @@
-"""A recency prior blended into a learned scorer's ranking (``pruning.scorer.recency_weight``).
+"""Priors blended into a learned scorer's ranking (``pruning.scorer.recency_weight`` / ``norm_weight``).
 
 A per-token predictor guesses, from one token's state, whether a continuation it has not seen
 will need that token. Its guesses are noisy far from the prompt end, where the positional rule
@@ -6,8 +6,14 @@ will need that token. Its guesses are noisy far from the prompt end, where the p
 the predictor towards that default by a weight chosen on validation data
 (``scripts/predictor_report.py --recency-weights``; see ``docs/predictor-learning.md``).
 
-Both terms are standardised per row over the real (non-padding) alive tokens, so the weight is
-scale-free: ``score = z(predictor) + w * z(-log(1 + distance to the prompt's last token))``.
+A second prior, the log L2 norm of the hidden state entering the stage (the ``norm`` scorer's
+ranking), adds what the predictor cannot see: it RMS-normalises its input, so tokens whose residual
+stream the model has made large (sinks, separators) look like any other to it, while on long
+documents keeping them is what the training-free ``norm`` rule does best.
+
+Every term is standardised per row over the real (non-padding) alive tokens, so the weights are
+scale-free: ``score = z(predictor) + w_r * z(-log(1 + distance to the prompt's last token))
++ w_n * z(log ||h||)``.
 
 The weight may differ by prompt kind. After raw text the continuation is more of the same text, and
 recency is a strong default; after a chat prompt (one that ends with the tokenizer's generation
@@ -41,6 +47,12 @@ def recency(positions: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(distance_to_prompt_end(positions, prompt_len))
 
 
+def log_norm(hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, n, D) hidden states -> (B, n) ``log ||h||_2`` (the log keeps massive activations from
+    dominating the standardised term)."""
+    return hidden_states.float().norm(dim=-1).clamp(min=1e-6).log()
+
+
 def chat_rows(input_ids: torch.Tensor, suffix: tuple[int, ...] | None) -> torch.Tensor:
     """(B, S) prompt ids (left-padded if ragged) -> (B,) bool: the row ends with ``suffix`` (the chat
     template's generation prompt); all False when there is no suffix (no chat template)."""
@@ -50,16 +62,25 @@ def chat_rows(input_ids: torch.Tensor, suffix: tuple[int, ...] | None) -> torch.
     return (input_ids[:, -len(suffix):] == tail).all(dim=-1)
 
 
+def blend(scores: torch.Tensor, terms: list[tuple[float | torch.Tensor, torch.Tensor]],
+          valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) learned scores -> (B, n) ``z(scores) + sum_k weight_k * z(prior_k)``.
+
+    ``terms``: (weight, (B, n) prior values) pairs; a weight is one float or (B,) per row. All weights
+    zero returns the scores unchanged (a row with weight 0 in a mixed batch gets ``z(scores)``, the same
+    ranking).
+    """
+    weights = [torch.as_tensor(w, dtype=torch.float32, device=scores.device) for w, _ in terms]
+    if not any(bool(w.any()) for w in weights):
+        return scores
+    out = standardize(scores, valid)
+    for weight, (_, values) in zip(weights, terms):
+        if bool(weight.any()):
+            out = out + (weight[:, None] if weight.dim() == 1 else weight) * standardize(values, valid)
+    return out
+
+
 def blend_recency(scores: torch.Tensor, positions: torch.Tensor, prompt_len: torch.Tensor,
                   weight: float | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, n) learned scores -> (B, n) ``z(scores) + weight * z(recency)``.
-
-    ``weight``: one float, or (B,) per row. All zero returns the scores unchanged (a row with weight 0
-    in a mixed batch gets ``z(scores)``, the same ranking).
-    """
-    weight = torch.as_tensor(weight, dtype=torch.float32, device=scores.device)
-    if not bool(weight.any()):
-        return scores
-    if weight.dim() == 1:
-        weight = weight[:, None]
-    return standardize(scores, valid) + weight * standardize(recency(positions, prompt_len), valid)
+    """(B, n) learned scores -> (B, n) ``z(scores) + weight * z(recency)`` (:func:`blend` with one term)."""
+    return blend(scores, [(weight, recency(positions, prompt_len))], valid)
