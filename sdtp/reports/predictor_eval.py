@@ -237,9 +237,13 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         full = Path(path).resolve()
         base = ("pruning=sdtp", f"pruning.scorer.path={full}")
         specs.append(ScorerSpec(name, base, "predictor", full))  # as shipped: the checkpoint's own recency weight
-        for prior, weights in (("recency", opts.recency_weights), ("norm", opts.norm_weights)):
-            specs += [ScorerSpec(variant_name(name, w, prior), (*base, f"pruning.scorer.{prior}_weight={w}"),
-                                 "predictor", full) for w in weights]
+        # Priors are tuned one after the other: recency rows without the norm prior (as it was selected),
+        # norm rows with the checkpoint's recency weights.
+        specs += [ScorerSpec(variant_name(name, w), (*base, f"pruning.scorer.recency_weight={w}",
+                                                     "pruning.scorer.norm_weight=0"), "predictor", full)
+                  for w in opts.recency_weights]
+        specs += [ScorerSpec(variant_name(name, w, "norm"), (*base, f"pruning.scorer.norm_weight={w}"), "predictor",
+                             full) for w in opts.norm_weights]
     return specs
 
 
