@@ -87,14 +87,13 @@ from sdtp.reports import paired_tables
 from sdtp.predictor import TokenPredictor
 from sdtp.reports.recency_selection import (KINDS, meta_key, select_recency, selection_text, variant_name,
                                             write_selected)
-from sdtp.scorers.predictor import PredictorScorer
+from sdtp.scorers.predictor import PRIORS, PredictorScorer
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
 BASELINES = ("norm", "positional", "lazyllm")
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
-PRIORS = ("recency", "norm")
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

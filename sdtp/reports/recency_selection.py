@@ -38,7 +38,7 @@ def select_recency(predictors: Sequence[str], weights: Sequence[float], cell_nll
                    kinds: Sequence[str] | None = None, prior: str = "recency") -> dict[str, dict[str, dict[str, Any]]]:
     """Per predictor and prompt kind: the ``prior`` weight whose worst cell is closest to the best training-free scorer.
 
-    For weight w and cell c, margin(w, c) = mean NLL of ``<predictor>_rw<w>`` minus the lowest mean NLL
+    For weight w and cell c, margin(w, c) = mean NLL of the row ``variant_name(predictor, w, prior)`` minus the lowest mean NLL
     of the training-free scorers computed in c (random seed mean, norm, positional, lazyllm): the goal
     is to beat every scorer everywhere, so the selected w minimises max over cells of the margin (ties:
     the smaller w). Also reports each weight's mean over cells of Δ NLL vs dense. Only weights computed

@@ -78,9 +78,3 @@ def blend(scores: torch.Tensor, terms: list[tuple[float | torch.Tensor, torch.Te
         if bool(weight.any()):
             out = out + (weight[:, None] if weight.dim() == 1 else weight) * standardize(values, valid)
     return out
-
-
-def blend_recency(scores: torch.Tensor, positions: torch.Tensor, prompt_len: torch.Tensor,
-                  weight: float | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, n) learned scores -> (B, n) ``z(scores) + weight * z(recency)`` (:func:`blend` with one term)."""
-    return blend(scores, [(weight, recency(positions, prompt_len))], valid)
