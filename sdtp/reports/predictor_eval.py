@@ -445,16 +445,16 @@ def _display(path: Path) -> str:
 def _prior_text(spec: ScorerSpec) -> str:
     """How a predictor row weighs its priors: a fixed override, or its checkpoint's per-kind weights."""
     scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path))
+    fixed = {o.split("=", 1)[0].removeprefix("pruning.scorer.").removesuffix("_weight"): o.split("=", 1)[1]
+             for o in spec.overrides if o.startswith("pruning.scorer.") and o.split("=", 1)[0].endswith("_weight")}
     parts = []
     for prior in PRIORS:
-        fixed = [o.split("=", 1)[1] for o in spec.overrides if o.startswith(f"pruning.scorer.{prior}_weight=")]
         text, chat = scorer.prior_weight(prior, chat=False), scorer.prior_weight(prior, chat=True)
-        if fixed:
-            parts.append(f"{prior} weight {fixed[0]} for every prompt")
+        if prior in fixed:
+            parts.append(f"{prior} weight {fixed[prior]} for every prompt")
         elif prior == "recency" or text or chat:  # the norm prior only when the checkpoint uses it
             parts.append(f"{prior} weight {text:g} on raw text, {chat:g} on chat prompts")
-    return ("as shipped: " if not any(o.startswith("pruning.scorer.") and "_weight=" in o for o in spec.overrides)
-            else "") + ", ".join(parts)
+    return ("" if fixed else "as shipped: ") + ", ".join(parts)
 
 
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
