@@ -121,7 +121,7 @@ def test_page_marks_the_front_and_the_paper_schedule(tmp_path):
     built = json.loads((tmp_path / "out" / "tiny-llama.json").read_text())
     assert [p["pareto"] for p in built["trials"]] == [True, True, False] and not built["paper"]["pareto"]
     assert built["paper_dominated_by"] == [0] and built["best_within_budget"]["keep_ratio"] == 0.8
-    assert built["eval"]["data_file"] == "<data_dir>/lm/wiki.valid.raw"
+    assert built["eval"]["data_file"] == "${paths.data_dir}/lm/wiki.valid.raw"
     # a − paper per segment: (1.9 − 2.2, 2.5 − 2.4) = (−0.3, +0.1): mean −0.1, sd √0.08, t(0.975, 1) = 12.706
     paired = built["trials"][0]["delta_vs_paper"]
     half = 12.7062 * (0.08 ** 0.5) / 2 ** 0.5

@@ -39,7 +39,7 @@ Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` 
 ``<predictor>_rw<w>`` per weight (applied to every prompt) next to the predictor as shipped (its
 checkpoint's own weights). With ``--write-selected`` the page states, per predictor and prompt kind (raw
 text: wikitext, c4; chat: multi_news, passage_qa), each weight's worst-cell margin to the best
-training-free scorer and the weight that minimises it (:mod:`sdtp.reports.recency_selection`), and stores
+training-free scorer and the weight that minimises it (:mod:`sdtp.reports.prior_selection`), and stores
 them as ``recency_weight`` / ``recency_weight_chat`` in the predictor's ``predictor.json``. Run it on
 validation data, never on the test page's segments (where the weight rows are comparisons, not a choice)::
 
@@ -85,7 +85,7 @@ from sdtp.models import load_model
 from sdtp.paths import portable_path, portable_text, portable_tree
 from sdtp.reports import paired_tables
 from sdtp.predictor import TokenPredictor
-from sdtp.reports.recency_selection import (KINDS, meta_key, select_recency, selection_text, variant_name,
+from sdtp.reports.prior_selection import (KINDS, meta_key, select_prior, selection_text, variant_name,
                                             write_selected)
 from sdtp.scorers.predictor import PRIORS, PredictorScorer
 from sdtp.utils import git_commit, set_threads, write_json_atomic
@@ -516,7 +516,7 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
                                                                    predictors)})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
     names = list(opts.predictors or {"sdtp": None})
-    selection = {prior: select_recency(names, weights, cell_nll, kinds, prior) if opts.write_selected else {}
+    selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.write_selected else {}
                  for prior, weights in (("recency", opts.recency_weights), ("norm", opts.norm_weights))}
     head = header(opts, jobs, specs, machine)
     for prior, chosen in selection.items():

@@ -70,14 +70,6 @@ def resolved_config(metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics.get("config") or run_config(metrics)
 
 
-def shown_data_file(path: str | None, config: dict[str, Any]) -> str | None:
-    """``path`` relative to the data mirror (``<data_dir>/...``) or the repository, so the page reads the same in any clone."""
-    data_dir = str((config.get("paths") or {}).get("data_dir") or "").rstrip("/")
-    if path and data_dir and path.startswith(data_dir + "/"):
-        return "<data_dir>/" + path[len(data_dir) + 1:]
-    return shown_path(path, config)
-
-
 def read_run(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     if not path.is_file():
@@ -142,7 +134,7 @@ def build_page(trials: list[dict[str, Any]], paper: dict[str, Any], dense: dict[
         "trial_wall_s": sum(p["wall_s"] or 0.0 for p in [*trials, paper, dense]),
         "machine": where, "commits": commits, "dtype": runs[0].get("dtype"), "threads": runs[0].get("threads"),
         "scorer": (config.get("pruning") or {}).get("name"),
-        "eval": {"dataset": ev.get("dataset"), "data_file": shown_data_file(ev.get("data_file"), config),
+        "eval": {"dataset": ev.get("dataset"), "data_file": shown_path(ev.get("data_file"), config),
                  "context_len": ev.get("context_len"), "cont_len": ev.get("cont_len"),
                  "num_segments": ev.get("num_segments")},
         "study": states, "budget": budget, "best_within_budget": best,

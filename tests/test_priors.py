@@ -1,4 +1,4 @@
-"""The recency prior blended into the predictor's ranking (sdtp/scorers/prior.py)."""
+"""The recency and norm priors blended into the predictor's ranking (sdtp/scorers/prior.py) and their selection."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.eval.scoring import left_pad
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
-from sdtp.reports.recency_selection import select_recency, write_selected
+from sdtp.reports.prior_selection import select_prior, write_selected
 from sdtp.scorers.base import ScoreContext
 from sdtp.scorers.positional import PositionalScorer
 from sdtp.scorers.predictor import PredictorScorer
@@ -137,7 +137,7 @@ def test_report_selects_the_weight_with_the_best_worst_cell_per_kind_and_writes_
         {"dense": [1.0, 1.0], "norm": [1.5, 1.5], "sdtp_rw0": [1.8, 1.8], "sdtp_rw0.5": [1.4, 1.4],
          "sdtp_rw1": [1.4, 1.4]},
     ]
-    selection = select_recency(["sdtp"], opts.recency_weights, cells, ["text", "text", "text", "chat"])["sdtp"]
+    selection = select_prior(["sdtp"], opts.recency_weights, cells, ["text", "text", "text", "chat"])["sdtp"]
     text, chat = selection["text"], selection["chat"]
     assert text["cells"] == 2 and chat["cells"] == 1
     assert text["worst_margin_vs_best_baseline"] == pytest.approx({"0": 0.1, "0.5": 0.15, "1": 0.45})

@@ -1,7 +1,7 @@
 """Choosing a predictor's prior weights from a validation page (:mod:`sdtp.scorers.prior`).
 
 ``scripts/predictor_report.py --recency-weights 0,1,4`` adds one row ``<predictor>_rw<w>`` per weight
-(``--norm-weights``: ``<predictor>_nw<w>``, the hidden-state-norm prior); :func:`select_recency` picks
+(``--norm-weights``: ``<predictor>_nw<w>``, the hidden-state-norm prior); :func:`select_prior` picks
 a weight per prompt kind (raw text, chat) from those rows' per-segment NLLs and :func:`write_selected`
 stores them in the checkpoint's ``predictor.json``, which the scorer reads at inference.
 """
@@ -34,7 +34,7 @@ def variant_name(predictor: str, weight: float, prior: str = "recency") -> str:
     return f"{predictor}_{SUFFIX[prior]}{weight:g}"
 
 
-def select_recency(predictors: Sequence[str], weights: Sequence[float], cell_nll: Sequence[dict[str, list[float]]],
+def select_prior(predictors: Sequence[str], weights: Sequence[float], cell_nll: Sequence[dict[str, list[float]]],
                    kinds: Sequence[str] | None = None, prior: str = "recency") -> dict[str, dict[str, dict[str, Any]]]:
     """Per predictor and prompt kind: the ``prior`` weight whose worst cell is closest to the best training-free scorer.
 
@@ -63,7 +63,7 @@ def select_recency(predictors: Sequence[str], weights: Sequence[float], cell_nll
 
 def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[float]]],
             prior: str) -> dict[str, Any] | None:
-    """:func:`select_recency` for one predictor over one kind's cells (None when no weight is in all of them)."""
+    """:func:`select_prior` for one predictor over one kind's cells (None when no weight is in all of them)."""
     rows = {f"{w:g}": variant_name(name, w, prior) for w in weights}
     rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
     if not rows:
