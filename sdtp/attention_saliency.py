@@ -9,7 +9,8 @@ missing from if it were dropped before layer l (dropping at l removes it from ev
 It is computed on the full, unpruned model in one forward (no backward): after each layer's
 attention has run, the continuation rows' queries are re-projected (:func:`project_queries`) and
 scored against that layer's cached keys, so the full S x S attention matrix is never stored and
-the model's attention kernel (SDPA) is untouched.
+the model's attention kernel (SDPA) is untouched. A sliding-window layer (Gemma3) is read through
+its window: its queries' probabilities cover only the keys the layer itself lets them see.
 
 Why a second kind of label: gradient x input rates what *zeroing* a token's state would change to
 first order, far from removing 65% of the prompt; the oracle ablation (``results/predictors/...``)
@@ -25,10 +26,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from sdtp.engine.cache import unslide
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
 from sdtp.models.compat import cache_kwargs
-from sdtp.models.layer_types import require_full_attention
+from sdtp.models.layer_types import SLIDING, layer_kinds
 
 
 def continuation_weights(valid: torch.Tensor, split: torch.Tensor, start: int) -> torch.Tensor:
@@ -54,13 +56,15 @@ def attention_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
     """
     if split is None:
         raise ValueError("saliency target 'attention' needs a prompt/continuation split")
-    require_full_attention(model, "attention saliency labels (target=attention)")
     blocks = decoder_layers(model)
+    window = getattr(model.config, "sliding_window", None)
+    windows = [window if kind == SLIDING else None for kind in layer_kinds(model.config)]
     valid = valid.bool() if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
     split = split.to(input_ids.device)
     start = int(split.min())
     weights = continuation_weights(valid, split, start)  # (B, m)
     cache = DynamicCache(config=model.config)
+    unslide(cache)  # sliding layers keep every key, so each query's window can be read from the cache
     received: list[torch.Tensor] = [torch.zeros(input_ids.shape, device=input_ids.device) for _ in blocks]
 
     def make_hook(k: int):
@@ -69,7 +73,7 @@ def attention_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
             cos, sin = kwargs["position_embeddings"]
             query = project_queries(module, hidden[:, start:], cos[:, start:], sin[:, start:])  # (B, H, m, hd)
             index = torch.arange(start, hidden.shape[1], device=hidden.device)
-            probs = attention_probs(query, cache.layers[k].keys, index, module.scaling)  # (B, Hkv, g, m, S)
+            probs = attention_probs(query, cache.layers[k].keys, index, module.scaling, windows[k])  # (B, Hkv, g, m, S)
             per_query = probs.mean(dim=(1, 2))  # (B, m, S)
             received[k] = torch.einsum("bm,bms->bs", weights, per_query)
 

@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdtp.attention_saliency import attention_saliency
 from sdtp.models import decoder_layers
+from sdtp.models.layer_types import layer_kinds
 
 TARGETS = ("sequence", "continuation", "fidelity", "logit", "mask", "attention")
 CE_CHUNK = 512  # positions per LM-head chunk: bounds the (chunk, vocab) logits held at once
@@ -218,21 +219,22 @@ def mask_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[in
     A forward pre-hook on every decoder layer k gives it the additive mask
     ``causal + log(m_k + eps)`` (diagonal kept, as in training) with ``m_k`` = 1 leaf tensors.
     """
-    from sdtp.training.masking import causal_additive_mask, policy_attention_mask
+    from sdtp.training.masking import causal_masks, policy_attention_mask
 
     if split is None:
         raise ValueError("saliency target 'mask' needs a prompt/continuation split")
     blocks = decoder_layers(model)
     ids = input_ids.clone()
     valid = valid.bool() if valid is not None else torch.ones_like(ids, dtype=torch.bool)
-    causal = causal_additive_mask(valid)
+    causal = causal_masks(model.config, valid)  # attention kind -> (B, 1, S, S)
+    kinds = layer_kinds(model.config)
     keep = [torch.ones(ids.shape, dtype=torch.float32, device=ids.device, requires_grad=True) for _ in blocks]
 
     def make_hook(k: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = args[0] if args else kwargs["hidden_states"]
             kwargs = dict(kwargs)
-            kwargs["attention_mask"] = policy_attention_mask(causal, keep[k]).to(hidden.dtype)
+            kwargs["attention_mask"] = policy_attention_mask(causal[kinds[k]], keep[k]).to(hidden.dtype)
             return args, kwargs
 
         return hook

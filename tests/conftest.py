@@ -18,8 +18,8 @@ from sdtp.models import load_model  # noqa: E402
 from sdtp.scorers.base import Scorer, ScoreContext  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
-# Gemma3's sliding-window layers are supported by the pruning engine only (sdtp.models.layer_types):
-# its tests are the engine's (test_pruner.py), not those of the attention-recomputing components.
+# Gemma3's sliding-window layers are supported by the pruning engine, training's masks and the labels
+# (sdtp.models.layer_types), not by the components that recompute attention over a pruned cache.
 ENGINE_FAMILIES = (*FAMILIES, "gemma3")
 
 

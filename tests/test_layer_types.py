@@ -1,8 +1,9 @@
 """Layer kinds (full vs sliding-window attention) and the components that refuse sliding-window models.
 
-The pruning engine supports Gemma3's sliding layers (tests/test_pruner.py); the components that recompute
-attention or replace the model's masks assume full causal attention and must say so instead of computing
-something else.
+The pruning engine (tests/test_pruner.py), predictor training's masks (tests/test_masking.py) and the saliency
+labels (tests/test_saliency.py) support Gemma3's sliding layers; the components that recompute attention over
+a *pruned* cache (attention scorers, KV compression) assume full causal attention and must say so instead of
+computing something else.
 """
 
 from __future__ import annotations
@@ -10,18 +11,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from sdtp.config import compose
-from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.kv.compressor import KVCompressor
 from sdtp.kv.policy import KVPolicy
 from sdtp.models import check_supported, load_model
 from sdtp.models.layer_types import FULL, SLIDING, layer_kinds
-from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.attention import AttentionScorer
-from sdtp.training.masking import PolicyMasker
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +54,3 @@ def test_components_that_assume_full_attention_refuse_sliding_layers(gemma3):
     with pytest.raises(NotImplementedError, match="KV compression"):
         with KVCompressor(KVPolicy(method="snapkv"))(gemma3):
             pass
-    schedule = PruningSchedule(layers=(1, 2), keep_fractions=(0.8, 0.6))
-    meta = PredictorMeta(hidden_size=gemma3.config.hidden_size, layers=list(schedule.layers))
-    with pytest.raises(NotImplementedError, match="predictor training"):
-        with PolicyMasker(schedule, TokenPredictor(meta))(gemma3):
-            pass
-    with pytest.raises(NotImplementedError, match="attention saliency"):
-        from sdtp.attention_saliency import attention_saliency
-
-        attention_saliency(gemma3, torch.zeros(1, 8, dtype=torch.long), [1], None, torch.tensor([6]))

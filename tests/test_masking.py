@@ -11,7 +11,7 @@ from sdtp.losses import sdtp_loss
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.training.loop import annealed
-from sdtp.training.masking import PolicyMasker
+from sdtp.training.masking import PolicyMasker, causal_additive_mask
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.4), keep_first=2, keep_recent=0.1)
 
@@ -29,8 +29,9 @@ def _predictor(hidden: int, position_features: bool = False, query_tokens: int =
     return predictor
 
 
-def test_hard_mask_matches_gather_at_kept_positions(tiny, prompt_ids):
-    model, _, _ = tiny
+def test_hard_mask_matches_gather_at_kept_positions(tiny_engine, prompt_ids):
+    """Every family the engine prunes, Gemma3's sliding-window layers (window 16 < 97 tokens) included."""
+    model, _, _ = tiny_engine
     for position_features, query_tokens in ((False, 0), (True, 0), (True, 40)):
         predictor = _predictor(model.config.hidden_size, position_features, query_tokens)
         masker = PolicyMasker(SCHEDULE, predictor, mode="topk", noise_scale=0.0)
@@ -48,6 +49,28 @@ def test_hard_mask_matches_gather_at_kept_positions(tiny, prompt_ids):
         torch.testing.assert_close(masked_logits[0, kept], pruned_logits[0], rtol=1e-4, atol=1e-4)
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
     assert len(model.model._forward_pre_hooks) == 0
+
+
+def test_keep_ratio_one_masks_reproduce_the_models_own_logits(tiny_engine, prompt_ids):
+    """With every token kept, the masks the hooks install (each layer's own kind) are the model's own."""
+    model, _, _ = tiny_engine
+    schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(1.0, 1.0, 1.0), keep_first=2, keep_recent=0.1)
+    masker = PolicyMasker(schedule, _predictor(model.config.hidden_size), mode="topk", noise_scale=0.0)
+    with torch.no_grad():
+        dense = model(input_ids=prompt_ids).logits
+        with masker(model):
+            masked = model(input_ids=prompt_ids).logits
+            policies = masker.state.policies
+    assert len(policies) == 3 and all(bool((p == 1).all()) for p in policies)
+    torch.testing.assert_close(masked, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_causal_mask_closes_keys_outside_the_window():
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    open_ = causal_additive_mask(valid, window=3)[0, 0] == 0  # (S, S) visible keys
+    expected = torch.tensor([[1 if 0 <= i - j < 3 else 0 for j in range(6)] for i in range(6)], dtype=torch.bool)
+    assert torch.equal(open_, expected)
+    assert torch.equal(causal_additive_mask(valid)[0, 0] == 0, torch.ones(6, 6, dtype=torch.bool).tril())
 
 
 def test_continuation_is_never_pruned_and_budget_is_the_prompts(tiny_llama, prompt_ids):

@@ -7,6 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdtp.config import compose
+from sdtp.models import load_model
+from sdtp.models.layer_types import layer_kinds
 from sdtp.saliency import TARGETS, normalize_saliency, saliency_scores
 
 SPLIT = 15  # tokens 15.. of the 23-token sequence are the continuation
@@ -34,8 +37,8 @@ def _reference(model, ids, layers, target, split):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("mask", "attention")])
-def test_every_target_matches_autograd_reference(tiny, target):
-    model, _, _ = tiny
+def test_every_target_matches_autograd_reference(tiny_engine, target):
+    model, _, _ = tiny_engine
     ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
     layers = [1, 2, 3]
     ours = saliency_scores(model, ids, layers, target=target, absolute=False, normalize=False,
@@ -47,16 +50,17 @@ def test_every_target_matches_autograd_reference(tiny, target):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
 
 
-def test_mask_target_is_the_finite_difference_of_dropping_a_key(tiny_llama):
-    """``mask`` = -d CE(continuation) / d m_j, m_j scaling token j as a key in every layer >= l."""
-    from sdtp.training.masking import causal_additive_mask, policy_attention_mask
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_mask_target_is_the_finite_difference_of_dropping_a_key(family):
+    """``mask`` = -d CE(continuation) / d m_j, m_j scaling token j as a key in every layer >= l (Gemma3: with
+    each layer's own kind of causal mask, tests/test_masking.py checks those against the model's)."""
+    from sdtp.training.masking import causal_masks, policy_attention_mask
 
-    model, _, _ = tiny_llama
-    model = model.float()
+    model, _ = load_model(compose("generate", [f"model=tiny-{family}"]).model)
     ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
     layers = [1, 2, 3]
     ours = saliency_scores(model, ids, layers, "mask", absolute=False, normalize=False, split=torch.tensor([SPLIT]))
-    causal = causal_additive_mask(torch.ones(1, 23, dtype=torch.bool))
+    masks, kinds = causal_masks(model.config, torch.ones(1, 23, dtype=torch.bool)), layer_kinds(model.config)
 
     def loss(token: int, first_layer: int, eps: float) -> float:
         def hook_for(k):
@@ -64,7 +68,7 @@ def test_mask_target_is_the_finite_difference_of_dropping_a_key(tiny_llama):
                 keep = torch.ones(1, 23, dtype=torch.float64)
                 if k >= first_layer:
                     keep[0, token] -= eps
-                return args, {**kwargs, "attention_mask": policy_attention_mask(causal.double(), keep).float()}
+                return args, {**kwargs, "attention_mask": policy_attention_mask(masks[kinds[k]].double(), keep).float()}
             return hook
 
         handles = [b.register_forward_pre_hook(hook_for(k), with_kwargs=True) for k, b in enumerate(model.model.layers)]
@@ -83,10 +87,11 @@ def test_mask_target_is_the_finite_difference_of_dropping_a_key(tiny_llama):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
 
 
-def test_attention_target_matches_eager_attention_weights(tiny):
+def test_attention_target_matches_eager_attention_weights(tiny_engine):
     """``attention`` = sum over layers k >= l of the mean (heads, continuation rows) attention on j,
-    against the weights HF's eager attention returns with ``output_attentions``."""
-    model, _, _ = tiny
+    against the weights HF's eager attention returns with ``output_attentions`` (Gemma3: within each
+    sliding layer's window of 16 over 23 tokens)."""
+    model, _, _ = tiny_engine
     ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
     layers = [0, 2, 3]
     hooks = [len(layer.self_attn._forward_hooks) for layer in model.model.layers]

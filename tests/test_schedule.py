@@ -66,7 +66,7 @@ def test_missing_predictor_checkpoint_is_reported_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "llama2-7b", "mistral-7b-instruct-v0.2", "qwen2-7b", "llama3-8b",
-                                   "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-gemma3"])
+                                   "gemma3-270m", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-gemma3"])
 @pytest.mark.parametrize("pruning", ["none", "random"])
 def test_every_model_composes_with_its_default_schedule(model, pruning):
     cfg = compose("generate", [f"model={model}", f"pruning={pruning}"])

@@ -35,7 +35,8 @@ def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
     return query
 
 
-def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor, scale: float,
+                    window: int | None = None) -> torch.Tensor:
     """Causal softmax attention of ``query`` over ``keys``, grouped per KV head.
 
     Args:
@@ -43,6 +44,8 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.
         keys: (B, H_kv, T, hd) cached (rotated) keys; ``H`` must be a multiple of ``H_kv``.
         query_index: (m,) long, the cache index of each query token (keys beyond it are masked).
         scale: softmax scaling (``attn.scaling``).
+        window: a sliding-window layer's window: keys ``window`` or more indices before the query are
+            masked too (cache index = position: an unpruned cache that holds every token).
     Returns:
         (B, H_kv, H // H_kv, m, T) float32 probabilities; each row sums to 1.
     """
@@ -50,5 +53,6 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.
     kv_heads, length = keys.shape[1], keys.shape[2]
     grouped = query.float().view(batch, kv_heads, heads // kv_heads, m, head_dim)
     logits = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scale  # (B, H_kv, g, m, T)
-    future = torch.arange(length, device=keys.device)[None, :] > query_index[:, None]  # (m, T)
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    offset = query_index[:, None] - torch.arange(length, device=keys.device)[None, :]  # (m, T) query - key
+    hidden = offset < 0 if window is None else (offset < 0) | (offset >= window)
+    return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)

@@ -96,7 +96,7 @@ def load_model(
     elif source == "gguf_package":
         from sdtp.models.gguf import cached_gguf_folder
 
-        folder = cached_gguf_folder(model_cfg["package"], model_cfg["gguf_file"], model_cfg["name"], cache_dir)
+        folder = cached_gguf_folder(model_cfg, cache_dir)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     elif source == "hub":

@@ -104,7 +104,7 @@ def model_config(model: str) -> dict[str, Any]:
         if cfg.model.source == "gguf_package":
             from sdtp.models.gguf import cached_gguf_folder
 
-            where = cached_gguf_folder(cfg.model.package, cfg.model.gguf_file, cfg.model.name, cfg.paths.cache_dir)
+            where = cached_gguf_folder(cfg.model, cfg.paths.cache_dir)
         config = AutoConfig.from_pretrained(where)
     return {k: getattr(config, k, None) for k in CONFIG_KEYS}
 

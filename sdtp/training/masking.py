@@ -10,7 +10,8 @@ Forward pre-hooks on the decoder layers do, at each stage layer ``l_s``:
    continuation, as at inference) to 1, and update the cumulative policy ``D_s = D_{s-1} * M_s``;
    the budget ``round(P * r_s)`` is relative to the prompt length P;
 3. give layer ``l_s`` and every later layer an additive attention mask
-   ``causal + log(D_j + eps)`` on the keys j != i (the diagonal is kept, as in DynamicViT).
+   ``causal + log(D_j + eps)`` on the keys j != i (the diagonal is kept, as in DynamicViT), where
+   ``causal`` is the layer's own kind: plain causal, or causal within the sliding window (Gemma3).
 
 With a hard policy the mask is ``log(eps)`` (about -14) on dropped keys, i.e. the
 ``exp(a) * D / sum`` renormalisation of DynamicViT's ``softmax_with_policy``; its gradient with
@@ -34,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +43,7 @@ from torch import nn
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import protected_mask
 from sdtp.models import decoder_layers
-from sdtp.models.layer_types import require_full_attention
+from sdtp.models.layer_types import SLIDING, layer_kinds
 from sdtp.predictor import TokenPredictor
 
 MODES = ("gumbel", "topk")
@@ -70,8 +72,8 @@ class PolicyState:
     prompt: torch.Tensor | None = None
     prompt_len: torch.Tensor | None = None  # (B,)
     protect: torch.Tensor | None = None  # (B, S) bool, always kept
-    mask: torch.Tensor | None = None  # (B, 1, S, S) current additive mask
-    causal: torch.Tensor | None = None  # (B, 1, S, S) additive causal + padding mask
+    mask: dict[str, torch.Tensor] = field(default_factory=dict)  # attention kind -> (B, 1, S, S) current additive mask
+    causal: dict[str, torch.Tensor] = field(default_factory=dict)  # attention kind -> (B, 1, S, S) causal + padding
 
 
 def _gumbel(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -79,17 +81,32 @@ def _gumbel(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | 
     return (-torch.log(-torch.log(u))).to(like.device)
 
 
-def causal_additive_mask(valid: torch.Tensor) -> torch.Tensor:
+def causal_additive_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """(B, S) valid tokens -> (B, 1, S, S) float mask: 0 where key j <= query i and j valid, else -inf-like.
 
+    ``window``: a sliding-window layer's, which also closes keys with ``i - j >= window`` (HF's rule).
     The diagonal is always open so padded rows never have an empty softmax.
     """
     seq = valid.shape[1]
     idx = torch.arange(seq, device=valid.device)
-    allowed = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]
+    offset = idx[:, None] - idx[None, :]  # (S, S) query i - key j
+    visible = (offset >= 0) & (offset < window) if window is not None else offset >= 0
+    allowed = visible[None] & valid[:, None, :]
     allowed = allowed | torch.eye(seq, dtype=torch.bool, device=valid.device)[None]
     mask = torch.zeros(allowed.shape, dtype=torch.float32, device=valid.device)
     return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+def causal_masks(config: Any, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attention kind -> (B, 1, S, S) :func:`causal_additive_mask` for every kind ``config``'s layers use.
+
+    Training and the ``mask`` labels replace each layer's own mask, so a sliding-window layer (Gemma3)
+    must get its window back; without pruning, token positions are the original ones, as the engine's
+    window is measured (:mod:`sdtp.models.layer_types`).
+    """
+    window = getattr(config, "sliding_window", None)
+    return {kind: causal_additive_mask(valid, window if kind == SLIDING else None)
+            for kind in sorted(set(layer_kinds(config)))}
 
 
 def policy_attention_mask(causal: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
@@ -117,18 +134,18 @@ class PolicyMasker:
         self.state = PolicyState()
         self._stage_of = schedule.stage_of_layer()
         self._split: torch.Tensor | None = None
+        self._config: Any = None  # the hooked model's config (its layers' attention kinds and window)
 
     @contextmanager
     def __call__(self, model: nn.Module, split: torch.Tensor | None = None) -> Iterator[PolicyMasker]:
         """Install the hooks for forwards whose rows have prompts ``[0, split)`` (None = whole rows)."""
-        # Its additive masks replace each layer's own, which would drop a sliding layer's window.
-        require_full_attention(model, "predictor training (PolicyMasker)")
         layers = decoder_layers(model)
         self.schedule.validate(len(layers))
-        self._split = split
+        self._split, self._config = split, model.config
+        kinds = layer_kinds(model.config)
         handles = [model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True)]
         for idx in range(self.schedule.layers[0], len(layers)):
-            handles.append(layers[idx].register_forward_pre_hook(self._make_hook(idx), with_kwargs=True))
+            handles.append(layers[idx].register_forward_pre_hook(self._make_hook(idx, kinds[idx]), with_kwargs=True))
         try:
             yield self
         finally:
@@ -149,15 +166,15 @@ class PolicyMasker:
             for n in prompt_len.tolist()
         ]) | ~prompt  # the continuation (and padding) is never pruned
         self.state = PolicyState(valid=valid, prompt=prompt, prompt_len=prompt_len, protect=protect & valid,
-                                 causal=causal_additive_mask(valid))
+                                 causal=causal_masks(self._config, valid))
 
-    def _make_hook(self, layer: int):
+    def _make_hook(self, layer: int, kind: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if layer in self._stage_of:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self._run_stage(self._stage_of[layer], hidden)
             kwargs = dict(kwargs)
-            kwargs["attention_mask"] = self.state.mask.to(_dtype_of(args, kwargs))
+            kwargs["attention_mask"] = self.state.mask[kind].to(_dtype_of(args, kwargs))
             return args, kwargs
 
         return hook
@@ -192,7 +209,7 @@ class PolicyMasker:
         state.policies.append(policy)
         state.decided.append(decided)
         state.drop_agreement.append(_drop_agreement(hard.detach(), clean, decided))
-        state.mask = policy_attention_mask(state.causal, policy)
+        state.mask = {kind: policy_attention_mask(causal, policy) for kind, causal in state.causal.items()}
 
     def rescore(self) -> list[torch.Tensor]:
         """Per stage (B, S) scores recomputed from the recorded inputs, with grad.
