@@ -134,11 +134,16 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def git_commit() -> str | None:
-    """The repo's HEAD commit (with ``-dirty`` if uncommitted changes), or None outside git."""
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    """The repo's HEAD commit (with ``-dirty`` if uncommitted changes), or None outside git.
+
+    Changes under ``results/`` do not count: they are outputs, and an experiment script's own summaries
+    (written there between its runs, committed afterwards) would otherwise mark its later runs dirty.
+    """
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)results"], cwd=root,
+                               capture_output=True, text=True)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -201,3 +202,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_outputs_under_results_do_not_make_the_tree_dirty(tmp_path):
+    """An experiment's own summaries (results/) between its runs keep the commit clean; code changes do not."""
+    from sdtp.utils import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "page.md").write_text("old\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "results" / "page.md").write_text("new\n")
+    (tmp_path / "results" / "point.json").write_text("{}")
+    assert not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "new_module.py").write_text("")
+    assert git_commit(tmp_path).endswith("-dirty")
