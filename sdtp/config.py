@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sdtp.distributed import worker_overrides
+from sdtp.distributed import refuse_sweep_under_launcher, worker_overrides
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
@@ -160,6 +160,7 @@ def sdtp_main(
 
         @functools.wraps(task)
         def entry(*args: Any, **kwargs: Any) -> Any:
+            refuse_sweep_under_launcher(sys.argv[1:])
             # hydra.main reads its overrides from sys.argv: a non-zero torchrun rank adds the ones
             # that keep it from writing the run directory's config copy and log (rank 0 writes them).
             sys.argv.extend(worker_overrides())

@@ -268,6 +268,19 @@ def require_shared(path: Path, world: World, key: str) -> None:
         raise ConfigError(f"{key}: {path} is not visible to rank(s) {missing}; put it on a filesystem every node shares")
 
 
+def refuse_sweep_under_launcher(argv: Sequence[str], world: World | None = None) -> None:
+    """Refuse ``torchrun ... -m`` (a Hydra sweep in every rank): the ranks would each run the whole sweep in
+    one process group and, after the first point, wait on each other's collectives for ever.
+
+    Args:
+        argv: the command line after the program name; world: defaults to the launcher's.
+    """
+    world = World.from_env() if world is None else world
+    if world.size > 1 and any(arg in ("-m", "--multirun") for arg in argv):
+        raise ConfigError("a Hydra sweep (-m) cannot run under torchrun: launch one torchrun per sweep point, or "
+                          "sweep with a launcher whose points each run one process (docs/scaling.md)")
+
+
 def worker_overrides(rank: int | None = None) -> list[str]:
     """Hydra command-line overrides that keep a non-zero rank from writing: no ``.hydra/`` copy of the
     config, no run-directory creation elsewhere, no log file; warnings only, on stderr.

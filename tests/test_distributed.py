@@ -25,7 +25,8 @@ from sdtp.cli import label as label_cli
 from sdtp.cli import train as train_cli
 from sdtp.config import REPO_ROOT, build_schedule, compose
 from sdtp.data import build_examples
-from sdtp.distributed import World, average_gradients, check_world, shard, worker_overrides
+from sdtp.distributed import (World, average_gradients, check_world, refuse_sweep_under_launcher, shard,
+                              worker_overrides)
 from sdtp.errors import ConfigError
 from sdtp.models import load_model
 from sdtp.predictor import TokenPredictor
@@ -190,6 +191,10 @@ def test_ranks_share_each_step_without_overlap():
         assert not set(flat[0]) & set(flat[1])  # 12 positions of one epoch's permutation
     assert shard(list(range(7)), World(rank=1, size=3)) == [1, 4]
     assert worker_overrides(0) == [] and "hydra.output_subdir=null" in worker_overrides(1)
+    with pytest.raises(ConfigError, match="sweep \\(-m\\) cannot run under torchrun"):
+        refuse_sweep_under_launcher(["-m", "seed=0,1"], World(rank=1, size=WORLD))
+    refuse_sweep_under_launcher(["-m", "seed=0,1"], World())  # one process: a sweep is fine
+    refuse_sweep_under_launcher(["seed=0"], World(rank=0, size=WORLD))  # one point under torchrun is fine
     param = torch.nn.Parameter(torch.ones(2))
     param.grad = torch.full((2,), 3.0)
     average_gradients([param], World())  # one process: untouched
