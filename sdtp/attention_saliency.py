@@ -30,7 +30,7 @@ from sdtp.engine.cache import unslide
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
 from sdtp.models.compat import cache_kwargs
-from sdtp.models.layer_types import SLIDING, layer_kinds
+from sdtp.models.layer_types import layer_windows
 
 
 def continuation_weights(valid: torch.Tensor, split: torch.Tensor, start: int) -> torch.Tensor:
@@ -57,8 +57,7 @@ def attention_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
     if split is None:
         raise ValueError("saliency target 'attention' needs a prompt/continuation split")
     blocks = decoder_layers(model)
-    window = getattr(model.config, "sliding_window", None)
-    windows = [window if kind == SLIDING else None for kind in layer_kinds(model.config)]
+    windows = layer_windows(model.config)
     valid = valid.bool() if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
     split = split.to(input_ids.device)
     start = int(split.min())

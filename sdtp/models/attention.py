@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import nn
 
+from sdtp.models.layer_types import visible_keys
+
 
 def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotated queries of ``attn`` for ``hidden``.
@@ -54,5 +56,4 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.
     grouped = query.float().view(batch, kv_heads, heads // kv_heads, m, head_dim)
     logits = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scale  # (B, H_kv, g, m, T)
     offset = query_index[:, None] - torch.arange(length, device=keys.device)[None, :]  # (m, T) query - key
-    hidden = offset < 0 if window is None else (offset < 0) | (offset >= window)
-    return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+    return logits.masked_fill(~visible_keys(offset, window), float("-inf")).softmax(dim=-1)

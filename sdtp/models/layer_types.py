@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 FULL = "full_attention"
@@ -26,6 +27,18 @@ def layer_kinds(config: Any) -> tuple[str, ...]:
         return tuple(types)
     kind = SLIDING if getattr(config, "sliding_window", None) is not None else FULL
     return (kind,) * int(config.num_hidden_layers)
+
+
+def layer_windows(config: Any) -> tuple[int | None, ...]:
+    """The sliding window of every decoder layer, in order (None for full causal attention)."""
+    window = getattr(config, "sliding_window", None)
+    return tuple(window if kind == SLIDING else None for kind in layer_kinds(config))
+
+
+def visible_keys(offset: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys a query sees, from ``offset`` = query position - key position (any shape): causal, and
+    within ``window`` when given (HF's rule: ``offset < window``). Positions are original ones."""
+    return (offset >= 0) & (offset < window) if window is not None else offset >= 0
 
 
 def has_sliding_layers(config: Any) -> bool:

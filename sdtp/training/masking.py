@@ -43,7 +43,7 @@ from torch import nn
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import protected_mask
 from sdtp.models import decoder_layers
-from sdtp.models.layer_types import SLIDING, layer_kinds
+from sdtp.models.layer_types import layer_kinds, layer_windows, visible_keys
 from sdtp.predictor import TokenPredictor
 
 MODES = ("gumbel", "topk")
@@ -89,9 +89,7 @@ def causal_additive_mask(valid: torch.Tensor, window: int | None = None) -> torc
     """
     seq = valid.shape[1]
     idx = torch.arange(seq, device=valid.device)
-    offset = idx[:, None] - idx[None, :]  # (S, S) query i - key j
-    visible = (offset >= 0) & (offset < window) if window is not None else offset >= 0
-    allowed = visible[None] & valid[:, None, :]
+    allowed = visible_keys(idx[:, None] - idx[None, :], window)[None] & valid[:, None, :]
     allowed = allowed | torch.eye(seq, dtype=torch.bool, device=valid.device)[None]
     mask = torch.zeros(allowed.shape, dtype=torch.float32, device=valid.device)
     return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
@@ -104,9 +102,8 @@ def causal_masks(config: Any, valid: torch.Tensor) -> dict[str, torch.Tensor]:
     must get its window back; without pruning, token positions are the original ones, as the engine's
     window is measured (:mod:`sdtp.models.layer_types`).
     """
-    window = getattr(config, "sliding_window", None)
-    return {kind: causal_additive_mask(valid, window if kind == SLIDING else None)
-            for kind in sorted(set(layer_kinds(config)))}
+    windows = dict(zip(layer_kinds(config), layer_windows(config)))
+    return {kind: causal_additive_mask(valid, window) for kind, window in sorted(windows.items())}
 
 
 def policy_attention_mask(causal: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
