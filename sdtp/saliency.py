@@ -27,6 +27,9 @@ Targets T (``saliency.target``); each sequence has a ``split``: tokens before it
   that accepts a float mask with gradients (SDPA falls back to its math kernel).
 * ``attention``: not a gradient either: the attention the continuation queries pay each token in
   the layers from l on (:mod:`sdtp.attention_saliency`; one forward, no backward).
+* ``attention_value``: the same, each head's probability weighted by the norm of what the token's
+  value writes through that head's output projection (tokens that draw attention but carry little,
+  such as sinks and punctuation, score low).
 
 The hidden states are captured by forward pre-hooks (removed on exit); nothing of the model's
 forward is copied. The LM head runs in checkpointed chunks, so no full-vocabulary logits tensor
@@ -46,7 +49,7 @@ from sdtp.attention_saliency import attention_saliency
 from sdtp.models import decoder_layers
 from sdtp.models.layer_types import layer_kinds
 
-TARGETS = ("sequence", "continuation", "fidelity", "logit", "mask", "attention")
+TARGETS = ("sequence", "continuation", "fidelity", "logit", "mask", "attention", "attention_value")
 CE_CHUNK = 512  # positions per LM-head chunk: bounds the (chunk, vocab) logits held at once
 
 
@@ -191,8 +194,8 @@ def saliency_scores(
     if target == "mask":
         raw = mask_saliency(model, input_ids, layers, valid, split)
         return normalize_saliency(raw, absolute, normalize, valid)
-    if target == "attention":
-        raw = attention_saliency(model, input_ids, layers, valid, split)
+    if target in ("attention", "attention_value"):
+        raw = attention_saliency(model, input_ids, layers, valid, split, value_weighted=target == "attention_value")
         return normalize_saliency(raw, absolute, normalize, valid)
     base, head = model.base_model, model.get_output_embeddings()
     with frozen_parameters(model), torch.inference_mode(False), torch.enable_grad(), \

@@ -36,7 +36,7 @@ def _reference(model, ids, layers, target, split):
     return torch.stack([(h.grad * h).sum(-1) for h in hidden], dim=-1)
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("mask", "attention")])
+@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("mask", "attention", "attention_value")])
 def test_every_target_matches_autograd_reference(tiny_engine, target):
     model, _, _ = tiny_engine
     ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(0))
@@ -107,6 +107,39 @@ def test_attention_target_matches_eager_attention_weights(tiny_engine):
     torch.testing.assert_close(ours[0], ref, rtol=1e-4, atol=1e-5)
     assert torch.allclose(ours[0].sum(0), torch.tensor([4.0, 2.0, 1.0]))  # each layer's rows sum to 1
     assert [len(layer.self_attn._forward_hooks) for layer in model.model.layers] == hooks
+
+
+def test_attention_value_target_weights_heads_by_value_output_norm(tiny_engine):
+    """``attention_value`` = the attention label with each query head's probability on j multiplied by
+    ||W_o^h v_j||, against eager attention weights and the values ``v_proj`` emits."""
+    model, _, _ = tiny_engine
+    ids = torch.randint(4, 260, (1, 23), generator=torch.Generator().manual_seed(1))
+    layers = [0, 2, 3]
+    ours = saliency_scores(model, ids, layers, "attention_value", absolute=False, normalize=False,
+                           split=torch.tensor([SPLIT]))
+    values: list[torch.Tensor] = []
+    handles = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: values.append(out))
+               for layer in model.model.layers]
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        probs = model(input_ids=ids, output_attentions=True).attentions  # per layer (1, H, S, S)
+    finally:
+        model.config._attn_implementation = impl
+        for handle in handles:
+            handle.remove()
+    per_layer = []
+    for attn, a, v in zip((layer.self_attn for layer in model.model.layers), probs, values, strict=True):
+        hd, heads = attn.head_dim, a.shape[1]
+        v = v[0].view(v.shape[1], -1, hd)  # (S, H_kv, hd)
+        group = heads // v.shape[1]
+        norms = torch.stack([(v[:, h // group] @ attn.o_proj.weight[:, h * hd:(h + 1) * hd].T).norm(dim=-1)
+                             for h in range(heads)])  # (H, S)
+        per_layer.append((a[0, :, SPLIT:].float() * norms[:, None]).mean(dim=(0, 1)))
+    ref = torch.stack(per_layer, dim=-1).flip(-1).cumsum(-1).flip(-1)[:, layers]
+    torch.testing.assert_close(ours[0], ref, rtol=1e-4, atol=1e-5)
+    plain = saliency_scores(model, ids, layers, "attention", absolute=False, normalize=False, split=torch.tensor([SPLIT]))
+    assert not torch.allclose(ours, plain)
 
 
 def _padded_pair():
