@@ -110,6 +110,9 @@ def validate_eval(cfg: DictConfig) -> Runner:
     if compression != "none" and str(cfg.eval.runner) not in COMPRESSION_RUNNERS:
         raise ConfigError(f"compression={compression}: eval={cfg.eval.name} does not compress prompts; use a generation "
                           "runner (eval=longbench|needle|passage_count|passage_retrieval) or compression=none")
+    if ((cfg.get("pruning") or {}).get("scorer") or {}).get("gold") and cfg.eval.name != "continuation":
+        raise ConfigError(f"pruning.scorer.gold=true: only eval=continuation hands the oracle each prompt's continuation, "
+                          f"not eval={cfg.eval.name}")
     if cfg.eval.get("validate"):
         resolve_function(cfg, "validate")(cfg)
     return runner

@@ -70,6 +70,7 @@ from sdtp.eval.passage_qa import passage_qa_records
 from sdtp.eval.perplexity import wikitext_rows
 from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuation, score_continuations
 from sdtp.flops import prefill_fraction
+from sdtp.scorers.oracle import reveal_continuation
 from sdtp.utils import parse_jsonl
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class SegmentScore:
 def score_segment(model: nn.Module, ctx_ids: torch.Tensor, cont_ids: torch.Tensor,
                   pruner: TokenPruner | None) -> SegmentScore:
     """Prefill ``ctx_ids`` (1, N) (pruned), then score ``cont_ids`` (1, T) on the cache."""
+    reveal_continuation(pruner.scorer if pruner is not None else None, cont_ids)
     ctx = prefill_context(model, ctx_ids.to(model.device), pruner)
     logprobs, _ = score_continuation(model, ctx, cont_ids.to(model.device), pruner)  # (T,)
     return _segment_score(logprobs, ctx.record)
@@ -310,6 +312,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.task: {ev.get('task')!r} is not a LongBench dataset ({sorted(TASKS)})")
     if int(ev.doc_start) < 0 or (ev.dataset == "jsonl" and empty):
         raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
+    if (cfg.pruning.get("scorer") or {}).get("gold") and int(ev.get("batch_size", 1)) != 1:
+        raise ConfigError("pruning.scorer.gold=true: the gold oracle scores one segment at a time; set eval.batch_size=1")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
 

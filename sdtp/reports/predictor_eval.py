@@ -120,6 +120,7 @@ class ReportOptions:
     random_seeds: tuple[int, ...] = (0, 1, 2)
     oracle: bool = False
     oracle_targets: tuple[str, ...] = ("continuation",)
+    oracle_gold: bool = False
     only: tuple[str, ...] | None = None
     threads: int = 1
     render_only: bool = False
@@ -172,6 +173,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--oracle", action="store_true")
     p.add_argument("--oracle-targets", default="continuation",
                    help="saliency targets of the oracle rows (oracle_<target> each; comma-separated)")
+    p.add_argument("--oracle-gold", action="store_true",
+                   help="oracle rows label with each segment's real continuation (oracle_<target>_gold; slow)")
     p.add_argument("--only", default=None, help="comma-separated scorer names to compute (random = all seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true")
@@ -208,7 +211,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
     return ReportOptions(
         model=a.model, predictors=predictors, datasets=datasets, contexts=_csv(a.contexts, int), cont_len=a.cont_len,
         num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
-        oracle_targets=tuple(_csv(a.oracle_targets)),
+        oracle_targets=tuple(_csv(a.oracle_targets)), oracle_gold=a.oracle_gold,
         only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
         multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
@@ -227,7 +230,8 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
               for s in opts.random_seeds]
     specs += [ScorerSpec(m, (f"pruning={m}",), "baseline") for m in BASELINES]
     if opts.oracle:
-        specs += [ScorerSpec(f"oracle_{t}", ("pruning=oracle", f"pruning.scorer.target={t}"), "oracle")
+        gold = ("_gold", ("pruning.scorer.gold=true",)) if opts.oracle_gold else ("", ())
+        specs += [ScorerSpec(f"oracle_{t}{gold[0]}", ("pruning=oracle", f"pruning.scorer.target={t}", *gold[1]), "oracle")
                   for t in opts.oracle_targets]
     predictors = opts.predictors if opts.predictors is not None else {"sdtp": f"{predictors_dir}/{opts.model}"}
     for name, path in predictors.items():
