@@ -80,7 +80,7 @@ def test_gold_oracle_config_refused_outside_the_continuation_protocol(overrides,
     from sdtp.cli.evaluate import validate_eval
     from sdtp.config import compose
 
-    cfg = compose("eval", ["pruning=oracle", "pruning.scorer.gold=true", *overrides])
+    cfg = compose("eval", ["pruning=oracle", "+pruning.scorer.gold=true", *overrides])
     with pytest.raises(ConfigError, match=message):
         validate_eval(cfg)
 
@@ -90,5 +90,6 @@ def test_report_gold_oracle_rows(tmp_path):
 
     opts = predictor_eval.parse_args(["--oracle", "--oracle-targets", "attention,continuation", "--oracle-gold"])
     oracles = [s for s in predictor_eval.scorer_specs(opts, str(tmp_path)) if s.group == "oracle"]
-    assert [s.name for s in oracles] == ["oracle_attention_gold", "oracle_continuation_gold"]
-    assert all("pruning.scorer.gold=true" in s.overrides for s in oracles)
+    assert [s.name for s in oracles] == ["oracle_attention", "oracle_continuation",
+                                         "oracle_attention_gold", "oracle_continuation_gold"]
+    assert ["+pruning.scorer.gold=true" in s.overrides for s in oracles] == [False, False, True, True]

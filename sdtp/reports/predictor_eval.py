@@ -174,7 +174,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--oracle-targets", default="continuation",
                    help="saliency targets of the oracle rows (oracle_<target> each; comma-separated)")
     p.add_argument("--oracle-gold", action="store_true",
-                   help="oracle rows label with each segment's real continuation (oracle_<target>_gold; slow)")
+                   help="also oracle rows that label with each segment's real continuation (oracle_<target>_gold)")
     p.add_argument("--only", default=None, help="comma-separated scorer names to compute (random = all seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true")
@@ -230,9 +230,12 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
               for s in opts.random_seeds]
     specs += [ScorerSpec(m, (f"pruning={m}",), "baseline") for m in BASELINES]
     if opts.oracle:
-        gold = ("_gold", ("pruning.scorer.gold=true",)) if opts.oracle_gold else ("", ())
-        specs += [ScorerSpec(f"oracle_{t}{gold[0]}", ("pruning=oracle", f"pruning.scorer.target={t}", *gold[1]), "oracle")
+        specs += [ScorerSpec(f"oracle_{t}", ("pruning=oracle", f"pruning.scorer.target={t}"), "oracle")
                   for t in opts.oracle_targets]
+        if opts.oracle_gold:
+            specs += [ScorerSpec(f"oracle_{t}_gold", ("pruning=oracle", f"pruning.scorer.target={t}",
+                                                      "+pruning.scorer.gold=true"), "oracle")
+                      for t in opts.oracle_targets]
     predictors = opts.predictors if opts.predictors is not None else {"sdtp": f"{predictors_dir}/{opts.model}"}
     for name, path in predictors.items():
         if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
