@@ -87,6 +87,16 @@ def test_mask_target_is_the_finite_difference_of_dropping_a_key(family):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
 
 
+def _eager_attentions(model, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per layer (1, H, S, S) attention weights from HF's eager attention (the model's own setting restored)."""
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        return model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.config._attn_implementation = impl
+
+
 def test_attention_target_matches_eager_attention_weights(tiny_engine):
     """``attention`` = sum over layers k >= l of the mean (heads, continuation rows) attention on j,
     against the weights HF's eager attention returns with ``output_attentions`` (Gemma3: within each
@@ -96,12 +106,7 @@ def test_attention_target_matches_eager_attention_weights(tiny_engine):
     layers = [0, 2, 3]
     hooks = [len(layer.self_attn._forward_hooks) for layer in model.model.layers]
     ours = saliency_scores(model, ids, layers, "attention", absolute=False, normalize=False, split=torch.tensor([SPLIT]))
-    impl = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
-    try:
-        probs = model(input_ids=ids, output_attentions=True).attentions  # per layer (1, H, S, S)
-    finally:
-        model.config._attn_implementation = impl
+    probs = _eager_attentions(model, ids)
     per_layer = torch.stack([a[0, :, SPLIT:].float().mean(dim=(0, 1)) for a in probs], dim=-1)  # (S, L)
     ref = per_layer.flip(-1).cumsum(-1).flip(-1)[:, layers]
     torch.testing.assert_close(ours[0], ref, rtol=1e-4, atol=1e-5)
@@ -120,12 +125,9 @@ def test_attention_value_target_weights_heads_by_value_output_norm(tiny_engine):
     values: list[torch.Tensor] = []
     handles = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: values.append(out))
                for layer in model.model.layers]
-    impl = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
     try:
-        probs = model(input_ids=ids, output_attentions=True).attentions  # per layer (1, H, S, S)
+        probs = _eager_attentions(model, ids)
     finally:
-        model.config._attn_implementation = impl
         for handle in handles:
             handle.remove()
     per_layer = []
