@@ -13,11 +13,18 @@ Face dataset for online users. Formats:
   records. Prompt = the instruction and context (in the model's chat template when it has one,
   middle-truncated to fit), continuation = the response (truncated to ``continuation_length``).
   Rows are shuffled with the seed first (the Dolly mirror is grouped by category).
+* ``passage_qa``: long-document QA built from the Dolly file (:mod:`sdtp.eval.passage_qa`): records
+  ``[first_doc, first_doc + num_samples)`` with prompts of about ``max_length - continuation_length``
+  tokens, formatted exactly as the evaluation formats them; continuation = the gold answer. Records below
+  ``EVAL_RECORDS`` are the evaluation cells and are refused. Teaches the predictor the case where the
+  question after a long document decides which passage survives.
 * ``text``: ``text`` records. Documents are joined with EOS and cut into windows of
   ``max_length`` tokens; the last ``continuation_length`` tokens of each window are its
   continuation. Long documents (books) are capped so every document contributes windows.
 
-``first_doc``/``last_doc`` select a document range, so evaluation can hold out the rest.
+``first_doc``/``last_doc`` select a document range, so evaluation can hold out the rest. An
+``instruction`` source with ``exclude_passage_qa_eval: true`` skips the Dolly rows behind the passage-QA
+evaluation records (their question and answer would otherwise be trained on).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import torch
 from sdtp.errors import ConfigError
 from sdtp.utils import read_jsonl_records, read_text_file
 
-FORMATS = ("instruction", "text")
+FORMATS = ("instruction", "text", "passage_qa")
+CHAT_MARGIN = 32  # tokens left for the chat wrapper around a passage-QA prompt
 CHARS_PER_TOKEN = 6  # generous upper bound, used only to cap how much of a long document is tokenised
 Example = tuple[torch.Tensor, int]  # (input_ids (S,), split)
 
@@ -67,6 +75,20 @@ def validate_source(source: Mapping[str, Any], key: str) -> None:
         raise ConfigError(f"{key}.path: {path} is empty")
     if int(source.get("num_samples", 0)) < 1:
         raise ConfigError(f"{key}.num_samples: must be >= 1")
+    if source["format"] == "passage_qa":
+        _validate_passage_qa(source, key)
+    if source.get("exclude_passage_qa_eval") and path is None:
+        raise ConfigError(f"{key}.exclude_passage_qa_eval: needs the local Dolly-15k file the records are built from")
+
+
+def _validate_passage_qa(source: Mapping[str, Any], key: str) -> None:
+    from sdtp.eval.passage_qa import EVAL_RECORDS
+
+    if source.get("path") is None:
+        raise ConfigError(f"{key}.path: format passage_qa is built from a local Dolly-15k jsonl file")
+    if int(source.get("first_doc") or 0) < EVAL_RECORDS:
+        raise ConfigError(f"{key}.first_doc: passage-QA records [0, {EVAL_RECORDS}) are the evaluation cells; "
+                          f"start training at {EVAL_RECORDS} or later")
 
 
 def source_records(source: Mapping[str, Any], key: str = "data.sources") -> list[Mapping[str, Any]]:
@@ -120,6 +142,14 @@ def middle_truncate(ids: list[int], length: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (length - head):]
 
 
+def _without_passage_qa_eval(records: list[Mapping[str, Any]], path: str | Path) -> list[Mapping[str, Any]]:
+    from sdtp.eval.passage_qa import evaluation_questions
+
+    held_out = evaluation_questions(path)
+    return [r for r in records
+            if (str(r.get("instruction", "")).strip(), str(r.get("context", "")).strip()) not in held_out]
+
+
 def instruction_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mapping[str, Any],
                          num_samples: int, seed: int) -> list[Example]:
     """Prompt = instruction (+ context), continuation = response; prompts shorter than
@@ -158,13 +188,35 @@ def text_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mappin
     return [(torch.tensor(stream[s : s + window]), window - cont_len) for s in list(starts)[:num_samples]]
 
 
+def passage_qa_examples(tokenizer: Any, source: Mapping[str, Any], data: Mapping[str, Any]) -> list[Example]:
+    """Passage-QA records ``[first_doc, first_doc + num_samples)`` as the continuation evaluation builds them
+    (``sdtp.eval.continuation.record_segments``): prompt = chat-formatted passages + question, about
+    ``max_length - continuation_length - CHAT_MARGIN`` tokens; continuation = the gold answer."""
+    from sdtp.eval.continuation import record_segments
+    from sdtp.eval.passage_qa import TASK, passage_qa_records
+    from sdtp.eval.predict import wants_chat_template
+
+    cont_len = int(data["continuation_length"])
+    context_len = int(data["max_length"]) - cont_len - CHAT_MARGIN
+    chat = wants_chat_template(tokenizer, "auto" if data.get("chat_template", True) else False)
+    records = passage_qa_records(source["path"], tokenizer, context_len, int(source.get("first_doc") or 0),
+                                 int(source["num_samples"]))
+    segments = record_segments(records, TASK, tokenizer, context_len, cont_len, chat)
+    return [(torch.cat([prompt[0], answer[0]]), prompt.shape[1]) for prompt, answer in segments]
+
+
 def build_examples(tokenizer: Any, data: Mapping[str, Any], seed: int) -> list[Example]:
     """Every source's examples, interleaved by a seeded permutation (so any tail is a mix)."""
     examples: list[Example] = []
     for i, source in enumerate(data["sources"]):
+        if source["format"] == "passage_qa":
+            examples += passage_qa_examples(tokenizer, source, data)
+            continue
         records = source_records(source, f"data.sources.{i}")
         count = int(source["num_samples"])
         if source["format"] == "instruction":
+            if source.get("exclude_passage_qa_eval"):
+                records = _without_passage_qa_eval(records, source["path"])
             examples += instruction_examples(tokenizer, records, data, count, seed)
         else:
             examples += text_examples(tokenizer, records, data, count)

@@ -157,7 +157,8 @@ def test_gumbel_mode_with_ratio_loss_trains(tmp_path):
 
 
 def test_bad_training_config_fails_before_loading(tmp_path):
-    for override, key in (("train.target=bogus", "train.target"), ("train.labels=maybe", "train.labels"),
+    for override, key in (("train.target=bogus", "train.target"), ("train.target=logit", "train.target"),
+                          ("train.labels=maybe", "train.labels"),
                           ("train.tau.end=0", "train.tau"), ("data.sources.0.path=/nope.jsonl", "data.sources.0.path")):
         with pytest.raises(ConfigError, match=key):
             train_cli.run(_train_cfg(tmp_path / "x", override))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from sdtp.config import compose
+from sdtp.config import build_pruner, compose
+from sdtp.data import CHAT_MARGIN, build_examples, passage_qa_examples, validate_source
 from sdtp.errors import ConfigError
 from sdtp.eval.continuation import build_segments, validate
-from sdtp.eval.passage_qa import eligible_targets, passage_qa_records
+from sdtp.eval.passage_kept import kept_shares, target_span
+from sdtp.eval.passage_qa import EVAL_RECORDS, eligible_targets, evaluation_questions, passage_qa_records
 
 
 def _dolly(tmp_path, rows: int = 40):
@@ -72,3 +75,76 @@ def test_continuation_segments_end_with_the_question_and_score_the_answer(tmp_pa
         prompt = tokenizer.decode(ctx[0])
         assert prompt.rstrip().endswith(f"Question: {record['input']}\nAnswer:")
         assert tokenizer.decode(cont[0]) == record["answers"][0]
+
+
+def _data(path, fmt: str, first_doc: int = EVAL_RECORDS, num: int = 4, **extra) -> dict:
+    source = {"name": fmt, "path": str(path), "hub": None, "format": fmt, "first_doc": first_doc,
+              "num_samples": num, **extra}
+    return {"sources": [source], "max_length": 1200, "continuation_length": 16, "min_prompt_length": 4,
+            "chat_template": True}
+
+
+def test_training_examples_are_the_evaluation_prompts_of_later_records(tmp_path, tiny_llama):
+    """A passage_qa training example is prompt + gold answer exactly as the continuation eval builds the
+    same record, so the predictor trains on the prompts it is judged on (other records)."""
+    path, tokenizer = _dolly(tmp_path, rows=600), tiny_llama[1]
+    data = _data(path, "passage_qa", num=3)
+    validate_source(data["sources"][0], "data.sources.0")
+    examples = passage_qa_examples(tokenizer, data["sources"][0], data)
+    cfg = compose("eval", ["model=tiny-llama", "eval=continuation", "eval.dataset=passage_qa",
+                           f"eval.data_file={path}", f"eval.context_len={1200 - 16 - CHAT_MARGIN}",
+                           "eval.cont_len=16", f"eval.doc_start={EVAL_RECORDS}", "eval.num_segments=3",
+                           "pruning=none"])
+    segs, _ = build_segments(cfg.eval, tokenizer)
+    assert len(examples) == 3
+    for (ids, split), (ctx, cont) in zip(examples, segs):
+        assert split == ctx.shape[1] and torch.equal(ids, torch.cat([ctx[0], cont[0]]))
+        assert ids.shape[0] <= 1200
+
+
+def test_training_refuses_the_evaluation_records(tmp_path):
+    path = _dolly(tmp_path, rows=600)
+    with pytest.raises(ConfigError, match="first_doc.*evaluation"):
+        validate_source(_data(path, "passage_qa", first_doc=EVAL_RECORDS - 1)["sources"][0], "data.sources.0")
+
+
+def test_instruction_source_can_skip_the_rows_behind_the_evaluation_records(tmp_path, tiny_llama):
+    path, tokenizer = _dolly(tmp_path, rows=600), tiny_llama[1]
+    held_out = {question for question, _ in evaluation_questions(path)}
+    assert len(held_out) == EVAL_RECORDS
+
+    def questions(**extra) -> set[str]:
+        data = _data(path, "instruction", first_doc=0, num=600, **extra)
+        prompts = [tokenizer.decode(ids[:split]) for ids, split in build_examples(tokenizer, data, seed=0)]
+        return {q for q in held_out if any(q in p for p in prompts)}
+
+    assert questions()  # without the flag the evaluation questions are trained on
+    assert not questions(exclude_passage_qa_eval=True)
+
+
+def test_target_span_is_exactly_the_target_passage_text(tmp_path, tiny_llama):
+    path, tokenizer = _dolly(tmp_path), tiny_llama[1]
+    cfg = compose("eval", ["model=tiny-llama", "eval=continuation", "eval.dataset=passage_qa",
+                           f"eval.data_file={path}", "eval.context_len=1200", "eval.num_segments=3", "pruning=none"])
+    segs, _ = build_segments(cfg.eval, tokenizer)
+    for (ctx, _), record in zip(segs, passage_qa_records(path, tokenizer, 1200, 0, 3)):
+        span = target_span(tokenizer, ctx, record)
+        assert torch.equal(span, torch.arange(int(span[0]), int(span[-1]) + 1))  # contiguous
+        number = record["input"].removeprefix("What is number ").removesuffix("?")
+        text = tokenizer.decode(ctx[0, span]).strip()
+        assert text.startswith(f"Reference text number {number}.") and text.endswith("filler words here.")
+
+
+def test_kept_shares_count_the_target_tokens_that_survive(tmp_path, tiny_llama):
+    """positional keeps the first 4 and the most recent tokens: the target share is the part of the span in them."""
+    model, tokenizer, _ = tiny_llama
+    path = _dolly(tmp_path)
+    cfg = compose("eval", ["model=tiny-llama", "eval=continuation", "eval.dataset=passage_qa", f"eval.data_file={path}",
+                           "eval.context_len=1200", "eval.num_segments=3", "pruning=positional"])
+    segs, _ = build_segments(cfg.eval, tokenizer)
+    spans = [target_span(tokenizer, ctx, r) for (ctx, _), r in zip(segs, passage_qa_records(path, tokenizer, 1200, 0, 3))]
+    for (target, prompt), (ctx, _), span in zip(kept_shares(model, build_pruner(cfg), segs, spans), segs, spans):
+        n = ctx.shape[1]
+        recent_from = n - (round(prompt * n) - 4)
+        assert 0 < prompt < 1
+        assert target == pytest.approx(float(((span < 4) | (span >= recent_from)).float().mean()))

@@ -30,6 +30,9 @@ from sdtp.labels import TRANSFORMS
 from sdtp.training.loop import train
 from sdtp.training.masking import MODES
 
+# `logit` rates tokens by one position's output (the last token's): kept for label analysis, not a training label
+TRAIN_TARGETS = tuple(t for t in TARGETS if t != "logit")
+
 LABEL_MODES = ("online", "stored")
 
 
@@ -45,7 +48,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if int(t.loss.max_pairs) < 1:
         raise ConfigError(f"train.loss.max_pairs: must be >= 1, got {t.loss.max_pairs}")
     choices = {"loss.ties": (t.loss.ties, TIES), "keep_mode": (t.keep_mode, MODES), "labels": (t.labels, LABEL_MODES),
-               "target": (t.target, ("sequence", "continuation", "fidelity", "mask", "attention", "attention_value")), "label_transform": (t.label_transform, TRANSFORMS)}
+               "target": (t.target, TRAIN_TARGETS), "label_transform": (t.label_transform, TRANSFORMS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"train.{key}: {value!r} not in {allowed}")

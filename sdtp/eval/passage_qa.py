@@ -29,6 +29,7 @@ TARGET_CATEGORIES = ("closed_qa", "information_extraction")
 SHUFFLE_SEED = 20260101  # fixed: changing it changes every record
 TEMPLATE_TOKENS = 160  # room left for the template, question and chat wrapper within context_len
 MIN_CONTEXT_CHARS = 200  # targets with shorter reference texts are too easy to keep by chance
+EVAL_RECORDS = 128  # records [0, 64) are the test cells, [64, 128) validation: training reads from here on
 
 
 def _reference_rows(path: Path) -> list[dict[str, Any]]:
@@ -70,6 +71,13 @@ def build_record(rows: list[dict[str, Any]], target: int, index: int, budget: in
     return {"context": context, "input": str(rows[target]["instruction"]).strip(),
             "answers": [str(rows[target]["response"]).strip()], "_id": f"dolly-{target}", "depth": depth,
             "passages": len(passages)}
+
+
+def evaluation_questions(path: str | Path) -> set[tuple[str, str]]:
+    """(instruction, context) of the rows behind records ``[0, EVAL_RECORDS)``: what training must not see."""
+    rows = _reference_rows(Path(path))
+    return {(str(rows[t]["instruction"]).strip(), str(rows[t]["context"]).strip())
+            for t in eligible_targets(rows)[:EVAL_RECORDS]}
 
 
 def passage_qa_records(path: str | Path, tokenizer: Any, context_len: int, start: int, num: int) -> list[dict]:
