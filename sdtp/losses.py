@@ -12,6 +12,10 @@ lets the ratio loss (``keep_mode=gumbel``) set the keep probability without figh
 ranking loss averages the pairwise logistic loss over pairs i < j of those tokens; with more than
 ``max_pairs`` pairs in a row it averages over ``max_pairs`` uniformly sampled pairs instead, so no
 S x S tensor is built for long sequences (an unbiased estimate of the same mean).
+The optional selection loss (``selection`` weight; not in the paper) keeps only the pairs that cross
+the stage's cut: the label's top-k of those tokens, k = how many of them the stage keeps, against the
+rest. Uniform pairs spend most of their weight ordering tokens on the same side of the cut, which no
+stage's decision depends on.
 The paper's ablations are weight overrides: "w/o Rank" = ``ranking=0``, "w/o Rank & MSE" = also ``mse=0``.
 """
 
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 TIES = ("ignore", "include")
+LOSS_TERMS = ("ce", "mse", "ranking", "selection", "ratio", "kl")  # the weights of train.loss
 
 
 def centered_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,39 @@ def ranking_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, t
     return total / max(count, 1)
 
 
+def _cross_pairs(top: torch.Tensor, bottom: torch.Tensor, max_pairs: int,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (top, bottom) index pair, or ``max_pairs`` of them sampled uniformly."""
+    if top.numel() * bottom.numel() <= max_pairs:
+        return top.repeat_interleave(bottom.numel()), bottom.repeat(top.numel())
+    i = torch.randint(0, top.numel(), (max_pairs,), generator=generator)
+    j = torch.randint(0, bottom.numel(), (max_pairs,), generator=generator)
+    return top[i.to(top.device)], bottom[j.to(bottom.device)]
+
+
+def selection_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor,
+                   max_pairs: int = 4096, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pairwise logistic loss across a stage's cut: ``softplus(-(p_i - p_j))`` averaged over i in the
+    label's top ``kept[b]`` tokens of ``mask`` (what an oracle would keep at the stage's budget) and j in
+    the rest (all pairs, or ``max_pairs`` sampled per row). Rows where the stage keeps all or none of
+    ``mask`` contribute nothing; label ties at the cut are broken by ``argsort``.
+
+    Args:
+        pred, target: (B, S); mask: (B, S) bool; kept: (B,) how many ``mask`` tokens the stage keeps.
+    """
+    total, count = pred.new_zeros((), dtype=torch.float32), 0
+    for row in range(pred.shape[0]):
+        idx = mask[row].nonzero().squeeze(-1)
+        k = int(kept[row])
+        if not 0 < k < idx.numel():
+            continue
+        order = idx[target[row, idx].float().argsort(descending=True)]
+        i, j = _cross_pairs(order[:k], order[k:], max_pairs, generator)
+        total = total + F.softplus(-(pred[row, i].float() - pred[row, j].float())).sum()
+        count += int(i.numel())
+    return total / max(count, 1)
+
+
 def ratio_loss(policies: Sequence[torch.Tensor], fractions: Sequence[float], prompt: torch.Tensor) -> torch.Tensor:
     """DynamicViT's keep-ratio loss: mean over stages and rows of (kept prompt fraction - rho_s)^2.
 
@@ -109,6 +147,7 @@ def sdtp_loss(
     prompt: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
     stage_weights: Sequence[float] | None = None,
+    kept: Sequence[torch.Tensor] = (),
     ties: str = "ignore",
     max_pairs: int = 4096,
     generator: torch.Generator | None = None,
@@ -119,13 +158,17 @@ def sdtp_loss(
         scores: per stage (B, S) predictor scores.
         labels: (B, S, num_stages) transformed saliency labels.
         decided: per stage (B, S) bool, the tokens stage s decides about (alive, prompt, unprotected).
-        weights: ``ce``, ``mse``, ``ranking``, ``ratio``, ``kl`` (missing = 0).
+        weights: ``ce``, ``mse``, ``ranking``, ``selection``, ``ratio``, ``kl`` (missing = 0).
+        kept: per stage (B,) how many ``decided`` tokens the stage kept (for the selection loss).
         prompt: (B, S) bool prompt tokens (for the ratio loss).
     """
     stage_weights = list(stage_weights) if stage_weights is not None else [1.0] * len(scores)
     total = labels.new_zeros((), dtype=torch.float32)
     terms: dict[str, float] = {}
     w_mse, w_rank = float(weights.get("mse", 0.0)), float(weights.get("ranking", 0.0))
+    w_sel = float(weights.get("selection", 0.0))
+    if w_sel and len(kept) != len(scores):
+        raise ValueError("sdtp_loss: the selection loss needs every stage's kept count")
     for s, score in enumerate(scores):
         if w_mse:
             mse = centered_mse(score, labels[..., s], decided[s])
@@ -135,7 +178,11 @@ def sdtp_loss(
             rank = ranking_loss(score, labels[..., s], decided[s], ties, max_pairs, generator)
             total = total + stage_weights[s] * w_rank * rank
             terms[f"rank/{s}"] = rank.item()
-    for name in ("mse", "rank"):
+        if w_sel:
+            sel = selection_loss(score, labels[..., s], decided[s], kept[s], max_pairs, generator)
+            total = total + stage_weights[s] * w_sel * sel
+            terms[f"sel/{s}"] = sel.item()
+    for name in ("mse", "rank", "sel"):
         per_stage = [v for k, v in terms.items() if k.startswith(f"{name}/")]
         if per_stage:
             terms[name] = sum(per_stage) / len(per_stage)

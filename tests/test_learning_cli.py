@@ -256,3 +256,13 @@ def test_attention_labels_from_sdtp_label_match_a_direct_computation(tmp_path):
     direct = saliency_scores(model, ids[None], None, "attention", absolute=False, normalize=False,
                              split=torch.tensor([split]))[0]
     torch.testing.assert_close(sal, direct, rtol=1e-3, atol=1e-6)
+
+
+def test_selection_loss_trains_end_to_end(tmp_path):
+    """train.loss.selection: every stage logs its cut-crossing term (positive: each stage keeps some, drops some)."""
+    train_cli.run(_train_cfg(tmp_path / "sel", "train.loss.selection=1", "train.loss.ranking=0", "train.loss.ce=0",
+                             "train.max_steps=2"))
+    rows = [r for r in map(json.loads, (tmp_path / "sel" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(rows) == 2 and all(r["sel"] > 0 and "rank" not in r for r in rows)
+    stages = {k.split("/")[1] for k in rows[0] if k.startswith("mse/")}
+    assert len(stages) > 1 and {k.split("/")[1] for k in rows[0] if k.startswith("sel/")} == stages

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdtp.labels import transform_labels
-from sdtp.losses import centered_mse, ranking_loss, ratio_loss, sdtp_loss
+from sdtp.losses import centered_mse, ranking_loss, ratio_loss, sdtp_loss, selection_loss
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.saliency import capture_layer_inputs
 
@@ -40,6 +40,36 @@ def test_sampled_pairs_estimate_the_all_pairs_mean():
     sampled = ranking_loss(pred, target, mask, max_pairs=20000, generator=torch.Generator().manual_seed(1)).item()
     assert sampled == pytest.approx(exact, rel=0.03)
     assert sampled != exact  # it really sampled (a full pair set has ~22K pairs per row)
+
+
+def test_selection_loss_hand_computed_and_sampled():
+    pred = torch.tensor([[0.5, -1.0, 2.0, 0.0, 9.0]])
+    target = torch.tensor([[0.3, 0.1, 0.9, 0.2, -5.0]])
+    mask = torch.tensor([[True, True, True, True, False]])  # token 4 is not decided by this stage
+    # the stage keeps 2 of the 4: the label's top 2 are tokens 2 and 0; pairs (kept, dropped) only
+    pairs = [sp(-(2.0 + 1.0)), sp(-(2.0 - 0.0)), sp(-(0.5 + 1.0)), sp(-(0.5 - 0.0))]  # (2,1) (2,3) (0,1) (0,3)
+    assert selection_loss(pred, target, mask, torch.tensor([2])).item() == pytest.approx(sum(pairs) / 4, rel=1e-6)
+    assert selection_loss(pred, target, mask, torch.tensor([4])).item() == 0.0  # keeps everything: no cut
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 400, generator=gen), torch.randn(2, 400, generator=gen)
+    mask, kept = torch.ones(2, 400, dtype=torch.bool), torch.tensor([360, 300])
+    exact = selection_loss(pred, target, mask, kept, max_pairs=10**9).item()
+    sampled = selection_loss(pred, target, mask, kept, max_pairs=20000, generator=torch.Generator().manual_seed(1)).item()
+    assert sampled == pytest.approx(exact, rel=0.03) and sampled != exact
+
+
+def test_sdtp_loss_adds_the_weighted_selection_term():
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(1, 6, generator=gen) for _ in range(2)]
+    labels, decided = torch.randn(1, 6, 2, generator=gen), [torch.ones(1, 6, dtype=torch.bool)] * 2
+    kept = [torch.tensor([5]), torch.tensor([4])]
+    base, _ = sdtp_loss(scores, labels, decided, {"mse": 1.0})
+    total, terms = sdtp_loss(scores, labels, decided, {"mse": 1.0, "selection": 0.5}, kept=kept)
+    by_hand = sum(selection_loss(s, labels[..., i], decided[i], kept[i]) for i, s in enumerate(scores))
+    assert total.item() == pytest.approx(base.item() + 0.5 * by_hand.item(), rel=1e-6)
+    assert terms["sel"] == pytest.approx(by_hand.item() / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="kept count"):
+        sdtp_loss(scores, labels, decided, {"selection": 1.0})
 
 
 def test_centered_mse_hand_computed_and_shift_invariant():

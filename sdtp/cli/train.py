@@ -24,7 +24,7 @@ from sdtp.config import sdtp_main
 from sdtp.data import validate_source
 from sdtp.distributed import World, check_world, process_group
 from sdtp.errors import ConfigError
-from sdtp.losses import TIES
+from sdtp.losses import LOSS_TERMS, TIES
 from sdtp.saliency import TARGETS
 from sdtp.labels import TRANSFORMS
 from sdtp.training.loop import train
@@ -42,7 +42,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "ckpt_every"):
         if int(t[key]) < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {t[key]}")
-    for key in ("ce", "mse", "ranking", "ratio", "kl"):
+    for key in LOSS_TERMS:
         if float(t.loss[key]) < 0:
             raise ConfigError(f"train.loss.{key}: weights must be >= 0, got {t.loss[key]}")
     if int(t.loss.max_pairs) < 1:

@@ -44,7 +44,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.labels import load_labels, transform_labels
-from sdtp.losses import distill_kl, sdtp_loss
+from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
 from sdtp.predictor import PredictorMeta, TokenPredictor, with_norm_input
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
@@ -143,10 +143,11 @@ def loss_step(model: torch.nn.Module, masker: PolicyMasker, batch: Batch, t: Dic
         kl = distill_kl(head(hidden[rows, cols]), head(dense[rows, cols]))
     region = state.prompt & ~state.protect
     labels = transform_labels(batch.labels, region, t.label_transform)
-    weights = {k: float(w[k]) for k in ("ce", "mse", "ranking", "ratio", "kl")}
+    weights = {k: float(w.get(k, 0.0)) for k in LOSS_TERMS}
+    kept = [((policy.detach() > 0.5) & decided).sum(1) for policy, decided in zip(state.policies, state.decided)]
     loss, terms = sdtp_loss(state.scores, labels, state.decided, weights, ce=ce, policies=state.policies,
                             fractions=masker.schedule.keep_fractions, prompt=state.prompt, kl=kl,
-                            stage_weights=w.stage_weights, ties=w.ties, max_pairs=int(w.max_pairs),
+                            stage_weights=w.stage_weights, kept=kept, ties=w.ties, max_pairs=int(w.max_pairs),
                             generator=generator)
     prompt = state.prompt.float()
     terms["kept_fraction"] = float(((state.policies[-1].detach() * prompt).sum(1) / prompt.sum(1).clamp(min=1)).mean())
