@@ -16,7 +16,6 @@ when it happens to sit near the end.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
