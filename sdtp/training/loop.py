@@ -143,8 +143,9 @@ def loss_step(model: torch.nn.Module, masker: PolicyMasker, batch: Batch, t: Dic
         kl = distill_kl(head(hidden[rows, cols]), head(dense[rows, cols]))
     region = state.prompt & ~state.protect
     labels = transform_labels(batch.labels, region, t.label_transform)
-    weights = {k: float(w.get(k, 0.0)) for k in LOSS_TERMS}
-    kept = [((policy.detach() > 0.5) & decided).sum(1) for policy, decided in zip(state.policies, state.decided)]
+    weights = {k: float(w[k]) for k in LOSS_TERMS}
+    kept = [((policy.detach() > 0.5) & decided).sum(1)  # only the selection loss reads each stage's kept count
+            for policy, decided in zip(state.policies, state.decided)] if weights["selection"] else []
     loss, terms = sdtp_loss(state.scores, labels, state.decided, weights, ce=ce, policies=state.policies,
                             fractions=masker.schedule.keep_fractions, prompt=state.prompt, kl=kl,
                             stage_weights=w.stage_weights, kept=kept, ties=w.ties, max_pairs=int(w.max_pairs),
