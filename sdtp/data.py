@@ -190,18 +190,16 @@ def text_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mappin
 
 def passage_qa_examples(tokenizer: Any, source: Mapping[str, Any], data: Mapping[str, Any]) -> list[Example]:
     """Passage-QA records ``[first_doc, first_doc + num_samples)`` as the continuation evaluation builds them
-    (``sdtp.eval.continuation.record_segments``): prompt = chat-formatted passages + question, about
+    (``sdtp.eval.continuation.passage_qa_cell``): prompt = chat-formatted passages + question, about
     ``max_length - continuation_length - CHAT_MARGIN`` tokens; continuation = the gold answer."""
-    from sdtp.eval.continuation import record_segments
-    from sdtp.eval.passage_qa import TASK, passage_qa_records
+    from sdtp.eval.continuation import passage_qa_cell
     from sdtp.eval.predict import wants_chat_template
 
     cont_len = int(data["continuation_length"])
     context_len = int(data["max_length"]) - cont_len - CHAT_MARGIN
     chat = wants_chat_template(tokenizer, "auto" if data.get("chat_template", True) else False)
-    records = passage_qa_records(source["path"], tokenizer, context_len, int(source.get("first_doc") or 0),
-                                 int(source["num_samples"]))
-    segments = record_segments(records, TASK, tokenizer, context_len, cont_len, chat)
+    _, segments = passage_qa_cell(source["path"], tokenizer, context_len, cont_len,
+                                  int(source.get("first_doc") or 0), int(source["num_samples"]), chat)
     return [(torch.cat([prompt[0], answer[0]]), prompt.shape[1]) for prompt, answer in segments]
 
 

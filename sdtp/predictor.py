@@ -67,6 +67,11 @@ class PredictorMeta:
     # Weights of the hidden-state-norm prior (sdtp/scorers/prior.py), the same way; 0 = none.
     norm_weight: float = 0.0
     norm_weight_chat: float | None = None
+    # Weights of the attention prior (attention from the prompt's last ``attention_queries`` tokens at
+    # the layer before each stage, sdtp/scorers/prior.py), the same way; 0 = none.
+    attention_weight: float = 0.0
+    attention_weight_chat: float | None = None
+    attention_queries: int = 16
     query_tokens: int = 0  # m: the query branch reads the prompt's last m alive tokens (0 = no branch)
     query_rank: int = 32  # r: width of the bilinear key/query projections
 

@@ -9,6 +9,7 @@ from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
 from sdtp.scorers.norm import HiddenNormScorer
 
@@ -47,6 +48,8 @@ def _left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tenso
 
 
 def _scorer(kind: str, seeds: list[int]) -> Scorer:
+    if kind == "lazyllm":
+        return AttentionScorer(num_queries=3)
     return HiddenNormScorer() if kind == "norm" else RowSeededScorer(seeds)
 
 
@@ -104,7 +107,7 @@ def _continuation_logprob(model, ids, mask, cont, pruner):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["norm", "random"])
+@pytest.mark.parametrize("kind", ["norm", "random", "lazyllm"])
 def test_ragged_batch_equals_rows_one_at_a_time(tiny, kind):
     model, _, _ = tiny
     prompts = _prompts((61, 40))

@@ -11,7 +11,7 @@ from sdtp.config import build_pruner, compose
 from sdtp.data import CHAT_MARGIN, build_examples, passage_qa_examples, validate_source
 from sdtp.errors import ConfigError
 from sdtp.eval.continuation import build_segments, validate
-from sdtp.eval.passage_kept import kept_shares, target_span
+from sdtp.eval.passage_kept import answer_tokens, kept_shares, target_span
 from sdtp.eval.passage_qa import EVAL_RECORDS, eligible_targets, evaluation_questions, passage_qa_records
 
 
@@ -143,8 +143,13 @@ def test_kept_shares_count_the_target_tokens_that_survive(tmp_path, tiny_llama):
                            "eval.context_len=1200", "eval.num_segments=3", "pruning=positional"])
     segs, _ = build_segments(cfg.eval, tokenizer)
     spans = [target_span(tokenizer, ctx, r) for (ctx, _), r in zip(segs, passage_qa_records(path, tokenizer, 1200, 0, 3))]
-    for (target, prompt), (ctx, _), span in zip(kept_shares(model, build_pruner(cfg), segs, spans), segs, spans):
-        n = ctx.shape[1]
+    sets = [{"target": span, "answer": answer_tokens(ctx, cont, span)} for (ctx, cont), span in zip(segs, spans)]
+    for shares, (ctx, cont), span in zip(kept_shares(model, build_pruner(cfg), segs, sets), segs, spans):
+        n, prompt = ctx.shape[1], shares["prompt"]
         recent_from = n - (round(prompt * n) - 4)
+        kept = (span < 4) | (span >= recent_from)
         assert 0 < prompt < 1
-        assert target == pytest.approx(float(((span < 4) | (span >= recent_from)).float().mean()))
+        assert shares["target"] == pytest.approx(float(kept.float().mean()))
+        in_answer = torch.tensor([int(t) in set(cont[0].tolist()) for t in ctx[0, span]])
+        expected = float(kept[in_answer].float().mean()) if in_answer.any() else float("nan")
+        assert shares["answer"] == pytest.approx(expected, nan_ok=True)

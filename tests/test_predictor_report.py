@@ -119,22 +119,25 @@ def test_passage_qa_cell_and_the_prior_weight_in_the_fingerprint(setup, monkeypa
     spec = predictor_eval.ScorerSpec("sdtp", (), "predictor", tmp_path / "predictor")
     cfg = predictor_eval.compose("eval", ["model=tiny-llama", "pruning=sdtp",
                                           f"pruning.scorer.path={tmp_path / 'predictor'}"])
-    assert predictor_eval.prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0}
-    assert predictor_eval.prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0}
-    assert "norm_weight" not in cached  # absent at 0: cells from before the norm prior stay valid
+    assert predictor_eval.prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0, "attention": 0.0}
+    assert predictor_eval.prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0, "attention": 0.0}
+    assert "norm_weight" not in cached and "attention_weight" not in cached  # absent at 0: older cells stay valid
 
 
-def test_norm_weight_rows_are_fingerprinted_and_selected(setup, tmp_path):
-    """``--norm-weights`` adds <predictor>_nw<w> rows whose fingerprints record the weight; with
-    ``--write-selected`` the chosen weight lands in predictor.json as norm_weight."""
+@pytest.mark.parametrize("prior,suffix", [("norm", "nw"), ("attention", "aw")])
+def test_prior_weight_rows_are_fingerprinted_and_selected(setup, tmp_path, prior, suffix):
+    """``--norm-weights`` / ``--attention-weights`` add <predictor>_nw<w> / _aw<w> rows whose fingerprints
+    record the weight; with ``--write-selected`` the chosen weight lands in predictor.json as <prior>_weight."""
     argv, out = setup
-    report = predictor_eval.main([*argv, "--norm-weights", "0,2", "--only", "dense,norm,sdtp_nw0,sdtp_nw2",
+    rows_tried = f"sdtp_{suffix}0,sdtp_{suffix}2"
+    report = predictor_eval.main([*argv, f"--{prior}-weights", "0,2", "--only", f"dense,norm,{rows_tried}",
                                   "--write-selected"])
     _, rows = _rows(report, "wikitext")
-    assert {"sdtp_nw0", "sdtp_nw2"} <= set(rows)
-    cell = next(p.parent.name for p in out.glob("continuation/*/sdtp_nw2.json"))
-    assert json.loads(_cache(out, cell, "sdtp_nw2").read_text())["fingerprint"]["norm_weight"] == 2.0
-    assert "norm_weight" not in json.loads(_cache(out, cell, "sdtp_nw0").read_text())["fingerprint"]
-    chosen = report["norm_selection"]["sdtp"]["text"]["selected"]
+    assert set(rows_tried.split(",")) <= set(rows)
+    cell = next(p.parent.name for p in out.glob(f"continuation/*/sdtp_{suffix}2.json"))
+    assert json.loads(_cache(out, cell, f"sdtp_{suffix}2").read_text())["fingerprint"][f"{prior}_weight"] == 2.0
+    assert f"{prior}_weight" not in json.loads(_cache(out, cell, f"sdtp_{suffix}0").read_text())["fingerprint"]
+    chosen = report[f"{prior}_selection"]["sdtp"]["text"]["selected"]
     meta = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
-    assert meta["norm_weight"] == chosen and "Norm weight selection" in (out / "eval.md").read_text()
+    assert meta[f"{prior}_weight"] == chosen
+    assert f"{prior.capitalize()} weight selection" in (out / "eval.md").read_text()

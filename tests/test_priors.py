@@ -110,11 +110,13 @@ def _assert_batch_rows_keep_as_alone(model, prompts: list[torch.Tensor], scorer,
 
 
 @torch.no_grad()
-def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama):
+@pytest.mark.parametrize("priors", [{"recency_weight": 0.5}, {"recency_weight": 0.5, "attention_weight": 1.0}])
+def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama, priors):
+    """Left padding changes no row's selection (the attention prior ignores padding keys)."""
     model = tiny_llama[0]
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 260, (1, n), generator=generator) for n in (61, 40)]
-    scorer = PredictorScorer(predictor=_predictor(), recency_weight=0.5)
+    scorer = PredictorScorer(predictor=_predictor(), **priors)
     _assert_batch_rows_keep_as_alone(model, prompts, scorer, [scorer, scorer])
 
 
@@ -240,3 +242,44 @@ def test_a_mixed_batch_uses_each_row_kind_weight(tiny_llama, monkeypatch):
     predictor.meta.recency_weight_chat = 0.0  # chat rows: the predictor alone
     _assert_batch_rows_keep_as_alone(model, [text, chat], PredictorScorer(predictor=predictor),
                                      [PositionalScorer(), PredictorScorer(predictor=predictor, recency_weight=0.0)])
+
+
+class _RecordingAttention(PredictorScorer):
+    """The shipped scorer with an attention prior that also keeps, per stage, its inputs and output."""
+
+    def begin(self, input_ids, extras):
+        super().begin(input_ids, extras)
+        self.calls = []
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        out = super().score(ctx)
+        self.calls.append((ctx, out, self._attention.score(ctx)))
+        return out
+
+
+@torch.no_grad()
+def test_attention_prior_is_the_hand_blend_of_the_lazyllm_ranking_and_unhooks(tiny_llama, prompt_ids):
+    """z(pred) + w_a z(log attention of the last m prompt tokens) at every stage of a real prefill; the
+    attention scorer's hooks exist only while the pruner is attached, and not at all with weight 0."""
+    model, _, _ = tiny_llama
+    predictor = _predictor()
+    scorer = _RecordingAttention(predictor=predictor, recency_weight=0.0, attention_weight=1.5, attention_queries=5)
+    attention_layers = [layer.self_attn for layer in model.model.layers]
+    hooks = lambda: sum(len(m._forward_pre_hooks) for m in attention_layers)  # noqa: E731
+    before = hooks()
+    with TokenPruner(SCHEDULE, scorer)(model):
+        assert hooks() > before
+        model(prompt_ids, use_cache=True)
+    assert hooks() == before and len(scorer.calls) == 3
+
+    def z(x):
+        return (x - x.mean()) / x.std(unbiased=False)
+
+    for ctx, out, attention in scorer.calls:
+        assert attention.shape == ctx.positions.shape and float(attention.sum()) == pytest.approx(1.0, abs=1e-3)
+        raw = predictor(ctx.stage, ctx.hidden_states, ctx.positions, torch.tensor([ctx.seq_len]))
+        torch.testing.assert_close(out, z(raw) + 1.5 * z(attention.clamp(min=1e-12).log()), atol=1e-4, rtol=1e-4)
+    with TokenPruner(SCHEDULE, PredictorScorer(predictor=predictor, attention_weight=0.0))(model):
+        assert hooks() == before
+    with pytest.raises(ValueError, match="attention_queries"):
+        PredictorScorer(predictor=predictor, attention_queries=0)

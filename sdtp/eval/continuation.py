@@ -168,6 +168,14 @@ def record_segments(records: Sequence[dict[str, Any]], task: str, tokenizer: Any
     return out
 
 
+def passage_qa_cell(data_file: str, tokenizer: Any, context_len: int, cont_len: int, start: int, num: int,
+                    chat: bool) -> tuple[list[dict[str, Any]], list[Segment]]:
+    """Passage-QA records ``[start, start + num)`` and their segments (prompt -> gold answer), built once
+    for the evaluation cells, the training source and the passage-kept diagnostic alike."""
+    records = passage_qa_records(data_file, tokenizer, context_len, start, num)
+    return records, record_segments(records, PASSAGE_QA_TASK, tokenizer, context_len, cont_len, chat)
+
+
 def build_segments(ev: DictConfig, tokenizer: Any) -> tuple[list[Segment], int]:
     """The segments ``cfg.eval`` describes and the number of source tokens they were cut from."""
     context_len, cont_len, num = int(ev.context_len), int(ev.cont_len), int(ev.num_segments)
@@ -179,8 +187,7 @@ def build_segments(ev: DictConfig, tokenizer: Any) -> tuple[list[Segment], int]:
             segs = longbench_segments(ev.data_file, ev.task, tokenizer, context_len, cont_len, num, chat,
                                       int(ev.doc_start))
         else:
-            records = passage_qa_records(ev.data_file, tokenizer, context_len, int(ev.doc_start), num)
-            segs = record_segments(records, PASSAGE_QA_TASK, tokenizer, context_len, cont_len, chat)
+            _, segs = passage_qa_cell(ev.data_file, tokenizer, context_len, cont_len, int(ev.doc_start), num, chat)
         return segs, sum(c.shape[1] + t.shape[1] for c, t in segs)
     stream = token_stream(ev, tokenizer)
     return segments(stream, context_len, cont_len, num), int(stream.shape[0])

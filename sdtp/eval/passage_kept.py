@@ -4,18 +4,20 @@ A passage-QA record (:mod:`sdtp.eval.passage_qa`) hides the passage its question
 distractors. NLL says whether a scorer lost something; this says where: the share of the target
 passage's tokens alive after the last pruning stage, beside the share of the whole prompt. A scorer
 that finds the passage keeps more of it than of the prompt; one that only follows position keeps it
-when it happens to sit near the end.
+when it happens to sit near the end. A finer set: the passage tokens whose ids occur in the gold answer
+(the answer is mostly copied from the passage), the tokens a copying continuation needs.
 
     PYTHONPATH=. python -m sdtp.eval.passage_kept --records 16 --start 64 \\
         --scorer norm=pruning=norm \\
         --scorer sdtp=pruning=sdtp,pruning.scorer.path=results/predictors/smollm2-135m \\
         --scorer gold=pruning=oracle,pruning.scorer.target=attention,+pruning.scorer.gold=true \\
-        --out results/predictors/smollm2-135m-qa/passage_kept.json
+        --out results/predictors/smollm2-135m/passage_kept.json
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,8 @@ from torch import nn
 from sdtp.config import build_pruner, compose
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
-from sdtp.eval.continuation import Segment, build_segments
-from sdtp.eval.passage_qa import passage_qa_records
+from sdtp.eval.continuation import Segment, passage_qa_cell
+from sdtp.eval.predict import wants_chat_template
 from sdtp.eval.scoring import prefill_context
 from sdtp.models.loading import load_model
 from sdtp.scorers.oracle import reveal_continuation
@@ -54,17 +56,24 @@ def target_span(tokenizer: Any, ctx_ids: torch.Tensor, record: dict[str, Any]) -
     return torch.tensor([i for i, (a, b) in enumerate(enc.offset_mapping) if a >= start and b <= end and b > a])
 
 
+def answer_tokens(ctx_ids: torch.Tensor, cont_ids: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """(k,) the positions of ``span`` whose token id also occurs in the continuation ``cont_ids`` (1, T)."""
+    return span[torch.isin(ctx_ids[0, span], cont_ids[0])]
+
+
 @torch.inference_mode()
 def kept_shares(model: nn.Module, pruner: TokenPruner, segs: list[Segment],
-                spans: list[torch.Tensor]) -> list[tuple[float, float]]:
-    """(target passage kept share, prompt kept share) per segment after one pruned prefill each."""
+                position_sets: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Per segment, after one pruned prefill: the kept share of each named position set, and ``prompt``
+    (the whole prompt's). An empty set's share is NaN."""
     out = []
-    for (ctx, cont), span in zip(segs, spans):
+    for (ctx, cont), sets in zip(segs, position_sets):
         reveal_continuation(pruner.scorer, cont)  # a gold oracle labels with the real answer
         kept = prefill_context(model, ctx.to(model.device), pruner).record.final_positions[0]
         alive = torch.zeros(ctx.shape[1], dtype=torch.bool)
         alive[kept[kept >= 0].cpu()] = True
-        out.append((float(alive[span].float().mean()), float(alive.float().mean())))
+        shares = {name: float(alive[pos].float().mean()) if len(pos) else float("nan") for name, pos in sets.items()}
+        out.append({**shares, "prompt": float(alive.float().mean())})
     return out
 
 
@@ -91,22 +100,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = {name: compose("eval", base + overrides) for name, overrides in scorers.items()}  # bad input fails here
     cfg = compose("eval", base + ["pruning=none"])
     model, tokenizer = load_model(cfg.model)
-    segs, _ = build_segments(cfg.eval, tokenizer)
-    records = passage_qa_records(cfg.eval.data_file, tokenizer, args.context_len, args.start, args.records)
+    chat = wants_chat_template(tokenizer, cfg.eval.chat_template)
+    records, segs = passage_qa_cell(cfg.eval.data_file, tokenizer, args.context_len, int(cfg.eval.cont_len),
+                                    args.start, args.records, chat)
     spans = [target_span(tokenizer, ctx, record) for (ctx, _), record in zip(segs, records)]
+    sets = [{"target": span, "answer": answer_tokens(ctx, cont, span)} for (ctx, cont), span in zip(segs, spans)]
     result: dict[str, Any] = {"model": args.model, "records": [args.start, args.start + args.records],
                               "context_len": args.context_len,
                               "target_share_of_prompt": statistics.mean(len(s) / c.shape[1] for s, (c, _) in zip(spans, segs)),
                               "depth_over_passages": [r["depth"] / max(1, r["passages"] - 1) for r in records],
                               "scorers": {}}
     for name, scorer_cfg in configs.items():
-        shares = kept_shares(model, build_pruner(scorer_cfg), segs, spans)
-        result["scorers"][name] = {"overrides": scorers[name], "target_kept": [t for t, _ in shares],
-                                   "prompt_kept": [p for _, p in shares],
-                                   "mean_target_kept": statistics.mean(t for t, _ in shares),
-                                   "mean_prompt_kept": statistics.mean(p for _, p in shares)}
-        print(f"{name}: target passage kept {result['scorers'][name]['mean_target_kept']:.3f}, "
-              f"prompt kept {result['scorers'][name]['mean_prompt_kept']:.3f}", flush=True)
+        shares = kept_shares(model, build_pruner(scorer_cfg), segs, sets)
+        row: dict[str, Any] = {"overrides": scorers[name]}
+        for key in ("target", "answer", "prompt"):
+            values = [s[key] for s in shares]
+            row[f"{key}_kept"] = values
+            row[f"mean_{key}_kept"] = statistics.mean(v for v in values if not math.isnan(v))
+        result["scorers"][name] = row
+        print(f"{name}: target passage kept {row['mean_target_kept']:.3f}, answer tokens in it "
+              f"{row['mean_answer_kept']:.3f}, prompt kept {row['mean_prompt_kept']:.3f}", flush=True)
     write_json_atomic(args.out, result)
     return result
 

@@ -134,6 +134,7 @@ class ReportOptions:
     dolly_file: str | None = None
     recency_weights: tuple[float, ...] = ()
     norm_weights: tuple[float, ...] = ()
+    attention_weights: tuple[float, ...] = ()
     write_selected: bool = False
     overrides: tuple[str, ...] = ()
     command: str = ""
@@ -193,6 +194,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--norm-weights", default="",
                    help="comma-separated hidden-state-norm prior weights: one row <predictor>_nw<w> per predictor and "
                         "weight (recency prior as shipped)")
+    p.add_argument("--attention-weights", default="",
+                   help="comma-separated attention prior weights: one row <predictor>_aw<w> per predictor and "
+                        "weight (recency and norm priors as shipped)")
     p.add_argument("--write-selected", action="store_true",
                    help="select each predictor's prior weights (per prompt kind) on this page's cells and write "
                         "them into its predictor.json (validation pages only)")
@@ -217,6 +221,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
         recency_weights=_csv(a.recency_weights, float),
         norm_weights=_csv(a.norm_weights, float),
+        attention_weights=_csv(a.attention_weights, float),
         write_selected=a.write_selected,
         overrides=tuple(a.override),
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
@@ -250,6 +255,8 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
                   for w in opts.recency_weights]
         specs += [ScorerSpec(variant_name(name, w, "norm"), (*base, f"pruning.scorer.norm_weight={w}"), "predictor",
                              full) for w in opts.norm_weights]
+        specs += [ScorerSpec(variant_name(name, w, "attention"), (*base, f"pruning.scorer.attention_weight={w}"),
+                             "predictor", full) for w in opts.attention_weights]
     return specs
 
 
@@ -305,7 +312,7 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     scorer = OmegaConf.to_container(cfg.pruning.scorer, resolve=True) if schedule is not None else None
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
-        for key in PRIOR_KEYS:  # replaced by the weights this dataset's prompts get (prior_weights)
+        for key in (*PRIOR_KEYS, "attention_queries"):  # replaced by what this dataset's prompts get (below)
             scorer.pop(key, None)
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -325,6 +332,10 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         what["recency_weight"] = weights["recency"]
         if weights["norm"]:  # absent at 0, so cells computed before the norm prior existed stay valid
             what["norm_weight"] = weights["norm"]
+        if weights["attention"]:  # the same for the attention prior, with the queries it reads
+            what["attention_weight"] = weights["attention"]
+            what["attention_queries"] = (cfg.pruning.scorer.get("attention_queries")
+                                         or TokenPredictor.load(spec.path).meta.attention_queries)
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 
@@ -523,8 +534,9 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
                                                                    predictors)})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
     names = list(opts.predictors or {"sdtp": None})
+    tried = {"recency": opts.recency_weights, "norm": opts.norm_weights, "attention": opts.attention_weights}
     selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.write_selected else {}
-                 for prior, weights in (("recency", opts.recency_weights), ("norm", opts.norm_weights))}
+                 for prior, weights in tried.items()}
     head = header(opts, jobs, specs, machine)
     for prior, chosen in selection.items():
         if chosen:
@@ -533,7 +545,7 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
         "title": f"SDTP predictor vs training-free scorers: {opts.model}, continuation protocol",
         "command": opts.command, "header": head, "contexts": list(opts.contexts),
         "cells": cells, "pooled": pooled, "machine": machine, "recency_selection": selection["recency"],
-        **({"norm_selection": selection["norm"]} if selection["norm"] else {}),
+        **{f"{prior}_selection": chosen for prior, chosen in selection.items() if prior != "recency" and chosen},
         "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in CACHE_INFO}
                    for j in jobs if j.record is not None},
     }
@@ -561,8 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = portable_tree(build_report(opts, jobs, specs, environment(model, str(base.model.device))))
     if opts.write_selected:
         paths = {s.name: s.path for s in specs if s.group == "predictor"}
-        write_selected(paths, report["recency_selection"])
-        write_selected(paths, report.get("norm_selection", {}), prior="norm")
+        for prior in PRIORS:
+            write_selected(paths, report.get(f"{prior}_selection", {}), prior=prior)
     write_json_atomic(out / "eval.json", report)
     (out / "eval.md").write_text(paired_tables.render_markdown(report))
     log.info("wrote %s and %s", out / "eval.md", out / "eval.json")

@@ -76,4 +76,7 @@ class AttentionScorer(Scorer):
         m = query.shape[2]
         query_index = torch.arange(n - m, n, device=keys.device)
         probs = attention_probs(query, keys, query_index, attn.scaling)  # (B, H_kv, g, m, n)
+        if ctx.valid is not None:  # left-padded rows: renormalise over real keys (= the masked softmax)
+            probs = probs * ctx.valid[:, None, None, None, :].to(probs.dtype)
+            probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-30)
         return probs.mean(dim=(1, 2, 3))

@@ -1,6 +1,7 @@
 """SDTP's learned scorer: the per-stage MLP predictor applied to the alive hidden states.
 
-Optionally blended with priors (:mod:`sdtp.scorers.prior`): recency and the hidden-state norm. Their
+Optionally blended with priors (:mod:`sdtp.scorers.prior`): recency, the hidden-state norm and the
+attention the prompt's last tokens pay to each token. Their
 weights are stored in the checkpoint's ``predictor.json`` (``<prior>_weight`` for raw text,
 ``<prior>_weight_chat`` for chat prompts) or overridden with ``pruning.scorer.<prior>_weight`` /
 ``pruning.scorer.<prior>_weight_chat``.
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 
 from sdtp.predictor import TokenPredictor
+from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
-from sdtp.scorers.prior import blend, chat_rows, log_norm, recency
+from sdtp.scorers.prior import blend, chat_rows, log_attention, log_norm, recency
 
-PRIORS = ("recency", "norm")
+PRIORS = ("recency", "norm", "attention")
 
 
 class PredictorScorer(Scorer):
@@ -30,21 +32,30 @@ class PredictorScorer(Scorer):
     ``recency_weight``: weight of the recency prior for every prompt (None = the checkpoint's
     ``meta.recency_weight`` for raw text and ``meta.recency_weight_chat`` for chat prompts; 0 = no
     prior). ``recency_weight_chat``: the chat-prompt weight alone (None = as above). ``norm_weight`` /
-    ``norm_weight_chat``: the same for the hidden-state-norm prior. A prompt is a chat prompt when it
+    ``norm_weight_chat``: the same for the hidden-state-norm prior, ``attention_weight`` /
+    ``attention_weight_chat`` for the attention prior, which reads the last ``attention_queries``
+    prompt tokens (None = the checkpoint's ``attention_queries``). A prompt is a chat prompt when it
     ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from the
     tokenizer's chat template; absent = every prompt is text).
     """
 
     def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None,
                  recency_weight: float | None = None, recency_weight_chat: float | None = None,
-                 norm_weight: float | None = None, norm_weight_chat: float | None = None) -> None:
+                 norm_weight: float | None = None, norm_weight_chat: float | None = None,
+                 attention_weight: float | None = None, attention_weight_chat: float | None = None,
+                 attention_queries: int | None = None) -> None:
         if path is None and predictor is None:
             raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
         self._overrides = {"recency_weight": recency_weight, "recency_weight_chat": recency_weight_chat,
-                           "norm_weight": norm_weight, "norm_weight_chat": norm_weight_chat}
+                           "norm_weight": norm_weight, "norm_weight_chat": norm_weight_chat,
+                           "attention_weight": attention_weight, "attention_weight_chat": attention_weight_chat}
         for key, value in self._overrides.items():
             if value is not None and value < 0:
                 raise ValueError(f"pruning.scorer.{key}: must be >= 0, got {value}")
+        if attention_queries is not None and attention_queries < 1:
+            raise ValueError(f"pruning.scorer.attention_queries: must be >= 1, got {attention_queries}")
+        self._attention_queries = attention_queries
+        self._attention: AttentionScorer | None = None  # bound only when the attention prior is used
         self.path = path
         self.predictor = predictor
         self._chat_suffix: tuple[int, ...] | None = None
@@ -89,9 +100,21 @@ class PredictorScorer(Scorer):
             )
         self.predictor.to(device=next(model.parameters()).device)
         self._chat_suffix = getattr(model, "sdtp_chat_suffix", None)
+        self.unbind()
+        if self.prior_weight("attention", chat=False) or self.prior_weight("attention", chat=True):
+            queries = self._attention_queries or self.predictor.meta.attention_queries
+            self._attention = AttentionScorer(num_queries=queries)
+            self._attention.bind(model, layers)
+
+    def unbind(self) -> None:
+        if self._attention is not None:
+            self._attention.unbind()
+            self._attention = None
 
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         self._is_chat = chat_rows(input_ids, self._chat_suffix) if input_ids is not None else None
+        if self._attention is not None:
+            self._attention.begin(input_ids, extras)
 
     def _row_weights(self, prior: str, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) the weight of ``prior`` for each row by its prompt kind."""
@@ -111,4 +134,7 @@ class PredictorScorer(Scorer):
         norm = self._row_weights("norm", batch, device)
         if bool(norm.any()):  # the norm term only when used (it reads the full hidden states)
             terms.append((norm, log_norm(ctx.hidden_states)))
+        attention = self._row_weights("attention", batch, device)
+        if self._attention is not None and bool(attention.any()):
+            terms.append((attention, log_attention(self._attention.score(ctx))))
         return blend(scores, terms, ctx.valid)

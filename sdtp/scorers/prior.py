@@ -1,4 +1,4 @@
-"""Priors blended into a learned scorer's ranking (``pruning.scorer.recency_weight`` / ``norm_weight``).
+"""Priors blended into a learned scorer's ranking (``pruning.scorer.<recency|norm|attention>_weight``).
 
 A per-token predictor guesses, from one token's state, whether a continuation it has not seen
 will need that token. Its guesses are noisy far from the prompt end, where the positional rule
@@ -11,9 +11,16 @@ ranking), adds what the predictor cannot see: it RMS-normalises its input, so to
 stream the model has made large (sinks, separators) look like any other to it, while on long
 documents keeping them is what the training-free ``norm`` rule does best.
 
+A third prior, the log of the attention the prompt's last few tokens (the question of a chat prompt
+sits there) pay to each alive token at the layer before the stage (the ``lazyllm`` scorer's ranking with
+``attention_queries`` queries, :class:`sdtp.scorers.attention.AttentionScorer`), adds what a per-token
+MLP cannot see at all: what the prompt's end is asking about. On long-document QA it keeps more of an
+early answer-bearing passage than the predictor, which ranks such prompts almost by position
+(``python -m sdtp.eval.passage_kept``).
+
 Every term is standardised per row over the real (non-padding) alive tokens, so the weights are
 scale-free: ``score = z(predictor) + w_r * z(-log(1 + distance to the prompt's last token))
-+ w_n * z(log ||h||)``.
++ w_n * z(log ||h||) + w_a * z(log attention from the last queries)``.
 
 The weight may differ by prompt kind. After raw text the continuation is more of the same text, and
 recency is a strong default; after a chat prompt (one that ends with the tokenizer's generation
@@ -51,6 +58,12 @@ def log_norm(hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, n, D) hidden states -> (B, n) ``log ||h||_2`` (the log keeps massive activations from
     dominating the standardised term)."""
     return hidden_states.float().norm(dim=-1).clamp(min=1e-6).log()
+
+
+def log_attention(probs: torch.Tensor) -> torch.Tensor:
+    """(B, n) mean attention probabilities -> (B, n) their log (floored at 1e-12: a token no query
+    attends to must not get -inf)."""
+    return probs.float().clamp(min=1e-12).log()
 
 
 def chat_rows(input_ids: torch.Tensor, suffix: tuple[int, ...] | None) -> torch.Tensor:
