@@ -38,7 +38,7 @@ def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor, scale: float,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention of ``query`` over ``keys``, grouped per KV head.
 
     Args:
@@ -48,6 +48,7 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.
         scale: softmax scaling (``attn.scaling``).
         window: a sliding-window layer's window: keys ``window`` or more indices before the query are
             masked too (cache index = position: an unpruned cache that holds every token).
+        key_valid: (B, T) bool real keys (False = a left-padding slot, masked); None = all real.
     Returns:
         (B, H_kv, H // H_kv, m, T) float32 probabilities; each row sums to 1.
     """
@@ -56,4 +57,7 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.
     grouped = query.float().view(batch, kv_heads, heads // kv_heads, m, head_dim)
     logits = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scale  # (B, H_kv, g, m, T)
     offset = query_index[:, None] - torch.arange(length, device=keys.device)[None, :]  # (m, T) query - key
-    return logits.masked_fill(~visible_keys(offset, window), float("-inf")).softmax(dim=-1)
+    visible = visible_keys(offset, window)  # (m, T)
+    if key_valid is not None:
+        visible = visible & key_valid.bool()[:, None, None, None, :]  # (B, 1, 1, m, T)
+    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)

@@ -293,15 +293,22 @@ def _meta_sha256(path: Path) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def prior_weights(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str) -> dict[str, float]:
+def row_scorer(cfg: DictConfig, spec: ScorerSpec) -> PredictorScorer:
+    """A predictor row's scorer with the row's prior overrides (unbound: for reading its settings)."""
+    return PredictorScorer(predictor=TokenPredictor.load(spec.path), attention_queries=cfg.pruning.scorer.get(
+        "attention_queries"), **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
+
+
+def prior_weights(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str,
+                  scorer: PredictorScorer | None = None) -> dict[str, float]:
     """The prior weights a predictor row applies to ``dataset``'s prompts, by prior (empty: not a predictor).
 
     Chat datasets' prompts are chat prompts only when the model's tokenizer has a chat template.
+    ``scorer``: the row's :func:`row_scorer` when the caller has it already.
     """
     if spec.path is None:
         return {}
-    scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path),
-                             **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
+    scorer = scorer or row_scorer(cfg, spec)
     chat = bool(dataset in CHAT_DATASETS and getattr(model, "sdtp_chat_suffix", None))
     return {prior: scorer.prior_weight(prior, chat) for prior in PRIORS}
 
@@ -328,14 +335,14 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         "predictor_sha256": predictor_hashes(spec.path) if spec.path is not None else None,
     }
     if spec.path is not None:
-        weights = prior_weights(cfg, spec, model, dataset)
+        row = row_scorer(cfg, spec)
+        weights = prior_weights(cfg, spec, model, dataset, row)
         what["recency_weight"] = weights["recency"]
         if weights["norm"]:  # absent at 0, so cells computed before the norm prior existed stay valid
             what["norm_weight"] = weights["norm"]
         if weights["attention"]:  # the same for the attention prior, with the queries it reads
             what["attention_weight"] = weights["attention"]
-            what["attention_queries"] = (cfg.pruning.scorer.get("attention_queries")
-                                         or TokenPredictor.load(spec.path).meta.attention_queries)
+            what["attention_queries"] = row.attention_queries
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 

@@ -75,8 +75,6 @@ class AttentionScorer(Scorer):
         query = project_queries(attn, hidden, cos, sin)  # (B, H, m, hd)
         m = query.shape[2]
         query_index = torch.arange(n - m, n, device=keys.device)
-        probs = attention_probs(query, keys, query_index, attn.scaling)  # (B, H_kv, g, m, n)
-        if ctx.valid is not None:  # left-padded rows: renormalise over real keys (= the masked softmax)
-            probs = probs * ctx.valid[:, None, None, None, :].to(probs.dtype)
-            probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+        # Left-padded rows: padding slots are masked keys, so each row attends as it would alone.
+        probs = attention_probs(query, keys, query_index, attn.scaling, key_valid=ctx.valid)  # (B, H_kv, g, m, n)
         return probs.mean(dim=(1, 2, 3))

@@ -80,6 +80,11 @@ class PredictorScorer(Scorer):
         return float(text if override is not None or meta_chat is None else meta_chat)
 
     @property
+    def attention_queries(self) -> int:
+        """How many of the prompt's last tokens the attention prior reads: the override, else the checkpoint's."""
+        return self._attention_queries or self.predictor.meta.attention_queries
+
+    @property
     def recency_weight(self) -> float:
         return self.prior_weight("recency", chat=False)
 
@@ -102,8 +107,7 @@ class PredictorScorer(Scorer):
         self._chat_suffix = getattr(model, "sdtp_chat_suffix", None)
         self.unbind()
         if self.prior_weight("attention", chat=False) or self.prior_weight("attention", chat=True):
-            queries = self._attention_queries or self.predictor.meta.attention_queries
-            self._attention = AttentionScorer(num_queries=queries)
+            self._attention = AttentionScorer(num_queries=self.attention_queries)
             self._attention.bind(model, layers)
 
     def unbind(self) -> None:
