@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sdtp.distributed import refuse_sweep_under_launcher, worker_overrides
+from sdtp.distributed import adopt_submitit_tasks, refuse_sweep_under_launcher, worker_overrides
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
@@ -151,6 +151,7 @@ def sdtp_main(
             from hydra.core.hydra_config import HydraConfig
 
             offline_by_default()
+            adopt_submitit_tasks()  # a multi-task submitit job: this process's rank, before anything reads it
             if prepare is not None:
                 prepare(cfg)
             validate_config(cfg, list(HydraConfig.get().overrides.task))

@@ -5,7 +5,8 @@ each rank works on its own examples and only the predictor's gradients travel.
 
 * **Who is who**: :class:`World` is read from the launcher's ``RANK`` / ``WORLD_SIZE`` /
   ``LOCAL_RANK``; without them the run is a single process and every helper here is a no-op, so
-  one code path serves both.
+  one code path serves both. A sweep point that a submitit launcher started as several tasks
+  (``hydra/launcher=slurm_node``) sets them from its job environment (:func:`adopt_submitit_tasks`).
 * **Gradients**: after a rank has accumulated its ``train.grad_accum`` micro-batches, one all-reduce
   of the flattened predictor gradients replaces them with their mean over ranks, before clipping
   (:func:`average_gradients`). A step with W ranks therefore equals the single-process step with
@@ -24,6 +25,7 @@ each rank works on its own examples and only the predictor's gradients travel.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,6 +64,40 @@ class World:
         """The launcher's view (``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); one process without it."""
         return cls(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
                    local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def adopt_submitit_tasks() -> World:
+    """Inside a job submitit started as several tasks, set the variables ``torchrun`` would have set.
+
+    ``hydra/launcher=slurm_node`` (or ``submitit_local`` with ``tasks_per_node`` > 1) runs every sweep point
+    as N processes of one job, each calling the task function; their ranks come from submitit's job
+    environment (``SLURM_PROCID``, ...), which this exports as ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
+    ``MASTER_ADDR`` / ``MASTER_PORT``, so the rest of this module works unchanged. ``CUDA_VISIBLE_DEVICES``
+    is left alone: rank r takes ``cuda:LOCAL_RANK`` as under ``torchrun``. A non-zero rank also drops
+    its log file handlers (it shares the point's Hydra directory with rank 0, which alone writes).
+
+    A no-op outside submitit, with one task, or when a launcher inside the job already set ``RANK``.
+    """
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return World.from_env()
+    from submitit.helpers import TorchDistributedEnvironment  # present: submitit started this process
+
+    tasks = TorchDistributedEnvironment()
+    if tasks.world_size > 1:
+        tasks.export(set_cuda_visible_devices=False)
+    world = World.from_env()
+    if not world.is_main:
+        quiet_worker_logging()
+    return world
+
+
+def quiet_worker_logging() -> None:
+    """Warnings only, on the console: what :func:`worker_overrides` asks of Hydra, done after it set up logging."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.WARNING)
 
 
 def resolve_backend(backend: str, device: str) -> str:

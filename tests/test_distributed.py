@@ -2,12 +2,14 @@
 
 One DDP optimizer step equals the single-process step on the concatenated batch; rank 0 alone writes;
 a stopped 2-rank run resumes to the single-process result; ``torchrun`` labelling writes the shards one
-process writes; bad set-ups fail before any work.
+process writes; a sweep point launched by submitit as 2 tasks trains as 2 ranks; bad set-ups fail
+before any work.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,7 +27,7 @@ from sdtp.cli import label as label_cli
 from sdtp.cli import train as train_cli
 from sdtp.config import REPO_ROOT, build_schedule, compose
 from sdtp.data import build_examples
-from sdtp.distributed import (World, average_gradients, check_world, refuse_sweep_under_launcher, shard,
+from sdtp.distributed import (World, adopt_submitit_tasks, average_gradients, check_world, refuse_sweep_under_launcher, shard,
                               worker_overrides)
 from sdtp.errors import ConfigError
 from sdtp.models import load_model
@@ -156,6 +158,49 @@ def test_rank_zero_alone_writes_and_a_stopped_run_resumes(runs):
     ddp, single = (json.loads((runs / d / "metrics.json").read_text()) for d in ("ddp", "single"))
     assert ddp["world_size"] == WORLD and ddp["step"] == single["step"] == 2
     assert ddp["nll_sdtp"] == pytest.approx(single["nll_sdtp"], rel=1e-5)
+
+
+def test_submitit_tasks_become_ranks(monkeypatch, tmp_path):
+    """Task 1 of a 2-task submitit job gets the variables torchrun would set and stops logging to files;
+    one task, no submitit, or a RANK already set leave the environment alone."""
+    job = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2",
+           "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "1",
+           "SUBMITIT_LOCAL_LOCALID": "1"}
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")}
+    monkeypatch.setattr(os, "environ", dict(clean))
+    assert adopt_submitit_tasks() == World() and "RANK" not in os.environ  # not a submitit job
+    monkeypatch.setattr(os, "environ", {**clean, **job, "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0",
+                                        "SUBMITIT_LOCAL_LOCALID": "0"})
+    assert adopt_submitit_tasks() == World() and "RANK" not in os.environ  # one task: a single process
+    monkeypatch.setattr(os, "environ", {**clean, **job, "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    assert adopt_submitit_tasks() == World(rank=0, size=4)  # torchrun inside the job: its ranks win
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [logging.FileHandler(tmp_path / "train.log"), logging.StreamHandler()])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(os, "environ", {**clean, **job})
+    assert adopt_submitit_tasks() == World(rank=1, size=2, local_rank=1)
+    assert os.environ["MASTER_ADDR"] == socket.gethostname() and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == cuda_visible  # rank r takes cuda:LOCAL_RANK, as under torchrun
+    assert [type(h) for h in root.handlers] == [logging.StreamHandler] and root.level == logging.WARNING
+
+
+def test_a_sweep_point_launched_as_two_submitit_tasks_trains_as_two_ranks(runs, tmp_path):
+    """``sdtp-train -m hydra/launcher=submitit_local hydra.launcher.tasks_per_node=2`` (the local twin of
+    ``hydra/launcher=slurm_node``): the point's two processes train as 2 ranks and end where one process with
+    ``grad_accum=2`` does."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sdtp.cli.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+           "hydra.launcher.timeout_min=10", *DATA, *STEP, f"train.init_from={runs / 'init'}", "train.grad_accum=1",
+           "distributed.backend=gloo", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "sweep").rglob("*_log.err")))
+    assert done.returncode == 0, (done.stderr + logs)[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == WORLD
+    _assert_same(_predictor(out / CHECKPOINT), _predictor(runs / "single" / CHECKPOINT))
 
 
 def test_torchrun_labelling_writes_the_shards_of_one_process(tmp_path):

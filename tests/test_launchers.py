@@ -1,4 +1,5 @@
-"""Hydra launchers for sweeps: ``hydra/launcher=parallel`` (joblib, local) and ``hydra/launcher=slurm`` (submitit).
+"""Hydra launchers for sweeps: ``hydra/launcher=parallel`` (joblib, local), ``hydra/launcher=slurm`` (submitit, one
+process per point) and ``hydra/launcher=slurm_node`` (one data-parallel GPU node per point).
 
 Each launcher config composes with every CLI's primary config and validates offline; the Slurm one is
 rendered into the sbatch script submitit would submit; a tiny joblib multirun runs for real.
@@ -23,6 +24,7 @@ CLIS = ("train", "eval", "label", "pipeline")
 LAUNCHERS = {
     "parallel": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
     "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "slurm_node": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
 }
 
 
@@ -89,6 +91,20 @@ def test_slurm_launcher_renders_a_one_gpu_7b_job(cli: str, tmp_path, monkeypatch
     for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --mem=64GB",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --ntasks-per-node=1", f"#SBATCH --job-name={cli}"):
         assert line in script, line
+
+
+def test_slurm_node_launcher_renders_one_rank_per_gpu(tmp_path, monkeypatch):
+    """A whole node per sweep point: as many tasks (ranks, sdtp.distributed.adopt_submitit_tasks) as GPUs."""
+    import submitit
+
+    node = _launcher("train", "slurm_node", ("hydra.launcher.partition=gpu",))
+    assert node.tasks_per_node == node.gpus_per_node == 8 and node.nodes == 1
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    script = _sbatch_script(node, tmp_path)
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --cpus-per-task=8"):
+        assert line in script, line
+    assert "srun" in script  # every task runs the point's job
 
 
 def test_misspelt_slurm_field_is_refused(tmp_path, monkeypatch):
