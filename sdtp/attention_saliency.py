@@ -97,7 +97,8 @@ def attention_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
             cos, sin = kwargs["position_embeddings"]
             query = project_queries(module, hidden[:, start:], cos[:, start:], sin[:, start:])  # (B, H, m, hd)
             index = torch.arange(start, hidden.shape[1], device=hidden.device)
-            probs = attention_probs(query, cache.layers[k].keys, index, module.scaling, windows[k])  # (B, Hkv, g, m, S)
+            probs = attention_probs(query, cache.layers[k].keys, index, module.scaling, windows[k],
+                                    key_valid=valid)  # (B, Hkv, g, m, S); padding keys never count
             if value_weighted:
                 probs = probs * value_output_norms(module, cache.layers[k].values)[..., None, :]
             per_query = probs.mean(dim=(1, 2))  # (B, m, S)
