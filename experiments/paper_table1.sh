@@ -17,7 +17,7 @@
 # 2. sdtp-eval, one run per row and eval, in stable run directories $RUN/<eval>/<row>: LongBench
 #    (conf/experiment/paper_table1.yaml; LB_ARGS adds overrides) and the synthetic passage tasks in SYNTHETIC
 #    (paper_table1_synthetic.yaml; SYN_ARGS). Rows: dense, sdtp (the shipped predictor), sdtp_low (with the
-#    shipped predictor's recency-prior weights) and llmlingua2 (compression=llmlingua2 at SDTP's tokens per
+#    shipped predictor's prior weights) and llmlingua2 (compression=llmlingua2 at SDTP's tokens per
 #    layer, LLMLINGUA_MODEL): skipped, and said so on the page, when the compressor cannot be loaded here.
 #    A fresh clone resumes from the committed page: results/paper/table1/<model>.json holds every run's
 #    summary, restored first when made with the same setup (sdtp/reports/run_summary.py).
@@ -71,8 +71,10 @@ if [[ ! -f "$LOW_PREDICTOR/predictor.json" ]]; then
 fi
 
 # 2. The eval runs. Row -> its overrides.
-prior=$("$PY" -c 'import json, sys; m = json.load(open(sys.argv[1])); w = m.get("recency_weight", 0.0)
-print("pruning.scorer.recency_weight=%s pruning.scorer.recency_weight_chat=%s" % (w, m.get("recency_weight_chat") or w))' \
+# SDTP-low blends the shipped predictor's priors (recency, norm, attention; per prompt kind), selected for it.
+prior=$("$PY" -c 'import json, sys; m = json.load(open(sys.argv[1]))
+for k in ("recency_weight", "norm_weight", "attention_weight"):
+    w = m.get(k, 0.0); print("pruning.scorer.%s=%s pruning.scorer.%s_chat=%s" % (k, w, k, m.get(k + "_chat", w)), end=" ")' \
   "results/predictors/${MODEL}/predictor.json")
 tau=$("$PY" -m sdtp.reports.paper_table1 tau --model "$MODEL")
 declare -A row_args=(

@@ -72,7 +72,8 @@ def _fingerprint(root: str, row: str) -> dict:
     return {"config": {"paths": {"root": root}, "model": {"name": "tiny"}, "seed": 0,
                        "eval": {"name": "longbench", "datasets": ["multi_news"], "limit": 3, "max_new_tokens": 128},
                        "pruning": {"name": pruning, "scorer": {"path": f"{root}/results/predictors/tiny",
-                                                               "recency_weight": 4.0, "recency_weight_chat": 2.0}},
+                                                               "recency_weight": 4.0, "recency_weight_chat": 2.0,
+                                                               "norm_weight": 0.0, "norm_weight_chat": 2.0}},
                        "compression": {"method": "llmlingua2" if row == "llmlingua2" else "none", "rate": 0.63,
                                        "model": "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"}},
             "dtype": "torch.bfloat16", "device": "cpu", "packages": {"torch": "2"}, "data": {}, "predictor": {},
@@ -188,7 +189,7 @@ def test_page_shows_the_papers_numbers_and_the_setup(runs, tmp_path):
     assert "LLMLingua-2 was not run here" in md and "multi_news (n=3)" in md and "passage_count* (n=2)" in md
     assert "| SDTP (10 stages) | 13.33 (-6.67) |" in md and "1.59×" in md and "1.60×" in md  # score (Δ), 1/τ, bench
     assert "SDTP-low's schedule and predictor" in md and "480 steps" in md and "sdtp-train pruning=sdtp_low" in md
-    assert "recency-prior weights 4.0 (raw text) / 2.0 (chat)" in md
+    assert "prior weights (raw text / chat) recency 4.0 / 2.0, norm 0.0 / 2.0" in md
     assert "Test CPU" in md and "c0ffee" in md and "bfloat16" in md and "10.0 min" in md
     assert "bash experiments/paper_table1.sh" in md and "Not expected" in md and "Expected to differ" in md
     assert "94.0%" in md  # the paper's SDTP keeps 94.0% of the original AVG

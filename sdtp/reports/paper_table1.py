@@ -268,9 +268,11 @@ def schedule_text(metrics: dict[str, Any]) -> str:
 def scorer_text(metrics: dict[str, Any]) -> str:
     config = run_config(metrics)
     scorer = (config.get("pruning") or {}).get("scorer") or {}
-    weights = (scorer.get("recency_weight"), scorer.get("recency_weight_chat"))
-    prior = ("the checkpoint's own recency-prior weights" if weights == (None, None)
-             else f"recency-prior weights {weights[0]} (raw text) / {weights[1]} (chat)")
+    weights = {name: (scorer.get(f"{name}_weight"), scorer.get(f"{name}_weight_chat"))
+               for name in ("recency", "norm", "attention")}
+    given = [f"{name} {text} / {chat}" for name, (text, chat) in weights.items() if (text, chat) != (None, None)]
+    prior = (f"prior weights (raw text / chat) {', '.join(given)}" if given
+             else "the checkpoint's own prior weights")
     return f"predictor `{shown_path(scorer.get('path'), config)}`, {prior}"
 
 
@@ -308,7 +310,7 @@ def header_lines(page: dict[str, Any]) -> list[str]:
             f"{low.get('step', '?')} steps, {low.get('train_examples', '?')} training examples; held-out continuation "
             f"NLL dense {num(low.get('nll_dense'), '.3f')}, random {num(low.get('nll_random'), '.3f')}, SDTP-low "
             f"{num(low.get('nll_sdtp'), '.3f')}, Spearman with the labels {num(low.get('spearman'), '.2f')}. It uses "
-            "the recency-prior weights selected for the shipped 10-stage predictor (not re-selected).")
+            "the prior weights selected for the shipped 10-stage predictor (not re-selected).")
     if "llmlingua2" in page["skipped"]:
         lines.append(f"- **LLMLingua-2 was not run here.** {page['skipped']['llmlingua2']} The machines this page is made "
                      "on cannot reach the Hugging Face hub, so the compressor's weights are not available; the row runs "
