@@ -27,8 +27,8 @@ from sdtp.cli import label as label_cli
 from sdtp.cli import train as train_cli
 from sdtp.config import REPO_ROOT, build_schedule, compose
 from sdtp.data import build_examples
-from sdtp.distributed import (World, adopt_submitit_tasks, average_gradients, check_world, refuse_sweep_under_launcher, shard,
-                              worker_overrides)
+from sdtp.distributed import (World, adopt_submitit_tasks, average_gradients, check_world,
+                              refuse_sweep_under_launcher, shard, worker_overrides)
 from sdtp.errors import ConfigError
 from sdtp.models import load_model
 from sdtp.predictor import TokenPredictor
@@ -170,8 +170,8 @@ def test_submitit_tasks_become_ranks(monkeypatch, tmp_path):
              if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")}
     monkeypatch.setattr(os, "environ", dict(clean))
     assert adopt_submitit_tasks() == World() and "RANK" not in os.environ  # not a submitit job
-    monkeypatch.setattr(os, "environ", {**clean, **job, "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0",
-                                        "SUBMITIT_LOCAL_LOCALID": "0"})
+    monkeypatch.setattr(os, "environ", {**clean, **job, "SUBMITIT_LOCAL_NTASKS": "1",
+                                        "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0"})
     assert adopt_submitit_tasks() == World() and "RANK" not in os.environ  # one task: a single process
     monkeypatch.setattr(os, "environ", {**clean, **job, "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
     assert adopt_submitit_tasks() == World(rank=0, size=4)  # torchrun inside the job: its ranks win
@@ -192,10 +192,12 @@ def test_a_sweep_point_launched_as_two_submitit_tasks_trains_as_two_ranks(runs, 
     ``hydra/launcher=slurm_node``): the point's two processes train as 2 ranks and end where one process with
     ``grad_accum=2`` does."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sdtp.cli.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-           "hydra.launcher.timeout_min=10", *DATA, *STEP, f"train.init_from={runs / 'init'}", "train.grad_accum=1",
-           "distributed.backend=gloo", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "sdtp.cli.train", "-m", "hydra/launcher=submitit_local",
+           "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10", *DATA, *STEP,
+           f"train.init_from={runs / 'init'}", "train.grad_accum=1", "distributed.backend=gloo",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in sorted((tmp_path / "sweep").rglob("*_log.err")))
     assert done.returncode == 0, (done.stderr + logs)[-3000:]
