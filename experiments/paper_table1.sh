@@ -71,10 +71,11 @@ if [[ ! -f "$LOW_PREDICTOR/predictor.json" ]]; then
 fi
 
 # 2. The eval runs. Row -> its overrides.
-# SDTP-low blends the shipped predictor's priors (recency, norm, attention; per prompt kind), selected for it.
+# SDTP-low blends the shipped predictor's priors (every <prior>_weight in its predictor.json; the chat weight, when
+# null, is the raw-text one, as the scorer reads it), selected for that predictor.
 prior=$("$PY" -c 'import json, sys; m = json.load(open(sys.argv[1]))
-for k in ("recency_weight", "norm_weight", "attention_weight"):
-    w = m.get(k, 0.0); print("pruning.scorer.%s=%s pruning.scorer.%s_chat=%s" % (k, w, k, m.get(k + "_chat", w)), end=" ")' \
+for k in [k for k in m if k.endswith("_weight")]:
+    chat = m.get(k + "_chat"); print("pruning.scorer.%s=%s pruning.scorer.%s_chat=%s" % (k, m[k], k, m[k] if chat is None else chat), end=" ")' \
   "results/predictors/${MODEL}/predictor.json")
 tau=$("$PY" -m sdtp.reports.paper_table1 tau --model "$MODEL")
 declare -A row_args=(

@@ -268,8 +268,8 @@ def schedule_text(metrics: dict[str, Any]) -> str:
 def scorer_text(metrics: dict[str, Any]) -> str:
     config = run_config(metrics)
     scorer = (config.get("pruning") or {}).get("scorer") or {}
-    weights = {name: (scorer.get(f"{name}_weight"), scorer.get(f"{name}_weight_chat"))
-               for name in ("recency", "norm", "attention")}
+    names = [key.removesuffix("_weight") for key in scorer if key.endswith("_weight")]  # every prior the run knew
+    weights = {name: (scorer.get(f"{name}_weight"), scorer.get(f"{name}_weight_chat")) for name in names}
     given = [f"{name} {text} / {chat}" for name, (text, chat) in weights.items() if (text, chat) != (None, None)]
     prior = (f"prior weights (raw text / chat) {', '.join(given)}" if given
              else "the checkpoint's own prior weights")

@@ -95,6 +95,8 @@ BASELINES = ("norm", "positional", "lazyllm")
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
+# Overrides a prior's rows add besides their own weight: recency rows were tuned without the norm prior.
+PINNED = {"recency": ("pruning.scorer.norm_weight=0",)}
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -138,6 +140,10 @@ class ReportOptions:
     write_selected: bool = False
     overrides: tuple[str, ...] = ()
     command: str = ""
+
+    def tried_weights(self) -> dict[str, tuple[float, ...]]:
+        """Prior -> the weights given for its rows (``--<prior>-weights``), in :data:`PRIORS` order."""
+        return {prior: getattr(self, f"{prior}_weights") for prior in PRIORS}
 
 
 @dataclass
@@ -249,14 +255,11 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         base = ("pruning=sdtp", f"pruning.scorer.path={full}")
         specs.append(ScorerSpec(name, base, "predictor", full))  # as shipped: the checkpoint's own recency weight
         # Priors are tuned one after the other: recency rows without the norm prior (as it was selected),
-        # norm rows with the checkpoint's recency weights.
-        specs += [ScorerSpec(variant_name(name, w), (*base, f"pruning.scorer.recency_weight={w}",
-                                                     "pruning.scorer.norm_weight=0"), "predictor", full)
-                  for w in opts.recency_weights]
-        specs += [ScorerSpec(variant_name(name, w, "norm"), (*base, f"pruning.scorer.norm_weight={w}"), "predictor",
-                             full) for w in opts.norm_weights]
-        specs += [ScorerSpec(variant_name(name, w, "attention"), (*base, f"pruning.scorer.attention_weight={w}"),
-                             "predictor", full) for w in opts.attention_weights]
+        # the others with the checkpoint's weights for the rest.
+        for prior, weights in opts.tried_weights().items():
+            specs += [ScorerSpec(variant_name(name, w, prior),
+                                 (*base, f"pruning.scorer.{prior}_weight={w}", *PINNED.get(prior, ())), "predictor", full)
+                      for w in weights]
     return specs
 
 
@@ -541,9 +544,8 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
                                                                    predictors)})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
     names = list(opts.predictors or {"sdtp": None})
-    tried = {"recency": opts.recency_weights, "norm": opts.norm_weights, "attention": opts.attention_weights}
     selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.write_selected else {}
-                 for prior, weights in tried.items()}
+                 for prior, weights in opts.tried_weights().items()}
     head = header(opts, jobs, specs, machine)
     for prior, chosen in selection.items():
         if chosen:
