@@ -46,7 +46,7 @@ if [ ! -x "$BIN/sdtp-eval" ] && [ "$BIN" = .venv/bin ]; then make setup; fi
 # Every training-free scorer, SDTP when a predictor is shipped for $MODEL, and the gradient x input
 # oracle (SDTP's teacher: an upper bound, slow: a backward pass per prompt). METHODS=a,b,c overrides.
 if [ -z "${METHODS:-}" ]; then
-  METHODS="none,random,positional,norm,lazyllm,gemfilter,fastkv"
+  METHODS="none,random,positional,norm,lazyllm,lexical,gemfilter,fastkv"
   if [ -n "$(ls -A "results/predictors/$MODEL" 2>/dev/null)" ]; then
     METHODS="$METHODS,sdtp"
   else

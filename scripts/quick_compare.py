@@ -30,7 +30,7 @@ from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.utils import write_json_atomic
 
 log = logging.getLogger("quick_compare")
-TOKEN_PRUNERS = ("none", "random", "positional", "norm", "lazyllm", "gemfilter", "fastkv")
+TOKEN_PRUNERS = ("none", "random", "positional", "norm", "lazyllm", "lexical", "gemfilter", "fastkv")
 KV_COMBOS = (("none", "streaming"), ("none", "h2o"), ("none", "snapkv"), ("lazyllm", "h2o"))
 
 

@@ -72,6 +72,9 @@ class PredictorMeta:
     attention_weight: float = 0.0
     attention_weight_chat: float | None = None
     attention_queries: int = 16
+    # Weights of the lexical query-match prior (sdtp/scorers/lexical.py), the same way; 0 = none.
+    lexical_weight: float = 0.0
+    lexical_weight_chat: float | None = None
     query_tokens: int = 0  # m: the query branch reads the prompt's last m alive tokens (0 = no branch)
     query_rank: int = 32  # r: width of the bilinear key/query projections
 

@@ -14,7 +14,7 @@ from sdtp.models import load_model
 from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
 
-METHODS = ("random", "positional", "norm", "lazyllm", "gemfilter", "fastkv")
+METHODS = ("random", "positional", "norm", "lazyllm", "lexical", "gemfilter", "fastkv")
 
 
 class Recording(Scorer):

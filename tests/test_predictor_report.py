@@ -48,7 +48,7 @@ def test_computes_selected_scorers_and_pairs_random_on_the_seed_mean(setup):
     report = predictor_eval.main([*argv, "--only", "dense,random,positional,sdtp"])
     cell, rows = _rows(report, "c4")
     assert set(rows) == {"dense", "random", "random_s0", "random_s1", "positional", "sdtp"}
-    assert cell["missing"] == ["norm", "lazyllm"]
+    assert cell["missing"] == ["norm", "lazyllm", "lexical"]
     seeds = [json.loads(_cache(out, "c4_48", f"random_s{s}").read_text())["nll"] for s in (0, 1)]
     assert rows["random"]["nll"] == pytest.approx(sum(map(sum, seeds)) / 6)
     assert rows["random_s0"]["nll"] != rows["random_s1"]["nll"]  # different seeds, different masks
@@ -119,12 +119,14 @@ def test_passage_qa_cell_and_the_prior_weight_in_the_fingerprint(setup, monkeypa
     spec = predictor_eval.ScorerSpec("sdtp", (), "predictor", tmp_path / "predictor")
     cfg = predictor_eval.compose("eval", ["model=tiny-llama", "pruning=sdtp",
                                           f"pruning.scorer.path={tmp_path / 'predictor'}"])
-    assert predictor_eval.prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0, "attention": 0.0}
-    assert predictor_eval.prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0, "attention": 0.0}
-    assert "norm_weight" not in cached and "attention_weight" not in cached  # absent at 0: older cells stay valid
+    assert predictor_eval.prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0, "attention": 0.0,
+                                                                                    "lexical": 0.0}
+    assert predictor_eval.prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0, "attention": 0.0,
+                                                                                  "lexical": 0.0}
+    assert not {"norm_weight", "attention_weight", "lexical_weight"} & set(cached)  # absent at 0: older cells stay valid
 
 
-@pytest.mark.parametrize("prior,suffix", [("norm", "nw"), ("attention", "aw")])
+@pytest.mark.parametrize("prior,suffix", [("norm", "nw"), ("attention", "aw"), ("lexical", "lw")])
 def test_prior_weight_rows_are_fingerprinted_and_selected(setup, tmp_path, prior, suffix):
     """``--norm-weights`` / ``--attention-weights`` add <predictor>_nw<w> / _aw<w> rows whose fingerprints
     record the weight; with ``--write-selected`` the chosen weight lands in predictor.json as <prior>_weight."""
@@ -141,3 +143,19 @@ def test_prior_weight_rows_are_fingerprinted_and_selected(setup, tmp_path, prior
     meta = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
     assert meta[f"{prior}_weight"] == chosen
     assert f"{prior.capitalize()} weight selection" in (out / "eval.md").read_text()
+
+
+def test_select_priors_narrows_what_write_selected_changes(setup, tmp_path):
+    """Priors are tuned one after another: ``--select-priors lexical`` writes the lexical weight and leaves
+    the norm weight the checkpoint has, although the norm rows are on the page too."""
+    argv, out = setup
+    path = tmp_path / "predictor" / "predictor.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "norm_weight": 0.5}))
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", "--norm-weights", "0,2", "--lexical-weights", "0,2",
+                                  "--only", "dense,norm,sdtp_nw0,sdtp_nw2,sdtp_lw0,sdtp_lw2",
+                                  "--write-selected", "--select-priors", "lexical"])
+    meta = json.loads(path.read_text())
+    assert meta["norm_weight"] == 0.5 and "norm_selection" not in report
+    assert meta["lexical_weight"] == report["lexical_selection"]["sdtp"]["text"]["selected"]
+    with pytest.raises(SystemExit):
+        predictor_eval.parse_args(["--select-priors", "typo"])

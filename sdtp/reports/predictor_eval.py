@@ -1,7 +1,7 @@
 """Committed evaluation of trained SDTP predictors against every training-free scorer (same schedule).
 
     # 1. the baselines (no predictor needed), then 2. the predictor(s); finished cells are reused
-    PYTHONPATH=. python scripts/predictor_report.py --threads 1 --only dense,random,norm,positional,lazyllm
+    PYTHONPATH=. python scripts/predictor_report.py --threads 1 --only dense,random,norm,positional,lazyllm,lexical
     PYTHONPATH=. python scripts/predictor_report.py --threads 1 --predictor sdtp=results/predictors/smollm2-135m
     # re-render the page from the cache (no forward pass; tokenizes the data to check fingerprints)
     PYTHONPATH=. python scripts/predictor_report.py --render-only
@@ -18,7 +18,7 @@ context length -> the first ``--cont-len`` tokens of the gold summary; long docu
 LongBench's hotpotqa chat prompt -> the gold answer; long-document QA).
 
 Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
-``positional``, ``lazyllm``; one per ``--predictor NAME=PATH`` (default
+``positional``, ``lazyllm``, ``lexical``; one per ``--predictor NAME=PATH`` (default
 ``sdtp=<paths.predictors_dir>/<model>``; a missing path is skipped with a warning); ``oracle`` with
 ``--oracle`` (slow: a backward pass per context). Every pruner comes from
 ``sdtp.config.compose("eval", [model=..., pruning=<method>, ...])`` + ``build_pruner``, so every
@@ -37,10 +37,14 @@ page does not), ``--dolly-file``.
 
 Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` adds a row
 ``<predictor>_rw<w>`` per weight (applied to every prompt) next to the predictor as shipped (its
-checkpoint's own weights). With ``--write-selected`` the page states, per predictor and prompt kind (raw
-text: wikitext, c4; chat: multi_news, passage_qa), each weight's worst-cell margin to the best
-training-free scorer and the weight that minimises it (:mod:`sdtp.reports.prior_selection`), and stores
-them as ``recency_weight`` / ``recency_weight_chat`` in the predictor's ``predictor.json``. Run it on
+checkpoint's own weights); ``--norm-weights``, ``--attention-weights`` and ``--lexical-weights`` do the
+same for the other priors (rows ``_nw<w>``, ``_aw<w>``, ``_lw<w>``). Priors are tuned one after another
+(each with the earlier ones at their selected weights, :data:`PINNED`): ``--select-priors lexical`` makes a
+run select only the new prior while the page keeps every earlier row. With ``--write-selected`` the page
+states, per predictor and prompt kind (raw text: wikitext, c4; chat: multi_news, passage_qa), each
+weight's worst-cell margin to the best training-free scorer and the weight that minimises it
+(:mod:`sdtp.reports.prior_selection`), and stores them as ``<prior>_weight`` / ``<prior>_weight_chat`` in the
+predictor's ``predictor.json``. Run it on
 validation data, never on the test page's segments (where the weight rows are comparisons, not a choice)::
 
     PYTHONPATH=. python scripts/predictor_report.py --threads 2 --datasets wikitext,multi_news,passage_qa \
@@ -87,16 +91,20 @@ from sdtp.reports import paired_tables
 from sdtp.predictor import TokenPredictor
 from sdtp.reports.prior_selection import (KINDS, meta_key, select_prior, selection_text, variant_name,
                                             write_selected)
+from sdtp.scorers.lexical import POWER, QUERY_TOKENS, WINDOW
 from sdtp.scorers.predictor import PRIORS, PredictorScorer
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
-BASELINES = ("norm", "positional", "lazyllm")
+BASELINES = ("norm", "positional", "lazyllm", "lexical")
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
-# Overrides a prior's rows add besides their own weight: recency rows were tuned without the norm prior.
-PINNED = {"recency": ("pruning.scorer.norm_weight=0",)}
+# Overrides a prior's rows add besides their own weight: each prior was tuned with the priors selected
+# after it switched off (recency without the norm prior; recency, norm and attention without the lexical
+# one), so selecting a later prior keeps the earlier rows' cells valid.
+PINNED = {"recency": ("pruning.scorer.norm_weight=0", "pruning.scorer.lexical_weight=0"),
+          "norm": ("pruning.scorer.lexical_weight=0",), "attention": ("pruning.scorer.lexical_weight=0",)}
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -137,13 +145,19 @@ class ReportOptions:
     recency_weights: tuple[float, ...] = ()
     norm_weights: tuple[float, ...] = ()
     attention_weights: tuple[float, ...] = ()
+    lexical_weights: tuple[float, ...] = ()
     write_selected: bool = False
+    select_priors: tuple[str, ...] | None = None  # the priors --write-selected selects (None: every one tried)
     overrides: tuple[str, ...] = ()
     command: str = ""
 
     def tried_weights(self) -> dict[str, tuple[float, ...]]:
         """Prior -> the weights given for its rows (``--<prior>-weights``), in :data:`PRIORS` order."""
         return {prior: getattr(self, f"{prior}_weights") for prior in PRIORS}
+
+    def selecting(self, prior: str) -> bool:
+        """Whether this run selects ``prior``'s weight (``--write-selected``, narrowed by ``--select-priors``)."""
+        return self.write_selected and (self.select_priors is None or prior in self.select_priors)
 
 
 @dataclass
@@ -203,9 +217,15 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--attention-weights", default="",
                    help="comma-separated attention prior weights: one row <predictor>_aw<w> per predictor and "
                         "weight (recency and norm priors as shipped)")
+    p.add_argument("--lexical-weights", default="",
+                   help="comma-separated lexical query-match prior weights: one row <predictor>_lw<w> per predictor "
+                        "and weight (the other priors as shipped)")
     p.add_argument("--write-selected", action="store_true",
                    help="select each predictor's prior weights (per prompt kind) on this page's cells and write "
                         "them into its predictor.json (validation pages only)")
+    p.add_argument("--select-priors", default=None,
+                   help="comma-separated priors --write-selected selects and writes (default: every prior given "
+                        "weights); priors are tuned one after another, so a new prior's run selects only itself")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     predictors = None
@@ -218,6 +238,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
     datasets = _csv(a.datasets)
     if set(datasets) - set(DATASETS):
         p.error(f"--datasets: {sorted(set(datasets) - set(DATASETS))} not in {DATASETS}")
+    if a.select_priors and set(_csv(a.select_priors)) - set(PRIORS):
+        p.error(f"--select-priors: {sorted(set(_csv(a.select_priors)) - set(PRIORS))} not in {PRIORS}")
     return ReportOptions(
         model=a.model, predictors=predictors, datasets=datasets, contexts=_csv(a.contexts, int), cont_len=a.cont_len,
         num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
@@ -228,7 +250,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
         recency_weights=_csv(a.recency_weights, float),
         norm_weights=_csv(a.norm_weights, float),
         attention_weights=_csv(a.attention_weights, float),
+        lexical_weights=_csv(a.lexical_weights, float),
         write_selected=a.write_selected,
+        select_priors=_csv(a.select_priors) if a.select_priors else None,
         overrides=tuple(a.override),
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
@@ -346,6 +370,9 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         if weights["attention"]:  # the same for the attention prior, with the queries it reads
             what["attention_weight"] = weights["attention"]
             what["attention_queries"] = row.attention_queries
+        if weights["lexical"]:  # with the match's settings, which are the scorer's defaults
+            what["lexical_weight"] = weights["lexical"]
+            what["lexical"] = {"query_tokens": QUERY_TOKENS, "window": WINDOW, "power": POWER}
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 
@@ -518,6 +545,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
             f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     "`norm` hidden-state L2 norm; `positional` sinks + most recent; `lazyllm` last-token attention; "
+                    "`lexical` rare words shared with the prompt's last tokens (`sdtp/scorers/lexical.py`); "
                     + ("; ".join(preds) if preds else "no predictor")),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
                        "Student t interval; predictor "
@@ -544,7 +572,7 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
                                                                    predictors)})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
     names = list(opts.predictors or {"sdtp": None})
-    selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.write_selected else {}
+    selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.selecting(prior) else {}
                  for prior, weights in opts.tried_weights().items()}
     head = header(opts, jobs, specs, machine)
     for prior, chosen in selection.items():

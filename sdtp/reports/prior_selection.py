@@ -2,7 +2,8 @@
 
 ``scripts/predictor_report.py --recency-weights 0,1,4`` adds one row ``<predictor>_rw<w>`` per weight
 (``--norm-weights``: ``<predictor>_nw<w>``, the hidden-state-norm prior; ``--attention-weights``:
-``<predictor>_aw<w>``, the attention prior); :func:`select_prior` picks
+``<predictor>_aw<w>``, the attention prior; ``--lexical-weights``: ``<predictor>_lw<w>``, the lexical
+query-match prior); :func:`select_prior` picks
 a weight per prompt kind (raw text, chat) from those rows' per-segment NLLs and :func:`write_selected`
 stores them in the checkpoint's ``predictor.json``, which the scorer reads at inference.
 """
@@ -20,9 +21,9 @@ from sdtp.predictor import META_FILE
 from sdtp.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
-TRAINING_FREE = ("random", "norm", "positional", "lazyllm")  # random = the seed mean row
+TRAINING_FREE = ("random", "norm", "positional", "lazyllm", "lexical")  # random = the seed mean row
 KINDS = ("text", "chat")  # prompt kinds; their predictor.json keys: meta_key(prior, kind)
-SUFFIX = {"recency": "rw", "norm": "nw", "attention": "aw"}  # prior -> row-name suffix
+SUFFIX = {"recency": "rw", "norm": "nw", "attention": "aw", "lexical": "lw"}  # prior -> row-name suffix
 
 
 def meta_key(prior: str, kind: str) -> str:

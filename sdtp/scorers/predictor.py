@@ -1,7 +1,8 @@
 """SDTP's learned scorer: the per-stage MLP predictor applied to the alive hidden states.
 
-Optionally blended with priors (:mod:`sdtp.scorers.prior`): recency, the hidden-state norm and the
-attention the prompt's last tokens pay to each token. Their
+Optionally blended with priors (:mod:`sdtp.scorers.prior`): recency, the hidden-state norm, the
+attention the prompt's last tokens pay to each token and the lexical match of each token's surroundings
+with the prompt's last tokens (:mod:`sdtp.scorers.lexical`). Their
 weights are stored in the checkpoint's ``predictor.json`` (``<prior>_weight`` for raw text,
 ``<prior>_weight_chat`` for chat prompts) or overridden with ``pruning.scorer.<prior>_weight`` /
 ``pruning.scorer.<prior>_weight_chat``.
@@ -18,9 +19,10 @@ from torch import nn
 from sdtp.predictor import TokenPredictor
 from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
+from sdtp.scorers.lexical import LexicalScorer
 from sdtp.scorers.prior import blend, chat_rows, log_attention, log_norm, recency
 
-PRIORS = ("recency", "norm", "attention")
+PRIORS = ("recency", "norm", "attention", "lexical")
 
 
 class PredictorScorer(Scorer):
@@ -34,7 +36,8 @@ class PredictorScorer(Scorer):
     prior). ``recency_weight_chat``: the chat-prompt weight alone (None = as above). ``norm_weight`` /
     ``norm_weight_chat``: the same for the hidden-state-norm prior, ``attention_weight`` /
     ``attention_weight_chat`` for the attention prior, which reads the last ``attention_queries``
-    prompt tokens (None = the checkpoint's ``attention_queries``). A prompt is a chat prompt when it
+    prompt tokens (None = the checkpoint's ``attention_queries``), ``lexical_weight`` /
+    ``lexical_weight_chat`` for the lexical query-match prior (:class:`LexicalScorer` defaults). A prompt is a chat prompt when it
     ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from the
     tokenizer's chat template; absent = every prompt is text).
     """
@@ -43,12 +46,14 @@ class PredictorScorer(Scorer):
                  recency_weight: float | None = None, recency_weight_chat: float | None = None,
                  norm_weight: float | None = None, norm_weight_chat: float | None = None,
                  attention_weight: float | None = None, attention_weight_chat: float | None = None,
-                 attention_queries: int | None = None) -> None:
+                 attention_queries: int | None = None, lexical_weight: float | None = None,
+                 lexical_weight_chat: float | None = None) -> None:
         if path is None and predictor is None:
             raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
         self._overrides = {"recency_weight": recency_weight, "recency_weight_chat": recency_weight_chat,
                            "norm_weight": norm_weight, "norm_weight_chat": norm_weight_chat,
-                           "attention_weight": attention_weight, "attention_weight_chat": attention_weight_chat}
+                           "attention_weight": attention_weight, "attention_weight_chat": attention_weight_chat,
+                           "lexical_weight": lexical_weight, "lexical_weight_chat": lexical_weight_chat}
         for key, value in self._overrides.items():
             if value is not None and value < 0:
                 raise ValueError(f"pruning.scorer.{key}: must be >= 0, got {value}")
@@ -56,6 +61,7 @@ class PredictorScorer(Scorer):
             raise ValueError(f"pruning.scorer.attention_queries: must be >= 1, got {attention_queries}")
         self._attention_queries = attention_queries
         self._attention: AttentionScorer | None = None  # bound only when the attention prior is used
+        self._lexical: LexicalScorer | None = None  # likewise for the lexical prior
         self.path = path
         self.predictor = predictor
         self._chat_suffix: tuple[int, ...] | None = None
@@ -109,16 +115,21 @@ class PredictorScorer(Scorer):
         if self.prior_weight("attention", chat=False) or self.prior_weight("attention", chat=True):
             self._attention = AttentionScorer(num_queries=self.attention_queries)
             self._attention.bind(model, layers)
+        if self.prior_weight("lexical", chat=False) or self.prior_weight("lexical", chat=True):
+            self._lexical = LexicalScorer()
 
     def unbind(self) -> None:
         if self._attention is not None:
             self._attention.unbind()
             self._attention = None
+        self._lexical = None
 
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         self._is_chat = chat_rows(input_ids, self._chat_suffix) if input_ids is not None else None
         if self._attention is not None:
             self._attention.begin(input_ids, extras)
+        if self._lexical is not None:
+            self._lexical.begin(input_ids, extras)
 
     def _row_weights(self, prior: str, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) the weight of ``prior`` for each row by its prompt kind."""
@@ -141,4 +152,7 @@ class PredictorScorer(Scorer):
         attention = self._row_weights("attention", batch, device)
         if self._attention is not None and bool(attention.any()):
             terms.append((attention, log_attention(self._attention.score(ctx))))
+        lexical = self._row_weights("lexical", batch, device)
+        if self._lexical is not None and bool(lexical.any()):
+            terms.append((lexical, self._lexical.score(ctx)))
         return blend(scores, terms, ctx.valid)

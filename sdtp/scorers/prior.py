@@ -18,6 +18,10 @@ MLP cannot see at all: what the prompt's end is asking about. On long-document Q
 early answer-bearing passage than the predictor, which ranks such prompts almost by position
 (``python -m sdtp.eval.passage_kept``).
 
+A fourth prior, the lexical query match (:mod:`sdtp.scorers.lexical`: rare words a token's surroundings share
+with the prompt's last tokens), finds the passage a question is about by word overlap, which neither the
+predictor nor the question's attention does in a small model; it is added as ``+ w_l * z(match)``.
+
 Every term is standardised per row over the real (non-padding) alive tokens, so the weights are
 scale-free: ``score = z(predictor) + w_r * z(-log(1 + distance to the prompt's last token))
 + w_n * z(log ||h||) + w_a * z(log attention from the last queries)``.
