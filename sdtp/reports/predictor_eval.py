@@ -39,7 +39,7 @@ Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` 
 ``<predictor>_rw<w>`` per weight (applied to every prompt) next to the predictor as shipped (its
 checkpoint's own weights); ``--norm-weights``, ``--attention-weights`` and ``--lexical-weights`` do the
 same for the other priors (rows ``_nw<w>``, ``_aw<w>``, ``_lw<w>``). Priors are tuned one after another
-(each with the earlier ones at their selected weights, :data:`PINNED`): ``--select-priors lexical`` makes a
+(each with the earlier ones at their selected weights, :func:`pinned`): ``--select-priors lexical`` makes a
 run select only the new prior while the page keeps every earlier row. With ``--write-selected`` the page
 states, per predictor and prompt kind (raw text: wikitext, c4; chat: multi_news, passage_qa), each
 weight's worst-cell margin to the best training-free scorer and the weight that minimises it
@@ -100,11 +100,14 @@ BASELINES = ("norm", "positional", "lazyllm", "lexical")
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
-# Overrides a prior's rows add besides their own weight: each prior was tuned with the priors selected
-# after it switched off (recency without the norm prior; recency, norm and attention without the lexical
-# one), so selecting a later prior keeps the earlier rows' cells valid.
-PINNED = {"recency": ("pruning.scorer.norm_weight=0", "pruning.scorer.lexical_weight=0"),
-          "norm": ("pruning.scorer.lexical_weight=0",), "attention": ("pruning.scorer.lexical_weight=0",)}
+
+
+def pinned(prior: str) -> tuple[str, ...]:
+    """Overrides a prior's rows add besides their own weight: the priors tuned after it (later in
+    :data:`PRIORS`, the tuning order) switched off, as they were when it was tuned, so selecting a later
+    prior keeps the earlier rows' cells valid."""
+    return tuple(f"pruning.scorer.{later}_weight=0" for later in PRIORS[PRIORS.index(prior) + 1:])
+
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -282,7 +285,7 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         # the others with the checkpoint's weights for the rest.
         for prior, weights in opts.tried_weights().items():
             specs += [ScorerSpec(variant_name(name, w, prior),
-                                 (*base, f"pruning.scorer.{prior}_weight={w}", *PINNED.get(prior, ())), "predictor", full)
+                                 (*base, f"pruning.scorer.{prior}_weight={w}", *pinned(prior)), "predictor", full)
                       for w in weights]
     return specs
 

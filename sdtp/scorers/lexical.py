@@ -29,7 +29,8 @@ from sdtp.scorers.base import Scorer, ScoreContext
 
 # Defaults chosen on passage-QA validation records 64..127 only (token ids, no model run): the share of the
 # answer-bearing passage a one-shot 34.9% keep retains, over query_tokens 16-128, window 16-256, power 1-3,
-# peaked at 32 / 128 / 3 (0.78; positional 0.33); see docs/predictor-learning.md.
+# peaked at 32 / 128 / 3 (0.78; the positional rule keeps 0.01 of a passage in the prompt's first half); see
+# results/predictors/smollm2-135m/README.md, "Lexical prior".
 QUERY_TOKENS, WINDOW, POWER = 32, 128, 3.0
 
 
@@ -75,13 +76,9 @@ class LexicalScorer(Scorer):
                                   self.power)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        """(B, n) the match of each alive token (by its column in the padded prompt)."""
+        """(B, n) :func:`query_match` of each alive token, read at its column in the padded prompt."""
         if self._match is None:
             raise RuntimeError("LexicalScorer.score before begin(): no prompt seen")
-        return self.match_at(ctx)
-
-    def match_at(self, ctx: ScoreContext) -> torch.Tensor:
-        """(B, n) :func:`query_match` gathered at the alive tokens' columns."""
         columns = ctx.positions.clamp(min=0)
         if ctx.seq_lens is not None:  # positions count from each row's first real token
             columns = columns + (ctx.seq_len - ctx.seq_lens.to(columns.device))[:, None]
