@@ -14,6 +14,13 @@ before the input normalisation removes it. Tokens with massive activations (atte
 delimiters and newlines) are recognisable by their norm alone, which is what the training-free ``norm``
 scorer keeps; with ``input_norm`` the MLP would otherwise never see it.
 
+Optional lexical feature (``lexical_feature``, one more input, after the norm feature):
+``log(1 + query match)`` of each token, the training-free lexical scorer's value
+(:func:`sdtp.scorers.lexical.query_match` over the prompt, its default settings): how strongly the text
+around the token shares rare words with the prompt's last tokens. A causal hidden state cannot see the
+question that ends a long-document prompt; this input hands the MLP that match, to combine with what
+the state does show, instead of the fixed blend of the ``lexical`` prior.
+
 Optional query branch (``query_tokens`` = m > 0): a low-rank bilinear relevance of each token to the
 prompt's last m alive tokens (the question of a chat prompt, the text the continuation follows),
 ``logsumexp_t (K x_j) . (Q x_t) / sqrt(r) - log |T|`` added to the keep logit. The MLP scores one
@@ -58,6 +65,7 @@ class PredictorMeta:
     input_norm: bool = False
     position_features: bool = False  # append position_features() to the input (older checkpoints: off)
     norm_feature: bool = False  # append log RMS of the raw hidden state (older checkpoints: off)
+    lexical_feature: bool = False  # append log(1 + lexical query match) (older checkpoints: off)
     # Weight of the recency prior the scorer blends in at inference (sdtp/scorers/prior.py), chosen
     # on validation data after training; 0 = raw predictor scores (older checkpoints).
     recency_weight: float = 0.0
@@ -101,14 +109,27 @@ def position_features(positions: torch.Tensor, prompt_len: torch.Tensor) -> torc
     return torch.stack([torch.log1p(distance) / 8.0, (positions.float() / length).clamp(max=1.0)], dim=-1)
 
 
-def with_norm_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict without the norm feature -> the same with a zero-weight input column appended to
-    every stage's ``fc1`` (the norm feature is the last input), so the widened predictor scores
-    exactly as the original until it is trained."""
+def input_columns(meta: PredictorMeta) -> list[str]:
+    """Names of the inputs appended after the hidden state, in the order ``fc1`` reads them."""
+    return (["position"] * NUM_POSITION_FEATURES if meta.position_features else []) + \
+        (["norm"] if meta.norm_feature else []) + (["lexical"] if meta.lexical_feature else [])
+
+
+def widen_inputs(state: dict[str, torch.Tensor], old: PredictorMeta, new: PredictorMeta) -> dict[str, torch.Tensor]:
+    """A state dict of a predictor described by ``old`` -> the same for ``new``, whose extra inputs are a
+    superset: every stage's ``fc1`` gets a zero-weight column for each input ``old`` lacks, so the widened
+    predictor scores exactly as the original until it is trained."""
+    before, after = input_columns(old), input_columns(new)
+    if [c for c in after if c in before] != before:
+        raise ValueError(f"predictor inputs {before} are not a subset of {after}")
     out = dict(state)
     for key, weight in state.items():
         if key.endswith("fc1.weight"):
-            out[key] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
+            hidden = weight.shape[1] - len(before)
+            columns, source = [weight[:, :hidden]], iter(weight[:, hidden:].T)
+            for name in after:
+                columns.append(next(source)[:, None] if name in before else weight.new_zeros(weight.shape[0], 1))
+            out[key] = torch.cat(columns, dim=1)
     return out
 
 
@@ -170,7 +191,7 @@ class TokenPredictor(nn.Module):
         super().__init__()
         self.meta = meta
         width = max(2, int(round(meta.hidden_size * meta.hidden_ratio)))
-        extra = (NUM_POSITION_FEATURES if meta.position_features else 0) + int(meta.norm_feature)
+        extra = len(input_columns(meta))
         self.stages = nn.ModuleList(StageMLP(meta.hidden_size + extra, width) for _ in meta.layers)
         if meta.query_tokens < 0 or meta.query_rank < 1:
             raise ConfigError(f"predictor: query_tokens must be >= 0 and query_rank >= 1, got "
@@ -179,7 +200,8 @@ class TokenPredictor(nn.Module):
                                      ) if meta.query_tokens else None
 
     def logits(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
-               prompt_len: torch.Tensor | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
+               prompt_len: torch.Tensor | None = None, alive: torch.Tensor | None = None,
+               lexical: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, d) -> (B, n, 2) keep/drop logits, computed in the predictor's dtype.
 
         Args:
@@ -187,6 +209,8 @@ class TokenPredictor(nn.Module):
                 the predictor uses position features or the query branch, ignored otherwise.
             alive: (B, n) bool, the tokens still present (None = all): the query branch reads only
                 alive tokens, so masked training sees the query set physical pruning leaves.
+            lexical: (B, n) query match of each token (:func:`sdtp.scorers.lexical.query_match`);
+                required when the predictor uses the lexical feature, ignored otherwise.
         """
         weight = self.stages[stage].fc1.weight
         x = hidden_states.to(weight.dtype)
@@ -199,6 +223,10 @@ class TokenPredictor(nn.Module):
             features.append(position_features(positions, prompt_len).to(x.dtype))
         if self.meta.norm_feature:
             features.append(0.5 * torch.log(mean_square))  # log RMS
+        if self.meta.lexical_feature:
+            if lexical is None:
+                raise ValueError("this predictor uses the lexical feature: pass lexical (the query match)")
+            features.append(torch.log1p(lexical.to(x.dtype).clamp(min=0))[..., None])
         logits = self.stages[stage](torch.cat(features, dim=-1) if len(features) > 1 else features[0])
         if self.queries is None:
             return logits
@@ -207,9 +235,10 @@ class TokenPredictor(nn.Module):
         return torch.stack([logits[..., 0] + relevance, logits[..., 1]], dim=-1)
 
     def forward(self, stage: int, hidden_states: torch.Tensor, positions: torch.Tensor | None = None,
-                prompt_len: torch.Tensor | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
+                prompt_len: torch.Tensor | None = None, alive: torch.Tensor | None = None,
+                lexical: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, d) -> (B, n) importance score = keep logit - drop logit (arguments as :meth:`logits`)."""
-        logits = self.logits(stage, hidden_states, positions, prompt_len, alive)
+        logits = self.logits(stage, hidden_states, positions, prompt_len, alive, lexical)
         return logits[..., 0] - logits[..., 1]
 
     def num_flops_per_token(self) -> int:

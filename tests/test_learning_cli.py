@@ -185,20 +185,22 @@ def test_init_from_starts_at_the_given_predictor(tmp_path):
         train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={first['predictor']}", "train.position_features=false"))
 
 
-def test_init_from_adds_the_norm_input_as_a_zero_column(tmp_path):
-    """A predictor without the norm feature warm-starts one with it: same weights plus a zero column,
-    so (lr 0) the widened predictor scores exactly as the original."""
+@pytest.mark.parametrize("feature", ["norm_feature", "lexical_feature"])
+def test_init_from_adds_an_input_as_a_zero_column(tmp_path, feature):
+    """A predictor without the norm (lexical) feature warm-starts one with it: same weights plus a zero
+    column, so (lr 0) the widened predictor scores exactly as the original; training with the lexical
+    input runs end to end (its masked forwards and validation compute the match)."""
     first = train_cli.run(_train_cfg(tmp_path / "a", "train.max_steps=2"))
     cfg = _train_cfg(tmp_path / "b", f"train.init_from={first['predictor']}", "train.max_steps=1",
-                     "train.norm_feature=true", "train.optimizer.lr=0.0", "train.scheduler=null")
+                     f"train.{feature}=true", "train.optimizer.lr=0.0", "train.scheduler=null")
     train_cli.run(cfg)
     old = TokenPredictor.load(first["predictor"])
     new = TokenPredictor.load(tmp_path / "b" / "predictor")
-    assert new.meta.norm_feature and new.stages[0].fc1.in_features == old.stages[0].fc1.in_features + 1
+    assert getattr(new.meta, feature) and new.stages[0].fc1.in_features == old.stages[0].fc1.in_features + 1
     assert torch.equal(new.stages[0].fc1.weight[:, -1], torch.zeros(new.stages[0].fc1.out_features))
-    x, pos = 3.0 * torch.randn(1, 6, old.meta.hidden_size), torch.arange(6)[None]
-    torch.testing.assert_close(new(1, x, pos, torch.tensor([6])), old(1, x, pos, torch.tensor([6])))
-    with pytest.raises(ConfigError, match="norm_feature"):
+    x, pos, match = 3.0 * torch.randn(1, 6, old.meta.hidden_size), torch.arange(6)[None], torch.rand(1, 6)
+    torch.testing.assert_close(new(1, x, pos, torch.tensor([6]), lexical=match), old(1, x, pos, torch.tensor([6])))
+    with pytest.raises(ConfigError, match=feature):
         train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={tmp_path / 'b' / 'predictor'}"))
 
 

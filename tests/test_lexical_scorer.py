@@ -13,7 +13,7 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.eval.scoring import left_pad
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.base import ScoreContext
-from sdtp.scorers.lexical import LexicalScorer, query_match
+from sdtp.scorers.lexical import POWER, QUERY_TOKENS, WINDOW, LexicalScorer, prompt_match, query_match
 from sdtp.scorers.predictor import PredictorScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,6 +41,20 @@ def test_left_padded_rows_match_their_unpadded_selves():
         n = row.shape[1]
         torch.testing.assert_close(batch[b, -n:], query_match(row, None, query_tokens=5, window=3)[0])
         assert torch.equal(batch[b, :-n], torch.zeros(ids.shape[1] - n))
+
+
+def test_prompt_match_reads_each_rows_prompt_alone():
+    """Rows with a continuation after the prompt and right padding: the prompt's match is that of the
+    prompt alone (the default settings), and everything else gets 0."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 30, (2, 300), generator=generator)
+    prompt = torch.zeros(2, 300, dtype=torch.bool)
+    prompt[0, :250], prompt[1, :180] = True, True
+    out = prompt_match(ids, prompt)
+    for b, n in enumerate((250, 180)):
+        torch.testing.assert_close(out[b, :n], query_match(ids[b : b + 1, :n], None, QUERY_TOKENS, WINDOW, POWER)[0])
+        assert torch.equal(out[b, n:], torch.zeros(300 - n))
+    assert bool(out[0, :200].gt(0).any())
 
 
 @torch.no_grad()

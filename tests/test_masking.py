@@ -16,16 +16,22 @@ from sdtp.training.masking import PolicyMasker, causal_additive_mask
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.4), keep_first=2, keep_recent=0.1)
 
 
-def _predictor(hidden: int, position_features: bool = False, query_tokens: int = 0) -> TokenPredictor:
+def _predictor(hidden: int, position_features: bool = False, query_tokens: int = 0,
+               lexical_feature: bool = False) -> TokenPredictor:
     """query_tokens > 0: with a query branch whose (zero-initialised) query weights are randomised,
-    reading more tokens than the protected tail, so which of them are alive matters."""
+    reading more tokens than the protected tail, so which of them are alive matters. lexical_feature:
+    with the lexical input, its weights scaled up so that the match decides the ranking."""
     torch.manual_seed(0)
     predictor = TokenPredictor(PredictorMeta(hidden_size=hidden, layers=list(SCHEDULE.layers),
                                              position_features=position_features, query_tokens=query_tokens,
-                                             query_rank=8))
+                                             query_rank=8, lexical_feature=lexical_feature))
     if query_tokens:
         for branch in predictor.queries:
             torch.nn.init.normal_(branch.query.weight, std=2.0)
+    if lexical_feature:
+        with torch.no_grad():
+            for stage in predictor.stages:
+                stage.fc1.weight[:, -1] *= 50.0
     return predictor
 
 
@@ -86,6 +92,31 @@ def test_continuation_is_never_pruned_and_budget_is_the_prompts(tiny_llama, prom
         assert bool((policy[0, :2] == 1).all()) and bool((policy[0, split - SCHEDULE.num_recent(split) : split] == 1).all())
         assert int(policy[0, :split].sum()) == SCHEDULE.budget(stage, split)
         assert not decided[stage][0, split:].any() and not decided[stage][0, :2].any()
+
+
+def test_lexical_input_reads_the_prompt_alone_as_inference_does(tiny_llama):
+    """With a continuation after the prompt, training computes the lexical match over the prompt only:
+    the masked forward keeps exactly the prompt tokens that pruning the prompt alone keeps, and the
+    match changes that set (the prompt is longer than the match's window, so it varies by token)."""
+    model, _, _ = tiny_llama
+    ids = torch.randint(4, 260, (1, 440), generator=torch.Generator().manual_seed(2))
+    split = 400
+    kept = {}
+    for weight in (1.0, 0.0):
+        predictor = _predictor(model.config.hidden_size, position_features=True, lexical_feature=True)
+        with torch.no_grad():
+            for stage in predictor.stages:
+                stage.fc1.weight[:, -1] *= weight
+            masker = PolicyMasker(SCHEDULE, predictor, mode="topk", noise_scale=0.0)
+            with masker(model, torch.tensor([split])):
+                model.base_model(input_ids=ids)
+                policy = masker.state.policies[-1][0, :split]
+            pruner = TokenPruner(SCHEDULE, PredictorScorer(predictor=predictor))
+            with pruner(model):
+                model(input_ids=ids[:, :split], use_cache=True)
+        kept[weight] = pruner.last_prefill.final_positions[0]
+        assert torch.equal(policy.nonzero().squeeze(-1), kept[weight])
+    assert not torch.equal(kept[1.0], kept[0.0])
 
 
 def test_gradients_reach_every_predictor_through_the_mask(tiny_llama, prompt_ids):

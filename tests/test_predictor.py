@@ -7,7 +7,7 @@ import torch
 
 from sdtp.config import build_pruner, compose
 from sdtp.errors import ConfigError
-from sdtp.predictor import PredictorMeta, TokenPredictor
+from sdtp.predictor import PredictorMeta, TokenPredictor, position_features, widen_inputs
 
 
 def _predictor(layers=(1, 2, 3), hidden=64) -> TokenPredictor:
@@ -83,6 +83,42 @@ def test_norm_feature_is_the_log_rms_the_input_norm_removes(tmp_path):
     torch.testing.assert_close(blind(1, x)[0, 0], blind(1, x)[0, 1], rtol=1e-4, atol=1e-4)
     p.save(tmp_path)
     torch.testing.assert_close(TokenPredictor.load(tmp_path)(1, x), p(1, x))
+
+
+def test_lexical_feature_is_the_log_match_after_the_other_inputs(tmp_path):
+    """The lexical input is log(1 + match), the last column; it is required, and round-trips."""
+    torch.manual_seed(0)
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2], input_norm=True, position_features=True,
+                         norm_feature=True, lexical_feature=True)
+    p = TokenPredictor(meta)
+    assert p.stages[0].fc1.in_features == 64 + 4
+    x, pos, n, match = torch.randn(1, 5, 64), torch.arange(5)[None], torch.tensor([5]), 4.0 * torch.rand(1, 5)
+    unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    log_rms = 0.5 * torch.log(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    features = torch.cat([unit, position_features(pos, n), log_rms, torch.log1p(match)[..., None]], dim=-1)
+    torch.testing.assert_close(p.logits(1, x, pos, n, lexical=match), p.stages[1](features))
+    with pytest.raises(ValueError, match="lexical"):
+        p(1, x, pos, n)
+    p.save(tmp_path)
+    torch.testing.assert_close(TokenPredictor.load(tmp_path)(1, x, pos, n, lexical=match), p(1, x, pos, n, lexical=match))
+
+
+def test_widen_inputs_inserts_zero_columns_where_the_new_inputs_go():
+    """Adding the norm input to a predictor with the lexical one puts the zero column before it; the
+    widened predictor scores as the original; dropping an input is refused."""
+    torch.manual_seed(0)
+    old_meta = PredictorMeta(hidden_size=16, layers=[1], position_features=True, lexical_feature=True)
+    new_meta = PredictorMeta(hidden_size=16, layers=[1], position_features=True, norm_feature=True,
+                             lexical_feature=True)
+    old, new = TokenPredictor(old_meta), TokenPredictor(new_meta)
+    new.load_state_dict(widen_inputs(old.state_dict(), old_meta, new_meta))
+    weight = new.stages[0].fc1.weight
+    assert torch.equal(weight[:, 18], torch.zeros(weight.shape[0]))  # 16 hidden + 2 position, then norm
+    assert torch.equal(weight[:, 19], old.stages[0].fc1.weight[:, 18])  # the lexical column moved right
+    x, pos, n, match = 5.0 * torch.randn(1, 4, 16), torch.arange(4)[None], torch.tensor([4]), torch.rand(1, 4)
+    torch.testing.assert_close(new(0, x, pos, n, lexical=match), old(0, x, pos, n, lexical=match))
+    with pytest.raises(ValueError, match="subset"):
+        widen_inputs(new.state_dict(), new_meta, old_meta)
 
 
 def test_query_branch_is_a_smooth_max_over_the_last_alive_prompt_tokens(tmp_path):

@@ -57,6 +57,21 @@ def query_match(input_ids: torch.Tensor, valid: torch.Tensor | None, query_token
     return (sums[:, 2 * window + 1:] - sums[:, :seq]) / (2 * window + 1) * real
 
 
+def prompt_match(input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """(B, S) ids, (B, S) bool prompt tokens (any padding, e.g. a training continuation after them) ->
+    (B, S) :func:`query_match` with the default settings of each row's prompt alone, 0 elsewhere.
+
+    What the scorer's :meth:`LexicalScorer.begin` computes for a prefill of that prompt: the training
+    loop feeds it to a predictor with the lexical feature.
+    """
+    out = torch.zeros(prompt.shape, device=input_ids.device)
+    for row in range(input_ids.shape[0]):
+        index = prompt[row].nonzero().squeeze(1)
+        if index.numel():
+            out[row, index] = query_match(input_ids[row, index][None], None, QUERY_TOKENS, WINDOW, POWER)[0]
+    return out
+
+
 class LexicalScorer(Scorer):
     """Keeps the tokens whose surroundings share the most rare words with the prompt's last tokens."""
 

@@ -115,8 +115,9 @@ class PredictorScorer(Scorer):
         if self.prior_weight("attention", chat=False) or self.prior_weight("attention", chat=True):
             self._attention = AttentionScorer(num_queries=self.attention_queries)
             self._attention.bind(model, layers)
-        if self.prior_weight("lexical", chat=False) or self.prior_weight("lexical", chat=True):
-            self._lexical = LexicalScorer()
+        if self.predictor.meta.lexical_feature or self.prior_weight("lexical", chat=False) \
+                or self.prior_weight("lexical", chat=True):
+            self._lexical = LexicalScorer()  # the lexical input and the lexical prior read the same match
 
     def unbind(self) -> None:
         if self._attention is not None:
@@ -144,7 +145,8 @@ class PredictorScorer(Scorer):
         prompt_len = torch.full((batch,), ctx.seq_len, device=device)
         if ctx.seq_lens is not None:  # ragged batch: each row's own length
             prompt_len = ctx.seq_lens.to(device)
-        scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len, ctx.valid)
+        match = self._lexical.score(ctx) if self._lexical is not None else None  # (B, n)
+        scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len, ctx.valid, match)
         terms = [(self._row_weights("recency", batch, device), recency(ctx.positions, prompt_len))]
         norm = self._row_weights("norm", batch, device)
         if bool(norm.any()):  # the norm term only when used (it reads the full hidden states)
@@ -153,6 +155,6 @@ class PredictorScorer(Scorer):
         if self._attention is not None and bool(attention.any()):
             terms.append((attention, log_attention(self._attention.score(ctx))))
         lexical = self._row_weights("lexical", batch, device)
-        if self._lexical is not None and bool(lexical.any()):
-            terms.append((lexical, self._lexical.score(ctx)))
+        if match is not None and bool(lexical.any()):
+            terms.append((lexical, match))
         return blend(scores, terms, ctx.valid)

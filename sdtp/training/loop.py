@@ -46,7 +46,7 @@ from sdtp.errors import ConfigError
 from sdtp.labels import load_labels, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
-from sdtp.predictor import PredictorMeta, TokenPredictor, with_norm_input
+from sdtp.predictor import PredictorMeta, TokenPredictor, widen_inputs
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.scorers.random import RandomScorer
@@ -204,6 +204,7 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
         hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(t.hidden_ratio),
         base_model=cfg.model.name, num_layers=int(cfg.model.num_layers), input_norm=bool(t.input_norm),
         position_features=bool(t.position_features), norm_feature=bool(t.norm_feature),
+        lexical_feature=bool(t.lexical_feature),
         query_tokens=int(t.query_tokens), query_rank=int(t.query_rank),
         extra={"keep_mode": t.keep_mode, "target": t.target, "label_transform": t.label_transform,
                "loss": OmegaConf.to_container(t.loss), "data": cfg.data.name},
@@ -217,16 +218,16 @@ def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
                                 base_model=cfg.model.name)
     if start.meta.position_features != predictor.meta.position_features:
         raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
-    if start.meta.norm_feature and not predictor.meta.norm_feature:
-        raise ConfigError(f"train.init_from: {t.init_from} has norm_feature=true; set train.norm_feature=true")
+    for feature in ("norm_feature", "lexical_feature"):
+        if getattr(start.meta, feature) and not getattr(predictor.meta, feature):
+            raise ConfigError(f"train.init_from: {t.init_from} has {feature}=true; set train.{feature}=true")
     if start.meta.query_tokens and not predictor.meta.query_tokens:
         raise ConfigError(f"train.init_from: {t.init_from} has a query branch; set train.query_tokens="
                           f"{start.meta.query_tokens}")
-    # A checkpoint without the norm input gets it as a zero-weight column, one without the query
-    # branch gets a fresh branch whose output starts at 0: training starts from exactly the old
+    # A checkpoint without the norm or lexical input gets it as a zero-weight column, one without the
+    # query branch gets a fresh branch whose output starts at 0: training starts from exactly the old
     # scores and learns what the new input adds.
-    state = with_norm_input(start.state_dict()) if predictor.meta.norm_feature and not start.meta.norm_feature \
-        else start.state_dict()
+    state = widen_inputs(start.state_dict(), start.meta, predictor.meta)
     missing, unexpected = predictor.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith("queries.") for key in missing):
         raise ConfigError(f"train.init_from: {t.init_from} does not fit this predictor "

@@ -45,6 +45,7 @@ from sdtp.engine.selection import protected_mask
 from sdtp.models import decoder_layers
 from sdtp.models.layer_types import layer_kinds, layer_windows, visible_keys
 from sdtp.predictor import TokenPredictor
+from sdtp.scorers.lexical import prompt_match
 
 MODES = ("gumbel", "topk")
 EPS = 1e-6
@@ -72,6 +73,7 @@ class PolicyState:
     prompt: torch.Tensor | None = None
     prompt_len: torch.Tensor | None = None  # (B,)
     protect: torch.Tensor | None = None  # (B, S) bool, always kept
+    lexical: torch.Tensor | None = None  # (B, S) query match of the prompt tokens (predictors with the lexical input)
     mask: dict[str, torch.Tensor] = field(default_factory=dict)  # attention kind -> (B, 1, S, S) current additive mask
     causal: dict[str, torch.Tensor] = field(default_factory=dict)  # attention kind -> (B, 1, S, S) causal + padding
 
@@ -162,8 +164,13 @@ class PolicyMasker:
             protected_mask(positions[0], int(n), self.schedule.keep_first, self.schedule.num_recent(int(n)))
             for n in prompt_len.tolist()
         ]) | ~prompt  # the continuation (and padding) is never pruned
+        lexical = None
+        if self.predictor.meta.lexical_feature:
+            if ids is None:
+                raise ValueError("a predictor with the lexical feature needs input_ids (not inputs_embeds)")
+            lexical = prompt_match(ids, prompt)
         self.state = PolicyState(valid=valid, prompt=prompt, prompt_len=prompt_len, protect=protect & valid,
-                                 causal=causal_masks(self._config, valid))
+                                 causal=causal_masks(self._config, valid), lexical=lexical)
 
     def _make_hook(self, layer: int, kind: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -184,7 +191,7 @@ class PolicyMasker:
         # losses and, through the masks, from the CE; not through earlier stages' inputs.
         prev = state.policies[-1] if state.policies else state.valid.float()
         alive = (prev.detach() > 0.5) & state.valid  # what physical pruning would still hold
-        scores = self.predictor(stage, hidden.detach(), positions, state.prompt_len, alive).float()  # (B, S)
+        scores = self.predictor(stage, hidden.detach(), positions, state.prompt_len, alive, state.lexical).float()  # (B, S)
         decided = (prev.detach() > 0.5) & state.prompt & ~state.protect
         noise = 0.0
         if self.noise_scale > 0:
@@ -220,7 +227,8 @@ class PolicyMasker:
         state = self.state
         positions = torch.arange(state.valid.shape[1], device=state.valid.device).expand(state.valid.shape[0], -1)
         alive = [state.valid] + [(p.detach() > 0.5) & state.valid for p in state.policies[:-1]]
-        scores = [self.predictor(s, x, positions, state.prompt_len, alive[s]).float() for s, x in enumerate(state.inputs)]
+        scores = [self.predictor(s, x, positions, state.prompt_len, alive[s], state.lexical).float()
+                  for s, x in enumerate(state.inputs)]
         if self.mode == "gumbel":
             policy = state.valid.float()
             policies = []

@@ -21,6 +21,7 @@ from sdtp.engine.selection import protected_mask
 from sdtp.eval.continuation import score_segment
 from sdtp.predictor import TokenPredictor
 from sdtp.saliency import capture_layer_inputs
+from sdtp.scorers.lexical import prompt_match
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,11 @@ def ranking_agreement(model: nn.Module, items: Sequence[tuple[torch.Tensor, int,
             model.base_model(input_ids=ids[None, :split].to(device), use_cache=False)
         positions = torch.arange(split, device=device)[None]
         prompt_len = torch.tensor([split], device=device)
+        prompt_ids = ids[None, :split].to(device)
+        match = prompt_match(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool)) \
+            if predictor.meta.lexical_feature else None
         for s, layer in enumerate(schedule.layers):
-            score = predictor(s, captured[layer], positions, prompt_len)[0].float().cpu()[region]
+            score = predictor(s, captured[layer], positions, prompt_len, lexical=match)[0].float().cpu()[region]
             label = labels[:split, s].abs().float()[region]
             rho[s].append(spearman(score, label))
             kept_share = (schedule.budget(s, split) - schedule.num_protected(split)) / int(region.sum())
