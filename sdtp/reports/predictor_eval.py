@@ -373,8 +373,9 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         if weights["attention"]:  # the same for the attention prior, with the queries it reads
             what["attention_weight"] = weights["attention"]
             what["attention_queries"] = row.attention_queries
-        if weights["lexical"]:  # with the match's settings, which are the scorer's defaults
+        if weights["lexical"]:
             what["lexical_weight"] = weights["lexical"]
+        if weights["lexical"] or row.predictor.meta.lexical_feature:  # the match's settings: the scorer's defaults
             what["lexical"] = {"query_tokens": QUERY_TOKENS, "window": WINDOW, "power": POWER}
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
