@@ -18,6 +18,16 @@ Face dataset for online users. Formats:
   tokens, formatted exactly as the evaluation formats them; continuation = the gold answer. Records below
   ``EVAL_RECORDS`` are the evaluation cells and are refused. Teaches the predictor the case where the
   question after a long document decides which passage survives.
+* ``longbench``: records ``[first_doc, first_doc + num_samples)`` of a LongBench JSONL (``task`` names the
+  prompt template, default the source's ``name``), built exactly as the continuation evaluation builds a
+  LongBench cell (:func:`sdtp.eval.continuation.longbench_segments`): the task prompt middle-truncated to
+  the prompt budget, in the chat template; continuation = the first gold answer. Records below
+  ``EVAL_RECORDS`` are the evaluation cells and are refused. Teaches a task whose relevant tokens do not
+  depend on a question (e.g. multi_news summaries), which a per-token predictor can learn.
+
+``passage_qa`` and ``longbench`` prompts get about ``max_length - continuation_length - CHAT_MARGIN``
+tokens, or ``context_len`` tokens (plus the chat wrapper) when the source sets it, so long-document
+examples can be as long as the evaluation's while text windows stay short.
 * ``text``: ``text`` records. Documents are joined with EOS and cut into windows of
   ``max_length`` tokens; the last ``continuation_length`` tokens of each window are its
   continuation. Long documents (books) are capped so every document contributes windows.
@@ -41,7 +51,8 @@ import torch
 from sdtp.errors import ConfigError
 from sdtp.utils import read_jsonl_records, read_text_file
 
-FORMATS = ("instruction", "text", "passage_qa")
+FORMATS = ("instruction", "text", "passage_qa", "longbench")
+HELD_OUT_FORMATS = ("passage_qa", "longbench")  # built like the evaluation cells, whose records are refused
 CHAT_MARGIN = 32  # tokens left for the chat wrapper around a passage-QA prompt
 CHARS_PER_TOKEN = 6  # generous upper bound, used only to cap how much of a long document is tokenised
 Example = tuple[torch.Tensor, int]  # (input_ids (S,), split)
@@ -75,20 +86,33 @@ def validate_source(source: Mapping[str, Any], key: str) -> None:
         raise ConfigError(f"{key}.path: {path} is empty")
     if int(source.get("num_samples", 0)) < 1:
         raise ConfigError(f"{key}.num_samples: must be >= 1")
-    if source["format"] == "passage_qa":
-        _validate_passage_qa(source, key)
+    if source["format"] in HELD_OUT_FORMATS:
+        _validate_held_out(source, key)
+    if source["format"] == "longbench":
+        _validate_longbench_task(source, key)
     if source.get("exclude_passage_qa_eval") and path is None:
         raise ConfigError(f"{key}.exclude_passage_qa_eval: needs the local Dolly-15k file the records are built from")
 
 
-def _validate_passage_qa(source: Mapping[str, Any], key: str) -> None:
+def _validate_held_out(source: Mapping[str, Any], key: str) -> None:
+    """A source built like the evaluation cells: local file, no evaluation record, a usable prompt budget."""
     from sdtp.eval.passage_qa import EVAL_RECORDS
 
     if source.get("path") is None:
-        raise ConfigError(f"{key}.path: format passage_qa is built from a local Dolly-15k jsonl file")
+        raise ConfigError(f"{key}.path: format {source['format']} is built from a local jsonl file")
     if int(source.get("first_doc") or 0) < EVAL_RECORDS:
-        raise ConfigError(f"{key}.first_doc: passage-QA records [0, {EVAL_RECORDS}) are the evaluation cells; "
-                          f"start training at {EVAL_RECORDS} or later")
+        raise ConfigError(f"{key}.first_doc: records [0, {EVAL_RECORDS}) are the evaluation cells "
+                          f"(test 0..63, validation 64..127); start training at {EVAL_RECORDS} or later")
+    if source.get("context_len") is not None and int(source["context_len"]) < 16:
+        raise ConfigError(f"{key}.context_len: must be >= 16, got {source['context_len']}")
+
+
+def _validate_longbench_task(source: Mapping[str, Any], key: str) -> None:
+    from sdtp.eval.longbench_tasks import DATASETS as TASKS
+
+    task = source.get("task") or source.get("name")
+    if task not in TASKS:
+        raise ConfigError(f"{key}.task: {task!r} is not a LongBench task ({', '.join(sorted(TASKS))})")
 
 
 def source_records(source: Mapping[str, Any], key: str = "data.sources") -> list[Mapping[str, Any]]:
@@ -188,27 +212,54 @@ def text_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mappin
     return [(torch.tensor(stream[s : s + window]), window - cont_len) for s in list(starts)[:num_samples]]
 
 
-def passage_qa_examples(tokenizer: Any, source: Mapping[str, Any], data: Mapping[str, Any]) -> list[Example]:
-    """Passage-QA records ``[first_doc, first_doc + num_samples)`` as the continuation evaluation builds them
-    (``sdtp.eval.continuation.passage_qa_cell``): prompt = chat-formatted passages + question, about
-    ``max_length - continuation_length - CHAT_MARGIN`` tokens; continuation = the gold answer."""
-    from sdtp.eval.continuation import passage_qa_cell
+def _prompt_budget(source: Mapping[str, Any], data: Mapping[str, Any]) -> int:
+    """Prompt tokens of a ``passage_qa`` / ``longbench`` example (before the chat wrapper)."""
+    if source.get("context_len") is not None:
+        return int(source["context_len"])
+    return int(data["max_length"]) - int(data["continuation_length"]) - CHAT_MARGIN
+
+
+def _chat(tokenizer: Any, data: Mapping[str, Any]) -> bool:
     from sdtp.eval.predict import wants_chat_template
 
-    cont_len = int(data["continuation_length"])
-    context_len = int(data["max_length"]) - cont_len - CHAT_MARGIN
-    chat = wants_chat_template(tokenizer, "auto" if data.get("chat_template", True) else False)
-    _, segments = passage_qa_cell(source["path"], tokenizer, context_len, cont_len,
-                                  int(source.get("first_doc") or 0), int(source["num_samples"]), chat)
+    return wants_chat_template(tokenizer, "auto" if data.get("chat_template", True) else False)
+
+
+def _segment_examples(segments: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Example]:
+    """(1, P) prompt and (1, C) continuation segments -> (P + C,) ids with split P."""
     return [(torch.cat([prompt[0], answer[0]]), prompt.shape[1]) for prompt, answer in segments]
+
+
+def passage_qa_examples(tokenizer: Any, source: Mapping[str, Any], data: Mapping[str, Any]) -> list[Example]:
+    """Passage-QA records ``[first_doc, first_doc + num_samples)`` as the continuation evaluation builds them
+    (``sdtp.eval.continuation.passage_qa_cell``): prompt = chat-formatted passages + question of
+    :func:`_prompt_budget` tokens; continuation = the gold answer."""
+    from sdtp.eval.continuation import passage_qa_cell
+
+    _, segments = passage_qa_cell(source["path"], tokenizer, _prompt_budget(source, data),
+                                  int(data["continuation_length"]), int(source.get("first_doc") or 0),
+                                  int(source["num_samples"]), _chat(tokenizer, data))
+    return _segment_examples(segments)
+
+
+def longbench_examples(tokenizer: Any, source: Mapping[str, Any], data: Mapping[str, Any]) -> list[Example]:
+    """LongBench records ``[first_doc, first_doc + num_samples)`` as the continuation evaluation builds a
+    LongBench cell (``sdtp.eval.continuation.longbench_segments``); continuation = the first gold answer."""
+    from sdtp.eval.continuation import longbench_segments
+
+    segments = longbench_segments(source["path"], source.get("task") or source["name"], tokenizer,
+                                  _prompt_budget(source, data), int(data["continuation_length"]),
+                                  int(source["num_samples"]), _chat(tokenizer, data), int(source.get("first_doc") or 0))
+    return _segment_examples(segments)
 
 
 def build_examples(tokenizer: Any, data: Mapping[str, Any], seed: int) -> list[Example]:
     """Every source's examples, interleaved by a seeded permutation (so any tail is a mix)."""
     examples: list[Example] = []
     for i, source in enumerate(data["sources"]):
-        if source["format"] == "passage_qa":
-            examples += passage_qa_examples(tokenizer, source, data)
+        if source["format"] in HELD_OUT_FORMATS:
+            builder = passage_qa_examples if source["format"] == "passage_qa" else longbench_examples
+            examples += builder(tokenizer, source, data)
             continue
         records = source_records(source, f"data.sources.{i}")
         count = int(source["num_samples"])
