@@ -153,6 +153,15 @@ def test_report_selects_the_weight_with_the_best_worst_cell_per_kind_and_writes_
     assert (loaded.recency_weight, loaded.recency_weight_chat) == (2.0, 0.5)
 
 
+def test_selection_needs_two_weights_computed_in_every_cell():
+    """A predictor with one weight's row in every cell (a baseline copied in for comparison) is not selected,
+    so --write-selected never overwrites its setting with the only value it was compared at."""
+    cells = [{"dense": [1.0], "norm": [1.5], "sdtp_rw0": [1.3], "new_rw0": [1.2], "new_rw1": [1.1]},
+             {"dense": [2.0], "norm": [2.5], "sdtp_rw0": [2.3], "new_rw0": [2.2], "new_rw1": [2.1], "sdtp_rw1": [2.0]}]
+    selection = select_prior(["sdtp", "new"], (0.0, 1.0), cells)
+    assert "sdtp" not in selection and selection["new"]["text"]["selected"] == 1.0
+
+
 def test_predictor_hash_ignores_the_prior_weights(tmp_path):
     _predictor().save(tmp_path)
     before = predictor_eval.predictor_hashes(tmp_path)

@@ -45,6 +45,8 @@ def select_prior(predictors: Sequence[str], weights: Sequence[float], cell_nll: 
     is to beat every scorer everywhere, so the selected w minimises max over cells of the margin (ties:
     the smaller w). Also reports each weight's mean over cells of Δ NLL vs dense. Only weights computed
     in every cell compete; cells without dense or without any training-free scorer are skipped.
+    A predictor with fewer than two weights computed in every cell of a kind gets no selection for it (e.g. a
+    baseline predictor whose one row was copied in for comparison keeps its weights).
     ``cell_nll``: per cell, scorer name -> per-segment NLLs; ``kinds``: per cell, the prompt kind
     (``text`` or ``chat``, see :data:`KINDS`; default all text), each kind selected on its own cells.
     Empty unless at least two weights are given (one weight is a comparison, not a choice).
@@ -68,7 +70,7 @@ def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[floa
     """:func:`select_prior` for one predictor over one kind's cells (None when no weight is in all of them)."""
     rows = {f"{w:g}": variant_name(name, w, prior) for w in weights}
     rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
-    if not rows:
+    if len(rows) < 2:  # one computed weight is a comparison, not a choice: never overwrite a setting with it
         return None
     best = [min(fmean(c[b]) for b in TRAINING_FREE if b in c) for c in cells]
     margin = {w: max(fmean(c[row]) - b for c, b in zip(cells, best)) for w, row in rows.items()}
