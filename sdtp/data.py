@@ -24,13 +24,13 @@ Face dataset for online users. Formats:
   the prompt budget, in the chat template; continuation = the first gold answer. Records below
   ``EVAL_RECORDS`` are the evaluation cells and are refused. Teaches a task whose relevant tokens do not
   depend on a question (e.g. multi_news summaries), which a per-token predictor can learn.
+* ``text``: ``text`` records. Documents are joined with EOS and cut into windows of
+  ``max_length`` tokens; the last ``continuation_length`` tokens of each window are its
+  continuation. Long documents (books) are capped so every document contributes windows.
 
 ``passage_qa`` and ``longbench`` prompts get about ``max_length - continuation_length - CHAT_MARGIN``
 tokens, or ``context_len`` tokens (plus the chat wrapper) when the source sets it, so long-document
 examples can be as long as the evaluation's while text windows stay short.
-* ``text``: ``text`` records. Documents are joined with EOS and cut into windows of
-  ``max_length`` tokens; the last ``continuation_length`` tokens of each window are its
-  continuation. Long documents (books) are capped so every document contributes windows.
 
 ``first_doc``/``last_doc`` select a document range, so evaluation can hold out the rest. An
 ``instruction`` source with ``exclude_passage_qa_eval: true`` skips the Dolly rows behind the passage-QA
