@@ -52,7 +52,6 @@ from sdtp.errors import ConfigError
 from sdtp.utils import read_jsonl_records, read_text_file
 
 FORMATS = ("instruction", "text", "passage_qa", "longbench")
-HELD_OUT_FORMATS = ("passage_qa", "longbench")  # built like the evaluation cells, whose records are refused
 CHAT_MARGIN = 32  # tokens left for the chat wrapper around a passage-QA prompt
 CHARS_PER_TOKEN = 6  # generous upper bound, used only to cap how much of a long document is tokenised
 Example = tuple[torch.Tensor, int]  # (input_ids (S,), split)
@@ -86,7 +85,7 @@ def validate_source(source: Mapping[str, Any], key: str) -> None:
         raise ConfigError(f"{key}.path: {path} is empty")
     if int(source.get("num_samples", 0)) < 1:
         raise ConfigError(f"{key}.num_samples: must be >= 1")
-    if source["format"] in HELD_OUT_FORMATS:
+    if source["format"] in HELD_OUT_BUILDERS:
         _validate_held_out(source, key)
     if source["format"] == "longbench":
         _validate_longbench_task(source, key)
@@ -110,9 +109,14 @@ def _validate_held_out(source: Mapping[str, Any], key: str) -> None:
 def _validate_longbench_task(source: Mapping[str, Any], key: str) -> None:
     from sdtp.eval.longbench_tasks import DATASETS as TASKS
 
-    task = source.get("task") or source.get("name")
+    task = longbench_task(source)
     if task not in TASKS:
         raise ConfigError(f"{key}.task: {task!r} is not a LongBench task ({', '.join(sorted(TASKS))})")
+
+
+def longbench_task(source: Mapping[str, Any]) -> str | None:
+    """The LongBench task whose template a ``longbench`` source uses: ``task``, by default its ``name``."""
+    return source.get("task") or source.get("name")
 
 
 def source_records(source: Mapping[str, Any], key: str = "data.sources") -> list[Mapping[str, Any]]:
@@ -247,19 +251,22 @@ def longbench_examples(tokenizer: Any, source: Mapping[str, Any], data: Mapping[
     LongBench cell (``sdtp.eval.continuation.longbench_segments``); continuation = the first gold answer."""
     from sdtp.eval.continuation import longbench_segments
 
-    segments = longbench_segments(source["path"], source.get("task") or source["name"], tokenizer,
+    segments = longbench_segments(source["path"], longbench_task(source), tokenizer,
                                   _prompt_budget(source, data), int(data["continuation_length"]),
                                   int(source["num_samples"]), _chat(tokenizer, data), int(source.get("first_doc") or 0))
     return _segment_examples(segments)
+
+
+# Formats built exactly like an evaluation cell (whose records they refuse), from the whole source at once.
+HELD_OUT_BUILDERS = {"passage_qa": passage_qa_examples, "longbench": longbench_examples}
 
 
 def build_examples(tokenizer: Any, data: Mapping[str, Any], seed: int) -> list[Example]:
     """Every source's examples, interleaved by a seeded permutation (so any tail is a mix)."""
     examples: list[Example] = []
     for i, source in enumerate(data["sources"]):
-        if source["format"] in HELD_OUT_FORMATS:
-            builder = passage_qa_examples if source["format"] == "passage_qa" else longbench_examples
-            examples += builder(tokenizer, source, data)
+        if source["format"] in HELD_OUT_BUILDERS:
+            examples += HELD_OUT_BUILDERS[source["format"]](tokenizer, source, data)
             continue
         records = source_records(source, f"data.sources.{i}")
         count = int(source["num_samples"])
