@@ -11,8 +11,8 @@
 # Steps, each skipped when already done (an interrupted run resumes; finished runs are reused only when
 # their fingerprint matches, sdtp/provenance.py):
 # 1. SDTP-low's predictor: if $LOW_PREDICTOR (results/predictors/<model>-low) holds none, sdtp-train with
-#    pruning=sdtp_low (conf/pruning/sdtp_low.yaml: 5 stages) and the shipped v3 recipe
-#    (results/predictors/<model>/README.md), TRAIN_STEPS (480) steps, resuming from the checkpoint in
+#    pruning=sdtp_low (conf/pruning/sdtp_low.yaml: 5 stages) and the v3 recipe
+#    (results/predictors/smollm2-135m-v3/README.md), TRAIN_STEPS (480) steps, resuming from the checkpoint in
 #    $RUN/train_low if one is there.
 # 2. sdtp-eval, one run per row and eval, in stable run directories $RUN/<eval>/<row>: LongBench
 #    (conf/experiment/paper_table1.yaml; LB_ARGS adds overrides) and the synthetic passage tasks in SYNTHETIC
@@ -60,7 +60,7 @@ read -r -a train_args <<< "${TRAIN_ARGS:-}"
 threads=(${THREADS:+"threads=$THREADS"})
 start=$(date +%s)
 
-# 1. SDTP-low's predictor (the shipped v3 command, results/predictors/<model>/README.md, on the 5-stage schedule).
+# 1. SDTP-low's predictor (the v3 command, results/predictors/smollm2-135m-v3/README.md, on the 5-stage schedule).
 if [[ ! -f "$LOW_PREDICTOR/predictor.json" ]]; then
   train=(pruning=sdtp_low "model=$MODEL" train.target=attention train.loss.ce=0 "train.max_steps=$TRAIN_STEPS"
          train.grad_accum=3 data.sources.0.num_samples=800 data.sources.1.num_samples=500 data.sources.2.num_samples=150

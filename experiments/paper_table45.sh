@@ -11,7 +11,7 @@
 # Per point (row x seed; the steps shared with paper_fig4.sh / paper_fig5.sh are in experiments/lib/ablation_points.sh),
 # skipped when results/paper/table45/<model>/<row>_s<seed>.json already summarises it
 # with the same setup (steps, training and eval arguments), so a fresh clone resumes from what is committed:
-# 1. sdtp-train with the shipped v3 recipe (results/predictors/<model>/README.md: attention labels, grad_accum 3,
+# 1. sdtp-train with the v3 recipe (results/predictors/smollm2-135m-v3/README.md: attention labels, grad_accum 3,
 #    the same data) plus the row's losses (sdtp/reports/paper_table45.py ROWS: full = CE off, MSE + ranking;
 #    wo_rank = experiment=sdtp_wo_rank, CE off, MSE only; wo_rank_mse = experiment=sdtp_wo_rank_mse, which
 #    leaves no label loss, so the LM cross-entropy is on (ce=1) and the keep rate is the hard top-k budget,

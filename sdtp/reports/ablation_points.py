@@ -35,7 +35,7 @@ from sdtp.reports.run_summary import machine
 from sdtp.utils import parse_jsonl, write_json_atomic
 
 SCHEMA = 1
-# The shipped v3 recipe's labels, data and accumulation (results/predictors/smollm2-135m/README.md); the
+# The v3 recipe's labels, data and accumulation (results/predictors/smollm2-135m-v3/README.md); the
 # steps are each page's (smaller than MAIN_STEPS). Its losses (CE off, MSE + ranking) are the "full" row of
 # Tables 4/5 and the loss of every figure point.
 RECIPE = ["train.target=attention", "train.grad_accum=3", "data.sources.0.num_samples=800",

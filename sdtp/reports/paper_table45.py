@@ -34,7 +34,7 @@ from sdtp.reports.lm_eval_pages import num, write_page_files
 
 __all__ = ["ROWS", "PAPER", "train_overrides", "done", "build_page", "render", "to_csv", "render_plot", "main"]
 
-# Row -> (label, sdtp-train overrides). The shipped v3 recipe (results/predictors/<model>/README.md) is
+# Row -> (label, sdtp-train overrides). The v3 recipe (results/predictors/smollm2-135m-v3/README.md) is
 # attention labels with CE off; "w/o ranking" drops the ranking loss (MSE only). "w/o ranking and MSE"
 # (conf/experiment/sdtp_wo_rank_mse.yaml) has no label loss at all, so it keeps the LM cross-entropy
 # (train.loss.ce=1, the config's default): with ce=0 as in v3 it would have no loss. Its pruning rate is

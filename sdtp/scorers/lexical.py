@@ -30,7 +30,7 @@ from sdtp.scorers.base import Scorer, ScoreContext
 # Defaults chosen on passage-QA validation records 64..127 only (token ids, no model run): the share of the
 # answer-bearing passage a one-shot 34.9% keep retains, over query_tokens 16-128, window 16-256, power 1-3,
 # peaked at 32 / 128 / 3 (0.78; the positional rule keeps 0.01 of a passage in the prompt's first half); see
-# results/predictors/smollm2-135m/README.md, "Lexical prior".
+# results/predictors/smollm2-135m-v3/README.md, "Lexical prior".
 QUERY_TOKENS, WINDOW, POWER = 32, 128, 3.0
 
 
