@@ -159,3 +159,30 @@ def test_select_priors_narrows_what_write_selected_changes(setup, tmp_path):
     assert meta["lexical_weight"] == report["lexical_selection"]["sdtp"]["text"]["selected"]
     with pytest.raises(SystemExit):
         predictor_eval.parse_args(["--select-priors", "typo"])
+
+
+def test_seed_group_pairs_on_the_mean_of_its_predictors(setup, tmp_path):
+    argv, out = setup
+    second = tmp_path / "predictor2"
+    TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)).save(second)
+    argv = [*argv, "--predictor", f"sdtp2={second}", "--seed-group", "sdtp_seeds=sdtp,sdtp2", "--datasets", "c4"]
+    report = predictor_eval.main([*argv, "--only", "dense,positional,sdtp,sdtp2"])
+    cell, rows = _rows(report, "c4")
+    members = [json.loads(_cache(out, "c4_48", name).read_text())["nll"] for name in ("sdtp", "sdtp2")]
+    assert rows["sdtp_seeds"]["nll"] == pytest.approx(sum(map(sum, members)) / 6)
+    assert rows["sdtp_seeds"]["seeds"] == ["sdtp", "sdtp2"] and rows["sdtp2"]["seed_of"] == "sdtp_seeds"
+    order = [r["scorer"] for r in cell["rows"]]
+    assert order.index("sdtp_seeds") < order.index("sdtp") < order.index("sdtp2")
+    # The group stands for its members in the tests: no member is compared, the group with every other row.
+    assert {(c["a"], c["b"]) for c in cell["comparisons"]} == {("sdtp_seeds", n) for n in ("dense", "positional")}
+    assert "sdtp_seeds (mean of 2 seeds)" in (out / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("group", ["random=sdtp,sdtp2", "g=sdtp,positional", "g=sdtp,sdtp"])
+def test_a_bad_seed_group_fails_before_any_cell(setup, tmp_path, monkeypatch, group):
+    argv, _ = setup
+    second = tmp_path / "predictor2"
+    TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)).save(second)
+    monkeypatch.setattr(predictor_eval, "compute", lambda *a: pytest.fail("must fail before computing"))
+    with pytest.raises(predictor_eval.ConfigError, match="--seed-group"):
+        predictor_eval.main([*argv, "--predictor", f"sdtp2={second}", "--seed-group", group])

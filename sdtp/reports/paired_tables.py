@@ -5,8 +5,9 @@ caller guarantees the pairing). Output: JSON-ready dicts, rendered to Markdown b
 :func:`render_markdown`.
 
 * scorer rows: mean NLL, exp(mean), the paired difference to dense with a 95% t interval;
-* random seeds: their per-segment mean is the ``random`` row used for pairing (it averages the
-  mask noise out of the comparison); each seed keeps a row of its own;
+* seed groups (random's seeds, or one predictor trained with several seeds): their per-segment mean is
+  the group's row used for pairing (it averages the mask or training noise out of the comparison); each
+  seed keeps a row of its own;
 * predictor comparisons: ``predictor - other`` with a 95% t interval and Holm-corrected p-values
   over all comparisons of the dataset x context (pairs that never differ are "identical");
 * pooled over datasets (per context): the mean of the dataset means, intervals from a paired
@@ -16,7 +17,7 @@ caller guarantees the pairing). Output: JSON-ready dicts, rendered to Markdown b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sdtp.eval.stats import PairedT, holm, paired_t_interval, stratified_bootstrap_ci
@@ -45,17 +46,22 @@ def paired_summary(result: PairedT) -> dict[str, Any]:
             "n": result.n, "identical": result.identical, "constant": constant}
 
 
-def with_random_mean(nll: dict[str, list[float]], seeds: Sequence[str]) -> dict[str, list[float]]:
-    """``nll`` plus a ``random`` entry: the per-segment mean over the seeds present (if any)."""
-    present = [s for s in seeds if s in nll]
-    if not present:
-        return dict(nll)
-    return {**nll, RANDOM: [_mean(values) for values in zip(*(nll[s] for s in present))]}
+def with_seed_means(nll: dict[str, list[float]], groups: Mapping[str, Sequence[str]]) -> dict[str, list[float]]:
+    """``nll`` plus one entry per seed group (``random``, or a predictor trained with several seeds): the
+    per-segment mean over the group's members present (groups with none present are left out)."""
+    out = dict(nll)
+    for name, members in groups.items():
+        present = [m for m in members if m in nll]
+        if present:
+            out[name] = [_mean(values) for values in zip(*(nll[m] for m in present))]
+    return out
 
 
 def scorer_rows(nll: dict[str, list[float]], fractions: dict[str, tuple[float, float]],
-                order: Sequence[str], seeds: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per scorer in ``order`` that has numbers; ``fractions``: scorer -> (kept, per-layer)."""
+                order: Sequence[str], groups: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """One row per scorer in ``order`` that has numbers; ``fractions``: scorer -> (kept, per-layer);
+    ``groups``: seed-group row -> its member rows (:func:`with_seed_means`)."""
+    member_of = {m: name for name, members in groups.items() for m in members}
     rows = []
     for name in order:
         if name not in nll:
@@ -63,14 +69,14 @@ def scorer_rows(nll: dict[str, list[float]], fractions: dict[str, tuple[float, f
         mean = _mean(nll[name])
         delta = paired_summary(paired_t_interval(_diffs(nll[name], nll["dense"]))) if "dense" in nll else None
         kept = fractions.get(name)
-        if name == RANDOM:  # the seeds share the schedule, so any seed's fractions are the row's
-            kept = next((fractions[s] for s in seeds if s in fractions), None)
+        if name in groups:  # the members share the schedule, so any member's fractions are the row's
+            kept = next((fractions[s] for s in groups[name] if s in fractions), None)
         rows.append({
             "scorer": name, "n": len(nll[name]), "nll": mean, "ppl": math.exp(mean),
             "delta_vs_dense": None if name == "dense" else delta,
             "kept_fraction": kept[0] if kept else None, "layer_fraction": kept[1] if kept else None,
-            "seed_of": RANDOM if name in seeds else None,
-            "seeds": [s for s in seeds if s in nll] if name == RANDOM else None,
+            "seed_of": member_of.get(name),
+            "seeds": [s for s in groups[name] if s in nll] if name in groups else None,
         })
     return rows
 
@@ -151,7 +157,7 @@ def cell_markdown(cell: dict[str, Any]) -> list[str]:
     for row in cell["rows"]:
         name = f"  ↳ {row['scorer']}" if row["seed_of"] else row["scorer"]
         if row["seeds"]:
-            name = f"random (mean of {len(row['seeds'])} seeds)"
+            name = f"{row['scorer']} (mean of {len(row['seeds'])} seeds)"
         lines.append(f"| {name} | {row['nll']:.4f} | {row['ppl']:.3f} | {interval_text(row['delta_vs_dense'])} | "
                      f"{_pct(row['kept_fraction'])} | {_pct(row['layer_fraction'])} |")
     if cell["comparisons"]:

@@ -33,7 +33,9 @@ page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (d
 offline data mirror),
 ``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``),
 ``--multi-news-start N`` / ``--passage-qa-start N`` (first record; validation pages use records the test
-page does not), ``--dolly-file``.
+page does not), ``--dolly-file``, ``--seed-group NAME=A,B,C`` (a row pairing on the per-segment mean of
+predictor rows A, B, C, e.g. one recipe trained with three seeds, as ``random`` does with its seeds: the
+group, not its members, enters the comparisons and their Holm family).
 
 Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` adds a row
 ``<predictor>_rw<w>`` per weight (applied to every prompt) next to the predictor as shipped (its
@@ -145,6 +147,7 @@ class ReportOptions:
     multi_news_start: int = 0
     passage_qa_start: int = 0
     dolly_file: str | None = None
+    seed_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # row -> predictor rows (training seeds)
     recency_weights: tuple[float, ...] = ()
     norm_weights: tuple[float, ...] = ()
     attention_weights: tuple[float, ...] = ()
@@ -229,6 +232,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--select-priors", default=None,
                    help="comma-separated priors --write-selected selects and writes (default: every prior given "
                         "weights); priors are tuned one after another, so a new prior's run selects only itself")
+    p.add_argument("--seed-group", action="append", default=[], metavar="NAME=A,B,C",
+                   help="repeatable: a row NAME pairing on the per-segment mean of predictor rows A, B, C (one "
+                        "predictor trained with several seeds); the members are listed under it, out of the tests")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     predictors = None
@@ -237,6 +243,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
         if any(len(pair) != 2 for pair in pairs):
             p.error("--predictor: expected NAME=PATH")
         predictors = dict(pairs)
+    groups = [item.split("=", 1) for item in a.seed_group]
+    if any(len(pair) != 2 or len(_csv(pair[1])) < 2 for pair in groups):
+        p.error("--seed-group: expected NAME=A,B[,...] (at least two predictor rows)")
     start, end = (int(x) for x in a.c4_docs.split(":"))
     datasets = _csv(a.datasets)
     if set(datasets) - set(DATASETS):
@@ -250,6 +259,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
         multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
+        seed_groups={name: _csv(members) for name, members in groups},
         recency_weights=_csv(a.recency_weights, float),
         norm_weights=_csv(a.norm_weights, float),
         attention_weights=_csv(a.attention_weights, float),
@@ -470,30 +480,57 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
 # the page
 
 
-def display_order(specs: list[ScorerSpec], seeds: bool) -> list[str]:
-    """Row order: dense, the random seed mean (and its seeds), baselines, oracle, predictors."""
-    names = [s.name for s in specs if s.group == "random"] if seeds else []
-    return ["dense", paired_tables.RANDOM, *names, *[s.name for s in specs if s.group not in ("dense", "random")]]
+def seed_groups(opts: ReportOptions, specs: list[ScorerSpec]) -> dict[str, list[str]]:
+    """Seed-group row -> its member rows: ``random`` (its seeds) and every ``--seed-group`` (predictor rows,
+    e.g. one recipe trained with several seeds); ConfigError on a taken name or an unknown member."""
+    predictors = [s.name for s in specs if s.group == "predictor"]
+    taken = {s.name for s in specs} | {paired_tables.RANDOM}
+    members = [m for group in opts.seed_groups.values() for m in group]
+    for name, group in opts.seed_groups.items():
+        if not NAME_RE.match(name) or name in taken or set(group) - set(predictors) or len(set(members)) < len(members):
+            raise ConfigError(f"--seed-group {name}=...: the name must be new and match {NAME_RE.pattern}; the members "
+                              f"distinct predictor rows, in one group each ({', '.join(predictors)})")
+    return {paired_tables.RANDOM: [s.name for s in specs if s.group == "random"],
+            **{name: list(group) for name, group in opts.seed_groups.items()}}
 
 
-def _cell(jobs: list[Job], specs: list[ScorerSpec]) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Table of one dataset x context from its jobs' records; also returns the NLLs for pooling."""
+def display_order(specs: list[ScorerSpec], groups: dict[str, list[str]], seeds: bool) -> list[str]:
+    """Row order: dense, random, baselines, oracle, predictors; a seed group's row comes before its first
+    member, and its members (listed under it) only with ``seeds``: comparisons see the group row alone."""
+    member_of = {m: name for name, members in groups.items() for m in members}
+    order: list[str] = []
+    for spec in specs:
+        group = member_of.get(spec.name)
+        if group is not None and group not in order:
+            order.append(group)
+        if group is None or seeds:
+            order.append(spec.name)
+    return order
+
+
+def focus_rows(specs: list[ScorerSpec], groups: dict[str, list[str]]) -> list[str]:
+    """The rows compared with every other: the predictors, a predictor seed group standing for its members."""
+    predictors = {s.name for s in specs if s.group == "predictor"} | set(groups) - {paired_tables.RANDOM}
+    return [n for n in display_order(specs, groups, seeds=False) if n in predictors]
+
+
+def _cell(jobs: list[Job], specs: list[ScorerSpec],
+          groups: dict[str, list[str]]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Table of one dataset x context from its jobs' records; also returns the NLLs (every row) for pooling."""
     records = {j.spec.name: j.record for j in jobs if j.record is not None}
-    seeds = [s.name for s in specs if s.group == "random"]
-    nll = paired_tables.with_random_mean({n: r["nll"] for n, r in records.items()}, seeds)
+    nll = paired_tables.with_seed_means({n: r["nll"] for n, r in records.items()}, groups)
     fractions = {n: (sum(r["kept_fraction"]) / len(r["nll"]), sum(r["layer_fraction"]) / len(r["nll"]))
                  for n, r in records.items()}
-    order = display_order(specs, seeds=True)
-    comparable = display_order(specs, seeds=False)  # the seeds enter comparisons through their mean
-    predictors = [s.name for s in specs if s.group == "predictor"]
+    order = display_order(specs, groups, seeds=True)
+    comparable = display_order(specs, groups, seeds=False)  # the seeds enter comparisons through their mean
     cell = {
         "dataset": jobs[0].dataset, "context_len": jobs[0].context_len, "segments": len(jobs[0].segs),
-        "rows": paired_tables.scorer_rows(nll, fractions, order, seeds),
-        "comparisons": paired_tables.predictor_comparisons({n: nll[n] for n in comparable if n in nll}, predictors,
-                                                           comparable),
+        "rows": paired_tables.scorer_rows(nll, fractions, order, groups),
+        "comparisons": paired_tables.predictor_comparisons({n: nll[n] for n in comparable if n in nll},
+                                                           focus_rows(specs, groups), comparable),
         "missing": [j.spec.name for j in jobs if j.record is None],
     }
-    return cell, {n: nll[n] for n in comparable if n in nll}
+    return cell, {n: nll[n] for n in order if n in nll}
 
 
 def _display(path: Path) -> str:
@@ -548,6 +585,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
             f"{[round(f, 3) for f in sched['keep_fractions']]}, first {sched['keep_first']} + last "
             f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
+                    + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
+                              "(training seeds, listed under it); " for name, group in opts.seed_groups.items()) +
                     "`norm` hidden-state L2 norm; `positional` sinks + most recent; `lazyllm` last-token attention; "
                     "`lexical` rare words shared with the prompt's last tokens (`sdtp/scorers/lexical.py`); "
                     + ("; ".join(preds) if preds else "no predictor")),
@@ -564,16 +603,16 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
 
 def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict:
     cells, pooled, cell_nll = [], [], []
-    predictors = [s.name for s in specs if s.group == "predictor"]
+    groups = seed_groups(opts, specs)
     for ctx in opts.contexts:
         per_dataset = {}
         for dataset in opts.datasets:
-            cell, nll = _cell([j for j in jobs if j.dataset == dataset and j.context_len == ctx], specs)
+            cell, nll = _cell([j for j in jobs if j.dataset == dataset and j.context_len == ctx], specs, groups)
             cells.append(cell)
             cell_nll.append(nll)
             per_dataset[dataset] = nll
-        pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, False),
-                                                                   predictors)})
+        pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, groups, False),
+                                                                   focus_rows(specs, groups))})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
     names = list(opts.predictors or {"sdtp": None})
     selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.selecting(prior) else {}
@@ -601,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in [s for s in specs if s.group == "predictor" and not s.path.exists()]:
         log.warning("predictor %s: %s does not exist, skipped", spec.name, spec.path)
         specs.remove(spec)
+    seed_groups(opts, specs)  # a bad --seed-group fails before any cell is computed
     unknown = set(opts.only or ()) - {s.name for s in specs} - {"random"}
     if unknown:
         raise ConfigError(f"--only: unknown scorer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
