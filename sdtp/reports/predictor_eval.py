@@ -601,9 +601,10 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
     }
 
 
-def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict:
+def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], groups: dict[str, list[str]],
+                 machine: dict[str, Any]) -> dict:
+    """The page's data; ``groups``: :func:`seed_groups` (validated before any cell is computed)."""
     cells, pooled, cell_nll = [], [], []
-    groups = seed_groups(opts, specs)
     for ctx in opts.contexts:
         per_dataset = {}
         for dataset in opts.datasets:
@@ -640,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in [s for s in specs if s.group == "predictor" and not s.path.exists()]:
         log.warning("predictor %s: %s does not exist, skipped", spec.name, spec.path)
         specs.remove(spec)
-    seed_groups(opts, specs)  # a bad --seed-group fails before any cell is computed
+    groups = seed_groups(opts, specs)  # a bad --seed-group fails before any cell is computed
     unknown = set(opts.only or ()) - {s.name for s in specs} - {"random"}
     if unknown:
         raise ConfigError(f"--only: unknown scorer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
@@ -651,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         job.record = load_cache(job.path, job.fingerprint)
         if job.record is None and not opts.render_only and selected(job.spec, opts.only):
             job.record = compute(job, model, opts.command)
-    report = portable_tree(build_report(opts, jobs, specs, environment(model, str(base.model.device))))
+    report = portable_tree(build_report(opts, jobs, specs, groups, environment(model, str(base.model.device))))
     if opts.write_selected:
         paths = {s.name: s.path for s in specs if s.group == "predictor"}
         for prior in PRIORS:

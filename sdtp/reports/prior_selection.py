@@ -67,7 +67,8 @@ def select_prior(predictors: Sequence[str], weights: Sequence[float], cell_nll: 
 
 def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[float]]],
             prior: str) -> dict[str, Any] | None:
-    """:func:`select_prior` for one predictor over one kind's cells (None when fewer than two weights are in all of them)."""
+    """:func:`select_prior` for one predictor over one kind's cells (None when fewer than two weights are
+    in all of them)."""
     rows = {f"{w:g}": variant_name(name, w, prior) for w in weights}
     rows = {w: row for w, row in rows.items() if cells and all(row in c for c in cells)}
     if len(rows) < 2:  # one computed weight is a comparison, not a choice: never overwrite a setting with it
