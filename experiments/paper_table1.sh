@@ -19,6 +19,8 @@
 #    (paper_table1_synthetic.yaml; SYN_ARGS). Rows: dense, sdtp (the shipped predictor), sdtp_low (with the
 #    shipped predictor's prior weights) and llmlingua2 (compression=llmlingua2 at SDTP's tokens per
 #    layer, LLMLINGUA_MODEL): skipped, and said so on the page, when the compressor cannot be loaded here.
+#    Then sdtp@<seed> with each other training seed of the shipped predictor (results/predictors/<model>/seeds.txt,
+#    or SEEDS="<folder> ..."; SEEDS="" for none): SDTP's scores are the mean over the seeds.
 #    A fresh clone resumes from the committed page: results/paper/table1/<model>.json holds every run's
 #    summary, restored first when made with the same setup (sdtp/reports/run_summary.py).
 # 3. sdtp-bench for sdtp and sdtp_low (paper_table1_bench.yaml; BENCH_ARGS) in $RUN/bench_<row>; the
@@ -34,7 +36,7 @@ MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
 shown="$(shown_with_env experiments/paper_table1.sh \
-  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SMOKE" "$@")"
+  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SEEDS SMOKE" "$@")"
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
   RUN="${RUN:-results/runs/paper/table1_smoke/${MODEL}}"
   OUT="${OUT:-results/paper/table1_smoke}"
@@ -45,6 +47,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch
   SYN_ARGS="${SYN_ARGS:-eval.lengths=[512] eval.num_samples=1 eval.max_new_tokens=8}"
   BENCH_ARGS="${BENCH_ARGS:-lengths=[512] repeats=1 warmup=0 new_tokens=4}"
   SYNTHETIC="${SYNTHETIC-passage_count}"
+  SEEDS="${SEEDS-}"   # the shipped predictor alone
 fi
 RUN="${RUN:-results/runs/paper/table1/${MODEL}}"
 OUT="${OUT:-results/paper/table1}"
@@ -103,6 +106,17 @@ for row in dense sdtp sdtp_low llmlingua2; do   # one after the other: on a smal
       [[ ! -f "$COMMITTED" ]] || "$PY" -m sdtp.reports.run_summary restore --page "$COMMITTED" --name "$ev/$row" \
         --run "$RUN/$ev/$row" -- "${args[@]}"
     fi
+  done
+done
+# SDTP with the shipped predictor's other training seeds (seed_predictors; not SDTP-low, trained once): the page
+# shows the mean over the seeds.
+mapfile -t seed_dirs < <(seed_predictors)
+for dir in "${seed_dirs[@]}"; do
+  row="sdtp@$(basename "$dir")"
+  row_args[$row]="pruning=sdtp pruning.scorer.path=$dir"
+  for ev in "${evals[@]}"; do
+    read -r -a args <<< "$(overrides "$ev" "$row")"
+    restored_run "$COMMITTED" "$ev/$row" "$RUN/$ev/$row" "${args[@]}" "$@" "${threads[@]}"
   done
 done
 [[ -z "$lingua_missing" ]] || skipped=(--skipped "llmlingua2=$LLMLINGUA_MODEL could not be loaded ($lingua_missing).")

@@ -7,8 +7,10 @@
 #   bash experiments/paper_table3.sh eval.limit=null eval.batch_size=16   # every document, bigger batches (GPU)
 #
 # Two sdtp-eval runs (conf/experiment/paper_table3.yaml), dense (pruning=none) then SDTP (pruning=sdtp,
-# the shipped predictor), one after the other, in stable run directories under
-# results/runs/paper/table3/<model>/{none,sdtp}: a finished run with the same fingerprint is skipped.
+# the shipped predictor), then SDTP with each other training seed of that predictor
+# (results/predictors/<model>/seeds.txt, or SEEDS="<folder> ..."; SEEDS="" for none), one after the other, in
+# stable run directories under results/runs/paper/table3/<model>/{none,sdtp,sdtp@<seed>}: a finished run with
+# the same fingerprint is skipped.
 # A fresh clone resumes from the committed page: results/paper/table3/<model>.json holds both runs'
 # summaries (metrics, fingerprint, per-document correctness), restored into the run directories first
 # when they were made with the same setup (sdtp/reports/run_summary.py). Then sdtp/reports/paper_table3.py
@@ -26,6 +28,14 @@ for run in none:dense sdtp:sdtp; do   # one after the other: on a small machine 
   overrides=(experiment=paper_table3 "model=${MODEL}" "pruning=${pruning}" "$@")
   restored_run "$PAGE.json" "$name" "$RUN/$pruning" "${overrides[@]}"
 done
+seeds=()   # SDTP with the predictor's other training seeds (seed_predictors): the page shows the mean over seeds
+mapfile -t seed_dirs < <(seed_predictors)   # read first: the runs below must not consume the list on stdin
+for dir in "${seed_dirs[@]}"; do
+  name="sdtp@$(basename "$dir")"
+  restored_run "$PAGE.json" "$name" "$RUN/$name" experiment=paper_table3 "model=${MODEL}" pruning=sdtp \
+    "pruning.scorer.path=$dir" "$@"
+  seeds+=(--run "$name=$RUN/$name")
+done
 shown="$(shown_command experiments/paper_table3.sh "$@")"
-"$PY" -m sdtp.reports.paper_table3 --run "dense=$RUN/none" --run "sdtp=$RUN/sdtp" --out "$(dirname "$PAGE")" \
-  --command "$shown" --wall-s "$(( $(date +%s) - start ))"
+"$PY" -m sdtp.reports.paper_table3 --run "dense=$RUN/none" --run "sdtp=$RUN/sdtp" "${seeds[@]}" \
+  --out "$(dirname "$PAGE")" --command "$shown" --wall-s "$(( $(date +%s) - start ))"

@@ -12,7 +12,9 @@
 # results/runs/paper/table6/<model>/<name>: a finished run with the same fingerprint is skipped. A fresh
 # clone resumes from the committed page: results/paper/table6/<model>.json holds the four runs' summaries
 # (metrics, fingerprint, per-document correctness), restored into the run directories first when they were
-# made with the same setup (sdtp/reports/run_summary.py). Then sdtp/reports/paper_table6.py renders
+# made with the same setup (sdtp/reports/run_summary.py). With other training seeds of the predictor
+# (results/predictors/<model>/seeds.txt or SEEDS, as in paper_table3.sh) both SDTP + KV runs are repeated with
+# each, as <name>@<seed>. Then sdtp/reports/paper_table6.py renders
 # results/paper/table6/<model>.{md,csv,png,json} with the paper's numbers beside ours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,17 @@ for run in local:none:streaming h2o:none:h2o sdtp_h2o:sdtp:h2o sdtp_local:sdtp:s
   overrides=(experiment=paper_table6 "model=${MODEL}" "pruning=${pruning}" "kv=${kv}" "$@")
   restored_run "$PAGE.json" "$name" "$RUN/$name" "${overrides[@]}"
 done
+seeds=()   # SDTP + KV with the predictor's other training seeds (seed_predictors), as Table 3's SDTP column
+mapfile -t seed_dirs < <(seed_predictors)   # read first: the runs below must not consume the list on stdin
+for dir in "${seed_dirs[@]}"; do
+  for run in sdtp_h2o:h2o sdtp_local:streaming; do
+    name="${run%%:*}@$(basename "$dir")"
+    restored_run "$PAGE.json" "$name" "$RUN/$name" experiment=paper_table6 "model=${MODEL}" pruning=sdtp \
+      "kv=${run##*:}" "pruning.scorer.path=$dir" "$@"
+    seeds+=(--run "$name=$RUN/$name")
+  done
+done
 shown="$(shown_command experiments/paper_table6.sh "$@")"
 "$PY" -m sdtp.reports.paper_table6 --table3 "$TABLE3" --run "local=$RUN/local" --run "h2o=$RUN/h2o" \
-  --run "sdtp_h2o=$RUN/sdtp_h2o" --run "sdtp_local=$RUN/sdtp_local" --out "$(dirname "$PAGE")" \
+  --run "sdtp_h2o=$RUN/sdtp_h2o" --run "sdtp_local=$RUN/sdtp_local" "${seeds[@]}" --out "$(dirname "$PAGE")" \
   --command "$shown" --wall-s "$(( $(date +%s) - start ))"

@@ -225,3 +225,24 @@ def test_committed_generation_run_restores_for_the_same_setup(runs, tmp_path):
     assert restore_bench(page, "sdtp", tmp_path / "bench")
     assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == page["bench"]["sdtp"]
     assert not restore_bench(page, "sdtp", tmp_path / "bench") and not restore_bench(page, "other", tmp_path / "x")
+
+
+def test_sdtp_over_training_seeds_scores_its_per_sample_mean(runs, tmp_path):
+    root, _ = runs
+    seed9 = {"multi_news": [0.30, 0.10, 0.20], "passage_count": [1.0, 0.0]}
+    _write_run(root / "longbench" / "sdtp@seed9", "longbench", "sdtp", {"multi_news": seed9["multi_news"]})
+    _write_run(root / "passage_count" / "sdtp@seed9", "passage_count", "sdtp", {"passage_count": seed9["passage_count"]})
+    page = _page(runs)
+    rows = {t["dataset"]: t for t in page["table"]}
+    # per-sample mean of the seeds: (0.1+0.3)/2, 0.1, (0.2+0.2)/2 -> 16.67; dense 20.00
+    assert rows["multi_news"]["score"]["sdtp"] == pytest.approx(100 * (0.2 + 0.1 + 0.2) / 3)
+    assert rows["multi_news"]["delta"]["sdtp"]["mean"] == pytest.approx(100 * (0.2 + 0.1 + 0.2) / 3 - 20.0)
+    assert rows["passage_count"]["score"]["sdtp"] == pytest.approx(25.0)
+    seeds = page["seeds"]["sdtp"]
+    assert seeds["members"] == ["sdtp", "sdtp@seed9"] and "sdtp_low" not in page["seeds"]
+    assert seeds["columns"]["multi_news"]["values"] == pytest.approx([100 * 0.4 / 3, 20.0])
+    assert seeds["columns"]["Δ AVG vs dense"]["values"] == pytest.approx([100 * 0.4 / 3 - 20.0, 0.0])
+    assert page["efficiency"]["sdtp"]["compression_ratio"] == pytest.approx(1 / 0.63)  # the shipped seed's costs
+    md = paper_table1.write_page(page, tmp_path / "out").read_text()
+    assert "## Over training seeds" in md and "per-sample mean over 2 training seeds" in md
+    assert "longbench/sdtp@seed9" in page["runs"]  # restorable

@@ -79,3 +79,36 @@ def test_committed_summary_restores_a_run_only_for_the_same_setup(page_dir, tmp_
     assert not restore(summary, tmp_path / "restored", here, "page.json")  # a finished run is left alone
     other = dict(here, dtype="torch.float32")
     assert not restore(summary, tmp_path / "fp32", other, "page.json") and not (tmp_path / "fp32").exists()
+
+
+# Two more training seeds of SDTP: COPA's per-document correctness over the seeds (1st, 2nd, 3rd run).
+SEED9 = {"sdtp_copa": [1, 1, 0], "sdtp_cb": [1, 1, 0, 0], "sdtp_wsc": [1, 1, 1, 1]}
+SEED10 = {"sdtp_copa": [0, 1, 1], "sdtp_cb": [1, 0, 0, 0], "sdtp_wsc": [1, 1, 1, 1]}
+
+
+def test_sdtp_over_training_seeds_pairs_its_per_document_mean(tmp_path):
+    runs = {"dense": _run(tmp_path / "none", DENSE, "none"), "sdtp": _run(tmp_path / "sdtp", SDTP, "sdtp"),
+            "sdtp@seed9": _run(tmp_path / "s9", SEED9, "sdtp"), "sdtp@seed10": _run(tmp_path / "s10", SEED10, "sdtp")}
+    md = paper_table3.write_page(runs, tmp_path / "page", "bash experiments/paper_table3.sh")
+    page = json.loads(md.with_suffix(".json").read_text())
+    copa = {r["task"]: r for r in page["table"]}["COPA"]
+    # mean correctness per document: (0+1+0)/3, (1+1+1)/3, (0+0+1)/3; dense 1, 0, 1
+    diffs = [100 * (1 / 3 - 1), 100 * (1 - 0), 100 * (1 / 3 - 1)]
+    assert copa["sdtp_acc"] == pytest.approx(100 * (1 / 3 + 1 + 1 / 3) / 3)
+    assert copa["delta"]["mean"] == pytest.approx(sum(diffs) / 3) and (copa["gained"], copa["lost"]) == (1, 2)
+    seeds = page["seeds"]["sdtp"]
+    assert seeds["members"] == ["sdtp", "sdtp@seed9", "sdtp@seed10"]
+    avg = seeds["columns"]["Avg"]  # each seed's mean of the task accuracies
+    expected = [(100 / 3 + 50 + 100) / 3, (200 / 3 + 50 + 100) / 3, (200 / 3 + 25 + 100) / 3]
+    assert avg["values"] == pytest.approx(expected) and avg["mean"] == pytest.approx(sum(expected) / 3)
+    sd = math.sqrt(sum((v - avg["mean"]) ** 2 for v in expected) / 2)
+    half = 0.95 * math.sqrt(2 / (1 - 0.95**2)) * sd / math.sqrt(3)  # t_{0.975, 2}, closed form
+    assert (avg["low"], avg["high"]) == pytest.approx((avg["mean"] - half, avg["mean"] + half))
+    dense_avg = (200 / 3 + 50 + 75) / 3
+    assert seeds["columns"]["Δ Avg vs dense"]["values"] == pytest.approx([v - dense_avg for v in expected])
+    assert page["runs"].keys() == runs.keys()  # every seed's summary is kept: a fresh clone restores each
+    text = md.read_text()
+    assert "## Over training seeds" in text and "mean over 3 training seeds" in text
+    assert "| row | number | shipped | seed9 | seed10 |" in text and "| SDTP | Avg |" in text
+    with pytest.raises(SystemExit):  # a seed run without the row's own run
+        paper_table3.main(["--run", f"dense={tmp_path / 'none'}", "--run", f"sdtp@seed9={tmp_path / 's9'}"])

@@ -167,3 +167,30 @@ def test_script_runs_the_columns_the_page_reads():
     assert {name: (pruning, kv) for name, pruning, kv in (r.split(":") for r in runs)} == KV
     assert tuple(r.split(":")[0] for r in runs) == paper_table6.KV_RUNS
     assert "paper-table6:" in (REPO / "Makefile").read_text()
+
+
+def test_pruned_columns_over_training_seeds(tmp_path):
+    # A second seed of SDTP (Table 3) and of both SDTP + KV runs; COPA's SDTP w. H2O: [1,1,0,0] and [0,1,1,0].
+    seed = {"sdtp": {"sdtp_copa": [1, 1, 1, 1], "sdtp_mathqa": [0, 1, 0, 0, 1], "sdtp_cb": [1, 1, 1]},
+            "sdtp_h2o": {"sdtp_copa": [0, 1, 1, 0], "sdtp_mathqa": [1, 1, 0, 0, 1]},
+            "sdtp_local": {"sdtp_copa": [0, 0, 0, 0], "sdtp_mathqa": [0, 0, 0, 0, 1]}}
+    t3 = {"dense": write_lm_eval_run(tmp_path / "t3" / "dense", RUNS["dense"], TARGETS, CHOICES, "none"),
+          "sdtp": write_lm_eval_run(tmp_path / "t3" / "sdtp", RUNS["sdtp"], TARGETS, CHOICES, "sdtp"),
+          "sdtp@seed9": write_lm_eval_run(tmp_path / "t3" / "s9", seed["sdtp"], TARGETS, CHOICES, "sdtp")}
+    table3 = paper_table3.write_page(t3, tmp_path / "table3", "t3").with_suffix(".json")
+    runs = _kv_runs(tmp_path)
+    for name in ("sdtp_h2o", "sdtp_local"):
+        runs[f"{name}@seed9"] = write_lm_eval_run(tmp_path / f"{name}9", seed[name], TARGETS, CHOICES, "sdtp",
+                                                  KV[name][1], kv_kept=0.4)
+    md = paper_table6.write_page(table3, runs, tmp_path / "page", "t6")
+    page = json.loads(md.with_suffix(".json").read_text())
+    copa = {r["task"]: r for r in page["table"]}["COPA"]
+    assert copa["acc"]["sdtp_h2o"] == pytest.approx(100 * (0.5 + 1 + 0.5 + 0) / 4)  # the seeds' per-document mean
+    assert copa["acc"]["sdtp"] == pytest.approx(100 * (1 + 1 + 1 + 0.5) / 4)
+    versus_h2o = copa["comparisons"]["sdtp_h2o-h2o"]["delta"]  # h2o [1,0,1,1]: diffs -50, +100, -50, -100
+    assert versus_h2o["mean"] == pytest.approx(-25.0)
+    assert set(page["seeds"]) == {"sdtp", "sdtp_h2o", "sdtp_local"}
+    h2o_seeds = page["seeds"]["sdtp_h2o"]["columns"]["Δ Avg vs H2O"]["values"]  # h2o Avg: (75 + 40) / 2
+    assert h2o_seeds == pytest.approx([(50 + 60) / 2 - 57.5, (50 + 60) / 2 - 57.5])
+    assert {"sdtp@seed9", "sdtp_h2o@seed9", "sdtp_local@seed9"} <= set(page["runs"])  # restorable
+    assert "## Over training seeds" in md.read_text()

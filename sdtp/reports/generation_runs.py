@@ -115,3 +115,26 @@ def cost_ratios(run: dict[str, float], reference: dict[str, float]) -> dict[str,
             "end_to_end_as_run": (reference["prefill_s"] + reference["decode_s"])
             / (run["prefill_s"] + run["decode_s"] + run["compress_s"]),
             "new_tokens": run["new_tokens"], "compress_s": run["compress_s"]}
+
+
+def seed_values(member: Predictions, reference: Predictions, table: list[dict[str, Any]],
+                reference_name: str = "dense") -> dict[str, float | None]:
+    """One training seed's numbers for the seeds table of a page (:mod:`sdtp.reports.seed_runs`): its score
+    (x100) on each dataset of ``table`` over the samples it shares with ``reference``, the mean over the
+    LongBench ones (``AVG``) and that mean minus ``reference``'s over the same samples (``Δ AVG vs dense``)."""
+    out: dict[str, float | None] = {}
+    longbench = []
+    for t in table:
+        dataset = t["dataset"]
+        ids = sorted(set(member.get(dataset, {})) & set(reference.get(dataset, {})))
+        if not ids:
+            out[dataset] = None
+            continue
+        ours, theirs = ([100.0 * run[dataset][i]["score"] for i in ids] for run in (member, reference))
+        out[dataset] = math.fsum(ours) / len(ids)
+        if t["longbench"]:
+            longbench.append((out[dataset], math.fsum(theirs) / len(ids)))
+    if longbench and len(longbench) == sum(t["longbench"] for t in table):
+        out["AVG"] = math.fsum(a for a, _ in longbench) / len(longbench)
+        out[f"Δ AVG vs {reference_name}"] = out["AVG"] - math.fsum(b for _, b in longbench) / len(longbench)
+    return out

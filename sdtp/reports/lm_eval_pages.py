@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.paths import portable_path, portable_tree, roots_for
+from sdtp.reports.seed_runs import SEP, row_of
 from sdtp.utils import write_json_atomic, write_text_atomic
 
 # Our offline task -> the paper's row name, in the paper's order (Tables 3 and 6 use these rows).
@@ -60,6 +61,12 @@ def shown_path(path: str | None, config: Mapping[str, Any]) -> str | None:
     return portable_path(path, roots_for(config.get("paths") or {})) if path else path
 
 
+def scorer_path(metrics: Mapping[str, Any]) -> str | None:
+    """The predictor (or other scorer checkpoint) a run pruned with, portable (None without one)."""
+    config = run_config(metrics)
+    return shown_path(((config.get("pruning") or {}).get("scorer") or {}).get("path"), config)
+
+
 def eval_limit(metrics: Mapping[str, Any]) -> Any:
     """The run's ``eval.limit`` (documents per task) as recorded in its fingerprint."""
     return (run_config(metrics).get("eval") or {}).get("limit")
@@ -74,13 +81,14 @@ def machine_text(metrics: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
 
 
 def run_argument(names: Collection[str]) -> Callable[[str], tuple[str, Path]]:
-    """argparse ``type`` for ``--run <name>=<run dir>`` with ``name`` among ``names``."""
+    """argparse ``type`` for ``--run <name>=<run dir>`` with ``name`` among ``names``, or ``<name>@<seed>``: the
+    same row's run with another training seed's predictor (:mod:`sdtp.reports.seed_runs`)."""
 
     def parse(text: str) -> tuple[str, Path]:
         name, _, path = text.partition("=")
-        if name not in names or not path:
-            raise argparse.ArgumentTypeError(f"--run {text!r}: expected <name>=<run dir>, name one of "
-                                             f"{', '.join(names)}")
+        if row_of(name) not in names or name.endswith(SEP) or not path:
+            raise argparse.ArgumentTypeError(f"--run {text!r}: expected <name>=<run dir> or <name>@<seed>=<run dir> "
+                                             f"(another training seed's run), name one of {', '.join(names)}")
         return name, Path(path)
 
     return parse

@@ -101,3 +101,18 @@ def chance(summary: Summary, task: str) -> float | None:
     """Accuracy (%) of a uniform guess: 100 / number of choices (None when unknown)."""
     choices = (summary["documents"].get(task) or {}).get("choices")
     return 100.0 / choices if choices else None
+
+
+def seed_values(member: Summary, base: Summary, tasks: Sequence[str], names: dict[str, str],
+                base_label: str = "dense") -> dict[str, float | None]:
+    """One training seed's numbers for the seeds table of a page (:mod:`sdtp.reports.seed_runs`): its
+    accuracy per task (column ``names[task]``) over the documents it shares with ``base``, their mean
+    (``Avg``) and that mean minus ``base``'s over the same documents (``Δ Avg vs <base_label>``), in points."""
+    shared = {t: shared_documents(base, member, t) for t in tasks}
+    acc = {t: accuracy(member, t, shared[t]) for t in tasks}
+    base_acc = {t: accuracy(base, t, shared[t]) for t in tasks}
+    if any(a is None for a in acc.values()):
+        return {names.get(t, t): a for t, a in acc.items()}
+    avg = math.fsum(acc.values()) / len(tasks)
+    return {**{names.get(t, t): a for t, a in acc.items()}, "Avg": avg,
+            f"Δ Avg vs {base_label}": avg - math.fsum(base_acc.values()) / len(tasks)}

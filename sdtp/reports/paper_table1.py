@@ -34,11 +34,12 @@ from sdtp.benchmark.report import speedups
 from sdtp.eval.longbench_tasks import DATASETS
 from sdtp.paths import portable_tree
 from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_ratios, cost_sums, dataset_rows,
-                                          shared_ids)
-from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, shown_path, smaller_page,
-                                        write_page_files)
+                                          seed_values, shared_ids)
+from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, scorer_path, shown_path,
+                                        smaller_page, write_page_files)
 from sdtp.reports.paired_tables import interval_text, p_text
 from sdtp.reports.run_summary import summarise
+from sdtp.reports.seed_runs import SEP, merge_seed_runs, seed_groups, seed_section, spread
 from sdtp.utils import write_json_atomic
 
 SCHEMA = 1
@@ -77,9 +78,10 @@ def collect(runs_dir: Path) -> dict[str, dict[str, Any]]:
     """``{"<eval>/<row>": summary}`` of every finished run under ``runs_dir`` (rows in :data:`ROWS`)."""
     found = {}
     for evaluation in (LONGBENCH, *SYNTHETIC):
-        for row in ROWS:
-            if (runs_dir / evaluation / row / "metrics.json").is_file():
-                found[f"{evaluation}/{row}"] = summarise(runs_dir / evaluation / row)
+        for row in ROWS:  # the row's run, then its other training seeds' (<row>@<seed>, sdtp/reports/seed_runs.py)
+            for run in [runs_dir / evaluation / row, *sorted((runs_dir / evaluation).glob(f"{row}{SEP}*"))]:
+                if (run / "metrics.json").is_file():
+                    found[f"{evaluation}/{run.name}"] = summarise(run)
     return found
 
 
@@ -144,12 +146,15 @@ def build_page(runs_dir: Path, low: Path | None, skipped: dict[str, str], comman
         raise ValueError(f"runs of different models under {runs_dir}: {sorted(map(str, models))}")
     bench = {row: portable_tree(json.loads((runs_dir / f"bench_{row}" / "bench.json").read_text()))
              for row in BENCH_ROWS if (runs_dir / f"bench_{row}" / "bench.json").is_file()}
-    preds = by_run(runs)
+    merged, _ = merge_seed_runs(runs)  # a row over several training seeds: their per-sample mean
+    preds, members = by_run(merged), by_run(runs)
     table = dataset_rows(preds, list(ROWS), "dense")
+    seeds = {row: spread({m: seed_values(members[m], preds["dense"], table) for m in names})
+             for row, names in seed_groups({key.split("/")[1] for key in runs}).items()}
     page = {"schema": SCHEMA, "model": models.pop(), "command": command, "wall_s": wall_s,
             "skipped": {k: v for k, v in skipped.items() if f"{LONGBENCH}/{k}" not in runs},
             "predictor_low": low_predictor(low), "table": table, "average": average(table, list(ROWS), "dense"),
-            "efficiency": efficiency(preds, table, bench), "runs": runs, "bench": bench}
+            "efficiency": efficiency(preds, table, bench), "seeds": seeds, "runs": runs, "bench": bench}
     page["sizes"] = sizes(page)
     return page
 
@@ -299,7 +304,11 @@ def header_lines(page: dict[str, Any]) -> list[str]:
     for row in ("sdtp", "sdtp_low"):
         if f"{LONGBENCH}/{row}" in runs:
             metrics = runs[f"{LONGBENCH}/{row}"]["metrics"]
-            lines.append(f"- **{ROWS[row]}.** `pruning={row}`: {schedule_text(metrics)}; {scorer_text(metrics)}.")
+            seeds = (page.get("seeds") or {}).get(row)
+            lines.append(f"- **{ROWS[row]}.** `pruning={row}`: {schedule_text(metrics)}; {scorer_text(metrics)}."
+                         + (f" Its scores are the per-sample mean over {len(seeds['members'])} training seeds of the "
+                            "predictor, each seed's under \"Over training seeds\" (speeds: the shipped one's)."
+                            if seeds else ""))
     low = page.get("predictor_low")
     if low:
         lines.append(
@@ -384,6 +393,8 @@ def render(page: dict[str, Any]) -> str:
              "the same samples (not interleaved, so load-dependent; end to end also depends on how many tokens each "
              "row generated; LLMLingua-2's compressor time is counted in both).", "", *speed_lines(page), "",
              "## Expected and unexpected differences", "", *expected_lines(page),
+             *seed_section(page.get("seeds") or {}, ROWS,
+                           {key.split("/")[1]: scorer_path(run["metrics"]) for key, run in page["runs"].items()}),
              "## The paper's Table 1 (Mistral-7B-Instruct-v0.2)", "", *paper_lines(), "",
              f"![scores and score kept vs 1/τ]({page['model']}.png)", ""]
     return "\n".join(lines)

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
-                                        run_argument, run_config, shown_path, write_page_files)
+                                        run_argument, run_config, scorer_path, write_page_files)
 from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, holm_adjust, majority_share, outcomes,
-                                          paired_difference, top_answer_share)
+                                          paired_difference, seed_values, top_answer_share)
 from sdtp.reports.paired_tables import interval_text, p_text
 from sdtp.reports.run_summary import setup_differences, summarise
+from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_section, spread
 
 SCHEMA = 1
 # Run name -> column label, in the page's column order. dense and sdtp come from the Table 3 page.
@@ -42,6 +43,8 @@ COLUMNS = {"dense": "dense", "local": "Local", "h2o": "H2O", "sdtp_h2o": "SDTP w
 KV_RUNS = ("local", "h2o", "sdtp_h2o", "sdtp_local")
 TABLE3_RUNS = ("dense", "sdtp")
 PRUNED_RUNS = ("sdtp", "sdtp_h2o", "sdtp_local")
+# A pruned row's training seeds are each compared with this run (Over training seeds): the KV policy alone.
+SEED_BASE = {"sdtp": "dense", "sdtp_h2o": "h2o", "sdtp_local": "local"}
 # (other, base): every KV column against dense, then SDTP + KV against the same KV policy alone.
 COMPARISONS = (("local", "dense"), ("h2o", "dense"), ("sdtp_h2o", "dense"), ("sdtp_local", "dense"),
                ("sdtp_h2o", "h2o"), ("sdtp_local", "local"))
@@ -276,6 +279,7 @@ def header_lines(page: dict[str, Any]) -> list[str]:
     """The setup: our runs, where dense and SDTP come from, how the KV cache is compressed, machine, paper,
     statistics."""
     runs = page["runs"]
+    seeds = page.get("seeds") or {}
     metrics = {name: runs[name]["metrics"] for name in COLUMNS}
     h2o = metrics["sdtp_h2o"]
     config = run_config(h2o)
@@ -298,9 +302,13 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"{kv.get('keep_first')} "
         f"and the last {100 * (kv.get('keep_recent') or 0):.0f}%), both keeping `kv.ratio={kv.get('ratio')}` of every "
         "layer's cache, per KV head. SDTP = `pruning=sdtp`, the shipped predictor "
-        f"(`{shown_path(scorer.get('path'), run_config(metrics['sdtp']))}`), stages before layers "
+        f"(`{scorer_path(metrics['sdtp'])}`), stages before layers "
         f"{schedule.get('layers')}, keep {keep[0] if keep else '?'} per stage ({100 * keep[-1]:.1f}% of the prompt "
-        "after the last stage); with a KV policy it applies to what the pruned prefill left in each layer.",
+        "after the last stage); with a KV policy it applies to what the pruned prefill left in each layer."
+        + (f" {', '.join(label(r) for r in seeds)}: the per-document mean over "
+           f"{' / '.join(str(len(s['members'])) for s in seeds.values())} training seeds of the predictor "
+           "(correctness 0, 1/3, 2/3 or 1 with three), each seed's numbers under \"Over training seeds\"."
+           if seeds else ""),
         f"- **Dense and SDTP (no KV)** are the runs of the Table 3 page (`{page['table3']}`): the same documents, "
         "few-shot examples, model, dtype and task files (checked from the runs' fingerprints, "
         "`sdtp/reports/run_summary.py` `setup_differences`), so all six columns pair document by document.",
@@ -377,6 +385,8 @@ def render(page: dict[str, Any]) -> str:
              "## What each run kept (measured)", "", *kept_lines(page), "",
              "Top answer: share (%) of the documents given each run's most frequent answer.", "",
              *answer_lines(page["table"]), "", *expected_lines(page),
+             *seed_section(page.get("seeds") or {}, COLUMNS,
+                           {name: scorer_path(run["metrics"]) for name, run in page["runs"].items()}),
              "## The paper's Table 6", "", *paper_lines(), "",
              f"![accuracy and paired differences per task]({page['model']}.png)", ""]
     return "\n".join(lines)
@@ -431,25 +441,31 @@ def build_page(table3: Path, runs: dict[str, Path], command: str, wall_s: float 
     committed = json.loads(table3.read_text())["runs"]
     summaries = {name: summarise(path) for name, path in runs.items()}
     tasks = ordered_tasks(set.intersection(*(set(s["documents"]) for s in summaries.values())))
-    summaries.update({name: restricted(committed[name], tasks) for name in TABLE3_RUNS})
+    summaries.update({name: restricted(run, tasks) for name, run in committed.items() if row_of(name) in TABLE3_RUNS})
     models = {name: s["metrics"].get("model") for name, s in summaries.items()}
     if len(set(models.values())) != 1:
         raise ValueError(f"the runs are of different models: {models}")
-    for name in KV_RUNS:  # every comparison pairs with dense: the same documents, scored alike
+    for name in (n for n in summaries if row_of(n) in KV_RUNS):  # every comparison pairs with dense: the same documents
         changed = setup_differences(summaries["dense"], summaries[name], tasks)
         if changed:
             raise ValueError(f"{name} was not made like the Table 3 dense run it pairs with ({', '.join(changed)}): "
                              f"re-run Table 3 (make paper-table3) or this table with the same setup")
-    if setup_differences(summaries["sdtp_h2o"], summaries["sdtp_local"], tasks, with_pruning=True):
-        raise ValueError("sdtp_h2o and sdtp_local were made with different pruning setups")
-    ordered = {name: summaries[name] for name in COLUMNS}
+    for h2o in (n for n in summaries if row_of(n) == "sdtp_h2o"):  # each seed's SDTP w. H2O and w. Local alike
+        local = h2o.replace("sdtp_h2o", "sdtp_local", 1)
+        if local in summaries and setup_differences(summaries[h2o], summaries[local], tasks, with_pruning=True):
+            raise ValueError(f"{h2o} and {local} were made with different pruning setups")
+    merged, groups = merge_seed_runs(summaries)  # a row over several training seeds: their per-document mean
+    ordered = {name: merged[name] for name in COLUMNS}
+    seeds = {row: spread({m: seed_values(summaries[m], summaries[SEED_BASE[row]], tasks, TASKS, label(SEED_BASE[row]))
+                          for m in members}) for row, members in groups.items()}
     return {"schema": SCHEMA, "model": models["dense"], "command": command, "wall_s": wall_s,
             "table3": str(table3), "limit": eval_limit(summaries["h2o"]["metrics"]), "tasks": tasks,
             # SDTP alone is shown for reference (no comparison uses it): where its pruning setup differs from
             # the SDTP w. KV runs' (e.g. a predictor.json edited since Table 3 ran), the page says so.
             "sdtp_differs": setup_differences(summaries["sdtp"], summaries["sdtp_h2o"], tasks, with_pruning=True),
             "kept": {name: kept_summary(s["metrics"]) for name, s in ordered.items()},
-            "table": table(ordered), "runs": ordered}
+            "table": table(ordered), "seeds": seeds,
+            "runs": {**{name: summaries[name] for name in COLUMNS}, **{m: summaries[m] for m in sorted(summaries) if SEP in m}}}
 
 
 def write_page(table3: Path, runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None) -> Path:
@@ -467,8 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wall-s", type=float, default=None)
     args = parser.parse_args(argv)
     runs = dict(args.run)
-    if set(runs) != set(KV_RUNS):
-        parser.error("--run is required for each of " + ", ".join(KV_RUNS))
+    if {name for name in runs if SEP not in name} != set(KV_RUNS):
+        parser.error("--run is required for each of " + ", ".join(KV_RUNS) + " (<name>@<seed>=<dir>: another "
+                     "training seed's run of a row with SDTP)")
     print(write_page(args.table3, runs, args.out, args.command, args.wall_s))
 
 
