@@ -20,7 +20,7 @@
 #    shipped predictor's prior weights) and llmlingua2 (compression=llmlingua2 at SDTP's tokens per
 #    layer, LLMLINGUA_MODEL): skipped, and said so on the page, when the compressor cannot be loaded here.
 #    Then sdtp@<seed> with each other training seed of the shipped predictor (results/predictors/<model>/seeds.txt,
-#    or SEEDS="<folder> ..."; SEEDS="" for none): SDTP's scores are the mean over the seeds.
+#    or SEED_PREDICTORS="<folder> ..."; SEED_PREDICTORS="" for none): SDTP's scores are the mean over the seeds.
 #    A fresh clone resumes from the committed page: results/paper/table1/<model>.json holds every run's
 #    summary, restored first when made with the same setup (sdtp/reports/run_summary.py).
 # 3. sdtp-bench for sdtp and sdtp_low (paper_table1_bench.yaml; BENCH_ARGS) in $RUN/bench_<row>; the
@@ -36,7 +36,7 @@ MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
 shown="$(shown_with_env experiments/paper_table1.sh \
-  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SEEDS SMOKE" "$@")"
+  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SEED_PREDICTORS SMOKE" "$@")"
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
   RUN="${RUN:-results/runs/paper/table1_smoke/${MODEL}}"
   OUT="${OUT:-results/paper/table1_smoke}"
@@ -47,7 +47,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch
   SYN_ARGS="${SYN_ARGS:-eval.lengths=[512] eval.num_samples=1 eval.max_new_tokens=8}"
   BENCH_ARGS="${BENCH_ARGS:-lengths=[512] repeats=1 warmup=0 new_tokens=4}"
   SYNTHETIC="${SYNTHETIC-passage_count}"
-  SEEDS="${SEEDS-}"   # the shipped predictor alone
+  SEED_PREDICTORS="${SEED_PREDICTORS-}"   # the shipped predictor alone
 fi
 RUN="${RUN:-results/runs/paper/table1/${MODEL}}"
 OUT="${OUT:-results/paper/table1}"

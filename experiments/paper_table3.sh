@@ -8,9 +8,9 @@
 #
 # Two sdtp-eval runs (conf/experiment/paper_table3.yaml), dense (pruning=none) then SDTP (pruning=sdtp,
 # the shipped predictor), then SDTP with each other training seed of that predictor
-# (results/predictors/<model>/seeds.txt, or SEEDS="<folder> ..."; SEEDS="" for none), one after the other, in
-# stable run directories under results/runs/paper/table3/<model>/{none,sdtp,sdtp@<seed>}: a finished run with
-# the same fingerprint is skipped.
+# (results/predictors/<model>/seeds.txt, or SEED_PREDICTORS="<folder> ..."; SEED_PREDICTORS="" for none), one
+# after the other, in stable run directories under results/runs/paper/table3/<model>/{none,sdtp,sdtp@<seed>}: a
+# finished run with the same fingerprint is skipped.
 # A fresh clone resumes from the committed page: results/paper/table3/<model>.json holds both runs'
 # summaries (metrics, fingerprint, per-document correctness), restored into the run directories first
 # when they were made with the same setup (sdtp/reports/run_summary.py). Then sdtp/reports/paper_table3.py

@@ -13,7 +13,7 @@
 # clone resumes from the committed page: results/paper/table6/<model>.json holds the four runs' summaries
 # (metrics, fingerprint, per-document correctness), restored into the run directories first when they were
 # made with the same setup (sdtp/reports/run_summary.py). With other training seeds of the predictor
-# (results/predictors/<model>/seeds.txt or SEEDS, as in paper_table3.sh) both SDTP + KV runs are repeated with
+# (results/predictors/<model>/seeds.txt or SEED_PREDICTORS, as in paper_table3.sh) both SDTP + KV runs are repeated with
 # each, as <name>@<seed>. Then sdtp/reports/paper_table6.py renders
 # results/paper/table6/<model>.{md,csv,png,json} with the paper's numbers beside ours.
 set -euo pipefail

@@ -69,8 +69,8 @@ def test_interval_over_seeds_and_its_table():
 
 @pytest.mark.parametrize("env, expected", [
     ({}, ["results/predictors/m-news/seed9", "results/predictors/m-news/seed10"]),  # the shipped folder's list
-    ({"SEEDS": ""}, []),  # the shipped predictor alone
-    ({"SEEDS": "a/s1 b/s2"}, ["a/s1", "b/s2"]),
+    ({"SEED_PREDICTORS": ""}, []),  # the shipped predictor alone
+    ({"SEED_PREDICTORS": "a/s1 b/s2"}, ["a/s1", "b/s2"]),
 ])
 def test_scripts_read_the_seed_predictors_from_the_shipped_folder(tmp_path, env, expected):
     (tmp_path / "results" / "predictors" / "m").mkdir(parents=True)

@@ -44,13 +44,13 @@ shown_with_env() {
 }
 
 # seed_predictors: the predictor folders of the shipped predictor's other training seeds (same recipe, another seed),
-# one per line: $SEEDS if set (space-separated; SEEDS="" runs the shipped predictor alone), else the lines of
-# results/predictors/$MODEL/seeds.txt (none there: the shipped predictor alone). A page row with SDTP then also runs
-# with each, as <row>@<folder name>, and shows their per-document mean (sdtp/reports/seed_runs.py).
+# one per line: $SEED_PREDICTORS if set (space-separated; SEED_PREDICTORS="" runs the shipped predictor alone), else
+# the lines of results/predictors/$MODEL/seeds.txt (none there: the shipped predictor alone). A page row with SDTP
+# then also runs with each, as <row>@<folder name>, and shows their per-document mean (sdtp/reports/seed_runs.py).
 seed_predictors() {
   local listed="results/predictors/${MODEL}/seeds.txt"
-  if [[ -n "${SEEDS+x}" ]]; then
-    [[ -z "$SEEDS" ]] || printf '%s\n' $SEEDS
+  if [[ -n "${SEED_PREDICTORS+x}" ]]; then
+    [[ -z "$SEED_PREDICTORS" ]] || printf '%s\n' $SEED_PREDICTORS
   elif [[ -f "$listed" ]]; then
     grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$listed" || true
   fi
