@@ -180,7 +180,8 @@ def header_lines(page: dict[str, Any]) -> list[str]:
     fp_cfg = run_config(sdtp)
     scorer = (fp_cfg.get("pruning") or {}).get("scorer") or {}
     machine = sdtp.get("machine") or {}
-    where, commits = machine_text((dense, sdtp))
+    others = [run["metrics"] for name, run in page["runs"].items() if SEP in name]  # SDTP's other training seeds
+    where, commits = machine_text((dense, sdtp, *others))
     restored = [k for k in (DENSE, SDTP) if page["runs"][k]["metrics"].get("restored_from")]
     keep = schedule.get("keep_fractions") or []
     seeds = (page.get("seeds") or {}).get(SDTP)
@@ -194,8 +195,9 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"keep {keep[0] if keep else '?'} per stage ({100 * keep[-1]:.1f}% of the prompt after the last stage), first "
         f"{schedule.get('keep_first')} + last {100 * (schedule.get('keep_recent') or 0):.0f}% always kept."
         + (f" SDTP's column is the per-document mean over {len(seeds['members'])} training seeds of the predictor "
-           "(correctness 0, 1/3, 2/3 or 1 with three; its answer the one most seeds gave); each seed's numbers "
-           "are under \"Over training seeds\"." if seeds else ""),
+           "(correctness 0, 1/3, 2/3 or 1 with three; its answer the one most seeds gave; a flip is a document "
+           "whose mean is above / below dense's); each seed's numbers are under \"Over training seeds\"."
+           if seeds else ""),
         f"- **Kept.** Prompt tokens kept after the last stage: {num(100 * sdtp['avg_kept_fraction'], '.1f')}% "
         f"on average; tokens per layer: {num(100 * (results.get('avg_layer_token_fraction') or math.nan), '.1f')}% "
         f"of dense; mean pruned prompt length {num(results.get('avg_pruned_prompt_tokens'), '.0f')} tokens "
@@ -204,6 +206,7 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"{str(sdtp.get('dtype')).removeprefix('torch.')}, "
         f"batch size {(fp_cfg.get('eval') or {}).get('batch_size')}; commit {commits}. Wall time: dense "
         f"{minutes(dense.get('wall_s'))}, SDTP {minutes(sdtp.get('wall_s'))}"
+        + (f" (other seeds {', '.join(minutes(m.get('wall_s')) for m in others)})" if others else "")
         + (f"; this command {minutes(page.get('wall_s'))}" if page.get("wall_s") is not None else "")
         + (f" (restored from the committed page, not re-run: {', '.join(restored)})" if restored else "")
         + ". Wall times follow the machine's load and are no speed comparison (that is "

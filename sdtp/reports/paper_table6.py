@@ -34,7 +34,7 @@ from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, 
                                           paired_difference, seed_values, top_answer_share)
 from sdtp.reports.paired_tables import interval_text, p_text
 from sdtp.reports.run_summary import setup_differences, summarise
-from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_section, spread
+from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_label, seed_section, spread
 
 SCHEMA = 1
 # Run name -> column label, in the page's column order. dense and sdtp come from the Table 3 page.
@@ -287,9 +287,11 @@ def header_lines(page: dict[str, Any]) -> list[str]:
     schedule = (metrics["sdtp"].get("pruning") or {}).get("schedule") or {}
     keep = schedule.get("keep_fractions") or []
     scorer = (run_config(metrics["sdtp"]).get("pruning") or {}).get("scorer") or {}
-    where, commits = machine_text(metrics.values())
+    others = {name: run["metrics"] for name, run in runs.items() if SEP in name}  # other training seeds' runs
+    where, commits = machine_text([*metrics.values(), *others.values()])
     machine = h2o.get("machine") or {}
-    walls = ", ".join(f"{label(n)} {minutes(metrics[n].get('wall_s'))}" for n in COLUMNS)
+    walls = ", ".join([f"{label(n)} {minutes(metrics[n].get('wall_s'))}" for n in COLUMNS]
+                      + [f"{label(row_of(n))} {seed_label(n)} {minutes(m.get('wall_s'))}" for n, m in others.items()])
     restored = [label(n) for n in KV_RUNS if metrics[n].get("restored_from")]
     return [
         f"- **Ours.** `sdtp-eval experiment=paper_table6` ({page['model']}): lm-eval "
