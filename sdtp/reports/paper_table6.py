@@ -467,7 +467,8 @@ def build_page(table3: Path, runs: dict[str, Path], command: str, wall_s: float 
             "sdtp_differs": setup_differences(summaries["sdtp"], summaries["sdtp_h2o"], tasks, with_pruning=True),
             "kept": {name: kept_summary(s["metrics"]) for name, s in ordered.items()},
             "table": table(ordered), "seeds": seeds,
-            "runs": {**{name: summaries[name] for name in COLUMNS}, **{m: summaries[m] for m in sorted(summaries) if SEP in m}}}
+            "runs": {**{name: summaries[name] for name in COLUMNS},
+                     **{m: summaries[m] for members in groups.values() for m in members[1:]}}}
 
 
 def write_page(table3: Path, runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None) -> Path:
