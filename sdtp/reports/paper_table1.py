@@ -39,7 +39,7 @@ from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, 
                                         smaller_page, write_page_files)
 from sdtp.reports.paired_tables import interval_text, p_text
 from sdtp.reports.run_summary import summarise
-from sdtp.reports.seed_runs import SEP, merge_seed_runs, seed_groups, seed_section, spread
+from sdtp.reports.seed_runs import SEP, merge_seed_runs, natural_key, seed_groups, seed_section, spread
 from sdtp.utils import write_json_atomic
 
 SCHEMA = 1
@@ -79,7 +79,8 @@ def collect(runs_dir: Path) -> dict[str, dict[str, Any]]:
     found = {}
     for evaluation in (LONGBENCH, *SYNTHETIC):
         for row in ROWS:  # the row's run, then its other training seeds' (<row>@<seed>, sdtp/reports/seed_runs.py)
-            for run in [runs_dir / evaluation / row, *sorted((runs_dir / evaluation).glob(f"{row}{SEP}*"))]:
+            seeds = sorted((runs_dir / evaluation).glob(f"{row}{SEP}*"), key=lambda p: natural_key(p.name))
+            for run in [runs_dir / evaluation / row, *seeds]:
                 if (run / "metrics.json").is_file():
                     found[f"{evaluation}/{run.name}"] = summarise(run)
     return found

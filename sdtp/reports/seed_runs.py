@@ -32,7 +32,7 @@ def seed_label(name: str, shipped: str = "shipped") -> str:
     return name.partition(SEP)[2] or shipped
 
 
-def _natural(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
     """Sort key putting "seed9" before "seed10"."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -40,7 +40,7 @@ def _natural(name: str) -> list[Any]:
 def seed_groups(names: Iterable[str]) -> dict[str, list[str]]:
     """row -> [row, row@a, row@b, ...] for every row that has sibling seeds (the row's own run first)."""
     names = list(names)
-    siblings = sorted((n for n in names if SEP in n), key=_natural)
+    siblings = sorted((n for n in names if SEP in n), key=natural_key)
     groups: dict[str, list[str]] = {}
     for name in siblings:
         row = row_of(name)
