@@ -130,8 +130,9 @@ def interval_text(d: dict[str, Any] | None, digits: int = 4) -> str:
         return "–"
     if d.get("identical"):
         return f"identical on all {d['n']}" if "n" in d else "identical"
+
     def signed(x: float) -> str:  # a mean of seed averages can be -1e-15: shown as +0.00, not -0.00
-        return f"{x + 0.0 if round(x, digits) else 0.0:+.{digits}f}"
+        return f"{x if round(x, digits) else 0.0:+.{digits}f}"
 
     if d.get("low") is None:
         return signed(d["mean"])
