@@ -61,8 +61,9 @@ paper-table6: setup
 
 # Paper Figure 4 (first pruning layer 1..10 x keep 0.9/0.8/0.7, one stage, a predictor trained per point, TRAIN_STEPS=60)
 # and Figure 5 (1..7 stages at keep 0.9, with analytic FLOPs) beside the paper's numbers; resumable from the committed
-# point summaries in results/paper/fig{4,5}/<model>/ (~6 min per point on 2 CPU cores: Fig. 4 ~3 h, Fig. 5 ~45 min;
-# SMOKE=1 into scratch folders; FIRST_LAYERS / RATIOS / STAGES / MODEL pass through).
+# point summaries in results/paper/fig{4,5}/<model>/, each point trained with SEEDS (default 0 1 2; ~6-10 min per point
+# and seed on 2 CPU cores: Fig. 4 ~3-5 h per seed, Fig. 5 ~1 h per seed; SMOKE=1 into scratch folders;
+# FIRST_LAYERS / RATIOS / STAGES / SEEDS / MODEL pass through).
 paper-fig4: setup
 	bash experiments/paper_fig4.sh $(ARGS)
 

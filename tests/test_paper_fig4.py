@@ -19,11 +19,11 @@ POINTS = {(1, 0.9): [2.1, 3.1, 4.1], (1, 0.7): [2.5, 3.6, 4.7], (10, 0.9): [2.0,
           (10, 0.7): [2.1, 3.2, 4.0]}
 
 
-def _write(d, row, segments, schedule=""):
+def _write(d, row, segments, schedule="", seed=0):
     d.mkdir(parents=True, exist_ok=True)
     setup = {"row": row, "train_steps": 60, "train_args": "", "eval_args": "eval.num_segments=3", "schedule": schedule}
-    (d / (f"{row}_s0.json" if row != "dense" else "dense.json")).write_text(json.dumps({
-        "schema": 1, "row": row, "seed": None if row == "dense" else 0, "setup": setup, "command": "c", "wall_s": 300,
+    (d / (f"{row}_s{seed}.json" if row != "dense" else "dense.json")).write_text(json.dumps({
+        "schema": 1, "row": row, "seed": None if row == "dense" else seed, "setup": setup, "command": "c", "wall_s": 300,
         "metrics": {"dtype": "torch.float32", "git_commit": "abc", "machine": {"cpu_model": "Test CPU"}},
         "train": {"spearman": 0.6}, "segments": {str(i): v for i, v in enumerate(segments)}}))
 
@@ -114,3 +114,20 @@ def test_points_cli_refuses_a_layer_beyond_the_depth(capsys):
     assert "FIRST_LAYERS: first layer 4 is beyond tiny-llama's depth (4 layers" in capsys.readouterr().err
     f4.main(["points", "--model", "tiny-llama", "--first-layers", "1 3", "--ratios", "0.9"])
     assert capsys.readouterr().out.split("\n")[0] == "first1_keep0.9\tpruning.layers=[1] pruning.keep_ratio=0.9"
+
+
+def test_a_trend_resolved_over_segments_but_not_over_seeds_reads_unresolved(points_dir):
+    # seed 1 reverses the early-vs-late ordering at keep 0.7: layer 1 now better than layer 10
+    _write(points_dir, "first1_keep0.7", [2.0, 3.0, 4.0], f4.schedule(1, 0.7), seed=1)
+    _write(points_dir, "first10_keep0.7", [2.6, 3.6, 4.9], f4.schedule(10, 0.7), seed=1)
+    page = f4.build_page(points_dir, "tiny", [1, 10], [0.9, 0.7], seeds=[0, 1])
+    early = {t["keep_ratio"]: t for t in page["trends"]["early_vs_late"]}[0.7]
+    assert early["seeds"] == [0, 1] and early["diff_seeds"]["n"] == 2
+    # per seed: +0.5 (seed 0) and −0.7 (seed 1): the interval over seeds spans 0
+    assert early["diff_seeds"]["mean"] == pytest.approx((0.5 - 0.7) / 2)
+    assert page["points"]["first1_keep0.7"]["per_seed"] == pytest.approx({"0": 0.6, "1": 0.0})
+    assert page["missing_by_seed"]["1"] == ["first1_keep0.9", "first10_keep0.9"]
+    text = f4.render(page)
+    assert "over seeds (0, 1)" in text and "seed 1: 2 missing (first1_keep0.9, first10_keep0.9)" in text
+    # keep 0.9 has seed 0 only: judged over segments alone, as before
+    assert {t["keep_ratio"]: t for t in page["trends"]["early_vs_late"]}[0.9]["seeds"] == [0]

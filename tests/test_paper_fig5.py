@@ -21,11 +21,11 @@ DENSE = [2.0, 3.0, 4.0]
 POINTS = {1: [2.0, 3.1, 4.0], 3: [2.1, 3.2, 4.3], 7: [2.3, 3.5, 4.4]}
 
 
-def _write(d, row, segments, schedule=""):
+def _write(d, row, segments, schedule="", seed=0):
     d.mkdir(parents=True, exist_ok=True)
     setup = {"row": row, "train_steps": 60, "train_args": "", "eval_args": "e", "schedule": schedule}
-    (d / (f"{row}_s0.json" if row != "dense" else "dense.json")).write_text(json.dumps({
-        "schema": 1, "row": row, "seed": None if row == "dense" else 0, "setup": setup, "command": "c", "wall_s": 300,
+    (d / (f"{row}_s{seed}.json" if row != "dense" else "dense.json")).write_text(json.dumps({
+        "schema": 1, "row": row, "seed": None if row == "dense" else seed, "setup": setup, "command": "c", "wall_s": 300,
         "metrics": {"dtype": "torch.float32", "git_commit": "abc", "machine": {"cpu_model": "Test CPU"},
                     "context_len": 1000, "avg_layer_token_fraction": 0.9},
         "segments": {str(i): v for i, v in enumerate(segments)}}))
@@ -84,7 +84,7 @@ def test_page_files_paper_numbers_and_caveats(points_dir, tmp_path):
     page = f5.build_page(points_dir, "tiny", [1, 2, 3, 4, 5, 6, 7], CONFIG, command="bash experiments/paper_fig5.sh")
     md = write_page_files(tmp_path / "out", page, f5.render, f5.to_csv, f5.render_plot)
     text = md.read_text()
-    assert "| 2 | – | missing | – | – | – | – |" in text and "Missing points: stages2, stages4" in text
+    assert "| 2 | – | – | missing | – | – | – | – | – | – |" in text and "Missing points: stages2, stages4" in text
     assert "60.75" in text and "bash experiments/paper_fig5.sh" in text and "Test CPU" in text
     assert "near chance on WinoGrande" in text and "480" in text and "1000-token prompt" in text
     assert "7 − 1 stages" in text
@@ -99,3 +99,43 @@ def test_page_without_dense_or_points(tmp_path):
     assert page["missing"] == [1, 2] and page["dense"] is None and page["trend"] is None
     assert "Dense reference: missing" in f5.render(page)
     write_page_files(tmp_path / "out", page, f5.render, f5.to_csv, f5.render_plot)
+
+
+def test_points_average_over_training_seeds_and_the_trend_pairs_shared_seeds(points_dir):
+    # seed 1 of 1 and 7 stages; 3 stages only has seed 0
+    _write(points_dir, "stages1", [2.2, 3.1, 4.2], f5.schedule([2]), seed=1)
+    _write(points_dir, "stages7", [2.5, 3.5, 4.6], f5.schedule(f5.stage_layers(7, 2, 3, 30)), seed=1)
+    page = f5.build_page(points_dir, "tiny", [1, 3, 7], CONFIG, seeds=[0, 1])
+    one = page["points"]["1"]
+    assert one["seeds"] == [0, 1] and one["per_seed"] == pytest.approx({"0": 0.1 / 3, "1": 0.5 / 3})
+    # seed mean per segment: [2.1, 3.1, 4.1] -> diffs 0.1 each (no spread: interval collapses to the mean)
+    assert one["delta_nll"]["mean"] == pytest.approx(0.1) and one["delta_nll"]["n"] == 3
+    # over seeds: t_{0.975, 1} x sd of the two per-seed means / sqrt(2)
+    t1, spread = 12.706204736174698, abs(0.5 / 3 - 0.1 / 3) / math.sqrt(2)
+    d = one["delta_seeds"]
+    assert d["mean"] == pytest.approx(0.1) and d["n"] == 2
+    assert (d["low"], d["high"]) == pytest.approx((0.1 - t1 * spread / math.sqrt(2), 0.1 + t1 * spread / math.sqrt(2)))
+    assert page["points"]["3"]["seeds"] == [0] and page["points"]["3"]["delta_seeds"]["low"] is None
+    assert page["missing"] == [] and page["missing_by_seed"] == {"0": [], "1": ["stages3"]}
+    trend = page["trend"]
+    assert trend["stages"] == [7, 1] and trend["seeds"] == [0, 1]
+    # seed means: 7 stages [2.4, 3.5, 4.5], 1 stage [2.1, 3.1, 4.1]
+    assert trend["diff"]["mean"] == pytest.approx((0.3 + 0.4 + 0.4) / 3)
+    assert trend["diff_seeds"]["n"] == 2
+    text = f5.render(page)
+    assert "seed 0: 0 missing; seed 1: 1 missing (stages3)" in text and "s0 +0.0333, s1 +0.1667" in text
+    rows = list(__import__("csv").DictReader(f5.to_csv(page).splitlines()))
+    assert rows[0]["seeds"] == "0 1" and rows[0]["per_seed_delta_nll"].startswith("0:0.0333")
+    assert f5.build_page(points_dir, "tiny", [1, 3, 7], CONFIG, seeds=[1])["missing"] == [3]
+
+
+def test_render_cli_reads_the_page_seeds(points_dir, tmp_path, capsys):
+    _write(points_dir, "stages1", [2.2, 3.1, 4.2], f5.schedule([2]), seed=1)
+    f5.main(["render", "--points", str(points_dir), "--model", "tiny-llama", "--stages", "1", "--seeds", "0 1",
+             "--out", str(tmp_path / "out")])
+    page = json.loads((tmp_path / "out" / "tiny-llama.json").read_text())
+    assert page["seeds"] == [0, 1] and page["points"]["1"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit):
+        f5.main(["render", "--points", str(points_dir), "--model", "tiny-llama", "--seeds", "0 x",
+                 "--out", str(tmp_path / "out")])
+    assert "SEEDS" in capsys.readouterr().err

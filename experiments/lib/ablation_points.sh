@@ -78,15 +78,17 @@ ablation_point() {
 }
 
 # ablation_figure_points PLAN ARG...: the dense reference (ARG: sdtp-eval overrides), then one point per
-# "row<TAB>schedule" line of PLAN (python -m sdtp.reports.paper_fig4|paper_fig5 points), each trained with the v3
-# recipe's losses and seed $SEED.
+# "row<TAB>schedule" line of PLAN (python -m sdtp.reports.paper_fig4|paper_fig5 points) per training seed in $SEEDS,
+# seed-major (an interrupted session leaves whole curves of the first seeds), each trained with the v3 recipe's losses.
 ablation_figure_points() {
-  local plan_text="$1" train line
+  local plan_text="$1" train line seed
   shift
   mapfile -t plan <<< "$plan_text"
-  train=$("$PY" -m sdtp.reports.ablation_points train-args --model "$MODEL" --steps "$TRAIN_STEPS" --seed "$SEED")
   ablation_dense "$@"
-  for line in "${plan[@]}"; do
-    ablation_point "${line%%$'\t'*}" "$SEED" "$train" "${line#*$'\t'}"
+  for seed in $SEEDS; do
+    train=$("$PY" -m sdtp.reports.ablation_points train-args --model "$MODEL" --steps "$TRAIN_STEPS" --seed "$seed")
+    for line in "${plan[@]}"; do
+      ablation_point "${line%%$'\t'*}" "$seed" "$train" "${line#*$'\t'}"
+    done
   done
 }

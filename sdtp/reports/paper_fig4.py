@@ -24,12 +24,15 @@ import argparse
 import csv
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
-                                          figure_caveats, load_points, model_depth, page_header, paired_delta,
-                                          provenance, provenance_text, setup_text, verdict)
+                                          figure_caveats, load_points, model_depth, page_header, provenance,
+                                          provenance_text, setup_text)
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
+                                         seed_entry, seed_groups, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
 
 # The paper's Figure 4 (sdtp-method.md): Llama2-7B, WinoGrande 5-shot accuracy, dense 73.88.
@@ -90,44 +93,45 @@ def _accept(row: str) -> bool:
     return parse_row(row) is not None
 
 
-def build_page(points_dir: Path, model: str, first_layers: list[int], ratios: list[float], seed: int = 0,
-               command: str = "", wall_s: float | None = None) -> dict[str, Any]:
-    """The page dict: per point Δ NLL vs dense (95% paired t over segments), the grid's missing points and the
-    paired trends the paper's conclusions predict (:func:`trends`)."""
+def build_page(points_dir: Path, model: str, first_layers: list[int], ratios: list[float],
+               seeds: Sequence[int] = (0,), command: str = "", wall_s: float | None = None) -> dict[str, Any]:
+    """The page dict: per point its training seeds, Δ NLL vs dense of the seed mean (95% paired t over segments)
+    and over seeds, the grid's missing points (per seed) and the paired trends the paper's conclusions predict
+    (:func:`trends`)."""
     points, dense = load_points(points_dir, _accept)
-    mine = {row: p for (row, s), p in points.items() if s == seed}
+    groups = seed_groups(points, seeds)
     entries = {}
-    for row, p in sorted(mine.items(), key=lambda kv: parse_row(kv[0])):
+    for row, group in sorted(groups.items(), key=lambda kv: parse_row(kv[0])):
         layer, ratio = parse_row(row)
-        train = p.get("train", {})
-        entries[row] = {"first_layer": layer, "keep_ratio": ratio, "delta_nll": paired_delta(p, dense),
-                        "spearman": train.get("spearman"), "topk_overlap": train.get("topk_overlap"),
-                        "layer_fraction": p["metrics"].get("avg_layer_token_fraction"), "wall_s": p.get("wall_s")}
+        entries[row] = {"first_layer": layer, "keep_ratio": ratio, **seed_entry(group, dense)}
     grid = [row_name(k, r) for r in ratios for k in first_layers]
-    return {"schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s, "seed": seed,
+    return {"schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s, "seeds": list(seeds),
             "first_layers": first_layers, "ratios": ratios, "points": entries,
-            "missing": [r for r in grid if r not in entries], "dense": dense_entry(dense), "trends": trends(mine),
-            **provenance(mine.values(), dense),
+            "missing": [r for r in grid if r not in entries],
+            "missing_by_seed": {str(s): [r for r in grid if s not in groups.get(r, {})] for s in seeds},
+            "dense": dense_entry(dense), "trends": trends(groups),
+            **provenance([p for g in groups.values() for p in g.values()], dense),
             "sizes": {"points": len(entries), "segments": 0 if dense is None else len(dense["segments"])}}
 
 
-def trends(points: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The paper's two conclusions as paired NLL differences (by segment; positive = the first is worse):
+def trends(groups: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The paper's two conclusions as paired NLL differences over the seeds both points have (:func:`seed_diff`;
+    positive = the first is worse):
 
     * ``early_vs_late``: per keep ratio, the earliest first layer − the latest one (the paper: early hurts);
     * ``low_vs_high_keep``: per first layer, the lowest keep ratio − the highest (the paper: more pruning hurts).
     """
     by_ratio: dict[float, list[int]] = {}
     by_layer: dict[int, list[float]] = {}
-    for row in points:
+    for row in groups:
         k, r = parse_row(row)
         by_ratio.setdefault(r, []).append(k)
         by_layer.setdefault(k, []).append(r)
     early = [{"keep_ratio": r, "layers": [min(ks), max(ks)],
-              "diff": paired_delta(points[row_name(min(ks), r)], points[row_name(max(ks), r)])}
+              **seed_diff(groups[row_name(min(ks), r)], groups[row_name(max(ks), r)])}
              for r, ks in sorted(by_ratio.items(), reverse=True) if len(ks) > 1]
     keep = [{"first_layer": k, "ratios": [min(rs), max(rs)],
-             "diff": paired_delta(points[row_name(k, min(rs))], points[row_name(k, max(rs))])}
+             **seed_diff(groups[row_name(k, min(rs))], groups[row_name(k, max(rs))])}
             for k, rs in sorted(by_layer.items()) if len(rs) > 1]
     return {"early_vs_late": early, "low_vs_high_keep": keep}
 
@@ -136,11 +140,13 @@ def expectations(page: dict[str, Any]) -> list[str]:
     lines = []
     for t in page["trends"]["early_vs_late"]:
         lines.append(f"- keep {t['keep_ratio']:g}: first layer {t['layers'][0]} − first layer {t['layers'][1]} = "
-                     f"{cell(t['diff'], '+.4f')} — {verdict(t['diff'], 'positive')} (the paper: pruning early hurts "
+                     f"{cell(t['diff'], '+.4f')} over segments, {cell(t['diff_seeds'], '+.4f')} over seeds "
+                     f"({', '.join(map(str, t['seeds'])) or 'none shared'}) — "
+                     f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (the paper: pruning early hurts "
                      "more, at keep 0.7 −8.2 points at layer 1 vs −0.4 at layer 10).")
     resolved = [t for t in page["trends"]["low_vs_high_keep"] if t["diff"] and t["diff"].get("low") is not None]
     if resolved:
-        counts = {v: sum(verdict(t["diff"], "positive") == v for t in resolved)
+        counts = {v: sum(seed_verdict(t["diff"], t["diff_seeds"], "positive") == v for t in resolved)
                   for v in ("**expected**", "**unexpected**")}
         lines.append(f"- lowest − highest keep ratio at the same first layer, over {len(resolved)} layers: "
                      f"{counts['**expected**']} worse (**expected**: more pruning costs more), "
@@ -153,8 +159,7 @@ def render(page: dict[str, Any]) -> str:
     out = [*page_header("Paper Figure 4: effect of the first pruning layer", page),
            f"Setup: {setup_text(page['setups'])}. One pruning stage before 0-based layer k "
            "(`pruning.layers=[k]`), keeping the fraction r of the prompt (first 4 and last 10% always kept); "
-           "each point its own predictor trained for that schedule (seed "
-           f"{page['seed']}), then `sdtp-eval eval=continuation pruning=sdtp` with it (recency prior off) and dense "
+           "each point its own predictor trained for that schedule (per training seed), then `sdtp-eval eval=continuation pruning=sdtp` with it (recency prior off) and dense "
            "on the same WikiText-2 validation segments (text none of the training data contains). Training budget "
            f"per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS}.", "",
            "Layer numbering: the paper's \"first layer k\" is our 0-based layer k on every model, the convention of "
@@ -164,6 +169,9 @@ def render(page: dict[str, Any]) -> str:
            provenance_text(page), "",
            f"Dense reference: {dense_text(page['dense'])}.", "",
            "## Ours: Δ NLL vs dense [95% paired t interval over segments] (lower is better)", "",
+           "Per point the seed mean (per segment the mean NLL over the point's training seeds); the interval over "
+           "training seeds and each seed's value are in the per-point table below.", "",
+           seeds_text(page["seeds"], page["missing_by_seed"]), "",
            "| First layer k | " + " | ".join(f"r = {r:g}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
     for k in page["first_layers"]:
         out.append(f"| {k} | " + " | ".join(cell((pts.get(row_name(k, r)) or {}).get("delta_nll"), "+.4f")
@@ -177,11 +185,14 @@ def render(page: dict[str, Any]) -> str:
     out += ["", "In parentheses: accuracy − dense. The paper concludes: start at the 4th layer with keep 90%; early "
             "layers tolerate aggressive pruning poorly.", "", "## Expected and unexpected differences", "",
             *figure_caveats(page["model"], "Llama2-7B", "WinoGrande 5-shot accuracy"), *expectations(page), "",
-            "## Per point", "", "| Point | k | r | Δ NLL vs dense | Spearman | Top-k overlap | Tokens per layer "
-            "(measured) | Wall time |", "|---|---|---|---|---|---|---|---|"]
+            "## Per point", "", "| Point | k | r | Seeds | Δ NLL vs dense (seed mean) | Δ NLL over seeds | Per seed | "
+            "Spearman | Top-k overlap | Tokens per layer (measured) | Wall time (all seeds) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, e in pts.items():
-        out.append(f"| {row} | {e['first_layer']} | {e['keep_ratio']:g} | {cell(e['delta_nll'], '+.4f')} | "
-                   f"{num(e['spearman'], '.3f')} | {num(e['topk_overlap'], '.3f')} | {num(e['layer_fraction'], '.3f')} | "
+        out.append(f"| {row} | {e['first_layer']} | {e['keep_ratio']:g} | {', '.join(map(str, e['seeds']))} | "
+                   f"{cell(e['delta_nll'], '+.4f')} | {cell(e['delta_seeds'], '+.4f')} | {per_seed_text(e)} | "
+                   f"{num(e['spearman'], '.3f')} | {num(e['topk_overlap'], '.3f')} | "
+                   f"{num(e['measured_layer_fraction'], '.3f')} | "
                    f"{minutes(e['wall_s'])} |")
     return "\n".join(out) + "\n"
 
@@ -190,14 +201,14 @@ def to_csv(page: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["first_layer", "keep_ratio", "delta_nll", "low", "high", "n", "spearman", "topk_overlap",
-                "paper_accuracy"])
+                "paper_accuracy", *SEED_CSV_COLUMNS])
     for k in page["first_layers"]:
         for r in page["ratios"]:
             e = page["points"].get(row_name(k, r))
             d = (e or {}).get("delta_nll") or {}
             paper = PAPER[r][k - 1] if r in PAPER and k in PAPER_LAYERS else None
             w.writerow([k, r, d.get("mean"), d.get("low"), d.get("high"), d.get("n"), (e or {}).get("spearman"),
-                        (e or {}).get("topk_overlap"), paper])
+                        (e or {}).get("topk_overlap"), paper, *seed_csv_cells(e)])
     return buf.getvalue()
 
 
@@ -214,6 +225,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
             means, yerr = error_bars(e["delta_nll"] for e in found)
             ours.errorbar([e["first_layer"] for e in found], means, yerr=yerr, marker="o", capsize=3,
                           color=f"C{i}", label=f"r = {r:g}")
+            plot_seed_dots(ours, found, "first_layer", f"C{i}")
     ours.axhline(0, color="grey", lw=0.8)
     ours.set(xlabel="first pruning layer k (0-based)", ylabel="Δ NLL vs dense (lower is better)",
              title=f"ours: {page['model']}, continuation NLL")
@@ -225,7 +237,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     for ax in (ours, paper):
         if ax.get_legend_handles_labels()[0]:  # no curve yet when every point is missing
             ax.legend(fontsize=7)
-    fig.suptitle("Figure 4: one pruning stage, first layer x keep ratio (95% paired t intervals)")
+    fig.suptitle("Figure 4: one pruning stage, first layer x keep ratio (95% paired t intervals over segments; dots: training seeds)")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -248,15 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--model", required=True)
     r.add_argument("--first-layers", default=" ".join(map(str, PAPER_LAYERS)), help="the page's grid")
     r.add_argument("--ratios", default=" ".join(map(str, PAPER_RATIOS)))
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", default="0", help="the page's training seeds (each point's mean over them)")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--command", default="")
     r.add_argument("--wall-s", type=float)
     args = ap.parse_args(argv)
     try:
         layers, ratios = _numbers(args.first_layers, int), _numbers(args.ratios, float)
+        seeds = _numbers(getattr(args, "seeds", "0"), int)
     except ValueError as err:
-        ap.error(f"FIRST_LAYERS / RATIOS: expected numbers separated by spaces ({err})")
+        ap.error(f"FIRST_LAYERS / RATIOS / SEEDS: expected numbers separated by spaces ({err})")
     if args.cmd == "points":
         try:
             rows = plan(layers, ratios, model_depth(args.model)[0], args.model)
@@ -264,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(str(err))
         print("\n".join(f"{row}\t{sched}" for row, sched in rows))
     else:
-        page = build_page(args.points, args.model, layers, ratios, args.seed, args.command, args.wall_s)
+        page = build_page(args.points, args.model, layers, ratios, seeds, args.command, args.wall_s)
         print(write_page_files(args.out, page, render, to_csv, render_plot))
 
 

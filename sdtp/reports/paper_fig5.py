@@ -19,15 +19,17 @@ import argparse
 import csv
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
-                                          figure_caveats, load_points, model_depth, page_header, paired_delta,
-                                          provenance, provenance_text, setup_text, verdict)
+                                          figure_caveats, load_points, model_depth, page_header, provenance,
+                                          provenance_text, setup_text)
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
+                                         seed_entry, seed_groups, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, num, write_page_files
 
 KEEP = 0.9
@@ -125,44 +127,46 @@ def _accept(row: str) -> bool:
     return parse_row(row) is not None
 
 
-def build_page(points_dir: Path, model: str, stages: list[int], config: Mapping[str, Any], seed: int = 0,
-               command: str = "", wall_s: float | None = None) -> dict[str, Any]:
-    """The page dict: per number of stages its layers, Δ NLL vs dense (95% paired t over segments) and analytic
-    prefill FLOPs at the eval's context length; the missing points; the paired trend (most − fewest stages)."""
+def build_page(points_dir: Path, model: str, stages: list[int], config: Mapping[str, Any],
+               seeds: Sequence[int] = (0,), command: str = "", wall_s: float | None = None) -> dict[str, Any]:
+    """The page dict: per number of stages its layers, its training seeds, Δ NLL vs dense of the seed mean (95%
+    paired t over segments) and over seeds, analytic prefill FLOPs at the eval's context length; the missing points
+    (per seed); the paired trend (most − fewest stages)."""
     points, dense = load_points(points_dir, _accept)
-    mine = {parse_row(row): p for (row, s), p in points.items() if s == seed}
-    seq_len = int(((dense or next(iter(mine.values()), None) or {}).get("metrics") or {}).get("context_len", 2048))
+    groups = {parse_row(row): g for row, g in seed_groups(points, seeds).items()}
+    first = next((p for g in groups.values() for p in g.values()), None)
+    seq_len = int(((dense or first or {}).get("metrics") or {}).get("context_len", 2048))
     entries = {}
-    for n, p in sorted(mine.items()):
-        train = p.get("train", {})
-        layers = layers_of(p["setup"].get("schedule", ""))
-        entries[str(n)] = {"stages": n, "layers": layers, "delta_nll": paired_delta(p, dense),
-                           "spearman": train.get("spearman"), "topk_overlap": train.get("topk_overlap"),
-                           "measured_layer_fraction": p["metrics"].get("avg_layer_token_fraction"),
-                           "wall_s": p.get("wall_s"), **prefill_cost(config, layers, seq_len)}
-    found = sorted(mine)
-    trend = None if len(found) < 2 else {"stages": [found[-1], found[0]],
-                                          "diff": paired_delta(mine[found[-1]], mine[found[0]])}
-    return {"schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s, "seed": seed, "stages": stages,
-            "seq_len": seq_len, "config": dict(config), "points": entries,
-            "missing": [s for s in stages if s not in mine], "dense": dense_entry(dense), "trend": trend,
-            **provenance(mine.values(), dense),
+    for n, group in sorted(groups.items()):
+        layers = layers_of(next(iter(group.values()))["setup"].get("schedule", ""))
+        entries[str(n)] = {"stages": n, "layers": layers, **seed_entry(group, dense),
+                           **prefill_cost(config, layers, seq_len)}
+    found = sorted(groups)
+    trend = None if len(found) < 2 else {"stages": [found[-1], found[0]], **seed_diff(groups[found[-1]], groups[found[0]])}
+    return {"schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s, "seeds": list(seeds),
+            "stages": stages, "seq_len": seq_len, "config": dict(config), "points": entries,
+            "missing": [s for s in stages if s not in groups],
+            "missing_by_seed": {str(seed): [row_name(n) for n in stages if seed not in groups.get(n, {})]
+                                for seed in seeds},
+            "dense": dense_entry(dense), "trend": trend,
+            **provenance([p for g in groups.values() for p in g.values()], dense),
             "sizes": {"points": len(entries), "segments": 0 if dense is None else len(dense["segments"])}}
 
 
 def expectations(page: dict[str, Any]) -> list[str]:
     lines = []
-    vs_dense = [e for e in page["points"].values() if e["delta_nll"] and e["delta_nll"].get("low") is not None]
+    vs_dense = [seed_verdict(e["delta_nll"], e["delta_seeds"], "positive") for e in page["points"].values()
+                if e["delta_nll"] and e["delta_nll"].get("low") is not None]
     if vs_dense:
-        worse = sum(e["delta_nll"]["low"] > 0 for e in vs_dense)
-        better = sum(e["delta_nll"]["high"] < 0 for e in vs_dense)
+        worse, better = vs_dense.count("**expected**"), vs_dense.count("**unexpected**")
         lines.append(f"- vs dense: {worse} of {len(vs_dense)} stage counts worse than dense (**expected**: pruning "
                      f"drops context), {better} better (**unexpected**), the rest unresolved.")
     t = page["trend"]
-    if t is not None:
-        lines.append(f"- {t['stages'][0]} − {t['stages'][1]} stages: {cell(t['diff'], '+.4f')} — "
-                     f"{verdict(t['diff'], 'positive')} (more stages drop more tokens: {KEEP:g}^S of the prompt "
-                     "reaches the last layer). The paper's accuracy stays within 59.86..60.75 (Avg) over 1..7 "
+    if t is not None and t["seeds"]:
+        lines.append(f"- {t['stages'][0]} − {t['stages'][1]} stages (seeds {', '.join(map(str, t['seeds']))}): "
+                     f"{cell(t['diff'], '+.4f')} over segments, {cell(t['diff_seeds'], '+.4f')} over seeds — "
+                     f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (more stages drop more tokens: "
+                     f"{KEEP:g}^S of the prompt reaches the last layer). The paper's accuracy stays within 59.86..60.75 (Avg) over 1..7 "
                      "stages, a difference 5-shot accuracy does not resolve; a rise in NLL does not contradict it.")
     lines.append("- Expected: the analytic prefill FLOPs fall with every added stage (exact, not measured); the "
                  "measured tokens per layer of the eval should match the analytic ones up to rounding.")
@@ -175,21 +179,26 @@ def render(page: dict[str, Any]) -> str:
            f"Setup: {setup_text(page['setups'])}. S stages at keep {KEEP:g} per stage (stage s keeps {KEEP:g}^(s+1) "
            "of the prompt; first 4 and last 10% always kept) before the layers of the model's default schedule "
            "(`model.schedule`: first layer + i x step, the paper's layer 4, step 3 on a 32-layer model); each point "
-           f"its own predictor trained for that schedule (seed {page['seed']}), then `sdtp-eval eval=continuation "
+           f"its own predictor trained for that schedule (per training seed), then `sdtp-eval eval=continuation "
            "pruning=sdtp` with it (recency prior off) and dense on the same WikiText-2 validation segments. Training "
            f"budget per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS}. FLOPs: analytic "
            f"prefill of a {page['seq_len']}-token prompt (`sdtp/flops.py`, causal attention, predictor cost left out).",
            "", provenance_text(page), "",
            f"Dense reference: {dense_text(page['dense'])}.", "",
-           "## Ours (Δ NLL: 95% paired t interval over segments, lower is better)", "",
-           "| Stages | Layers (0-based) | Δ NLL vs dense | Prefill TFLOPs | FLOPs vs dense | Tokens per layer "
-           "(analytic / measured) | Spearman |", "|---|---|---|---|---|---|---|"]
+           "## Ours (Δ NLL vs dense, lower is better)", "",
+           "Δ NLL of the seed mean (per segment the mean NLL over the point's training seeds): 95% paired t interval "
+           "over segments. Over seeds: the per-seed Δ NLL, 95% t interval over seeds (training noise; needs two "
+           "seeds or more).", "", seeds_text(page["seeds"], page["missing_by_seed"]), "",
+           "| Stages | Layers (0-based) | Seeds | Δ NLL vs dense (seed mean) | Δ NLL over seeds | Per seed | "
+           "Prefill TFLOPs | FLOPs vs dense | Tokens per layer (analytic / measured) | Spearman |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for s in page["stages"]:
         e = pts.get(str(s))
         if e is None:
-            out.append(f"| {s} | – | missing | – | – | – | – |")
+            out.append(f"| {s} | – | – | missing | – | – | – | – | – | – |")
             continue
-        out.append(f"| {s} | {', '.join(map(str, e['layers']))} | {cell(e['delta_nll'], '+.4f')} | "
+        out.append(f"| {s} | {', '.join(map(str, e['layers']))} | {', '.join(map(str, e['seeds']))} | "
+                   f"{cell(e['delta_nll'], '+.4f')} | {cell(e['delta_seeds'], '+.4f')} | {per_seed_text(e)} | "
                    f"{e['tflops']:.4f} | {100 * e['flops_fraction']:.1f}% | {e['layer_fraction']:.3f} / "
                    f"{num(e['measured_layer_fraction'], '.3f')} | {num(e['spearman'], '.3f')} |")
     out += ["", f"Missing points: {', '.join(map(row_name, page['missing'])) or 'none'}.", "",
@@ -208,13 +217,14 @@ def to_csv(page: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["stages", "layers", "delta_nll", "low", "high", "n", "prefill_tflops", "flops_fraction",
-                "layer_fraction", "measured_layer_fraction", "spearman", "paper_avg_accuracy"])
+                "layer_fraction", "measured_layer_fraction", "spearman", "paper_avg_accuracy", *SEED_CSV_COLUMNS])
     for s in page["stages"]:
         e = page["points"].get(str(s)) or {}
         d = e.get("delta_nll") or {}
         w.writerow([s, " ".join(map(str, e.get("layers", []))), d.get("mean"), d.get("low"), d.get("high"),
                     d.get("n"), e.get("tflops"), e.get("flops_fraction"), e.get("layer_fraction"),
-                    e.get("measured_layer_fraction"), e.get("spearman"), PAPER.get(s, [None])[-1]])
+                    e.get("measured_layer_fraction"), e.get("spearman"), PAPER.get(s, [None])[-1],
+                    *seed_csv_cells(e)])
     return buf.getvalue()
 
 
@@ -228,7 +238,9 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     fig, (nll, flops) = plt.subplots(1, 2, figsize=(10, 3.8))
     if found:
         means, yerr = error_bars(e["delta_nll"] for e in found)
-        nll.errorbar([e["stages"] for e in found], means, yerr=yerr, marker="o", capsize=3, label="ours: Δ NLL")
+        nll.errorbar([e["stages"] for e in found], means, yerr=yerr, marker="o", capsize=3,
+                     label="ours: Δ NLL (seed mean; dots: seeds)")
+        plot_seed_dots(nll, found, "stages", "C0")
         nll.legend(fontsize=7, loc="upper left")
     nll.axhline(0, color="grey", lw=0.8)
     nll.set(xlabel="stages", ylabel="Δ NLL vs dense (lower is better)", title=f"ours: {page['model']}")
@@ -241,7 +253,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     flops.plot([e["stages"] for e in stages], [100 * e["flops_fraction"] for e in stages], marker="o")
     flops.set(xlabel="stages", ylabel="prefill FLOPs, % of dense",
               title=f"analytic prefill FLOPs at {page['seq_len']} tokens")
-    fig.suptitle(f"Figure 5: stages at keep {KEEP:g} per stage (95% paired t intervals)")
+    fig.suptitle(f"Figure 5: stages at keep {KEEP:g} per stage (95% paired t intervals over segments)")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -258,15 +270,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--points", type=Path, required=True)
     r.add_argument("--model", required=True)
     r.add_argument("--stages", default=" ".join(map(str, PAPER_STAGES)), help="the page's stage counts")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", default="0", help="the page's training seeds (each point's mean over them)")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--command", default="")
     r.add_argument("--wall-s", type=float)
     args = ap.parse_args(argv)
     try:
         stages = [int(s) for s in args.stages.split()]
+        seeds = [int(s) for s in getattr(args, "seeds", "0").split()]
     except ValueError as err:
-        ap.error(f"STAGES: expected whole numbers separated by spaces ({err})")
+        ap.error(f"STAGES / SEEDS: expected whole numbers separated by spaces ({err})")
     if args.cmd == "points":
         num_layers, default = model_depth(args.model)
         try:
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(str(err))
         print("\n".join(f"{row}\t{sched}" for row, sched in rows))
     else:
-        page = build_page(args.points, args.model, stages, model_config(args.model), args.seed, args.command,
+        page = build_page(args.points, args.model, stages, model_config(args.model), seeds, args.command,
                           args.wall_s)
         print(write_page_files(args.out, page, render, to_csv, render_plot))
 
