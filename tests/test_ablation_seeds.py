@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdtp.reports.ablation_seeds import seed_diff, seed_entry, seed_groups, seed_mean, seed_verdict, seeds_text
+from sdtp.reports.ablation_seeds import diff_text, seed_diff, seed_entry, seed_groups, seed_mean, seed_verdict, seeds_text
 
 
 def _point(seed, segments):
@@ -62,3 +62,11 @@ def test_seeds_text_names_few_missing_points_and_counts_many():
     missing = {"0": [], "1": ["a", "b"], "2": [f"p{i}" for i in range(9)]}
     assert seeds_text([0, 1, 2], missing) == ("Training seeds asked for: 0, 1, 2 — seed 0: 0 missing; "
                                               "seed 1: 2 missing (a, b); seed 2: 9 missing.")
+
+
+def test_diff_text_shows_the_seed_interval_only_with_two_seeds():
+    one = {"seeds": [0], "diff": {"mean": 0.1, "low": 0.05, "high": 0.15, "n": 12}, "diff_seeds": None}
+    assert diff_text(one) == "+0.1000 [+0.0500, +0.1500] (n=12) over segments (one training seed: 0)"
+    two = {**one, "seeds": [0, 1], "diff_seeds": {"mean": 0.1, "low": -0.2, "high": 0.4, "n": 2}}
+    assert diff_text(two).endswith(", +0.1000 [-0.2000, +0.4000] (n=2) over seeds 0, 1")
+    assert diff_text({"seeds": [], "diff": None, "diff_seeds": None}) == "missing over segments (one training seed: none shared)"

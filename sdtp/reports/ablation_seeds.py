@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sdtp.reports.ablation_points import delta_nll, interval, paired_delta, verdict
+from sdtp.reports.ablation_points import cell, delta_nll, interval, paired_delta, verdict
 from sdtp.reports.lm_eval_pages import num
 
 
@@ -122,3 +122,11 @@ def seeds_text(page_seeds: Sequence[int], missing: Mapping[str, list[str]]) -> s
                                                              if 0 < len(missing[str(s)]) <= 8 else "")
              for s in page_seeds]
     return f"Training seeds asked for: {', '.join(map(str, page_seeds))} — " + "; ".join(parts) + "."
+
+
+def diff_text(d: Mapping[str, Any]) -> str:
+    """A :func:`seed_diff` as text: over segments, and over seeds when it has two or more."""
+    by_segment = f"{cell(d['diff'], '+.4f')} over segments"
+    if len(d["seeds"]) < 2:
+        return f"{by_segment} (one training seed: {', '.join(map(str, d['seeds'])) or 'none shared'})"
+    return f"{by_segment}, {cell(d['diff_seeds'], '+.4f')} over seeds {', '.join(map(str, d['seeds']))}"

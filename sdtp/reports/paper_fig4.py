@@ -31,7 +31,7 @@ from typing import Any
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, load_points, model_depth, page_header, provenance,
                                           provenance_text, setup_text)
-from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
                                          seed_entry, seed_groups, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
 
@@ -140,8 +140,7 @@ def expectations(page: dict[str, Any]) -> list[str]:
     lines = []
     for t in page["trends"]["early_vs_late"]:
         lines.append(f"- keep {t['keep_ratio']:g}: first layer {t['layers'][0]} − first layer {t['layers'][1]} = "
-                     f"{cell(t['diff'], '+.4f')} over segments, {cell(t['diff_seeds'], '+.4f')} over seeds "
-                     f"({', '.join(map(str, t['seeds'])) or 'none shared'}) — "
+                     f"{diff_text(t)} — "
                      f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (the paper: pruning early hurts "
                      "more, at keep 0.7 −8.2 points at layer 1 vs −0.4 at layer 10).")
     resolved = [t for t in page["trends"]["low_vs_high_keep"] if t["diff"] and t["diff"].get("low") is not None]

@@ -28,7 +28,7 @@ from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, load_points, model_depth, page_header, provenance,
                                           provenance_text, setup_text)
-from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
                                          seed_entry, seed_groups, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, num, write_page_files
 
@@ -163,8 +163,7 @@ def expectations(page: dict[str, Any]) -> list[str]:
                      f"drops context), {better} better (**unexpected**), the rest unresolved.")
     t = page["trend"]
     if t is not None and t["seeds"]:
-        lines.append(f"- {t['stages'][0]} − {t['stages'][1]} stages (seeds {', '.join(map(str, t['seeds']))}): "
-                     f"{cell(t['diff'], '+.4f')} over segments, {cell(t['diff_seeds'], '+.4f')} over seeds — "
+        lines.append(f"- {t['stages'][0]} − {t['stages'][1]} stages: {diff_text(t)} — "
                      f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (more stages drop more tokens: "
                      f"{KEEP:g}^S of the prompt reaches the last layer). The paper's accuracy stays within 59.86..60.75 (Avg) over 1..7 "
                      "stages, a difference 5-shot accuracy does not resolve; a rise in NLL does not contradict it.")
