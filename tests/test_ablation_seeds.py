@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdtp.reports.ablation_seeds import diff_text, seed_diff, seed_entry, seed_groups, seed_mean, seed_verdict, seeds_text
+from sdtp.reports.ablation_seeds import (diff_text, seed_diff, seed_entry, seed_groups, seed_mean, seed_verdict,
+                                         seeds_text)
 
 
 def _point(seed, segments):
@@ -36,7 +37,8 @@ def test_seed_entry_by_hand():
     half = 12.706204736174698 * (0.2 / 2 ** 0.5) / 2 ** 0.5  # t_{0.975,1} x sd / sqrt(n)
     assert (e["delta_seeds"]["low"], e["delta_seeds"]["high"]) == pytest.approx((0.2 - half, 0.2 + half))
     assert e["spearman"] == pytest.approx(0.55) and e["wall_s"] == 20 and e["measured_layer_fraction"] == 0.9
-    assert seed_entry(group, None)["delta_nll"] is None and seed_entry(group, None)["per_seed"] == {"0": None, "1": None}
+    no_dense = seed_entry(group, None)
+    assert no_dense["delta_nll"] is None and no_dense["per_seed"] == {"0": None, "1": None}
 
 
 def test_seed_diff_pairs_shared_seeds_only():
@@ -69,4 +71,5 @@ def test_diff_text_shows_the_seed_interval_only_with_two_seeds():
     assert diff_text(one) == "+0.1000 [+0.0500, +0.1500] (n=12) over segments (one training seed: 0)"
     two = {**one, "seeds": [0, 1], "diff_seeds": {"mean": 0.1, "low": -0.2, "high": 0.4, "n": 2}}
     assert diff_text(two).endswith(", +0.1000 [-0.2000, +0.4000] (n=2) over seeds 0, 1")
-    assert diff_text({"seeds": [], "diff": None, "diff_seeds": None}) == "missing over segments (one training seed: none shared)"
+    none = {"seeds": [], "diff": None, "diff_seeds": None}
+    assert diff_text(none) == "missing over segments (one training seed: none shared)"

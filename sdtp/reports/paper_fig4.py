@@ -31,8 +31,8 @@ from typing import Any
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, load_points, model_depth, page_header, provenance,
                                           provenance_text, setup_text)
-from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
-                                         seed_entry, seed_groups, seed_verdict, seeds_text)
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells,
+                                         seed_diff, seed_entry, seed_groups, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
 
 # The paper's Figure 4 (sdtp-method.md): Llama2-7B, WinoGrande 5-shot accuracy, dense 73.88.
@@ -236,7 +236,8 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     for ax in (ours, paper):
         if ax.get_legend_handles_labels()[0]:  # no curve yet when every point is missing
             ax.legend(fontsize=7)
-    fig.suptitle("Figure 4: one pruning stage, first layer x keep ratio (95% paired t intervals over segments; dots: training seeds)")
+    fig.suptitle("Figure 4: one pruning stage, first layer x keep ratio (95% paired t intervals over segments; "
+                 "dots: training seeds)")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -28,8 +28,8 @@ from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, load_points, model_depth, page_header, provenance,
                                           provenance_text, setup_text)
-from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells, seed_diff,
-                                         seed_entry, seed_groups, seed_verdict, seeds_text)
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells,
+                                         seed_diff, seed_entry, seed_groups, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, num, write_page_files
 
 KEEP = 0.9
@@ -142,7 +142,8 @@ def build_page(points_dir: Path, model: str, stages: list[int], config: Mapping[
         entries[str(n)] = {"stages": n, "layers": layers, **seed_entry(group, dense),
                            **prefill_cost(config, layers, seq_len)}
     found = sorted(groups)
-    trend = None if len(found) < 2 else {"stages": [found[-1], found[0]], **seed_diff(groups[found[-1]], groups[found[0]])}
+    trend = None if len(found) < 2 else {"stages": [found[-1], found[0]],
+                                          **seed_diff(groups[found[-1]], groups[found[0]])}
     return {"schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s, "seeds": list(seeds),
             "stages": stages, "seq_len": seq_len, "config": dict(config), "points": entries,
             "missing": [s for s in stages if s not in groups],
@@ -165,8 +166,9 @@ def expectations(page: dict[str, Any]) -> list[str]:
     if t is not None and t["seeds"]:
         lines.append(f"- {t['stages'][0]} − {t['stages'][1]} stages: {diff_text(t)} — "
                      f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (more stages drop more tokens: "
-                     f"{KEEP:g}^S of the prompt reaches the last layer). The paper's accuracy stays within 59.86..60.75 (Avg) over 1..7 "
-                     "stages, a difference 5-shot accuracy does not resolve; a rise in NLL does not contradict it.")
+                     f"{KEEP:g}^S of the prompt reaches the last layer). The paper's accuracy stays within "
+                     "59.86..60.75 (Avg) over 1..7 stages, a difference 5-shot accuracy does not resolve; a rise in "
+                     "NLL does not contradict it.")
     lines.append("- Expected: the analytic prefill FLOPs fall with every added stage (exact, not measured); the "
                  "measured tokens per layer of the eval should match the analytic ones up to rounding.")
     return lines
