@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdtp.reports.ablation_seeds import (diff_text, seed_diff, seed_entry, seed_groups, seed_mean, seed_verdict,
+from sdtp.reports.ablation_seeds import (diff_text, points_by_row, seed_diff, seed_entry, seed_mean, seed_verdict,
                                          seeds_text)
 
 
@@ -17,9 +17,9 @@ def _point(seed, segments):
 DENSE = {"row": "dense", "seed": None, "metrics": {}, "segments": {"0": 1.0, "1": 2.0, "2": 3.0}}
 
 
-def test_seed_groups_keep_the_asked_seeds_sorted():
+def test_points_by_row_keeps_the_asked_seeds_sorted():
     points = {("a", 2): _point(2, [1]), ("a", 0): _point(0, [1]), ("b", 5): _point(5, [1])}
-    groups = seed_groups(points, [0, 2])
+    groups = points_by_row(points, [0, 2])
     assert list(groups) == ["a"] and list(groups["a"]) == [0, 2]
 
 

@@ -16,8 +16,8 @@ from sdtp.reports.ablation_points import cell, delta_nll, interval, paired_delta
 from sdtp.reports.lm_eval_pages import num
 
 
-def seed_groups(points: Mapping[tuple[str, int], dict[str, Any]], seeds: Iterable[int]
-                ) -> dict[str, dict[int, dict[str, Any]]]:
+def points_by_row(points: Mapping[tuple[str, int], dict[str, Any]], seeds: Iterable[int]
+                  ) -> dict[str, dict[int, dict[str, Any]]]:
     """row -> {seed: summary} of the points trained with one of ``seeds`` (rows without any are left out)."""
     wanted, groups = set(seeds), {}
     for (row, seed), p in points.items():
@@ -33,20 +33,6 @@ def seed_mean(group: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
     shared = set.intersection(*(set(p["segments"]) for p in members))
     segments = {i: sum(p["segments"][i] for p in members) / len(members) for i in sorted(shared, key=int)}
     return {**members[0], "seed": None, "seeds": list(group), "segments": segments}
-
-
-def over_seeds(group: Mapping[int, dict[str, Any]], reference: Mapping[int, dict[str, Any]] | dict[str, Any] | None
-               ) -> dict[str, Any] | None:
-    """Mean over training seeds of the per-seed Δ NLL (mean over segments of point − reference) with its 95% t
-    interval over seeds; ``reference`` is one summary (dense) or another row's {seed: summary}, paired by seed."""
-    if reference is None:
-        return None
-    if "segments" in reference:
-        pairs = [(p, reference) for p in group.values()]
-    else:
-        pairs = [(group[s], reference[s]) for s in group if s in reference]
-    deltas = [delta_nll(p, r) for p, r in pairs]
-    return interval([d for d in deltas if d is not None])
 
 
 def seed_verdict(d: dict[str, Any] | None, d_seeds: dict[str, Any] | None, expected: str) -> str:
@@ -71,9 +57,10 @@ def seed_entry(group: Mapping[int, dict[str, Any]], dense: dict[str, Any] | None
     over segments), the same over seeds (t over per-seed Δ) and per seed, mean Spearman / top-k overlap, measured
     tokens per layer (the schedule's: equal across seeds) and the compute of all seeds."""
     first = next(iter(group.values()))
+    per_seed = {str(s): None if dense is None else delta_nll(p, dense) for s, p in group.items()}
+    deltas = [d for d in per_seed.values() if d is not None]
     return {"seeds": list(group), "delta_nll": paired_delta(seed_mean(group), dense),
-            "delta_seeds": over_seeds(group, dense),
-            "per_seed": {str(s): None if dense is None else delta_nll(p, dense) for s, p in group.items()},
+            "delta_seeds": interval(deltas), "per_seed": per_seed,
             "spearman": _mean_of(group, "spearman"), "topk_overlap": _mean_of(group, "topk_overlap"),
             "measured_layer_fraction": first["metrics"].get("avg_layer_token_fraction"),
             "wall_s": sum(p.get("wall_s") or 0 for p in group.values())}
@@ -113,7 +100,8 @@ def seed_diff(a: Mapping[int, dict[str, Any]], b: Mapping[int, dict[str, Any]]) 
     if not shared:
         return {"seeds": [], "diff": None, "diff_seeds": None}
     a_, b_ = {s: a[s] for s in shared}, {s: b[s] for s in shared}
-    return {"seeds": shared, "diff": paired_delta(seed_mean(a_), seed_mean(b_)), "diff_seeds": over_seeds(a_, b_)}
+    per_seed = [d for d in (delta_nll(a_[s], b_[s]) for s in shared) if d is not None]
+    return {"seeds": shared, "diff": paired_delta(seed_mean(a_), seed_mean(b_)), "diff_seeds": interval(per_seed)}
 
 
 def seeds_text(page_seeds: Sequence[int], missing: Mapping[str, list[str]]) -> str:

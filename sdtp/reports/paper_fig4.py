@@ -31,8 +31,8 @@ from typing import Any
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, load_points, model_depth, page_header, provenance,
                                           provenance_text, setup_text)
-from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells,
-                                         seed_diff, seed_entry, seed_groups, seed_verdict, seeds_text)
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, points_by_row,
+                                         seed_csv_cells, seed_diff, seed_entry, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
 
 # The paper's Figure 4 (sdtp-method.md): Llama2-7B, WinoGrande 5-shot accuracy, dense 73.88.
@@ -99,7 +99,7 @@ def build_page(points_dir: Path, model: str, first_layers: list[int], ratios: li
     and over seeds, the grid's missing points (per seed) and the paired trends the paper's conclusions predict
     (:func:`trends`)."""
     points, dense = load_points(points_dir, _accept)
-    groups = seed_groups(points, seeds)
+    groups = points_by_row(points, seeds)
     entries = {}
     for row, group in sorted(groups.items(), key=lambda kv: parse_row(kv[0])):
         layer, ratio = parse_row(row)

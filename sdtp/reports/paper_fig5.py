@@ -28,8 +28,8 @@ from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, load_points, model_depth, page_header, provenance,
                                           provenance_text, setup_text)
-from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, seed_csv_cells,
-                                         seed_diff, seed_entry, seed_groups, seed_verdict, seeds_text)
+from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, points_by_row,
+                                         seed_csv_cells, seed_diff, seed_entry, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, num, write_page_files
 
 KEEP = 0.9
@@ -133,7 +133,7 @@ def build_page(points_dir: Path, model: str, stages: list[int], config: Mapping[
     paired t over segments) and over seeds, analytic prefill FLOPs at the eval's context length; the missing points
     (per seed); the paired trend (most − fewest stages)."""
     points, dense = load_points(points_dir, _accept)
-    groups = {parse_row(row): g for row, g in seed_groups(points, seeds).items()}
+    groups = {parse_row(row): g for row, g in points_by_row(points, seeds).items()}
     first = next((p for g in groups.values() for p in g.values()), None)
     seq_len = int(((dense or first or {}).get("metrics") or {}).get("context_len", 2048))
     entries = {}
