@@ -91,3 +91,11 @@ def test_recipe_overrides_compose_with_a_schedule():
     assert cfg.train.target == "attention" and cfg.train.loss.ce == 0 and cfg.train.max_steps == 60 and cfg.seed == 1
     assert list(cfg.pruning.layers) == [2] and cfg.pruning.keep_ratio == 0.7
     assert ap.model_depth("smollm2-135m") == (30, {"first_layer": 2, "layer_step": 3, "num_stages": 10})
+
+
+def test_interval_side_says_which_side_of_zero_the_interval_lies_on():
+    assert ap.interval_side({"mean": 1, "low": 0.5, "high": 1.5}) == 1
+    assert ap.interval_side({"mean": -1, "low": -1.5, "high": -0.5}) == -1
+    assert ap.interval_side({"mean": 0, "low": -1, "high": 1}) == 0
+    assert ap.interval_side({"mean": 0.2, "low": None, "high": None}) is None
+    assert ap.interval_side(None) is None

@@ -180,14 +180,23 @@ def setup_text(setups: list[dict[str, Any]]) -> str:
     return text if len(shared) == 1 else f"**points made with different setups**: {text}"
 
 
+def interval_side(d: dict[str, Any] | None) -> int | None:
+    """Which side of 0 a difference's interval lies on: +1 above, -1 below, 0 when it includes 0, None when there is
+    no interval (one sample)."""
+    if d is None or d.get("low") is None:
+        return None
+    return 1 if d["low"] > 0 else -1 if d["high"] < 0 else 0
+
+
 def verdict(d: dict[str, Any] | None, expected: str) -> str:
     """How a paired difference's interval reads when the paper predicts it ``expected`` ("positive" or
     "negative"): **expected** / **unexpected** when it excludes 0 on that / the other side, else unresolved."""
-    if d is None or d.get("low") is None:
+    side = interval_side(d)
+    if side is None:
         return "not enough data to judge"
-    if d["low"] > 0 or d["high"] < 0:
-        return "**expected**" if (d["low"] > 0) == (expected == "positive") else "**unexpected**"
-    return "unresolved (interval includes 0)"
+    if side == 0:
+        return "unresolved (interval includes 0)"
+    return "**expected**" if (side > 0) == (expected == "positive") else "**unexpected**"
 
 
 def page_header(title: str, page: dict[str, Any]) -> list[str]:

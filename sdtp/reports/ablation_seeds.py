@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sdtp.reports.ablation_points import cell, delta_nll, interval, paired_delta, verdict
+from sdtp.reports.ablation_points import cell, delta_nll, interval, interval_side, paired_delta, verdict
 from sdtp.reports.lm_eval_pages import num
 
 
@@ -39,9 +39,8 @@ def seed_verdict(d: dict[str, Any] | None, d_seeds: dict[str, Any] | None, expec
     """:func:`verdict` of a difference between seed means (``d``, paired over segments), downgraded to unresolved
     when the interval over training seeds (``d_seeds``, two seeds or more) does not exclude 0 on the same side."""
     by_segment = verdict(d, expected)
-    if not by_segment.startswith("**") or d_seeds is None or d_seeds.get("low") is None:
-        return by_segment
-    if verdict(d_seeds, expected) == by_segment:
+    seeds_side = interval_side(d_seeds)
+    if interval_side(d) in (None, 0) or seeds_side is None or seeds_side == interval_side(d):
         return by_segment
     return f"unresolved over training seeds ({by_segment} over segments alone)"
 

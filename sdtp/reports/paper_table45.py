@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.reports.ablation_points import (FULL_LOSSES, MAIN_STEPS, SCHEMA, cell, delta_nll, dense_entry,
-                                          dense_text, done, interval, load_points, mean_nll, page_header, provenance,
-                                          provenance_text, setup_text)
+                                          dense_text, done, interval, interval_side, load_points, mean_nll, page_header,
+                                          provenance, provenance_text, setup_text)
 from sdtp.reports.ablation_points import train_overrides as recipe_overrides
 from sdtp.reports.lm_eval_pages import num, write_page_files
 
@@ -105,31 +105,22 @@ def expectations(page: dict[str, Any]) -> list[str]:
     lines = []
     for row in ("wo_rank", "wo_rank_mse"):
         vs, label = page["rows"][row].get("vs_full") or {}, ROWS[row][0]
-        d = vs.get("delta_nll")
-        if d is None or d.get("low") is None:
-            lines.append(f"- {label} vs full: not enough paired seeds to judge (needs >= 2).")
-            continue
-        if d["low"] > 0:
-            lines.append(f"- {label} vs full: worse NLL, interval excludes 0 — **expected** (the paper: the full "
-                         "losses help).")
-        elif d["high"] < 0:
-            lines.append(f"- {label} vs full: *better* NLL, interval excludes 0 — **unexpected** (the paper has "
-                         "the full row ahead).")
-        else:
-            lines.append(f"- {label} vs full: no difference resolved (interval includes 0) — consistent with the "
-                         "paper's small gaps (0.55 / 0.89 points), which this many seeds may not resolve.")
+        side = interval_side(vs.get("delta_nll"))
+        lines.append(f"- {label} vs full: " + {
+            None: "not enough paired seeds to judge (needs >= 2).",
+            1: "worse NLL, interval excludes 0 — **expected** (the paper: the full losses help).",
+            -1: "*better* NLL, interval excludes 0 — **unexpected** (the paper has the full row ahead).",
+            0: "no difference resolved (interval includes 0) — consistent with the paper's small gaps "
+               "(0.55 / 0.89 points), which this many seeds may not resolve."}[side])
     rho = (page["rows"]["wo_rank_mse"].get("vs_full") or {}).get("spearman")
-    if rho is None or rho.get("low") is None:
-        lines.append("- Spearman of w/o ranking & MSE vs full: not enough paired seeds to judge.")
-    elif rho["high"] < 0:
-        lines.append("- w/o ranking & MSE, never trained on the labels, agrees less with them than the full row — "
-                     "**expected**.")
-    elif rho["low"] > 0:
-        lines.append("- w/o ranking & MSE is never trained on the labels, yet agrees *more* with them than the full "
-                     "row — **unexpected**.")
-    else:
-        lines.append("- Spearman of w/o ranking & MSE vs full: no difference resolved — **unexpected** if it stays "
-                     "so with more seeds (the full row is fitted to these labels).")
+    lines.append({
+        None: "- Spearman of w/o ranking & MSE vs full: not enough paired seeds to judge.",
+        -1: "- w/o ranking & MSE, never trained on the labels, agrees less with them than the full row — "
+            "**expected**.",
+        1: "- w/o ranking & MSE is never trained on the labels, yet agrees *more* with them than the full row — "
+           "**unexpected**.",
+        0: "- Spearman of w/o ranking & MSE vs full: no difference resolved — **unexpected** if it stays so with "
+           "more seeds (the full row is fitted to these labels)."}[interval_side(rho)])
     return lines
 
 
