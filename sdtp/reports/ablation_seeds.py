@@ -39,8 +39,8 @@ def seed_verdict(d: dict[str, Any] | None, d_seeds: dict[str, Any] | None, expec
     """:func:`verdict` of a difference between seed means (``d``, paired over segments), downgraded to unresolved
     when the interval over training seeds (``d_seeds``, two seeds or more) does not exclude 0 on the same side."""
     by_segment = verdict(d, expected)
-    seeds_side = interval_side(d_seeds)
-    if interval_side(d) in (None, 0) or seeds_side is None or seeds_side == interval_side(d):
+    side, seeds_side = interval_side(d), interval_side(d_seeds)
+    if side in (None, 0) or seeds_side is None or seeds_side == side:
         return by_segment
     return f"unresolved over training seeds ({by_segment} over segments alone)"
 
