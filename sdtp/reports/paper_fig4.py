@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
-                                          figure_caveats, load_points, model_depth, page_header, provenance,
-                                          provenance_text, setup_text)
+                                          figure_caveats, interval_side, load_points, model_depth, page_header,
+                                          provenance, provenance_text, setup_text)
 from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, points_by_row,
                                          seed_csv_cells, seed_diff, seed_entry, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, minutes, num, write_page_files
@@ -143,11 +143,11 @@ def expectations(page: dict[str, Any]) -> list[str]:
                      f"{diff_text(t)} — "
                      f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (the paper: pruning early hurts "
                      "more, at keep 0.7 −8.2 points at layer 1 vs −0.4 at layer 10).")
-    resolved = [t for t in page["trends"]["low_vs_high_keep"] if t["diff"] and t["diff"].get("low") is not None]
-    if resolved:
-        counts = {v: sum(seed_verdict(t["diff"], t["diff_seeds"], "positive") == v for t in resolved)
+    with_interval = [t for t in page["trends"]["low_vs_high_keep"] if interval_side(t["diff"]) is not None]
+    if with_interval:
+        counts = {v: sum(seed_verdict(t["diff"], t["diff_seeds"], "positive") == v for t in with_interval)
                   for v in ("**expected**", "**unexpected**")}
-        lines.append(f"- lowest − highest keep ratio at the same first layer, over {len(resolved)} layers: "
+        lines.append(f"- lowest − highest keep ratio at the same first layer, over {len(with_interval)} layers: "
                      f"{counts['**expected**']} worse (**expected**: more pruning costs more), "
                      f"{counts['**unexpected**']} better (**unexpected**), the rest unresolved.")
     return lines or ["- Too few points to judge the paper's trends (needs two layers or two ratios)."]

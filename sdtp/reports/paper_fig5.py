@@ -26,8 +26,8 @@ from typing import Any
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
-                                          figure_caveats, load_points, model_depth, page_header, provenance,
-                                          provenance_text, setup_text)
+                                          figure_caveats, interval_side, load_points, model_depth, page_header,
+                                          provenance, provenance_text, setup_text)
 from sdtp.reports.ablation_seeds import (SEED_CSV_COLUMNS, diff_text, per_seed_text, plot_seed_dots, points_by_row,
                                          seed_csv_cells, seed_diff, seed_entry, seed_verdict, seeds_text)
 from sdtp.reports.lm_eval_pages import error_bars, num, write_page_files
@@ -157,7 +157,7 @@ def build_page(points_dir: Path, model: str, stages: list[int], config: Mapping[
 def expectations(page: dict[str, Any]) -> list[str]:
     lines = []
     vs_dense = [seed_verdict(e["delta_nll"], e["delta_seeds"], "positive") for e in page["points"].values()
-                if e["delta_nll"] and e["delta_nll"].get("low") is not None]
+                if interval_side(e["delta_nll"]) is not None]
     if vs_dense:
         worse, better = vs_dense.count("**expected**"), vs_dense.count("**unexpected**")
         lines.append(f"- vs dense: {worse} of {len(vs_dense)} stage counts worse than dense (**expected**: pruning "
