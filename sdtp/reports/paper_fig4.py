@@ -143,13 +143,13 @@ def expectations(page: dict[str, Any]) -> list[str]:
                      f"{diff_text(t)} — "
                      f"{seed_verdict(t['diff'], t['diff_seeds'], 'positive')} (the paper: pruning early hurts "
                      "more, at keep 0.7 −8.2 points at layer 1 vs −0.4 at layer 10).")
-    with_interval = [t for t in page["trends"]["low_vs_high_keep"] if interval_side(t["diff"]) is not None]
-    if with_interval:
-        counts = {v: sum(seed_verdict(t["diff"], t["diff_seeds"], "positive") == v for t in with_interval)
-                  for v in ("**expected**", "**unexpected**")}
-        lines.append(f"- lowest − highest keep ratio at the same first layer, over {len(with_interval)} layers: "
-                     f"{counts['**expected**']} worse (**expected**: more pruning costs more), "
-                     f"{counts['**unexpected**']} better (**unexpected**), the rest unresolved.")
+    by_ratio = [seed_verdict(t["diff"], t["diff_seeds"], "positive") for t in page["trends"]["low_vs_high_keep"]
+                if interval_side(t["diff"]) is not None]
+    if by_ratio:
+        worse, better = by_ratio.count("**expected**"), by_ratio.count("**unexpected**")
+        lines.append(f"- lowest − highest keep ratio at the same first layer, over {len(by_ratio)} layers: "
+                     f"{worse} worse (**expected**: more pruning costs more), "
+                     f"{better} better (**unexpected**), the rest unresolved.")
     return lines or ["- Too few points to judge the paper's trends (needs two layers or two ratios)."]
 
 
