@@ -15,7 +15,12 @@
 #
 # The random scorer is run once per seed in RANDOM_SEEDS (pruning.scorer.seed, its own multirun: one run
 # directory per seed); the table shows a row per seed and a `random` row whose per-document outcome is
-# the mean over the seeds, which is the row paired with the other methods.
+# the mean over the seeds, which is the row paired with the other methods. SDTP likewise runs with the
+# shipped predictor and with each of its other training seeds (pruning.scorer.path=<folder>: the lines of
+# results/predictors/$MODEL/seeds.txt, or SEED_PREDICTORS="<folder> ..."; SEED_PREDICTORS="" for none), on
+# every eval and KV policy: rows sdtp_shipped, sdtp_seed9, ... and their mean `sdtp`, with a section of
+# each seed's numbers and a 95% interval over the seeds (sdtp/reports/compare_seeds.py). The benchmark
+# times the shipped predictor only (the seeds prune the same number of tokens).
 #
 # A clean clone needs nothing else: the default .venv is set up first (make setup) when missing.
 # Every sdtp-eval run writes metrics.json in its own deterministic run directory and is skipped when it
@@ -37,10 +42,8 @@ PPL_TOKENS=${PPL_TOKENS:-8192}          # WikiText test tokens scored
 BENCH_LENGTHS=${BENCH_LENGTHS:-[2048]}
 STEPS=${STEPS:-"lm_eval perplexity longbench needle kv bench table"}
 RANDOM_SEEDS=${RANDOM_SEEDS:-0,1,2}     # pruning.scorer.seed values of the random scorer
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Same allocator settings as `make demo` and sdtp-bench (dense prefills otherwise page-fault for seconds).
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736} \
-  MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-1073741824}
+# Offline environment, allocator settings, seed_predictors.
+source experiments/lib/lm_eval_runs.sh
 if [ ! -x "$BIN/sdtp-eval" ] && [ "$BIN" = .venv/bin ]; then make setup; fi
 
 # Every training-free scorer, SDTP when a predictor is shipped for $MODEL, and the gradient x input
@@ -60,6 +63,8 @@ PRUNED=$(tr "," "\n" <<<"$METHODS" | { grep -v -x -e none -e oracle || true; } |
 # random runs as a sweep over RANDOM_SEEDS of its own; every other method in one multirun.
 SEEDLESS=$(tr "," "\n" <<<"$METHODS" | { grep -v -x random || true; } | paste -sd, -)
 WITH_RANDOM=0; if [[ ",$METHODS," == *,random,* ]]; then WITH_RANDOM=1; fi
+# SDTP's other training seeds: their predictor folders, comma-separated (one Hydra sweep over them).
+SEED_PATHS=""; if [[ ",$METHODS," == *,sdtp,* ]]; then SEED_PATHS=$(seed_predictors | paste -sd, -); fi
 
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # step <name> <command...>: run the command only if <name> is in $STEPS.
@@ -69,6 +74,12 @@ evaluate() {
   if [ "$WITH_RANDOM" = 1 ]; then
     "$BIN/sdtp-eval" -m model="$MODEL" pruning=random pruning.scorer.seed="$RANDOM_SEEDS" "$@"
   fi
+  with_seed_predictors "$@"
+}
+# with_seed_predictors OVERRIDE...: SDTP with each other training seed's predictor (nothing when there is none).
+with_seed_predictors() {
+  if [ -z "$SEED_PATHS" ]; then return; fi
+  "$BIN/sdtp-eval" -m model="$MODEL" pruning=sdtp pruning.scorer.path="$SEED_PATHS" "$@"
 }
 
 LM_EVAL=(eval=lm_eval eval.limit="$LIMIT")
@@ -80,8 +91,9 @@ step longbench  evaluate "${LONGBENCH[@]}"
 step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.num_samples="$NEEDLE_SAMPLES"
 # Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill (multi_news).
 KV_PRUNING="none"; if [[ ",$METHODS," == *,sdtp,* ]]; then KV_PRUNING="none,sdtp"; fi
-step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" kv=streaming,h2o,snapkv kv.ratio="${KV_RATIO:-0.4}" \
-  "${LONGBENCH[@]}"
+KV=(kv=streaming,h2o,snapkv kv.ratio="${KV_RATIO:-0.4}" "${LONGBENCH[@]}")
+step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" "${KV[@]}"
+step kv with_seed_predictors "${KV[@]}"
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
 if [ -n "$PRUNED" ]; then step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
   new_tokens=16 repeats=3 memory=false; fi

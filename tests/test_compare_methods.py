@@ -207,6 +207,46 @@ def test_random_seeds_are_grouped_into_a_mean_row(tmp_path):
     focus = [c["b"] for c in page["comparisons"]["focus"]["lm_eval"]]
     assert focus == ["none", "random"]  # sdtp vs the seeds' mean, not vs each seed
     assert "pruning.scorer.seed" not in " ".join(rows)  # the seed is in the name, not a variant suffix
+    assert "| s0 | s1 | s2 | mean over seeds [95% CI] |" in md and "| random | piqa | 25.000 | 50.000 | 0.000 |" in md
+
+
+def _with_overrides(run_dir: Path, *overrides: str) -> Path:
+    """Hydra's record of the run's command-line overrides."""
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return run_dir
+
+
+def test_training_seeds_are_grouped_with_the_shipped_predictor(tmp_path):
+    root = tmp_path / "multiruns"
+    _lm_eval(root, "none", [1, 1, 0, 0])
+    _lm_eval(root, "lazyllm", [1, 0, 0, 0])
+    _with_overrides(_lm_eval(root, "sdtp", [1, 1, 0, 1], run="shipped"), "pruning=sdtp")  # the configured predictor
+    seeds = {"seed9": [1, 0, 0, 1], "seed10": [1, 1, 1, 1]}  # with seed10 second, as in seeds.txt
+    for folder, outcomes in seeds.items():
+        run_dir = _lm_eval(root, "sdtp", outcomes, run=folder)
+        _with_overrides(run_dir, "pruning=sdtp", f"pruning.scorer.path=results/predictors/news/{folder}/")
+    for folder in ("", "seed9"):  # KV rows: the shipped predictor and one other seed
+        run_dir = _eval(root / f"kv{folder}", "sdtp", "longbench", {"datasets": {"multi_news": 10.0}}, kv="h2o")
+        _with_overrides(run_dir, "pruning=sdtp", "kv=h2o", *([f"pruning.scorer.path=p/{folder}"] if folder else []))
+    _write(root / "bench" / "s" / "bench.json", {"pruning": {"name": "sdtp"}, "prefill_speedup": 1.5})
+    rows, md, page = _render(root, tmp_path / "out")
+    assert list(rows) == ["none", "lazyllm", "sdtp", "sdtp_shipped", "sdtp_seed9", "sdtp_seed10", "sdtp+h2o@0.4",
+                          "sdtp_shipped+h2o@0.4", "sdtp_seed9+h2o@0.4"]
+    assert rows["sdtp"]["seeds"] == ["sdtp_shipped", "sdtp_seed9", "sdtp_seed10"]
+    assert rows["sdtp+h2o@0.4"]["seeds"] == ["sdtp_shipped+h2o@0.4", "sdtp_seed9+h2o@0.4"]
+    assert rows["sdtp_seed10"]["seed_of"] == "sdtp" and rows["sdtp"]["prefill_speedup"] == 1.5
+    # The mean row pairs the per-document mean over the seeds (1, 2/3, 1/3, 1) with dense (1, 1, 0, 0).
+    assert rows["sdtp"]["lm_eval_delta"] == pytest.approx(100 * (0 - 1 / 3 + 1 / 3 + 1) / 4)
+    focus = [c["b"] for c in page["comparisons"]["focus"]["lm_eval"]]
+    assert focus == ["none", "lazyllm"]  # sdtp's seed mean against the others, not against its own seeds
+    # Over seeds: piqa per seed 75 / 50 / 100, mean 75, 95% t interval 75 ± 4.303 * 25 / sqrt(3).
+    half = 4.302652729911275 * 25 / math.sqrt(3)
+    assert "| row | number | seed 1 | seed 2 | seed 3 | mean over seeds [95% CI] |" in md  # rows' seeds differ
+    assert (f"| sdtp (shipped, seed9, seed10) | piqa | 75.000 | 50.000 | 100.000 | 75.000 [{75 - half:.3f}, "
+            f"{75 + half:.3f}] |") in md
+    assert "| sdtp+h2o@0.4 (shipped, seed9) | multi_news | 10.000 | 10.000 |  | 10.000 [10.000, 10.000] |" in md
+    assert "pruning.scorer.path" not in " ".join(rows)  # the training seed is in the name, not a variant suffix
 
 
 def _fingerprint(root: str = "/clone", commit: str = "c1", limit: int = 20, pruning: str = "none") -> dict:

@@ -21,9 +21,11 @@ writes into ``--out``:
 * ``compare_methods.png``: lm-eval mean accuracy, paired lm-eval / LongBench differences to dense
   (95% t intervals) and perplexity vs speedup, one point per method.
 
-Seeded scorers (``random``, ``pruning.scorer.seed``) get one row per seed (``random_s0``, ...) and a
-``random`` row whose per-document outcome is the mean over its seeds; that row is the one paired
-with the others and counted in the Holm families.
+Seeded methods get one row per seed and a mean row whose per-document outcome is the mean over the
+seeds; that row is the one paired with the others and counted in the Holm families, and a section
+lists each seed's numbers with a 95% interval over the seeds (:mod:`sdtp.reports.compare_seeds`):
+``random`` per ``pruning.scorer.seed`` (``random_s0``, ...), ``sdtp`` per training seed of its predictor
+(runs with ``pruning.scorer.path=<folder>``: ``sdtp_<folder>``, beside ``sdtp_shipped``).
 
 Every run's ``metrics.json`` carries its fingerprint (:mod:`sdtp.provenance`). A row whose
 fingerprint differs from dense's (same eval) in anything but the method (model, dtype, device, data
@@ -56,6 +58,8 @@ from omegaconf import OmegaConf
 from sdtp.eval.stats import document_outcomes, holm, paired_t_interval, prediction_outcomes, window_outcomes
 from sdtp.paths import portable_text, portable_tree
 from sdtp.provenance import changed_keys, portable
+from sdtp.reports.compare_seeds import (PATH_OVERRIDE, Seed, add_seed_groups, run_seed, seed_order, seed_spread_lines,
+                                        seed_suffix, training_seed)
 from sdtp.reports.lm_eval_pages import smaller_page
 from sdtp.reports.paired_tables import interval_text, p_text, paired_summary
 
@@ -69,12 +73,11 @@ SPEEDUP_KEYS = ("prefill_speedup", "speedup_prefill", "ttft_speedup", "speedup")
 # Eval keys that decide what a number means (how many documents, tokens, shots...), listed under the table.
 SETTING_KEYS = ("tasks", "num_fewshot", "limit", "datasets", "max_new_tokens", "max_tokens", "window", "stride",
                 "lengths", "depths", "num_samples")
-# Scorers whose output depends on ``pruning.scorer.seed``: one row per seed plus their mean.
-SEEDED_METHODS = ("random",)
 # Command-line overrides that change what a method is (so an ablation gets a row of its own).
 VARIANT_PREFIXES = ("pruning.", "kv.", "model.")
-# Overrides already part of the name: kv.ratio (<pruning>+<kv>@<ratio>), the seed (<pruning>_s<seed>).
-NAMED_OVERRIDES = ("kv.ratio=", "pruning.scorer.seed=")
+# Overrides already part of the name: kv.ratio (<pruning>+<kv>@<ratio>), the scorer seed (<pruning>_s<seed>),
+# another training seed's predictor (<pruning>_<folder>).
+NAMED_OVERRIDES = ("kv.ratio=", "pruning.scorer.seed=", PATH_OVERRIDE)
 # Config groups that make up the method itself; the rest of a fingerprint must match dense's. The
 # predictor checkpoint hashes belong to the method too (only sdtp has one).
 METHOD_CONFIG_KEYS = ("pruning", "kv")
@@ -121,39 +124,32 @@ def _first_metric(entry: dict[str, Any]) -> float | None:
 # What one run is: method name, seed, variant, settings
 
 
-def variant(run_dir: Path) -> str:
-    """``[key=value,...]`` of a run's pruning/kv/model overrides (Hydra's ``.hydra/overrides.yaml``), or ''."""
+def run_overrides(run_dir: Path) -> list[str]:
+    """A run's command-line overrides (Hydra's ``.hydra/overrides.yaml``, ``+``/``~`` stripped), or []."""
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
-        return ""
+        return []
     try:
         overrides = [str(o) for o in OmegaConf.load(path)]
     except Exception as exc:  # a hand-edited or truncated file: the run still counts, unnamed
         log.warning("ignoring %s: %s", path, exc)
-        return ""
-    keys = [o.lstrip("+~") for o in overrides]
-    extra = sorted(o for o in keys if o.startswith(VARIANT_PREFIXES) and not o.startswith(NAMED_OVERRIDES))
+        return []
+    return [o.lstrip("+~") for o in overrides]
+
+
+def variant(overrides: Sequence[str]) -> str:
+    """``[key=value,...]`` of a run's pruning/kv/model overrides that are not part of its name, or ''."""
+    extra = sorted(o for o in overrides if o.startswith(VARIANT_PREFIXES) and not o.startswith(NAMED_OVERRIDES))
     return f"[{','.join(extra)}]" if extra else ""
 
 
-def scorer_seed(data: dict[str, Any]) -> int | None:
-    """The scorer seed of an eval run of a seeded method (from its resolved config), else None.
-
-    Read from the config rather than from the overrides: a run without ``pruning.scorer.seed=`` on
-    its command line used the config default, and must not collapse into another seed's row.
-    """
-    if _get(data, "config", "pruning", "name") not in SEEDED_METHODS:
-        return None
-    seed = _get(data, "config", "pruning", "scorer", "seed")
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
-
-
-def method_name(data: dict[str, Any], seed: int | None = None) -> str:
-    """``<pruning>[_s<seed>]`` or ``<pruning>[_s<seed>]+<kv>@<ratio>`` from a run's own record of its config."""
+def method_name(data: dict[str, Any], seed: Seed | None = None) -> str:
+    """``<pruning>[<seed suffix>]`` or ``<pruning>[<seed suffix>]+<kv>@<ratio>`` from a run's own record of its
+    config (seed suffix: :func:`~sdtp.reports.compare_seeds.seed_suffix`)."""
     pruning = _get(data, "pruning", "name") or _get(data, "config", "pruning", "name") or data.get("pruning")
     pruning = pruning if isinstance(pruning, str) else "unknown"
     if seed is not None:
-        pruning = f"{pruning}_s{seed}"
+        pruning += seed_suffix(seed)
     kv = _get(data, "config", "kv", "method") or _get(data, "kv", "method") or data.get("kv")
     if isinstance(kv, str) and kv != "none":
         ratio = _get(data, "config", "kv", "ratio") or _get(data, "kv", "ratio") or data.get("kv_ratio")
@@ -305,34 +301,50 @@ def _add_eval(row: dict[str, Any], data: dict[str, Any], run_dir: Path) -> None:
         row["kv_kept"] = kv_kept
 
 
+def _read_runs(root: Path) -> list[tuple[Path, dict[str, Any], list[str]]]:
+    """(file, its JSON, the run's overrides) of every readable ``metrics.json`` / ``bench.json``, oldest first."""
+    files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
+    runs = []
+    for path in sorted(files, key=lambda p: p.stat().st_mtime):  # newest last, so it wins
+        data = _read_run(path)
+        if data is not None:
+            runs.append((path, data, run_overrides(path.parent)))
+    return runs
+
+
+def _is_bench(path: Path, data: dict[str, Any]) -> bool:
+    return path.name == "bench.json" or data.get("task") == "bench"
+
+
 def collect(root: Path) -> dict[str, dict[str, Any]]:
     """method -> {"metrics": {column: value}, "docs": {eval: {unit: outcome}}, "layer_fraction": f, ...}.
 
     The settings and fingerprint of the runs each row uses are kept per eval. Seeded methods get a
-    row per seed and a mean row (:func:`add_seed_groups`).
+    row per seed and a mean row (:mod:`sdtp.reports.compare_seeds`).
     """
+    runs = _read_runs(root)
+    # Methods run with other training seeds' predictors too: their configured predictor's runs become a seed row.
+    trained = {method_name(data) + variant(ov) for path, data, ov in runs
+               if not _is_bench(path, data) and training_seed(ov) is not None}
     rows: dict[str, dict[str, Any]] = {}
-    files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
-    for path in sorted(files, key=lambda p: p.stat().st_mtime):  # newest last, so it wins
-        data = _read_run(path)
-        if data is None:
-            continue
-        is_bench = path.name == "bench.json" or data.get("task") == "bench"
+    for path, data, overrides in runs:
+        is_bench = _is_bench(path, data)
+        base = method_name(data) + variant(overrides)
         # A benchmark times the schedule, which no seed changes: it belongs to the seeds' mean row.
-        seed = None if is_bench else scorer_seed(data)
-        name = method_name(data, seed) + variant(path.parent)
+        seed = None if is_bench else run_seed(data, overrides, base in trained)
+        name = method_name(data, seed) + variant(overrides)
         row = rows.setdefault(name, _new_row())
         row["files"].append(str(path))
         row["settings"]["bench" if is_bench else settings_key(data)] = run_settings(data)
         if seed is not None:
-            row["seed_of"], row["seed"] = method_name(data) + variant(path.parent), seed
+            row["seed_of"], row["seed"] = base, seed
         if is_bench:
             speedup = bench_speedup(data)
             if speedup is not None:
                 row["prefill_speedup"] = speedup
         else:
             _add_eval(row, data, path.parent)
-    add_seed_groups(rows)
+    add_seed_groups(rows, _new_row)
     for name, row in rows.items():
         if name == DENSE:  # the dense model is the reference: speedup 1 by definition
             row.setdefault("layer_fraction", 1.0)
@@ -342,53 +354,6 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
             # Entries left in the KV cache relative to dense: pruned tokens, then the KV policy's cut.
             row["kv_cache"] = row["layer_fraction"] * row.get("kv_kept", 1.0)
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Seeds
-
-
-def _common_mean(dicts: Sequence[dict[Any, float]]) -> dict[Any, float]:
-    """key -> mean over ``dicts`` for the keys every one of them has."""
-    common = set.intersection(*(set(d) for d in dicts))
-    return {key: _mean([d[key] for d in dicts]) for key in common}
-
-
-def seed_group(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The mean row of a seeded method's seed rows.
-
-    Columns and per-document outcomes are averaged over the seeds, on the columns / documents every
-    seed has (a mean over fewer seeds would be another quantity); an eval one seed lacks is left out.
-    """
-    evals = set.intersection(*(set(m["docs"]) for m in members))
-    fractions = [m["layer_fraction"] for m in members if m.get("layer_fraction")]
-    group = {
-        "metrics": _common_mean([m["metrics"] for m in members]),
-        "column_eval": {k: v for m in members for k, v in m["column_eval"].items()},
-        "counts": {col: min(m["counts"][col] for m in members)
-                   for col in set.intersection(*(set(m["counts"]) for m in members))},
-        "docs": {ev: _common_mean([m["docs"][ev] for m in members]) for ev in evals},
-    }
-    if fractions:  # the seeds share the schedule; the mean only smooths the per-prompt rounding
-        group["layer_fraction"] = _mean(fractions)
-    if any("kv_kept" in m for m in members):
-        group["kv_kept"] = _mean([m.get("kv_kept", 1.0) for m in members])
-    return group
-
-
-def add_seed_groups(rows: dict[str, dict[str, Any]]) -> None:
-    """Add (or fill) one mean row per seeded method: ``random`` from ``random_s0``, ``random_s1``, ..."""
-    groups: dict[str, list[str]] = {}
-    for name, row in rows.items():
-        if row["seed_of"] is not None:
-            groups.setdefault(row["seed_of"], []).append(name)
-    for base, names in groups.items():
-        names.sort(key=lambda n: rows[n]["seed"])
-        row = rows.setdefault(base, _new_row())  # may already hold the benchmark of the method
-        if row["metrics"] or row["docs"]:
-            log.warning("%s: runs without a recorded seed are replaced by the mean over %s", base, ", ".join(names))
-        row.update(seed_group([rows[n] for n in names]))
-        row["seeds"] = names
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +490,7 @@ def page_order(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Dense first, then methods by name, KV rows after token pruners, each seed row right after its mean row."""
     def key(name: str) -> tuple:
         base = rows[name]["seed_of"] or name
-        return name != DENSE, "+" in base, base, rows[name]["seed_of"] is not None, rows[name]["seed"] or 0
+        return name != DENSE, "+" in base, base, seed_order(rows[name]["seed"])
     return sorted(rows, key=key)
 
 
@@ -790,14 +755,23 @@ def smaller_than_existing(out: Path, sizes: dict[str, int]) -> str | None:
     return smaller_page(out / "compare_methods.json", sizes)
 
 
+def spread_columns(header: Sequence[str]) -> list[str]:
+    """The columns listed per seed: scores, the lm-eval mean and each eval's difference to dense (not its
+    interval: the spread over seeds is the point; not the costs, which no seed changes)."""
+    costs = ("method", "seed_of", "fingerprint", "tokens_per_layer", "kv_cache", "analytic_speedup",
+             "prefill_speedup")
+    return [c for c in header if c not in costs and ("_delta" not in c or c.endswith("_delta"))]
+
+
 def render(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     """Compute the statistics of ``rows`` and write the page into ``out``."""
     issues = fingerprint_issues(rows)
     compared = comparisons(rows, page_order(rows))
     header, records = table(rows, compared, issues)
     marked = {name for name, found in issues.items() if found["differs"]}
-    notes = [comparison_lines(compared, marked), missing_interval_lines(rows), fingerprint_lines(issues),
-             settings_lines(rows)]
+    seeds = {name: row["seed"] for name, row in rows.items()}
+    notes = [comparison_lines(compared, marked), seed_spread_lines(records, seeds, spread_columns(header)),
+             missing_interval_lines(rows), fingerprint_lines(issues), settings_lines(rows)]
     return write_outputs(header, records, out, markdown(header, records, notes), compared, page_sizes(rows))
 
 
