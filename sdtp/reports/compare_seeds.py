@@ -147,8 +147,10 @@ def seed_spread_lines(records: Sequence[dict[str, Any]], seeds: dict[str, Seed |
         return []
     return ["## Over seeds", "",
             "Each seeded row's seeds one by one (the rows above marked ↳), with their mean and a 95% Student t "
-            "interval over the seeds (n − 1 degrees of freedom: with three seeds t = 4.30). For a trained "
-            "predictor (sdtp: the shipped one and the other training seeds of its recipe) this is the training "
-            "noise; the paired intervals above are over documents, with the seeds averaged per document. "
-            "`<eval>_delta` = the seed's paired difference to dense.", "",
+            "interval over the seeds (n − 1 degrees of freedom: with three seeds t = 4.30); `<eval>_delta` = the "
+            "seed's paired difference to dense. For a trained predictor (sdtp: the shipped one and the other "
+            "training seeds of its recipe) this interval is the training noise on these very documents: one that "
+            "excludes 0 says every seed lands on the same side here, not that the method differs from dense on "
+            "other documents. That is what the paired intervals above (over documents, seeds averaged per "
+            "document) test.", "",
             *seed_lines(spreads, {}, digits=3), ""]
