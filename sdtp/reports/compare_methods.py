@@ -331,7 +331,7 @@ def collect(root: Path) -> dict[str, dict[str, Any]]:
         is_bench = _is_bench(path, data)
         base = method_name(data) + variant(overrides)
         # A benchmark times the schedule, which no seed changes: it belongs to the seeds' mean row.
-        seed = None if is_bench else run_seed(data, overrides, base in trained)
+        seed = None if is_bench else run_seed(_get(data, "config", "pruning"), overrides, base in trained)
         name = method_name(data, seed) + variant(overrides)
         row = rows.setdefault(name, _new_row())
         row["files"].append(str(path))

@@ -18,9 +18,9 @@ one seed does not show).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from sdtp.reports.seed_runs import SEP, natural_key, seed_lines, spread
@@ -35,27 +35,16 @@ SHIPPED = "shipped"  # the seed label of a run with the method's configured pred
 Seed = int | str
 
 
-def _get(d: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(d, dict) or key not in d:
-            return None
-        d = d[key]
-    return d
-
-
-def _mean(values: Sequence[float]) -> float:
-    return math.fsum(values) / len(values)
-
-
-def scorer_seed(data: dict[str, Any]) -> int | None:
-    """The scorer seed of an eval run of a seeded method (from its resolved config), else None.
+def scorer_seed(pruning: Any) -> int | None:
+    """The scorer seed of an eval run of a seeded method, from its resolved ``config.pruning``, else None.
 
     Read from the config rather than from the overrides: a run without ``pruning.scorer.seed=`` on
     its command line used the config default, and must not collapse into another seed's row.
     """
-    if _get(data, "config", "pruning", "name") not in SEEDED_METHODS:
+    if not isinstance(pruning, dict) or pruning.get("name") not in SEEDED_METHODS:
         return None
-    seed = _get(data, "config", "pruning", "scorer", "seed")
+    scorer = pruning.get("scorer")
+    seed = scorer.get("seed") if isinstance(scorer, dict) else None
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
@@ -67,10 +56,11 @@ def training_seed(overrides: Sequence[str]) -> str | None:
     return None
 
 
-def run_seed(data: dict[str, Any], overrides: Sequence[str], has_training_seeds: bool) -> Seed | None:
-    """The seed an eval run stands for: its scorer seed, its training seed, :data:`SHIPPED` for the
-    configured predictor's run of a method that has training-seed siblings (``has_training_seeds``), else None."""
-    seed = scorer_seed(data)
+def run_seed(pruning: Any, overrides: Sequence[str], has_training_seeds: bool) -> Seed | None:
+    """The seed an eval run stands for (``pruning``: its resolved ``config.pruning``): its scorer seed, its training
+    seed, :data:`SHIPPED` for the configured predictor's run of a method that has training-seed siblings
+    (``has_training_seeds``), else None."""
+    seed = scorer_seed(pruning)
     if seed is not None:
         return seed
     return training_seed(overrides) or (SHIPPED if has_training_seeds else None)
@@ -89,7 +79,7 @@ def seed_order(seed: Seed | None) -> tuple:
 def _common_mean(dicts: Sequence[dict[Any, float]]) -> dict[Any, float]:
     """key -> mean over ``dicts`` for the keys every one of them has."""
     common = set.intersection(*(set(d) for d in dicts))
-    return {key: _mean([d[key] for d in dicts]) for key in common}
+    return {key: fmean([d[key] for d in dicts]) for key in common}
 
 
 def seed_group(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -108,9 +98,9 @@ def seed_group(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "docs": {ev: _common_mean([m["docs"][ev] for m in members]) for ev in evals},
     }
     if fractions:  # the seeds share the schedule; the mean only smooths the per-prompt rounding
-        group["layer_fraction"] = _mean(fractions)
+        group["layer_fraction"] = fmean(fractions)
     if any("kv_kept" in m for m in members):
-        group["kv_kept"] = _mean([m.get("kv_kept", 1.0) for m in members])
+        group["kv_kept"] = fmean([m.get("kv_kept", 1.0) for m in members])
     return group
 
 
