@@ -13,14 +13,16 @@
 # 1. SDTP-low's predictor: if $LOW_PREDICTOR (results/predictors/<model>-low) holds none, sdtp-train with
 #    pruning=sdtp_low (conf/pruning/sdtp_low.yaml: 5 stages) and the v3 recipe
 #    (results/predictors/smollm2-135m-v3/README.md), TRAIN_STEPS (480) steps, resuming from the checkpoint in
-#    $RUN/train_low if one is there.
+#    $RUN/train_low if one is there. Then the same with seed=<n> for each n in LOW_SEEDS ("1 2"; "" for none) into
+#    $LOW_PREDICTOR/seed<n> (checkpoints in $RUN/train_low_seed<n>).
 # 2. sdtp-eval, one run per row and eval, in stable run directories $RUN/<eval>/<row>: LongBench
 #    (conf/experiment/paper_table1.yaml; LB_ARGS adds overrides) and the synthetic passage tasks in SYNTHETIC
 #    (paper_table1_synthetic.yaml; SYN_ARGS). Rows: dense, sdtp (the shipped predictor), sdtp_low (with the
 #    shipped predictor's prior weights) and llmlingua2 (compression=llmlingua2 at SDTP's tokens per
 #    layer, LLMLINGUA_MODEL): skipped, and said so on the page, when the compressor cannot be loaded here.
 #    Then sdtp@<seed> with each other training seed of the shipped predictor (results/predictors/<model>/seeds.txt,
-#    or SEED_PREDICTORS="<folder> ..."; SEED_PREDICTORS="" for none): SDTP's scores are the mean over the seeds.
+#    or SEED_PREDICTORS="<folder> ..."; SEED_PREDICTORS="" for none) and sdtp_low@seed<n> with each SDTP-low seed:
+#    each row's scores are the mean over its seeds.
 #    A fresh clone resumes from the committed page: results/paper/table1/<model>.json holds every run's
 #    summary, restored first when made with the same setup (sdtp/reports/run_summary.py).
 # 3. sdtp-bench for sdtp and sdtp_low (paper_table1_bench.yaml; BENCH_ARGS) in $RUN/bench_<row>; the
@@ -28,15 +30,16 @@
 # 4. sdtp/reports/paper_table1.py renders $OUT/<model>.{md,csv,png,json}; a page built from less data than
 #    the one in $OUT goes to results/paper/table1_smoke/ (gitignored) instead (REPLACE=1 overwrites).
 # THREADS=n passes threads=n to every stage; TRAIN_ARGS adds sdtp-train overrides.
-# Time on smollm2-135m, 1 thread (measured per document / sample, or the recipe's): SDTP-low's training ~45 min,
-# LongBench 3 rows x 50 documents x ~17 s = ~45 min, passage tasks 3 x 2 x 10 x ~6 s = ~6 min, bench ~7 min.
+# Time on smollm2-135m, 2 threads (measured): SDTP-low's training ~45 min per seed (3 seeds), LongBench ~12 min per
+# run (dense, sdtp and sdtp_low, each pruned row once per seed: 7 runs), passage tasks ~0.5 min per run, bench ~7 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
 shown="$(shown_with_env experiments/paper_table1.sh \
-  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR SEED_PREDICTORS SMOKE" "$@")"
+  "LB_ARGS SYN_ARGS BENCH_ARGS TRAIN_ARGS TRAIN_STEPS SYNTHETIC THREADS LLMLINGUA_MODEL LOW_PREDICTOR LOW_SEEDS \
+  SEED_PREDICTORS SMOKE" "$@")"
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
   RUN="${RUN:-results/runs/paper/table1_smoke/${MODEL}}"
   OUT="${OUT:-results/paper/table1_smoke}"
@@ -48,12 +51,14 @@ if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch
   BENCH_ARGS="${BENCH_ARGS:-lengths=[512] repeats=1 warmup=0 new_tokens=4}"
   SYNTHETIC="${SYNTHETIC-passage_count}"
   SEED_PREDICTORS="${SEED_PREDICTORS-}"   # the shipped predictor alone
+  LOW_SEEDS="${LOW_SEEDS-}"               # SDTP-low's one predictor alone
 fi
 RUN="${RUN:-results/runs/paper/table1/${MODEL}}"
 OUT="${OUT:-results/paper/table1}"
 COMMITTED="results/paper/table1/${MODEL}.json"
 LOW_PREDICTOR="${LOW_PREDICTOR:-results/predictors/${MODEL}-low}"
 TRAIN_STEPS="${TRAIN_STEPS:-480}"
+LOW_SEEDS="${LOW_SEEDS-1 2}"
 SYNTHETIC="${SYNTHETIC-passage_retrieval passage_count}"
 LLMLINGUA_MODEL="${LLMLINGUA_MODEL:-microsoft/llmlingua-2-xlm-roberta-large-meetingbank}"
 read -r -a lb_args <<< "${LB_ARGS:-}"
@@ -63,15 +68,21 @@ read -r -a train_args <<< "${TRAIN_ARGS:-}"
 threads=(${THREADS:+"threads=$THREADS"})
 start=$(date +%s)
 
-# 1. SDTP-low's predictor (the v3 command, results/predictors/smollm2-135m-v3/README.md, on the 5-stage schedule).
-if [[ ! -f "$LOW_PREDICTOR/predictor.json" ]]; then
-  train=(pruning=sdtp_low "model=$MODEL" train.target=attention train.loss.ce=0 "train.max_steps=$TRAIN_STEPS"
-         train.grad_accum=3 data.sources.0.num_samples=800 data.sources.1.num_samples=500 data.sources.2.num_samples=150
-         "${train_args[@]}" "out_dir=$RUN/train_low" "export_dir=$LOW_PREDICTOR")
+# 1. SDTP-low's predictors (the v3 command, results/predictors/smollm2-135m-v3/README.md, on the 5-stage schedule):
+# the one in $LOW_PREDICTOR, then one per training seed in LOW_SEEDS, in $LOW_PREDICTOR/seed<n>.
+train_low() {   # train_low FOLDER RUN_DIR [OVERRIDE...]: train SDTP-low's predictor into FOLDER unless it holds one
+  local dir="$1" run="$2"
+  shift 2
+  [[ ! -f "$dir/predictor.json" ]] || return 0
+  local -a train=(pruning=sdtp_low "model=$MODEL" train.target=attention train.loss.ce=0 "train.max_steps=$TRAIN_STEPS"
+                  train.grad_accum=3 data.sources.0.num_samples=800 data.sources.1.num_samples=500
+                  data.sources.2.num_samples=150 "${train_args[@]}" "$@" "out_dir=$run" "export_dir=$dir")
   "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
-  "$PY" -m sdtp.reports.paper_table1 record-training --run "$RUN/train_low" --predictor "$LOW_PREDICTOR" \
+  "$PY" -m sdtp.reports.paper_table1 record-training --run "$run" --predictor "$dir" \
     --train-command "sdtp-train ${train[*]}"
-fi
+}
+train_low "$LOW_PREDICTOR" "$RUN/train_low"
+for seed in $LOW_SEEDS; do train_low "$LOW_PREDICTOR/seed$seed" "$RUN/train_low_seed$seed" "seed=$seed"; done
 
 # 2. The eval runs. Row -> its overrides.
 # SDTP-low blends the shipped predictor's priors (every <prior>_weight in its predictor.json; the chat weight, when
@@ -108,16 +119,21 @@ for row in dense sdtp sdtp_low llmlingua2; do   # one after the other: on a smal
     fi
   done
 done
-# SDTP with the shipped predictor's other training seeds (seed_predictors; not SDTP-low, trained once): the page
-# shows the mean over the seeds.
-mapfile -t seed_dirs < <(seed_predictors)
-for dir in "${seed_dirs[@]}"; do
-  row="sdtp@$(basename "$dir")"
-  row_args[$row]="pruning=sdtp pruning.scorer.path=$dir"
+# SDTP with the shipped predictor's other training seeds (seed_predictors) and SDTP-low with its own (LOW_SEEDS): the
+# page shows each row's mean over its seeds.
+seed_row() {   # seed_row ROW ROW_OVERRIDES [OVERRIDE...]: every eval of one more training seed of a row
+  local row="$1" ev
+  row_args[$row]="$2"
+  shift 2
   for ev in "${evals[@]}"; do
     read -r -a args <<< "$(overrides "$ev" "$row")"
     restored_run "$COMMITTED" "$ev/$row" "$RUN/$ev/$row" "${args[@]}" "$@" "${threads[@]}"
   done
+}
+mapfile -t seed_dirs < <(seed_predictors)
+for dir in "${seed_dirs[@]}"; do seed_row "sdtp@$(basename "$dir")" "pruning=sdtp pruning.scorer.path=$dir" "$@"; done
+for seed in $LOW_SEEDS; do
+  seed_row "sdtp_low@seed$seed" "pruning=sdtp_low pruning.scorer.path=$LOW_PREDICTOR/seed$seed $prior" "$@"
 done
 [[ -z "$lingua_missing" ]] || skipped=(--skipped "llmlingua2=$LLMLINGUA_MODEL could not be loaded ($lingua_missing).")
 

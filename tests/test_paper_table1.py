@@ -246,3 +246,25 @@ def test_sdtp_over_training_seeds_scores_its_per_sample_mean(runs, tmp_path):
     md = paper_table1.write_page(page, tmp_path / "out").read_text()
     assert "## Over training seeds" in md and "per-sample mean over 2 training seeds" in md
     assert "longbench/sdtp@seed9" in page["runs"]  # restorable
+
+
+def test_sdtp_low_over_its_own_training_seeds(runs, tmp_path):
+    root, low = runs
+    seed1 = low / "seed1"
+    seed1.mkdir()
+    (seed1 / "predictor.json").write_text(json.dumps({"layers": [2, 8, 14, 20, 26]}))
+    (seed1 / "train_metrics.json").write_text(json.dumps({"step": 480, "nll_random": 3.1, "nll_sdtp": 2.7,
+                                                          "spearman": 0.72}))
+    (low / "seed2").mkdir()  # an unfinished training (no predictor yet): not a seed
+    _write_run(root / "longbench" / "sdtp_low@seed1", "longbench", "sdtp_low", {"multi_news": [0.10, 0.15, 0.20]})
+    _write_run(root / "passage_count" / "sdtp_low@seed1", "passage_count", "sdtp_low", {"passage_count": [1.0, 1.0]})
+    page = _page(runs)
+    news = {t["dataset"]: t for t in page["table"]}["multi_news"]
+    # per-sample mean of SDTP-low's two seeds: (0.20+0.10)/2, (0.15+0.15)/2, (0.30+0.20)/2
+    assert news["score"]["sdtp_low"] == pytest.approx(100 * (0.15 + 0.15 + 0.25) / 3)
+    assert page["seeds"]["sdtp_low"]["members"] == ["sdtp_low", "sdtp_low@seed1"] and "sdtp" not in page["seeds"]
+    assert list(page["predictor_low"]["seeds"]) == ["seed1"]
+    assert page["predictor_low"]["seeds"]["seed1"]["nll_sdtp"] == 2.7 and page["predictor_low"]["nll_sdtp"] == 2.8
+    md = paper_table1.write_page(page, tmp_path / "out").read_text()
+    assert "Training seed 1 (the same command with `seed=1`): SDTP-low 2.700, random 3.100, Spearman 0.72." in md
+    assert "per-sample mean over 2 training seeds" in md

@@ -126,14 +126,22 @@ def sizes(page: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def training_metrics(path: Path) -> dict[str, Any]:
+    """The final validation of a predictor's training (its ``train_metrics.json``; {} without one)."""
+    trained = path / "train_metrics.json"
+    return json.loads(trained.read_text()) if trained.is_file() else {}
+
+
 def low_predictor(path: Path | None) -> dict[str, Any] | None:
-    """SDTP-low's predictor: its stage layers and the final validation of its training (``train_metrics.json``)."""
+    """SDTP-low's predictor: its stage layers and the final validation of its training, and under ``seeds`` that of
+    each other training seed in ``<path>/seed<n>`` (``experiments/paper_table1.sh``, LOW_SEEDS)."""
     if path is None or not (path / "predictor.json").is_file():
         return None
     meta = json.loads((path / "predictor.json").read_text())
-    trained = path / "train_metrics.json"
-    return {"layers": meta.get("layers"), "extra": meta.get("extra"),
-            **(json.loads(trained.read_text()) if trained.is_file() else {})}
+    seeds = sorted((d for d in path.glob("seed*") if (d / "predictor.json").is_file()),
+                   key=lambda d: natural_key(d.name))
+    return {"layers": meta.get("layers"), "extra": meta.get("extra"), **training_metrics(path),
+            "seeds": {d.name: training_metrics(d) for d in seeds}}
 
 
 def build_page(runs_dir: Path, low: Path | None, skipped: dict[str, str], command: str,
@@ -319,8 +327,12 @@ def header_lines(page: dict[str, Any]) -> list[str]:
             f"shipped v3 recipe (attention labels, no CE; `{low.get('command', 'see experiments/paper_table1.sh')}`): "
             f"{low.get('step', '?')} steps, {low.get('train_examples', '?')} training examples; held-out continuation "
             f"NLL dense {num(low.get('nll_dense'), '.3f')}, random {num(low.get('nll_random'), '.3f')}, SDTP-low "
-            f"{num(low.get('nll_sdtp'), '.3f')}, Spearman with the labels {num(low.get('spearman'), '.2f')}. It uses "
-            "the prior weights selected for the shipped 10-stage predictor (not re-selected).")
+            f"{num(low.get('nll_sdtp'), '.3f')}, Spearman with the labels {num(low.get('spearman'), '.2f')}."
+            + "".join(f" Training seed {name.removeprefix('seed')} (the same command with `seed="
+                      f"{name.removeprefix('seed')}`): SDTP-low {num(m.get('nll_sdtp'), '.3f')}, random "
+                      f"{num(m.get('nll_random'), '.3f')}, Spearman {num(m.get('spearman'), '.2f')}."
+                      for name, m in (low.get("seeds") or {}).items())
+            + " It uses the prior weights selected for the shipped 10-stage predictor (not re-selected).")
     if "llmlingua2" in page["skipped"]:
         lines.append(f"- **LLMLingua-2 was not run here.** {page['skipped']['llmlingua2']} The machines this page is made "
                      "on cannot reach the Hugging Face hub, so the compressor's weights are not available; the row runs "
