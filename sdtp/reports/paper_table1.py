@@ -60,6 +60,7 @@ PAPER: dict[str, tuple[float | None, ...]] = {
 }
 PAPER_ROW = {"dense": "Original Token", "llmlingua2": "LLMLingua-2*", "sdtp": "SDTP (10 stages)",
              "sdtp_low": "SDTP-low (5 stages)"}
+TRAIN_METRICS = "train_metrics.json"  # a predictor's final validation: record_training writes it, low_predictor reads
 CATEGORY_COLUMN = {"single_doc_qa": "SingleDoc", "multi_doc_qa": "MultiDoc", "summarization": "Summ.",
                    "few_shot": "FewShot", "code": "Code"}
 
@@ -128,7 +129,7 @@ def sizes(page: dict[str, Any]) -> dict[str, int]:
 
 def training_metrics(path: Path) -> dict[str, Any]:
     """The final validation of a predictor's training (its ``train_metrics.json``; {} without one)."""
-    trained = path / "train_metrics.json"
+    trained = path / TRAIN_METRICS
     return json.loads(trained.read_text()) if trained.is_file() else {}
 
 
@@ -504,7 +505,7 @@ def tokens_per_layer_fraction(model: str, pruning: str = "random", length: int =
 def record_training(run_dir: Path, predictor: Path, command: str) -> Path:
     """Save a training run's final validation with its command as ``<predictor>/train_metrics.json``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    target = predictor / "train_metrics.json"
+    target = predictor / TRAIN_METRICS
     write_json_atomic(target, portable_tree({**metrics, "command": command}))  # committed beside the predictor
     return target
 
