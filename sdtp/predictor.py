@@ -133,6 +133,26 @@ def widen_inputs(state: dict[str, torch.Tensor], old: PredictorMeta, new: Predic
     return out
 
 
+def select_stages(state: dict[str, torch.Tensor], old_layers: list[int], new_layers: list[int]
+                  ) -> dict[str, torch.Tensor]:
+    """A state dict of a predictor with stages before ``old_layers`` -> one with stages before
+    ``new_layers``, each new stage taking the old stage of the same layer. Valid because a stage's
+    weights score the hidden state entering its layer, whatever the other stages keep; so a
+    predictor can warm-start another schedule whose layers it covers. ValueError naming the layers
+    it does not cover."""
+    uncovered = [layer for layer in new_layers if layer not in old_layers]
+    if uncovered:
+        raise ValueError(f"it has stages before layers {list(old_layers)}, not before {uncovered}")
+    source = {new: old_layers.index(layer) for new, layer in enumerate(new_layers)}
+    out = {}
+    for new, old in source.items():
+        for key, value in state.items():
+            group, index, rest = key.split(".", 2)  # "stages.3.fc1.weight"
+            if int(index) == old:
+                out[f"{group}.{new}.{rest}"] = value
+    return out
+
+
 def query_slots(positions: torch.Tensor, prompt_len: torch.Tensor, alive: torch.Tensor | None,
                 m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The query set: each row's last ``m`` alive prompt tokens.

@@ -185,6 +185,25 @@ def test_init_from_starts_at_the_given_predictor(tmp_path):
         train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={first['predictor']}", "train.position_features=false"))
 
 
+def test_init_from_warm_starts_a_schedule_from_the_stages_at_its_layers(tmp_path):
+    """A predictor for stages before layers 1, 2, 3 warm-starts one for layers 2, 3 (a later first
+    stage): each new stage is (lr 0) the old stage of the same layer; a layer it has no stage for is
+    refused, naming the layers."""
+    first = train_cli.run(_train_cfg(tmp_path / "a", "train.max_steps=2"))
+    old = TokenPredictor.load(first["predictor"])
+    assert old.meta.layers == [1, 2, 3]
+    train_cli.run(_train_cfg(tmp_path / "b", f"train.init_from={first['predictor']}", "train.max_steps=1",
+                             "pruning.layers=[2,3]", "train.optimizer.lr=0.0", "train.scheduler=null"))
+    new = TokenPredictor.load(tmp_path / "b" / "predictor")
+    assert new.meta.layers == [2, 3]
+    x, pos, length = 3.0 * torch.randn(1, 6, old.meta.hidden_size), torch.arange(6)[None], torch.tensor([6])
+    for stage, layer in enumerate(new.meta.layers):
+        torch.testing.assert_close(new(stage, x, pos, length), old(old.meta.layers.index(layer), x, pos, length))
+    with pytest.raises(ConfigError, match=r"not before \[1\]"):
+        train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={tmp_path / 'b' / 'predictor'}",
+                                 "pruning.layers=[1,3]"))
+
+
 @pytest.mark.parametrize("feature", ["norm_feature", "lexical_feature"])
 def test_init_from_adds_an_input_as_a_zero_column(tmp_path, feature):
     """A predictor without the norm (lexical) feature warm-starts one with it: same weights plus a zero

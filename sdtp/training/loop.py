@@ -46,7 +46,7 @@ from sdtp.errors import ConfigError
 from sdtp.labels import load_labels, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
-from sdtp.predictor import PredictorMeta, TokenPredictor, widen_inputs
+from sdtp.predictor import PredictorMeta, TokenPredictor, select_stages, widen_inputs
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.scorers.random import RandomScorer
@@ -214,8 +214,7 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
 def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
     """Start from the trained predictor in ``train.init_from`` (fine-tuning) instead of random weights."""
     t = cfg.train
-    start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, layers=list(predictor.meta.layers),
-                                base_model=cfg.model.name)
+    start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, base_model=cfg.model.name)
     if start.meta.position_features != predictor.meta.position_features:
         raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
     for feature in ("norm_feature", "lexical_feature"):
@@ -228,6 +227,10 @@ def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
     # query branch gets a fresh branch whose output starts at 0: training starts from exactly the old
     # scores and learns what the new input adds.
     state = widen_inputs(start.state_dict(), start.meta, predictor.meta)
+    try:  # another schedule warm-starts from the stages at its layers (e.g. a later first stage)
+        state = select_stages(state, list(start.meta.layers), list(predictor.meta.layers))
+    except ValueError as exc:
+        raise ConfigError(f"train.init_from: {t.init_from} does not fit pruning.layers: {exc}") from exc
     missing, unexpected = predictor.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith("queries.") for key in missing):
         raise ConfigError(f"train.init_from: {t.init_from} does not fit this predictor "
