@@ -186,3 +186,23 @@ def test_a_bad_seed_group_fails_before_any_cell(setup, tmp_path, monkeypatch, gr
     monkeypatch.setattr(predictor_eval, "compute", lambda *a: pytest.fail("must fail before computing"))
     with pytest.raises(predictor_eval.ConfigError, match="--seed-group"):
         predictor_eval.main([*argv, "--predictor", f"sdtp2={second}", "--seed-group", group])
+
+
+def test_row_override_pairs_a_predictor_at_its_own_schedule(setup, tmp_path):
+    """Page schedule from --override, one predictor row at another schedule (--row-override): every other
+    pruned row runs the page's schedule, that row (and only it) its own; both are paired on one page."""
+    argv, out = setup
+    late = tmp_path / "late"
+    TokenPredictor(PredictorMeta(hidden_size=64, layers=[2, 3], base_model="tiny-llama", num_layers=4)).save(late)
+    argv = [*argv, "--datasets", "c4", "--predictor", f"late={late}", "--override", "pruning.layers=[2,3]",
+            "--override", "pruning.keep_ratio=0.5", "--row-override", "sdtp=pruning.layers=[1,2,3]",
+            "--row-override", "sdtp=pruning.keep_ratio=0.9"]
+    report = predictor_eval.main([*argv, "--only", "dense,positional,sdtp,late"])
+    _, rows = _rows(report, "c4")
+    assert rows["late"]["layer_fraction"] == rows["positional"]["layer_fraction"] < rows["sdtp"]["layer_fraction"] < 1
+    sdtp = json.loads(_cache(out, "c4_48", "sdtp").read_text())["fingerprint"]["schedule"]
+    assert sdtp["layers"] == [1, 2, 3] and sdtp["keep_fractions"][0] == pytest.approx(0.9)
+    page = (out / "eval.md").read_text()
+    assert "set by `--override` for every pruned scorer, except `sdtp` (and its prior rows) with" in page
+    with pytest.raises(SystemExit):
+        predictor_eval.parse_args([*argv, "--row-override", "positional=pruning.keep_ratio=0.9"])

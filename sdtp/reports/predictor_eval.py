@@ -31,7 +31,10 @@ Other options: ``--model`` (default smollm2-135m), ``--datasets wikitext,c4``, `
 page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (default
 ``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the
 offline data mirror),
-``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``),
+``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``,
+or another schedule), ``--row-override NAME=KEY=VALUE`` (one predictor row's own override, applied after
+``--override``: e.g. a predictor at the model's default schedule paired with one trained for a later first
+stage at equal tokens per layer),
 ``--multi-news-start N`` / ``--passage-qa-start N`` (first record; validation pages use records the test
 page does not), ``--dolly-file``, ``--seed-group NAME=A,B,C`` (a row pairing on the per-segment mean of
 predictor rows A, B, C, e.g. one recipe trained with three seeds, as ``random`` does with its seeds: the
@@ -155,6 +158,7 @@ class ReportOptions:
     write_selected: bool = False
     select_priors: tuple[str, ...] | None = None  # the priors --write-selected selects (None: every one tried)
     overrides: tuple[str, ...] = ()
+    row_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # predictor row -> its own overrides
     command: str = ""
 
     def tried_weights(self) -> dict[str, tuple[float, ...]]:
@@ -236,6 +240,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
                    help="repeatable: a row NAME pairing on the per-segment mean of predictor rows A, B, C (one "
                         "predictor trained with several seeds); the members are listed under it, out of the tests")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--row-override", action="append", default=[], metavar="NAME=KEY=VALUE",
+                   help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
+                        "--override, e.g. to pair a predictor at another schedule with equal tokens per layer")
     a = p.parse_args(argv)
     predictors = None
     if a.predictor:
@@ -244,6 +251,12 @@ def parse_args(argv: list[str]) -> ReportOptions:
             p.error("--predictor: expected NAME=PATH")
         predictors = dict(pairs)
     groups = [item.split("=", 1) for item in a.seed_group]
+    row_overrides: dict[str, tuple[str, ...]] = {}
+    for item in a.row_override:
+        name, _, override = item.partition("=")
+        if "=" not in override or name not in (predictors or {"sdtp": ""}):
+            p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor row")
+        row_overrides[name] = (*row_overrides.get(name, ()), override)
     if any(len(pair) != 2 or len(_csv(pair[1])) < 2 for pair in groups):
         p.error("--seed-group: expected NAME=A,B[,...] (at least two predictor rows)")
     start, end = (int(x) for x in a.c4_docs.split(":"))
@@ -267,6 +280,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         write_selected=a.write_selected,
         select_priors=_csv(a.select_priors) if a.select_priors else None,
         overrides=tuple(a.override),
+        row_overrides=row_overrides,
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
 
@@ -289,7 +303,7 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
             raise ConfigError(f"--predictor {name}=...: the name must be new and match {NAME_RE.pattern}")
         full = Path(path).resolve()
-        base = ("pruning=sdtp", f"pruning.scorer.path={full}")
+        base = ("pruning=sdtp", f"pruning.scorer.path={full}", *opts.row_overrides.get(name, ()))
         specs.append(ScorerSpec(name, base, "predictor", full))  # as shipped: the checkpoint's own recency weight
         # Priors are tuned one after the other: recency rows without the norm prior (as it was selected),
         # the others with the checkpoint's weights for the rest.
@@ -553,6 +567,16 @@ def _prior_text(spec: ScorerSpec) -> str:
     return ("" if fixed else "as shipped: ") + ", ".join(parts)
 
 
+def schedule_origin(opts: ReportOptions) -> str:
+    """Where the page's schedule comes from, and the predictor rows that run under their own overrides."""
+    page = any(o.startswith("pruning.") for o in opts.overrides)
+    text = ("set by `--override` for every pruned scorer" if page else
+            "model default for every pruned scorer (equal tokens per layer)")
+    rows = "; ".join(f"`{name}` (and its prior rows) with {' '.join(f'`{o}`' for o in overrides)}"
+                     for name, overrides in opts.row_overrides.items())
+    return text + (f", except {rows}" if rows else "") + ": "
+
+
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
     pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
     sched = pruned.fingerprint["schedule"] if pruned else None
@@ -580,7 +604,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                      "reference text sits at a random depth among other rows' texts filling the context, in "
                      "LongBench's hotpotqa chat prompt -> the first "
                      f"{opts.cont_len} tokens of the gold answer."),
-        "Schedule": "model default for every pruned scorer (equal tokens per layer): " + (
+        "Schedule": schedule_origin(opts) + (
             f"stages before layers {sched['layers']}, cumulative keep "
             f"{[round(f, 3) for f in sched['keep_fractions']]}, first {sched['keep_first']} + last "
             f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
