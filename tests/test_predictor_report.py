@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from sdtp.config import compose
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
 
@@ -196,7 +197,8 @@ def test_row_override_pairs_a_predictor_at_its_own_schedule(setup, tmp_path):
     TokenPredictor(PredictorMeta(hidden_size=64, layers=[2, 3], base_model="tiny-llama", num_layers=4)).save(late)
     argv = [*argv, "--datasets", "c4", "--predictor", f"late={late}", "--override", "pruning.layers=[2,3]",
             "--override", "pruning.keep_ratio=0.5", "--row-override", "sdtp=pruning.layers=[1,2,3]",
-            "--row-override", "sdtp=pruning.keep_ratio=0.9"]
+            "--row-override", "sdtp=pruning.keep_ratio=0.9", "--row-override", "late=pruning.scorer.recency_weight=4",
+            "--row-override", "late=pruning.scorer.recency_weight_chat=0"]
     report = predictor_eval.main([*argv, "--only", "dense,positional,sdtp,late"])
     _, rows = _rows(report, "c4")
     assert rows["late"]["layer_fraction"] == rows["positional"]["layer_fraction"] < rows["sdtp"]["layer_fraction"] < 1
@@ -204,5 +206,22 @@ def test_row_override_pairs_a_predictor_at_its_own_schedule(setup, tmp_path):
     assert sdtp["layers"] == [1, 2, 3] and sdtp["keep_fractions"][0] == pytest.approx(0.9)
     page = (out / "eval.md").read_text()
     assert "set by `--override` for every pruned scorer, except `sdtp` (and its prior rows) with" in page
+    assert "set by its overrides: recency weight 4 on raw text, 0 on chat prompts)" in page
+    assert "as shipped: recency weight 0 for every prompt)" in page  # sdtp: its checkpoint's weights
     with pytest.raises(SystemExit):
         predictor_eval.parse_args([*argv, "--row-override", "positional=pruning.keep_ratio=0.9"])
+
+
+def test_a_weight_row_resets_chat_weights_a_row_override_set(setup, tmp_path):
+    """``late_rw0`` (the predictor alone) must not keep the lexical chat weight ``--row-override`` gave ``late``."""
+    argv, _ = setup
+    opts = predictor_eval.parse_args([*argv, "--row-override", "sdtp=pruning.scorer.lexical_weight_chat=8",
+                                      "--row-override", "sdtp=pruning.scorer.recency_weight_chat=2",
+                                      "--recency-weights", "0"])
+    specs = {s.name: s for s in predictor_eval.scorer_specs(opts, str(tmp_path))}
+    weights = {}
+    for name in ("sdtp", "sdtp_rw0"):
+        cfg = compose("eval", ["model=tiny-llama", "eval=continuation", *specs[name].overrides])
+        scorer = predictor_eval.row_scorer(cfg, specs[name])
+        weights[name] = [scorer.prior_weight(prior, chat=True) for prior in ("recency", "lexical")]
+    assert weights == {"sdtp": [2.0, 8.0], "sdtp_rw0": [0.0, 0.0]}

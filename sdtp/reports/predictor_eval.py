@@ -111,7 +111,13 @@ def pinned(prior: str) -> tuple[str, ...]:
     """Overrides a prior's rows add besides their own weight: the priors tuned after it (later in
     :data:`PRIORS`, the tuning order) switched off, as they were when it was tuned, so selecting a later
     prior keeps the earlier rows' cells valid."""
-    return tuple(f"pruning.scorer.{later}_weight=0" for later in PRIORS[PRIORS.index(prior) + 1:])
+    return tuple(o for later in PRIORS[PRIORS.index(prior) + 1:] for o in one_weight(later, 0))
+
+
+def one_weight(prior: str, weight: float) -> tuple[str, str]:
+    """Overrides giving ``prior`` one weight for every prompt kind: the chat weight is reset to follow
+    it, so a chat weight set earlier (a ``--row-override``) cannot survive in a weight row."""
+    return f"pruning.scorer.{prior}_weight={weight}", f"pruning.scorer.{prior}_weight_chat=null"
 
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -309,7 +315,7 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         # the others with the checkpoint's weights for the rest.
         for prior, weights in opts.tried_weights().items():
             specs += [ScorerSpec(variant_name(name, w, prior),
-                                 (*base, f"pruning.scorer.{prior}_weight={w}", *pinned(prior)), "predictor", full)
+                                 (*base, *one_weight(prior, w), *pinned(prior)), "predictor", full)
                       for w in weights]
     return specs
 
@@ -552,19 +558,18 @@ def _display(path: Path) -> str:
     return portable_path(path)
 
 
-def _prior_text(spec: ScorerSpec) -> str:
-    """How a predictor row weighs its priors: a fixed override, or its checkpoint's per-kind weights."""
-    scorer = PredictorScorer(predictor=TokenPredictor.load(spec.path))
-    fixed = {o.split("=", 1)[0].removeprefix("pruning.scorer.").removesuffix("_weight"): o.split("=", 1)[1]
-             for o in spec.overrides if o.startswith("pruning.scorer.") and o.split("=", 1)[0].endswith("_weight")}
+def _prior_text(spec: ScorerSpec, cfg: DictConfig) -> str:
+    """How a predictor row weighs its priors (``cfg``: one of its cells' configs): its checkpoint's
+    per-kind weights, or the weights its overrides fix."""
+    scorer = row_scorer(cfg, spec)
+    fixed = any(o.startswith("pruning.scorer.") and "_weight" in o.split("=", 1)[0] for o in spec.overrides)
     parts = []
     for prior in PRIORS:
         text, chat = scorer.prior_weight(prior, chat=False), scorer.prior_weight(prior, chat=True)
-        if prior in fixed:
-            parts.append(f"{prior} weight {fixed[prior]} for every prompt")
-        elif prior == "recency" or text or chat:  # the norm prior only when the checkpoint uses it
-            parts.append(f"{prior} weight {text:g} on raw text, {chat:g} on chat prompts")
-    return ("" if fixed else "as shipped: ") + ", ".join(parts)
+        if prior == "recency" or text or chat:  # the other priors only when the row uses them
+            parts.append(f"{prior} weight {text:g} for every prompt" if text == chat else
+                         f"{prior} weight {text:g} on raw text, {chat:g} on chat prompts")
+    return ("set by its overrides: " if fixed else "as shipped: ") + ", ".join(parts)
 
 
 def schedule_origin(opts: ReportOptions) -> str:
@@ -582,7 +587,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
     sched = pruned.fingerprint["schedule"] if pruned else None
     hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
               for s in specs if s.group == "predictor"}
-    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]}; {_prior_text(s)})"
+    configs = {j.spec.name: j.cfg for j in jobs}
+    preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]}; {_prior_text(s, configs[s.name])})"
              for s in specs if s.name in hashes]
     start, end = opts.c4_docs
     wikitext = f"`{Path(opts.wikitext_file).name}`" if opts.wikitext_file else "WikiText-2 raw test"
