@@ -257,14 +257,14 @@ def parse_args(argv: list[str]) -> ReportOptions:
             p.error("--predictor: expected NAME=PATH")
         predictors = dict(pairs)
     groups = [item.split("=", 1) for item in a.seed_group]
+    if any(len(pair) != 2 or len(_csv(pair[1])) < 2 for pair in groups):
+        p.error("--seed-group: expected NAME=A,B[,...] (at least two predictor rows)")
     row_overrides: dict[str, tuple[str, ...]] = {}
     for item in a.row_override:
         name, _, override = item.partition("=")
         if "=" not in override or name not in (predictors or {"sdtp": ""}):
             p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor row")
         row_overrides[name] = (*row_overrides.get(name, ()), override)
-    if any(len(pair) != 2 or len(_csv(pair[1])) < 2 for pair in groups):
-        p.error("--seed-group: expected NAME=A,B[,...] (at least two predictor rows)")
     start, end = (int(x) for x in a.c4_docs.split(":"))
     datasets = _csv(a.datasets)
     if set(datasets) - set(DATASETS):
