@@ -205,7 +205,8 @@ def test_row_override_pairs_a_predictor_at_its_own_schedule(setup, tmp_path):
     sdtp = json.loads(_cache(out, "c4_48", "sdtp").read_text())["fingerprint"]["schedule"]
     assert sdtp["layers"] == [1, 2, 3] and sdtp["keep_fractions"][0] == pytest.approx(0.9)
     page = (out / "eval.md").read_text()
-    assert "set by `--override` for every pruned scorer, except `sdtp` (and its prior rows) with" in page
+    assert ("set by `--override` for every pruned scorer, except `sdtp` (and its prior rows) with "
+            "`pruning.layers=[1,2,3]` `pruning.keep_ratio=0.9`: stages before layers [2, 3]") in page
     assert "set by its overrides: recency weight 4 on raw text, 0 on chat prompts)" in page
     assert "as shipped: recency weight 0 for every prompt)" in page  # sdtp: its checkpoint's weights
     with pytest.raises(SystemExit):

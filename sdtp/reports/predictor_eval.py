@@ -573,12 +573,14 @@ def _prior_text(spec: ScorerSpec, cfg: DictConfig) -> str:
 
 
 def schedule_origin(opts: ReportOptions) -> str:
-    """Where the page's schedule comes from, and the predictor rows that run under their own overrides."""
+    """Where the page's schedule comes from, and the predictor rows that run under their own schedule."""
     page = any(o.startswith("pruning.") for o in opts.overrides)
     text = ("set by `--override` for every pruned scorer" if page else
             "model default for every pruned scorer (equal tokens per layer)")
-    rows = "; ".join(f"`{name}` (and its prior rows) with {' '.join(f'`{o}`' for o in overrides)}"
-                     for name, overrides in opts.row_overrides.items())
+    own = {name: [o for o in overrides if o.startswith("pruning.") and not o.startswith("pruning.scorer.")]
+           for name, overrides in opts.row_overrides.items()}  # prior weights are listed with the scorers
+    rows = "; ".join(f"`{name}` (and its prior rows) with {' '.join(f'`{o}`' for o in schedule)}"
+                     for name, schedule in own.items() if schedule)
     return text + (f", except {rows}" if rows else "") + ": "
 
 
