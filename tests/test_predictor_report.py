@@ -214,7 +214,7 @@ def test_row_override_pairs_a_predictor_at_its_own_schedule(setup, tmp_path):
 
 
 def test_a_weight_row_resets_chat_weights_a_row_override_set(setup, tmp_path):
-    """``late_rw0`` (the predictor alone) must not keep the lexical chat weight ``--row-override`` gave ``late``."""
+    """``sdtp_rw0`` (the predictor alone) must not keep the chat weights ``--row-override`` gave ``sdtp``."""
     argv, _ = setup
     opts = predictor_eval.parse_args([*argv, "--row-override", "sdtp=pruning.scorer.lexical_weight_chat=8",
                                       "--row-override", "sdtp=pruning.scorer.recency_weight_chat=2",
