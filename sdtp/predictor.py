@@ -143,13 +143,12 @@ def select_stages(state: dict[str, torch.Tensor], old_layers: list[int], new_lay
     uncovered = [layer for layer in new_layers if layer not in old_layers]
     if uncovered:
         raise ValueError(f"it has stages before layers {list(old_layers)}, not before {uncovered}")
-    source = {new: old_layers.index(layer) for new, layer in enumerate(new_layers)}
+    target = {old_layers.index(layer): new for new, layer in enumerate(new_layers)}  # old stage -> new stage
     out = {}
-    for new, old in source.items():
-        for key, value in state.items():
-            group, index, rest = key.split(".", 2)  # "stages.3.fc1.weight"
-            if int(index) == old:
-                out[f"{group}.{new}.{rest}"] = value
+    for key, value in state.items():
+        group, index, rest = key.split(".", 2)  # "stages.3.fc1.weight"
+        if int(index) in target:
+            out[f"{group}.{target[int(index)]}.{rest}"] = value
     return out
 
 

@@ -121,6 +121,7 @@ def one_weight(prior: str, weight: float) -> tuple[str, str]:
 
 CACHE_INFO = ("wall_s", "threads", "cpu", "git_commit", "created", "command")  # per cell, listed in eval.json
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEFAULT_PREDICTOR = "sdtp"  # the predictor row when no --predictor is given: <paths.predictors_dir>/<model>
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
     row_overrides: dict[str, tuple[str, ...]] = {}
     for item in a.row_override:
         name, _, override = item.partition("=")
-        if "=" not in override or name not in (predictors or {"sdtp": ""}):
+        if "=" not in override or name not in (predictors or {DEFAULT_PREDICTOR: ""}):
             p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor row")
         row_overrides[name] = (*row_overrides.get(name, ()), override)
     start, end = (int(x) for x in a.c4_docs.split(":"))
@@ -304,7 +305,7 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
             specs += [ScorerSpec(f"oracle_{t}_gold", ("pruning=oracle", f"pruning.scorer.target={t}",
                                                       "+pruning.scorer.gold=true"), "oracle")
                       for t in opts.oracle_targets]
-    predictors = opts.predictors if opts.predictors is not None else {"sdtp": f"{predictors_dir}/{opts.model}"}
+    predictors = opts.predictors if opts.predictors is not None else {DEFAULT_PREDICTOR: f"{predictors_dir}/{opts.model}"}
     for name, path in predictors.items():
         if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
             raise ConfigError(f"--predictor {name}=...: the name must be new and match {NAME_RE.pattern}")
@@ -572,13 +573,19 @@ def _prior_text(spec: ScorerSpec, cfg: DictConfig) -> str:
     return ("set by its overrides: " if fixed else "as shipped: ") + ", ".join(parts)
 
 
+def schedule_override(override: str) -> bool:
+    """Whether a Hydra override changes the pruning schedule (``pruning.layers``, ``pruning.keep_ratio``, ...),
+    not a scorer setting."""
+    return override.startswith("pruning.") and not override.startswith("pruning.scorer.")
+
+
 def schedule_origin(opts: ReportOptions) -> str:
     """Where the page's schedule comes from, and the predictor rows that run under their own schedule."""
-    page = any(o.startswith("pruning.") for o in opts.overrides)
+    page = any(map(schedule_override, opts.overrides))
     text = ("set by `--override` for every pruned scorer" if page else
             "model default for every pruned scorer (equal tokens per layer)")
-    own = {name: [o for o in overrides if o.startswith("pruning.") and not o.startswith("pruning.scorer.")]
-           for name, overrides in opts.row_overrides.items()}  # prior weights are listed with the scorers
+    own = {name: [o for o in overrides if schedule_override(o)]  # prior weights are listed with the scorers
+           for name, overrides in opts.row_overrides.items()}
     rows = "; ".join(f"`{name}` (and its prior rows) with {' '.join(f'`{o}`' for o in schedule)}"
                      for name, schedule in own.items() if schedule)
     return text + (f", except {rows}" if rows else "") + ": "
@@ -647,7 +654,7 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
         pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, groups, False),
                                                                    focus_rows(specs, groups))})
     kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
-    names = list(opts.predictors or {"sdtp": None})
+    names = list(opts.predictors or {DEFAULT_PREDICTOR: None})
     selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.selecting(prior) else {}
                  for prior, weights in opts.tried_weights().items()}
     head = header(opts, jobs, specs, machine)
