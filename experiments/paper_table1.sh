@@ -82,7 +82,11 @@ train_low() {   # train_low FOLDER RUN_DIR [OVERRIDE...]: train SDTP-low's predi
     --train-command "sdtp-train ${train[*]}"
 }
 train_low "$LOW_PREDICTOR" "$RUN/train_low"
-for seed in $LOW_SEEDS; do train_low "$LOW_PREDICTOR/seed$seed" "$RUN/train_low_seed$seed" "seed=$seed"; done
+low_seed_dirs=()   # SDTP-low's other training seeds, as seed_predictors lists the shipped predictor's
+for seed in $LOW_SEEDS; do
+  low_seed_dirs+=("$LOW_PREDICTOR/seed$seed")
+  train_low "$LOW_PREDICTOR/seed$seed" "$RUN/train_low_seed$seed" "seed=$seed"
+done
 
 # 2. The eval runs. Row -> its overrides.
 # SDTP-low blends the shipped predictor's priors (every <prior>_weight in its predictor.json; the chat weight, when
@@ -132,8 +136,8 @@ seed_row() {   # seed_row ROW ROW_OVERRIDES [OVERRIDE...]: every eval of one mor
 }
 mapfile -t seed_dirs < <(seed_predictors)
 for dir in "${seed_dirs[@]}"; do seed_row "sdtp@$(basename "$dir")" "pruning=sdtp pruning.scorer.path=$dir" "$@"; done
-for seed in $LOW_SEEDS; do
-  seed_row "sdtp_low@seed$seed" "pruning=sdtp_low pruning.scorer.path=$LOW_PREDICTOR/seed$seed $prior" "$@"
+for dir in "${low_seed_dirs[@]}"; do
+  seed_row "sdtp_low@$(basename "$dir")" "pruning=sdtp_low pruning.scorer.path=$dir $prior" "$@"
 done
 [[ -z "$lingua_missing" ]] || skipped=(--skipped "llmlingua2=$LLMLINGUA_MODEL could not be loaded ($lingua_missing).")
 

@@ -255,7 +255,8 @@ def test_sdtp_low_over_its_own_training_seeds(runs, tmp_path):
     (seed1 / "predictor.json").write_text(json.dumps({"layers": [2, 8, 14, 20, 26]}))
     (seed1 / "train_metrics.json").write_text(json.dumps({"step": 480, "nll_random": 3.1, "nll_sdtp": 2.7,
                                                           "spearman": 0.72}))
-    (low / "seed2").mkdir()  # an unfinished training (no predictor yet): not a seed
+    (low / "seed2").mkdir()  # a trained seed the page has no run of: not described (LOW_SEEDS="1")
+    (low / "seed2" / "predictor.json").write_text(json.dumps({"layers": [2, 8, 14, 20, 26]}))
     _write_run(root / "longbench" / "sdtp_low@seed1", "longbench", "sdtp_low", {"multi_news": [0.10, 0.15, 0.20]})
     _write_run(root / "passage_count" / "sdtp_low@seed1", "passage_count", "sdtp_low", {"passage_count": [1.0, 1.0]})
     page = _page(runs)

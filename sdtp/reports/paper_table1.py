@@ -39,7 +39,8 @@ from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, 
                                         smaller_page, write_page_files)
 from sdtp.reports.paired_tables import interval_text, p_text
 from sdtp.reports.run_summary import summarise
-from sdtp.reports.seed_runs import SEP, merge_seed_runs, natural_key, seed_groups, seed_section, spread
+from sdtp.reports.seed_runs import (SEP, merge_seed_runs, natural_key, seed_groups, seed_label, seed_section,
+                                   spread)
 from sdtp.utils import write_json_atomic
 
 SCHEMA = 1
@@ -133,16 +134,15 @@ def training_metrics(path: Path) -> dict[str, Any]:
     return json.loads(trained.read_text()) if trained.is_file() else {}
 
 
-def low_predictor(path: Path | None) -> dict[str, Any] | None:
+def low_predictor(path: Path | None, seeds: list[str]) -> dict[str, Any] | None:
     """SDTP-low's predictor: its stage layers and the final validation of its training, and under ``seeds`` that of
-    each other training seed in ``<path>/seed<n>`` (``experiments/paper_table1.sh``, LOW_SEEDS)."""
+    each other training seed the page has runs of (``sdtp_low@<folder>``: the predictor in ``<path>/<folder>``,
+    ``experiments/paper_table1.sh``), so the page describes exactly the predictors its scores come from."""
     if path is None or not (path / "predictor.json").is_file():
         return None
     meta = json.loads((path / "predictor.json").read_text())
-    seeds = sorted((d for d in path.glob("seed*") if (d / "predictor.json").is_file()),
-                   key=lambda d: natural_key(d.name))
     return {"layers": meta.get("layers"), "extra": meta.get("extra"), **training_metrics(path),
-            "seeds": {d.name: training_metrics(d) for d in seeds}}
+            "seeds": {name: training_metrics(path / name) for name in seeds}}
 
 
 def build_page(runs_dir: Path, low: Path | None, skipped: dict[str, str], command: str,
@@ -159,11 +159,13 @@ def build_page(runs_dir: Path, low: Path | None, skipped: dict[str, str], comman
     merged, _ = merge_seed_runs(runs)  # a row over several training seeds: their per-sample mean
     preds, members = by_run(merged), by_run(runs)
     table = dataset_rows(preds, list(ROWS), "dense")
+    groups = seed_groups({key.split("/")[1] for key in runs})
     seeds = {row: spread({m: seed_values(members[m], preds["dense"], table) for m in names})
-             for row, names in seed_groups({key.split("/")[1] for key in runs}).items()}
+             for row, names in groups.items()}
+    low_page = low_predictor(low, [seed_label(m) for m in groups.get("sdtp_low", [])[1:]])
     page = {"schema": SCHEMA, "model": models.pop(), "command": command, "wall_s": wall_s,
             "skipped": {k: v for k, v in skipped.items() if f"{LONGBENCH}/{k}" not in runs},
-            "predictor_low": low_predictor(low), "table": table, "average": average(table, list(ROWS), "dense"),
+            "predictor_low": low_page, "table": table, "average": average(table, list(ROWS), "dense"),
             "efficiency": efficiency(preds, table, bench), "seeds": seeds, "runs": runs, "bench": bench}
     page["sizes"] = sizes(page)
     return page
