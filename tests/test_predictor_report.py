@@ -226,3 +226,19 @@ def test_a_weight_row_resets_chat_weights_a_row_override_set(setup, tmp_path):
         scorer = predictor_eval.row_scorer(cfg, specs[name])
         weights[name] = [scorer.prior_weight(prior, chat=True) for prior in ("recency", "lexical")]
     assert weights == {"sdtp": [2.0, 8.0], "sdtp_rw0": [0.0, 0.0]}
+
+
+def test_a_scorer_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path):
+    """On a sliding-window model (Gemma3) the attention scorer cannot run: the page says why, before any cell."""
+    argv, out = setup
+    predictor = tmp_path / "gemma_predictor"
+    TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-gemma3", num_layers=4)).save(predictor)
+    gemma = [*argv, "--model", "tiny-gemma3", "--datasets", "wikitext", "--predictor", f"sdtp={predictor}"]
+    report = predictor_eval.main([*gemma, "--only", "dense,lazyllm,positional,sdtp"])
+    cell, rows = _rows(report, "wikitext")
+    assert set(rows) == {"dense", "positional", "sdtp"} and "lazyllm" not in cell["missing"]
+    assert not _cache(out, "wikitext_48", "lazyllm").exists()
+    assert "lazyllm" not in report["header"]["Scorers"] and "`positional` sinks" in report["header"]["Scorers"]
+    assert report["header"]["Not run on this model"].startswith("`lazyllm`: the attention scorer")
+    assert "sliding-window layers" in (out / "eval.md").read_text()
+    assert "Not run on this model" not in predictor_eval.main([*argv, "--render-only"])["header"]  # full attention

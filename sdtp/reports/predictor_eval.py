@@ -102,6 +102,8 @@ from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
 BASELINES = ("norm", "positional", "lazyllm", "lexical")
+BASELINE_TEXT = {"norm": "hidden-state L2 norm", "positional": "sinks + most recent", "lazyllm": "last-token attention",
+                 "lexical": "rare words shared with the prompt's last tokens (`sdtp/scorers/lexical.py`)"}
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
@@ -470,6 +472,22 @@ def plan(opts: ReportOptions, specs: list[ScorerSpec], model: nn.Module, tokeniz
     return jobs
 
 
+def refusals(jobs: list[Job], model: nn.Module) -> dict[str, str]:
+    """Scorer -> the reason its pruner refuses ``model`` (e.g. an attention scorer on a sliding-window model),
+    found by attaching each scorer's pruner once, before any cell is computed."""
+    refused: dict[str, str] = {}
+    for job in {j.spec.name: j for j in jobs}.values():
+        pruner = build_pruner(job.cfg)
+        if pruner is None:
+            continue
+        try:
+            with pruner(model):
+                pass
+        except NotImplementedError as err:
+            refused[job.spec.name] = str(err)
+    return refused
+
+
 def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
     """Score the cell's segments with a fresh pruner and write its cache file atomically."""
     pruner = build_pruner(job.cfg)
@@ -591,7 +609,8 @@ def schedule_origin(opts: ReportOptions) -> str:
     return text + (f", except {rows}" if rows else "") + ": "
 
 
-def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any]) -> dict[str, str]:
+def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any],
+           refused: dict[str, str]) -> dict[str, str]:
     pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
     sched = pruned.fingerprint["schedule"] if pruned else None
     hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
@@ -625,9 +644,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
             f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
-                              "(training seeds, listed under it); " for name, group in opts.seed_groups.items()) +
-                    "`norm` hidden-state L2 norm; `positional` sinks + most recent; `lazyllm` last-token attention; "
-                    "`lexical` rare words shared with the prompt's last tokens (`sdtp/scorers/lexical.py`); "
+                              "(training seeds, listed under it); " for name, group in opts.seed_groups.items())
+                    + "".join(f"`{s.name}` {BASELINE_TEXT[s.name]}; " for s in specs if s.group == "baseline")
                     + ("; ".join(preds) if preds else "no predictor")),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
                        "Student t interval; predictor "
@@ -637,12 +655,15 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                     f"{opts.threads}, dtype {machine['dtype']}, torch {machine['torch']}, transformers "
                     f"{machine['transformers']}, git {machine['git_commit']}; cell wall times in eval.json."),
         **({"Cells computed by": "; ".join(f"`{c}`" for c in commands)} if commands else {}),
+        **({"Not run on this model": "; ".join(f"`{name}`: {why}" for name, why in refused.items())}
+           if refused else {}),
     }
 
 
 def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], groups: dict[str, list[str]],
-                 machine: dict[str, Any]) -> dict:
-    """The page's data; ``groups``: :func:`seed_groups` (validated before any cell is computed)."""
+                 machine: dict[str, Any], refused: dict[str, str] | None = None) -> dict:
+    """The page's data; ``groups``: :func:`seed_groups` (validated before any cell is computed); ``refused``:
+    scorer -> why the model cannot run it (:func:`refusals`; those scorers have no jobs)."""
     cells, pooled, cell_nll = [], [], []
     for ctx in opts.contexts:
         per_dataset = {}
@@ -657,7 +678,7 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
     names = list(opts.predictors or {DEFAULT_PREDICTOR: None})
     selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.selecting(prior) else {}
                  for prior, weights in opts.tried_weights().items()}
-    head = header(opts, jobs, specs, machine)
+    head = header(opts, jobs, specs, machine, refused or {})
     for prior, chosen in selection.items():
         if chosen:
             head[f"{prior.capitalize()} weight selection"] = selection_text(chosen)
@@ -687,11 +708,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(base.model, cache_dir=base.paths.cache_dir)
     out = opts.out or Path(base.paths.predictors_dir) / base.model.name
     jobs = plan(opts, specs, model, tokenizer, str(base.paths.data_dir), out)
+    refused = refusals(jobs, model)
+    for name, why in refused.items():
+        log.warning("%s: not run on %s: %s", name, opts.model, why)
+    specs = [s for s in specs if s.name not in refused]
+    jobs = [j for j in jobs if j.spec.name not in refused]
     for job in jobs:
         job.record = load_cache(job.path, job.fingerprint)
         if job.record is None and not opts.render_only and selected(job.spec, opts.only):
             job.record = compute(job, model, opts.command)
-    report = portable_tree(build_report(opts, jobs, specs, groups, environment(model, str(base.model.device))))
+    report = portable_tree(build_report(opts, jobs, specs, groups, environment(model, str(base.model.device)),
+                                        refused))
     if opts.write_selected:
         paths = {s.name: s.path for s in specs if s.group == "predictor"}
         for prior in PRIORS:
