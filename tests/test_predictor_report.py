@@ -232,7 +232,8 @@ def test_a_scorer_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path
     """On a sliding-window model (Gemma3) the attention scorer cannot run: the page says why, before any cell."""
     argv, out = setup
     predictor = tmp_path / "gemma_predictor"
-    TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-gemma3", num_layers=4)).save(predictor)
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-gemma3", num_layers=4)
+    TokenPredictor(meta).save(predictor)
     gemma = [*argv, "--model", "tiny-gemma3", "--datasets", "wikitext", "--predictor", f"sdtp={predictor}"]
     report = predictor_eval.main([*gemma, "--only", "dense,lazyllm,positional,sdtp"])
     cell, rows = _rows(report, "wikitext")

@@ -53,5 +53,6 @@ def require_full_attention(model: nn.Module, component: str) -> None:
         raise NotImplementedError(
             f"{component} assumes full causal attention in every layer, but {model.config.model_type!r} has "
             f"sliding-window layers {sliding} (window {model.config.sliding_window}); such models run pruned "
-            f"inference (TokenPruner) with scorers that do not recompute attention (random, norm, positional)"
+            "inference (TokenPruner) with scorers that do not recompute attention (random, norm, positional, "
+            "lexical, the SDTP predictor)"
         )
