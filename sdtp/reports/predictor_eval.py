@@ -101,9 +101,9 @@ from sdtp.scorers.predictor import PRIORS, PredictorScorer
 from sdtp.utils import git_commit, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
-BASELINES = ("norm", "positional", "lazyllm", "lexical")
-BASELINE_TEXT = {"norm": "hidden-state L2 norm", "positional": "sinks + most recent", "lazyllm": "last-token attention",
-                 "lexical": "rare words shared with the prompt's last tokens (`sdtp/scorers/lexical.py`)"}
+# The training-free rows, each with what it keeps (the page's Scorers line).
+BASELINES = {"norm": "hidden-state L2 norm", "positional": "sinks + most recent", "lazyllm": "last-token attention",
+             "lexical": "rare words shared with the prompt's last tokens (`sdtp/scorers/lexical.py`)"}
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
@@ -645,7 +645,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
                               "(training seeds, listed under it); " for name, group in opts.seed_groups.items())
-                    + "".join(f"`{s.name}` {BASELINE_TEXT[s.name]}; " for s in specs if s.group == "baseline")
+                    + "".join(f"`{s.name}` {BASELINES[s.name]}; " for s in specs if s.group == "baseline")
                     + ("; ".join(preds) if preds else "no predictor")),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
                        "Student t interval; predictor "
@@ -661,7 +661,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
 
 
 def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], groups: dict[str, list[str]],
-                 machine: dict[str, Any], refused: dict[str, str] | None = None) -> dict:
+                 machine: dict[str, Any], refused: dict[str, str]) -> dict:
     """The page's data; ``groups``: :func:`seed_groups` (validated before any cell is computed); ``refused``:
     scorer -> why the model cannot run it (:func:`refusals`; those scorers have no jobs)."""
     cells, pooled, cell_nll = [], [], []
@@ -678,7 +678,7 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
     names = list(opts.predictors or {DEFAULT_PREDICTOR: None})
     selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.selecting(prior) else {}
                  for prior, weights in opts.tried_weights().items()}
-    head = header(opts, jobs, specs, machine, refused or {})
+    head = header(opts, jobs, specs, machine, refused)
     for prior, chosen in selection.items():
         if chosen:
             head[f"{prior.capitalize()} weight selection"] = selection_text(chosen)
