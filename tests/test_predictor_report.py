@@ -146,6 +146,27 @@ def test_prior_weight_rows_are_fingerprinted_and_selected(setup, tmp_path, prior
     assert f"{prior.capitalize()} weight selection" in (out / "eval.md").read_text()
 
 
+def test_chat_datasets_select_text_weights_for_a_model_without_chat_template(setup, tmp_path):
+    """A base model reads passage_qa as plain text, so its rows get the text weight (:func:`prior_weights`):
+    the weight selected on those cells must be written as ``<prior>_weight``, never as the chat weight."""
+    argv, out = setup
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("".join(json.dumps({"instruction": f"What is {i}?", "context": f"Fact {i}. " + "more text. " * 30,
+                                         "response": f"{i}.", "category": "closed_qa"}) + "\n" for i in range(12)))
+    report = predictor_eval.main([*argv, "--datasets", "passage_qa", "--contexts", "300", "--dolly-file", str(dolly),
+                                  "--lexical-weights", "0,2", "--only", "dense,norm,sdtp_lw0,sdtp_lw2",
+                                  "--write-selected"])
+    assert list(report["lexical_selection"]["sdtp"]) == ["text"]
+    assert report["lexical_selection"]["sdtp"]["text"]["cells"] == 1
+    meta = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
+    assert meta["lexical_weight"] == report["lexical_selection"]["sdtp"]["text"]["selected"]
+    assert meta["lexical_weight_chat"] is None
+    page = (out / "eval.md").read_text()
+    assert "hotpotqa prompt as plain text (no chat template)" in page and "(1 cell)" in page
+    assert predictor_eval.prompt_kind("passage_qa", type("Model", (), {"sdtp_chat_suffix": (1, 2)})()) == "chat"
+    assert predictor_eval.prompt_kind("wikitext", type("Model", (), {"sdtp_chat_suffix": (1, 2)})()) == "text"
+
+
 def test_select_priors_narrows_what_write_selected_changes(setup, tmp_path):
     """Priors are tuned one after another: ``--select-priors lexical`` writes the lexical weight and leaves
     the norm weight the checkpoint has, although the norm rows are on the page too."""

@@ -15,7 +15,8 @@ Datasets: ``wikitext`` (WikiText-2 raw test), ``c4`` (C4-en documents ``--c4-doc
 ``multi_news`` (LongBench: one segment per record, chat prompt with the news middle-truncated to the
 context length -> the first ``--cont-len`` tokens of the gold summary; long documents + instruction) and
 ``passage_qa`` (:mod:`sdtp.eval.passage_qa`: a Dolly question's reference text among distractor texts,
-LongBench's hotpotqa chat prompt -> the gold answer; long-document QA).
+LongBench's hotpotqa chat prompt -> the gold answer; long-document QA). Both are plain text for a model
+without a chat template, and then get a prior's text weight.
 
 Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
 ``positional``, ``lazyllm``, ``lexical``; one per ``--predictor NAME=PATH`` (default
@@ -107,6 +108,13 @@ BASELINES = {"norm": "hidden-state L2 norm", "positional": "sinks + most recent"
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
+
+
+def prompt_kind(dataset: str, model: nn.Module) -> str:
+    """``chat`` or ``text`` (:data:`KINDS`): how ``dataset``'s prompts reach ``model``, hence which of a prior's
+    weights they get. Chat datasets are plain text for a model whose tokenizer has no chat template (a base
+    model), exactly as the scorer decides at inference."""
+    return "chat" if dataset in CHAT_DATASETS and getattr(model, "sdtp_chat_suffix", None) else "text"
 
 
 def pinned(prior: str) -> tuple[str, ...]:
@@ -366,13 +374,12 @@ def prior_weights(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: 
                   scorer: PredictorScorer | None = None) -> dict[str, float]:
     """The prior weights a predictor row applies to ``dataset``'s prompts, by prior (empty: not a predictor).
 
-    Chat datasets' prompts are chat prompts only when the model's tokenizer has a chat template.
     ``scorer``: the row's :func:`row_scorer` when the caller has it already.
     """
     if spec.path is None:
         return {}
     scorer = scorer or row_scorer(cfg, spec)
-    chat = bool(dataset in CHAT_DATASETS and getattr(model, "sdtp_chat_suffix", None))
+    chat = prompt_kind(dataset, model) == "chat"
     return {prior: scorer.prior_weight(prior, chat) for prior in PRIORS}
 
 
@@ -610,7 +617,7 @@ def schedule_origin(opts: ReportOptions) -> str:
 
 
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any],
-           refused: dict[str, str]) -> dict[str, str]:
+           refused: dict[str, str], kinds: dict[str, str]) -> dict[str, str]:
     pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
     sched = pruned.fingerprint["schedule"] if pruned else None
     hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
@@ -622,6 +629,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
     wikitext = f"`{Path(opts.wikitext_file).name}`" if opts.wikitext_file else "WikiText-2 raw test"
     first = opts.multi_news_start
     commands = sorted({j.record["command"] for j in jobs if j.record is not None} - {opts.command})
+    chat = {d: "chat prompt" if kinds.get(d) == "chat" else "prompt as plain text (no chat template)"
+            for d in CHAT_DATASETS}
     return {
         "Protocol": (f"continuation (`sdtp/eval/continuation.py`): per dataset and context length, the first "
                      f"{opts.num_segments} non-overlapping segments of context + {opts.cont_len} tokens; the context "
@@ -630,13 +639,13 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                      f"the same segments. Datasets: `wikitext` = {wikitext}; `c4` = C4-en documents "
                      f"{start}..{end - 1} joined with EOS (the shipped predictor trained on C4 documents 0..299); "
                      f"`multi_news` = LongBench multi_news records {first}..{first + opts.num_segments - 1}, one "
-                     "record per segment: the chat prompt with the news "
+                     f"record per segment: the {chat['multi_news']} with the news "
                      "middle-truncated to the context length (shorter records stay shorter) -> the first "
                      f"{opts.cont_len} tokens of the gold summary; `passage_qa` = records "
                      f"{opts.passage_qa_start}..{opts.passage_qa_start + opts.num_segments - 1} of "
                      "`sdtp/eval/passage_qa.py`: a Dolly-15k closed-QA / information-extraction question whose "
                      "reference text sits at a random depth among other rows' texts filling the context, in "
-                     "LongBench's hotpotqa chat prompt -> the first "
+                     f"LongBench's hotpotqa {chat['passage_qa']} -> the first "
                      f"{opts.cont_len} tokens of the gold answer."),
         "Schedule": schedule_origin(opts) + (
             f"stages before layers {sched['layers']}, cumulative keep "
@@ -661,9 +670,10 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
 
 
 def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], groups: dict[str, list[str]],
-                 machine: dict[str, Any], refused: dict[str, str]) -> dict:
+                 machine: dict[str, Any], refused: dict[str, str], kinds: dict[str, str]) -> dict:
     """The page's data; ``groups``: :func:`seed_groups` (validated before any cell is computed); ``refused``:
-    scorer -> why the model cannot run it (:func:`refusals`; those scorers have no jobs)."""
+    scorer -> why the model cannot run it (:func:`refusals`; those scorers have no jobs); ``kinds``: dataset ->
+    its prompts' kind for this model (:func:`prompt_kind`), the prompts each weight is selected on."""
     cells, pooled, cell_nll = [], [], []
     for ctx in opts.contexts:
         per_dataset = {}
@@ -674,11 +684,11 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
             per_dataset[dataset] = nll
         pooled.append({"context_len": ctx, **paired_tables.pooled(per_dataset, display_order(specs, groups, False),
                                                                    focus_rows(specs, groups))})
-    kinds = ["chat" if c["dataset"] in CHAT_DATASETS else "text" for c in cells]
+    cell_kinds = [kinds[c["dataset"]] for c in cells]
     names = list(opts.predictors or {DEFAULT_PREDICTOR: None})
-    selection = {prior: select_prior(names, weights, cell_nll, kinds, prior) if opts.selecting(prior) else {}
+    selection = {prior: select_prior(names, weights, cell_nll, cell_kinds, prior) if opts.selecting(prior) else {}
                  for prior, weights in opts.tried_weights().items()}
-    head = header(opts, jobs, specs, machine, refused)
+    head = header(opts, jobs, specs, machine, refused, kinds)
     for prior, chosen in selection.items():
         if chosen:
             head[f"{prior.capitalize()} weight selection"] = selection_text(chosen)
@@ -717,8 +727,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         job.record = load_cache(job.path, job.fingerprint)
         if job.record is None and not opts.render_only and selected(job.spec, opts.only):
             job.record = compute(job, model, opts.command)
+    kinds = {dataset: prompt_kind(dataset, model) for dataset in opts.datasets}
     report = portable_tree(build_report(opts, jobs, specs, groups, environment(model, str(base.model.device)),
-                                        refused))
+                                        refused, kinds))
     if opts.write_selected:
         paths = {s.name: s.path for s in specs if s.group == "predictor"}
         for prior in PRIORS:
