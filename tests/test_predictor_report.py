@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,14 @@ from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _dolly(tmp_path: Path) -> Path:
+    """12 closed-QA rows, enough for 3 passage_qa segments at 300 tokens."""
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"What is {i}?", "context": f"Fact {i}. " + "more text. " * 30,
+                                        "response": f"{i}.", "category": "closed_qa"}) + "\n" for i in range(12)))
+    return path
 
 
 @pytest.fixture
@@ -103,9 +112,7 @@ def test_passage_qa_cell_and_the_prior_weight_in_the_fingerprint(setup, monkeypa
     """The long-document QA cell is computed like the others; a predictor row's fingerprint records the
     weight its prompts get: the chat weight only when the model has a chat template."""
     argv, out = setup
-    dolly = tmp_path / "dolly.jsonl"
-    dolly.write_text("".join(json.dumps({"instruction": f"What is {i}?", "context": f"Fact {i}. " + "more text. " * 30,
-                                         "response": f"{i}.", "category": "closed_qa"}) + "\n" for i in range(12)))
+    dolly = _dolly(tmp_path)
     meta = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
     (tmp_path / "predictor" / "predictor.json").write_text(json.dumps({**meta, "recency_weight": 1.0,
                                                                        "recency_weight_chat": 0.5}))
@@ -150,9 +157,7 @@ def test_chat_datasets_select_text_weights_for_a_model_without_chat_template(set
     """A base model reads passage_qa as plain text, so its rows get the text weight (:func:`prior_weights`):
     the weight selected on those cells must be written as ``<prior>_weight``, never as the chat weight."""
     argv, out = setup
-    dolly = tmp_path / "dolly.jsonl"
-    dolly.write_text("".join(json.dumps({"instruction": f"What is {i}?", "context": f"Fact {i}. " + "more text. " * 30,
-                                         "response": f"{i}.", "category": "closed_qa"}) + "\n" for i in range(12)))
+    dolly = _dolly(tmp_path)
     report = predictor_eval.main([*argv, "--datasets", "passage_qa", "--contexts", "300", "--dolly-file", str(dolly),
                                   "--lexical-weights", "0,2", "--only", "dense,norm,sdtp_lw0,sdtp_lw2",
                                   "--write-selected"])

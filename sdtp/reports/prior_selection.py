@@ -83,8 +83,8 @@ def _select(name: str, weights: Sequence[float], cells: list[dict[str, list[floa
 def selection_text(selection: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The page line stating each predictor's weights and the selected one, per prompt kind."""
     return "; ".join(
-        f"`{name}` on {kind} prompts ({sel['cells']} cell{'s' * (sel['cells'] != 1)}): worst-cell margin to the best training-free scorer "
-        "(mean Δ vs dense) "
+        f"`{name}` on {kind} prompts ({sel['cells']} cell{'s' * (sel['cells'] != 1)}): worst-cell margin to the best "
+        "training-free scorer (mean Δ vs dense) "
         + ", ".join(f"w={w} {m:+.4f} ({sel['mean_delta_vs_dense'][w]:+.4f})"
                     for w, m in sel["worst_margin_vs_best_baseline"].items())
         + f" -> selected w={sel['selected']:g} (smallest worst-cell margin)"
