@@ -116,6 +116,31 @@ def test_lexical_prior_is_the_hand_blend_and_absent_at_weight_zero(tiny_llama):
     assert plain._lexical is None
 
 
+@torch.no_grad()
+def test_lexical_window_sets_the_prior_match_and_is_refused_for_a_lexical_input(tiny_llama, tmp_path):
+    """``lexical_window`` averages the prior's match over that many tokens each side (the standalone scorer's
+    ``window``); a checkpoint whose lexical input was trained at the default window refuses another one."""
+    model, _, _ = tiny_llama
+    prompt_ids = torch.randint(4, 200, (1, 600), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    predictor = TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2], base_model="tiny-llama", num_layers=4))
+    scorer = _Recording(predictor=predictor, recency_weight=0.0, lexical_weight=2.0, lexical_window=16)
+    scorer.calls = []
+    with TokenPruner(SCHEDULE, scorer)(model):
+        model(prompt_ids, use_cache=True)
+    expected = query_match(prompt_ids, None, QUERY_TOKENS, 16, POWER)[0]
+    for ctx, _, match in scorer.calls:
+        torch.testing.assert_close(match[0], expected[ctx.positions[0]])
+    assert not torch.allclose(expected, query_match(prompt_ids, None, QUERY_TOKENS, WINDOW, POWER)[0])
+    with pytest.raises(ValueError, match="lexical_window: must be >= 1"):
+        PredictorScorer(predictor=predictor, lexical_window=0)
+    featured = TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2], base_model="tiny-llama", num_layers=4,
+                                            lexical_feature=True))
+    with pytest.raises(ValueError, match="trained with the default window"):
+        PredictorScorer(predictor=featured, lexical_window=16).bind(model, (1, 2))
+    PredictorScorer(predictor=featured, lexical_window=WINDOW).bind(model, (1, 2))  # the default is fine
+
+
 def test_bad_settings_fail_when_the_pruner_is_built():
     with pytest.raises(Exception, match="pruning.scorer.window: must be >= 1"):  # Hydra wraps the ValueError
         build_pruner(compose("eval", ["model=tiny-llama", "pruning=lexical", "pruning.scorer.window=0"]))

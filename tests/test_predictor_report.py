@@ -11,6 +11,7 @@ import pytest
 from sdtp.config import compose
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
+from sdtp.scorers.lexical import WINDOW
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -252,6 +253,23 @@ def test_a_weight_row_resets_chat_weights_a_row_override_set(setup, tmp_path):
         scorer = predictor_eval.row_scorer(cfg, specs[name])
         weights[name] = [scorer.prior_weight(prior, chat=True) for prior in ("recency", "lexical")]
     assert weights == {"sdtp": [2.0, 8.0], "sdtp_rw0": [0.0, 0.0]}
+
+
+def test_a_lexical_window_row_has_its_own_fingerprint_and_page_text(setup, tmp_path):
+    """A row overriding the lexical prior's window records it in its fingerprint (so its cells never pass
+    for the default's) and on the page; the default row's fingerprint keeps the default window."""
+    argv, out = setup
+    predictor = str(tmp_path / "predictor")
+    rows = [*argv, "--predictor", f"sdtp={predictor}", "--predictor", f"sdtp_lxw16={predictor}",
+            "--row-override", "sdtp_lxw16=pruning.scorer.lexical_window=16", "--lexical-weights", "2"]
+    report = predictor_eval.main([*rows, "--only", "dense,sdtp_lw2,sdtp_lxw16_lw2"])
+    _, cells = _rows(report, "wikitext")
+    assert {"sdtp_lw2", "sdtp_lxw16_lw2"} <= set(cells)
+    prints = {name: json.loads(_cache(out, "wikitext_48", name).read_text())["fingerprint"]
+              for name in ("sdtp_lw2", "sdtp_lxw16_lw2")}
+    assert {name: p["lexical"]["window"] for name, p in prints.items()} == {"sdtp_lw2": WINDOW, "sdtp_lxw16_lw2": 16}
+    assert "lexical_window" not in prints["sdtp_lw2"]["scorer"]  # cells computed before the knob stay valid
+    assert "lexical match averaged over 16 tokens each side (its override)" in (out / "eval.md").read_text()
 
 
 def test_a_scorer_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path):

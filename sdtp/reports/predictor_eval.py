@@ -367,7 +367,8 @@ def _meta_sha256(path: Path) -> str:
 def row_scorer(cfg: DictConfig, spec: ScorerSpec) -> PredictorScorer:
     """A predictor row's scorer with the row's prior overrides (unbound: for reading its settings)."""
     return PredictorScorer(predictor=TokenPredictor.load(spec.path), attention_queries=cfg.pruning.scorer.get(
-        "attention_queries"), **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
+        "attention_queries"), lexical_window=cfg.pruning.scorer.get("lexical_window"),
+        **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
 
 
 def prior_weights(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str,
@@ -389,7 +390,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     scorer = OmegaConf.to_container(cfg.pruning.scorer, resolve=True) if schedule is not None else None
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
-        for key in (*PRIOR_KEYS, "attention_queries"):  # replaced by what this dataset's prompts get (below)
+        # replaced by what this dataset's prompts get (below), so adding a knob leaves older cells valid
+        for key in (*PRIOR_KEYS, "attention_queries", "lexical_window"):
             scorer.pop(key, None)
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -415,8 +417,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
             what["attention_queries"] = row.attention_queries
         if weights["lexical"]:
             what["lexical_weight"] = weights["lexical"]
-        if weights["lexical"] or row.predictor.meta.lexical_feature:  # the match's settings: the scorer's defaults
-            what["lexical"] = {"query_tokens": QUERY_TOKENS, "window": WINDOW, "power": POWER}
+        if weights["lexical"] or row.predictor.meta.lexical_feature:  # the match's settings
+            what["lexical"] = {"query_tokens": QUERY_TOKENS, "window": row.lexical_window, "power": POWER}
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 
@@ -595,6 +597,8 @@ def _prior_text(spec: ScorerSpec, cfg: DictConfig) -> str:
         if prior == "recency" or text or chat:  # the other priors only when the row uses them
             parts.append(f"{prior} weight {text:g} for every prompt" if text == chat else
                          f"{prior} weight {text:g} on raw text, {chat:g} on chat prompts")
+    if scorer.lexical_window != WINDOW:
+        parts.append(f"lexical match averaged over {scorer.lexical_window} tokens each side (its override)")
     return ("set by its overrides: " if fixed else "as shipped: ") + ", ".join(parts)
 
 

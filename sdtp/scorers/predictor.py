@@ -19,7 +19,7 @@ from torch import nn
 from sdtp.predictor import TokenPredictor
 from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
-from sdtp.scorers.lexical import LexicalScorer
+from sdtp.scorers.lexical import WINDOW, LexicalScorer
 from sdtp.scorers.prior import blend, chat_rows, log_attention, log_norm, recency
 
 PRIORS = ("recency", "norm", "attention", "lexical")
@@ -37,9 +37,10 @@ class PredictorScorer(Scorer):
     ``norm_weight_chat``: the same for the hidden-state-norm prior, ``attention_weight`` /
     ``attention_weight_chat`` for the attention prior, which reads the last ``attention_queries``
     prompt tokens (None = the checkpoint's ``attention_queries``), ``lexical_weight`` /
-    ``lexical_weight_chat`` for the lexical query-match prior (:class:`LexicalScorer` defaults). A prompt is a chat prompt when it
-    ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from the
-    tokenizer's chat template; absent = every prompt is text).
+    ``lexical_weight_chat`` for the lexical query-match prior (:class:`LexicalScorer` defaults, except
+    ``lexical_window``: the tokens each side its match is averaged over; None = the default). A prompt is a
+    chat prompt when it ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from
+    the tokenizer's chat template; absent = every prompt is text).
     """
 
     def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None,
@@ -47,7 +48,7 @@ class PredictorScorer(Scorer):
                  norm_weight: float | None = None, norm_weight_chat: float | None = None,
                  attention_weight: float | None = None, attention_weight_chat: float | None = None,
                  attention_queries: int | None = None, lexical_weight: float | None = None,
-                 lexical_weight_chat: float | None = None) -> None:
+                 lexical_weight_chat: float | None = None, lexical_window: int | None = None) -> None:
         if path is None and predictor is None:
             raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
         self._overrides = {"recency_weight": recency_weight, "recency_weight_chat": recency_weight_chat,
@@ -59,7 +60,10 @@ class PredictorScorer(Scorer):
                 raise ValueError(f"pruning.scorer.{key}: must be >= 0, got {value}")
         if attention_queries is not None and attention_queries < 1:
             raise ValueError(f"pruning.scorer.attention_queries: must be >= 1, got {attention_queries}")
+        if lexical_window is not None and lexical_window < 1:
+            raise ValueError(f"pruning.scorer.lexical_window: must be >= 1, got {lexical_window}")
         self._attention_queries = attention_queries
+        self.lexical_window = WINDOW if lexical_window is None else int(lexical_window)
         self._attention: AttentionScorer | None = None  # bound only when the attention prior is used
         self._lexical: LexicalScorer | None = None  # likewise for the lexical prior
         self.path = path
@@ -109,6 +113,10 @@ class PredictorScorer(Scorer):
                 f"predictor built for layers {self.predictor.meta.layers} / hidden {self.predictor.meta.hidden_size}, "
                 f"pruner uses layers {list(layers)} / hidden {hidden}"
             )
+        if self.predictor.meta.lexical_feature and self.lexical_window != WINDOW:
+            # the input and the prior read one match; the input must see what it was trained on
+            raise ValueError(f"pruning.scorer.lexical_window={self.lexical_window}: this checkpoint has the lexical "
+                             f"input, trained with the default window {WINDOW}; leave lexical_window unset")
         self.predictor.to(device=next(model.parameters()).device)
         self._chat_suffix = getattr(model, "sdtp_chat_suffix", None)
         self.unbind()
@@ -117,7 +125,7 @@ class PredictorScorer(Scorer):
             self._attention.bind(model, layers)
         if self.predictor.meta.lexical_feature or self.prior_weight("lexical", chat=False) \
                 or self.prior_weight("lexical", chat=True):
-            self._lexical = LexicalScorer()  # the lexical input and the lexical prior read the same match
+            self._lexical = LexicalScorer(window=self.lexical_window)  # the input and the prior read one match
 
     def unbind(self) -> None:
         if self._attention is not None:
