@@ -117,7 +117,7 @@ def test_lexical_prior_is_the_hand_blend_and_absent_at_weight_zero(tiny_llama):
 
 
 @torch.no_grad()
-def test_lexical_window_sets_the_prior_match_and_is_refused_for_a_lexical_input(tiny_llama, tmp_path):
+def test_lexical_window_sets_the_prior_match_and_is_refused_for_a_lexical_input(tiny_llama):
     """``lexical_window`` averages the prior's match over that many tokens each side (the standalone scorer's
     ``window``); a checkpoint whose lexical input was trained at the default window refuses another one."""
     model, _, _ = tiny_llama
