@@ -255,21 +255,30 @@ def test_a_weight_row_resets_chat_weights_a_row_override_set(setup, tmp_path):
     assert weights == {"sdtp": [2.0, 8.0], "sdtp_rw0": [0.0, 0.0]}
 
 
-def test_a_lexical_window_row_has_its_own_fingerprint_and_page_text(setup, tmp_path):
-    """A row overriding the lexical prior's window records it in its fingerprint (so its cells never pass
-    for the default's) and on the page; the default row's fingerprint keeps the default window."""
+def test_scorer_knob_rows_have_their_own_fingerprints_and_page_text(setup, tmp_path):
+    """A row overriding the lexical prior's window or the predictor's pooling window records it in its fingerprint
+    (so its cells never pass for the default's) and on the page; the default row's fingerprint keeps the default
+    window and has no pooling key."""
     argv, out = setup
     predictor = str(tmp_path / "predictor")
     rows = [*argv, "--predictor", f"sdtp={predictor}", "--predictor", f"sdtp_lxw16={predictor}",
-            "--row-override", "sdtp_lxw16=pruning.scorer.lexical_window=16", "--lexical-weights", "2"]
-    report = predictor_eval.main([*rows, "--only", "dense,sdtp_lw2,sdtp_lxw16_lw2"])
+            "--predictor", f"sdtp_pool2={predictor}", "--row-override", "sdtp_lxw16=pruning.scorer.lexical_window=16",
+            "--row-override", "sdtp_pool2=pruning.scorer.pool_window=2", "--lexical-weights", "2"]
+    names = ("sdtp_lw2", "sdtp_lxw16_lw2", "sdtp_pool2_lw2")
+    report = predictor_eval.main([*rows, "--only", ",".join(("dense", *names))])
     _, cells = _rows(report, "wikitext")
-    assert {"sdtp_lw2", "sdtp_lxw16_lw2"} <= set(cells)
-    prints = {name: json.loads(_cache(out, "wikitext_48", name).read_text())["fingerprint"]
-              for name in ("sdtp_lw2", "sdtp_lxw16_lw2")}
-    assert {name: p["lexical"]["window"] for name, p in prints.items()} == {"sdtp_lw2": WINDOW, "sdtp_lxw16_lw2": 16}
-    assert "lexical_window" not in prints["sdtp_lw2"]["scorer"]  # cells computed before the knob stay valid
-    assert "lexical match averaged over 16 tokens each side (its override)" in (out / "eval.md").read_text()
+    assert set(names) <= set(cells)
+    prints = {name: json.loads(_cache(out, "wikitext_48", name).read_text())["fingerprint"] for name in names}
+    assert {name: p["lexical"]["window"] for name, p in prints.items()} == {
+        "sdtp_lw2": WINDOW, "sdtp_lxw16_lw2": 16, "sdtp_pool2_lw2": WINDOW}
+    assert {name: p.get("pool_window") for name, p in prints.items()} == {
+        "sdtp_lw2": None, "sdtp_lxw16_lw2": None, "sdtp_pool2_lw2": 2}
+    for key in ("lexical_window", "pool_window"):  # cells computed before the knobs stay valid
+        assert key not in prints["sdtp_lw2"]["scorer"]
+    assert cells["sdtp_pool2_lw2"]["nll"] != cells["sdtp_lw2"]["nll"]
+    page = (out / "eval.md").read_text()
+    assert "lexical match averaged over 16 tokens each side (its override)" in page
+    assert "predictor scores averaged over 2 alive tokens each side (its override)" in page
 
 
 def test_a_scorer_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path):

@@ -368,6 +368,7 @@ def row_scorer(cfg: DictConfig, spec: ScorerSpec) -> PredictorScorer:
     """A predictor row's scorer with the row's prior overrides (unbound: for reading its settings)."""
     return PredictorScorer(predictor=TokenPredictor.load(spec.path), attention_queries=cfg.pruning.scorer.get(
         "attention_queries"), lexical_window=cfg.pruning.scorer.get("lexical_window"),
+        pool_window=cfg.pruning.scorer.get("pool_window"),
         **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
 
 
@@ -391,7 +392,7 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
         # replaced by what this dataset's prompts get (below), so adding a knob leaves older cells valid
-        for key in (*PRIOR_KEYS, "attention_queries", "lexical_window"):
+        for key in (*PRIOR_KEYS, "attention_queries", "lexical_window", "pool_window"):
             scorer.pop(key, None)
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -419,6 +420,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
             what["lexical_weight"] = weights["lexical"]
         if weights["lexical"] or row.predictor.meta.lexical_feature:  # the match's settings
             what["lexical"] = {"query_tokens": QUERY_TOKENS, "window": row.lexical_window, "power": POWER}
+        if row.pool_window:  # absent when off, as above
+            what["pool_window"] = row.pool_window
     return json.loads(json.dumps(what, default=str))  # tuples -> lists, as read back from a file
 
 
@@ -599,6 +602,8 @@ def _prior_text(spec: ScorerSpec, cfg: DictConfig) -> str:
                          f"{prior} weight {text:g} on raw text, {chat:g} on chat prompts")
     if scorer.lexical_window != WINDOW:
         parts.append(f"lexical match averaged over {scorer.lexical_window} tokens each side (its override)")
+    if scorer.pool_window:
+        parts.append(f"predictor scores averaged over {scorer.pool_window} alive tokens each side (its override)")
     return ("set by its overrides: " if fixed else "as shipped: ") + ", ".join(parts)
 
 

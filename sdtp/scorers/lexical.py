@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sdtp.scorers.base import Scorer, ScoreContext
+from sdtp.scorers.pooling import box_sum
 
 # Defaults chosen on passage-QA validation records 64..127 only (token ids, no model run): the share of the
 # answer-bearing passage a one-shot 34.9% keep retains, over query_tokens 16-128, window 16-256, power 1-3,
@@ -52,9 +53,7 @@ def query_match(input_ids: torch.Tensor, valid: torch.Tensor | None, query_token
     in_query = torch.zeros(batch, vocab, dtype=torch.bool, device=ids.device)
     in_query.scatter_(1, ids, (query[None] & real))
     match = idf * in_query.gather(1, ids) * (real & ~query[None])  # (B, S)
-    padded = torch.nn.functional.pad(match, (window + 1, window))
-    sums = padded.cumsum(dim=1)
-    return (sums[:, 2 * window + 1:] - sums[:, :seq]) / (2 * window + 1) * real
+    return box_sum(match, window) / (2 * window + 1) * real
 
 
 def prompt_match(input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

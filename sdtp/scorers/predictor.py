@@ -20,6 +20,7 @@ from sdtp.predictor import TokenPredictor
 from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
 from sdtp.scorers.lexical import WINDOW, LexicalScorer
+from sdtp.scorers.pooling import pool_scores
 from sdtp.scorers.prior import blend, chat_rows, log_attention, log_norm, recency
 
 PRIORS = ("recency", "norm", "attention", "lexical")
@@ -40,7 +41,8 @@ class PredictorScorer(Scorer):
     ``lexical_weight_chat`` for the lexical query-match prior (:class:`LexicalScorer` defaults, except
     ``lexical_window``: the tokens each side its match is averaged over; None = the default). A prompt is a
     chat prompt when it ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from
-    the tokenizer's chat template; absent = every prompt is text).
+    the tokenizer's chat template; absent = every prompt is text). ``pool_window``: the predictor's scores are
+    averaged over that many alive tokens each side before the blend (:func:`pool_scores`; None or 0 = not).
     """
 
     def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None,
@@ -48,7 +50,8 @@ class PredictorScorer(Scorer):
                  norm_weight: float | None = None, norm_weight_chat: float | None = None,
                  attention_weight: float | None = None, attention_weight_chat: float | None = None,
                  attention_queries: int | None = None, lexical_weight: float | None = None,
-                 lexical_weight_chat: float | None = None, lexical_window: int | None = None) -> None:
+                 lexical_weight_chat: float | None = None, lexical_window: int | None = None,
+                 pool_window: int | None = None) -> None:
         if path is None and predictor is None:
             raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
         self._overrides = {"recency_weight": recency_weight, "recency_weight_chat": recency_weight_chat,
@@ -62,6 +65,9 @@ class PredictorScorer(Scorer):
             raise ValueError(f"pruning.scorer.attention_queries: must be >= 1, got {attention_queries}")
         if lexical_window is not None and lexical_window < 1:
             raise ValueError(f"pruning.scorer.lexical_window: must be >= 1, got {lexical_window}")
+        if pool_window is not None and pool_window < 0:
+            raise ValueError(f"pruning.scorer.pool_window: must be >= 0, got {pool_window}")
+        self.pool_window = int(pool_window or 0)
         self._attention_queries = attention_queries
         self.lexical_window = WINDOW if lexical_window is None else int(lexical_window)
         self._attention: AttentionScorer | None = None  # bound only when the attention prior is used
@@ -155,6 +161,7 @@ class PredictorScorer(Scorer):
             prompt_len = ctx.seq_lens.to(device)
         match = self._lexical.score(ctx) if self._lexical is not None else None  # (B, n)
         scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len, ctx.valid, match)
+        scores = pool_scores(scores, ctx.valid, self.pool_window)
         terms = [(self._row_weights("recency", batch, device), recency(ctx.positions, prompt_len))]
         norm = self._row_weights("norm", batch, device)
         if bool(norm.any()):  # the norm term only when used (it reads the full hidden states)

@@ -1,0 +1,29 @@
+"""Box pooling of per-token values along the sequence.
+
+Token-level scores are noisy, and a continuation rarely needs one token without its neighbours: SnapKV-style
+pooling (a mean over a small window) turns a per-token ranking into a span-level one, so the pruner keeps
+phrases rather than isolated tokens. The lexical prior spreads its query matches over a passage the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def box_sum(values: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, S) -> (B, S) sum of ``values`` over the ``2 * window + 1`` slots centred on each one (zeros past the
+    ends), by one cumulative sum: linear in S at any window."""
+    seq = values.shape[1]
+    sums = torch.nn.functional.pad(values, (window + 1, window)).cumsum(dim=1)
+    return sums[:, 2 * window + 1:] - sums[:, :seq]
+
+
+def pool_scores(scores: torch.Tensor, valid: torch.Tensor | None, window: int) -> torch.Tensor:
+    """(B, n) scores of the alive tokens (in position order) -> (B, n) their mean over the valid ones among the
+    ``window`` alive neighbours each side; ``valid`` (B, n) bool (None = all real). Invalid slots keep their score
+    (selection ignores them). ``window`` 0 returns ``scores``."""
+    if window == 0:
+        return scores
+    weight = torch.ones_like(scores, dtype=torch.float32) if valid is None else valid.float()
+    pooled = box_sum(scores.float() * weight, window) / box_sum(weight, window).clamp(min=1)
+    return torch.where(weight.bool(), pooled, scores.float())
