@@ -3,6 +3,7 @@ intervals over seeds, and the scripts' list of seed predictors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -82,7 +83,13 @@ def test_scripts_read_the_seed_predictors_from_the_shipped_folder(tmp_path, env,
     assert out.split() == expected
 
 
-def test_the_shipped_predictors_seeds_exist():
-    listed = (REPO / "results" / "predictors" / "smollm2-135m" / "seeds.txt").read_text().splitlines()
+@pytest.mark.parametrize("model, min_seeds", [("smollm2-135m", 2), ("gemma3-270m", 1)])
+def test_the_shipped_predictors_seeds_exist(model, min_seeds):
+    """Every folder a shipped predictor's ``seeds.txt`` lists holds a checkpoint for that model's schedule."""
+    shipped = json.loads((REPO / "results" / "predictors" / model / "predictor.json").read_text())
+    listed = (REPO / "results" / "predictors" / model / "seeds.txt").read_text().splitlines()
     folders = [REPO / line for line in listed if line.strip() and not line.startswith("#")]
-    assert len(folders) >= 2 and all((f / "predictor.safetensors").is_file() for f in folders)
+    assert len(folders) >= min_seeds and all((f / "predictor.safetensors").is_file() for f in folders)
+    for folder in folders:
+        meta = json.loads((folder / "predictor.json").read_text())
+        assert (meta["base_model"], meta["layers"]) == (shipped["base_model"], shipped["layers"])
