@@ -21,6 +21,13 @@ around the token shares rare words with the prompt's last tokens. A causal hidde
 question that ends a long-document prompt; this input hands the MLP that match, to combine with what
 the state does show, instead of the fixed blend of the ``lexical`` prior.
 
+Optional context input (``context_window`` = w > 0, ``hidden_size`` more inputs, last): the mean of the
+normalised hidden states of the alive prompt tokens within w original positions either side of the token
+(itself included). A per-token MLP scores one state; this lets it score a token by its phrase as well
+(e.g. keep a name's whole span), the learned counterpart of pooling its scores
+(:mod:`sdtp.scorers.pooling`). Windows are in original positions, so masked training (all positions,
+an ``alive`` mask) and physical pruning (the alive tokens only) average over the same tokens.
+
 Optional query branch (``query_tokens`` = m > 0): a low-rank bilinear relevance of each token to the
 prompt's last m alive tokens (the question of a chat prompt, the text the continuation follows),
 ``logsumexp_t (K x_j) . (Q x_t) / sqrt(r) - log |T|`` added to the keep logit. The MLP scores one
@@ -44,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdtp.errors import ConfigError
+from sdtp.scorers.pooling import box_sum
 
 WEIGHTS_FILE = "predictor.safetensors"
 META_FILE = "predictor.json"
@@ -66,6 +74,7 @@ class PredictorMeta:
     position_features: bool = False  # append position_features() to the input (older checkpoints: off)
     norm_feature: bool = False  # append log RMS of the raw hidden state (older checkpoints: off)
     lexical_feature: bool = False  # append log(1 + lexical query match) (older checkpoints: off)
+    context_window: int = 0  # w > 0: append context_mean() over w positions each side (older checkpoints: 0)
     # Weight of the recency prior the scorer blends in at inference (sdtp/scorers/prior.py), chosen
     # on validation data after training; 0 = raw predictor scores (older checkpoints).
     recency_weight: float = 0.0
@@ -109,10 +118,29 @@ def position_features(positions: torch.Tensor, prompt_len: torch.Tensor) -> torc
     return torch.stack([torch.log1p(distance) / 8.0, (positions.float() / length).clamp(max=1.0)], dim=-1)
 
 
+def context_mean(normed: torch.Tensor, positions: torch.Tensor, prompt_len: torch.Tensor,
+                 alive: torch.Tensor | None, window: int) -> torch.Tensor:
+    """(B, n, d) normalised states at (B, n) original positions -> (B, n, d) mean of the states of the alive
+    prompt tokens (``alive`` (B, n) bool, None = all; positions < ``prompt_len`` (B,)) within ``window``
+    positions either side. The alive states are scattered to their positions, box-summed, and read back."""
+    batch, _, dim = normed.shape
+    weight = positions < prompt_len.to(positions.device)[:, None]
+    if alive is not None:
+        weight = weight & alive
+    index = positions.clamp(min=0)
+    length = int(index.max()) + 1
+    weight = weight.to(normed.dtype)[..., None]
+    sums = normed.new_zeros(batch, length, dim).scatter_add_(1, index[..., None].expand(-1, -1, dim), normed * weight)
+    counts = normed.new_zeros(batch, length, 1).scatter_add_(1, index[..., None], weight)
+    sums, counts = box_sum(sums, window), box_sum(counts, window)
+    return (sums / counts.clamp(min=1)).gather(1, index[..., None].expand(-1, -1, dim))
+
+
 def input_columns(meta: PredictorMeta) -> list[str]:
     """Names of the inputs appended after the hidden state, in the order ``fc1`` reads them."""
     return (["position"] * NUM_POSITION_FEATURES if meta.position_features else []) + \
-        (["norm"] if meta.norm_feature else []) + (["lexical"] if meta.lexical_feature else [])
+        (["norm"] if meta.norm_feature else []) + (["lexical"] if meta.lexical_feature else []) + \
+        (["context"] * meta.hidden_size if meta.context_window else [])
 
 
 def widen_inputs(state: dict[str, torch.Tensor], old: PredictorMeta, new: PredictorMeta) -> dict[str, torch.Tensor]:
@@ -225,9 +253,9 @@ class TokenPredictor(nn.Module):
 
         Args:
             positions: (B, n) original positions; prompt_len: (B,) prompt lengths. Required when
-                the predictor uses position features or the query branch, ignored otherwise.
-            alive: (B, n) bool, the tokens still present (None = all): the query branch reads only
-                alive tokens, so masked training sees the query set physical pruning leaves.
+                the predictor uses position features, the context input or the query branch, ignored otherwise.
+            alive: (B, n) bool, the tokens still present (None = all): the query branch and the context input
+                read only alive tokens, so masked training sees what physical pruning leaves.
             lexical: (B, n) query match of each token (:func:`sdtp.scorers.lexical.query_match`);
                 required when the predictor uses the lexical feature, ignored otherwise.
         """
@@ -236,7 +264,8 @@ class TokenPredictor(nn.Module):
         mean_square = x.pow(2).mean(-1, keepdim=True) + 1e-6
         normed = x * torch.rsqrt(mean_square) if self.meta.input_norm else x
         features = [normed]
-        if (self.meta.position_features or self.queries is not None) and (positions is None or prompt_len is None):
+        uses_positions = self.meta.position_features or self.meta.context_window or self.queries is not None
+        if uses_positions and (positions is None or prompt_len is None):
             raise ValueError("this predictor uses token positions: pass positions and prompt_len")
         if self.meta.position_features:
             features.append(position_features(positions, prompt_len).to(x.dtype))
@@ -246,6 +275,8 @@ class TokenPredictor(nn.Module):
             if lexical is None:
                 raise ValueError("this predictor uses the lexical feature: pass lexical (the query match)")
             features.append(torch.log1p(lexical.to(x.dtype).clamp(min=0))[..., None])
+        if self.meta.context_window:
+            features.append(context_mean(normed, positions, prompt_len, alive, self.meta.context_window))
         logits = self.stages[stage](torch.cat(features, dim=-1) if len(features) > 1 else features[0])
         if self.queries is None:
             return logits

@@ -158,7 +158,7 @@ def test_gumbel_mode_with_ratio_loss_trains(tmp_path):
 
 def test_bad_training_config_fails_before_loading(tmp_path):
     for override, key in (("train.target=bogus", "train.target"), ("train.target=logit", "train.target"),
-                          ("train.labels=maybe", "train.labels"),
+                          ("train.labels=maybe", "train.labels"), ("train.context_window=-1", "train.context_window"),
                           ("train.tau.end=0", "train.tau"), ("data.sources.0.path=/nope.jsonl", "data.sources.0.path")):
         with pytest.raises(ConfigError, match=key):
             train_cli.run(_train_cfg(tmp_path / "x", override))
@@ -204,19 +204,22 @@ def test_init_from_warm_starts_a_schedule_from_the_stages_at_its_layers(tmp_path
                                  "pruning.layers=[1,3]"))
 
 
-@pytest.mark.parametrize("feature", ["norm_feature", "lexical_feature"])
-def test_init_from_adds_an_input_as_a_zero_column(tmp_path, feature):
-    """A predictor without the norm (lexical) feature warm-starts one with it: same weights plus a zero
-    column, so (lr 0) the widened predictor scores exactly as the original; training with the lexical
-    input runs end to end (its masked forwards and validation compute the match)."""
+@pytest.mark.parametrize("feature, value", [("norm_feature", "true"), ("lexical_feature", "true"),
+                                            ("context_window", "2")])
+def test_init_from_adds_an_input_as_a_zero_column(tmp_path, feature, value):
+    """A predictor without the norm (lexical, context) input warm-starts one with it: same weights plus zero
+    columns (one; hidden_size for the context), so (lr 0) the widened predictor scores exactly as the original;
+    training with the input runs end to end (its masked forwards and validation compute it); a checkpoint with
+    the input refuses a run without it."""
     first = train_cli.run(_train_cfg(tmp_path / "a", "train.max_steps=2"))
     cfg = _train_cfg(tmp_path / "b", f"train.init_from={first['predictor']}", "train.max_steps=1",
-                     f"train.{feature}=true", "train.optimizer.lr=0.0", "train.scheduler=null")
+                     f"train.{feature}={value}", "train.optimizer.lr=0.0", "train.scheduler=null")
     train_cli.run(cfg)
     old = TokenPredictor.load(first["predictor"])
     new = TokenPredictor.load(tmp_path / "b" / "predictor")
-    assert getattr(new.meta, feature) and new.stages[0].fc1.in_features == old.stages[0].fc1.in_features + 1
-    assert torch.equal(new.stages[0].fc1.weight[:, -1], torch.zeros(new.stages[0].fc1.out_features))
+    added = old.meta.hidden_size if feature == "context_window" else 1
+    assert getattr(new.meta, feature) and new.stages[0].fc1.in_features == old.stages[0].fc1.in_features + added
+    assert torch.equal(new.stages[0].fc1.weight[:, -added:], torch.zeros(new.stages[0].fc1.out_features, added))
     x, pos, match = 3.0 * torch.randn(1, 6, old.meta.hidden_size), torch.arange(6)[None], torch.rand(1, 6)
     torch.testing.assert_close(new(1, x, pos, torch.tensor([6]), lexical=match), old(1, x, pos, torch.tensor([6])))
     with pytest.raises(ConfigError, match=feature):

@@ -7,7 +7,7 @@ import torch
 
 from sdtp.config import build_pruner, compose
 from sdtp.errors import ConfigError
-from sdtp.predictor import PredictorMeta, TokenPredictor, position_features, widen_inputs
+from sdtp.predictor import PredictorMeta, TokenPredictor, context_mean, position_features, widen_inputs
 
 
 def _predictor(layers=(1, 2, 3), hidden=64) -> TokenPredictor:
@@ -149,3 +149,31 @@ def test_query_branch_is_a_smooth_max_over_the_last_alive_prompt_tokens(tmp_path
     torch.testing.assert_close(TokenPredictor.load(tmp_path)(1, x, pos, n, alive), p(1, x, pos, n, alive))
     with pytest.raises(ConfigError, match="query_tokens"):
         TokenPredictor(PredictorMeta(hidden_size=64, layers=[1], query_tokens=-1))
+
+
+def test_context_input_is_the_windowed_mean_of_alive_prompt_states_masked_or_gathered(tmp_path):
+    """The context input of token i is the mean normalised state of the alive prompt tokens within w positions
+    of it (a hand loop); scoring all positions with an ``alive`` mask (masked training) equals scoring the
+    gathered alive tokens (physical pruning) at the alive slots; a predictor widened to it from one without it
+    scores as the original; it round-trips through a checkpoint."""
+    torch.manual_seed(0)
+    meta = PredictorMeta(hidden_size=16, layers=[1], input_norm=True, position_features=True, context_window=2)
+    p = TokenPredictor(meta)
+    x = 3.0 * torch.randn(1, 12, 16)
+    pos, n = torch.arange(12)[None], torch.tensor([10])  # positions 10, 11: a continuation, never averaged
+    alive = torch.tensor([[True, False, True, True, False, True, True, True, False, True, True, True]])
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = torch.stack([normed[0, [j for j in range(max(0, i - 2), min(10, i + 3)) if alive[0, j]]].mean(0)
+                            for i in range(12)])
+    torch.testing.assert_close(context_mean(normed, pos, n, alive, 2)[0], expected)
+    keep = alive[0].nonzero().squeeze(1)
+    masked = p(0, x, pos, n, alive)[0, keep]
+    gathered = p(0, x[:, keep], pos[:, keep], n)[0]
+    torch.testing.assert_close(masked, gathered)
+    plain_meta = PredictorMeta(hidden_size=16, layers=[1], input_norm=True, position_features=True)
+    plain, widened = TokenPredictor(plain_meta), TokenPredictor(meta)
+    widened.load_state_dict(widen_inputs(plain.state_dict(), plain_meta, meta))
+    assert widened.stages[0].fc1.in_features == 16 + 2 + 16
+    torch.testing.assert_close(widened(0, x, pos, n, alive), plain(0, x, pos, n, alive))
+    p.save(tmp_path)
+    torch.testing.assert_close(TokenPredictor.load(tmp_path)(0, x, pos, n, alive), p(0, x, pos, n, alive))

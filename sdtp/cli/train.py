@@ -42,6 +42,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "ckpt_every"):
         if int(t[key]) < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {t[key]}")
+    if int(t.context_window) < 0:
+        raise ConfigError(f"train.context_window: must be >= 0, got {t.context_window}")
     for key in LOSS_TERMS:
         if float(t.loss[key]) < 0:
             raise ConfigError(f"train.loss.{key}: weights must be >= 0, got {t.loss[key]}")

@@ -11,10 +11,11 @@ import torch
 
 
 def box_sum(values: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, S) -> (B, S) sum of ``values`` over the ``2 * window + 1`` slots centred on each one (zeros past the
-    ends), by one cumulative sum: linear in S at any window."""
+    """(B, S, *) -> (B, S, *) sum of ``values`` over the ``2 * window + 1`` slots of dim 1 centred on each one
+    (zeros past the ends), by one cumulative sum: linear in S at any window."""
     seq = values.shape[1]
-    sums = torch.nn.functional.pad(values, (window + 1, window)).cumsum(dim=1)
+    pad = [0, 0] * (values.dim() - 2) + [window + 1, window]  # F.pad lists the last dim first
+    sums = torch.nn.functional.pad(values, pad).cumsum(dim=1)
     return sums[:, 2 * window + 1:] - sums[:, :seq]
 
 

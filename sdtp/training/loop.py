@@ -204,7 +204,7 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
         hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(t.hidden_ratio),
         base_model=cfg.model.name, num_layers=int(cfg.model.num_layers), input_norm=bool(t.input_norm),
         position_features=bool(t.position_features), norm_feature=bool(t.norm_feature),
-        lexical_feature=bool(t.lexical_feature),
+        lexical_feature=bool(t.lexical_feature), context_window=int(t.context_window),
         query_tokens=int(t.query_tokens), query_rank=int(t.query_rank),
         extra={"keep_mode": t.keep_mode, "target": t.target, "label_transform": t.label_transform,
                "loss": OmegaConf.to_container(t.loss), "data": cfg.data.name},
@@ -220,10 +220,13 @@ def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
     for feature in ("norm_feature", "lexical_feature"):
         if getattr(start.meta, feature) and not getattr(predictor.meta, feature):
             raise ConfigError(f"train.init_from: {t.init_from} has {feature}=true; set train.{feature}=true")
+    if start.meta.context_window not in (0, predictor.meta.context_window):
+        raise ConfigError(f"train.init_from: {t.init_from} has context_window={start.meta.context_window}; "
+                          f"set train.context_window={start.meta.context_window}")
     if start.meta.query_tokens and not predictor.meta.query_tokens:
         raise ConfigError(f"train.init_from: {t.init_from} has a query branch; set train.query_tokens="
                           f"{start.meta.query_tokens}")
-    # A checkpoint without the norm or lexical input gets it as a zero-weight column, one without the
+    # A checkpoint without the norm, lexical or context input gets it as zero-weight columns, one without the
     # query branch gets a fresh branch whose output starts at 0: training starts from exactly the old
     # scores and learns what the new input adds.
     state = widen_inputs(start.state_dict(), start.meta, predictor.meta)
