@@ -297,6 +297,8 @@ class TokenPredictor(nn.Module):
         flops = 2 * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
         if self.queries is not None:  # key projection + one dot product per query token
             flops += 2 * self.meta.query_rank * (self.meta.hidden_size + self.meta.query_tokens)
+        if self.meta.context_window:  # scatter, cumulative sum, window difference and mean: ~4 ops per channel
+            flops += 4 * self.meta.hidden_size
         return flops
 
     def save(self, directory: str | Path) -> Path:
