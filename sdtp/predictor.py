@@ -22,9 +22,9 @@ question that ends a long-document prompt; this input hands the MLP that match, 
 the state does show, instead of the fixed blend of the ``lexical`` prior.
 
 Optional context input (``context_window`` = w > 0, ``hidden_size`` more inputs, last): the mean of the
-normalised hidden states of the alive prompt tokens within w original positions either side of the token
-(itself included). A per-token MLP scores one state; this lets it score a token by its phrase as well
-(e.g. keep a name's whole span), the learned counterpart of pooling its scores
+MLP's state input (normalised with ``input_norm``) over the alive prompt tokens within w original positions
+either side of the token (itself included). A per-token MLP scores one state; this lets it score a token by
+its phrase as well (e.g. keep a name's whole span), the learned counterpart of pooling its scores
 (:mod:`sdtp.scorers.pooling`). Windows are in original positions, so masked training (all positions,
 an ``alive`` mask) and physical pruning (the alive tokens only) average over the same tokens.
 
@@ -120,7 +120,7 @@ def position_features(positions: torch.Tensor, prompt_len: torch.Tensor) -> torc
 
 def context_mean(normed: torch.Tensor, positions: torch.Tensor, prompt_len: torch.Tensor,
                  alive: torch.Tensor | None, window: int) -> torch.Tensor:
-    """(B, n, d) normalised states at (B, n) original positions -> (B, n, d) mean of the states of the alive
+    """(B, n, d) states (the MLP's input) at (B, n) original positions -> (B, n, d) mean of the states of the alive
     prompt tokens (``alive`` (B, n) bool, None = all; positions < ``prompt_len`` (B,)) within ``window``
     positions either side. The alive states are scattered to their positions, box-summed, and read back."""
     batch, _, dim = normed.shape

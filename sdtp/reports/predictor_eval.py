@@ -108,6 +108,8 @@ BASELINES = {"norm": "hidden-state L2 norm", "positional": "sinks + most recent"
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 PRIOR_KEYS = tuple(meta_key(prior, kind) for prior in PRIORS for kind in KINDS)
+# The predictor scorer's other settings a row may override (``PredictorScorer`` arguments of the same names)
+SCORER_KNOBS = ("attention_queries", "lexical_window", "pool_window")
 
 
 def prompt_kind(dataset: str, model: nn.Module) -> str:
@@ -366,10 +368,8 @@ def _meta_sha256(path: Path) -> str:
 
 def row_scorer(cfg: DictConfig, spec: ScorerSpec) -> PredictorScorer:
     """A predictor row's scorer with the row's prior overrides (unbound: for reading its settings)."""
-    return PredictorScorer(predictor=TokenPredictor.load(spec.path), attention_queries=cfg.pruning.scorer.get(
-        "attention_queries"), lexical_window=cfg.pruning.scorer.get("lexical_window"),
-        pool_window=cfg.pruning.scorer.get("pool_window"),
-        **{key: cfg.pruning.scorer.get(key) for key in PRIOR_KEYS})
+    return PredictorScorer(predictor=TokenPredictor.load(spec.path),
+                           **{key: cfg.pruning.scorer.get(key) for key in (*PRIOR_KEYS, *SCORER_KNOBS)})
 
 
 def prior_weights(cfg: DictConfig, spec: ScorerSpec, model: nn.Module, dataset: str,
@@ -392,7 +392,7 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     if scorer is not None:
         scorer.pop("path", None)  # a predictor is identified by its files' hashes, not where it lies
         # replaced by what this dataset's prompts get (below), so adding a knob leaves older cells valid
-        for key in (*PRIOR_KEYS, "attention_queries", "lexical_window", "pool_window"):
+        for key in (*PRIOR_KEYS, *SCORER_KNOBS):
             scorer.pop(key, None)
     what = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
