@@ -319,8 +319,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.task: {ev.get('task')!r} is not a LongBench dataset ({sorted(TASKS)})")
     if int(ev.doc_start) < 0 or (ev.dataset == "jsonl" and empty):
         raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
-    if (cfg.pruning.get("scorer") or {}).get("gold") and int(ev.get("batch_size", 1)) != 1:
-        raise ConfigError("pruning.scorer.gold=true: the gold oracle scores one segment at a time; set eval.batch_size=1")
+    scorer = cfg.pruning.get("scorer") or {}
+    for key in ("gold", "samples"):
+        if scorer.get(key) and int(ev.get("batch_size", 1)) != 1:
+            raise ConfigError(f"pruning.scorer.{key}={scorer[key]}: that oracle labels one segment at a time; set "
+                              "eval.batch_size=1")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
 

@@ -158,6 +158,7 @@ class ReportOptions:
     oracle: bool = False
     oracle_targets: tuple[str, ...] = ("continuation",)
     oracle_gold: bool = False
+    oracle_samples: int = 0  # > 0: oracle rows labelled with that many continuations sampled from the dense model
     only: tuple[str, ...] | None = None
     threads: int = 1
     render_only: bool = False
@@ -225,6 +226,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
                    help="saliency targets of the oracle rows (oracle_<target> each; comma-separated)")
     p.add_argument("--oracle-gold", action="store_true",
                    help="also oracle rows that label with each segment's real continuation (oracle_<target>_gold)")
+    p.add_argument("--oracle-samples", type=int, default=0,
+                   help="also oracle rows whose label is averaged over this many continuations sampled from the "
+                        "dense model (oracle_<target>_sampled; what the prompt alone tells the model)")
     p.add_argument("--only", default=None, help="comma-separated scorer names to compute (random = all seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true")
@@ -282,13 +286,16 @@ def parse_args(argv: list[str]) -> ReportOptions:
     datasets = _csv(a.datasets)
     if set(datasets) - set(DATASETS):
         p.error(f"--datasets: {sorted(set(datasets) - set(DATASETS))} not in {DATASETS}")
+    if a.oracle_samples < 0:
+        p.error(f"--oracle-samples: must be >= 0, got {a.oracle_samples}")
     if a.select_priors and set(_csv(a.select_priors)) - set(PRIORS):
         p.error(f"--select-priors: {sorted(set(_csv(a.select_priors)) - set(PRIORS))} not in {PRIORS}")
     return ReportOptions(
         model=a.model, predictors=predictors, datasets=datasets, contexts=_csv(a.contexts, int), cont_len=a.cont_len,
         num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
         oracle_targets=tuple(_csv(a.oracle_targets)), oracle_gold=a.oracle_gold,
-        only=_csv(a.only) if a.only else None, threads=a.threads, render_only=a.render_only, out=a.out,
+        oracle_samples=a.oracle_samples, only=_csv(a.only) if a.only else None, threads=a.threads,
+        render_only=a.render_only, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
         multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
         seed_groups={name: _csv(members) for name, members in groups},
@@ -304,6 +311,15 @@ def parse_args(argv: list[str]) -> ReportOptions:
     )
 
 
+def oracle_note(opts: ReportOptions) -> str:
+    """What the page's oracle rows label with (`sdtp/scorers/oracle.py`), or "" without ``--oracle``."""
+    kinds = [("`oracle_<target>` the full model's label with the prompt's own last 10% as the continuation", True),
+             ("`oracle_<target>_gold` that label computed with the segment's real continuation", opts.oracle_gold),
+             (f"`oracle_<target>_sampled` that label averaged over {opts.oracle_samples} continuations sampled from "
+              "the dense model (prompt only)", opts.oracle_samples > 0)]
+    return "".join(f"{text}; " for text, shown in kinds if shown) if opts.oracle else ""
+
+
 def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
     """Every scorer of the page, in display order (predictor paths made absolute)."""
     specs = [ScorerSpec("dense", ("pruning=none",), "dense")]
@@ -316,6 +332,11 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
         if opts.oracle_gold:
             specs += [ScorerSpec(f"oracle_{t}_gold", ("pruning=oracle", f"pruning.scorer.target={t}",
                                                       "+pruning.scorer.gold=true"), "oracle")
+                      for t in opts.oracle_targets]
+        if opts.oracle_samples:
+            specs += [ScorerSpec(f"oracle_{t}_sampled", ("pruning=oracle", f"pruning.scorer.target={t}",
+                                                         f"+pruning.scorer.samples={opts.oracle_samples}",
+                                                         f"+pruning.scorer.sample_len={opts.cont_len}"), "oracle")
                       for t in opts.oracle_targets]
     predictors = opts.predictors if opts.predictors is not None else {DEFAULT_PREDICTOR: f"{predictors_dir}/{opts.model}"}
     for name, path in predictors.items():
@@ -664,6 +685,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                     + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
                               "(training seeds, listed under it); " for name, group in opts.seed_groups.items())
                     + "".join(f"`{s.name}` {BASELINES[s.name]}; " for s in specs if s.group == "baseline")
+                    + oracle_note(opts)
                     + ("; ".join(preds) if preds else "no predictor")),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
                        "Student t interval; predictor "
