@@ -66,19 +66,19 @@ def sampled_continuations(model: nn.Module, ids: torch.Tensor, samples: int, len
     """The (1, N) prompt followed by ``samples`` continuations drawn from the dense model at temperature 1.
 
     Each continuation stops after its first EOS (kept) or ``length`` tokens. Returns (k, N + L) ids,
-    right-padded with the EOS (or 0) to the longest continuation L, and their (k, N + L) bool validity.
+    right-padded with 0 to the longest continuation L (the validity masks the padding out of the label), and
+    their (k, N + L) bool validity.
     """
     eos = getattr(model.generation_config, "eos_token_id", None)
     sampling = SamplingConfig(do_sample=True, temperature=1.0, seed=prompt_seed(ids, seed))
-    out = generate(model, ids.repeat(samples, 1), length, sampling=sampling, eos_token_id=eos).sequences
-    width = max(len(seq) for seq in out)
-    pad = eos if isinstance(eos, int) else (eos or [0])[0]
-    gen = torch.full((samples, width), pad, dtype=ids.dtype, device=ids.device)
-    valid = torch.ones(samples, ids.shape[1] + width, dtype=torch.bool, device=ids.device)
+    prompts = ids.repeat(samples, 1)
+    out = generate(model, prompts, length, sampling=sampling, eos_token_id=eos).sequences
+    gen = ids.new_zeros(samples, max(len(seq) for seq in out))
+    valid = torch.ones(samples, ids.shape[1] + gen.shape[1], dtype=torch.bool, device=ids.device)
     for row, seq in enumerate(out):
         gen[row, :len(seq)] = torch.tensor(seq, dtype=ids.dtype)
         valid[row, ids.shape[1] + len(seq):] = False
-    return torch.cat([ids.repeat(samples, 1), gen], dim=1), valid
+    return torch.cat([prompts, gen], dim=1), valid
 
 
 class OracleScorer(Scorer):
