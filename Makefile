@@ -89,7 +89,7 @@ test-all: setup
 # The default suite against the lowest and the newest transformers that pyproject.toml allows, each in
 # its own .venv-tf-<version> (same torch pin, same install as setup). Not part of .ci/run (CI time).
 # Version differences live in sdtp/models/compat.py. Other versions: make test-compat TF_VERSIONS="5.22.2".
-TF_VERSIONS ?= 5.20.0 5.24.0
+TF_VERSIONS ?= 5.20.0 5.25.0
 TEST_COMPAT_ARGS ?= -q -m "not slow"
 
 .venv-tf-%/.sdtp-installed: pyproject.toml

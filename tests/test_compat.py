@@ -1,4 +1,4 @@
-"""sdtp.models.compat: the KV-cache keyword name of the installed transformers (5.20 - 5.24)."""
+"""sdtp.models.compat: the KV-cache keyword name of the installed transformers (5.20 - 5.25)."""
 
 from __future__ import annotations
 

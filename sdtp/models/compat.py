@@ -1,4 +1,4 @@
-"""The one place that knows how the installed ``transformers`` names the KV cache (5.20 - 5.24).
+"""The one place that knows how the installed ``transformers`` names the KV cache (5.20 - 5.25).
 
 transformers 5.24 renamed the cache keyword argument from ``past_key_values`` to ``cache`` on every
 forward (causal LM, base model, decoder layer, attention module, ``create_causal_mask``) and the
@@ -8,7 +8,8 @@ forward, a ``ModelOutput.past_key_values`` property), but each use logs a deprec
 the aliases only resolve *inside* ``forward``: the forward hooks the engine installs see the kwargs
 as the caller passed them, so under 5.24 the decoder layers' hooks get ``cache=``, and a hook that
 reads ``kwargs["past_key_values"]`` silently finds nothing. Everything in ``sdtp`` therefore goes
-through the helpers below instead of spelling either name.
+through the helpers below instead of spelling either name. 5.25 keeps this naming (it only lists the
+deprecated alias in the signatures of the mask functions, which ``sdtp`` does not inspect).
 
 The name is read once, from the signature of the Llama decoder layer's forward (every supported
 family, ``sdtp.models.loading.SUPPORTED_FAMILIES``, shares that call signature), so it follows the
@@ -35,7 +36,7 @@ def _detect_cache_kwarg() -> str:
             return name
     raise ImportError(
         f"unsupported transformers: LlamaDecoderLayer.forward takes neither `cache` nor `past_key_values` "
-        f"({list(params)}); sdtp supports transformers 5.20 - 5.24"
+        f"({list(params)}); sdtp supports transformers 5.20 - 5.25"
     )
 
 
