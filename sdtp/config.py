@@ -8,6 +8,7 @@ seconds with a message naming the key.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -93,6 +94,26 @@ def offline_by_default() -> list[str]:
     return names
 
 
+def check_scorer_target(target: str) -> None:
+    """Raise unless ``target`` names an importable :class:`~sdtp.scorers.base.Scorer` subclass.
+
+    Checked at composition so that a typo or a user scorer missing from ``PYTHONPATH`` fails before a
+    model is loaded, not after (``hydra.utils.instantiate`` would only fail in :func:`build_pruner`).
+    """
+    from sdtp.scorers.base import Scorer
+
+    module, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module part ("MyScorer")
+        raise ConfigError(
+            f"pruning.scorer._target_: cannot import {target!r} ({type(err).__name__}: {err}); "
+            "is its package on PYTHONPATH?"
+        ) from err
+    if not (isinstance(obj, type) and issubclass(obj, Scorer)):
+        raise ConfigError(f"pruning.scorer._target_: {target!r} is not a subclass of sdtp.scorers.base.Scorer")
+
+
 def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """Check the composed config; raises :class:`ConfigError` naming the offending key.
 
@@ -109,6 +130,8 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
     scorer = cfg.pruning.get("scorer")
     if scorer is not None and "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
+    if scorer is not None:
+        check_scorer_target(str(scorer._target_))
     if scorer is not None and scorer.get("path") is not None and not Path(scorer.path).exists():
         raise ConfigError(
             f"pruning.scorer.path: {scorer.path} does not exist; train a predictor with `sdtp-train` "

@@ -38,6 +38,18 @@ def test_schedule_keys_fail_naming_the_key(override, message):
         compose("generate", ["model=tiny-llama", "pruning=random", override])
 
 
+@pytest.mark.parametrize(("target", "message"), [
+    ("my_scorers.nope.Scorer", r"cannot import 'my_scorers\.nope\.Scorer' \(ModuleNotFoundError.*PYTHONPATH"),
+    ("sdtp.scorers.norm.HiddenNromScorer", r"cannot import .*AttributeError: module 'sdtp\.scorers\.norm'"),
+    ("HiddenNormScorer", r"cannot import 'HiddenNormScorer'"),
+    ("torch.nn.Linear", r"'torch\.nn\.Linear' is not a subclass of sdtp\.scorers\.base\.Scorer"),
+])
+def test_scorer_target_is_checked_at_composition(target, message):
+    """A misspelt or unimportable scorer class fails when the config is composed, before a model loads."""
+    with pytest.raises(ConfigError, match=r"pruning\.scorer\._target_: " + message):
+        compose("generate", ["model=tiny-llama", "pruning=norm", f"pruning.scorer._target_={target}"])
+
+
 @pytest.mark.parametrize(("overrides", "named"), [
     (["kv=none", "kv.ratio=0.3"], "kv.ratio=0.3"),
     (["pruning=none", "pruning.keep_ratio=0.1"], "pruning.keep_ratio=0.1"),
