@@ -90,3 +90,21 @@ def test_python_session_of_the_page_runs(project):
     kept, total = [int(line.split()[3]) for line in lines], {int(line.split()[5]) for line in lines}
     assert kept == sorted(kept, reverse=True) and len(total) == 1 and kept[0] < total.pop()
     assert [len(json.loads(line.split(": ", 1)[1])) for line in lines] == kept
+
+
+def test_report_command_of_the_page_pairs_the_scorer(project, tmp_path):
+    """``predictor_report.py --scorer similarity=similarity --override hydra.searchpath=...`` (tiny data)."""
+    from sdtp.reports import predictor_eval
+
+    wiki = tmp_path / "wiki.raw"
+    wiki.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 12)
+    out = tmp_path / "report"
+    report = predictor_eval.main([
+        "--model", "tiny-llama", "--contexts", "48", "--cont-len", "8", "--num-segments", "3", "--random-seeds", "0",
+        "--datasets", "wikitext", "--wikitext-file", str(wiki), "--predictor", f"sdtp={tmp_path / 'none'}",
+        "--scorer", "similarity=similarity", "--override", f"hydra.searchpath=[file://{project}/conf]",
+        "--only", "dense,norm,similarity", "--out", str(out)])
+    rows = {r["scorer"]: r for r in report["cells"][0]["rows"]}
+    assert {"dense", "norm", "similarity"} <= set(rows) and rows["similarity"]["layer_fraction"] < 1.0
+    assert rows["similarity"]["nll"] != rows["norm"]["nll"]  # its own scores, not a built-in's
+    assert "`similarity` `pruning=similarity`" in (out / "eval.md").read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdtp.config import compose
+from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
 from sdtp.scorers.lexical import WINDOW
@@ -296,3 +297,27 @@ def test_a_scorer_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path
     assert report["header"]["Not run on this model"].startswith("`lazyllm`: the attention scorer")
     assert "sliding-window layers" in (out / "eval.md").read_text()
     assert "Not run on this model" not in predictor_eval.main([*argv, "--render-only"])["header"]  # full attention
+
+
+def test_a_scorer_row_of_any_pruning_method_is_paired_and_compared(setup):
+    """``--scorer NAME=METHOD``: a row of its own; here the norm scorer again, so it must equal the norm row."""
+    argv, out = setup
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", "--scorer", "hn=norm",
+                                  "--only", "dense,norm,hn,sdtp"])
+    cell, rows = _rows(report, "wikitext")
+    assert rows["hn"]["nll"] == rows["norm"]["nll"] and _cache(out, "wikitext_48", "hn").is_file()
+    assert {("sdtp", "hn"), ("sdtp", "norm")} <= {(c["a"], c["b"]) for c in cell["comparisons"]}
+    assert "`hn` `pruning=norm`" in (out / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("item", ["norm=random", "random=norm", "sdtp=norm", "bad name=norm"])
+def test_a_scorer_row_needs_a_new_name(setup, item):
+    argv, _ = setup
+    with pytest.raises(ConfigError, match="the name must be new"):  # the later row of a clash is named
+        predictor_eval.main([*argv, "--scorer", item, "--only", "dense"])
+
+
+def test_a_scorer_row_needs_name_and_method(setup):
+    argv, _ = setup
+    with pytest.raises(SystemExit):
+        predictor_eval.main([*argv, "--scorer", "hn", "--only", "dense"])

@@ -19,7 +19,8 @@ LongBench's hotpotqa chat prompt -> the gold answer; long-document QA). Both are
 without a chat template, and then get a prior's text weight.
 
 Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
-``positional``, ``lazyllm``, ``lexical``; one per ``--predictor NAME=PATH`` (default
+``positional``, ``lazyllm``, ``lexical``; one per ``--scorer NAME=METHOD`` (any ``conf/pruning`` method, e.g. a
+scorer of your own: ``docs/extending.md``); one per ``--predictor NAME=PATH`` (default
 ``sdtp=<paths.predictors_dir>/<model>``; a missing path is skipped with a warning); ``oracle`` with
 ``--oracle`` (slow: a backward pass per context). Every pruner comes from
 ``sdtp.config.compose("eval", [model=..., pruning=<method>, ...])`` + ``build_pruner``, so every
@@ -179,6 +180,7 @@ class ReportOptions:
     select_priors: tuple[str, ...] | None = None  # the priors --write-selected selects (None: every one tried)
     overrides: tuple[str, ...] = ()
     row_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # predictor row -> its own overrides
+    scorers: dict[str, str] = field(default_factory=dict)  # --scorer row -> its pruning method (conf/pruning)
     command: str = ""
 
     def tried_weights(self) -> dict[str, tuple[float, ...]]:
@@ -262,6 +264,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--seed-group", action="append", default=[], metavar="NAME=A,B,C",
                    help="repeatable: a row NAME pairing on the per-segment mean of predictor rows A, B, C (one "
                         "predictor trained with several seeds); the members are listed under it, out of the tests")
+    p.add_argument("--scorer", action="append", default=[], metavar="NAME=METHOD",
+                   help="repeatable: a row NAME pruning with METHOD (a conf/pruning option, e.g. a scorer of your "
+                        "own; docs/extending.md), paired and compared like the built-in training-free rows")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--row-override", action="append", default=[], metavar="NAME=KEY=VALUE",
                    help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
@@ -282,6 +287,9 @@ def parse_args(argv: list[str]) -> ReportOptions:
         if "=" not in override or name not in (predictors or {DEFAULT_PREDICTOR: ""}):
             p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor row")
         row_overrides[name] = (*row_overrides.get(name, ()), override)
+    scorers = [item.split("=", 1) for item in a.scorer]
+    if any(len(pair) != 2 or not all(pair) for pair in scorers):
+        p.error("--scorer: expected NAME=METHOD")
     start, end = (int(x) for x in a.c4_docs.split(":"))
     datasets = _csv(a.datasets)
     if set(datasets) - set(DATASETS):
@@ -307,6 +315,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         select_priors=_csv(a.select_priors) if a.select_priors else None,
         overrides=tuple(a.override),
         row_overrides=row_overrides,
+        scorers=dict(scorers),
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
 
@@ -326,6 +335,9 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
     specs += [ScorerSpec(f"random_s{s}", ("pruning=random", f"pruning.scorer.seed={s}"), "random")
               for s in opts.random_seeds]
     specs += [ScorerSpec(m, (f"pruning={m}",), "baseline") for m in BASELINES]
+    for name, method in opts.scorers.items():
+        _check_new_name("--scorer", name, specs)
+        specs.append(ScorerSpec(name, (f"pruning={method}",), "baseline"))
     if opts.oracle:
         specs += [ScorerSpec(f"oracle_{t}", ("pruning=oracle", f"pruning.scorer.target={t}"), "oracle")
                   for t in opts.oracle_targets]
@@ -340,8 +352,7 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
                       for t in opts.oracle_targets]
     predictors = opts.predictors if opts.predictors is not None else {DEFAULT_PREDICTOR: f"{predictors_dir}/{opts.model}"}
     for name, path in predictors.items():
-        if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
-            raise ConfigError(f"--predictor {name}=...: the name must be new and match {NAME_RE.pattern}")
+        _check_new_name("--predictor", name, specs)
         full = Path(path).resolve()
         base = ("pruning=sdtp", f"pruning.scorer.path={full}", *opts.row_overrides.get(name, ()))
         specs.append(ScorerSpec(name, base, "predictor", full))  # as shipped: the checkpoint's own recency weight
@@ -352,6 +363,11 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
                                  (*base, *one_weight(prior, w), *pinned(prior)), "predictor", full)
                       for w in weights]
     return specs
+
+
+def _check_new_name(option: str, name: str, specs: list[ScorerSpec]) -> None:
+    if not NAME_RE.match(name) or name in {s.name for s in specs} | {paired_tables.RANDOM}:
+        raise ConfigError(f"{option} {name}=...: the name must be new and match {NAME_RE.pattern}")
 
 
 def selected(spec: ScorerSpec, only: tuple[str, ...] | None) -> bool:
@@ -646,6 +662,11 @@ def schedule_origin(opts: ReportOptions) -> str:
     return text + (f", except {rows}" if rows else "") + ": "
 
 
+def _baseline_text(spec: ScorerSpec, opts: ReportOptions) -> str:
+    """What a training-free row keeps: the built-in description, or a ``--scorer`` row's method."""
+    return BASELINES.get(spec.name) or f"`pruning={opts.scorers[spec.name]}`"
+
+
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any],
            refused: dict[str, str], kinds: dict[str, str]) -> dict[str, str]:
     pruned = next((j for j in jobs if j.fingerprint["schedule"] is not None), None)
@@ -684,7 +705,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
                               "(training seeds, listed under it); " for name, group in opts.seed_groups.items())
-                    + "".join(f"`{s.name}` {BASELINES[s.name]}; " for s in specs if s.group == "baseline")
+                    + "".join(f"`{s.name}` {_baseline_text(s, opts)}; " for s in specs if s.group == "baseline")
                     + oracle_note(opts)
                     + ("; ".join(preds) if preds else "no predictor")),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
