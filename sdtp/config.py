@@ -26,6 +26,7 @@ from sdtp.errors import ConfigError
 from sdtp.kv.policy import build_kv_policy
 from sdtp.models.loading import check_family, resolve_dtype
 from sdtp.paths import REPO_ROOT  # also registers the ${repo_root:} resolver
+from sdtp.scorers.base import Scorer
 
 log = logging.getLogger(__name__)
 CONF_DIR = REPO_ROOT / "conf"
@@ -100,8 +101,6 @@ def check_scorer_target(target: str) -> None:
     Checked at composition so that a typo or a user scorer missing from ``PYTHONPATH`` fails before a
     model is loaded, not after (``hydra.utils.instantiate`` would only fail in :func:`build_pruner`).
     """
-    from sdtp.scorers.base import Scorer
-
     module, _, name = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module), name)
