@@ -127,11 +127,12 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
         return
     build_schedule(cfg)
     scorer = cfg.pruning.get("scorer")
-    if scorer is not None and "_target_" not in scorer:
+    if scorer is None:  # pruning=none
+        return
+    if "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
-    if scorer is not None:
-        check_scorer_target(str(scorer._target_))
-    if scorer is not None and scorer.get("path") is not None and not Path(scorer.path).exists():
+    check_scorer_target(str(scorer._target_))
+    if scorer.get("path") is not None and not Path(scorer.path).exists():
         raise ConfigError(
             f"pruning.scorer.path: {scorer.path} does not exist; train a predictor with `sdtp-train` "
             f"for model={cfg.model.name} or point pruning.scorer.path at one"

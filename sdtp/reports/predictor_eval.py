@@ -214,6 +214,15 @@ def _csv(text: str, kind: type = str) -> tuple:
     return tuple(kind(x) for x in text.split(",") if x.strip())
 
 
+def _named(p: argparse.ArgumentParser, option: str, items: list[str], value: str) -> dict[str, str]:
+    """The ``NAME=VALUE`` items of a repeatable option (a later item with the same NAME replaces an earlier one);
+    a usage error on a malformed item."""
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        p.error(f"{option}: expected NAME={value}")
+    return dict(pairs)
+
+
 def parse_args(argv: list[str]) -> ReportOptions:
     p = argparse.ArgumentParser(prog="predictor_report.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -272,12 +281,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
                    help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
                         "--override, e.g. to pair a predictor at another schedule with equal tokens per layer")
     a = p.parse_args(argv)
-    predictors = None
-    if a.predictor:
-        pairs = [item.split("=", 1) for item in a.predictor]
-        if any(len(pair) != 2 for pair in pairs):
-            p.error("--predictor: expected NAME=PATH")
-        predictors = dict(pairs)
+    predictors = _named(p, "--predictor", a.predictor, "PATH") if a.predictor else None
     groups = [item.split("=", 1) for item in a.seed_group]
     if any(len(pair) != 2 or len(_csv(pair[1])) < 2 for pair in groups):
         p.error("--seed-group: expected NAME=A,B[,...] (at least two predictor rows)")
@@ -287,9 +291,6 @@ def parse_args(argv: list[str]) -> ReportOptions:
         if "=" not in override or name not in (predictors or {DEFAULT_PREDICTOR: ""}):
             p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor row")
         row_overrides[name] = (*row_overrides.get(name, ()), override)
-    scorers = [item.split("=", 1) for item in a.scorer]
-    if any(len(pair) != 2 or not all(pair) for pair in scorers):
-        p.error("--scorer: expected NAME=METHOD")
     start, end = (int(x) for x in a.c4_docs.split(":"))
     datasets = _csv(a.datasets)
     if set(datasets) - set(DATASETS):
@@ -315,7 +316,7 @@ def parse_args(argv: list[str]) -> ReportOptions:
         select_priors=_csv(a.select_priors) if a.select_priors else None,
         overrides=tuple(a.override),
         row_overrides=row_overrides,
-        scorers=dict(scorers),
+        scorers=_named(p, "--scorer", a.scorer, "METHOD"),
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
 
