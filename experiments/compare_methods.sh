@@ -12,6 +12,7 @@
 #   STEPS="perplexity table" experiments/compare_methods.sh   # only some steps
 #   TASKS=[sdtp_copa,sdtp_boolq] STEPS="lm_eval table" experiments/compare_methods.sh   # other lm-eval tasks
 #   RANDOM_SEEDS=0,1,2,3,4 STEPS="lm_eval table" experiments/compare_methods.sh           # more random seeds
+#   KV_POLICIES=h2o,keynorm STEPS="kv table" experiments/compare_methods.sh  # conf/kv policies, yours too
 #
 # The random scorer is run once per seed in RANDOM_SEEDS (pruning.scorer.seed, its own multirun: one run
 # directory per seed); the table shows a row per seed and a `random` row whose per-document outcome is
@@ -91,7 +92,7 @@ step longbench  evaluate "${LONGBENCH[@]}"
 step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.num_samples="$NEEDLE_SAMPLES"
 # Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill (multi_news).
 KV_PRUNING="none"; if [[ ",$METHODS," == *,sdtp,* ]]; then KV_PRUNING="none,sdtp"; fi
-KV=(kv=streaming,h2o,snapkv kv.ratio="${KV_RATIO:-0.4}" "${LONGBENCH[@]}")
+KV=(kv="${KV_POLICIES:-streaming,h2o,snapkv}" kv.ratio="${KV_RATIO:-0.4}" "${LONGBENCH[@]}")
 step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" "${KV[@]}"
 step kv with_seed_predictors "${KV[@]}"
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).

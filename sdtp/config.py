@@ -8,7 +8,6 @@ seconds with a message naming the key.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from sdtp.kv.policy import build_kv_policy
 from sdtp.models.loading import check_family, resolve_dtype
 from sdtp.paths import REPO_ROOT  # also registers the ${repo_root:} resolver
 from sdtp.scorers.base import Scorer
+from sdtp.targets import import_target
 
 log = logging.getLogger(__name__)
 CONF_DIR = REPO_ROOT / "conf"
@@ -95,24 +95,6 @@ def offline_by_default() -> list[str]:
     return names
 
 
-def check_scorer_target(target: str) -> None:
-    """Raise unless ``target`` names an importable :class:`~sdtp.scorers.base.Scorer` subclass.
-
-    Checked at composition so that a typo or a user scorer missing from ``PYTHONPATH`` fails before a
-    model is loaded, not after (``hydra.utils.instantiate`` would only fail in :func:`build_pruner`).
-    """
-    module, _, name = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module part ("MyScorer")
-        raise ConfigError(
-            f"pruning.scorer._target_: cannot import {target!r} ({type(err).__name__}: {err}); "
-            "is its package on PYTHONPATH?"
-        ) from err
-    if not (isinstance(obj, type) and issubclass(obj, Scorer)):
-        raise ConfigError(f"pruning.scorer._target_: {target!r} is not a subclass of sdtp.scorers.base.Scorer")
-
-
 def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """Check the composed config; raises :class:`ConfigError` naming the offending key.
 
@@ -131,7 +113,7 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
         return
     if "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
-    check_scorer_target(str(scorer._target_))
+    import_target("pruning.scorer._target_", str(scorer._target_), Scorer)
     if scorer.get("path") is not None and not Path(scorer.path).exists():
         raise ConfigError(
             f"pruning.scorer.path: {scorer.path} does not exist; train a predictor with `sdtp-train` "

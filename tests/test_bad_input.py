@@ -50,6 +50,21 @@ def test_scorer_target_is_checked_at_composition(target, message):
         compose("generate", ["model=tiny-llama", "pruning=norm", f"pruning.scorer._target_={target}"])
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+kv.score._target_=sdtp.kv.scores.AccumulatedAttention"], r"kv\.method: 'h2o' names a built-in policy"),
+    (["kv.method=mine", "+kv.score._target_=my_kv.nope.Score"],
+     r"kv\.score\._target_: cannot import 'my_kv\.nope\.Score' \(ModuleNotFoundError.*PYTHONPATH"),
+    (["kv.method=mine", "+kv.score._target_=torch.nn.Linear"],
+     r"kv\.score\._target_: 'torch\.nn\.Linear' is not a subclass of sdtp\.kv\.scores\.KVScore"),
+    (["kv.method=mine", "+kv.score.window=3"], r"kv\.score\._target_: missing"),
+    (["kv.method=mine"], r"kv\.method: 'mine' not in .*kv\.score\._target_"),
+])
+def test_kv_score_target_is_checked_at_composition(overrides, message):
+    """A KV policy of your own (``kv.score``) fails when the config is composed, before a model loads."""
+    with pytest.raises(ConfigError, match=message):
+        compose("generate", ["model=tiny-llama", "kv=h2o", *overrides])
+
+
 @pytest.mark.parametrize(("overrides", "named"), [
     (["kv=none", "kv.ratio=0.3"], "kv.ratio=0.3"),
     (["pruning=none", "pruning.keep_ratio=0.1"], "pruning.keep_ratio=0.1"),

@@ -109,11 +109,10 @@ def test_cli_subprocess_writes_run_dir(tmp_path):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("eval_name", ["perplexity", "continuation"])
-def test_kv_compression_with_continuation_scoring_is_refused(tmp_path, eval_name):
-    """Runners whose scoring KV compression does not reach refuse kv=... (eval=lm_eval applies it, see
-    tests/test_eval_lm_harness.py)."""
-    cfg = compose("eval", [f"eval={eval_name}", "model=tiny-llama", "kv=h2o", f"run_dir={tmp_path}"])
+def test_kv_compression_with_continuation_scoring_is_refused(tmp_path):
+    """Runners whose scoring KV compression does not reach refuse kv=... (eval=lm_eval and eval=continuation
+    apply it, see tests/test_eval_lm_harness.py and tests/test_eval_continuation.py)."""
+    cfg = compose("eval", ["eval=perplexity", "model=tiny-llama", "kv=h2o", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="kv=h2o"):
         run(cfg)
     assert not (tmp_path / "metrics.json").exists()

@@ -1,4 +1,4 @@
-"""Continuation protocol: segment tiling, token streams, keep-all = dense, the runner's resume."""
+"""Continuation protocol: segment tiling, token streams, keep-all = dense, the runner's resume, KV policies."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
 from sdtp.eval.continuation import SEGMENTS_FILE, jsonl_stream, segment_nll, segments, segments_sha256
+from sdtp.kv import KVCompressor, build_kv_policy
+from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.norm import HiddenNormScorer
 from sdtp.scorers.random import RandomScorer
 
@@ -171,3 +173,50 @@ def test_runner_batch_size_key(tiny_llama, tmp_path):
     assert two["avg_kept_fraction"] == one["avg_kept_fraction"] < 1.0
     with pytest.raises(ConfigError, match="eval.batch_size"):
         continuation.validate(_cfg(tmp_path, "eval.batch_size=0"))
+
+
+def _decoded_on_compressed_cache(model, segs, policy) -> list[float]:
+    """Mean NLL of each segment's continuation fed token by token after a compressed prefill (the decode path)."""
+    nlls = []
+    with KVCompressor(policy)(model):
+        for ctx_ids, cont_ids in segs:
+            out = model(ctx_ids, use_cache=True)
+            logits, cache = [out.logits[:, -1]], output_cache(out)
+            for token in cont_ids[0, :-1]:
+                out = model(token.view(1, 1), **cache_kwargs(cache), use_cache=True)
+                logits.append(out.logits[:, -1])
+                cache = output_cache(out)
+            nlls.append(float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), cont_ids[0])))
+    return nlls
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming"])
+@torch.no_grad()
+def test_kv_policy_scores_the_continuation_on_the_compressed_cache(tiny_llama, tmp_path, method):
+    """sdtp-eval eval=continuation kv=...: each segment's continuation is scored (one block) on its context's
+    compressed cache, = decoding it token by token from that cache; kv.ratio=1.0 reproduces dense."""
+    model, tokenizer, _ = tiny_llama
+    window = ["kv.window=8"] if method == "snapkv" else []
+    cfg = _cfg(tmp_path, "pruning=none", f"kv={method}", *window, f"run_dir={tmp_path / method}")
+    metrics = eval_run(cfg)
+    segs, _ = continuation.build_segments(cfg.eval, tokenizer)
+    records = [json.loads(line) for line in (tmp_path / method / SEGMENTS_FILE).read_text().splitlines()]
+    reference = _decoded_on_compressed_cache(model, segs, build_kv_policy(cfg))
+    assert [r["nll"] for r in sorted(records, key=lambda r: r["id"])] == pytest.approx(reference, rel=1e-4)
+    assert metrics["kv"]["method"] == method and metrics["kv"]["kept_fraction"] == pytest.approx(0.4, abs=0.02)
+    dense = eval_run(_cfg(tmp_path, "pruning=none", f"run_dir={tmp_path / 'dense'}"))["results"]["nll"]
+    assert metrics["results"]["nll"] != pytest.approx(dense, abs=1e-5)  # the tiny model attends almost uniformly
+    whole = eval_run(_cfg(tmp_path, "pruning=none", f"kv={method}", "kv.ratio=1.0", "kv.keep_recent=0",
+                          f"run_dir={tmp_path / 'whole'}"))
+    assert whole["results"]["nll"] == pytest.approx(dense, rel=1e-5) and whole["kv"]["kept_fraction"] == 1.0
+
+
+def test_kv_runs_do_not_resume_from_dense_segments(tmp_path):
+    """A KV policy is part of a segment's fingerprint (a run dir reused with kv=... recomputes), kv=none is not
+    (segment files written before KV support stay valid); a batch is refused, as it would pad the budgets."""
+    segs_sha = "0" * 64
+    dense = continuation.fingerprint(_cfg(tmp_path, "pruning=none"), segs_sha)
+    assert dense == continuation.fingerprint(_cfg(tmp_path, "pruning=none", "kv=none"), segs_sha)
+    assert continuation.fingerprint(_cfg(tmp_path, "pruning=none", "kv=h2o"), segs_sha) != dense
+    with pytest.raises(ConfigError, match="eval.batch_size=1"):
+        continuation.validate(_cfg(tmp_path, "pruning=none", "kv=h2o", "eval.batch_size=2"))

@@ -1,4 +1,5 @@
-"""KV-cache compression: exact per-layer budgets, H2O/SnapKV scores vs eager attention, decoding, composition."""
+"""KV-cache compression: exact per-layer budgets, H2O/SnapKV scores vs eager attention, decoding, composition,
+scores of your own."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.eval.scoring import prefill_context
 from sdtp.kv import CompressedCache, KVCompressor, KVPolicy, build_kv_policy
+from sdtp.kv.scores import KVScore, LayerPrefill
 from sdtp.models import load_model
 from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.random import RandomScorer
@@ -170,6 +172,10 @@ def test_kv_config_group():
         compose("generate", ["kv=streaming", "kv.ratio=0"])
     with pytest.raises(ConfigError, match="kv.kernel"):
         compose("generate", ["kv=snapkv", "kv.kernel=4"])
+    # A policy of your own names its score's class; here the built-in H2O statistic under another name.
+    mine = build_kv_policy(compose("generate", ["kv=h2o", "kv.method=mine",
+                                                "+kv.score._target_=sdtp.kv.scores.AccumulatedAttention"]))
+    assert mine.method == "mine" and type(mine.statistic).__name__ == "AccumulatedAttention"
 
 
 def test_generate_cli_applies_kv_policy_after_pruned_prefill(capsys):
@@ -192,3 +198,56 @@ def test_hf_generate_runs_on_compressed_cache(tiny_llama, prompt_ids):
         hf = model.generate(prompt_ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
         ours = generate(model, prompt_ids, 6)
     assert hf[0, prompt_ids.shape[1]:].tolist() == ours.tokens
+
+
+class ValueNormScore(KVScore):
+    """A user's score: the L2 norm of each cached value (not a built-in statistic), with a window of its own."""
+
+    recent = 7
+
+    def __call__(self, prefill: LayerPrefill) -> torch.Tensor:
+        return prefill.values.float().norm(dim=-1)  # (B, H_kv, T)
+
+
+@torch.no_grad()
+def test_a_score_of_your_own_keeps_protected_plus_its_top_entries_per_head(tiny_llama, prompt_ids):
+    """Each layer and KV head keeps the first/recent entries (its ``recent`` window included) plus the entries
+    with the largest score, computed here by hand from the uncompressed prefill's values."""
+    model, _, _ = tiny_llama
+    policy = KVPolicy("value_norm", ratio=0.4, score=ValueNormScore())
+    n = prompt_ids.shape[1]
+    dense = output_cache(model(prompt_ids, use_cache=True))
+    with KVCompressor(policy)(model):
+        cache = output_cache(model(prompt_ids, use_cache=True))
+    protected = policy.protected(n)
+    assert int(protected[n - 7 :].sum()) == 7 and policy.num_recent(n) == 10  # max(ceil(0.1 n), 7)
+    for idx, layer in enumerate(dense.layers):
+        score = layer.values.float().norm(dim=-1)[0]  # (H_kv, T)
+        for head in range(score.shape[0]):
+            kept = cache.kept[idx][0, head]
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[kept] = True
+            assert len(kept) == policy.budget(n) and bool(chosen[protected].all())
+            # repeated prompt tokens have equal values at layer 0: ties may go either way
+            assert score[head, chosen & ~protected].min() >= score[head, ~chosen].max()
+
+
+@torch.no_grad()
+def test_a_score_of_the_wrong_shape_is_named(tiny_llama, prompt_ids):
+    class PerToken(KVScore):
+        def __call__(self, prefill: LayerPrefill) -> torch.Tensor:
+            return prefill.hidden.norm(dim=-1)  # (B, T): one score per token, not per KV head
+
+    model, _, _ = tiny_llama
+    with KVCompressor(KVPolicy("per_token", score=PerToken()))(model), \
+            pytest.raises(ValueError, match=r"kv.score PerToken returned shape \(1, 97\) at layer 0; expected"):
+        model(prompt_ids, use_cache=True)
+
+
+def test_a_score_of_your_own_needs_a_name_of_its_own():
+    with pytest.raises(ConfigError, match="kv.method: 'h2o' names a built-in policy"):
+        KVPolicy("h2o", score=ValueNormScore())
+    with pytest.raises(ConfigError, match="kv.method: 'mine' not in"):
+        KVPolicy("mine")
+    with pytest.raises(ConfigError, match="kv.score: Linear is not a sdtp.kv.scores.KVScore"):
+        KVPolicy("mine", score=torch.nn.Linear(1, 1))

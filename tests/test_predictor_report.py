@@ -321,3 +321,31 @@ def test_a_scorer_row_needs_name_and_method(setup):
     argv, _ = setup
     with pytest.raises(SystemExit):
         predictor_eval.main([*argv, "--scorer", "hn", "--only", "dense"])
+
+
+def test_a_kv_row_compresses_the_dense_prefill_and_is_paired(setup):
+    """``--kv NAME=METHOD``: the dense prefill's cache cut by a KV policy; kv.ratio=1.0 keeps it whole (= dense)."""
+    argv, out = setup
+    whole = predictor_eval.main([*argv, "--datasets", "wikitext", "--kv", "whole=h2o", "--kv-ratio", "1.0",
+                                 "--out", str(out / "whole"), "--only", "dense,whole"])
+    _, rows = _rows(whole, "wikitext")
+    assert rows["whole"]["nll"] == pytest.approx(rows["dense"]["nll"], rel=1e-5)
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", "--kv", "hh=h2o", "--only", "dense,norm,hh,sdtp"])
+    cell, rows = _rows(report, "wikitext")
+    assert rows["hh"]["nll"] != pytest.approx(rows["dense"]["nll"], rel=1e-4) and rows["hh"]["layer_fraction"] == 1.0
+    record = json.loads(_cache(out, "wikitext_48", "hh").read_text())
+    assert record["kv_kept_fraction"] == pytest.approx(0.4, abs=0.03)
+    assert record["fingerprint"]["kv"]["method"] == "h2o"
+    assert "kv" not in json.loads(_cache(out, "wikitext_48", "norm").read_text())["fingerprint"]
+    assert ("sdtp", "hh") in {(c["a"], c["b"]) for c in cell["comparisons"]}
+    scorers = report["header"]["Scorers"]
+    assert "`hh` `kv=h2o`: the dense prefill's KV cache cut to 0.4 of each layer's entries" in scorers
+
+
+def test_a_kv_row_the_model_refuses_is_named_on_the_page(setup, tmp_path):
+    """KV policies need full attention in every layer: on Gemma3 the row is refused before any cell runs."""
+    argv, _ = setup
+    gemma = [*argv, "--model", "tiny-gemma3", "--datasets", "wikitext", "--predictor", f"sdtp={tmp_path / 'none'}"]
+    report = predictor_eval.main([*gemma, "--kv", "hh=h2o", "--only", "dense,hh"])
+    assert "hh" not in _rows(report, "wikitext")[1]
+    assert "`hh`: KV compression (kv=h2o) assumes full causal attention" in report["header"]["Not run on this model"]

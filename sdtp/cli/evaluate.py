@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 Runner = Callable[[DictConfig, Any, Any, Any, Path], dict[str, Any]]
 FINGERPRINT_FILE = "fingerprint.json"
 # Runners with ``continuation_blocks: true`` that score every request on the KV-compressed cache of its
-# own unpadded prefill (sdtp/eval/lm_eval_model.py); the others refuse kv=... .
-KV_SCORING_RUNNERS = ("sdtp.eval.harness.run",)
+# own unpadded prefill (sdtp/eval/lm_eval_model.py, sdtp/eval/continuation.py); the others refuse kv=... .
+KV_SCORING_RUNNERS = ("sdtp.eval.harness.run", "sdtp.eval.continuation.run")
 # Runners that compress each prompt's context when the (optional) ``compression`` group is set
 # (sdtp/eval/prompt_compression.py); the others refuse compression=... .
 COMPRESSION_RUNNERS = ("sdtp.eval.longbench.run", "sdtp.eval.synthetic.run")
@@ -103,7 +103,7 @@ def validate_eval(cfg: DictConfig) -> Runner:
         # the cache, so the policy would not apply to what they score (sdtp/kv/compressor.py).
         raise ConfigError(
             f"kv={cfg.kv.method}: eval={cfg.eval.name} scores multi-token continuations in a way KV compression "
-            "does not reach; use eval=lm_eval, a generation runner "
+            "does not reach; use eval=lm_eval, eval=continuation, a generation runner "
             "(eval=longbench|needle|passage_count|passage_retrieval) or kv=none"
         )
     compression = (cfg.get("compression") or {}).get("method", "none")

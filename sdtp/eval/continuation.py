@@ -26,6 +26,11 @@ Multi-passage QA (``eval.dataset=passage_qa``, ``eval.data_file`` = the Dolly-15
 text hidden among other rows' texts up to ``context_len`` tokens, LongBench's ``hotpotqa`` prompt, chat
 template as above) -> the first ``cont_len`` tokens of the gold answer.
 
+KV-cache compression (``kv=h2o|snapkv|streaming`` or your own, :mod:`sdtp.kv`): ``sdtp-eval`` installs the
+compressor around the runner, so each context's cache is cut after its (pruned or dense) prefill and
+the continuation is scored on what is left; one segment per prefill (``eval.batch_size=1``), since
+a budget is a fraction of each row's own prompt.
+
 ``eval.batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`):
 contexts left-padded and each row pruned by its own budget; the numbers equal batch 1 up to float
 noise (``tests/test_eval_continuation.py``), so the key is not part of the fingerprint.
@@ -70,6 +75,7 @@ from sdtp.eval.passage_qa import passage_qa_records
 from sdtp.eval.perplexity import wikitext_rows
 from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuation, score_continuations
 from sdtp.flops import prefill_fraction
+from sdtp.kv.policy import kv_enabled
 from sdtp.scorers.oracle import reveal_continuation
 from sdtp.utils import parse_jsonl
 
@@ -324,14 +330,19 @@ def validate(cfg: DictConfig) -> None:
         if scorer.get(key) and int(ev.get("batch_size", 1)) != 1:
             raise ConfigError(f"pruning.scorer.{key}={scorer[key]}: that oracle labels one segment at a time; set "
                               "eval.batch_size=1")
+    if kv_enabled(cfg) and int(ev.get("batch_size", 1)) != 1:
+        raise ConfigError(f"kv={cfg.kv.method}: KV budgets are fractions of each prompt, and a batch pads them; "
+                          "set eval.batch_size=1")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
 
 
 def fingerprint(cfg: DictConfig, segs_sha: str) -> str:
-    """Short hash of what one segment's number depends on: segments, model and pruning config."""
+    """Short hash of what one segment's number depends on: segments, model, pruning and KV config."""
     what = {"segments": segs_sha, "model": OmegaConf.to_container(cfg.model, resolve=True),
             "pruning": OmegaConf.to_container(cfg.pruning, resolve=True)}
+    if kv_enabled(cfg):  # absent with kv=none, so runs from before KV support stay valid
+        what["kv"] = OmegaConf.to_container(cfg.kv, resolve=True)
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

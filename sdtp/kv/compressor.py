@@ -2,13 +2,15 @@
 
 ``with KVCompressor(policy)(model): ...`` installs a forward hook on every decoder layer's
 attention and one on the base model. During a prefill (empty cache at the start), each attention
-hook re-projects the queries it needs from its own input (see :mod:`sdtp.models.attention`, no
-attention matrix is ever materialised beyond one query chunk) and reduces them to one score per
-cached entry and KV head:
+hook hands the policy's score (:mod:`sdtp.kv.scores`) the layer's input and cache
+(:class:`~sdtp.kv.scores.LayerPrefill`), which reduces them to one importance per cached entry and
+KV head; attention is re-projected from the layer's own modules when a score needs it, never
+materialised beyond one query chunk:
 
 * ``h2o``: attention accumulated over every prompt query (causal), chunked over queries;
 * ``snapkv``: attention of the last ``window`` queries, average-pooled along the key axis;
-* ``streaming``: no statistic, recency only.
+* ``streaming``: no statistic, recency only;
+* your own ``kv.score``: whatever its ``__call__`` computes.
 
 When the base model's forward returns, :func:`compress_cache` cuts every layer. With a token
 pruner active, each layer's statistics cover exactly the tokens that reached it, so the policy
@@ -32,17 +34,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sdtp.kv.cache import CompressedCache, compress_cache
 from sdtp.kv.policy import KVPolicy
+from sdtp.kv.scores import KVScore, LayerPrefill
 from sdtp.models import decoder_layers
-from sdtp.models.attention import attention_probs, project_queries
 from sdtp.models.compat import cache_from_kwargs, output_cache
 from sdtp.models.layer_types import require_full_attention
-
-QUERY_CHUNK = 512  # H2O query chunk: bounds the transient (B, H, chunk, T) probabilities
 
 
 def kv_compression(policy: KVPolicy | None, model: nn.Module) -> AbstractContextManager:
@@ -69,10 +68,12 @@ class KVCompressor:
             base.register_forward_pre_hook(self._on_start, with_kwargs=True),
             base.register_forward_hook(self._on_end, with_kwargs=True),
         ]
+        statistic = self.policy.statistic
         for idx, layer in enumerate(decoder_layers(model)):
             handles.append(layer.self_attn.register_forward_pre_hook(self._make_mask_hook(idx), with_kwargs=True))
-            if self.policy.method != "streaming":
-                handles.append(layer.self_attn.register_forward_hook(self._make_attn_hook(idx), with_kwargs=True))
+            if statistic is not None:  # None: recency only, nothing to gather
+                hook = self._make_attn_hook(idx, statistic)
+                handles.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         try:
             yield self
         finally:
@@ -118,42 +119,20 @@ class KVCompressor:
 
         return hook
 
-    def _make_attn_hook(self, idx: int):
+    def _make_attn_hook(self, idx: int, statistic: KVScore):
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             cache = cache_from_kwargs(kwargs)
             if not self._prefill or cache is None:  # no cache: _on_end reports it
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), post input_layernorm
             cos, sin = kwargs["position_embeddings"]
-            keys = cache.layers[idx].keys  # (B, H_kv, T, hd): exactly this prefill's tokens
-            if self.policy.method == "h2o":
-                self._scores[idx] = _accumulated_attention(module, hidden, cos, sin, keys)
-            else:
-                self._scores[idx] = _window_attention(module, hidden, cos, sin, keys, self.policy)
+            layer = cache.layers[idx]  # exactly this prefill's tokens
+            prefill = LayerPrefill(idx, module, args[0] if args else kwargs["hidden_states"], cos, sin,
+                                   layer.keys, layer.values)
+            score = statistic(prefill)
+            if score.shape != layer.keys.shape[:3]:
+                raise ValueError(f"kv.score {type(statistic).__name__} returned shape {tuple(score.shape)} at layer "
+                                 f"{idx}; expected (B, H_kv, T) = {tuple(layer.keys.shape[:3])}")
+            self._scores[idx] = score
 
         return hook
-
-
-def _accumulated_attention(attn: nn.Module, hidden, cos, sin, keys) -> torch.Tensor:
-    """H2O: (B, H_kv, T) sum over all prompt queries (and grouped heads) of causal attention."""
-    length = keys.shape[2]
-    total = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for start in range(0, length, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, length)
-        query = project_queries(attn, hidden[:, start:stop], cos[:, start:stop], sin[:, start:stop])
-        index = torch.arange(start, stop, device=keys.device)
-        total += attention_probs(query, keys, index, attn.scaling).sum(dim=(2, 3))
-    return total
-
-
-def _window_attention(attn: nn.Module, hidden, cos, sin, keys, policy: KVPolicy) -> torch.Tensor:
-    """SnapKV: (B, H_kv, T) attention of the last ``window`` queries, pooled over neighbouring keys."""
-    length = keys.shape[2]
-    w = min(policy.window, length)
-    query = project_queries(attn, hidden[:, -w:], cos[:, -w:], sin[:, -w:])
-    index = torch.arange(length - w, length, device=keys.device)
-    votes = attention_probs(query, keys, index, attn.scaling).sum(dim=(2, 3))  # (B, H_kv, T)
-    # Pooling keeps whole phrases around a hit instead of isolated tokens (SnapKV's clustering).
-    pooled = F.avg_pool1d(votes, kernel_size=policy.kernel, stride=1, padding=policy.kernel // 2)
-    return pooled

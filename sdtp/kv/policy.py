@@ -1,4 +1,4 @@
-"""What a KV-cache compression policy keeps: method, budget and the always-kept entries."""
+"""What a KV-cache compression policy keeps: its score, budget and the always-kept entries."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import hydra
 import torch
 
 from sdtp.errors import ConfigError
+from sdtp.kv.scores import AccumulatedAttention, KVScore, WindowAttention
+from sdtp.targets import import_target
 
 KV_METHODS = ("h2o", "streaming", "snapkv")
 
@@ -20,13 +23,16 @@ class KVPolicy:
 
     Attributes:
         method: ``h2o`` (accumulated attention of every prompt query), ``streaming`` (sinks +
-            most recent entries) or ``snapkv`` (attention of the last ``window`` queries, pooled).
+            most recent entries) or ``snapkv`` (attention of the last ``window`` queries, pooled);
+            with ``score`` set, any other name (the label runs and reports show).
         ratio: kept fraction of each layer's cache, in (0, 1].
         keep_first: leading entries always kept (attention sinks), inside the budget.
         keep_recent: fraction of each layer's entries, at its end, always kept (inside the budget);
             the same first-4 + local-10% convention as the token pruning schedule.
         window: SnapKV observation window (last queries), always kept.
         kernel: SnapKV pooling kernel along the key axis (odd).
+        score: your own :class:`~sdtp.kv.scores.KVScore` (``kv.score._target_``); None = the built-in
+            ``method``'s.
     """
 
     method: str
@@ -35,10 +41,17 @@ class KVPolicy:
     keep_recent: float = 0.1
     window: int = 32
     kernel: int = 5
+    score: KVScore | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in KV_METHODS:
-            raise ConfigError(f"kv.method: {self.method!r} not in {KV_METHODS} (use kv=none for no compression)")
+        if self.score is None and self.method not in KV_METHODS:
+            raise ConfigError(f"kv.method: {self.method!r} not in {KV_METHODS} (use kv=none for no compression, "
+                              "or set kv.score._target_ to your own sdtp.kv.scores.KVScore)")
+        if self.score is not None and self.method in (*KV_METHODS, "none"):
+            raise ConfigError(f"kv.method: {self.method!r} names a built-in policy; give a policy with its own "
+                              "kv.score a name of its own")
+        if self.score is not None and not isinstance(self.score, KVScore):
+            raise ConfigError(f"kv.score: {type(self.score).__name__} is not a sdtp.kv.scores.KVScore")
         if not 0.0 < self.ratio <= 1.0:
             raise ConfigError(f"kv.ratio: {self.ratio} is outside (0, 1]")
         if self.keep_first < 0:
@@ -50,10 +63,20 @@ class KVPolicy:
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"kv.kernel: must be an odd number >= 1, got {self.kernel}")
 
+    @property
+    def statistic(self) -> KVScore | None:
+        """What entries are ranked by: ``score``, or the built-in method's (None: recency, ``streaming``)."""
+        if self.score is not None:
+            return self.score
+        if self.method == "h2o":
+            return AccumulatedAttention()
+        return WindowAttention(self.window, self.kernel) if self.method == "snapkv" else None
+
     def num_recent(self, length: int) -> int:
         recent = math.ceil(self.keep_recent * length - 1e-9)
-        if self.method == "snapkv":
-            recent = max(recent, self.window)  # SnapKV always keeps its observation window
+        statistic = self.statistic
+        if statistic is not None:
+            recent = max(recent, statistic.recent)  # e.g. SnapKV always keeps its observation window
         return min(length, recent)
 
     def protected(self, length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -67,10 +90,28 @@ class KVPolicy:
         return max(min(round(length * self.ratio), length), protected)
 
 
+def kv_enabled(cfg: Mapping[str, Any]) -> bool:
+    """Whether a primary config compresses the KV cache (a ``kv`` group other than ``kv=none``), without
+    building the policy (so a score of your own is not instantiated just to ask)."""
+    kv = cfg.get("kv")
+    return kv is not None and kv.get("method") not in (None, "none")
+
+
 def build_kv_policy(cfg: Mapping[str, Any]) -> KVPolicy | None:
     """The policy of a primary config's ``kv`` group (None if absent or ``kv=none``)."""
-    kv = cfg.get("kv")
-    if kv is None or kv.get("method") in (None, "none"):
+    if not kv_enabled(cfg):
         return None
+    kv = cfg["kv"]
     known = {"method", "ratio", "keep_first", "keep_recent", "window", "kernel"}
-    return KVPolicy(**{key: kv[key] for key in known if kv.get(key) is not None})
+    return KVPolicy(**{key: kv[key] for key in known if kv.get(key) is not None}, score=build_kv_score(kv))
+
+
+def build_kv_score(kv: Mapping[str, Any]) -> KVScore | None:
+    """The ``kv.score`` node's :class:`KVScore`, its class checked before it is built (None if absent)."""
+    node = kv.get("score")
+    if node is None:
+        return None
+    if "_target_" not in node:
+        raise ConfigError("kv.score._target_: missing (which KVScore class to build)")
+    import_target("kv.score._target_", str(node["_target_"]), KVScore)
+    return hydra.utils.instantiate(node)

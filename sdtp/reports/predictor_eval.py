@@ -20,7 +20,9 @@ without a chat template, and then get a prior's text weight.
 
 Scorers: ``dense``; ``random_s<seed>`` per ``--random-seeds`` (``--only random`` = all seeds); ``norm``,
 ``positional``, ``lazyllm``, ``lexical``; one per ``--scorer NAME=METHOD`` (any ``conf/pruning`` method, e.g. a
-scorer of your own: ``docs/extending.md``); one per ``--predictor NAME=PATH`` (default
+scorer of your own: ``docs/extending.md``); one per ``--kv NAME=METHOD`` (a ``conf/kv`` policy, built in or
+your own, compressing the dense prefill's cache; its budget ``kv.ratio`` from the policy's config, or
+``--kv-ratio R`` for every such row); one per ``--predictor NAME=PATH`` (default
 ``sdtp=<paths.predictors_dir>/<model>``; a missing path is skipped with a warning); ``oracle`` with
 ``--oracle`` (slow: a backward pass per context). Every pruner comes from
 ``sdtp.config.compose("eval", [model=..., pruning=<method>, ...])`` + ``build_pruner``, so every
@@ -79,6 +81,7 @@ import re
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,7 @@ from sdtp.config import build_pruner, build_schedule, compose
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
 from sdtp.eval.continuation import Segment, build_segments, segment_nll, segments_sha256, summarize
+from sdtp.kv import build_kv_policy, kv_compression, kv_enabled
 from sdtp.models import load_model
 from sdtp.paths import portable_path, portable_text, portable_tree
 from sdtp.reports import paired_tables
@@ -181,6 +185,8 @@ class ReportOptions:
     overrides: tuple[str, ...] = ()
     row_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # predictor row -> its own overrides
     scorers: dict[str, str] = field(default_factory=dict)  # --scorer row -> its pruning method (conf/pruning)
+    kv: dict[str, str] = field(default_factory=dict)  # --kv row -> its KV policy (conf/kv), dense prefill
+    kv_ratio: float | None = None  # the --kv rows' kv.ratio (None: each policy's own)
     command: str = ""
 
     def tried_weights(self) -> dict[str, tuple[float, ...]]:
@@ -276,6 +282,12 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--scorer", action="append", default=[], metavar="NAME=METHOD",
                    help="repeatable: a row NAME pruning with METHOD (a conf/pruning option, e.g. a scorer of your "
                         "own; docs/extending.md), paired and compared like the built-in training-free rows")
+    p.add_argument("--kv", action="append", default=[], metavar="NAME=METHOD",
+                   help="repeatable: a row NAME whose dense prefill's cache is compressed by METHOD (a conf/kv "
+                        "policy, built in or your own; docs/extending.md), paired like the training-free rows")
+    p.add_argument("--kv-ratio", type=float, default=None,
+                   help="kv.ratio of every --kv row (default: each policy's config; 0.63 = the KV cache the default "
+                        "pruning schedule leaves)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--row-override", action="append", default=[], metavar="NAME=KEY=VALUE",
                    help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
@@ -317,6 +329,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
         overrides=tuple(a.override),
         row_overrides=row_overrides,
         scorers=_named(p, "--scorer", a.scorer, "METHOD"),
+        kv=_named(p, "--kv", a.kv, "METHOD"),
+        kv_ratio=a.kv_ratio,
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
 
@@ -339,6 +353,10 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
     for name, method in opts.scorers.items():
         _check_new_name("--scorer", name, specs)
         specs.append(ScorerSpec(name, (f"pruning={method}",), "baseline"))
+    for name, method in opts.kv.items():
+        _check_new_name("--kv", name, specs)
+        ratio = () if opts.kv_ratio is None else (f"kv.ratio={opts.kv_ratio}",)
+        specs.append(ScorerSpec(name, ("pruning=none", f"kv={method}", *ratio), "baseline"))
     if opts.oracle:
         specs += [ScorerSpec(f"oracle_{t}", ("pruning=oracle", f"pruning.scorer.target={t}"), "oracle")
                   for t in opts.oracle_targets]
@@ -445,6 +463,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         "scorer": scorer,
         "predictor_sha256": predictor_hashes(spec.path) if spec.path is not None else None,
     }
+    if kv_enabled(cfg):  # absent with kv=none, so cells from before KV rows stay valid
+        what["kv"] = OmegaConf.to_container(cfg.kv, resolve=True)
     if spec.path is not None:
         row = row_scorer(cfg, spec)
         weights = prior_weights(cfg, spec, model, dataset, row)
@@ -527,11 +547,9 @@ def refusals(jobs: list[Job], model: nn.Module) -> dict[str, str]:
     found by attaching each scorer's pruner once, before any cell is computed."""
     refused: dict[str, str] = {}
     for job in {j.spec.name: j for j in jobs}.values():
-        pruner = build_pruner(job.cfg)
-        if pruner is None:
-            continue
+        pruner, policy = build_pruner(job.cfg), build_kv_policy(job.cfg)
         try:
-            with pruner(model):
+            with pruner(model) if pruner is not None else nullcontext(), kv_compression(policy, model):
                 pass
         except NotImplementedError as err:
             refused[job.spec.name] = str(err)
@@ -542,7 +560,8 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
     """Score the cell's segments with a fresh pruner and write its cache file atomically."""
     pruner = build_pruner(job.cfg)
     start = time.perf_counter()
-    scores = segment_nll(model, job.segs, pruner, desc=f"{job.dataset}@{job.context_len} {job.spec.name}")
+    with kv_compression(build_kv_policy(job.cfg), model) as press:
+        scores = segment_nll(model, job.segs, pruner, desc=f"{job.dataset}@{job.context_len} {job.spec.name}")
     record = {
         "fingerprint": job.fingerprint,
         "scorer": job.spec.name,
@@ -552,6 +571,7 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
         "kept_fraction": [s.kept_fraction for s in scores],
         "layer_fraction": [s.layer_fraction for s in scores],
         "summary": summarize(scores),
+        **({"kv_kept_fraction": press.kept_fraction} if press is not None else {}),
         "wall_s": round(time.perf_counter() - start, 3),
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
@@ -663,8 +683,13 @@ def schedule_origin(opts: ReportOptions) -> str:
     return text + (f", except {rows}" if rows else "") + ": "
 
 
-def _baseline_text(spec: ScorerSpec, opts: ReportOptions) -> str:
-    """What a training-free row keeps: the built-in description, or a ``--scorer`` row's method."""
+def _baseline_text(spec: ScorerSpec, opts: ReportOptions, cfg: DictConfig | None) -> str:
+    """What a training-free row keeps: the built-in description, a ``--scorer`` row's method or a ``--kv`` row's
+    policy (``cfg``: one of the row's cell configs, None if the model refused it)."""
+    if spec.name in opts.kv:
+        ratio = f" to {float(cfg.kv.ratio):g} of each layer's entries" if cfg is not None else ""
+        return (f"`kv={opts.kv[spec.name]}`: the dense prefill's KV cache cut{ratio} per KV head (its context "
+                "kept and tokens/layer read 100%: no token is pruned)")
     return BASELINES.get(spec.name) or f"`pruning={opts.scorers[spec.name]}`"
 
 
@@ -706,7 +731,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
                               "(training seeds, listed under it); " for name, group in opts.seed_groups.items())
-                    + "".join(f"`{s.name}` {_baseline_text(s, opts)}; " for s in specs if s.group == "baseline")
+                    + "".join(f"`{s.name}` {_baseline_text(s, opts, configs.get(s.name))}; "
+                              for s in specs if s.group == "baseline")
                     + oracle_note(opts)
                     + ("; ".join(preds) if preds else "no predictor")),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "

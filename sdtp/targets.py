@@ -1,0 +1,54 @@
+"""Import the class a config's ``_target_`` names, and check its type, before anything is built.
+
+Hydra's ``instantiate`` only fails when the object is built, which for a scorer or a KV score is
+after the model has loaded. :func:`import_target` runs at composition instead, so a typo or a user
+class missing from ``PYTHONPATH`` fails in seconds with a message naming the config key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from sdtp.errors import ConfigError
+
+
+def _longest_module(parts: list[str]) -> tuple[ModuleType, int]:
+    """The longest importable module prefix of ``parts`` and how many parts it took.
+
+    A shorter prefix is tried only when the longer one itself does not exist, so that a class nested
+    in another (``pkg.mod.Outer.Inner``) resolves, while an import error *inside* an existing module
+    (a missing dependency of the user's code) is reported as it is.
+    """
+    first_error: ModuleNotFoundError | None = None
+    for cut in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:cut])
+        try:
+            return importlib.import_module(name), cut
+        except ModuleNotFoundError as err:
+            if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
+                raise
+            first_error = first_error or err
+    if first_error is None:
+        raise ValueError("expected module.Class")
+    raise first_error
+
+
+def import_target(key: str, target: str, base: type) -> type:
+    """The class ``target`` ("module.Class" or "module.Outer.Inner") names; it must subclass ``base``.
+
+    Raises:
+        ConfigError: naming ``key`` when ``target`` cannot be imported or is not a ``base`` subclass.
+    """
+    parts = target.split(".")
+    try:
+        obj, cut = _longest_module(parts)
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"{key}: cannot import {target!r} ({type(err).__name__}: {err}); is its package on PYTHONPATH?"
+        ) from err
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise ConfigError(f"{key}: {target!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+    return obj
