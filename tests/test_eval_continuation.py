@@ -220,3 +220,12 @@ def test_kv_runs_do_not_resume_from_dense_segments(tmp_path):
     assert continuation.fingerprint(_cfg(tmp_path, "pruning=none", "kv=h2o"), segs_sha) != dense
     with pytest.raises(ConfigError, match="eval.batch_size=1"):
         continuation.validate(_cfg(tmp_path, "pruning=none", "kv=h2o", "eval.batch_size=2"))
+
+
+def test_kv_policy_composes_with_a_pruned_prefill(tmp_path):
+    """pruning=norm kv=h2o: the policy cuts what the pruned prefill left (40% of it) and changes the numbers."""
+    pruned = eval_run(_cfg(tmp_path, "pruning=norm", f"run_dir={tmp_path / 'pruned'}"))
+    both = eval_run(_cfg(tmp_path, "pruning=norm", "kv=h2o", f"run_dir={tmp_path / 'both'}"))
+    assert both["kv"]["kept_fraction"] == pytest.approx(0.4, abs=0.03)
+    assert both["avg_kept_fraction"] == pruned["avg_kept_fraction"] < 1.0
+    assert both["results"]["nll"] != pytest.approx(pruned["results"]["nll"], abs=1e-5)

@@ -286,8 +286,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
                    help="repeatable: a row NAME whose dense prefill's cache is compressed by METHOD (a conf/kv "
                         "policy, built in or your own; docs/extending.md), paired like the training-free rows")
     p.add_argument("--kv-ratio", type=float, default=None,
-                   help="kv.ratio of every --kv row (default: each policy's config; 0.63 = the KV cache the default "
-                        "pruning schedule leaves)")
+                   help="kv.ratio of every --kv row (default: each policy's config); equal KV memory with the pruned "
+                        "rows = their tokens per layer, e.g. 0.63 under SmolLM2's default schedule")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--row-override", action="append", default=[], metavar="NAME=KEY=VALUE",
                    help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
