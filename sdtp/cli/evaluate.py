@@ -56,7 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdtp.config import build_pruner, build_schedule, sdtp_main
 from sdtp.distributed import World, check_world, on_main, process_group, reduce_floats
 from sdtp.errors import ConfigError
-from sdtp.kv import KVCompressor, build_kv_policy, kv_compression
+from sdtp.kv import KVCompressor, build_kv_policy, kv_compression, kv_enabled
 from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.provenance import RunLockedError, differences, fingerprint, run_lock
@@ -97,7 +97,7 @@ def validate_eval(cfg: DictConfig) -> Runner:
     if "eval" not in cfg or cfg.eval is None:
         raise ConfigError("eval: missing; choose a runner with eval=<name> (see conf/eval/)")
     runner = resolve_function(cfg, "runner")
-    if build_kv_policy(cfg) is not None and cfg.eval.get("continuation_blocks", False) \
+    if kv_enabled(cfg) and cfg.eval.get("continuation_blocks", False) \
             and str(cfg.eval.runner) not in KV_SCORING_RUNNERS:
         # These runners left-pad batches of prompts or score dense requests in one forward without
         # the cache, so the policy would not apply to what they score (sdtp/kv/compressor.py).

@@ -326,13 +326,13 @@ def validate(cfg: DictConfig) -> None:
     if int(ev.doc_start) < 0 or (ev.dataset == "jsonl" and empty):
         raise ConfigError(f"eval.doc_start/eval.doc_end: [{ev.doc_start}, {ev.doc_end}) is not a non-empty range")
     scorer = cfg.pruning.get("scorer") or {}
-    for key in ("gold", "samples"):
-        if scorer.get(key) and int(ev.get("batch_size", 1)) != 1:
-            raise ConfigError(f"pruning.scorer.{key}={scorer[key]}: that oracle labels one segment at a time; set "
-                              "eval.batch_size=1")
-    if kv_enabled(cfg) and int(ev.get("batch_size", 1)) != 1:
-        raise ConfigError(f"kv={cfg.kv.method}: KV budgets are fractions of each prompt, and a batch pads them; "
-                          "set eval.batch_size=1")
+    # What scores one segment per prefill: the oracles that label each segment alone, and KV budgets.
+    one_at_a_time = [f"pruning.scorer.{key}={scorer[key]}: that oracle labels one segment at a time"
+                     for key in ("gold", "samples") if scorer.get(key)]
+    if kv_enabled(cfg):
+        one_at_a_time.append(f"kv={cfg.kv.method}: KV budgets are fractions of each prompt, and a batch pads them")
+    if one_at_a_time and int(ev.get("batch_size", 1)) != 1:
+        raise ConfigError(f"{one_at_a_time[0]}; set eval.batch_size=1")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
 

@@ -37,7 +37,7 @@ from sdtp.distributed import World, all_ranks, process_group
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
-from sdtp.kv.policy import build_kv_policy
+from sdtp.kv.policy import build_kv_policy, kv_enabled
 from sdtp.utils import read_jsonl_records
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,8 @@ def validate(cfg: DictConfig) -> None:
     pruned = cfg.pruning.get("scorer") is not None
     if pruned and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
-    kv = build_kv_policy(cfg)
-    if pruned or kv is not None:  # requests scored on the prefilled cache (sdtp.eval.lm_eval_model)
-        what = f"pruning={cfg.pruning.name}" if pruned else f"kv={kv.method}"
+    if pruned or kv_enabled(cfg):  # requests scored on the prefilled cache (sdtp.eval.lm_eval_model)
+        what = f"pruning={cfg.pruning.name}" if pruned else f"kv={cfg.kv.method}"
         kinds = output_types(tasks, str(ev.include_path))
         rolling = _of_type(kinds, ROLLING)
         if rolling:

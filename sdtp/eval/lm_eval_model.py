@@ -80,7 +80,7 @@ from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_refusal
 from sdtp.eval.kept import KeptStats
 from sdtp.eval.scoring import prefill_contexts, score_continuations
-from sdtp.kv import CompressedCache, KVPolicy, build_kv_policy
+from sdtp.kv import CompressedCache, KVPolicy, kv_enabled
 
 log = logging.getLogger(__name__)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -98,7 +98,7 @@ def load_from_config(model: str, pruning: str, overrides: str | None, pretrained
 
     extra = ["model.source=hub", f"model.hf_id={pretrained}"] if pretrained else []
     cfg = compose("eval", [f"model={model}", f"pruning={pruning}", *extra, *_split_overrides(overrides)])
-    if build_kv_policy(cfg) is not None:
+    if kv_enabled(cfg):
         raise ConfigError(f"kv={cfg.kv.method} in --model_args: lm-eval's CLI installs no KV compression hooks; "
                           "run `sdtp-eval eval=lm_eval kv=...` instead")
     hf_model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
