@@ -41,9 +41,10 @@ HOME_TOKEN = "<home>"
 ABS_TOKEN = "<abs>"
 # ``paths.<key>`` -> its portable prefix ("" = relative to the repo root).
 PATH_TOKENS = {"root": "", "data_dir": DATA_DIR_TOKEN, "cache_dir": CACHE_DIR_TOKEN}
-# An absolute POSIX path inside free text. Not after a word character or one of ``.:/~$}>-``, so URLs,
-# "tokens/s", "1/2", relative paths and the portable forms (``${paths.data_dir}/x``, ``<home>/x``) are left alone.
-ABS_PATH = re.compile(r"(?<![\w.:/~$}>\-])/[\w.+\-]+(?:/[\w.+@=\-]*)*")
+# An absolute POSIX path inside free text. Not after a word character or one of ``./~$}>-``, so "tokens/s", "1/2",
+# relative paths and the portable forms (``${paths.data_dir}/x``, ``<home>/x``) are left alone. After ':' it is a
+# path-list entry (``PYTHONPATH=.:/x``); a URL's ``scheme://host/path`` never matches, as its slashes follow '/'.
+ABS_PATH = re.compile(r"(?<![\w./~$}>\-])/[\w.+\-]+(?:/[\w.+@=\-]*)*")
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))

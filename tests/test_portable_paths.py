@@ -32,11 +32,12 @@ def test_portable_path_forms(path, expected):
 
 
 def test_portable_text_rewrites_only_path_tokens():
-    text = ("sdtp-eval 'eval.data_file=/data/mirror/lm/w.raw' --out /clone/sdtp/results/p; "
-            "see https://example.org/a/b, 3/4 of tokens/s, <home>/x and ${paths.data_dir}/y")
-    assert portable_text(text, ROOTS) == (
-        "sdtp-eval 'eval.data_file=${paths.data_dir}/lm/w.raw' --out results/p; "
-        "see https://example.org/a/b, 3/4 of tokens/s, <home>/x and ${paths.data_dir}/y")
+    text = ("PYTHONPATH=.:/scratch/kvproj sdtp-eval 'eval.data_file=/data/mirror/lm/w.raw' "
+            "--out /clone/sdtp/results/p; "
+            "see https://example.org/a/b, file:///c/d, 3/4 of tokens/s, <home>/x and ${paths.data_dir}/y")
+    assert portable_text(text, ROOTS) == (  # a path-list entry after ':' too, never a URL's path
+        "PYTHONPATH=.:<abs>/kvproj sdtp-eval 'eval.data_file=${paths.data_dir}/lm/w.raw' --out results/p; "
+        "see https://example.org/a/b, file:///c/d, 3/4 of tokens/s, <home>/x and ${paths.data_dir}/y")
 
 
 def test_portable_tree_keys_values_and_numbers():

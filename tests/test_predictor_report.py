@@ -71,6 +71,7 @@ def test_computes_selected_scorers_and_pairs_random_on_the_seed_mean(setup):
     assert "### c4, context 48 (3 segments)" in page and "random (mean of 2 seeds)" in page
     assert "pooled over c4, multi_news, wikitext, context 48" in page and "logical CPUs" in page
     assert "### multi_news, context 48 (3 segments)" in page
+    assert "KV cache" not in page  # no KV policy on this page: the column would repeat tokens/layer
 
 
 def test_renders_fabricated_caches_and_ignores_a_mismatched_fingerprint(setup, monkeypatch):
@@ -340,6 +341,30 @@ def test_a_kv_row_compresses_the_dense_prefill_and_is_paired(setup):
     assert ("sdtp", "hh") in {(c["a"], c["b"]) for c in cell["comparisons"]}
     scorers = report["header"]["Scorers"]
     assert "`hh` `kv=h2o`: the dense prefill's KV cache cut to 0.4 of each layer's entries" in scorers
+
+
+def test_a_predictor_row_with_a_kv_policy_prunes_and_compresses(setup):
+    """A hybrid row (``--row-override NAME=kv=...``): a milder schedule, then the KV policy cuts what the pruned
+    prefill left; its KV cache = tokens/layer x the kept share, and the header names its overrides."""
+    argv, out = setup
+    hybrid = ["--predictor", f"mix={out.parent / 'predictor'}", "--row-override", "mix=pruning.keep_ratio=0.95",
+              "--row-override", "mix=kv=h2o", "--row-override", "mix=kv.ratio=0.5"]
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", *hybrid, "--only", "dense,sdtp,mix"])
+    cell, rows = _rows(report, "wikitext")
+    record = json.loads(_cache(out, "wikitext_48", "mix").read_text())
+    assert record["kv_kept_fraction"] == pytest.approx(0.5, abs=0.03)
+    assert record["fingerprint"]["kv"]["ratio"] == 0.5
+    assert record["fingerprint"]["schedule"]["keep_fractions"][0] == pytest.approx(0.95)
+    assert rows["sdtp"]["layer_fraction"] < rows["mix"]["layer_fraction"] < 1.0
+    assert rows["mix"]["kv_fraction"] == pytest.approx(rows["mix"]["layer_fraction"] * record["kv_kept_fraction"])
+    assert rows["sdtp"]["kv_fraction"] is None
+    assert {("sdtp", "mix"), ("mix", "dense")} <= {(c["a"], c["b"]) for c in cell["comparisons"]}
+    page = (out / "eval.md").read_text()
+    assert "| tokens/layer | KV cache |" in page
+    layer = f"{100 * rows['sdtp']['layer_fraction']:.1f}%"
+    assert f"| {layer} | {layer} |" in page  # no KV policy: the cache holds what reached each layer
+    assert f"| {100 * rows['mix']['kv_fraction']:.1f}% |" in page
+    assert "except `mix` (and its prior rows) with `pruning.keep_ratio=0.95` `kv=h2o` `kv.ratio=0.5`" in page
 
 
 def test_a_kv_row_the_model_refuses_is_named_on_the_page(setup, tmp_path):

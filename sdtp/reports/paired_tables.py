@@ -57,9 +57,10 @@ def with_seed_means(nll: dict[str, list[float]], groups: Mapping[str, Sequence[s
     return out
 
 
-def scorer_rows(nll: dict[str, list[float]], fractions: dict[str, tuple[float, float]],
+def scorer_rows(nll: dict[str, list[float]], fractions: dict[str, tuple[float, float, float | None]],
                 order: Sequence[str], groups: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
-    """One row per scorer in ``order`` that has numbers; ``fractions``: scorer -> (kept, per-layer);
+    """One row per scorer in ``order`` that has numbers; ``fractions``: scorer -> (kept, per-layer, KV cache),
+    the KV cache's share of dense None without a KV policy (it is then the per-layer share);
     ``groups``: seed-group row -> its member rows (:func:`with_seed_means`)."""
     member_of = {m: name for name, members in groups.items() for m in members}
     rows = []
@@ -75,6 +76,7 @@ def scorer_rows(nll: dict[str, list[float]], fractions: dict[str, tuple[float, f
             "scorer": name, "n": len(nll[name]), "nll": mean, "ppl": math.exp(mean),
             "delta_vs_dense": None if name == "dense" else delta,
             "kept_fraction": kept[0] if kept else None, "layer_fraction": kept[1] if kept else None,
+            "kv_fraction": kept[2] if kept else None,
             "seed_of": member_of.get(name),
             "seeds": [s for s in groups[name] if s in nll] if name in groups else None,
         })
@@ -156,14 +158,18 @@ def cell_markdown(cell: dict[str, Any]) -> list[str]:
     lines = [f"### {cell['dataset']}, context {cell['context_len']} ({cell['segments']} segments)", ""]
     if not cell["rows"]:
         return lines + ["No scorer computed yet.", ""]
-    lines += ["| scorer | mean NLL | exp(NLL) | Δ vs dense [95% t CI] | context kept | tokens/layer |",
-              "|---|---:|---:|---|---:|---:|"]
+    # The KV cache column only on pages with a KV policy: elsewhere it equals tokens/layer.
+    kv = any(row.get("kv_fraction") is not None for row in cell["rows"])
+    lines += ["| scorer | mean NLL | exp(NLL) | Δ vs dense [95% t CI] | context kept | tokens/layer |"
+              + (" KV cache |" if kv else ""), "|---|---:|---:|---|---:|---:|" + ("---:|" if kv else "")]
     for row in cell["rows"]:
         name = f"  ↳ {row['scorer']}" if row["seed_of"] else row["scorer"]
         if row["seeds"]:
             name = f"{row['scorer']} (mean of {len(row['seeds'])} seeds)"
+        cache = row.get("kv_fraction")
         lines.append(f"| {name} | {row['nll']:.4f} | {row['ppl']:.3f} | {interval_text(row['delta_vs_dense'])} | "
-                     f"{_pct(row['kept_fraction'])} | {_pct(row['layer_fraction'])} |")
+                     f"{_pct(row['kept_fraction'])} | {_pct(row['layer_fraction'])} |"
+                     + (f" {_pct(row['layer_fraction'] if cache is None else cache)} |" if kv else ""))
     if cell["comparisons"]:
         lines += ["", f"Predictor comparisons (Δ = first − second; Holm over the {len(cell['comparisons'])} "
                       "comparisons of this table):", "",

@@ -38,7 +38,8 @@ offline data mirror),
 ``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``,
 or another schedule), ``--row-override NAME=KEY=VALUE`` (one predictor row's own override, applied after
 ``--override``: e.g. a predictor at the model's default schedule paired with one trained for a later first
-stage at equal tokens per layer),
+stage at equal tokens per layer, or a hybrid row: a milder schedule plus a KV policy, ``kv=h2o kv.ratio=R``,
+cutting what the pruned prefill left to equal KV memory; pages with a KV policy get a KV-cache column),
 ``--multi-news-start N`` / ``--passage-qa-start N`` (first record; validation pages use records the test
 page does not), ``--dolly-file``, ``--seed-group NAME=A,B,C`` (a row pairing on the per-segment mean of
 predictor rows A, B, C, e.g. one recipe trained with three seeds, as ``random`` does with its seeds: the
@@ -291,7 +292,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--row-override", action="append", default=[], metavar="NAME=KEY=VALUE",
                    help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
-                        "--override, e.g. to pair a predictor at another schedule with equal tokens per layer")
+                        "--override, e.g. to pair a predictor at another schedule with equal tokens per layer, or "
+                        "to add a KV policy (kv=h2o, kv.ratio=R) to a milder schedule")
     a = p.parse_args(argv)
     predictors = _named(p, "--predictor", a.predictor, "PATH") if a.predictor else None
     groups = [item.split("=", 1) for item in a.seed_group]
@@ -623,13 +625,22 @@ def focus_rows(specs: list[ScorerSpec], groups: dict[str, list[str]]) -> list[st
     return [n for n in display_order(specs, groups, seeds=False) if n in predictors]
 
 
+def cache_fractions(record: dict[str, Any]) -> tuple[float, float, float | None]:
+    """A cell's mean context kept, mean tokens per layer and, with a KV policy, the KV cache's share of
+    dense: tokens per layer x the share of the prefill's entries the policy kept (pooled over segments, so
+    approximate when segments differ in length)."""
+    n = len(record["nll"])
+    layer = sum(record["layer_fraction"]) / n
+    kv = record.get("kv_kept_fraction")
+    return sum(record["kept_fraction"]) / n, layer, None if kv is None else layer * kv
+
+
 def _cell(jobs: list[Job], specs: list[ScorerSpec],
           groups: dict[str, list[str]]) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Table of one dataset x context from its jobs' records; also returns the NLLs (every row) for pooling."""
     records = {j.spec.name: j.record for j in jobs if j.record is not None}
     nll = paired_tables.with_seed_means({n: r["nll"] for n, r in records.items()}, groups)
-    fractions = {n: (sum(r["kept_fraction"]) / len(r["nll"]), sum(r["layer_fraction"]) / len(r["nll"]))
-                 for n, r in records.items()}
+    fractions = {n: cache_fractions(r) for n, r in records.items()}
     order = display_order(specs, groups, seeds=True)
     comparable = display_order(specs, groups, seeds=False)  # the seeds enter comparisons through their mean
     cell = {
@@ -671,12 +682,18 @@ def schedule_override(override: str) -> bool:
     return override.startswith("pruning.") and not override.startswith("pruning.scorer.")
 
 
+def kv_override(override: str) -> bool:
+    """Whether a Hydra override sets the KV policy (``kv=h2o``, ``kv.ratio=0.8``, ...)."""
+    return override.startswith(("kv=", "kv."))
+
+
 def schedule_origin(opts: ReportOptions) -> str:
-    """Where the page's schedule comes from, and the predictor rows that run under their own schedule."""
+    """Where the page's schedule comes from, and the predictor rows that run under their own schedule or
+    compress their cache (e.g. a milder schedule plus H2O at equal KV memory)."""
     page = any(map(schedule_override, opts.overrides))
     text = ("set by `--override` for every pruned scorer" if page else
             "model default for every pruned scorer (equal tokens per layer)")
-    own = {name: [o for o in overrides if schedule_override(o)]  # prior weights are listed with the scorers
+    own = {name: [o for o in overrides if schedule_override(o) or kv_override(o)]  # prior weights: with the scorers
            for name, overrides in opts.row_overrides.items()}
     rows = "; ".join(f"`{name}` (and its prior rows) with {' '.join(f'`{o}`' for o in schedule)}"
                      for name, schedule in own.items() if schedule)
