@@ -10,10 +10,10 @@
 # predictor), whose cells are copied from results/predictors/<model>/continuation when the page has none;
 # H2O, SnapKV and StreamingLLM on the dense prefill, each layer's cache cut to 63% (= the tokens per layer the
 # default schedule leaves); and hybrids sdtp<r>_h2o: SDTP with the milder per-stage keep ratio 0.<r>, then
-# H2O cutting what the pruned prefill left to the same 63% (kv.ratio = 0.63 / its tokens per layer: 0.72,
-# 0.789 and 0.867 of the dense work for r = 93, 95, 97). Cells are reused when their fingerprint matches
-# (sdtp/reports/predictor_eval.py), so a fresh clone re-renders; missing cells are computed (H2O: 2-4 min per
-# set at 2K, 7-14 min at 4K on 2 CPU cores). Extra arguments go to every scripts/predictor_report.py call.
+# H2O cutting what the pruned prefill left to the same 63%: kv.ratio = 0.63 / the schedule's tokens per layer
+# (0.720, 0.789 and 0.867 for r = 93, 95, 97, from sdtp.config.build_schedule). Cells are reused when their
+# fingerprint matches (sdtp/reports/predictor_eval.py), so a fresh clone re-renders; missing cells are computed
+# (H2O: 2-4 min per set at 2K, 7-14 min at 4K on 2 CPU cores). Extra arguments go to scripts/predictor_report.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
@@ -24,7 +24,8 @@ mkdir -p "$PAGE/continuation"
 for cell in "$PRED"/continuation/*/; do   # the baseline cells: reused only where their fingerprint matches
   name="$(basename "$cell")"
   mkdir -p "$PAGE/continuation/$name"
-  cp -n "$cell"/{dense,random_s*,norm,positional,lazyllm,lexical,sdtp}.json "$PAGE/continuation/$name/" 2>/dev/null || true
+  cp -n "$cell"/{dense,random_s*,norm,positional,lazyllm,lexical,sdtp}.json "$PAGE/continuation/$name/" \
+    2>/dev/null || true   # a cell the predictor page lacks is computed below
 done
 hybrid=(--predictor "sdtp=$PRED")
 for point in 93:0.874 95:0.798 97:0.727; do

@@ -158,7 +158,7 @@ def cell_markdown(cell: dict[str, Any]) -> list[str]:
     lines = [f"### {cell['dataset']}, context {cell['context_len']} ({cell['segments']} segments)", ""]
     if not cell["rows"]:
         return lines + ["No scorer computed yet.", ""]
-    # The KV cache column only on pages with a KV policy: elsewhere it equals tokens/layer.
+    # The KV cache column only in cells with a KV policy: elsewhere it equals tokens/layer.
     kv = any(row.get("kv_fraction") is not None for row in cell["rows"])
     lines += ["| scorer | mean NLL | exp(NLL) | Δ vs dense [95% t CI] | context kept | tokens/layer |"
               + (" KV cache |" if kv else ""), "|---|---:|---:|---|---:|---:|" + ("---:|" if kv else "")]
