@@ -8,10 +8,10 @@
 #
 # Rows: the predictor page's scorers (dense, random, norm, positional, lazyllm, lexical, the shipped SDTP
 # predictor), whose cells are copied from results/predictors/<model>/continuation when the page has none;
-# H2O, SnapKV and StreamingLLM on the dense prefill, each layer's cache cut to 63% (= the tokens per layer the
-# default schedule leaves); and hybrids sdtp<r>_h2o: SDTP with the milder per-stage keep ratio 0.<r>, then
-# H2O cutting what the pruned prefill left to the same 63%: kv.ratio = 0.63 / the schedule's tokens per layer
-# (0.720, 0.789 and 0.867 for r = 93, 95, 97, from sdtp.config.build_schedule). Cells are reused when their
+# H2O, SnapKV and StreamingLLM on the dense prefill, each layer's cache cut to the share of tokens per layer the
+# model's default schedule leaves (SmolLM2: 0.63); and hybrids sdtp<r>_h2o: SDTP with the milder per-stage keep
+# ratio 0.<r>, then H2O cutting what the pruned prefill left to the same share: kv.ratio = that share / the milder
+# schedule's (SmolLM2: 0.63 / 0.720, 0.789 and 0.867 for r = 93, 95, 97). Cells are reused when their
 # fingerprint matches (sdtp/reports/predictor_eval.py), so a fresh clone re-renders; missing cells are computed
 # (H2O: 2-4 min per set at 2K, 7-14 min at 4K on 2 CPU cores). Extra arguments go to scripts/predictor_report.py.
 set -euo pipefail
@@ -27,13 +27,28 @@ for cell in "$PRED"/continuation/*/; do   # the baseline cells: reused only wher
   cp -n "$cell"/{dense,random_s*,norm,positional,lazyllm,lexical,sdtp}.json "$PAGE/continuation/$name/" \
     2>/dev/null || true   # a cell the predictor page lacks is computed below
 done
-hybrid=(--predictor "sdtp=$PRED")
-for point in 93:0.874 95:0.798 97:0.727; do
-  IFS=: read -r keep ratio <<< "$point"
-  hybrid+=(--predictor "sdtp${keep}_h2o=$PRED" --row-override "sdtp${keep}_h2o=pruning.keep_ratio=0.${keep}"
-           --row-override "sdtp${keep}_h2o=kv=h2o" --row-override "sdtp${keep}_h2o=kv.ratio=${ratio}")
-done
-kv=(--kv h2o=h2o --kv snapkv=snapkv --kv streaming=streaming --kv-ratio 0.63)
 export PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+KEEPS=(93 95 97)
+# Equal KV memory from the model's own schedules: the default's share of tokens per layer (2 decimals), then each
+# hybrid's kv.ratio (3 decimals); the printed values are part of the cells' fingerprints.
+read -r share "${KEEPS[@]/#/ratio}" < <("$PY" - "$MODEL" "${KEEPS[@]}" <<'EOF'
+import sys
+from sdtp.config import build_schedule, compose
+model, keeps, length = sys.argv[1], sys.argv[2:], 1_000_000  # long enough that budgets do not round
+def share(*overrides: str) -> float:
+    cfg = compose("eval", [f"model={model}", "pruning=random", *overrides])
+    layers = int(cfg.model.num_layers)
+    return sum(build_schedule(cfg).tokens_per_layer(length, layers)) / (length * layers)
+default = share()
+print(f"{default:.2f}", *(f"{default / share(f'pruning.keep_ratio=0.{keep}'):.3f}" for keep in keeps))
+EOF
+)
+hybrid=(--predictor "sdtp=$PRED")
+for keep in "${KEEPS[@]}"; do
+  ratio="ratio${keep}"
+  hybrid+=(--predictor "sdtp${keep}_h2o=$PRED" --row-override "sdtp${keep}_h2o=pruning.keep_ratio=0.${keep}"
+           --row-override "sdtp${keep}_h2o=kv=h2o" --row-override "sdtp${keep}_h2o=kv.ratio=${!ratio}")
+done
+kv=(--kv h2o=h2o --kv snapkv=snapkv --kv streaming=streaming --kv-ratio "$share")
 "$PY" scripts/predictor_report.py --model "$MODEL" --datasets wikitext,c4,multi_news,passage_qa \
   --contexts 2048,4096 "${kv[@]}" "${hybrid[@]}" --out "$PAGE" "$@"   # a later --contexts wins (argparse)
