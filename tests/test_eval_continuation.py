@@ -229,3 +229,33 @@ def test_kv_policy_composes_with_a_pruned_prefill(tmp_path):
     assert both["kv"]["kept_fraction"] == pytest.approx(0.4, abs=0.03)
     assert both["avg_kept_fraction"] == pruned["avg_kept_fraction"] < 1.0
     assert both["results"]["nll"] != pytest.approx(pruned["results"]["nll"], abs=1e-5)
+
+
+def test_the_runner_refills_and_fingerprints_it(tiny_llama, tmp_path):
+    model, tokenizer, _ = tiny_llama
+    cfg = _cfg(tmp_path, "pruning=norm", "+pruning.refill=true")
+    continuation.validate(cfg)
+    validate_eval(cfg)
+    pruner = TokenPruner(PRUNE, HiddenNormScorer())
+    result = continuation.run(cfg, model, tokenizer, pruner, tmp_path / "run")
+    assert result["avg_layer_token_fraction"] == 1.0 and result["avg_cache_fraction"] < 1.0
+    assert result["flops"] == continuation.schedule_flops(model, 96, None)  # the cache comes from a dense prefill
+    plain = _cfg(tmp_path, "pruning=norm")
+    assert continuation.fingerprint(cfg, "x") != continuation.fingerprint(plain, "x")
+    assert "avg_cache_fraction" not in continuation.run(plain, model, tokenizer, pruner, tmp_path / "plain")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("pruning=none", "+pruning.refill=true"), "needs a pruning method"),
+    (("pruning=norm", "+pruning.refill=true", "kv=h2o"), "no kv policy"),
+    (("pruning=norm", "+pruning.refill=true", "eval.batch_size=2"), "eval.batch_size=1"),
+])
+def test_bad_refill_configs_fail_before_work(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        continuation.validate(_cfg(tmp_path, *overrides))
+
+
+def test_only_the_continuation_runner_refills(tmp_path):
+    cfg = compose("eval", ["eval=perplexity", "model=tiny-llama", "pruning=norm", "+pruning.refill=true"])
+    with pytest.raises(ConfigError, match="only eval=continuation refills"):
+        validate_eval(cfg)

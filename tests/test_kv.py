@@ -251,3 +251,91 @@ def test_a_score_of_your_own_needs_a_name_of_its_own():
         KVPolicy("mine")
     with pytest.raises(ConfigError, match="kv.score: Linear is not a sdtp.kv.scores.KVScore"):
         KVPolicy("mine", score=torch.nn.Linear(1, 1))
+
+
+@torch.no_grad()
+def test_layer_ratios_set_each_layers_budget(tiny, prompt_ids):
+    """``kv.layer_ratios``: one kept fraction per layer (PyramidKV-style, or a pruning schedule's tokens per layer)."""
+    model, _, _ = tiny
+    layers, n = model.config.num_hidden_layers, prompt_ids.shape[1]
+    ratios = tuple(1.0 - 0.6 * i / (layers - 1) for i in range(layers))  # 1.0 down to 0.4
+    policy = KVPolicy("h2o", ratio=0.4, layer_ratios=ratios)
+    with KVCompressor(policy)(model) as press:
+        cache = output_cache(model(prompt_ids, use_cache=True))
+    expected = [max(round(n * r), policy.budget(n)) for r in ratios]
+    assert cache_lengths(cache) == expected == [after for _, after in press.last_sizes]
+    assert expected[0] == n and expected[-1] == policy.budget(n)
+    with pytest.raises(ConfigError, match="kv.layer_ratios: 2 ratios for a model with"):
+        with KVCompressor(KVPolicy("h2o", layer_ratios=(1.0, 0.5)))(model):
+            pass
+
+
+def test_layer_ratios_are_checked_at_composition():
+    policy = build_kv_policy(compose("generate", ["model=tiny-llama", "kv=h2o", "+kv.layer_ratios=[1,1,0.5,0.5]"]))
+    assert policy.layer_ratios == (1.0, 1.0, 0.5, 0.5) and policy.budget(100, 2) == 50 and policy.budget(100) == 40
+    with pytest.raises(ConfigError, match="kv.layer_ratios: 3 ratios for a model with 4 layers"):
+        compose("generate", ["model=tiny-llama", "kv=h2o", "+kv.layer_ratios=[1,1,0.5]"])
+    with pytest.raises(ConfigError, match=r"kv.layer_ratios: .* in \(0, 1\]"):
+        compose("generate", ["model=tiny-llama", "kv=h2o", "+kv.layer_ratios=[1,1,0,0.5]"])
+
+
+@torch.no_grad()
+def test_per_head_false_keeps_one_token_set_per_layer(tiny_llama, prompt_ids):
+    """``kv.per_head=false``: every KV head of a layer keeps the same entries: protected + top of the summed score."""
+    model, _, _ = tiny_llama
+    policy = KVPolicy("h2o", ratio=0.4, per_head=False)
+    scores = {}
+    real = compressor_module.compress_cache
+
+    def spy(cache, pol, layer_scores):
+        scores.update({idx: score.clone() for idx, score in layer_scores.items()})
+        return real(cache, pol, layer_scores)
+
+    n = prompt_ids.shape[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compressor_module, "compress_cache", spy)
+        with KVCompressor(policy)(model):
+            cache = output_cache(model(prompt_ids, use_cache=True))
+    assert model.config.num_key_value_heads > 1
+    protected = policy.protected(n)
+    for idx, kept in enumerate(cache.kept):  # (B, H_kv, k)
+        assert kept.shape[-1] == policy.budget(n) and bool((kept == kept[:, :1]).all())
+        total = scores[idx].sum(dim=1)[0].masked_fill(protected, float("inf"))
+        assert set(kept[0, 0].tolist()) == set(total.topk(policy.budget(n)).indices.tolist())
+    assert build_kv_policy(compose("generate", ["kv=h2o", "+kv.per_head=false"])).per_head is False
+
+
+class LayerNoise(KVScore):
+    """Scores drawn per layer (seeded by the layer), so free per-layer choices are not nested by chance."""
+
+    def __call__(self, prefill: LayerPrefill) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(prefill.layer)
+        return torch.rand(prefill.keys.shape[:3], generator=generator)
+
+
+@torch.no_grad()
+def test_nested_layers_keep_subsets_of_the_layer_before(tiny_llama, prompt_ids):
+    """``kv.nested``: an entry evicted at one layer stays evicted deeper (the token pruner's constraint), and each
+    layer keeps its protected entries plus the top of its own score among what the layer before kept."""
+    model, _, _ = tiny_llama
+    n, layers = prompt_ids.shape[1], model.config.num_hidden_layers
+    ratios = tuple(0.9 ** (i + 1) for i in range(layers))
+
+    def kept(**options):
+        policy = KVPolicy("noise", score=LayerNoise(), layer_ratios=ratios, **options)
+        with KVCompressor(policy)(model):
+            cache = output_cache(model(prompt_ids, use_cache=True))
+        return [set(k[0, 0].tolist()) for k in cache.kept], policy
+
+    (nested, policy), (free, _) = kept(nested=True), kept()
+    assert [len(k) for k in nested] == [len(k) for k in free] == [policy.budget(n, i) for i in range(layers)]
+    assert nested[0] == free[0] and any(not deeper <= shallower for shallower, deeper in zip(free, free[1:]))
+    protected = set(policy.protected(n).nonzero()[:, 0].tolist())
+    for idx in range(1, layers):
+        score = torch.rand(n, generator=torch.Generator().manual_seed(idx))
+        others = sorted(nested[idx - 1] - protected, key=lambda j: -float(score[j]))
+        assert nested[idx] == protected | set(others[: policy.budget(n, idx) - len(protected)])
+    pruned = TokenPruner(PruningSchedule(layers=(2,), keep_fractions=(0.5,)), RandomScorer())
+    with pruned(model), KVCompressor(KVPolicy("h2o", nested=True))(model):
+        with pytest.raises(ValueError, match="kv.nested: layers cache"):
+            model(prompt_ids, use_cache=True)

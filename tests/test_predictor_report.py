@@ -374,3 +374,46 @@ def test_a_kv_row_the_model_refuses_is_named_on_the_page(setup, tmp_path):
     report = predictor_eval.main([*gemma, "--kv", "hh=h2o", "--only", "dense,hh"])
     assert "hh" not in _rows(report, "wikitext")[1]
     assert "`hh`: KV compression (kv=h2o) assumes full causal attention" in report["header"]["Not run on this model"]
+
+
+def test_a_refilled_scorer_row_keeps_the_pruned_layout_after_a_dense_prefill(setup):
+    """``--row-override NAME=+pruning.refill=true`` on a ``--scorer`` row: the norm row's kept tokens, refilled;
+    tokens/layer 100%, KV cache = the norm row's tokens/layer, a fingerprint of its own, a header line."""
+    argv, out = setup
+    refill = ["--scorer", "hn=norm", "--row-override", "hn=+pruning.refill=true"]
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", *refill, "--only", "dense,norm,hn,sdtp"])
+    cell, rows = _rows(report, "wikitext")
+    record = json.loads(_cache(out, "wikitext_48", "hn").read_text())
+    assert record["fingerprint"]["refill"] is True
+    assert "refill" not in json.loads(_cache(out, "wikitext_48", "norm").read_text())["fingerprint"]
+    assert rows["hn"]["layer_fraction"] == 1.0 and rows["hn"]["nll"] != rows["norm"]["nll"]
+    assert rows["hn"]["kv_fraction"] == pytest.approx(rows["norm"]["layer_fraction"])
+    assert ("sdtp", "hn") in {(c["a"], c["b"]) for c in cell["comparisons"]}
+    assert "`hn` prefill twice" in report["header"]["Refill"]
+    assert "except `hn` with `+pruning.refill=true`" in report["header"]["Schedule"]
+    knob = predictor_eval.main([*argv, "--datasets", "wikitext", "--scorer", "lz=lazyllm", "--row-override",
+                                "lz=pruning.scorer.num_queries=4", "--only", "dense,lz"])
+    assert "`lz` `pruning=lazyllm` `pruning.scorer.num_queries=4`" in knob["header"]["Scorers"]
+    assert json.loads(_cache(out, "wikitext_48", "lz").read_text())["fingerprint"]["scorer"]["num_queries"] == 4
+    with pytest.raises(SystemExit):  # a row override names a --predictor or --scorer row
+        predictor_eval.main([*argv, "--row-override", "norm=+pruning.refill=true", "--only", "dense"])
+
+
+def test_a_kv_row_with_per_layer_budgets(setup):
+    """``--row-override NAME=+kv.layer_ratios=[...]`` on a ``--kv`` row: each layer's cache cut to its own ratio."""
+    argv, out = setup
+    pyramid = ["--kv", "pyr=h2o", "--row-override", "pyr=+kv.layer_ratios=[1,1,0.5,0.5]"]
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", *pyramid, "--only", "dense,pyr"])
+    _, rows = _rows(report, "wikitext")
+    record = json.loads(_cache(out, "wikitext_48", "pyr").read_text())
+    assert record["fingerprint"]["kv"]["layer_ratios"] == [1, 1, 0.5, 0.5]
+    assert record["kv_kept_fraction"] == pytest.approx(0.75, abs=0.03) and rows["pyr"]["layer_fraction"] == 1.0
+    assert "`pyr` `kv=h2o`: the dense prefill's KV cache cut layer by layer to `kv.layer_ratios` (mean 0.75" in \
+        report["header"]["Scorers"]
+    assert "except `pyr` with `+kv.layer_ratios=[1,1,0.5,0.5]`" in report["header"]["Schedule"]
+    nested = predictor_eval.main([*argv, "--datasets", "wikitext", "--kv", "nest=h2o", "--row-override",
+                                  "nest=+kv.layer_ratios=[1,0.8,0.6,0.5]", "--row-override", "nest=+kv.per_head=false",
+                                  "--row-override", "nest=+kv.nested=true", "--only", "dense,nest"])
+    assert ("`nest` `kv=h2o`: the dense prefill's KV cache cut layer by layer to `kv.layer_ratios` (mean 0.725 of the "
+            "entries), one token set per layer for all KV heads, each layer within the entries the layer before kept") \
+        in nested["header"]["Scorers"]

@@ -113,6 +113,9 @@ def validate_eval(cfg: DictConfig) -> Runner:
     if ((cfg.get("pruning") or {}).get("scorer") or {}).get("gold") and cfg.eval.name != "continuation":
         raise ConfigError(f"pruning.scorer.gold=true: only eval=continuation hands the oracle each prompt's continuation, "
                           f"not eval={cfg.eval.name}")
+    if (cfg.get("pruning") or {}).get("refill") and cfg.eval.name != "continuation":
+        raise ConfigError(f"pruning.refill=true: only eval=continuation refills the pruned cache from a dense prefill, "
+                          f"not eval={cfg.eval.name}")
     if cfg.eval.get("validate"):
         resolve_function(cfg, "validate")(cfg)
     return runner

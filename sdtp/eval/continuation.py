@@ -31,6 +31,12 @@ compressor around the runner, so each context's cache is cut after its (pruned o
 the continuation is scored on what is left; one segment per prefill (``eval.batch_size=1``), since
 a budget is a fraction of each row's own prompt.
 
+Refill (``+pruning.refill=true``, :mod:`sdtp.eval.refill`): each context is also prefilled densely and
+every layer's cache gets the dense keys/values of the positions the pruned prefill kept there, so a
+scorer's choice is measured without what pruning during prefill loses (a diagnostic: two prefills per
+segment). Its segments record tokens per layer 1.0 (the dense prefill filled the cache) and
+``cache_fraction`` = the pruned layout's share of the dense cache.
+
 ``eval.batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`):
 contexts left-padded and each row pruned by its own budget; the numbers equal batch 1 up to float
 noise (``tests/test_eval_continuation.py``), so the key is not part of the fingerprint.
@@ -58,7 +64,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +79,7 @@ from sdtp.eval.kept import KeptStats
 from sdtp.eval.passage_qa import TASK as PASSAGE_QA_TASK
 from sdtp.eval.passage_qa import passage_qa_records
 from sdtp.eval.perplexity import wikitext_rows
+from sdtp.eval.refill import refill_dense
 from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuation, score_continuations
 from sdtp.flops import prefill_fraction
 from sdtp.kv.policy import kv_enabled
@@ -218,21 +225,30 @@ class SegmentScore:
     """One segment's result: mean NLL per continuation token (nats) and how much of the context survived.
 
     ``kept_fraction``: context tokens after the last stage / context tokens; ``layer_fraction``:
-    context tokens processed per decoder layer / context tokens, averaged over layers (both 1.0 dense).
+    context tokens processed per decoder layer / context tokens, averaged over layers (both 1.0 dense);
+    ``cache_fraction``: cached context entries / the dense cache's, set only when it differs from
+    ``layer_fraction`` (a refilled segment: dense prefill, pruned cache layout).
     """
 
     nll: float
     kept_fraction: float = 1.0
     layer_fraction: float = 1.0
+    cache_fraction: float | None = None
 
 
 def score_segment(model: nn.Module, ctx_ids: torch.Tensor, cont_ids: torch.Tensor,
-                  pruner: TokenPruner | None) -> SegmentScore:
-    """Prefill ``ctx_ids`` (1, N) (pruned), then score ``cont_ids`` (1, T) on the cache."""
+                  pruner: TokenPruner | None, refill: bool = False) -> SegmentScore:
+    """Prefill ``ctx_ids`` (1, N) (pruned), then score ``cont_ids`` (1, T) on the cache.
+
+    ``refill``: fill the pruned cache layout with a dense prefill's keys/values (:mod:`sdtp.eval.refill`).
+    """
     reveal_continuation(pruner.scorer if pruner is not None else None, cont_ids)
     ctx = prefill_context(model, ctx_ids.to(model.device), pruner)
+    if refill:
+        ctx = refill_dense(model, ctx_ids.to(model.device), ctx)
     logprobs, _ = score_continuation(model, ctx, cont_ids.to(model.device), pruner)  # (T,)
-    return _segment_score(logprobs, ctx.record)
+    score = _segment_score(logprobs, ctx.record)
+    return replace(score, layer_fraction=1.0, cache_fraction=score.layer_fraction) if refill else score
 
 
 def _segment_score(logprobs: torch.Tensor, record: PrefillRecord | None) -> SegmentScore:
@@ -266,18 +282,21 @@ def segment_nll(
     on_segment: Callable[[int, SegmentScore], None] | None = None,
     desc: str = "continuation segments",
     batch_size: int = 1,
+    refill: bool = False,
 ) -> list[SegmentScore]:
     """Score every segment in order (tqdm bar); ``on_segment(i, score)`` runs after each (checkpointing).
 
     ``batch_size`` > 1 scores that many segments per forward (:func:`score_segments_batch`); 1 keeps
-    the one-at-a-time path (:func:`score_segment`).
+    the one-at-a-time path (:func:`score_segment`), the only one that can ``refill``.
     """
+    if refill and (pruner is None or batch_size != 1):
+        raise ConfigError("pruning.refill: needs a pruner and eval.batch_size=1")
     scores: list[SegmentScore] = []
     with tqdm(total=len(segs), desc=desc) as bar:
         for start in range(0, len(segs), batch_size):
             chunk = segs[start : start + batch_size]
             if batch_size == 1:
-                done = [score_segment(model, chunk[0][0], chunk[0][1], pruner)]
+                done = [score_segment(model, chunk[0][0], chunk[0][1], pruner, refill)]
             else:
                 done = score_segments_batch(model, chunk, pruner)
             for score in done:
@@ -292,12 +311,14 @@ def summarize(scores: Sequence[SegmentScore]) -> dict[str, float]:
     """Mean over segments of the per-token NLL (a segment counts once, whatever its length), its exp,
     mean kept fractions."""
     nll = math.fsum(s.nll for s in scores) / len(scores)
+    caches = [s.cache_fraction for s in scores if s.cache_fraction is not None]
     return {
         "nll": nll,
         "ppl": math.exp(nll),
         "segments": len(scores),
         "avg_kept_fraction": math.fsum(s.kept_fraction for s in scores) / len(scores),
         "avg_layer_token_fraction": math.fsum(s.layer_fraction for s in scores) / len(scores),
+        **({"avg_cache_fraction": math.fsum(caches) / len(caches)} if caches else {}),
     }
 
 
@@ -331,10 +352,20 @@ def validate(cfg: DictConfig) -> None:
                      for key in ("gold", "samples") if scorer.get(key)]
     if kv_enabled(cfg):
         one_at_a_time.append(f"kv={cfg.kv.method}: KV budgets are fractions of each prompt, and a batch pads them")
+    if refill_enabled(cfg):
+        if cfg.pruning.get("scorer") is None or kv_enabled(cfg):
+            raise ConfigError("pruning.refill: refills a pruned prefill's cache; it needs a pruning method other than "
+                              "none and no kv policy (the compressor would also cut the dense prefill)")
+        one_at_a_time.append("pruning.refill=true: refills one unpadded prefill at a time")
     if one_at_a_time and int(ev.get("batch_size", 1)) != 1:
         raise ConfigError(f"{one_at_a_time[0]}; set eval.batch_size=1")
     if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
         raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
+
+
+def refill_enabled(cfg: DictConfig) -> bool:
+    """Whether ``+pruning.refill=true`` asks for the dense refill of the pruned cache (:mod:`sdtp.eval.refill`)."""
+    return bool(cfg.pruning.get("refill", False))
 
 
 def fingerprint(cfg: DictConfig, segs_sha: str) -> str:
@@ -361,7 +392,8 @@ def load_done(path: Path, fp: str, num_segments: int) -> dict[int, SegmentScore]
     done = {r["id"]: r for r in records
             if r.get("fp") == fp and isinstance(r.get("id"), int) and 0 <= r["id"] < num_segments}
     _rewrite(path, [done[i] for i in sorted(done)])
-    return {i: SegmentScore(r["nll"], r["kept_fraction"], r["layer_fraction"]) for i, r in done.items()}
+    return {i: SegmentScore(r["nll"], r["kept_fraction"], r["layer_fraction"], r.get("cache_fraction"))
+            for i, r in done.items()}
 
 
 def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict:
@@ -381,10 +413,12 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
 
         def save(k: int, score: SegmentScore) -> None:
             done[todo[k]] = score
-            handle.write(json.dumps({"id": todo[k], **asdict(score), "fp": fp}) + "\n")
+            fields = {key: value for key, value in asdict(score).items() if value is not None}
+            handle.write(json.dumps({"id": todo[k], **fields, "fp": fp}) + "\n")
             handle.flush()
 
-        segment_nll(model, [segs[i] for i in todo], pruner, on_segment=save, batch_size=int(ev.get("batch_size", 1)))
+        segment_nll(model, [segs[i] for i in todo], pruner, on_segment=save, batch_size=int(ev.get("batch_size", 1)),
+                    refill=refill_enabled(cfg))
     scores = [done[i] for i in range(len(segs))]
     return {
         **summarize(scores),
@@ -396,7 +430,8 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         "task": ev.task if ev.dataset == "longbench" else PASSAGE_QA_TASK if ev.dataset == "passage_qa" else None,
         "stream_tokens": source_tokens,
         "segments_sha256": segs_sha,
-        "flops": schedule_flops(model, int(ev.context_len), pruner),
+        # refill: the cache comes from the dense prefill (the pruned one only selects)
+        "flops": schedule_flops(model, int(ev.context_len), None if refill_enabled(cfg) else pruner),
     }
 
 

@@ -131,7 +131,8 @@ class CompressedCache(DynamicCache):
 def compress_cache(
     cache: Any, policy: KVPolicy, scores: dict[int, torch.Tensor] | None = None
 ) -> list[tuple[int, int]]:
-    """Keep ``policy.budget(T_l)`` entries of every layer, per KV head, in place.
+    """Keep ``policy.budget(T_l, l)`` entries of every layer ``l``, per KV head (or one set for all heads,
+    ``policy.per_head=False``), in place.
 
     Args:
         cache: a ``DynamicCache`` right after prefill (layers may hold different lengths T_l); it
@@ -143,13 +144,19 @@ def compress_cache(
     """
     cache = CompressedCache.adopt(cache)
     sizes = []
+    previous: torch.Tensor | None = None  # (B, H_kv, k) the entries the layer before kept (policy.nested)
     for idx, layer in enumerate(cache.layers):
         keys, values = layer.keys, layer.values  # (B, H_kv, T, hd)
         batch, heads, length, _ = keys.shape
-        budget = policy.budget(length)
+        budget = policy.budget(length, idx)
         score = scores.get(idx) if scores else None
         if score is None:
             score = torch.arange(length, device=keys.device, dtype=torch.float32).expand(batch, heads, -1)
+        elif not policy.per_head:  # one token set per layer: every head keeps the entries of the summed score
+            score = score.sum(dim=1, keepdim=True).expand(-1, heads, -1)
+        if policy.nested and previous is not None:
+            score = _within(score, previous, cache.source_lengths[idx - 1], length)
+            budget = min(budget, previous.shape[-1])
         protected = policy.protected(length, keys.device).expand(batch * heads, -1)
         keep = select_kept(score.reshape(batch * heads, length), protected, budget)  # (B*H_kv, k) sorted
         index = keep.view(batch, heads, -1, 1)
@@ -159,7 +166,17 @@ def compress_cache(
         # notices the foreign tensors and moves them into a fresh buffer at its next update.
         layer.keys, layer.values = kept_keys, kept_values
         cache.evicted[idx] += length - keep.shape[1]
-        cache.kept[idx] = index[..., 0]
+        cache.kept[idx] = previous = index[..., 0]
         cache.source_lengths[idx] = length
         sizes.append((length, keep.shape[1]))
     return sizes
+
+
+def _within(score: torch.Tensor, previous: torch.Tensor, previous_length: int, length: int) -> torch.Tensor:
+    """``score`` (B, H_kv, T) with -inf at every entry outside ``previous`` (B, H_kv, k), the layer before's kept
+    entries, so that only those can be kept (``policy.nested``; protected entries are among them)."""
+    if previous_length != length:
+        raise ValueError(f"kv.nested: layers cache {previous_length} and {length} prompt entries (a pruned prefill); "
+                         "nest the policy over a dense prefill")
+    allowed = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(2, previous, True)
+    return score.float().masked_fill(~allowed, float("-inf"))

@@ -63,6 +63,7 @@ class KVCompressor:
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[KVCompressor]:
         require_full_attention(model, f"KV compression (kv={self.policy.method})")
+        self.policy.check_layers(len(decoder_layers(model)))
         base = model.base_model
         handles = [
             base.register_forward_pre_hook(self._on_start, with_kwargs=True),

@@ -33,6 +33,16 @@ class KVPolicy:
         kernel: SnapKV pooling kernel along the key axis (odd).
         score: your own :class:`~sdtp.kv.scores.KVScore` (``kv.score._target_``); None = the built-in
             ``method``'s.
+        layer_ratios: one kept fraction per decoder layer in (0, 1], overriding ``ratio`` layer by layer
+            (``+kv.layer_ratios=[...]``): e.g. PyramidKV's budgets shrinking with depth, or a token-pruning
+            schedule's tokens per layer, so a KV policy gets the same per-layer cache as a pruned prefill.
+            None = ``ratio`` everywhere.
+        per_head: each KV head keeps its own top entries (H2O, SnapKV); False (``+kv.per_head=false``) keeps
+            one set per layer for all heads, ranked by the score summed over heads, i.e. token-level
+            eviction as a token pruner does it (an ablation of the selection's granularity).
+        nested: each layer keeps only entries the layer before kept (``+kv.nested=true``): an entry evicted at
+            layer ``l`` stays evicted deeper, the constraint physical token pruning works under (an ablation;
+            a layer's budget is capped at the layer before's, so give non-increasing ``layer_ratios``).
     """
 
     method: str
@@ -42,6 +52,9 @@ class KVPolicy:
     window: int = 32
     kernel: int = 5
     score: KVScore | None = None
+    layer_ratios: tuple[float, ...] | None = None
+    per_head: bool = True
+    nested: bool = False
 
     def __post_init__(self) -> None:
         if self.score is None and self.method not in KV_METHODS:
@@ -54,6 +67,9 @@ class KVPolicy:
             raise ConfigError(f"kv.score: {type(self.score).__name__} is not a sdtp.kv.scores.KVScore")
         if not 0.0 < self.ratio <= 1.0:
             raise ConfigError(f"kv.ratio: {self.ratio} is outside (0, 1]")
+        layers = self.layer_ratios
+        if layers is not None and (not layers or not all(0.0 < r <= 1.0 for r in layers)):
+            raise ConfigError(f"kv.layer_ratios: {list(layers)} must be a non-empty list of ratios in (0, 1]")
         if self.keep_first < 0:
             raise ConfigError(f"kv.keep_first: must be >= 0, got {self.keep_first}")
         if not 0.0 <= self.keep_recent <= 1.0:
@@ -84,10 +100,19 @@ class KVPolicy:
         index = torch.arange(length, device=device)
         return (index < self.keep_first) | (index >= length - self.num_recent(length))
 
-    def budget(self, length: int) -> int:
-        """Entries kept out of ``length``; the protected ones alone may exceed ``ratio``."""
+    def layer_ratio(self, layer: int | None) -> float:
+        """Kept fraction of decoder layer ``layer`` (None: ``ratio``)."""
+        return self.ratio if self.layer_ratios is None or layer is None else self.layer_ratios[layer]
+
+    def check_layers(self, num_layers: int) -> None:
+        """ConfigError unless ``layer_ratios`` (if set) has one ratio per decoder layer."""
+        if self.layer_ratios is not None and len(self.layer_ratios) != num_layers:
+            raise ConfigError(f"kv.layer_ratios: {len(self.layer_ratios)} ratios for a model with {num_layers} layers")
+
+    def budget(self, length: int, layer: int | None = None) -> int:
+        """Entries kept out of ``length`` in ``layer``; the protected ones alone may exceed its ratio."""
         protected = min(length, min(self.keep_first, length) + self.num_recent(length))
-        return max(min(round(length * self.ratio), length), protected)
+        return max(min(round(length * self.layer_ratio(layer)), length), protected)
 
 
 def kv_enabled(cfg: Mapping[str, Any]) -> bool:
@@ -102,8 +127,14 @@ def build_kv_policy(cfg: Mapping[str, Any]) -> KVPolicy | None:
     if not kv_enabled(cfg):
         return None
     kv = cfg["kv"]
-    known = {"method", "ratio", "keep_first", "keep_recent", "window", "kernel"}
-    return KVPolicy(**{key: kv[key] for key in known if kv.get(key) is not None}, score=build_kv_score(kv))
+    known = {"method", "ratio", "keep_first", "keep_recent", "window", "kernel", "per_head", "nested"}
+    layers = kv.get("layer_ratios")
+    policy = KVPolicy(**{key: kv[key] for key in known if kv.get(key) is not None}, score=build_kv_score(kv),
+                      layer_ratios=None if layers is None else tuple(float(r) for r in layers))
+    model = cfg.get("model") or {}
+    if model.get("num_layers") is not None:  # checked again against the loaded model (KVCompressor)
+        policy.check_layers(int(model["num_layers"]))
+    return policy
 
 
 def build_kv_score(kv: Mapping[str, Any]) -> KVScore | None:

@@ -36,10 +36,12 @@ page shows every scorer with a valid cache), ``--render-only``, ``--out DIR`` (d
 ``results/predictors/<model>``), ``--wikitext-file``/``--c4-file``/``--multi-news-file`` (default: the
 offline data mirror),
 ``--override KEY=VALUE`` (a Hydra override applied to every scorer's config, e.g. ``model.dtype=float32``,
-or another schedule), ``--row-override NAME=KEY=VALUE`` (one predictor row's own override, applied after
-``--override``: e.g. a predictor at the model's default schedule paired with one trained for a later first
-stage at equal tokens per layer, or a hybrid row: a milder schedule plus a KV policy, ``kv=h2o kv.ratio=R``,
-cutting what the pruned prefill left to equal KV memory; pages with a KV policy get a KV-cache column),
+or another schedule), ``--row-override NAME=KEY=VALUE`` (one predictor, ``--scorer`` or ``--kv`` row's own
+override, applied after ``--override``: e.g. a predictor at the model's default schedule paired with one trained
+for a later first stage at equal tokens per layer; a hybrid row: a milder schedule plus a KV policy, ``kv=h2o
+kv.ratio=R``, cutting what the pruned prefill left to equal KV memory; ``+pruning.refill=true``, the row's kept
+tokens refilled from a dense prefill, :mod:`sdtp.eval.refill`; or a KV row's per-layer budgets,
+``+kv.layer_ratios=[...]``; pages with a KV policy or a refilled row get a KV-cache column),
 ``--multi-news-start N`` / ``--passage-qa-start N`` (first record; validation pages use records the test
 page does not), ``--dolly-file``, ``--seed-group NAME=A,B,C`` (a row pairing on the per-segment mean of
 predictor rows A, B, C, e.g. one recipe trained with three seeds, as ``random`` does with its seeds: the
@@ -95,7 +97,7 @@ from sdtp.benchmark.environment import cpu_model, environment
 from sdtp.config import build_pruner, build_schedule, compose
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
-from sdtp.eval.continuation import Segment, build_segments, segment_nll, segments_sha256, summarize
+from sdtp.eval.continuation import Segment, build_segments, refill_enabled, segment_nll, segments_sha256, summarize
 from sdtp.kv import build_kv_policy, kv_compression, kv_enabled
 from sdtp.models import load_model
 from sdtp.paths import portable_path, portable_text, portable_tree
@@ -184,7 +186,7 @@ class ReportOptions:
     write_selected: bool = False
     select_priors: tuple[str, ...] | None = None  # the priors --write-selected selects (None: every one tried)
     overrides: tuple[str, ...] = ()
-    row_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # predictor row -> its own overrides
+    row_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # predictor/--scorer/--kv row -> overrides
     scorers: dict[str, str] = field(default_factory=dict)  # --scorer row -> its pruning method (conf/pruning)
     kv: dict[str, str] = field(default_factory=dict)  # --kv row -> its KV policy (conf/kv), dense prefill
     kv_ratio: float | None = None  # the --kv rows' kv.ratio (None: each policy's own)
@@ -291,19 +293,22 @@ def parse_args(argv: list[str]) -> ReportOptions:
                         "rows = their tokens per layer, e.g. 0.63 under SmolLM2's default schedule")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--row-override", action="append", default=[], metavar="NAME=KEY=VALUE",
-                   help="repeatable: a Hydra override for predictor row NAME (and its prior rows) only, applied after "
-                        "--override, e.g. to pair a predictor at another schedule with equal tokens per layer, or "
-                        "to add a KV policy (kv=h2o, kv.ratio=R) to a milder schedule")
+                   help="repeatable: a Hydra override for predictor, --scorer or --kv row NAME (and a predictor's "
+                        "prior rows) only, applied after --override, e.g. to pair a predictor at another schedule with "
+                        "equal tokens per layer, to add a KV policy (kv=h2o, kv.ratio=R) to a milder schedule, to refill "
+                        "the row's kept tokens from a dense prefill (+pruning.refill=true) or to give a KV row "
+                        "per-layer budgets (+kv.layer_ratios=[...])")
     a = p.parse_args(argv)
     predictors = _named(p, "--predictor", a.predictor, "PATH") if a.predictor else None
     groups = [item.split("=", 1) for item in a.seed_group]
     if any(len(pair) != 2 or len(_csv(pair[1])) < 2 for pair in groups):
         p.error("--seed-group: expected NAME=A,B[,...] (at least two predictor rows)")
+    scorers, kv = _named(p, "--scorer", a.scorer, "METHOD"), _named(p, "--kv", a.kv, "METHOD")
     row_overrides: dict[str, tuple[str, ...]] = {}
     for item in a.row_override:
         name, _, override = item.partition("=")
-        if "=" not in override or name not in (predictors or {DEFAULT_PREDICTOR: ""}):
-            p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor row")
+        if "=" not in override or name not in {**(predictors or {DEFAULT_PREDICTOR: ""}), **scorers, **kv}:
+            p.error(f"--row-override {item}: expected NAME=KEY=VALUE with NAME a --predictor, --scorer or --kv row")
         row_overrides[name] = (*row_overrides.get(name, ()), override)
     start, end = (int(x) for x in a.c4_docs.split(":"))
     datasets = _csv(a.datasets)
@@ -330,8 +335,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
         select_priors=_csv(a.select_priors) if a.select_priors else None,
         overrides=tuple(a.override),
         row_overrides=row_overrides,
-        scorers=_named(p, "--scorer", a.scorer, "METHOD"),
-        kv=_named(p, "--kv", a.kv, "METHOD"),
+        scorers=scorers,
+        kv=kv,
         kv_ratio=a.kv_ratio,
         command=portable_text("PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(argv)),  # kept in caches
     )
@@ -354,11 +359,12 @@ def scorer_specs(opts: ReportOptions, predictors_dir: str) -> list[ScorerSpec]:
     specs += [ScorerSpec(m, (f"pruning={m}",), "baseline") for m in BASELINES]
     for name, method in opts.scorers.items():
         _check_new_name("--scorer", name, specs)
-        specs.append(ScorerSpec(name, (f"pruning={method}",), "baseline"))
+        specs.append(ScorerSpec(name, (f"pruning={method}", *opts.row_overrides.get(name, ())), "baseline"))
     for name, method in opts.kv.items():
         _check_new_name("--kv", name, specs)
         ratio = () if opts.kv_ratio is None else (f"kv.ratio={opts.kv_ratio}",)
-        specs.append(ScorerSpec(name, ("pruning=none", f"kv={method}", *ratio), "baseline"))
+        specs.append(ScorerSpec(name, ("pruning=none", f"kv={method}", *ratio, *opts.row_overrides.get(name, ())),
+                                "baseline"))
     if opts.oracle:
         specs += [ScorerSpec(f"oracle_{t}", ("pruning=oracle", f"pruning.scorer.target={t}"), "oracle")
                   for t in opts.oracle_targets]
@@ -467,6 +473,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
     }
     if kv_enabled(cfg):  # absent with kv=none, so cells from before KV rows stay valid
         what["kv"] = OmegaConf.to_container(cfg.kv, resolve=True)
+    if refill_enabled(cfg):  # the same
+        what["refill"] = True
     if spec.path is not None:
         row = row_scorer(cfg, spec)
         weights = prior_weights(cfg, spec, model, dataset, row)
@@ -563,7 +571,11 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
     pruner = build_pruner(job.cfg)
     start = time.perf_counter()
     with kv_compression(build_kv_policy(job.cfg), model) as press:
-        scores = segment_nll(model, job.segs, pruner, desc=f"{job.dataset}@{job.context_len} {job.spec.name}")
+        scores = segment_nll(model, job.segs, pruner, desc=f"{job.dataset}@{job.context_len} {job.spec.name}",
+                             refill=refill_enabled(job.cfg))
+    caches = [s.cache_fraction for s in scores if s.cache_fraction is not None]
+    # A refilled row's cache has the pruned layout after a dense prefill: its KV share, as a policy's would be.
+    kv_kept = press.kept_fraction if press is not None else sum(caches) / len(caches) if caches else None
     record = {
         "fingerprint": job.fingerprint,
         "scorer": job.spec.name,
@@ -573,7 +585,7 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
         "kept_fraction": [s.kept_fraction for s in scores],
         "layer_fraction": [s.layer_fraction for s in scores],
         "summary": summarize(scores),
-        **({"kv_kept_fraction": press.kept_fraction} if press is not None else {}),
+        **({"kv_kept_fraction": kv_kept} if kv_kept is not None else {}),
         "wall_s": round(time.perf_counter() - start, 3),
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
@@ -693,10 +705,11 @@ def schedule_origin(opts: ReportOptions) -> str:
     page = any(map(schedule_override, opts.overrides))
     text = ("set by `--override` for every pruned scorer" if page else
             "model default for every pruned scorer (equal tokens per layer)")
-    own = {name: [o for o in overrides if schedule_override(o) or kv_override(o)]  # prior weights: with the scorers
+    # prior weights are listed with the scorers; "+pruning.refill=true" is a schedule-level setting
+    own = {name: [o for o in overrides if schedule_override(o.lstrip("+")) or kv_override(o.lstrip("+"))]
            for name, overrides in opts.row_overrides.items()}
-    rows = "; ".join(f"`{name}` (and its prior rows) with {' '.join(f'`{o}`' for o in schedule)}"
-                     for name, schedule in own.items() if schedule)
+    rows = "; ".join(f"`{name}`{'' if name in {**opts.scorers, **opts.kv} else ' (and its prior rows)'} with "
+                     f"{' '.join(f'`{o}`' for o in schedule)}" for name, schedule in own.items() if schedule)
     return text + (f", except {rows}" if rows else "") + ": "
 
 
@@ -704,10 +717,32 @@ def _baseline_text(spec: ScorerSpec, opts: ReportOptions, cfg: DictConfig | None
     """What a training-free row keeps: the built-in description, a ``--scorer`` row's method or a ``--kv`` row's
     policy (``cfg``: one of the row's cell configs, None if the model refused it)."""
     if spec.name in opts.kv:
-        ratio = f" to {float(cfg.kv.ratio):g} of each layer's entries" if cfg is not None else ""
-        return (f"`kv={opts.kv[spec.name]}`: the dense prefill's KV cache cut{ratio} per KV head (its context "
-                "kept and tokens/layer read 100%: no token is pruned)")
-    return BASELINES.get(spec.name) or f"`pruning={opts.scorers[spec.name]}`"
+        return f"`kv={opts.kv[spec.name]}`: " + _kv_text(cfg)
+    if spec.name in BASELINES:
+        return BASELINES[spec.name]
+    knobs = [o for o in opts.row_overrides.get(spec.name, ()) if o.lstrip("+").startswith("pruning.scorer.")]
+    return f"`pruning={opts.scorers[spec.name]}`" + "".join(f" `{o}`" for o in knobs)
+
+
+def _kv_text(cfg: DictConfig | None) -> str:
+    """How a ``--kv`` row's policy cuts the dense prefill's cache (``cfg``: None if the model refused it)."""
+    kv = cfg.kv if cfg is not None else {}
+    layers = kv.get("layer_ratios")
+    ratio = ("" if cfg is None else f" to {float(kv.ratio):g} of each layer's entries" if layers is None else
+             f" layer by layer to `kv.layer_ratios` (mean {sum(layers) / len(layers):.3g} of the entries)")
+    heads = " per KV head" if kv.get("per_head", True) else ", one token set per layer for all KV heads"
+    nested = ", each layer within the entries the layer before kept" if kv.get("nested", False) else ""
+    return (f"the dense prefill's KV cache cut{ratio}{heads}{nested} (its context kept and tokens/layer read 100%: "
+            "no token is pruned)")
+
+
+def refill_note(rows: list[str]) -> str:
+    """What the refilled rows (``+pruning.refill=true``) measure, for the page header."""
+    return (f"{', '.join(f'`{name}`' for name in rows)} prefill twice (`sdtp/eval/refill.py`): the pruned prefill only "
+            "chooses which positions each layer keeps; a dense prefill then fills those layers' caches with its own "
+            "keys and values and predicts the first continuation token. Same cache layout as the pruned row, "
+            "without what pruning during prefill loses; tokens/layer 100% (the dense prefill), KV cache = the "
+            "pruned layout's share.")
 
 
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any],
@@ -752,6 +787,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                               for s in specs if s.group == "baseline")
                     + oracle_note(opts)
                     + ("; ".join(preds) if preds else "no predictor")),
+        **({"Refill": refill_note([name for name, cfg in configs.items() if refill_enabled(cfg)])}
+           if any(map(refill_enabled, configs.values())) else {}),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
                        "Student t interval; predictor "
                        "comparisons add two-sided paired t p-values, Holm-corrected over the comparisons of each "
