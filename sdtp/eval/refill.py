@@ -44,4 +44,3 @@ def refill_dense(model: nn.Module, ctx_ids: torch.Tensor, pruned: PrefilledConte
             keys, values = keys.index_select(2, positions[0]), values.index_select(2, positions[0])
         target.keys, target.values = keys, values
     return PrefilledContext(dense.last_logits, pruned.cache, pruned.length, record)
-
