@@ -110,12 +110,15 @@ def validate_eval(cfg: DictConfig) -> Runner:
     if compression != "none" and str(cfg.eval.runner) not in COMPRESSION_RUNNERS:
         raise ConfigError(f"compression={compression}: eval={cfg.eval.name} does not compress prompts; use a generation "
                           "runner (eval=longbench|needle|passage_count|passage_retrieval) or compression=none")
-    if ((cfg.get("pruning") or {}).get("scorer") or {}).get("gold") and cfg.eval.name != "continuation":
-        raise ConfigError(f"pruning.scorer.gold=true: only eval=continuation hands the oracle each prompt's continuation, "
-                          f"not eval={cfg.eval.name}")
-    if (cfg.get("pruning") or {}).get("refill") and cfg.eval.name != "continuation":
-        raise ConfigError(f"pruning.refill=true: only eval=continuation refills the pruned cache from a dense prefill, "
-                          f"not eval={cfg.eval.name}")
+    pruning = cfg.get("pruning") or {}
+    continuation_only = {  # setting -> what only the continuation runner does with it
+        "pruning.scorer.gold=true": ((pruning.get("scorer") or {}).get("gold"), "hands the oracle each prompt's "
+                                     "continuation"),
+        "pruning.refill=true": (pruning.get("refill"), "refills the pruned cache from a dense prefill"),
+    }
+    for setting, (enabled, what) in continuation_only.items():
+        if enabled and cfg.eval.name != "continuation":
+            raise ConfigError(f"{setting}: only eval=continuation {what}, not eval={cfg.eval.name}")
     if cfg.eval.get("validate"):
         resolve_function(cfg, "validate")(cfg)
     return runner

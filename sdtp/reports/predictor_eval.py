@@ -573,9 +573,9 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
     with kv_compression(build_kv_policy(job.cfg), model) as press:
         scores = segment_nll(model, job.segs, pruner, desc=f"{job.dataset}@{job.context_len} {job.spec.name}",
                              refill=refill_enabled(job.cfg))
-    caches = [s.cache_fraction for s in scores if s.cache_fraction is not None]
+    summary = summarize(scores)
     # A refilled row's cache has the pruned layout after a dense prefill: its KV share, as a policy's would be.
-    kv_kept = press.kept_fraction if press is not None else sum(caches) / len(caches) if caches else None
+    kv_kept = press.kept_fraction if press is not None else summary.get("avg_cache_fraction")
     record = {
         "fingerprint": job.fingerprint,
         "scorer": job.spec.name,
@@ -584,7 +584,7 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
         "nll": [s.nll for s in scores],
         "kept_fraction": [s.kept_fraction for s in scores],
         "layer_fraction": [s.layer_fraction for s in scores],
-        "summary": summarize(scores),
+        "summary": summary,
         **({"kv_kept_fraction": kv_kept} if kv_kept is not None else {}),
         "wall_s": round(time.perf_counter() - start, 3),
         "threads": torch.get_num_threads(),
@@ -752,6 +752,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
     hashes = {s.name: ", ".join(f"{k} {v[:12]}" for k, v in predictor_hashes(s.path).items())
               for s in specs if s.group == "predictor"}
     configs = {j.spec.name: j.cfg for j in jobs}
+    refilled = [name for name, cfg in configs.items() if refill_enabled(cfg)]
     preds = [f"`{s.name}` = `{_display(s.path)}` (sha256 {hashes[s.name]}; {_prior_text(s, configs[s.name])})"
              for s in specs if s.name in hashes]
     start, end = opts.c4_docs
@@ -787,8 +788,7 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                               for s in specs if s.group == "baseline")
                     + oracle_note(opts)
                     + ("; ".join(preds) if preds else "no predictor")),
-        **({"Refill": refill_note([name for name, cfg in configs.items() if refill_enabled(cfg)])}
-           if any(map(refill_enabled, configs.values())) else {}),
+        **({"Refill": refill_note(refilled)} if refilled else {}),
         "Statistics": ("Δ = paired mean difference over segments (negative = lower NLL = better) with a 95% "
                        "Student t interval; predictor "
                        "comparisons add two-sided paired t p-values, Holm-corrected over the comparisons of each "
