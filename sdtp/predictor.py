@@ -42,7 +42,7 @@ are cast to it, so a bf16 model never changes the trained weights and export equ
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,8 +323,12 @@ class TokenPredictor(nn.Module):
         hidden_size: int | None = None,
         layers: list[int] | tuple[int, ...] | None = None,
         base_model: str | None = None,
+        subset: bool = False,
     ) -> TokenPredictor:
-        """Load a checkpoint, failing clearly if it was trained for another model or schedule."""
+        """Load a checkpoint, failing clearly if it was trained for another model or schedule.
+
+        ``subset``: a schedule whose ``layers`` are a subset of the checkpoint's gets a predictor with
+        only the stages before those layers (:func:`select_stages`) instead of an error."""
         directory = Path(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
@@ -341,14 +345,22 @@ class TokenPredictor(nn.Module):
             problems.append(f"trained for base model {meta.base_model!r}, not {base_model!r}")
         if hidden_size is not None and meta.hidden_size != hidden_size:
             problems.append(f"hidden size {meta.hidden_size} != model hidden size {hidden_size}")
-        if layers is not None and list(meta.layers) != list(layers):
-            problems.append(f"trained for stage layers {meta.layers}, schedule uses {list(layers)}")
+        chosen = None if layers is None or list(meta.layers) == list(layers) else list(layers)
+        if chosen is not None and not (subset and set(chosen) <= set(meta.layers)):
+            hint = "" if subset else " (pruning.scorer.select_stages=true uses its stages at a subset of them)"
+            problems.append(f"trained for stage layers {meta.layers}, schedule uses {chosen}{hint}")
         if problems:
             raise ConfigError(f"pruning.scorer.path: predictor at {directory} does not fit: " + "; ".join(problems))
-        predictor = cls(meta)
         weights = directory / WEIGHTS_FILE
         try:
-            predictor.load_state_dict(load_file(str(weights)))
+            state = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own error types for truncated/missing files
             raise ConfigError(f"pruning.scorer.path: cannot load {weights} ({exc})") from exc
+        if chosen is not None:
+            state, meta = select_stages(state, list(meta.layers), chosen), replace(meta, layers=chosen)
+        predictor = cls(meta)
+        try:
+            predictor.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(f"pruning.scorer.path: {weights} does not match {META_FILE} ({exc})") from exc
         return predictor

@@ -64,6 +64,30 @@ def test_checkpoint_for_other_model_is_rejected_at_bind(tmp_path, tiny_llama):
         pass
 
 
+def test_a_subset_schedule_scores_with_the_checkpoints_stages_at_its_layers(tmp_path, tiny_llama, prompt_ids):
+    """select_stages: stage s of a predictor loaded for layers [1, 3] is the checkpoint's stage at that layer;
+    without it (or for a layer the checkpoint lacks) loading fails naming the layers; from config the
+    pruner then prunes before layers 1 and 3 only."""
+    p = _predictor()
+    p.save(tmp_path)
+    q = TokenPredictor.load(tmp_path, layers=[1, 3], subset=True)
+    x = torch.randn(1, 5, 64)
+    assert q.meta.layers == [1, 3] and len(q.stages) == 2
+    torch.testing.assert_close(q(0, x), p(0, x))
+    torch.testing.assert_close(q(1, x), p(2, x))
+    with pytest.raises(ConfigError, match="select_stages=true"):
+        TokenPredictor.load(tmp_path, layers=[1, 3])
+    with pytest.raises(ConfigError, match=r"schedule uses \[0, 3\]$"):
+        TokenPredictor.load(tmp_path, layers=[0, 3], subset=True)
+    model, _, _ = tiny_llama
+    cfg = compose("generate", ["model=tiny-llama", "pruning=sdtp", f"pruning.scorer.path={tmp_path}",
+                               "pruning.layers=[1,3]", "+pruning.scorer.select_stages=true"])
+    pruner = build_pruner(cfg)
+    with torch.no_grad(), pruner(model):
+        model(prompt_ids)
+    assert pruner.last_prefill.kept_per_stage == [round(97 * 0.9**s) for s in (1, 2)]
+
+
 def test_norm_feature_is_the_log_rms_the_input_norm_removes(tmp_path):
     """With input_norm the MLP sees only the direction; norm_feature appends log RMS of the raw state,
     so two tokens that differ only in scale score differently, and the checkpoint round-trips."""

@@ -208,6 +208,42 @@ def test_seed_group_pairs_on_the_mean_of_its_predictors(setup, tmp_path):
     assert "sdtp_seeds (mean of 2 seeds)" in (out / "eval.md").read_text()
 
 
+def test_seed_group_of_scorer_rows_is_a_baseline(setup):
+    """A group of --scorer rows (random with two seeds at another keep ratio) pairs on its members' mean and
+    is compared with the predictor like ``random``, never as a focus row; a group mixing kinds is refused."""
+    argv, out = setup
+    rows = []
+    for seed in (1, 2):
+        rows += ["--scorer", f"r{seed}=random", "--row-override", f"r{seed}=pruning.scorer.seed={seed}",
+                 "--row-override", f"r{seed}=pruning.keep_ratio=0.8"]
+    argv = [*argv, *rows, "--datasets", "c4"]
+    report = predictor_eval.main([*argv, "--seed-group", "r=r1,r2", "--only", "dense,sdtp,r1,r2"])
+    cell, by_name = _rows(report, "c4")
+    members = [json.loads(_cache(out, "c4_48", name).read_text())["nll"] for name in ("r1", "r2")]
+    assert members[0] != members[1]
+    assert by_name["r"]["nll"] == pytest.approx(sum(map(sum, members)) / 6)
+    pairs = {(c["a"], c["b"]) for c in cell["comparisons"]}
+    assert ("sdtp", "r") in pairs and not {a for a, _ in pairs} - {"sdtp"}
+    assert "(seeds, listed under it)" in (out / "eval.md").read_text()
+    assert "except `r1`, `r2` with `pruning.keep_ratio=0.8`:" in report["header"]["Schedule"]  # named together
+    with pytest.raises(predictor_eval.ConfigError, match="one kind"):
+        predictor_eval.main([*argv, "--seed-group", "g=sdtp,r1", "--only", "dense"])
+
+
+def test_a_predictor_row_at_a_subset_of_its_layers_says_so(setup):
+    """A row with ``+pruning.scorer.select_stages=true`` and fewer stage layers runs with the checkpoint's stages
+    there (fewer tokens pruned: more tokens per layer) and the page names both."""
+    argv, out = setup
+    sdtp = next(a for a in argv if a.startswith("sdtp="))
+    report = predictor_eval.main([*argv, "--datasets", "c4", "--predictor", sdtp.replace("sdtp=", "sub=", 1),
+                                  "--row-override", "sub=+pruning.scorer.select_stages=true",
+                                  "--row-override", "sub=pruning.layers=[1,3]", "--only", "dense,sdtp,sub"])
+    _, rows = _rows(report, "c4")
+    assert rows["sub"]["layer_fraction"] > rows["sdtp"]["layer_fraction"]
+    assert "except `sub` (and its prior rows) with `pruning.layers=[1,3]`" in report["header"]["Schedule"]
+    assert "`sub` = " in report["header"]["Scorers"] and "(`select_stages`)" in report["header"]["Scorers"]
+
+
 @pytest.mark.parametrize("group", ["random=sdtp,sdtp2", "g=sdtp,positional", "g=sdtp,sdtp"])
 def test_a_bad_seed_group_fails_before_any_cell(setup, tmp_path, monkeypatch, group):
     argv, _ = setup

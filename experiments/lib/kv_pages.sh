@@ -1,6 +1,6 @@
-# Sourced by the KV-memory pages of the continuation protocol (experiments/kv_continuation.sh, kv_gap.sh) after they
-# set PY (the Python to use), MODEL and PAGE (the page's folder): offline environment, the cells they share and the
-# schedule's shares their rows are sized by.
+# Sourced by the pages of the continuation protocol that compare at equal KV memory or tokens per layer
+# (experiments/kv_continuation.sh, kv_gap.sh, schedule_shape.sh) after they set PY (the Python to use), MODEL and PAGE
+# (the page's folder): offline environment, the cells they share and the schedule's shares their rows are sized by.
 export PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$PAGE/continuation"
 
@@ -37,6 +37,29 @@ def share(*overrides: str) -> float:
 default = share()
 print(f"{default:.2f}", *(f"{default / share(f'pruning.keep_ratio=0.{keep}'):.3f}" for keep in keeps))
 print("[" + ",".join(f"{r:.4g}" for r in per_layer()) + "]")
+EOF
+)
+}
+
+# equal_keep LAYOUT...: for each LAYOUT (stage layers, comma-separated, e.g. 2,14), the per-stage keep ratio r
+# (4 decimals) at which a schedule with those stage layers gives each layer, on average, the model's default
+# schedule's share of tokens, as the array `keeps` (bisection; r = 1 keeps everything, so the share grows with r).
+equal_keep() {
+  mapfile -t keeps < <("$PY" - "$MODEL" "$@" <<'EOF'
+import sys
+from sdtp.config import build_schedule, compose
+model, layouts, length = sys.argv[1], sys.argv[2:], 1_000_000
+def share(*overrides: str) -> float:
+    cfg = compose("eval", [f"model={model}", "pruning=random", *overrides])
+    layers = build_schedule(cfg).tokens_per_layer(length, int(cfg.model.num_layers))
+    return sum(layers) / len(layers) / length
+target = share()
+for layout in layouts:
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        r = (low + high) / 2
+        low, high = (r, high) if share(f"pruning.layers=[{layout}]", f"pruning.keep_ratio={r}") < target else (low, r)
+    print(f"{(low + high) / 2:.4f}")
 EOF
 )
 }

@@ -45,7 +45,8 @@ tokens refilled from a dense prefill, :mod:`sdtp.eval.refill`; or a KV row's per
 ``--multi-news-start N`` / ``--passage-qa-start N`` (first record; validation pages use records the test
 page does not), ``--dolly-file``, ``--seed-group NAME=A,B,C`` (a row pairing on the per-segment mean of
 predictor rows A, B, C, e.g. one recipe trained with three seeds, as ``random`` does with its seeds: the
-group, not its members, enters the comparisons and their Holm family).
+group, not its members, enters the comparisons and their Holm family; or of ``--scorer`` rows, e.g. random at
+another schedule with three seeds, a baseline like ``random``).
 
 Recency-prior tuning (:mod:`sdtp.scorers.prior`): ``--recency-weights 0,0.5,1`` adds a row
 ``<predictor>_rw<w>`` per weight (applied to every prompt) next to the predictor as shipped (its
@@ -178,7 +179,7 @@ class ReportOptions:
     multi_news_start: int = 0
     passage_qa_start: int = 0
     dolly_file: str | None = None
-    seed_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # row -> predictor rows (training seeds)
+    seed_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # row -> predictor or --scorer rows (seeds)
     recency_weights: tuple[float, ...] = ()
     norm_weights: tuple[float, ...] = ()
     attention_weights: tuple[float, ...] = ()
@@ -281,7 +282,8 @@ def parse_args(argv: list[str]) -> ReportOptions:
                         "weights); priors are tuned one after another, so a new prior's run selects only itself")
     p.add_argument("--seed-group", action="append", default=[], metavar="NAME=A,B,C",
                    help="repeatable: a row NAME pairing on the per-segment mean of predictor rows A, B, C (one "
-                        "predictor trained with several seeds); the members are listed under it, out of the tests")
+                        "predictor trained with several seeds) or of --scorer rows (a baseline with several seeds); "
+                        "the members are listed under it, out of the tests")
     p.add_argument("--scorer", action="append", default=[], metavar="NAME=METHOD",
                    help="repeatable: a row NAME pruning with METHOD (a conf/pruning option, e.g. a scorer of your "
                         "own; docs/extending.md), paired and compared like the built-in training-free rows")
@@ -605,14 +607,17 @@ def compute(job: Job, model: nn.Module, command: str) -> dict[str, Any]:
 
 def seed_groups(opts: ReportOptions, specs: list[ScorerSpec]) -> dict[str, list[str]]:
     """Seed-group row -> its member rows: ``random`` (its seeds) and every ``--seed-group`` (predictor rows,
-    e.g. one recipe trained with several seeds); ConfigError on a taken name or an unknown member."""
-    predictors = [s.name for s in specs if s.group == "predictor"]
+    e.g. one recipe trained with several seeds, or ``--scorer`` rows, e.g. a baseline's seeds at another
+    schedule); ConfigError on a taken name, an unknown member or a group mixing the two kinds."""
+    kinds = {s.name: s.group for s in specs if s.group == "predictor" or s.name in opts.scorers}
     taken = {s.name for s in specs} | {paired_tables.RANDOM}
     members = [m for group in opts.seed_groups.values() for m in group]
     for name, group in opts.seed_groups.items():
-        if not NAME_RE.match(name) or name in taken or set(group) - set(predictors) or len(set(members)) < len(members):
+        if not NAME_RE.match(name) or name in taken or set(group) - set(kinds) or len(set(members)) < len(members) \
+                or len({kinds[m] for m in group}) > 1:
             raise ConfigError(f"--seed-group {name}=...: the name must be new and match {NAME_RE.pattern}; the members "
-                              f"distinct predictor rows, in one group each ({', '.join(predictors)})")
+                              f"distinct rows of one kind (predictor or --scorer), in one group each "
+                              f"({', '.join(kinds)})")
     return {paired_tables.RANDOM: [s.name for s in specs if s.group == "random"],
             **{name: list(group) for name, group in opts.seed_groups.items()}}
 
@@ -633,7 +638,8 @@ def display_order(specs: list[ScorerSpec], groups: dict[str, list[str]], seeds: 
 
 def focus_rows(specs: list[ScorerSpec], groups: dict[str, list[str]]) -> list[str]:
     """The rows compared with every other: the predictors, a predictor seed group standing for its members."""
-    predictors = {s.name for s in specs if s.group == "predictor"} | set(groups) - {paired_tables.RANDOM}
+    predictors = {s.name for s in specs if s.group == "predictor"}
+    predictors |= {name for name, members in groups.items() if set(members) <= predictors and members}
     return [n for n in display_order(specs, groups, seeds=False) if n in predictors]
 
 
@@ -685,6 +691,8 @@ def _prior_text(spec: ScorerSpec, cfg: DictConfig) -> str:
         parts.append(f"lexical match averaged over {scorer.lexical_window} tokens each side (its override)")
     if scorer.pool_window:
         parts.append(f"predictor scores averaged over {scorer.pool_window} alive tokens each side (its override)")
+    if cfg.pruning.scorer.get("select_stages"):
+        parts.append("the checkpoint's stages at the row's stage layers (`select_stages`)")
     return ("set by its overrides: " if fixed else "as shipped: ") + ", ".join(parts)
 
 
@@ -706,10 +714,14 @@ def schedule_origin(opts: ReportOptions) -> str:
     text = ("set by `--override` for every pruned scorer" if page else
             "model default for every pruned scorer (equal tokens per layer)")
     # prior weights are listed with the scorers; "+pruning.refill=true" is a schedule-level setting
-    own = {name: [o for o in overrides if schedule_override(o.lstrip("+")) or kv_override(o.lstrip("+"))]
-           for name, overrides in opts.row_overrides.items()}
-    rows = "; ".join(f"`{name}`{'' if name in {**opts.scorers, **opts.kv} else ' (and its prior rows)'} with "
-                     f"{' '.join(f'`{o}`' for o in schedule)}" for name, schedule in own.items() if schedule)
+    shared: dict[tuple[str, ...], list[str]] = {}  # rows with the same schedule overrides are named together
+    for name, overrides in opts.row_overrides.items():
+        schedule = tuple(o for o in overrides if schedule_override(o.lstrip("+")) or kv_override(o.lstrip("+")))
+        if schedule:
+            plain = name in {**opts.scorers, **opts.kv}
+            shared.setdefault(schedule, []).append(f"`{name}`{'' if plain else ' (and its prior rows)'}")
+    rows = "; ".join(f"{', '.join(names)} with {' '.join(f'`{o}`' for o in schedule)}"
+                     for schedule, names in shared.items())
     return text + (f", except {rows}" if rows else "") + ": "
 
 
@@ -783,7 +795,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
             f"{sched['keep_recent']:.0%} of the context always kept" if sched else "–"),
         "Scorers": ("`random` pairs on the per-segment mean over its seeds (each seed listed under it); "
                     + "".join(f"`{name}` pairs on the per-segment mean of {', '.join(f'`{m}`' for m in group)} "
-                              "(training seeds, listed under it); " for name, group in opts.seed_groups.items())
+                              f"({'seeds' if group[0] in opts.scorers else 'training seeds'}, listed under it); "
+                              for name, group in opts.seed_groups.items())
                     + "".join(f"`{s.name}` {_baseline_text(s, opts, configs.get(s.name))}; "
                               for s in specs if s.group == "baseline")
                     + oracle_note(opts)

@@ -43,6 +43,8 @@ class PredictorScorer(Scorer):
     chat prompt when it ends with the model's ``sdtp_chat_suffix`` (set by :func:`sdtp.models.load_model` from
     the tokenizer's chat template; absent = every prompt is text). ``pool_window``: the predictor's scores are
     averaged over that many alive tokens each side before the blend (:func:`pool_scores`; None or 0 = not).
+    ``select_stages``: a checkpoint trained for more stage layers scores a schedule whose layers are a subset of
+    its own with its stages at those layers (:meth:`TokenPredictor.load`); otherwise the layers must match.
     """
 
     def __init__(self, path: str | Path | None = None, predictor: TokenPredictor | None = None,
@@ -51,7 +53,7 @@ class PredictorScorer(Scorer):
                  attention_weight: float | None = None, attention_weight_chat: float | None = None,
                  attention_queries: int | None = None, lexical_weight: float | None = None,
                  lexical_weight_chat: float | None = None, lexical_window: int | None = None,
-                 pool_window: int | None = None) -> None:
+                 pool_window: int | None = None, select_stages: bool = False) -> None:
         if path is None and predictor is None:
             raise ValueError("PredictorScorer needs a checkpoint path or a predictor")
         self._overrides = {"recency_weight": recency_weight, "recency_weight_chat": recency_weight_chat,
@@ -68,6 +70,7 @@ class PredictorScorer(Scorer):
         if pool_window is not None and pool_window < 0:
             raise ValueError(f"pruning.scorer.pool_window: must be >= 0, got {pool_window}")
         self.pool_window = int(pool_window or 0)
+        self.select_stages = bool(select_stages)
         self._attention_queries = attention_queries
         self.lexical_window = WINDOW if lexical_window is None else int(lexical_window)
         self._attention: AttentionScorer | None = None  # bound only when the attention prior is used
@@ -112,7 +115,8 @@ class PredictorScorer(Scorer):
         hidden = model.config.hidden_size
         if self.predictor is None:
             self.predictor = TokenPredictor.load(
-                self.path, hidden_size=hidden, layers=list(layers), base_model=getattr(model, "sdtp_name", None)
+                self.path, hidden_size=hidden, layers=list(layers), base_model=getattr(model, "sdtp_name", None),
+                subset=self.select_stages,
             ).eval()
         elif list(self.predictor.meta.layers) != list(layers) or self.predictor.meta.hidden_size != hidden:
             raise ValueError(
