@@ -233,7 +233,7 @@ def test_seed_group_of_scorer_rows_is_a_baseline(setup):
 def test_a_predictor_row_at_a_subset_of_its_layers_says_so(setup):
     """A row with ``+pruning.scorer.select_stages=true`` and fewer stage layers runs with the checkpoint's stages
     there (fewer tokens pruned: more tokens per layer) and the page names both."""
-    argv, out = setup
+    argv, _ = setup
     sdtp = next(a for a in argv if a.startswith("sdtp="))
     report = predictor_eval.main([*argv, "--datasets", "c4", "--predictor", sdtp.replace("sdtp=", "sub=", 1),
                                   "--row-override", "sub=+pruning.scorer.select_stages=true",
