@@ -24,42 +24,13 @@ copy_cells() {
 # kv.layer_ratios). The printed values are part of the cells' fingerprints.
 schedule_shares() {
   local keeps=("$@")
-  { read -r share "${keeps[@]/#/ratio}"; read -r layers; } < <("$PY" - "$MODEL" "${keeps[@]}" <<'EOF'
-import sys
-from sdtp.config import build_schedule, compose
-model, keeps, length = sys.argv[1], sys.argv[2:], 1_000_000  # long enough that budgets do not round
-def per_layer(*overrides: str) -> list[float]:
-    cfg = compose("eval", [f"model={model}", "pruning=random", *overrides])
-    return [tokens / length for tokens in build_schedule(cfg).tokens_per_layer(length, int(cfg.model.num_layers))]
-def share(*overrides: str) -> float:
-    layers = per_layer(*overrides)
-    return sum(layers) / len(layers)
-default = share()
-print(f"{default:.2f}", *(f"{default / share(f'pruning.keep_ratio=0.{keep}'):.3f}" for keep in keeps))
-print("[" + ",".join(f"{r:.4g}" for r in per_layer()) + "]")
-EOF
-)
+  { read -r share "${keeps[@]/#/ratio}"; read -r layers; } \
+    < <("$PY" experiments/lib/schedule_shares.py shares "$MODEL" "${keeps[@]}")
 }
 
 # equal_keep LAYOUT...: for each LAYOUT (stage layers, comma-separated, e.g. 2,14), the per-stage keep ratio r
 # (4 decimals) at which a schedule with those stage layers gives each layer, on average, the model's default
-# schedule's share of tokens, as the array `keeps` (bisection; r = 1 keeps everything, so the share grows with r).
+# schedule's share of tokens, as the array `keeps`.
 equal_keep() {
-  mapfile -t keeps < <("$PY" - "$MODEL" "$@" <<'EOF'
-import sys
-from sdtp.config import build_schedule, compose
-model, layouts, length = sys.argv[1], sys.argv[2:], 1_000_000
-def share(*overrides: str) -> float:
-    cfg = compose("eval", [f"model={model}", "pruning=random", *overrides])
-    layers = build_schedule(cfg).tokens_per_layer(length, int(cfg.model.num_layers))
-    return sum(layers) / len(layers) / length
-target = share()
-for layout in layouts:
-    low, high = 0.0, 1.0
-    for _ in range(30):
-        r = (low + high) / 2
-        low, high = (r, high) if share(f"pruning.layers=[{layout}]", f"pruning.keep_ratio={r}") < target else (low, r)
-    print(f"{(low + high) / 2:.4f}")
-EOF
-)
+  mapfile -t keeps < <("$PY" experiments/lib/schedule_shares.py equal-keep "$MODEL" "$@")
 }
