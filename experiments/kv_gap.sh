@@ -17,7 +17,13 @@
 #   all KV heads, kv.per_head=false), h2o_nested_schedule (also each layer within what the layer before kept,
 #   kv.nested=true: the constraint physical pruning works under);
 # - lazyllm_all: H2O's statistic as a token pruner, the attention every alive prompt query pays each token at the
-#   layer before a stage.
+#   layer before a stage;
+# - nesting ablations at the same tokens per layer: sdtp_revive and random_revive (+pruning.revive=true,
+#   sdtp/engine/revival.py: every stage chooses among all prompt tokens, re-admitting dropped ones with the state
+#   they were dropped with; random_revive_refill also refilled, so without stale states), sdtp_merge
+#   (+pruning.merge_weight=1, sdtp/engine/merging.py: each dropped token's state averaged into the next kept
+#   token's). How far from nested the reviving rows are (revived.json; prefills only, 3 min at 2K):
+#   PYTHONPATH=. python experiments/lib/revived_share.py results/compare/kv_gap/revived.json --contexts 2048
 # Cells are reused when their fingerprint matches (sdtp/reports/predictor_eval.py); missing cells are computed
 # (refilled rows 1.5 min per set at 2K, H2O rows 2.5-3 min at 2K and 6 min at 4K on 2 CPU cores).
 # Extra arguments go to scripts/predictor_report.py.
@@ -36,6 +42,11 @@ for method in positional lexical random; do
   rows+=(--scorer "${method}_refill=$method" --row-override "${method}_refill=+pruning.refill=true")
 done
 rows+=(--scorer lazyllm_all=lazyllm --row-override lazyllm_all=pruning.scorer.num_queries=1000000)
+rows+=(--predictor "sdtp_revive=$PRED" --row-override "sdtp_revive=+pruning.revive=true"
+       --scorer random_revive=random --row-override "random_revive=+pruning.revive=true"
+       --scorer random_revive_refill=random --row-override "random_revive_refill=+pruning.revive=true"
+       --row-override "random_revive_refill=+pruning.refill=true"
+       --predictor "sdtp_merge=$PRED" --row-override "sdtp_merge=+pruning.merge_weight=1")
 rows+=(--kv h2o=h2o --kv snapkv=snapkv --kv-ratio "$share")
 for method in h2o snapkv; do   # the same KV memory, laid out across layers as the pruning schedule does
   rows+=(--kv "${method}_schedule=$method" --row-override "${method}_schedule=+kv.layer_ratios=$layers")

@@ -55,9 +55,38 @@ def build_pruner(cfg: DictConfig) -> TokenPruner | None:
     schedule = build_schedule(cfg)
     if schedule is None:
         return None
+    variant, options = pruner_variant(cfg.pruning)
     log.info("Instantiating scorer <%s>", cfg.pruning.scorer._target_)
     scorer = hydra.utils.instantiate(cfg.pruning.scorer)
-    return TokenPruner(schedule, scorer)
+    return variant(schedule, scorer, **options)
+
+
+def pruner_variant_settings(pruning: DictConfig) -> dict[str, Any]:
+    """The nesting-ablation keys a ``pruning`` node sets (``revive``, ``merge_weight``), e.g. for a fingerprint;
+    empty for the plain pruner, so results computed before these keys existed stay valid."""
+    return {key: pruning[key] for key in ("revive", "merge_weight") if pruning.get(key)}
+
+
+def pruner_variant(pruning: DictConfig) -> tuple[type[TokenPruner], dict[str, Any]]:
+    """The pruner class and its options for the nesting ablations, absent from the shipped configs:
+    ``+pruning.revive=true`` (:mod:`sdtp.engine.revival`) or ``+pruning.merge_weight=w`` in (0, 1]
+    (:mod:`sdtp.engine.merging`); plain :class:`TokenPruner` otherwise."""
+    revive, weight = pruning.get("revive", False), pruning.get("merge_weight", 0)
+    if not isinstance(revive, bool):
+        raise ConfigError(f"pruning.revive: expected true or false, got {revive!r}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+        raise ConfigError(f"pruning.merge_weight: expected a number in [0, 1], got {weight!r}")
+    if revive and weight:
+        raise ConfigError("pruning.revive and pruning.merge_weight: choose one (they are separate ablations)")
+    if revive:
+        from sdtp.engine.revival import RevivingPruner
+
+        return RevivingPruner, {}
+    if weight:
+        from sdtp.engine.merging import MergingPruner
+
+        return MergingPruner, {"merge_weight": float(weight)}
+    return TokenPruner, {}
 
 
 def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
@@ -111,6 +140,10 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
     scorer = cfg.pruning.get("scorer")
     if scorer is None:  # pruning=none
         return
+    if pruner_variant(cfg.pruning)[0] is not TokenPruner and int(cfg.get("eval", {}).get("batch_size", 1)) != 1:
+        # both ablations refuse padded batches: refuse before the model loads, not at the first ragged batch
+        key = next(iter(pruner_variant_settings(cfg.pruning)))
+        raise ConfigError(f"pruning.{key}: prompts are pruned one at a time; set eval.batch_size=1")
     if "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
     import_target("pruning.scorer._target_", str(scorer._target_), Scorer)

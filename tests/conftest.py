@@ -65,6 +65,15 @@ def prompt_ids():
     return torch.randint(4, 260, (1, 97), generator=generator)
 
 
+@pytest.fixture
+def left_padded_batch():
+    """(2, 40) token ids and their attention mask: row 1 left-padded by 7 (a ragged batch)."""
+    ids = torch.randint(4, 260, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One torch thread for tiny-model tests: on a shared 2-core box, thread spin-waits dominate tiny matmuls."""

@@ -435,6 +435,22 @@ def test_a_refilled_scorer_row_keeps_the_pruned_layout_after_a_dense_prefill(set
         predictor_eval.main([*argv, "--row-override", "norm=+pruning.refill=true", "--only", "dense"])
 
 
+def test_a_nesting_ablation_row_has_its_own_fingerprint_and_header_line(setup):
+    """``--row-override NAME=+pruning.revive=true`` (or ``+pruning.merge_weight=w``): another pruner, the same
+    scorer; the cell's fingerprint names the setting, so the plain row's cell is never reused for it."""
+    argv, out = setup
+    rows = ["--scorer", "rv=norm", "--row-override", "rv=+pruning.revive=true",
+            "--scorer", "mg=norm", "--row-override", "mg=+pruning.merge_weight=0.5"]
+    report = predictor_eval.main([*argv, "--datasets", "wikitext", *rows, "--only", "dense,norm,rv,mg"])
+    fingerprints = {name: json.loads(_cache(out, "wikitext_48", name).read_text())["fingerprint"]
+                    for name in ("norm", "rv", "mg")}
+    assert "pruner" not in fingerprints["norm"]
+    assert fingerprints["rv"]["pruner"] == {"revive": True} and fingerprints["mg"]["pruner"] == {"merge_weight": 0.5}
+    assert "`rv` with `+pruning.revive=true`" in report["header"]["Schedule"]
+    _, cells = _rows(report, "wikitext")
+    assert cells["mg"]["nll"] != cells["norm"]["nll"]
+
+
 def test_a_kv_row_with_per_layer_budgets(setup):
     """``--row-override NAME=+kv.layer_ratios=[...]`` on a ``--kv`` row: each layer's cache cut to its own ratio."""
     argv, out = setup

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
 from conftest import PositionScorer
 from transformers import DynamicCache
@@ -51,7 +52,9 @@ def _reference_forward(model, input_ids, layer_positions, decode_ids=()):
     """Slow reference: run each decoder layer on explicitly sliced inputs, then decode steps, layer by layer.
 
     Every layer's cache holds exactly the tokens that reached it (a plain ``DynamicCache``), and its mask
-    is built from original positions (``_reference_mask``), never by HF's mask code.
+    is built from original positions (``_reference_mask``), never by HF's mask code. A layer runs on each of
+    its positions' latest state, so a position absent from the layer before enters with the state it had when it
+    was last computed (non-nested prefills, ``sdtp.engine.revival``).
 
     Args:
         layer_positions: layer -> (1, k) original positions that reach it (absent = all N).
@@ -62,17 +65,15 @@ def _reference_forward(model, input_ids, layer_positions, decode_ids=()):
     n = input_ids.shape[1]
     all_pos = torch.arange(n).unsqueeze(0)
     cache = DynamicCache()
-    hidden, positions, held = base.embed_tokens(input_ids), all_pos, {}
+    latest, held = base.embed_tokens(input_ids), {}  # (1, N, D) each position's last computed state
     for idx, layer in enumerate(decoder_layers(model)):
-        target = layer_positions.get(idx, all_pos)
-        if target.shape[1] != positions.shape[1]:
-            local = torch.searchsorted(positions[0], target[0])  # positions are sorted
-            assert torch.equal(positions[0, local], target[0])
-            hidden, positions = hidden[:, local], target
+        positions = layer_positions.get(idx, all_pos)
         held[idx] = positions
-        hidden = layer(hidden, attention_mask=_reference_mask(positions, positions, kinds[idx], window),
-                       position_embeddings=_rope(model, hidden, positions, kinds[idx]), position_ids=positions,
+        mask = _reference_mask(positions, positions, kinds[idx], window)
+        hidden = layer(latest[:, positions[0]], attention_mask=mask,
+                       position_embeddings=_rope(model, latest, positions, kinds[idx]), position_ids=positions,
                        **cache_kwargs(cache), use_cache=True)
+        latest = latest.index_copy(1, positions[0], hidden)
     logits = model.lm_head(base.norm(hidden))
     decode_logits = []
     for step, token in enumerate(decode_ids):
@@ -249,3 +250,18 @@ def test_renumbered_positions_ablation_runs_and_differs(tiny_llama, prompt_ids):
     with renumber(model):
         b = model(prompt_ids).logits
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+class _ShortScorer(PositionScorer):
+    """Returns one score too few (a scorer bug the pruner must name, not a broadcasting error)."""
+
+    def score(self, ctx):
+        return super().score(ctx)[:, 1:]
+
+
+@torch.no_grad()
+def test_scores_of_the_wrong_shape_are_refused(tiny_llama, prompt_ids):
+    model, _, _ = tiny_llama
+    with pytest.raises(ValueError, match="_ShortScorer scored .* expected one score per alive token"):
+        with TokenPruner(SCHEDULE, _ShortScorer(_scores()))(model):
+            model(prompt_ids)

@@ -30,7 +30,7 @@ from sdtp.benchmark.environment import ensure_malloc_env, environment
 from sdtp.benchmark.measure import TimedScorer, probe_prefill, summarize, time_generation
 from sdtp.benchmark.memory import peak_cuda, peak_rss_subprocess
 from sdtp.benchmark.report import check_targets, render_markdown, render_plot, speedups, summary_line
-from sdtp.config import build_schedule, sdtp_main
+from sdtp.config import build_schedule, pruner_variant, sdtp_main
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.flops import ATTENTION_MODES, estimate
@@ -88,7 +88,8 @@ def build_bench_pruner(cfg: DictConfig, model: torch.nn.Module) -> tuple[TokenPr
     else:
         scorer = hydra.utils.instantiate(scorer_cfg)
         label = f"trained: {scorer_cfg.path}" if scorer_cfg._target_ == PREDICTOR_TARGET else None
-    return TokenPruner(schedule, TimedScorer(scorer)), label
+    variant, options = pruner_variant(cfg.pruning)  # a nesting ablation, if asked for, is timed as it runs
+    return variant(schedule, TimedScorer(scorer), **options), label
 
 
 def load_prompt(tokenizer: Any, path: str, length: int) -> torch.Tensor:

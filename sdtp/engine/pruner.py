@@ -296,6 +296,7 @@ class TokenPruner:
 
     def _run_stage(self, layer: int, stage: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Score, select and gather: (B, n, D) -> (B, k, D)."""
+        hidden = self._candidates(hidden)
         alive, record = self._alive, self.last_prefill
         n, seq_len = alive.positions.shape[1], record.seq_len
         lens = record.seq_lens
@@ -326,6 +327,9 @@ class TokenPruner:
                 valid=alive.valid,
             )
             scores = self.scorer.score(ctx)
+            if scores.shape != protect.shape:
+                raise ValueError(f"{type(self.scorer).__name__} scored {tuple(scores.shape)} tokens at layer {layer}, "
+                                 f"expected one score per alive token {tuple(protect.shape)}")
             if alive.valid is None and len(set(budgets)) == 1:
                 keep, keep_valid = select_kept(scores, protect, budgets[0]), None  # (B, k) indices into alive
             else:
@@ -333,7 +337,7 @@ class TokenPruner:
                 keep, keep_valid = select_kept_rows(scores, protect, valid, torch.tensor(budgets))
                 if bool(keep_valid.all()):
                     keep_valid = None
-            hidden = gather_tokens(hidden, keep)
+            hidden = self._gather_hidden(hidden, keep)
             self._shrink(keep, keep_valid, kwargs)
         record.kept_per_stage.append(alive.positions.shape[1])
         valid_now = alive.valid
@@ -341,6 +345,16 @@ class TokenPruner:
             [alive.positions.shape[1]] * alive.positions.shape[0] if valid_now is None else valid_now.sum(-1).tolist()
         )
         return hidden
+
+    def _candidates(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states a stage ranks, (B, n, D): the alive tokens'. A subclass may widen the alive
+        slots first (:mod:`sdtp.engine.revival` re-admits dropped tokens)."""
+        return hidden
+
+    def _gather_hidden(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The kept slots' hidden states (B, n, D) -> (B, k, D), called before the alive slots shrink. A
+        subclass may fold the dropped tokens in (:mod:`sdtp.engine.merging`)."""
+        return gather_tokens(hidden, keep)
 
     def _shrink(self, keep: torch.Tensor, keep_valid: torch.Tensor | None, kwargs: dict) -> None:
         """Slice the alive-slot state by ``keep`` (B, k) once per stage; layers reuse the slices.

@@ -95,7 +95,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sdtp.benchmark.environment import cpu_model, environment
-from sdtp.config import build_pruner, build_schedule, compose
+from sdtp.config import build_pruner, build_schedule, compose, pruner_variant_settings
 from sdtp.errors import ConfigError
 from sdtp.eval import continuation
 from sdtp.eval.continuation import Segment, build_segments, refill_enabled, segment_nll, segments_sha256, summarize
@@ -477,6 +477,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         what["kv"] = OmegaConf.to_container(cfg.kv, resolve=True)
     if refill_enabled(cfg):  # the same
         what["refill"] = True
+    if schedule is not None and pruner_variant_settings(cfg.pruning):  # the same (revival, merging)
+        what["pruner"] = pruner_variant_settings(cfg.pruning)
     if spec.path is not None:
         row = row_scorer(cfg, spec)
         weights = prior_weights(cfg, spec, model, dataset, row)
