@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import gather_tokens
+from sdtp.scorers.base import Scorer
 
 
 def merge_tokens(hidden: torch.Tensor, keep: torch.Tensor, weight: float) -> torch.Tensor:
@@ -45,8 +47,8 @@ def merge_tokens(hidden: torch.Tensor, keep: torch.Tensor, weight: float) -> tor
 class MergingPruner(TokenPruner):
     """:class:`TokenPruner` that merges each stage's dropped tokens into the next kept one (see module doc)."""
 
-    def __init__(self, *args, merge_weight: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, schedule: PruningSchedule, scorer: Scorer, merge_weight: float) -> None:
+        super().__init__(schedule, scorer)
         self.merge_weight = merge_weight
 
     def _gather_hidden(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -19,15 +19,18 @@ row re-ranks the same prompt columns.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.scorers.base import Scorer
 
 
 class RevivingPruner(TokenPruner):
     """:class:`TokenPruner` whose every stage chooses among all prompt tokens, not only the alive ones."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, schedule: PruningSchedule, scorer: Scorer) -> None:
+        super().__init__(schedule, scorer)
         self._parked: torch.Tensor | None = None  # (B, N, D) each token's latest hidden state
 
     def _candidates(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,7 @@ class RevivingPruner(TokenPruner):
         alive.columns, alive.positions = everything, everything
         return self._parked
 
-    def _on_model_start(self, module, args, kwargs):
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._parked = None  # a new forward: nothing parked from the last prompt
         return super()._on_model_start(module, args, kwargs)
 
