@@ -19,7 +19,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sdtp.distributed import adopt_submitit_tasks, refuse_sweep_under_launcher, worker_overrides
+from sdtp.engine.merging import MergingPruner
 from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.revival import RevivingPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.kv.policy import build_kv_policy
@@ -79,12 +81,8 @@ def pruner_variant(pruning: DictConfig) -> tuple[type[TokenPruner], dict[str, An
     if revive and weight:
         raise ConfigError("pruning.revive and pruning.merge_weight: choose one (they are separate ablations)")
     if revive:
-        from sdtp.engine.revival import RevivingPruner
-
         return RevivingPruner, {}
     if weight:
-        from sdtp.engine.merging import MergingPruner
-
         return MergingPruner, {"merge_weight": float(weight)}
     return TokenPruner, {}
 
@@ -140,10 +138,11 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
     scorer = cfg.pruning.get("scorer")
     if scorer is None:  # pruning=none
         return
-    if pruner_variant(cfg.pruning)[0] is not TokenPruner and int(cfg.get("eval", {}).get("batch_size", 1)) != 1:
+    pruner_variant(cfg.pruning)  # bad revive / merge_weight values
+    variant = pruner_variant_settings(cfg.pruning)
+    if variant and int(cfg.get("eval", {}).get("batch_size", 1)) != 1:
         # both ablations refuse padded batches: refuse before the model loads, not at the first ragged batch
-        key = next(iter(pruner_variant_settings(cfg.pruning)))
-        raise ConfigError(f"pruning.{key}: prompts are pruned one at a time; set eval.batch_size=1")
+        raise ConfigError(f"pruning.{next(iter(variant))}: prompts are pruned one at a time; set eval.batch_size=1")
     if "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
     import_target("pruning.scorer._target_", str(scorer._target_), Scorer)

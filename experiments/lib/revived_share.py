@@ -21,7 +21,7 @@ from sdtp.engine.revival import revived_fraction
 from sdtp.eval.continuation import build_segments
 from sdtp.eval.scoring import prefill_context
 from sdtp.models import load_model
-from sdtp.reports.predictor_eval import base_overrides, dataset_overrides, parse_args
+from sdtp.reports.predictor_eval import base_overrides, cell_overrides, parse_args
 from sdtp.utils import set_threads, write_json_atomic
 
 
@@ -49,9 +49,7 @@ def main() -> None:
     shares: dict[str, dict[str, float]] = {}
     for dataset in opts.datasets:
         for ctx in args.contexts.split(","):
-            cell = [*base_overrides(opts), *dataset_overrides(dataset, opts, str(base.paths.data_dir)),
-                    f"eval.context_len={ctx}", f"eval.cont_len={opts.cont_len}",
-                    f"eval.num_segments={opts.num_segments}"]
+            cell = cell_overrides(opts, dataset, int(ctx), str(base.paths.data_dir))
             for scorer in args.scorers.split(","):
                 value = cell_share(model, tokenizer, [*cell, f"pruning={scorer}", "+pruning.revive=true"])
                 shares.setdefault(f"{dataset}_{ctx}", {})[scorer] = round(value, 5)

@@ -19,7 +19,6 @@ row re-ranks the same prompt columns.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from sdtp.engine.pruner import PrefillRecord, TokenPruner
 from sdtp.engine.schedule import PruningSchedule
@@ -38,18 +37,14 @@ class RevivingPruner(TokenPruner):
         alive = self._alive
         if alive.valid is not None:
             raise NotImplementedError("pruning.revive: padded (ragged) batches are not supported")
-        if not alive.pruned:  # the first stage that prunes: every prompt token is still alive
-            self._parked = hidden.clone()
+        if not alive.pruned:  # the first stage that prunes (of every prefill): every prompt token is still alive
+            self._parked = hidden.clone()  # so nothing parked from an earlier prompt survives
             return hidden
         rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
         self._parked[rows, alive.columns] = hidden
         everything = torch.arange(self._parked.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         alive.columns, alive.positions = everything, everything
         return self._parked
-
-    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._parked = None  # a new forward: nothing parked from the last prompt
-        return super()._on_model_start(module, args, kwargs)
 
 
 def revived_fraction(record: PrefillRecord) -> float:

@@ -536,14 +536,19 @@ def base_overrides(opts: ReportOptions) -> list[str]:
     return [f"model={opts.model}", "eval=continuation", f"threads={opts.threads}", *opts.overrides]
 
 
+def cell_overrides(opts: ReportOptions, dataset: str, ctx: int, data_dir: str) -> list[str]:
+    """The overrides of one cell (``dataset`` at ``ctx`` context tokens), before a row's own."""
+    return [*base_overrides(opts), *dataset_overrides(dataset, opts, data_dir), f"eval.context_len={ctx}",
+            f"eval.cont_len={opts.cont_len}", f"eval.num_segments={opts.num_segments}"]
+
+
 def plan(opts: ReportOptions, specs: list[ScorerSpec], model: nn.Module, tokenizer: Any, data_dir: str,
          out: Path) -> list[Job]:
     """Compose every cell's config (validated) and fingerprint it; segments are built once per cell."""
     jobs = []
     for dataset in opts.datasets:
         for ctx in opts.contexts:
-            cell = [*base_overrides(opts), *dataset_overrides(dataset, opts, data_dir), f"eval.context_len={ctx}",
-                    f"eval.cont_len={opts.cont_len}", f"eval.num_segments={opts.num_segments}"]
+            cell = cell_overrides(opts, dataset, ctx, data_dir)
             segs, segs_sha = None, None
             for spec in specs:
                 cfg = compose("eval", [*cell, *spec.overrides])
