@@ -18,8 +18,9 @@ from sdtp.models import load_model  # noqa: E402
 from sdtp.scorers.base import Scorer, ScoreContext  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
-# Gemma3's sliding-window layers are supported by the pruning engine, training's masks and the labels
-# (sdtp.models.layer_types), not by the components that recompute attention over a pruned cache.
+# Gemma3's sliding-window layers are supported by the pruning engine, training's masks, the labels
+# (sdtp.models.layer_types) and KV compression (of its global layers), not by the scorers that recompute
+# attention over a pruned cache.
 ENGINE_FAMILIES = (*FAMILIES, "gemma3")
 
 

@@ -20,7 +20,8 @@ from sdtp.eval.scoring import prefill_context
 from sdtp.kv import CompressedCache, KVCompressor, KVPolicy, build_kv_policy
 from sdtp.kv.scores import KVScore, LayerPrefill
 from sdtp.models import load_model
-from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.models.compat import cache_from_kwargs, cache_kwargs, output_cache
+from sdtp.models.layer_types import FULL, layer_kinds
 from sdtp.scorers.random import RandomScorer
 
 METHODS = ("h2o", "streaming", "snapkv")
@@ -60,17 +61,20 @@ def _decode_one_by_one(model, cache, ids: torch.Tensor, start: int) -> torch.Ten
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("pruned", [False, True])
 @torch.no_grad()
-def test_block_of_tokens_on_compressed_cache_equals_decoding_them_one_by_one(tiny, prompt_ids, method, pruned):
+def test_block_of_tokens_on_compressed_cache_equals_decoding_them_one_by_one(tiny_engine, prompt_ids, method, pruned):
     """A continuation fed in one forward (lm-eval's scoring) attends exactly what token-by-token decoding does:
-    each head its kept prompt entries, the new tokens causally; also after row selection, and under a pruner."""
-    model, _, _ = tiny
+    each head its kept prompt entries, the new tokens causally; also after row selection, and under a pruner
+    (Gemma3: its sliding layers, left uncompressed, as HF's masks have them)."""
+    model, _, _ = tiny_engine
     policy = KVPolicy(method, ratio=0.4, window=8)
     schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
     pruner = TokenPruner(schedule, RandomScorer(seed=0)) if pruned else None
     n, block = prompt_ids.shape[1], torch.tensor([[11, 12, 13, 14, 15]])
     with KVCompressor(policy)(model) as press:
         ctx = prefill_context(model, prompt_ids, pruner)
-        assert isinstance(ctx.cache, CompressedCache) and press.kept_fraction < 0.5
+        full = [idx for idx, kind in enumerate(layer_kinds(model.config)) if kind == FULL]
+        assert isinstance(ctx.cache, CompressedCache) and full
+        assert all(press.last_sizes[idx][1] < 0.5 * press.last_sizes[idx][0] for idx in full)
         rows = torch.tensor([0, 0])  # two choices of one context, as lm-eval scores them
         with pruner(model) if pruner is not None else nullcontext():
             if pruner is not None:
@@ -84,6 +88,60 @@ def test_block_of_tokens_on_compressed_cache_equals_decoding_them_one_by_one(tin
     torch.testing.assert_close(together[:1], one_by_one, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(together[1:], one_by_one, atol=1e-4, rtol=1e-4)
     assert cache_lengths(ctx.cache) == [after for _, after in press.last_sizes]  # the copies left it intact
+
+
+def _attend_only(kept: torch.Tensor, length: int, heads: int):
+    """A pre-hook on a full-attention module: each query head attends only its KV head's ``kept`` (1, H_kv, k)
+    entries among the first ``length`` keys, and every key after them (one query at a time, no padding)."""
+    def hook(module, args, kwargs):
+        keys = cache_from_kwargs(kwargs).layers[module.layer_idx].keys
+        visible = torch.ones(1, kept.shape[1], 1, keys.shape[-2] + 1, dtype=torch.bool)
+        visible[..., :length] = False
+        visible[..., :length].scatter_(-1, kept[:, :, None, :], True)
+        return args, {**kwargs, "attention_mask": visible.repeat_interleave(heads // kept.shape[1], dim=1)}
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3():
+    return load_model(compose("generate", ["model=tiny-gemma3"]).model)[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_sliding_window_models_compress_their_full_attention_layers_only(tiny_gemma3, prompt_ids, method):
+    """Gemma3: the global layer keeps its budget per KV head, the sliding layers what HF keeps of their window,
+    and decoding equals the dense cache with each global head's evicted entries masked out."""
+    model, n = tiny_gemma3, prompt_ids.shape[1]
+    kinds, window = layer_kinds(model.config), model.config.sliding_window
+    policy = KVPolicy(method, ratio=0.4, window=8)
+    with KVCompressor(policy)(model) as press:
+        cache = output_cache(model(prompt_ids, use_cache=True))
+        assert cache_lengths(cache) == [policy.budget(n) if kind == FULL else window - 1 for kind in kinds]
+        assert press.last_sizes == [(n, policy.budget(n)) if kind == FULL else (window - 1,) * 2 for kind in kinds]
+        ours = _decode_one_by_one(model, cache, torch.tensor([[5, 6, 7]]), n)
+    reference = output_cache(model(prompt_ids, use_cache=True))
+    global_layers = [idx for idx, kind in enumerate(kinds) if kind == FULL]
+    assert global_layers and all(kept is None for idx, kept in enumerate(cache.kept) if idx not in global_layers)
+    heads = model.config.num_attention_heads
+    handles = [model.model.layers[idx].self_attn.register_forward_pre_hook(
+        _attend_only(cache.kept[idx], n, heads), with_kwargs=True) for idx in global_layers]
+    try:
+        dense = _decode_one_by_one(model, reference, torch.tensor([[5, 6, 7]]), n)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(ours, dense, atol=1e-5, rtol=1e-4)
+    unmasked = _decode_one_by_one(model, output_cache(model(prompt_ids, use_cache=True)), torch.tensor([[5, 6, 7]]), n)
+    assert (ours - unmasked).abs().max() > 1e-3  # the global layer's evictions do change the logits
+
+
+def test_a_model_whose_every_layer_slides_has_nothing_to_compress():
+    model, _ = load_model(compose("generate", ["model=tiny-mistral", "+model.arch.sliding_window=16"]).model)
+    with pytest.raises(NotImplementedError, match="every layer of 'mistral' is a sliding-window one"):
+        with KVCompressor(KVPolicy("h2o"))(model):
+            pass
 
 
 @torch.no_grad()
@@ -108,8 +166,8 @@ def test_left_padded_prefill_is_refused(tiny_llama, prompt_ids):
 
 
 @torch.no_grad()
-def test_full_ratio_is_lossless(tiny_llama, prompt_ids):
-    model, _, _ = tiny_llama
+def test_full_ratio_is_lossless(tiny_engine, prompt_ids):
+    model, _, _ = tiny_engine
     dense = generate(model, prompt_ids, 6, keep_logits=True)
     with KVCompressor(KVPolicy("h2o", ratio=1.0))(model):
         ours = generate(model, prompt_ids, 6, keep_logits=True)
@@ -118,25 +176,29 @@ def test_full_ratio_is_lossless(tiny_llama, prompt_ids):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("method", ["h2o", "snapkv"])
 @torch.no_grad()
-def test_attention_statistics_match_eager_reference(prompt_ids, method, monkeypatch):
-    """H2O = attention summed over all queries; SnapKV = last-window attention, pooled (per KV head)."""
-    cfg = compose("generate", ["model=tiny-llama", "model.attn_implementation=eager"])
+def test_attention_statistics_match_eager_reference(prompt_ids, method, family, monkeypatch):
+    """H2O = attention summed over all queries; SnapKV = last-window attention, pooled (per KV head); on Gemma3
+    (q/k norms, its own query scaling) at its full-attention layer, the only one scored."""
+    cfg = compose("generate", [f"model=tiny-{family}", "model.attn_implementation=eager"])
     model, _ = load_model(cfg.model)
     policy = KVPolicy(method, ratio=0.5, window=6, kernel=3)
     seen = {}
     real = compressor_module.compress_cache
 
-    def spy(cache, pol, scores):
+    def spy(cache, pol, scores, layers):
         seen.update({k: v.clone() for k, v in scores.items()})
-        return real(cache, pol, scores)
+        return real(cache, pol, scores, layers)
 
     monkeypatch.setattr(compressor_module, "compress_cache", spy)
     with KVCompressor(policy)(model):
         out = model(prompt_ids, use_cache=True, output_attentions=True)
     kv_heads = model.config.num_key_value_heads
-    for idx, attn in enumerate(out.attentions):  # (B, H, N, N)
+    assert set(seen) == {idx for idx, kind in enumerate(layer_kinds(model.config)) if kind == FULL}
+    for idx in seen:
+        attn = out.attentions[idx]  # (B, H, N, N)
         grouped = attn.float().view(1, kv_heads, -1, *attn.shape[-2:])
         if method == "h2o":
             reference = grouped.sum(dim=(2, 3))
@@ -148,12 +210,15 @@ def test_attention_statistics_match_eager_reference(prompt_ids, method, monkeypa
 
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_token_pruning_composes_with_kv_policy(tiny, prompt_ids, method):
-    model, _, _ = tiny
+def test_token_pruning_composes_with_kv_policy(tiny_engine, prompt_ids, method):
+    """The policy cuts what the pruned prefill left in each full-attention layer (Gemma3's sliding layers keep it)."""
+    model, _, _ = tiny_engine
     schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
     policy = KVPolicy(method, ratio=0.4, window=8)
     n, layers = prompt_ids.shape[1], model.config.num_hidden_layers
-    expected = [policy.budget(t) for t in schedule.tokens_per_layer(n, layers)]
+    kinds = layer_kinds(model.config)
+    expected = [policy.budget(t) if kind == FULL else t
+                for t, kind in zip(schedule.tokens_per_layer(n, layers), kinds, strict=True)]
     pruner = TokenPruner(schedule, RandomScorer(seed=0))
     with KVCompressor(policy)(model) as press:
         result = generate(model, prompt_ids, 5, pruner)
@@ -287,9 +352,9 @@ def test_per_head_false_keeps_one_token_set_per_layer(tiny_llama, prompt_ids):
     scores = {}
     real = compressor_module.compress_cache
 
-    def spy(cache, pol, layer_scores):
+    def spy(cache, pol, layer_scores, layers):
         scores.update({idx: score.clone() for idx, score in layer_scores.items()})
-        return real(cache, pol, layer_scores)
+        return real(cache, pol, layer_scores, layers)
 
     n = prompt_ids.shape[1]
     with pytest.MonkeyPatch.context() as patch:

@@ -14,8 +14,6 @@ import pytest
 
 from sdtp.config import compose
 from sdtp.errors import ConfigError
-from sdtp.kv.compressor import KVCompressor
-from sdtp.kv.policy import KVPolicy
 from sdtp.models import check_supported, load_model
 from sdtp.models.layer_types import FULL, SLIDING, layer_kinds
 from sdtp.scorers.attention import AttentionScorer
@@ -51,6 +49,3 @@ def test_multimodal_gemma3_is_refused_naming_the_supported_families():
 def test_components_that_assume_full_attention_refuse_sliding_layers(gemma3):
     with pytest.raises(NotImplementedError, match="attention scorer.*sliding-window layers \\[0, 1, 3\\]"):
         AttentionScorer().bind(gemma3, (1, 2))
-    with pytest.raises(NotImplementedError, match="KV compression"):
-        with KVCompressor(KVPolicy(method="snapkv"))(gemma3):
-            pass

@@ -403,13 +403,15 @@ def test_a_predictor_row_with_a_kv_policy_prunes_and_compresses(setup):
     assert "except `mix` (and its prior rows) with `pruning.keep_ratio=0.95` `kv=h2o` `kv.ratio=0.5`" in page
 
 
-def test_a_kv_row_the_model_refuses_is_named_on_the_page(setup, tmp_path):
-    """KV policies need full attention in every layer: on Gemma3 the row is refused before any cell runs."""
+def test_a_kv_row_on_a_sliding_window_model_cuts_its_global_layers(setup, tmp_path):
+    """On Gemma3 a ``--kv`` row runs: its global layer is cut, its sliding layers keep their window."""
     argv, _ = setup
     gemma = [*argv, "--model", "tiny-gemma3", "--datasets", "wikitext", "--predictor", f"sdtp={tmp_path / 'none'}"]
-    report = predictor_eval.main([*gemma, "--kv", "hh=h2o", "--only", "dense,hh"])
-    assert "hh" not in _rows(report, "wikitext")[1]
-    assert "`hh`: KV compression (kv=h2o) assumes full causal attention" in report["header"]["Not run on this model"]
+    report = predictor_eval.main([*gemma, "--kv", "hh=h2o", "--kv-ratio", "0.5", "--only", "dense,hh"])
+    rows = _rows(report, "wikitext")[1]
+    assert "`hh`" not in report["header"]["Not run on this model"]  # the attention scorers still are
+    assert rows["hh"]["layer_fraction"] == 1.0 and 0.5 < rows["hh"]["kv_fraction"] < 1.0
+    assert rows["hh"]["nll"] != rows["dense"]["nll"]
 
 
 def test_a_refilled_scorer_row_keeps_the_pruned_layout_after_a_dense_prefill(setup):

@@ -23,6 +23,7 @@ N+1, ... with plain ``model(input_ids=token, **cache_kwargs(cache))`` calls (our
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -114,7 +115,8 @@ class CompressedCache(DynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         masked, self._masked_layer = self._masked_layer == layer_idx, None
-        if key_states.shape[-2] != 1 and not masked:
+        compressed = layer_idx < len(self.kept) and self.kept[layer_idx] is not None
+        if key_states.shape[-2] != 1 and compressed and not masked:
             # A block needs a mask over the kept entries (which differ per head) and causal among
             # the new tokens: the KVCompressor's attention hooks build it (layer_mask).
             raise NotImplementedError("a block of new tokens on a compressed KV cache needs the attention mask "
@@ -129,25 +131,32 @@ class CompressedCache(DynamicCache):
 
 
 def compress_cache(
-    cache: Any, policy: KVPolicy, scores: dict[int, torch.Tensor] | None = None
+    cache: Any, policy: KVPolicy, scores: dict[int, torch.Tensor] | None = None,
+    layers: Collection[int] | None = None,
 ) -> list[tuple[int, int]]:
-    """Keep ``policy.budget(T_l, l)`` entries of every layer ``l``, per KV head (or one set for all heads,
-    ``policy.per_head=False``), in place.
+    """Keep ``policy.budget(T_l, l)`` entries of every layer ``l`` in ``layers``, per KV head (or one set for all
+    heads, ``policy.per_head=False``), in place.
 
     Args:
         cache: a ``DynamicCache`` right after prefill (layers may hold different lengths T_l); it
             becomes a :class:`CompressedCache` (same object).
         scores: layer -> (B, H_kv, T_l) importance (higher = keep). Layers without scores keep
             the most recent entries (StreamingLLM). Protected entries are always kept.
+        layers: the layers to compress (None = all); the others are left as they are (a sliding-window
+            layer, whose window bounds its cache), and ``policy.nested`` chains the compressed ones.
     Returns:
         (T_l before, T_l after) per layer.
     """
     cache = CompressedCache.adopt(cache)
     sizes = []
-    previous: torch.Tensor | None = None  # (B, H_kv, k) the entries the layer before kept (policy.nested)
+    previous: torch.Tensor | None = None  # (B, H_kv, k) the last compressed layer's kept entries (policy.nested)
+    previous_length = 0  # and how many it held before
     for idx, layer in enumerate(cache.layers):
         keys, values = layer.keys, layer.values  # (B, H_kv, T, hd)
         batch, heads, length, _ = keys.shape
+        if layers is not None and idx not in layers:
+            sizes.append((length, length))
+            continue
         budget = policy.budget(length, idx)
         score = scores.get(idx) if scores else None
         if score is None:
@@ -155,7 +164,7 @@ def compress_cache(
         elif not policy.per_head:  # one token set per layer: every head keeps the entries of the summed score
             score = score.sum(dim=1, keepdim=True).expand(-1, heads, -1)
         if policy.nested and previous is not None:
-            score = _within(score, previous, cache.source_lengths[idx - 1], length)
+            score = _within(score, previous, previous_length, length)
             budget = min(budget, previous.shape[-1])
         protected = policy.protected(length, keys.device).expand(batch * heads, -1)
         keep = select_kept(score.reshape(batch * heads, length), protected, budget)  # (B*H_kv, k) sorted
@@ -167,7 +176,7 @@ def compress_cache(
         layer.keys, layer.values = kept_keys, kept_values
         cache.evicted[idx] += length - keep.shape[1]
         cache.kept[idx] = previous = index[..., 0]
-        cache.source_lengths[idx] = length
+        cache.source_lengths[idx] = previous_length = length
         sizes.append((length, keep.shape[1]))
     return sizes
 

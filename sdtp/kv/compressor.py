@@ -12,7 +12,7 @@ materialised beyond one query chunk:
 * ``streaming``: no statistic, recency only;
 * your own ``kv.score``: whatever its ``__call__`` computes.
 
-When the base model's forward returns, :func:`compress_cache` cuts every layer. With a token
+When the base model's forward returns, :func:`compress_cache` cuts every (full-attention) layer. With a token
 pruner active, each layer's statistics cover exactly the tokens that reached it, so the policy
 applies "to whatever the pruned prefill left".
 
@@ -21,6 +21,13 @@ once) keep their computation; a pre-hook on every attention module only gathers 
 mask, which HF builds over the logical key axis, down to the entries each KV head holds
 (:meth:`sdtp.kv.cache.CompressedCache.layer_mask`). It runs after the token pruner's decoder-layer
 hooks, which have sliced the same mask to the tokens that reached the layer, so both compose.
+
+On models with sliding-window layers (Gemma3's interleaved local layers, Qwen2 with
+``use_sliding_window``), only the full-attention layers are compressed: a sliding layer's cache is
+bounded by its window already (HF keeps its last ``window - 1`` entries; under a token pruner, every
+token that reached it, of which its mask shows the window). A model whose every layer slides
+(Mistral v0.1) has nothing to compress and is refused. ``kv.layer_ratios`` still gives one ratio per
+decoder layer; a sliding layer's is unused.
 
 Prefills must not be left-padded: the budget, the protected first and recent entries and H2O's
 statistics are per row of the prompt, and padding would count as prompt. A padded prefill is
@@ -41,12 +48,23 @@ from sdtp.kv.policy import KVPolicy
 from sdtp.kv.scores import KVScore, LayerPrefill
 from sdtp.models import decoder_layers
 from sdtp.models.compat import cache_from_kwargs, output_cache
-from sdtp.models.layer_types import require_full_attention
+from sdtp.models.layer_types import FULL, layer_kinds
 
 
 def kv_compression(policy: KVPolicy | None, model: nn.Module) -> AbstractContextManager:
     """``with kv_compression(build_kv_policy(cfg), model): ...`` -- a no-op when ``policy`` is None (kv=none)."""
     return KVCompressor(policy)(model) if policy is not None else nullcontext()
+
+
+def full_attention_layers(model: nn.Module, component: str) -> frozenset[int]:
+    """Indices of ``model``'s full-attention decoder layers; NotImplementedError naming ``component`` if none."""
+    kinds = layer_kinds(model.config)
+    full = frozenset(idx for idx, kind in enumerate(kinds) if kind == FULL)
+    if not full:
+        raise NotImplementedError(f"{component} compresses full-attention layers, and every layer of "
+                                  f"{model.config.model_type!r} is a sliding-window one (window "
+                                  f"{model.config.sliding_window}), whose cache its window bounds already")
+    return full
 
 
 class KVCompressor:
@@ -59,10 +77,11 @@ class KVCompressor:
         self.entries_after = 0
         self._scores: dict[int, torch.Tensor] = {}
         self._prefill = False
+        self._layers: frozenset[int] = frozenset()  # the full-attention layers: the ones compressed
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[KVCompressor]:
-        require_full_attention(model, f"KV compression (kv={self.policy.method})")
+        self._layers = full_attention_layers(model, f"KV compression (kv={self.policy.method})")
         self.policy.check_layers(len(decoder_layers(model)))
         base = model.base_model
         handles = [
@@ -71,6 +90,8 @@ class KVCompressor:
         ]
         statistic = self.policy.statistic
         for idx, layer in enumerate(decoder_layers(model)):
+            if idx not in self._layers:
+                continue
             handles.append(layer.self_attn.register_forward_pre_hook(self._make_mask_hook(idx), with_kwargs=True))
             if statistic is not None:  # None: recency only, nothing to gather
                 hook = self._make_attn_hook(idx, statistic)
@@ -102,7 +123,7 @@ class KVCompressor:
         cache = output_cache(output)
         if cache is None:
             raise RuntimeError("KV compression needs the prefill cache: run the model with use_cache=True")
-        self.last_sizes = compress_cache(cache, self.policy, self._scores)
+        self.last_sizes = compress_cache(cache, self.policy, self._scores, self._layers)
         self.entries_before += sum(before for before, _ in self.last_sizes)
         self.entries_after += sum(after for _, after in self.last_sizes)
         self._scores, self._prefill = {}, False

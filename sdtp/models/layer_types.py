@@ -54,5 +54,5 @@ def require_full_attention(model: nn.Module, component: str) -> None:
             f"{component} assumes full causal attention in every layer, but {model.config.model_type!r} has "
             f"sliding-window layers {sliding} (window {model.config.sliding_window}); such models run pruned "
             "inference (TokenPruner) with scorers that do not recompute attention (random, norm, positional, "
-            "lexical, the SDTP predictor)"
+            "lexical, the SDTP predictor) and KV compression of their full-attention layers"
         )
