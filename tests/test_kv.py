@@ -87,7 +87,10 @@ def test_block_of_tokens_on_compressed_cache_equals_decoding_them_one_by_one(tin
             one_by_one = _decode_one_by_one(model, select_rows(ctx.cache, torch.tensor([0])), block, n)
     torch.testing.assert_close(together[:1], one_by_one, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(together[1:], one_by_one, atol=1e-4, rtol=1e-4)
-    assert cache_lengths(ctx.cache) == [after for _, after in press.last_sizes]  # the copies left it intact
+    # the copies left it intact: the policy's cut in full-attention layers, the window's in sliding ones (pruned)
+    widths = ctx.record.cache_widths(len(press.last_sizes)) if pruner is not None else None
+    assert cache_lengths(ctx.cache) == [after if idx in full or widths is None else widths[idx]
+                                        for idx, (_, after) in enumerate(press.last_sizes)]
 
 
 def _attend_only(kept: torch.Tensor, length: int, heads: int):
@@ -211,20 +214,21 @@ def test_attention_statistics_match_eager_reference(prompt_ids, method, family, 
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
 def test_token_pruning_composes_with_kv_policy(tiny_engine, prompt_ids, method):
-    """The policy cuts what the pruned prefill left in each full-attention layer (Gemma3's sliding layers keep it)."""
+    """The policy cuts what the pruned prefill left in each full-attention layer; Gemma3's sliding layers keep
+    what their window still shows (sdtp.engine.window)."""
     model, _, _ = tiny_engine
     schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
     policy = KVPolicy(method, ratio=0.4, window=8)
     n, layers = prompt_ids.shape[1], model.config.num_hidden_layers
-    kinds = layer_kinds(model.config)
-    expected = [policy.budget(t) if kind == FULL else t
-                for t, kind in zip(schedule.tokens_per_layer(n, layers), kinds, strict=True)]
+    full = [idx for idx, kind in enumerate(layer_kinds(model.config)) if kind == FULL]
+    reached = schedule.tokens_per_layer(n, layers)
     pruner = TokenPruner(schedule, RandomScorer(seed=0))
     with KVCompressor(policy)(model) as press:
         result = generate(model, prompt_ids, 5, pruner)
-    assert [after for _, after in press.last_sizes] == expected
-    assert [before for before, _ in press.last_sizes] == schedule.tokens_per_layer(n, layers)
+    assert [press.last_sizes[idx] for idx in full] == [(reached[idx], policy.budget(reached[idx])) for idx in full]
     assert len(result.tokens) == 5
+    widths = pruner.last_prefill.cache_widths(layers)
+    expected = [policy.budget(reached[idx]) if idx in full else widths[idx] for idx in range(layers)]
     assert cache_lengths(result.cache) == [k + 4 for k in expected]  # 4 decode steps appended
 
 

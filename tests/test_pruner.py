@@ -19,7 +19,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.models import decoder_layers
 from sdtp.models.compat import cache_kwargs, output_cache
-from sdtp.models.layer_types import SLIDING, has_sliding_layers, layer_kinds
+from sdtp.models.layer_types import SLIDING, has_sliding_layers, layer_kinds, layer_windows
 from sdtp.scorers.random import RandomScorer
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
@@ -146,9 +146,15 @@ def test_cache_lengths_match_tokens_per_layer(tiny_engine, prompt_ids):
     pruner = TokenPruner(SCHEDULE, RandomScorer(seed=1))
     with pruner(model):
         out = model(prompt_ids, use_cache=True)
-    record = pruner.last_prefill
-    assert cache_lengths(output_cache(out)) == record.tokens_per_layer
-    assert record.tokens_per_layer == SCHEDULE.tokens_per_layer(prompt_ids.shape[1], 4)
+    record, n = pruner.last_prefill, prompt_ids.shape[1]
+    # A sliding-window layer (Gemma3) keeps only the entries a later query's window reaches (sdtp.engine.window).
+    reached = [record.layer_positions.get(layer, torch.arange(n)[None]) for layer in range(4)]
+    live = [int((p > n - w).sum()) if w else p.shape[1] for p, w in zip(reached, layer_windows(model.config))]
+    assert cache_lengths(output_cache(out)) == live
+    assert record.tokens_per_layer == SCHEDULE.tokens_per_layer(n, 4) == [p.shape[1] for p in reached]
+    for layer, length in enumerate(live):
+        layout = record.cache_layout(layer)
+        assert (layout is None and length == n) or layout[0].shape[1] == length
     # logits come back for the tokens that reached the last layer only
     assert out.logits.shape[1] == record.final_positions.shape[1] == record.kept_per_stage[-1]
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdtp.config import compose
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.eval.continuation import segment_nll, segments
 from sdtp.eval.refill import refill_dense
 from sdtp.eval.scoring import prefill_context
+from sdtp.models import load_model
+from sdtp.models.layer_types import layer_windows
 from sdtp.scorers.norm import HiddenNormScorer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,3 +66,23 @@ def test_refill_of_a_keep_all_schedule_is_dense_and_records_the_cache_share(tiny
         segment_nll(model, segs, None, refill=True)
     with pytest.raises(ConfigError, match="pruning.refill"):
         segment_nll(model, segs, TokenPruner(PRUNE, HiddenNormScorer()), batch_size=2, refill=True)
+
+
+def test_refill_on_a_sliding_window_model_reads_the_dense_windows():
+    """Gemma3: a dense sliding layer holds its last window - 1 entries, the pruned one the kept entries among them
+    (sdtp.engine.window); refilling maps one onto the other, and keeping every token reproduces the dense NLL."""
+    model, _ = load_model(compose("generate", ["model=tiny-gemma3"]).model)
+    ids, window = _ids(), model.config.sliding_window
+    pruned = prefill_context(model, ids, TokenPruner(PRUNE, HiddenNormScorer()))
+    dense = prefill_context(model, ids, None)
+    refilled = refill_dense(model, ids, pruned)
+    for index, size in enumerate(layer_windows(model.config)):
+        got, want = refilled.cache.layers[index].keys, dense.cache.layers[index].keys
+        if size is not None:
+            positions = refilled.record.cache_layout(index)[0][0]
+            assert want.shape[2] == window - 1 and 0 < got.shape[2] < window
+            assert torch.equal(got, want[:, :, positions - (ids.shape[1] - window + 1)])
+    stream = torch.randint(4, 260, (300,), generator=torch.Generator().manual_seed(0))
+    segs = segments(stream, context_len=80, cont_len=16, num_segments=3)
+    whole = segment_nll(model, segs, TokenPruner(KEEP_ALL, HiddenNormScorer()), refill=True)
+    assert [s.nll for s in whole] == pytest.approx([s.nll for s in segment_nll(model, segs, None)], rel=1e-5)

@@ -54,7 +54,8 @@ def test_revived_prefill_and_decode_equal_the_per_layer_reference(tiny_engine, p
     # the nested pruner's tokens per layer; each stage keeps the protected tokens plus its own table's best of all
     per_layer = SCHEDULE.tokens_per_layer(n, len(record.tokens_per_layer))
     assert record.tokens_per_layer == per_layer
-    assert cache_lengths(output_cache(out)) == [count + 2 for count in per_layer]  # + the two decode steps
+    widths = record.cache_widths(len(per_layer))  # per_layer, but sliding layers (Gemma3) trimmed to their window
+    assert cache_lengths(output_cache(out)) == [count + 2 for count in widths]  # + the two decode steps
     everything = torch.arange(n)
     protected = (everything < 4) | (everything >= n - SCHEDULE.num_recent(n))
     for stage, (layer, table) in enumerate(zip(SCHEDULE.layers, _tables(), strict=True)):

@@ -102,8 +102,9 @@ def unslide(cache: Any) -> None:
     slots of a layer are the kept tokens, whose original positions have gaps, so the last slots are
     not the window; and HF builds later masks over a contiguous range of cache positions, which the
     pruned layers' caches do not hold. Keeping every kept token leaves each layer's keys in the
-    prompt's column space, where the engine slices HF's own window mask (:mod:`sdtp.models.layer_types`),
-    at the cost of a sliding layer caching all its kept tokens instead of the last ``window - 1``.
+    prompt's column space, where the engine slices HF's own window mask (:mod:`sdtp.models.layer_types`).
+    When the prefill returns, the entries outside every later query's window are dropped
+    (:mod:`sdtp.engine.window`), so a sliding layer ends up caching no more than HF's ``window - 1``.
     """
     for index, layer in enumerate(cache.layers):
         if getattr(layer, "is_sliding", False):

@@ -11,7 +11,8 @@ own forward; forward pre-hooks on the decoder layers shrink the token axis at ea
   from the tensors HF hands *that* layer: models with sliding-window layers (Gemma3) get the mask
   and RoPE of each layer's own kind, so a window stays a window over original positions
   (:mod:`sdtp.models.layer_types`), and their sliding cache layers keep every kept token
-  (:func:`sdtp.engine.cache.unslide`);
+  (:func:`sdtp.engine.cache.unslide`) until the prefill returns, when the entries no later query's
+  window reaches are dropped (:mod:`sdtp.engine.window`);
 * each layer's KV cache therefore holds exactly the tokens that reached it. Layer 0 is never
   pruned, so the cache length the model reads (layer 0's) stays the prompt length N and decoding
   continues at position N.
@@ -48,13 +49,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from sdtp.engine.cache import unslide
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import gather_tokens, protected_mask, select_kept, select_kept_rows
 from sdtp.models import check_supported, decoder_layers
-from sdtp.models.compat import CACHE_KWARG, cache_from_kwargs
-from sdtp.models.layer_types import has_sliding_layers, layer_kinds
+from sdtp.engine.window import WindowedLayer, trim_to_window
+from sdtp.models.compat import CACHE_KWARG, cache_from_kwargs, output_cache
+from sdtp.models.layer_types import has_sliding_layers, layer_kinds, layer_windows
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
@@ -77,6 +80,10 @@ class PrefillRecord:
         layer_valid: layer -> (B, k_l) bool real-token slots of that layer's cache (None: all real).
         kept_rows_per_stage: real tokens each row kept after each stage, ``[stage][row]``.
         tokens_per_layer_rows: real tokens each decoder layer processed per row, ``[layer][row]``.
+        cached_positions: layer -> (B, k'_l) positions a sliding-window layer still caches after the
+            prefill dropped the entries outside every later query's window (:mod:`sdtp.engine.window`);
+            only layers that dropped some. Masked slots hold -1.
+        cached_valid: layer -> (B, k'_l) bool real-token slots of those (None: all real).
     """
 
     seq_len: int
@@ -90,6 +97,22 @@ class PrefillRecord:
     layer_valid: dict[int, torch.Tensor | None] = field(default_factory=dict)
     kept_rows_per_stage: list[list[int]] = field(default_factory=list)
     tokens_per_layer_rows: list[list[int]] = field(default_factory=list)
+    cached_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    cached_valid: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def cache_layout(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(B, k) positions and validity of the entries ``layer``'s cache holds, in slot order; None if it
+        holds the whole prompt (a layer before the first stage, untrimmed)."""
+        if layer in self.cached_positions:
+            return self.cached_positions[layer], self.cached_valid.get(layer)
+        if layer in self.layer_positions:
+            return self.layer_positions[layer], self.layer_valid.get(layer)
+        return None
+
+    def cache_widths(self, num_layers: int) -> list[int]:
+        """Slots each of ``num_layers`` layers' caches holds after the prefill (a ragged batch's padded width)."""
+        layouts = (self.cache_layout(layer) for layer in range(num_layers))
+        return [self.seq_len if layout is None else layout[0].shape[1] for layout in layouts]
 
     def row(self, index: int) -> PrefillRecord:
         """Row ``index`` of a batched prefill as the one-row record its prompt alone would give.
@@ -99,20 +122,21 @@ class PrefillRecord:
         final = self.final_positions[index : index + 1] if self.final_positions is not None else None
         if final is not None and self.final_valid is not None:
             final = final[:, self.final_valid[index]]
-        layers = {}
-        for layer, positions in self.layer_positions.items():
-            valid = self.layer_valid.get(layer)
-            row = positions[index : index + 1]
-            layers[layer] = row if valid is None else row[:, valid[index]]
+        def real(positions: dict[int, torch.Tensor], validity: dict[int, torch.Tensor | None]) -> dict:
+            rows = {layer: slots[index : index + 1] for layer, slots in positions.items()}
+            return {layer: row if validity.get(layer) is None else row[:, validity[layer][index]]
+                    for layer, row in rows.items()}
+
         return PrefillRecord(
             seq_len=self.seq_lens[index] if self.seq_lens else self.seq_len,
             kept_per_stage=[counts[index] for counts in self.kept_rows_per_stage],
             tokens_per_layer=[counts[index] for counts in self.tokens_per_layer_rows],
             final_positions=final,
-            layer_positions=layers,
+            layer_positions=real(self.layer_positions, self.layer_valid),
             seq_lens=[self.seq_lens[index]] if self.seq_lens else [],
             kept_rows_per_stage=[[counts[index]] for counts in self.kept_rows_per_stage],
             tokens_per_layer_rows=[[counts[index]] for counts in self.tokens_per_layer_rows],
+            cached_positions=real(self.cached_positions, self.cached_valid),
         )
 
     def select(self, rows: torch.Tensor) -> PrefillRecord:
@@ -143,6 +167,8 @@ class PrefillRecord:
             layer_valid={layer: take(valid) for layer, valid in self.layer_valid.items()},
             kept_rows_per_stage=[[counts[i] for i in picked] for counts in self.kept_rows_per_stage],
             tokens_per_layer_rows=[[counts[i] for i in picked] for counts in self.tokens_per_layer_rows],
+            cached_positions={layer: take(positions) for layer, positions in self.cached_positions.items()},
+            cached_valid={layer: take(valid) for layer, valid in self.cached_valid.items()},
         )
 
 
@@ -185,8 +211,10 @@ class TokenPruner:
         self._model = model
         self._kinds = layer_kinds(model.config)
         handles = [model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True)]
-        first = self.schedule.layers[0]
-        for idx in range(first, len(layers)):
+        if has_sliding_layers(model.config):
+            handles.append(model.base_model.register_forward_hook(self._on_model_end, with_kwargs=True))
+        # Every layer: one before the first stage may still have its cache trimmed to the window.
+        for idx in range(len(layers)):
             hook = self._make_layer_hook(idx)
             handles.append(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
         try:
@@ -264,10 +292,37 @@ class TokenPruner:
         # Without a config HF's DynamicCache makes every layer a plain DynamicLayer.
         return {**kwargs, CACHE_KWARG: DynamicCache()}
 
+    def _on_model_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Drop the sliding-window layers' cache entries no later query can see (:mod:`sdtp.engine.window`)."""
+        cache = output_cache(output)
+        record = self.last_prefill
+        if not self._prefill or cache is None or record is None:
+            return
+        lengths = torch.tensor(record.seq_lens)
+        for layer, window in enumerate(layer_windows(self._model.config)):
+            if window is None or type(cache.layers[layer]) not in (DynamicLayer, WindowedLayer):
+                continue
+            layout = record.cache_layout(layer) or self._whole_prompt(record)
+            trimmed = trim_to_window(cache, layer, *layout, lengths.to(layout[0].device), window)
+            if trimmed is not None:
+                record.cached_positions[layer], record.cached_valid[layer] = trimmed
+
+    @staticmethod
+    def _whole_prompt(record: PrefillRecord) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N) positions (padding: -1) and validity of a layer that cached every prompt column."""
+        columns = torch.arange(record.seq_len).unsqueeze(0)
+        if record.pad is None:
+            return columns.expand(len(record.seq_lens), -1), None
+        positions = columns - record.pad.unsqueeze(1).cpu()
+        valid = positions >= 0
+        return positions.masked_fill(~valid, -1).to(record.pad.device), valid.to(record.pad.device)
+
     def _make_layer_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        first = self.schedule.layers[0]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if self._prefill:
-                return self._prefill_layer(layer, args, kwargs)
+                return self._prefill_layer(layer, args, kwargs) if layer >= first else None
             return self._extend_layer(layer, args, kwargs)
 
         return hook
@@ -415,18 +470,19 @@ class TokenPruner:
         """Decode/continuation step: only the mask's key axis must match this layer's cache."""
         mask = kwargs.get("attention_mask")
         record = self.last_prefill
-        if record is None or layer not in record.layer_positions:
+        layout = record.cache_layout(layer) if record is not None else None
+        if layout is None:
             return None
-        valid = record.layer_valid.get(layer)
+        cached, valid = layout  # (B, k_l) prompt positions held by this layer (-1: masked)
         if mask is None:
             if valid is not None:
                 raise NotImplementedError("decoding from a ragged pruned cache needs the 2D attention mask")
             return None
         if not isinstance(mask, torch.Tensor):
             raise NotImplementedError(f"attention mask of type {type(mask).__name__} is not supported with pruning")
-        cached = record.layer_positions[layer]  # (B, k_l) prompt positions held by this layer (-1: masked)
         if record.pad is not None:
-            cached = (cached + record.pad.unsqueeze(1)).clamp(min=0)  # columns of the padded prompt
+            cached = cached + record.pad.unsqueeze(1)  # columns of the padded prompt
+        cached = cached.clamp(min=0)  # masked slots (-1) read any column: key_valid blocks them
         total = mask.shape[-1]
         new = torch.arange(record.seq_len, total, device=cached.device).unsqueeze(0).expand(cached.shape[0], -1)
         keys = torch.cat([cached, new], dim=1)  # (B, k_l + t) columns of this layer's cached keys

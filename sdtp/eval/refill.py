@@ -29,8 +29,8 @@ def refill_dense(model: nn.Module, ctx_ids: torch.Tensor, pruned: PrefilledConte
         ctx_ids: (1, N) the context ``pruned`` was prefilled from (one unpadded row).
         pruned: its pruned prefill (:func:`sdtp.eval.scoring.prefill_context` with a pruner).
     Returns:
-        a context whose layer ``l`` caches (1, H_kv, k_l, hd) dense keys/values (``k_l`` = the tokens that
-        reached layer ``l`` in the pruned prefill), with the dense last logits and the pruned record, so
+        a context whose layer ``l`` caches (1, H_kv, k_l, hd) dense keys/values (``k_l`` = the tokens the
+        pruned prefill left in layer ``l``'s cache), with the dense last logits and the pruned record, so
         continuations are scored through the pruner's per-layer masks as before.
     """
     record = pruned.record
@@ -38,9 +38,10 @@ def refill_dense(model: nn.Module, ctx_ids: torch.Tensor, pruned: PrefilledConte
         raise ValueError("refill_dense: needs one unpadded row prefilled with a pruner")
     dense = prefill_context(model, ctx_ids, None)
     for index, (source, target) in enumerate(zip(dense.cache.layers, pruned.cache.layers, strict=True)):
-        positions = record.layer_positions.get(index)  # (1, k_l); None: the layer saw every token
-        keys, values = source.keys, source.values  # (1, H_kv, N, hd)
-        if positions is not None:
-            keys, values = keys.index_select(2, positions[0]), values.index_select(2, positions[0])
+        layout = record.cache_layout(index)  # (1, k_l) positions the pruned layer caches; None: every token
+        keys, values = source.keys, source.values  # (1, H_kv, N_l, hd): a dense sliding layer holds its last N_l
+        if layout is not None:
+            slots = layout[0][0] - (pruned.length - keys.shape[2])  # >= 0: trimmed to the same window
+            keys, values = keys.index_select(2, slots), values.index_select(2, slots)
         target.keys, target.values = keys, values
     return PrefilledContext(dense.last_logits, pruned.cache, pruned.length, record)

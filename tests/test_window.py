@@ -1,0 +1,74 @@
+"""A pruned prefill's sliding-window layers keep only what their window can still show (sdtp.engine.window)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+import sdtp.engine.pruner as pruner_module
+from sdtp.config import compose
+from sdtp.engine.cache import cache_bytes, cache_lengths
+from sdtp.engine.generation import generate
+from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
+from sdtp.engine.window import WindowedLayer, trim_to_window
+from sdtp.models import load_model
+from sdtp.models.compat import output_cache
+from sdtp.models.layer_types import layer_windows
+from sdtp.scorers.random import RandomScorer
+
+SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return load_model(compose("generate", ["model=tiny-gemma3"]).model)[0]
+
+
+class _Cache:
+    def __init__(self, layer: DynamicLayer) -> None:
+        self.layers = [layer]
+
+
+def test_trim_keeps_each_rows_entries_after_its_length_minus_window_in_slot_order():
+    keys = torch.arange(2 * 8, dtype=torch.float32).view(2, 1, 8, 1).expand(-1, 2, -1, 3).clone()  # (B, H, k, hd)
+    layer = DynamicLayer()
+    layer.update(keys, keys + 100)
+    positions = torch.tensor([[0, 3, 5, 6, 8, 9, 10, 11], [-1, -1, 0, 2, 3, 5, 7, 8]])  # row 1: left padding
+    kept, valid = trim_to_window(_Cache(layer), 0, positions, positions >= 0, torch.tensor([12, 9]), window=5)
+    # row 0 (L=12) keeps positions > 7, row 1 (L=9) positions > 4 and one masked slot to match row 0's width
+    assert kept.tolist() == [[8, 9, 10, 11], [5, 7, 8, -1]]
+    assert valid.tolist() == [[True] * 4, [True, True, True, False]]
+    assert layer.keys[:, 0, :, 0].tolist() == [[4, 5, 6, 7], [13, 14, 15, 8]]  # the slots' own keys, in order
+    assert torch.equal(layer.values, layer.keys + 100)
+    assert isinstance(layer, WindowedLayer) and layer.get_seq_length() == 8  # the length it had: logical
+    kept, valid = trim_to_window(_Cache(layer), 0, kept, valid, torch.tensor([12, 9]), window=3)
+    assert kept.tolist() == [[10, 11], [7, 8]] and valid is None
+    assert layer.keys[:, 0, :, 0].tolist() == [[6, 7], [14, 15]] and layer.get_seq_length() == 8
+    assert trim_to_window(_Cache(layer), 0, kept, valid, torch.tensor([12, 9]), window=3) is None
+
+
+@torch.no_grad()
+def test_trimming_changes_no_logit_and_bounds_every_sliding_layer(gemma3, prompt_ids, monkeypatch):
+    """Generation and its step logits equal the untrimmed pruner's; each sliding layer holds < window entries, the
+    cache reports the prompt length, and the pruned cache is smaller than the dense one, as it should be."""
+    n, window = prompt_ids.shape[1], gemma3.config.sliding_window
+    pruner = TokenPruner(SCHEDULE, RandomScorer(seed=3))
+    trimmed = generate(gemma3, prompt_ids, 6, pruner, keep_logits=True)
+    record = pruner.last_prefill
+    windows = layer_windows(gemma3.config)
+    widths = record.cache_widths(len(windows))
+    assert [w < window for w, size in zip(widths, windows) if size] == [True] * 3
+    assert all(isinstance(trimmed.cache.layers[idx], WindowedLayer) for idx, size in enumerate(windows) if size)
+    assert cache_lengths(trimmed.cache) == [w + 5 for w in widths]  # + 5 decode steps
+    assert trimmed.cache.get_seq_length() == n + 5
+    dense = generate(gemma3, prompt_ids, 6, keep_logits=True)
+    assert cache_bytes(trimmed.cache) < cache_bytes(dense.cache)
+    with monkeypatch.context() as patch:
+        patch.setattr(pruner_module, "trim_to_window", lambda *args: None)
+        untrimmed = generate(gemma3, prompt_ids, 6, TokenPruner(SCHEDULE, RandomScorer(seed=3)), keep_logits=True)
+    assert cache_bytes(untrimmed.cache) > cache_bytes(dense.cache)  # what trimming saves
+    assert trimmed.tokens == untrimmed.tokens
+    for ours, reference in zip(trimmed.step_logits, untrimmed.step_logits, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
