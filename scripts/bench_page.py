@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args, overrides = parser.parse_known_args()
     run_dir = args.from_run.resolve() if args.from_run else measure(args.model, overrides)
-    command = "python scripts/bench_page.py" + "".join(f" {o}" for o in overrides)
+    model = "" if args.model == parser.get_default("model") else f" --model {args.model}"
+    command = "python scripts/bench_page.py" + model + "".join(f" {o}" for o in overrides)
     stem = write_page(run_dir, args.out, command)
     print(json.dumps({"page": str(stem.with_suffix(".md")), "run_dir": str(run_dir)}))
 
