@@ -122,6 +122,7 @@ class PrefillRecord:
         final = self.final_positions[index : index + 1] if self.final_positions is not None else None
         if final is not None and self.final_valid is not None:
             final = final[:, self.final_valid[index]]
+
         def real(positions: dict[int, torch.Tensor], validity: dict[int, torch.Tensor | None]) -> dict:
             rows = {layer: slots[index : index + 1] for layer, slots in positions.items()}
             return {layer: row if validity.get(layer) is None else row[:, validity[layer][index]]
@@ -211,10 +212,11 @@ class TokenPruner:
         self._model = model
         self._kinds = layer_kinds(model.config)
         handles = [model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True)]
+        first = self.schedule.layers[0]
         if has_sliding_layers(model.config):
             handles.append(model.base_model.register_forward_hook(self._on_model_end, with_kwargs=True))
-        # Every layer: one before the first stage may still have its cache trimmed to the window.
-        for idx in range(len(layers)):
+            first = 0  # a sliding layer before the first stage has its cache trimmed to the window too
+        for idx in range(first, len(layers)):
             hook = self._make_layer_hook(idx)
             handles.append(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
         try:
