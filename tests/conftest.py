@@ -19,8 +19,7 @@ from sdtp.scorers.base import Scorer, ScoreContext  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
 # Gemma3's sliding-window layers are supported by the pruning engine, training's masks, the labels
-# (sdtp.models.layer_types) and KV compression (of its global layers), not by the scorers that recompute
-# attention over a pruned cache.
+# (sdtp.models.layer_types), the attention scorers and KV compression (of its global layers).
 ENGINE_FAMILIES = (*FAMILIES, "gemma3")
 
 

@@ -48,8 +48,8 @@ def _pruner(method: str, model_name: str) -> tuple[TokenPruner, Recording]:
 
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_scores_finite_one_per_alive_token_and_deterministic(tiny, prompt_ids, method):
-    model, _, cfg = tiny
+def test_scores_finite_one_per_alive_token_and_deterministic(tiny_engine, prompt_ids, method):
+    model, _, cfg = tiny_engine
     pruner, recording = _pruner(method, cfg.model.name)
     runs = []
     for _ in range(2):
@@ -84,16 +84,18 @@ def test_positional_keeps_sinks_and_one_recent_window(tiny_llama, prompt_ids):
     assert kept == list(range(4)) + list(range(n - (k - 4), n))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("num_queries", [1, 5])
 @torch.no_grad()
-def test_attention_scorer_matches_eager_reference(prompt_ids, num_queries):
+def test_attention_scorer_matches_eager_reference(prompt_ids, num_queries, family):
     """Scores at each stage = eager attention probabilities of the last queries at the previous layer.
 
     The reference runs the same (seeded) tiny model with eager attention and output_attentions under
-    the same pruning, so later stages are checked on the already-pruned token set too.
+    the same pruning, so later stages are checked on the already-pruned token set too. Gemma3's stages
+    1 and 3 read sliding layers (window 16 < the 97-token prompt): the window applies to original positions.
     """
-    sdpa_model, _ = load_model(compose("generate", ["model=tiny-llama"]).model)
-    eager_cfg = compose("generate", ["model=tiny-llama", "model.attn_implementation=eager"])
+    sdpa_model, _ = load_model(compose("generate", [f"model=tiny-{family}"]).model)
+    eager_cfg = compose("generate", [f"model=tiny-{family}", "model.attn_implementation=eager"])
     eager_model, _ = load_model(eager_cfg.model)
     schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
     recording = Recording(AttentionScorer(num_queries=num_queries))

@@ -113,7 +113,8 @@ def test_ragged_batch_equals_rows_one_at_a_time(tiny_engine, kind):
     """Also on Gemma3, whose sliding layers each row trims to its own window (a ragged trim, masked slots)."""
     model, _, _ = tiny_engine
     if kind == "lazyllm" and has_sliding_layers(model.config):
-        pytest.skip("the attention scorer refuses sliding-window models (tests/test_layer_types.py)")
+        pytest.skip("LazyLLM at a sliding layer scores every token outside the last queries' window 0: ties, which "
+                    "a ragged batch (stable sort) and a single row (topk) break differently (docs/design.md)")
     prompts = _prompts((61, 40))
     ids, mask = _left_pad(prompts)
     cont = torch.randint(4, 260, (2, 5), generator=torch.Generator().manual_seed(9))

@@ -1,9 +1,8 @@
-"""Layer kinds (full vs sliding-window attention) and the components that refuse sliding-window models.
+"""Layer kinds (full vs sliding-window attention), and Gemma3's specifics.
 
-The pruning engine (tests/test_pruner.py), predictor training's masks (tests/test_masking.py) and the saliency
-labels (tests/test_saliency.py) support Gemma3's sliding layers; the components that recompute attention over
-a *pruned* cache (attention scorers, KV compression) assume full causal attention and must say so instead of
-computing something else.
+The pruning engine (tests/test_pruner.py, tests/test_window.py), predictor training's masks
+(tests/test_masking.py), the saliency labels (tests/test_saliency.py), the attention scorers
+(tests/test_baseline_scorers.py) and KV compression (tests/test_kv.py) support Gemma3's sliding layers.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from sdtp.config import compose
 from sdtp.errors import ConfigError
 from sdtp.models import check_supported, load_model
 from sdtp.models.layer_types import FULL, SLIDING, layer_kinds
-from sdtp.scorers.attention import AttentionScorer
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,3 @@ def test_gemma3_tiny_model_has_both_kinds_and_its_specifics(gemma3):
 def test_multimodal_gemma3_is_refused_naming_the_supported_families():
     with pytest.raises(ConfigError, match="'gemma3'.*llama, qwen2, mistral, qwen3, gemma3"):
         check_supported(SimpleNamespace(config=SimpleNamespace(model_type="gemma3")))
-
-
-def test_components_that_assume_full_attention_refuse_sliding_layers(gemma3):
-    with pytest.raises(NotImplementedError, match="attention scorer.*sliding-window layers \\[0, 1, 3\\]"):
-        AttentionScorer().bind(gemma3, (1, 2))

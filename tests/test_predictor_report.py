@@ -319,20 +319,18 @@ def test_scorer_knob_rows_have_their_own_fingerprints_and_page_text(setup, tmp_p
     assert "predictor scores averaged over 2 alive tokens each side (its override)" in page
 
 
-def test_a_scorer_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path):
-    """On a sliding-window model (Gemma3) the attention scorer cannot run: the page says why, before any cell."""
+def test_a_row_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path):
+    """A KV row on a model whose every layer slides (Mistral v0.1) has nothing to cut: the page says why, before any
+    cell, and runs the other rows."""
     argv, out = setup
-    predictor = tmp_path / "gemma_predictor"
-    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-gemma3", num_layers=4)
-    TokenPredictor(meta).save(predictor)
-    gemma = [*argv, "--model", "tiny-gemma3", "--datasets", "wikitext", "--predictor", f"sdtp={predictor}"]
-    report = predictor_eval.main([*gemma, "--only", "dense,lazyllm,positional,sdtp"])
+    mistral = [*argv, "--model", "tiny-mistral", "--override", "+model.arch.sliding_window=16", "--datasets",
+               "wikitext", "--predictor", f"sdtp={tmp_path / 'none'}", "--kv", "hh=h2o"]
+    report = predictor_eval.main([*mistral, "--only", "dense,hh,positional"])
     cell, rows = _rows(report, "wikitext")
-    assert set(rows) == {"dense", "positional", "sdtp"} and "lazyllm" not in cell["missing"]
-    assert not _cache(out, "wikitext_48", "lazyllm").exists()
-    assert "lazyllm" not in report["header"]["Scorers"] and "`positional` sinks" in report["header"]["Scorers"]
-    assert report["header"]["Not run on this model"].startswith("`lazyllm`: the attention scorer")
-    assert "sliding-window layers" in (out / "eval.md").read_text()
+    assert set(rows) == {"dense", "positional"} and "hh" not in cell["missing"]
+    assert not _cache(out, "wikitext_48", "hh").exists()
+    assert report["header"]["Not run on this model"].startswith("`hh`: KV compression (kv=h2o) compresses full-")
+    assert "every layer of 'mistral' is a sliding-window one" in (out / "eval.md").read_text()
     assert "Not run on this model" not in predictor_eval.main([*argv, "--render-only"])["header"]  # full attention
 
 
@@ -407,9 +405,9 @@ def test_a_kv_row_on_a_sliding_window_model_cuts_its_global_layers(setup, tmp_pa
     """On Gemma3 a ``--kv`` row runs: its global layer is cut, its sliding layers keep their window."""
     argv, _ = setup
     gemma = [*argv, "--model", "tiny-gemma3", "--datasets", "wikitext", "--predictor", f"sdtp={tmp_path / 'none'}"]
-    report = predictor_eval.main([*gemma, "--kv", "hh=h2o", "--kv-ratio", "0.5", "--only", "dense,hh"])
+    report = predictor_eval.main([*gemma, "--kv", "hh=h2o", "--kv-ratio", "0.5", "--only", "dense,hh,lazyllm"])
     rows = _rows(report, "wikitext")[1]
-    assert "`hh`" not in report["header"]["Not run on this model"]  # the attention scorers still are
+    assert "Not run on this model" not in report["header"] and "lazyllm" in rows  # the attention scorer runs too
     assert rows["hh"]["layer_fraction"] == 1.0 and 0.5 < rows["hh"]["kv_fraction"] < 1.0
     assert rows["hh"]["nll"] != rows["dense"]["nll"]
 

@@ -38,17 +38,20 @@ def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor, scale: float,
-                    window: int | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                    window: int | None = None, key_valid: torch.Tensor | None = None,
+                    key_index: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention of ``query`` over ``keys``, grouped per KV head.
 
     Args:
         query: (B, H, m, hd) rotated queries.
         keys: (B, H_kv, T, hd) cached (rotated) keys; ``H`` must be a multiple of ``H_kv``.
-        query_index: (m,) long, the cache index of each query token (keys beyond it are masked).
+        query_index: (m,) or (B, m) long, the position of each query token (keys after it are masked).
         scale: softmax scaling (``attn.scaling``).
-        window: a sliding-window layer's window: keys ``window`` or more indices before the query are
-            masked too (cache index = position: an unpruned cache that holds every token).
+        window: a sliding-window layer's window: keys ``window`` or more positions before the query are
+            masked too.
         key_valid: (B, T) bool real keys (False = a left-padding slot, masked); None = all real.
+        key_index: (B, T) long, the position of each key, e.g. the original positions a pruned cache
+            holds; None = its cache index (an unpruned cache that holds every token).
     Returns:
         (B, H_kv, H // H_kv, m, T) float32 probabilities; each row sums to 1.
     """
@@ -56,8 +59,12 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, query_index: torch.
     kv_heads, length = keys.shape[1], keys.shape[2]
     grouped = query.float().view(batch, kv_heads, heads // kv_heads, m, head_dim)
     logits = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scale  # (B, H_kv, g, m, T)
-    offset = query_index[:, None] - torch.arange(length, device=keys.device)[None, :]  # (m, T) query - key
-    visible = visible_keys(offset, window)  # (m, T)
+    if key_index is None:
+        key_index = torch.arange(length, device=keys.device)
+    offset = query_index[..., :, None] - key_index[..., None, :]  # (m, T) or (B, m, T): query - key
+    visible = visible_keys(offset, window)
+    if visible.dim() == 3:
+        visible = visible[:, None, None]  # (B, 1, 1, m, T)
     if key_valid is not None:
         visible = visible & key_valid.bool()[:, None, None, None, :]  # (B, 1, 1, m, T)
     return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)

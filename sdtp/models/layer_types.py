@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -43,16 +42,3 @@ def visible_keys(offset: torch.Tensor, window: int | None) -> torch.Tensor:
 
 def has_sliding_layers(config: Any) -> bool:
     return SLIDING in layer_kinds(config)
-
-
-def require_full_attention(model: nn.Module, component: str) -> None:
-    """Refuse ``component`` (which assumes plain causal attention in every layer) for sliding-window models."""
-    kinds = layer_kinds(model.config)
-    sliding = [i for i, kind in enumerate(kinds) if kind == SLIDING]
-    if sliding:
-        raise NotImplementedError(
-            f"{component} assumes full causal attention in every layer, but {model.config.model_type!r} has "
-            f"sliding-window layers {sliding} (window {model.config.sliding_window}); such models run pruned "
-            "inference (TokenPruner) with scorers that do not recompute attention (random, norm, positional, "
-            "lexical, the SDTP predictor) and KV compression of their full-attention layers"
-        )

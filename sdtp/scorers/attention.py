@@ -7,6 +7,9 @@ works with SDPA: a forward pre-hook on layer ``L - 1``'s attention keeps the inp
 ``num_queries`` tokens; at scoring time their queries are re-projected and scored against layer
 ``L - 1``'s cached keys. That cache holds exactly the currently alive tokens, in the same order
 (the stage at ``L`` has not pruned yet), so the scores line up with ``ctx.positions``.
+
+Causality and, when layer ``L - 1`` slides (Gemma3), its window are applied by the alive tokens'
+*original* positions, the mask the pruned layer itself ran with (:mod:`sdtp.models.layer_types`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 
 from sdtp.models import decoder_layers
 from sdtp.models.attention import attention_probs, project_queries
-from sdtp.models.layer_types import require_full_attention
+from sdtp.models.layer_types import layer_windows
 from sdtp.scorers.base import Scorer, ScoreContext
 
 
@@ -30,22 +33,22 @@ class AttentionScorer(Scorer):
             raise ValueError(f"pruning.scorer.num_queries: must be >= 1, got {num_queries}")
         self.num_queries = num_queries
         self._attn: dict[int, nn.Module] = {}
+        self._window: dict[int, int | None] = {}  # per captured layer: its sliding window (None: full attention)
         self._captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
     def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
-        require_full_attention(model, "the attention scorer (pruning=lazyllm|gemfilter|fastkv)")
         self.unbind()
-        all_layers = decoder_layers(model)
+        all_layers, windows = decoder_layers(model), layer_windows(model.config)
         for layer in layers:
             attn = all_layers[layer - 1].self_attn
-            self._attn[layer - 1] = attn
+            self._attn[layer - 1], self._window[layer - 1] = attn, windows[layer - 1]
             self._handles.append(attn.register_forward_pre_hook(self._capture(layer - 1), with_kwargs=True))
 
     def unbind(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._attn, self._captured = [], {}, {}
+        self._handles, self._attn, self._window, self._captured = [], {}, {}, {}
 
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         self._captured = {}
@@ -73,8 +76,8 @@ class AttentionScorer(Scorer):
         hidden, cos, sin = self._captured[prev]
         attn = self._attn[prev]
         query = project_queries(attn, hidden, cos, sin)  # (B, H, m, hd)
-        m = query.shape[2]
-        query_index = torch.arange(n - m, n, device=keys.device)
+        positions = ctx.positions.to(keys.device)  # (B, n) original positions of the cached (alive) tokens
         # Left-padded rows: padding slots are masked keys, so each row attends as it would alone.
-        probs = attention_probs(query, keys, query_index, attn.scaling, key_valid=ctx.valid)  # (B, H_kv, g, m, n)
+        probs = attention_probs(query, keys, positions[:, -query.shape[2]:], attn.scaling, self._window[prev],
+                                key_valid=ctx.valid, key_index=positions)  # (B, H_kv, g, m, n)
         return probs.mean(dim=(1, 2, 3))
