@@ -9,7 +9,6 @@ from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.models.compat import cache_kwargs, output_cache
-from sdtp.models.layer_types import has_sliding_layers
 from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
 from sdtp.scorers.norm import HiddenNormScorer
@@ -112,9 +111,6 @@ def _continuation_logprob(model, ids, mask, cont, pruner):
 def test_ragged_batch_equals_rows_one_at_a_time(tiny_engine, kind):
     """Also on Gemma3, whose sliding layers each row trims to its own window (a ragged trim, masked slots)."""
     model, _, _ = tiny_engine
-    if kind == "lazyllm" and has_sliding_layers(model.config):
-        pytest.skip("LazyLLM at a sliding layer scores every token outside the last queries' window 0: ties, which "
-                    "a ragged batch (stable sort) and a single row (topk) break differently (docs/design.md)")
     prompts = _prompts((61, 40))
     ids, mask = _left_pad(prompts)
     cont = torch.randint(4, 260, (2, 5), generator=torch.Generator().manual_seed(9))
@@ -160,6 +156,24 @@ def test_select_kept_rows_keeps_per_row_budgets_and_never_padding():
     # Row 1 keeps its 2 real tokens (2, 5; never the padding 0, 1) after one masked filler slot.
     assert keep_valid.tolist() == [[True, True, True], [False, True, True]]
     assert keep[0].tolist() == [0, 1, 5] and keep[1, 1:].tolist() == [2, 5]
+
+
+def test_a_ragged_row_breaks_ties_as_it_would_alone():
+    """Scores with many exact ties (lexical matches, attention outside a sliding window): each row of a ragged batch
+    keeps exactly what select_kept keeps for that row by itself."""
+    from sdtp.engine.selection import select_kept, select_kept_rows
+
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 3, (2, 300), generator=generator).float()  # 3 distinct values: ties everywhere
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[1, :77] = False  # row 1 left-padded by 77
+    protected = torch.zeros(2, 300, dtype=torch.bool)
+    protected[:, -10:] = True
+    keep, keep_valid = select_kept_rows(scores, protected, valid, torch.tensor([120, 90]))
+    for row in range(2):
+        slots = valid[row].nonzero().squeeze(1)
+        alone = slots[select_kept(scores[row, slots][None], protected[row, slots][None], [120, 90][row])[0]]
+        assert keep[row][keep_valid[row]].tolist() == alone.tolist()
 
 
 @torch.no_grad()

@@ -47,9 +47,10 @@ def select_kept_rows(
     """Per-row selection for a ragged batch: each row keeps its own number of real tokens.
 
     Row b keeps ``k_b = min(valid_b, max(budgets[b], protected_b))`` real tokens (its protected
-    ones plus its top-scored others). Invalid slots (padding) are never chosen as real tokens. So
-    that the result stays rectangular, rows with ``k_b < K = max_b k_b`` get ``K - k_b`` extra
-    *masked* slots (the next-ranked indices, whose contents the caller must mask out).
+    ones plus its top-scored others), chosen by :func:`select_kept` on its real slots alone, so that
+    a row keeps what it would keep run by itself, ties included. Invalid slots (padding) are never
+    chosen as real tokens. So that the result stays rectangular, rows with ``k_b < K = max_b k_b``
+    get ``K - k_b`` extra *masked* slots (unchosen indices, whose contents the caller must mask out).
 
     Args:
         scores: (B, n) importance, higher = keep; finite on valid slots.
@@ -63,15 +64,17 @@ def select_kept_rows(
     """
     n = scores.shape[-1]
     protected = protected & valid
-    counts = torch.minimum(valid.sum(-1), torch.maximum(budgets.to(valid.device), protected.sum(-1)))  # (B,)
-    k = int(counts.max().item())
-    ranked = scores.float().masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-    order = ranked.argsort(dim=-1, descending=True, stable=True)[:, :k]  # (B, K) best first
-    chosen = torch.arange(k, device=scores.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, K)
-    # Sort key: masked slots (< n) before real ones (>= n), each group by index.
-    key = torch.where(chosen, order + n, order)
-    perm = key.argsort(dim=-1)
-    return order.gather(1, perm), chosen.gather(1, perm)
+    chosen = torch.zeros_like(valid)  # (B, n) the real tokens each row keeps
+    for row in range(scores.shape[0]):
+        slots = valid[row].nonzero().squeeze(1)  # (n_b,) the row's real slots, in order
+        picked = select_kept(scores[row, slots][None], protected[row, slots][None], int(budgets[row]))
+        chosen[row, slots[picked[0]]] = True
+    k = int(chosen.sum(-1).max().item())
+    # Sort key: unchosen slots (< n) before chosen ones (>= n), each group by index; the last k per row
+    # are its chosen tokens in order, preceded by as many unchosen (masked) slots as it keeps fewer.
+    index = torch.arange(n, device=scores.device).expand_as(chosen)
+    order = torch.where(chosen, index + n, index).argsort(dim=-1)[:, n - k:]  # (B, K)
+    return order, chosen.gather(1, order)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
