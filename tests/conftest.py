@@ -48,6 +48,12 @@ def tiny_llama():
     return model, tokenizer, cfg
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    """(model, tokenizer, cfg) of the tiny Gemma3: sliding-window layers (window 16) around a global one."""
+    return _tiny("gemma3")
+
+
 class PositionScorer(Scorer):
     """Deterministic scores that depend only on a token's original position (for exact checks)."""
 

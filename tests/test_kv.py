@@ -106,17 +106,12 @@ def _attend_only(kept: torch.Tensor, length: int, heads: int):
     return hook
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma3():
-    return load_model(compose("generate", ["model=tiny-gemma3"]).model)[0]
-
-
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
 def test_sliding_window_models_compress_their_full_attention_layers_only(tiny_gemma3, prompt_ids, method):
     """Gemma3: the global layer keeps its budget per KV head, the sliding layers what HF keeps of their window,
     and decoding equals the dense cache with each global head's evicted entries masked out."""
-    model, n = tiny_gemma3, prompt_ids.shape[1]
+    model, n = tiny_gemma3[0], prompt_ids.shape[1]
     kinds, window = layer_kinds(model.config), model.config.sliding_window
     policy = KVPolicy(method, ratio=0.4, window=8)
     with KVCompressor(policy)(model) as press:

@@ -11,16 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from sdtp.config import compose
 from sdtp.errors import ConfigError
-from sdtp.models import check_supported, load_model
+from sdtp.models import check_supported
 from sdtp.models.layer_types import FULL, SLIDING, layer_kinds
 
 
 @pytest.fixture(scope="module")
-def gemma3():
-    model, _ = load_model(compose("generate", ["model=tiny-gemma3"]).model)
-    return model
+def gemma3(tiny_gemma3):
+    return tiny_gemma3[0]
 
 
 def test_layer_kinds_per_family():

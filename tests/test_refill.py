@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdtp.config import compose
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.eval.continuation import segment_nll, segments
 from sdtp.eval.refill import refill_dense
 from sdtp.eval.scoring import prefill_context
-from sdtp.models import load_model
 from sdtp.models.layer_types import layer_windows
 from sdtp.scorers.norm import HiddenNormScorer
 
@@ -68,10 +66,10 @@ def test_refill_of_a_keep_all_schedule_is_dense_and_records_the_cache_share(tiny
         segment_nll(model, segs, TokenPruner(PRUNE, HiddenNormScorer()), batch_size=2, refill=True)
 
 
-def test_refill_on_a_sliding_window_model_reads_the_dense_windows():
+def test_refill_on_a_sliding_window_model_reads_the_dense_windows(tiny_gemma3):
     """Gemma3: a dense sliding layer holds its last window - 1 entries, the pruned one the kept entries among them
     (sdtp.engine.window); refilling maps one onto the other, and keeping every token reproduces the dense NLL."""
-    model, _ = load_model(compose("generate", ["model=tiny-gemma3"]).model)
+    model, _, _ = tiny_gemma3
     ids, window = _ids(), model.config.sliding_window
     pruned = prefill_context(model, ids, TokenPruner(PRUNE, HiddenNormScorer()))
     dense = prefill_context(model, ids, None)

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
 import sdtp.engine.pruner as pruner_module
-from sdtp.config import compose
 from sdtp.engine.cache import cache_bytes, cache_lengths
 from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.window import WindowedLayer, trim_to_window
-from sdtp.models import load_model
-from sdtp.models.compat import output_cache
 from sdtp.models.layer_types import layer_windows
 from sdtp.scorers.random import RandomScorer
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
-
-
-@pytest.fixture(scope="module")
-def gemma3():
-    return load_model(compose("generate", ["model=tiny-gemma3"]).model)[0]
 
 
 class _Cache:
@@ -50,9 +41,10 @@ def test_trim_keeps_each_rows_entries_after_its_length_minus_window_in_slot_orde
 
 
 @torch.no_grad()
-def test_trimming_changes_no_logit_and_bounds_every_sliding_layer(gemma3, prompt_ids, monkeypatch):
+def test_trimming_changes_no_logit_and_bounds_every_sliding_layer(tiny_gemma3, prompt_ids, monkeypatch):
     """Generation and its step logits equal the untrimmed pruner's; each sliding layer holds < window entries, the
     cache reports the prompt length, and the pruned cache is smaller than the dense one, as it should be."""
+    gemma3 = tiny_gemma3[0]
     n, window = prompt_ids.shape[1], gemma3.config.sliding_window
     pruner = TokenPruner(SCHEDULE, RandomScorer(seed=3))
     trimmed = generate(gemma3, prompt_ids, 6, pruner, keep_logits=True)

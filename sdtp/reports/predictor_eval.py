@@ -477,8 +477,8 @@ def fingerprint(cfg: DictConfig, model: nn.Module, dataset: str, segs_sha: str, 
         what["kv"] = OmegaConf.to_container(cfg.kv, resolve=True)
     if refill_enabled(cfg):  # the same
         what["refill"] = True
-    if schedule is not None and pruner_variant_settings(cfg.pruning):  # the same (revival, merging)
-        what["pruner"] = pruner_variant_settings(cfg.pruning)
+    if schedule is not None and (variant := pruner_variant_settings(cfg.pruning)):  # the same (revival, merging)
+        what["pruner"] = variant
     if spec.path is not None:
         row = row_scorer(cfg, spec)
         weights = prior_weights(cfg, spec, model, dataset, row)
