@@ -92,6 +92,18 @@ def test_dense_only(tmp_path):
     _check_schema(json.loads((tmp_path / "bench.json").read_text()), [48], repeats=1, pruned=False)
 
 
+def test_sliding_window_model_expects_the_cache_it_measures(tmp_path):
+    """Gemma3 (window 16 < 96 tokens): the expected KV reduction counts only what each sliding layer keeps
+    (its window), not 1 - tau, and matches the bytes the pruned prefill leaves."""
+    cfg = compose("bench", ["model=tiny-gemma3", "pruning=random", "lengths=[96]", "new_tokens=2", "repeats=1",
+                            "warmup=0", "memory=false"])
+    run(cfg, run_dir=tmp_path)
+    entry = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    speedup, flops = entry["speedup"], entry["flops"]
+    assert flops["cached_per_layer"]["pruned"] == entry["variants"]["pruned"]["cache_lengths"]
+    assert speedup["kv_cache_reduction"] == pytest.approx(speedup["expected_kv_reduction"])
+
+
 def test_cli_subprocess_memory_and_allocator(tmp_path):
     cmd = [sys.executable, "-m", "sdtp.cli.bench", "model=tiny-mistral", "pruning=random", "lengths=[128]",
            "new_tokens=3", "repeats=2", f"hydra.run.dir={tmp_path}"]

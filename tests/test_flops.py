@@ -6,12 +6,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdtp.engine.cache import cache_lengths
+from sdtp.engine.generation import prefill
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
-from sdtp.flops import ModelDims, compression_ratio, estimate, flop_counter_mapping
+from sdtp.flops import ModelDims, attention_pairs, compression_ratio, estimate, flop_counter_mapping, window_pairs
 from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.models.layer_types import layer_windows, visible_keys
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
+from sdtp.scorers.random import RandomScorer
 
 N, NEW = 97, 4
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
@@ -88,3 +92,63 @@ def test_compression_ratio_counts_protected_tokens():
     tokens = schedule.tokens_per_layer(1000, 2)
     assert tokens == [1000, 104]  # the budget (10) is below the protected count (4 + 100)
     assert compression_ratio(1000, tokens) == pytest.approx(2000 / 1104)
+
+
+def _mask_pairs(positions: torch.Tensor, window: int | None) -> int:
+    """(query, key) pairs the layer's mask admits, counted on the whole offset matrix."""
+    return int(visible_keys(positions[:, None] - positions[None, :], window).sum())
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 16, 200])
+def test_window_pairs_count_the_mask(window):
+    spread = torch.sort(torch.randperm(300, generator=torch.Generator().manual_seed(0))[:120]).values
+    assert window_pairs(spread.tolist(), window) == _mask_pairs(spread, window)
+    assert window_pairs(range(40, 140), window) == _mask_pairs(torch.arange(40, 140), window)
+    assert attention_pairs(100, "causal", window) == _mask_pairs(torch.arange(100), window)
+
+
+@torch.no_grad()
+def test_dense_gemma3_flops_equal_counter(tiny_gemma3, prompt_ids):
+    """Sliding layers (window 16 < 97 tokens): the SDPA kernel is charged n^2 at prefill, and a decode
+    step reads HF's trimmed window (window - 1 cached keys and the new one)."""
+    model, _, _ = tiny_gemma3
+    est = estimate(model.config, N, None, new_tokens=NEW, attention="full")
+    assert _counted(model, lambda: _generate_steps(model, prompt_ids, NEW - 1)) == est["dense"]["end_to_end"]["total"]
+    _, cache, _ = prefill(model, prompt_ids)
+    assert est["cached_per_layer"]["dense"] == cache_lengths(cache) == [15, 15, N, 15]
+
+
+@torch.no_grad()
+def test_pruned_gemma3_pairs_and_cache_from_positions(tiny_gemma3, prompt_ids):
+    """With the positions each layer processed, the causal count is the mask's, layer by layer, and the
+    expected cache is the one the pruned prefill leaves (sliding layers trimmed to their window)."""
+    model, _, _ = tiny_gemma3
+    pruner = TokenPruner(SCHEDULE, RandomScorer(seed=3))
+    with pruner(model):
+        _, cache, _ = prefill(model, prompt_ids, pruner)
+    record, dims = pruner.last_prefill, ModelDims.from_config(model.config)
+    positions = [record.layer_positions[layer][0] if layer in record.layer_positions else torch.arange(N)
+                 for layer in range(dims.num_layers)]
+    est = estimate(model.config, N, record.tokens_per_layer, 1, attention="causal",
+                   positions_per_layer=[p.tolist() for p in positions])
+    windows = layer_windows(model.config)
+    expected = sum(4 * dims.q_dim * _mask_pairs(p, w) for p, w in zip(positions, windows))
+    assert est["pruned"]["prefill"]["attention"] == expected
+    assert est["cached_per_layer"]["pruned"] == cache_lengths(cache)
+    assert est["kv_reduction"] == pytest.approx(1 - sum(cache_lengths(cache)) / sum(est["cached_per_layer"]["dense"]))
+    # From counts alone a pruned sliding layer is taken as contiguous: an upper bound on its pairs.
+    counts_only = estimate(model.config, N, record.tokens_per_layer, 1, attention="causal")
+    assert counts_only["pruned"]["prefill"]["attention"] > expected
+
+
+def test_decode_pairs_follow_the_window():
+    """Gemma3-shaped config: one step after a 2K prefill reads `window` keys at a sliding layer, not 2K."""
+    config = {"hidden_size": 640, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+              "intermediate_size": 2048, "vocab_size": 262144, "num_hidden_layers": 2, "sliding_window": 512,
+              "layer_types": ["sliding_attention", "full_attention"]}
+    dims, n = ModelDims.from_config(config), 2048
+    assert dims.windows == (512, None)
+    step = estimate(config, n, None, new_tokens=2)["dense"]["decode"]["attention"]
+    assert step == 4 * dims.q_dim * (512 + n + 1)
+    prefill_attn = estimate(config, n, None)["dense"]["prefill"]["attention"]
+    assert prefill_attn == 4 * dims.q_dim * (512 * 513 // 2 + (n - 512) * 512 + n * (n + 1) // 2)

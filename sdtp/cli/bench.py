@@ -109,6 +109,7 @@ def _measure_length(cfg, model, pruner, ids, predictor_flops: int) -> dict[str, 
     entry: dict[str, Any] = {"seq_len": int(ids.shape[1]), "variants": {}}
     for name, pr in variants.items():
         entry["variants"][name] = probe_prefill(model, ids, pr)
+    positions = _processed_positions(pruner, model.config.num_hidden_layers) if pruner is not None else None
     for _ in range(int(cfg.warmup)):
         for pr in variants.values():
             time_generation(model, ids, min(int(cfg.new_tokens), 4), pr)
@@ -130,9 +131,17 @@ def _measure_length(cfg, model, pruner, ids, predictor_flops: int) -> dict[str, 
     tokens = entry["variants"].get("pruned", entry["variants"]["dense"])["tokens_per_layer"]
     stage_layers = list(pruner.schedule.layers) if pruner is not None else []
     entry["flops"] = estimate(model.config, int(ids.shape[1]), tokens, int(cfg.new_tokens), predictor_flops,
-                              stage_layers, cfg.attention_flops)
+                              stage_layers, cfg.attention_flops, positions)
     entry["speedup"] = speedups(entry)
     return entry
+
+
+def _processed_positions(pruner: TokenPruner, num_layers: int) -> list[list[int] | None]:
+    """The original positions each layer processed in the pruner's last (batch-1) prefill; None before
+    the first stage. Sliding-window layers' FLOPs and cache depend on them, not only on their number."""
+    record = pruner.last_prefill
+    return [record.layer_positions[layer][0].tolist() if layer in record.layer_positions else None
+            for layer in range(num_layers)]
 
 
 def _memory(cfg: DictConfig, model: torch.nn.Module, variant: str, ids: torch.Tensor) -> dict[str, Any]:
