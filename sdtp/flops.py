@@ -32,8 +32,9 @@ exact for dense layers and an upper bound for pruned ones (kept tokens spread ov
 share fewer windows). Such a layer caches only what a later query's window reaches (``p > N -
 window``; HF trims the dense cache so, :mod:`sdtp.engine.window` the pruned one), and a decode
 step attends to those of them still in its window plus the generated tokens. On CPU, SDPA runs a
-sliding layer with an explicit mask and computes every block, so ``attention="causal"`` counts
-the work a window-aware kernel would do, ``"full"`` the work the CPU kernel does.
+sliding layer with an explicit mask and computes every block, so at prefill ``attention="causal"``
+counts the work a window-aware kernel would do, ``"full"`` the work the CPU kernel does. Decode
+counts the keys a step's mask admits in both modes.
 
 End to end for ``G`` generated tokens = prefill + ``G - 1`` decode steps (the first token comes
 from the prefill logits, as in :func:`sdtp.engine.generation.generate`). Norms, RoPE, SwiGLU's

@@ -4,13 +4,17 @@ On CPU the only honest peak is the resident set of a process that ran nothing el
 that already ran the dense baseline, glibc (with the benchmark's no-trim setting) keeps those
 pages, so a pruned run would report the dense peak. :func:`peak_rss_subprocess` therefore runs
 ``python -m sdtp.benchmark.memory spec.json`` once per (variant, length): it loads the model,
-runs a tiny generation (so the weights are resident), resets the kernel's high-water mark
-(``/proc/self/clear_refs`` = 5), generates, and
-prints the peak RSS (``VmHWM``) and the RSS before the generation as its last stdout line.
+runs a tiny generation (so the weights are resident), returns the heap's free pages to the kernel
+(``malloc_trim``: with the benchmark's no-trim setting, buffers freed while loading stay resident and
+later allocations reuse them, so activations would not show in the RSS), resets the kernel's
+high-water mark (``/proc/self/clear_refs`` = 5), generates, and prints the peak RSS (``VmHWM``) and
+the RSS before the generation as its last stdout line.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -42,6 +46,19 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_free_heap() -> bool:
+    """Give glibc's free heap pages back to the kernel (``malloc_trim(0)``); False without glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(ctypes.c_size_t(0))
+    return True
 
 
 def peak_rss_subprocess(
@@ -76,6 +93,7 @@ def _probe(spec_path: str) -> dict[str, Any]:
     input_ids = torch.load(spec["ids"]).to(cfg.model.device)
     # Page the (possibly memory-mapped) weights in first, so the delta below is activations + KV cache.
     generate(model, input_ids[:, :8], 2, pruner, eos_token_id=None)
+    trimmed = release_free_heap()
     supported = reset_peak_rss()
     before = _status_kib("VmRSS")
     generate(model, input_ids, int(spec["new_tokens"]), pruner, eos_token_id=None)
@@ -84,6 +102,7 @@ def _probe(spec_path: str) -> dict[str, Any]:
         "peak_rss_bytes": peak * 1024 if peak is not None else None,
         "rss_before_bytes": before * 1024 if before is not None else None,
         "peak_rss_delta_bytes": (peak - before) * 1024 if peak is not None and before is not None else None,
+        "heap_trimmed": trimmed,
     }
 
 
