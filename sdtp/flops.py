@@ -132,7 +132,7 @@ def attention_pairs(n: int, attention: str = "causal", window: int | None = None
 def window_pairs(positions: Positions, window: int | None) -> int:
     """Causal pairs among sorted original ``positions`` whose offset is below ``window`` (None: all)."""
     if window is None or isinstance(positions, range):
-        return attention_pairs(len(positions), "causal", window if isinstance(positions, range) else None)
+        return attention_pairs(len(positions), "causal", window)
     # query i sees the keys j <= i with positions[j] > positions[i] - window
     return sum(i + 1 - bisect_right(positions, p - window, 0, i + 1) for i, p in enumerate(positions))
 
@@ -241,9 +241,9 @@ def estimate(
                            "cached_per_layer": {}}
     for name, per_layer, pred, given in (("dense", dense_counts, 0, None),
                                          ("pruned", counts, predictor_per_token, positions_per_layer)):
-        pre = prefill_flops(dims, per_layer, pred, stage_layers if name == "pruned" else (), attention, given)
-        cached = [cached_positions(positions, seq_len, dims.window(layer))
-                  for layer, positions in enumerate(layer_positions(seq_len, per_layer, given))]
+        processed = layer_positions(seq_len, per_layer, given)
+        pre = prefill_flops(dims, per_layer, pred, stage_layers if name == "pruned" else (), attention, processed)
+        cached = [cached_positions(positions, seq_len, dims.window(layer)) for layer, positions in enumerate(processed)]
         dec = decode_flops(dims, cached, seq_len, steps)
         out[name] = {"prefill": pre.as_dict(), "decode": dec.as_dict(), "end_to_end": (pre + dec).as_dict()}
         out["cached_per_layer"][name] = [len(c) for c in cached]
