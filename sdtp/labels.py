@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtp.errors import ConfigError
-from sdtp.utils import write_json_atomic
+from sdtp.utils import atomic_path, write_json_atomic
 
 META_FILE = "meta.json"
 VOLATILE_KEYS = ("source_paths",)  # allowed to differ between a run and its resume
@@ -87,10 +87,9 @@ def write_shard(directory: str | Path, index: int, sequences: list[torch.Tensor]
         sal[row, : seq.shape[0]] = lab.float()
     lengths = torch.tensor([seq.shape[0] for seq in sequences], dtype=torch.long)
     path = shard_path(Path(directory), index)
-    tmp = path.with_suffix(".tmp")
     tensors = {"input_ids": ids, "lengths": lengths, "splits": torch.tensor(splits, dtype=torch.long), "saliency": sal}
-    save_file(tensors, str(tmp), metadata={"meta_hash": digest})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"meta_hash": digest})
     return path
 
 

@@ -52,6 +52,7 @@ from torch import nn
 
 from sdtp.errors import ConfigError
 from sdtp.scorers.pooling import box_sum
+from sdtp.utils import atomic_path, write_text_atomic
 
 WEIGHTS_FILE = "predictor.safetensors"
 META_FILE = "predictor.json"
@@ -306,13 +307,9 @@ class TokenPredictor(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp_weights))
-        tmp_weights.chmod(0o644)  # safetensors creates 0600 files; results are meant to be shared
-        tmp_weights.replace(directory / WEIGHTS_FILE)
-        tmp_meta = directory / (META_FILE + ".tmp")
-        tmp_meta.write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
-        tmp_meta.replace(directory / META_FILE)
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        write_text_atomic(directory / META_FILE, json.dumps(asdict(self.meta), indent=2) + "\n")
         return directory
 
     @classmethod

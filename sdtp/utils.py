@@ -8,6 +8,8 @@ import os
 import random
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +30,34 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` via a temporary file + rename (readable by others), so readers never see half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write to; it replaces ``path`` only if the block succeeds.
+
+    For writers that take a file name (``torch.save``, safetensors, matplotlib): the temporary name is hidden,
+    unique per writer, and keeps ``path``'s suffix, from which matplotlib picks the image format. On success the
+    file is made readable by others (results are shared; ``mkstemp`` creates it 0600), flushed to disk and
+    renamed over ``path`` (atomic on POSIX); on any exception it is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        # mkstemp creates the file 0600; results are meant to be read by others (0644, less the umask).
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def finite_json(data: Any) -> Any:

@@ -8,12 +8,13 @@ import stat
 import subprocess
 
 import pytest
+import torch
 
 from sdtp.cli.evaluate import run
 from sdtp.config import compose
 from sdtp.paths import ABS_PATH
 from sdtp.provenance import LOCK_FILE, RunLockedError, differences, fingerprint, locations_portable, portable, run_lock
-from sdtp.utils import write_json_atomic
+from sdtp.utils import atomic_path, write_json_atomic
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -196,6 +197,23 @@ def test_results_are_world_readable_and_nan_free(tmp_path):
     path = write_json_atomic(tmp_path / "m.json", {"avg": float("nan"), "rows": [1.0, float("inf")]})
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
     assert json.loads(path.read_text()) == {"avg": None, "rows": [1.0, None]}
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    """A writer that fails halfway leaves the old file and no temporary; one that succeeds replaces it, readable."""
+    target = tmp_path / "sub" / "plot.png"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".") and tmp.suffix == ".png"  # matplotlib's format
+        tmp.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["plot.png"]
+    with atomic_path(target) as tmp:
+        torch.save({"x": torch.ones(2)}, tmp)
+    assert torch.load(target, weights_only=True)["x"].tolist() == [1.0, 1.0]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -38,7 +38,7 @@ from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.predictor import META_FILE, PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
-from sdtp.utils import seed_everything, set_threads, write_json_atomic
+from sdtp.utils import atomic_path, seed_everything, set_threads, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 SCHEMA = "sdtp-bench/1"
@@ -194,8 +194,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         report["targets"] = check_targets(report, OmegaConf.to_container(cfg.targets))
         write_json_atomic(run_dir / "bench.json", report)
         log.info("N=%d: %s", length, json.dumps(entry.get("speedup", {})))
-    (run_dir / "bench.md").write_text(render_markdown(report))
-    render_plot(report, run_dir / "bench.png")
+    write_text_atomic(run_dir / "bench.md", render_markdown(report))
+    with atomic_path(run_dir / "bench.png") as drawn:
+        render_plot(report, drawn)
     summary = summary_line(report, run_dir)
     print(json.dumps(summary))
     return summary

@@ -61,8 +61,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -84,7 +82,7 @@ from sdtp.eval.scoring import prefill_context, prefill_contexts, score_continuat
 from sdtp.flops import prefill_fraction
 from sdtp.kv.policy import kv_enabled
 from sdtp.scorers.oracle import reveal_continuation
-from sdtp.utils import parse_jsonl
+from sdtp.utils import parse_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 SEGMENTS_FILE = "segments.jsonl"
@@ -379,11 +377,7 @@ def fingerprint(cfg: DictConfig, segs_sha: str) -> str:
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
     """Atomically replace ``path`` with ``records`` (drops a torn last line before we append to it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def load_done(path: Path, fp: str, num_segments: int) -> dict[int, SegmentScore]:

@@ -62,6 +62,7 @@ from sdtp.reports.compare_seeds import (PATH_OVERRIDE, Seed, add_seed_groups, ru
                                         seed_suffix, training_seed)
 from sdtp.reports.lm_eval_pages import smaller_page
 from sdtp.reports.paired_tables import interval_text, p_text, paired_summary
+from sdtp.utils import atomic_path, write_text_atomic
 
 log = logging.getLogger("compare_methods")
 
@@ -650,40 +651,19 @@ def markdown(header: list[str], records: list[dict[str, Any]], notes: Sequence[S
 # Output files
 
 
-class _atomic:
-    """Context manager yielding a temp path that replaces ``path`` on success."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(text)
-
-
 def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path, page: str,
                   compared: dict[str, Any], sizes: dict[str, int]) -> list[Path]:
     """``compare_methods.{md,csv,json,png}`` in ``out``, each written atomically, paths portable (:mod:`sdtp.paths`)."""
     page, records, compared = portable_text(page), portable_tree(records), portable_tree(compared)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "compare_methods.md", out / "compare_methods.csv", out / "compare_methods.json"]
-    _atomic_write(paths[0], page)
-    with _atomic(paths[1]) as tmp, tmp.open("w", newline="") as handle:
+    write_text_atomic(paths[0], page)
+    with atomic_path(paths[1]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
     document = {"columns": header, "rows": records, "comparisons": compared, "sizes": sizes}
-    _atomic_write(paths[2], json.dumps(document, indent=2, allow_nan=False))
+    write_text_atomic(paths[2], json.dumps(document, indent=2, allow_nan=False))
     plot = _plot([r for r in records if not r["seed_of"]], out / "compare_methods.png")
     return paths + ([plot] if plot else [])
 
@@ -726,7 +706,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
             legend.setdefault(name, handle)
     fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path

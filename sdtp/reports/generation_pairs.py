@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sdtp.eval.stats import PairedT, holm, paired_t_interval, prediction_outcomes
 from sdtp.paths import portable_text
-from sdtp.utils import write_json_atomic
+from sdtp.utils import write_json_atomic, write_text_atomic
 
 
 def _fmt(t: PairedT) -> str:
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--focus {a.focus}: not one of the runs {list(runs)}")
     result = compare(runs, a.focus)
     command = portable_text("PYTHONPATH=. python scripts/generation_pairs.py " + shlex.join(argv))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".md.tmp")
-    tmp.write_text(render(result, a.title, a.focus, command))
-    tmp.replace(a.out)
+    write_text_atomic(a.out, render(result, a.title, a.focus, command))
     as_json = {**result, "rows": [{**r, "delta": vars(r["delta"])} for r in result["rows"]],
                "pairs": [{**q, "t": vars(q["t"])} for q in result["pairs"]], "command": command}
     write_json_atomic(a.out.with_suffix(".json"), as_json)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sdtp.paths import portable_path, portable_tree, roots_for
 from sdtp.reports.seed_runs import SEP, row_of
-from sdtp.utils import write_json_atomic, write_text_atomic
+from sdtp.utils import atomic_path, write_json_atomic, write_text_atomic
 
 # Our offline task -> the paper's row name, in the paper's order (Tables 3 and 6 use these rows).
 TASKS = {"sdtp_copa": "COPA", "sdtp_piqa": "PIQA", "sdtp_winogrande": "WinoGrande", "sdtp_mathqa": "MathQA",
@@ -103,11 +102,8 @@ def write_page_files(out_dir: Path, page: dict[str, Any], markdown: Callable[[di
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / page["model"]
     write_json_atomic(stem.with_suffix(".json"), page)
-    drawn = out_dir / f".{page['model']}.{os.getpid()}.png"  # drawn beside, then renamed: atomic like the others
-    try:
-        os.replace(plot(page, drawn), stem.with_suffix(".png"))
-    finally:
-        drawn.unlink(missing_ok=True)
+    with atomic_path(stem.with_suffix(".png")) as drawn:
+        plot(page, drawn)
     write_text_atomic(stem.with_suffix(".csv"), csv_text(page))
     write_text_atomic(stem.with_suffix(".md"), markdown(page))
     return stem.with_suffix(".md")

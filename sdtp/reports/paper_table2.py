@@ -20,7 +20,7 @@ from typing import Any
 
 from sdtp.benchmark.report import speedups
 from sdtp.paths import portable_tree
-from sdtp.utils import write_json_atomic, write_text_atomic
+from sdtp.utils import atomic_path, write_json_atomic, write_text_atomic
 
 # [P] Table 2: Mistral-7B, batch 1, 128 generated tokens, GPU (hardware not stated).
 # length -> (TFLOPs prefill, TFLOPs E2E, prefill s, E2E s, memory GB) for (w/o SDTP, w SDTP).
@@ -215,7 +215,8 @@ def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / report["model"]
     write_json_atomic(stem.with_suffix(".json"), portable_tree(report))  # a bench.json written before paths were portable
-    render_plot(report, stem.with_suffix(".png"))
+    with atomic_path(stem.with_suffix(".png")) as drawn:
+        render_plot(report, drawn)
     write_text_atomic(stem.with_suffix(".csv"), to_csv(rows(report)))
     write_text_atomic(stem.with_suffix(".md"), render(report, command, wall_s))
     return stem.with_suffix(".md")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdtp.errors import ConfigError
+from sdtp.utils import atomic_path, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -35,9 +36,8 @@ def save_checkpoint(path: Path, step: int, signature: dict[str, Any], predictor:
              "rng": {name: gen.get_state() for name, gen in rng.items()}}
     if rank_rng:
         state["rank_rng"] = list(rank_rng)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, signature: dict[str, Any], predictor: torch.nn.Module,
@@ -79,6 +79,4 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if int(record.get("step", 0)) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
