@@ -131,11 +131,11 @@ def test_label_oracles_config_refused_outside_one_segment_at_a_time(overrides, m
 
 
 def test_report_gold_oracle_rows(tmp_path):
-    from sdtp.reports import predictor_eval
+    from sdtp.reports.predictor_options import parse_args, scorer_specs
 
-    opts = predictor_eval.parse_args(["--oracle", "--oracle-targets", "attention,continuation", "--oracle-gold",
-                                      "--oracle-samples", "4", "--cont-len", "32"])
-    oracles = [s for s in predictor_eval.scorer_specs(opts, str(tmp_path)) if s.group == "oracle"]
+    opts = parse_args(["--oracle", "--oracle-targets", "attention,continuation", "--oracle-gold",
+                       "--oracle-samples", "4", "--cont-len", "32"])
+    oracles = [s for s in scorer_specs(opts, str(tmp_path)) if s.group == "oracle"]
     assert [s.name for s in oracles] == ["oracle_attention", "oracle_continuation",
                                          "oracle_attention_gold", "oracle_continuation_gold",
                                          "oracle_attention_sampled", "oracle_continuation_sampled"]

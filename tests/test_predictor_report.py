@@ -12,6 +12,8 @@ from sdtp.config import compose
 from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import predictor_eval
+from sdtp.reports.continuation_cells import prior_weights, prompt_kind, row_scorer
+from sdtp.reports.predictor_options import ScorerSpec, parse_args, scorer_specs
 from sdtp.scorers.lexical import WINDOW
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -127,13 +129,12 @@ def test_passage_qa_cell_and_the_prior_weight_in_the_fingerprint(setup, monkeypa
     cached = json.loads(_cache(out, "passage_qa_300", "sdtp").read_text())["fingerprint"]
     assert cached["recency_weight"] == 1.0  # the tiny byte tokenizer has no chat template: text weight
     model = type("Model", (), {"sdtp_chat_suffix": (1, 2)})()
-    spec = predictor_eval.ScorerSpec("sdtp", (), "predictor", tmp_path / "predictor")
-    cfg = predictor_eval.compose("eval", ["model=tiny-llama", "pruning=sdtp",
-                                          f"pruning.scorer.path={tmp_path / 'predictor'}"])
-    assert predictor_eval.prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0, "attention": 0.0,
-                                                                                    "lexical": 0.0}
-    assert predictor_eval.prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0, "attention": 0.0,
-                                                                                  "lexical": 0.0}
+    spec = ScorerSpec("sdtp", (), "predictor", tmp_path / "predictor")
+    cfg = compose("eval", ["model=tiny-llama", "pruning=sdtp", f"pruning.scorer.path={tmp_path / 'predictor'}"])
+    assert prior_weights(cfg, spec, model, "passage_qa") == {"recency": 0.5, "norm": 0.0, "attention": 0.0,
+                                                             "lexical": 0.0}
+    assert prior_weights(cfg, spec, model, "wikitext") == {"recency": 1.0, "norm": 0.0, "attention": 0.0,
+                                                           "lexical": 0.0}
     assert not {"norm_weight", "attention_weight", "lexical_weight"} & set(cached)  # absent at 0: older cells stay valid
 
 
@@ -171,8 +172,8 @@ def test_chat_datasets_select_text_weights_for_a_model_without_chat_template(set
     assert meta["lexical_weight_chat"] is None
     page = (out / "eval.md").read_text()
     assert "hotpotqa prompt as plain text (no chat template)" in page and "(1 cell)" in page
-    assert predictor_eval.prompt_kind("passage_qa", type("Model", (), {"sdtp_chat_suffix": (1, 2)})()) == "chat"
-    assert predictor_eval.prompt_kind("wikitext", type("Model", (), {"sdtp_chat_suffix": (1, 2)})()) == "text"
+    assert prompt_kind("passage_qa", type("Model", (), {"sdtp_chat_suffix": (1, 2)})()) == "chat"
+    assert prompt_kind("wikitext", type("Model", (), {"sdtp_chat_suffix": (1, 2)})()) == "text"
 
 
 def test_select_priors_narrows_what_write_selected_changes(setup, tmp_path):
@@ -188,7 +189,7 @@ def test_select_priors_narrows_what_write_selected_changes(setup, tmp_path):
     assert meta["norm_weight"] == 0.5 and "norm_selection" not in report
     assert meta["lexical_weight"] == report["lexical_selection"]["sdtp"]["text"]["selected"]
     with pytest.raises(SystemExit):
-        predictor_eval.parse_args(["--select-priors", "typo"])
+        parse_args(["--select-priors", "typo"])
 
 
 def test_seed_group_pairs_on_the_mean_of_its_predictors(setup, tmp_path):
@@ -226,7 +227,7 @@ def test_seed_group_of_scorer_rows_is_a_baseline(setup):
     assert ("sdtp", "r") in pairs and not {a for a, _ in pairs} - {"sdtp"}
     assert "(seeds, listed under it)" in (out / "eval.md").read_text()
     assert "except `r1`, `r2` with `pruning.keep_ratio=0.8`:" in report["header"]["Schedule"]  # named together
-    with pytest.raises(predictor_eval.ConfigError, match="one kind"):
+    with pytest.raises(ConfigError, match="one kind"):
         predictor_eval.main([*argv, "--seed-group", "g=sdtp,r1", "--only", "dense"])
 
 
@@ -250,7 +251,7 @@ def test_a_bad_seed_group_fails_before_any_cell(setup, tmp_path, monkeypatch, gr
     second = tmp_path / "predictor2"
     TokenPredictor(PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)).save(second)
     monkeypatch.setattr(predictor_eval, "compute", lambda *a: pytest.fail("must fail before computing"))
-    with pytest.raises(predictor_eval.ConfigError, match="--seed-group"):
+    with pytest.raises(ConfigError, match="--seed-group"):
         predictor_eval.main([*argv, "--predictor", f"sdtp2={second}", "--seed-group", group])
 
 
@@ -275,20 +276,19 @@ def test_row_override_pairs_a_predictor_at_its_own_schedule(setup, tmp_path):
     assert "set by its overrides: recency weight 4 on raw text, 0 on chat prompts)" in page
     assert "as shipped: recency weight 0 for every prompt)" in page  # sdtp: its checkpoint's weights
     with pytest.raises(SystemExit):
-        predictor_eval.parse_args([*argv, "--row-override", "positional=pruning.keep_ratio=0.9"])
+        parse_args([*argv, "--row-override", "positional=pruning.keep_ratio=0.9"])
 
 
 def test_a_weight_row_resets_chat_weights_a_row_override_set(setup, tmp_path):
     """``sdtp_rw0`` (the predictor alone) must not keep the chat weights ``--row-override`` gave ``sdtp``."""
     argv, _ = setup
-    opts = predictor_eval.parse_args([*argv, "--row-override", "sdtp=pruning.scorer.lexical_weight_chat=8",
-                                      "--row-override", "sdtp=pruning.scorer.recency_weight_chat=2",
-                                      "--recency-weights", "0"])
-    specs = {s.name: s for s in predictor_eval.scorer_specs(opts, str(tmp_path))}
+    opts = parse_args([*argv, "--row-override", "sdtp=pruning.scorer.lexical_weight_chat=8",
+                       "--row-override", "sdtp=pruning.scorer.recency_weight_chat=2", "--recency-weights", "0"])
+    specs = {s.name: s for s in scorer_specs(opts, str(tmp_path))}
     weights = {}
     for name in ("sdtp", "sdtp_rw0"):
         cfg = compose("eval", ["model=tiny-llama", "eval=continuation", *specs[name].overrides])
-        scorer = predictor_eval.row_scorer(cfg, specs[name])
+        scorer = row_scorer(cfg, specs[name])
         weights[name] = [scorer.prior_weight(prior, chat=True) for prior in ("recency", "lexical")]
     assert weights == {"sdtp": [2.0, 8.0], "sdtp_rw0": [0.0, 0.0]}
 

@@ -12,7 +12,8 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.eval.scoring import left_pad
 from sdtp.predictor import PredictorMeta, TokenPredictor
-from sdtp.reports import predictor_eval
+from sdtp.reports.continuation_cells import predictor_hashes
+from sdtp.reports.predictor_options import parse_args, scorer_specs
 from sdtp.reports.prior_selection import select_prior, write_selected
 from sdtp.scorers.base import ScoreContext
 from sdtp.scorers.positional import PositionalScorer
@@ -123,8 +124,8 @@ def test_ragged_batch_with_the_prior_equals_rows_alone(tiny_llama, priors):
 def test_report_selects_the_weight_with_the_best_worst_cell_per_kind_and_writes_them(tmp_path):
     predictor = tmp_path / "p"
     _predictor().save(predictor)
-    opts = predictor_eval.parse_args(["--predictor", f"sdtp={predictor}", "--recency-weights", "0,0.5,1"])
-    specs = predictor_eval.scorer_specs(opts, str(tmp_path))
+    opts = parse_args(["--predictor", f"sdtp={predictor}", "--recency-weights", "0,0.5,1"])
+    specs = scorer_specs(opts, str(tmp_path))
     assert [s.name for s in specs if s.group == "predictor"] == ["sdtp", "sdtp_rw0", "sdtp_rw0.5", "sdtp_rw1"]
     assert "pruning.scorer.recency_weight=0.5" in specs[-2].overrides
     # Text cells (means): best training-free scorer 1.2 / 2.05; margins w=0 (+0.1, +0.05), w=0.5 (-0.1, +0.15),
@@ -164,12 +165,12 @@ def test_selection_needs_two_weights_computed_in_every_cell():
 
 def test_predictor_hash_ignores_the_prior_weights(tmp_path):
     _predictor().save(tmp_path)
-    before = predictor_eval.predictor_hashes(tmp_path)
+    before = predictor_hashes(tmp_path)
     meta = json.loads((tmp_path / "predictor.json").read_text())
     (tmp_path / "predictor.json").write_text(json.dumps({**meta, "recency_weight": 3.0, "recency_weight_chat": 1.0}))
-    assert predictor_eval.predictor_hashes(tmp_path) == before
+    assert predictor_hashes(tmp_path) == before
     (tmp_path / "predictor.json").write_text(json.dumps({**meta, "hidden_ratio": 0.5}))
-    assert predictor_eval.predictor_hashes(tmp_path) != before
+    assert predictor_hashes(tmp_path) != before
 
 
 # --------------------------------------------------------------------------------------------

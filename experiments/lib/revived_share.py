@@ -21,7 +21,8 @@ from sdtp.engine.revival import revived_fraction
 from sdtp.eval.continuation import build_segments
 from sdtp.eval.scoring import prefill_context
 from sdtp.models import load_model
-from sdtp.reports.predictor_eval import base_overrides, cell_overrides, parse_args
+from sdtp.reports.continuation_cells import base_overrides, cell_overrides
+from sdtp.reports.predictor_options import parse_args
 from sdtp.utils import set_threads, write_json_atomic
 
 
