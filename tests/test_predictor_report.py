@@ -88,7 +88,11 @@ def test_renders_fabricated_caches_and_ignores_a_mismatched_fingerprint(setup, m
     norm["fingerprint"]["schedule"]["keep_fractions"] = [0.5, 0.4, 0.3]
     _cache(out, cell, "norm").write_text(json.dumps({**norm, "nll": [0.0, 0.0, 0.0]}))
     monkeypatch.setattr(predictor_eval, "compute", lambda *a: pytest.fail("render-only must not compute"))
-    report = predictor_eval.main([*argv, "--render-only"])
+    shown = (out / "eval.md").read_text()
+    with pytest.raises(ConfigError, match=r"shows 1 cell\(s\) this run would drop \(wikitext_48/norm\).*--replace"):
+        predictor_eval.main([*argv, "--render-only"])  # the page shows norm's cell: never lost silently
+    assert (out / "eval.md").read_text() == shown
+    report = predictor_eval.main([*argv, "--render-only", "--replace"])
     table, rows = _rows(report, "wikitext")
     assert "norm" not in rows and "norm" in table["missing"]
     # sdtp - dense = [1, 2, 6]: mean 3, sd sqrt(7); df = 2 closed form t_{0.975} = 0.95 sqrt(2 / 0.0975).
@@ -105,6 +109,40 @@ def test_renders_fabricated_caches_and_ignores_a_mismatched_fingerprint(setup, m
     report = predictor_eval.main([*argv, "--only", "norm"])
     _, rows = _rows(report, "wikitext")
     assert "norm" in rows and rows["norm"]["nll"] > 0.0
+
+
+def test_a_page_keeps_its_cells_when_fewer_are_asked_for(setup):
+    """Leaving a dataset out of the command would drop its cells from the page: refused before any cell runs."""
+    argv, out = setup
+    predictor_eval.main([*argv, "--only", "dense"])
+    with pytest.raises(ConfigError, match=r"shows 1 cell\(s\) this run would drop \(c4_48/dense\)"):
+        predictor_eval.main([*argv, "--datasets", "wikitext,multi_news", "--only", "positional"])
+    assert not _cache(out, "wikitext_48", "positional").exists()  # refused before computing
+    report = predictor_eval.main([*argv, "--datasets", "wikitext,multi_news", "--render-only", "--replace"])
+    assert [c["dataset"] for c in report["cells"]] == ["wikitext", "multi_news"]
+
+
+def test_render_only_finds_cells_computed_where_auto_meant_another_dtype(setup, monkeypatch):
+    """``model.dtype=auto`` is bf16 on a CPU with native bf16 and fp32 elsewhere; the page's own command re-renders
+    it on either machine, loading the model in the dtype its cells were computed in."""
+    argv, out = setup
+    auto = [*argv, "--override", "model.dtype=auto"]
+    monkeypatch.setattr("sdtp.models.loading.cpu_has_native_bf16", lambda: True)
+    for where in ("sdtp.reports.continuation_cells", "sdtp.benchmark.environment"):  # the cells' and the page's
+        monkeypatch.setattr(f"{where}.cpu_model", lambda: "a CPU with bf16")
+    computed = predictor_eval.main([*auto, "--only", "dense,positional"])
+    assert computed["machine"]["dtype"] == "bfloat16"
+    monkeypatch.setattr("sdtp.models.loading.cpu_has_native_bf16", lambda: False)  # another machine
+    monkeypatch.setattr("sdtp.benchmark.environment.cpu_model", lambda: "a CPU without")
+    monkeypatch.setattr(predictor_eval, "compute", lambda *a: pytest.fail("render-only must not compute"))
+    rendered = predictor_eval.main([*auto, "--render-only"])
+    assert rendered["machine"]["dtype"] == "bfloat16"
+    assert rendered["cells"] == computed["cells"] and rendered["caches"] == computed["caches"]
+    assert "cells computed on a CPU with bf16 (6);" in rendered["header"]["Machine"]
+    assert "cell wall times in eval.json" in computed["header"]["Machine"]  # all computed where it renders
+    # Computing runs in this machine's dtype, so no bf16 cell matches: the page would lose them all.
+    with pytest.raises(ConfigError, match=r"shows 6 cell\(s\) this run would drop"):
+        predictor_eval.main([*auto, "--only", "norm"])
 
 
 def test_unknown_only_name_fails(setup):
@@ -331,7 +369,8 @@ def test_a_row_the_model_refuses_is_named_on_the_page_not_run(setup, tmp_path):
     assert not _cache(out, "wikitext_48", "hh").exists()
     assert report["header"]["Not run on this model"].startswith("`hh`: KV compression (kv=h2o) compresses full-")
     assert "every layer of 'mistral' is a sliding-window one" in (out / "eval.md").read_text()
-    assert "Not run on this model" not in predictor_eval.main([*argv, "--render-only"])["header"]  # full attention
+    other_page = [*argv, "--render-only", "--replace"]  # the tiny-llama page, in the same folder
+    assert "Not run on this model" not in predictor_eval.main(other_page)["header"]  # full attention
 
 
 def test_a_scorer_row_of_any_pruning_method_is_paired_and_compared(setup):
@@ -428,7 +467,7 @@ def test_a_refilled_scorer_row_keeps_the_pruned_layout_after_a_dense_prefill(set
     assert "`hn` prefill twice" in report["header"]["Refill"]
     assert "except `hn` with `+pruning.refill=true`" in report["header"]["Schedule"]
     knob = predictor_eval.main([*argv, "--datasets", "wikitext", "--scorer", "lz=lazyllm", "--row-override",
-                                "lz=pruning.scorer.num_queries=4", "--only", "dense,lz"])
+                                "lz=pruning.scorer.num_queries=4", "--only", "dense,lz", "--replace"])
     assert "`lz` `pruning=lazyllm` `pruning.scorer.num_queries=4`" in knob["header"]["Scorers"]
     assert json.loads(_cache(out, "wikitext_48", "lz").read_text())["fingerprint"]["scorer"]["num_queries"] == 4
     with pytest.raises(SystemExit):  # a row override names a --predictor or --scorer row
@@ -465,7 +504,7 @@ def test_a_kv_row_with_per_layer_budgets(setup):
     assert "except `pyr` with `+kv.layer_ratios=[1,1,0.5,0.5]`" in report["header"]["Schedule"]
     nested = predictor_eval.main([*argv, "--datasets", "wikitext", "--kv", "nest=h2o", "--row-override",
                                   "nest=+kv.layer_ratios=[1,0.8,0.6,0.5]", "--row-override", "nest=+kv.per_head=false",
-                                  "--row-override", "nest=+kv.nested=true", "--only", "dense,nest"])
+                                  "--row-override", "nest=+kv.nested=true", "--only", "dense,nest", "--replace"])
     assert ("`nest` `kv=h2o`: the dense prefill's KV cache cut layer by layer to `kv.layer_ratios` (mean 0.725 of the "
             "entries), one token set per layer for all KV heads, each layer within the entries the layer before kept") \
         in nested["header"]["Scorers"]

@@ -59,6 +59,35 @@ class Job:
     path: Path
     record: dict[str, Any] | None = field(default=None)
 
+    @property
+    def key(self) -> str:
+        """``<dataset>_<context>/<scorer>``: the cell's name in a page's ``caches`` and its cache file's."""
+        return f"{self.dataset}_{self.context_len}/{self.spec.name}"
+
+
+def page_cells(out: Path) -> set[str]:
+    """The cells (:attr:`Job.key`) the page already in ``out`` shows; empty without a page (or an unreadable one)."""
+    try:
+        return set(json.loads((out / "eval.json").read_text()).get("caches", {}))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return set()
+
+
+def cached_dtype(out: Path, cells: set[str]) -> str | None:
+    """The dtype (``bfloat16``, ``float32``) the page's ``cells`` were computed in; None if none is cached.
+
+    ``model.dtype=auto`` resolves per machine (bf16 on CPUs with native bf16, fp32 elsewhere) and the resolved dtype
+    is part of every cell's fingerprint, so a page re-rendered elsewhere would find none of its cells. One page's
+    cells share one dtype (a run loads one model); several dtypes (a hand-assembled cache) give None.
+    """
+    found = set()
+    for cell in cells:
+        try:
+            found.add(json.loads((out / "continuation" / f"{cell}.json").read_text())["fingerprint"]["dtype"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return found.pop().removeprefix("torch.") if len(found) == 1 else None
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -73,7 +102,7 @@ def predictor_hashes(path: Path) -> dict[str, str]:
 
     Only the checkpoint files: the same folder also receives this page and its cache. The metadata is
     hashed without its recency-prior weights (canonical JSON): a cell's fingerprint records the weight
-    it ran with instead (:func:`prior_weight`), so writing a newly selected weight into
+    it ran with instead (:func:`prior_weights`), so writing a newly selected weight into
     ``predictor.json`` keeps the cells computed with explicit weights valid.
     """
     files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("predictor*.json")])

@@ -71,6 +71,10 @@ fingerprint (segment token hash, model config and dtype, schedule, scorer config
 sha256s, context/continuation lengths). A file is reused only if its fingerprint equals the current
 one; otherwise the cell is recomputed (when selected) or reported as not computed. Files are written
 atomically, so scorers can be computed in separate runs and the page re-rendered without a model run.
+With ``--render-only`` and ``model.dtype=auto`` (which resolves per machine), the model is loaded in the dtype
+the page's cells were computed in, so a page's own command re-renders it on any machine. A run that would drop a
+cell the page in ``--out`` shows (its cache stale or gone and not computed, or its options left out) stops before
+computing anything, unless ``--replace`` is given.
 
 Page: ``<out>/eval.md`` and ``<out>/eval.json`` (:mod:`sdtp.reports.paired_tables`).
 
@@ -86,18 +90,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from sdtp.benchmark.environment import environment
 from sdtp.config import compose
 from sdtp.errors import ConfigError
 from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.reports import paired_tables
-from sdtp.reports.continuation_cells import base_overrides, compute, load_cache, plan, prompt_kind, refusals
-from sdtp.reports.predictor_options import parse_args, scorer_specs, seed_groups, selected
+from sdtp.reports.continuation_cells import (Job, base_overrides, cached_dtype, compute, load_cache, page_cells, plan,
+                                             prompt_kind, refusals)
+from sdtp.reports.predictor_options import ReportOptions, parse_args, scorer_specs, seed_groups, selected
 from sdtp.reports.predictor_page import build_report
 from sdtp.reports.prior_selection import write_selected
 from sdtp.scorers.predictor import PRIORS
-from sdtp.utils import set_threads, write_json_atomic
+from sdtp.utils import set_threads, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +124,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(opts.only or ()) - {s.name for s in specs} - {"random"}
     if unknown:
         raise ConfigError(f"--only: unknown scorer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
-    model, tokenizer = load_model(base.model, cache_dir=base.paths.cache_dir)
     out = opts.out or Path(base.paths.predictors_dir) / base.model.name
+    shown = page_cells(out)
+    model, tokenizer = load_model(_model_config(base.model, opts, out, shown), cache_dir=base.paths.cache_dir)
     jobs = plan(opts, specs, model, tokenizer, str(base.paths.data_dir), out)
     refused = refusals(jobs, model)
     for name, why in refused.items():
@@ -127,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [j for j in jobs if j.spec.name not in refused]
     for job in jobs:
         job.record = load_cache(job.path, job.fingerprint)
-        if job.record is None and not opts.render_only and selected(job.spec, opts.only):
+    _refuse_to_drop(shown, jobs, opts, out)
+    for job in jobs:
+        if job.record is None and _computes(job, opts):
             job.record = compute(job, model, opts.command)
     kinds = {dataset: prompt_kind(dataset, model) for dataset in opts.datasets}
     report = portable_tree(build_report(opts, jobs, specs, groups, environment(model, str(base.model.device)),
@@ -137,9 +147,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for prior in PRIORS:
             write_selected(paths, report.get(f"{prior}_selection", {}), prior=prior)
     write_json_atomic(out / "eval.json", report)
-    (out / "eval.md").write_text(paired_tables.render_markdown(report))
+    write_text_atomic(out / "eval.md", paired_tables.render_markdown(report))
     log.info("wrote %s and %s", out / "eval.md", out / "eval.json")
     return report
+
+
+def _computes(job: Job, opts: ReportOptions) -> bool:
+    """Whether this run computes ``job``'s cell when no valid cache holds it."""
+    return not opts.render_only and selected(job.spec, opts.only)
+
+
+def _model_config(model_cfg: DictConfig, opts: ReportOptions, out: Path, shown: set[str]) -> DictConfig:
+    """``model_cfg``, but when only rendering with ``dtype: auto``, in the dtype the page's cells were computed in.
+
+    The page's own command then re-renders it on any machine: ``auto`` may resolve to another dtype here than where
+    the cells ran, and no forward pass runs (the model only tokenizes and is fingerprinted)."""
+    if not opts.render_only or model_cfg.get("dtype") != "auto" or (dtype := cached_dtype(out, shown)) is None:
+        return model_cfg
+    log.info("render-only: loading %s in %s, the dtype its page's cells were computed in", model_cfg.name, dtype)
+    return OmegaConf.merge(model_cfg, {"dtype": dtype})
+
+
+def _refuse_to_drop(shown: set[str], jobs: list[Job], opts: ReportOptions, out: Path) -> None:
+    """ConfigError, before any cell is computed, if the page would lose cells the page in ``out`` shows.
+
+    A cell drops out when its cache is gone or no longer matches (another dtype, predictor or schedule) and this run
+    does not compute it, or when the options no longer ask for it (fewer datasets, contexts or rows)."""
+    kept = {job.key for job in jobs if job.record is not None or _computes(job, opts)}
+    lost = sorted(shown - kept)
+    if lost and not opts.replace:
+        raise ConfigError(
+            f"{out / 'eval.md'} shows {len(lost)} cell(s) this run would drop ({', '.join(lost[:4])}"
+            f"{', ...' if len(lost) > 4 else ''}): their options are missing from this command, or their caches are "
+            "missing or no longer match (the warnings above name the differing fingerprint keys). Run the page's own "
+            "command, compute them (drop --render-only, select them with --only), or pass --replace")
 
 
 if __name__ == "__main__":

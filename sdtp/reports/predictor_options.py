@@ -67,6 +67,7 @@ class ReportOptions:
     only: tuple[str, ...] | None = None
     threads: int = 1
     render_only: bool = False
+    replace: bool = False  # write the page even if it shows fewer cells than the one in out
     out: Path | None = None
     c4_docs: tuple[int, int] = (300, 1000)
     wikitext_file: str | None = None
@@ -132,6 +133,8 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, help="comma-separated scorer names to compute (random = all seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--replace", action="store_true",
+                   help="write the page even if it would show fewer cells than the page already in --out")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--c4-docs", default="300:1000", help="document range start:end (end exclusive)")
     p.add_argument("--wikitext-file", default=None)
@@ -218,7 +221,7 @@ def parse_args(argv: list[str], description: str | None = None) -> ReportOptions
         num_segments=a.num_segments, random_seeds=_csv(a.random_seeds, int), oracle=a.oracle,
         oracle_targets=tuple(_csv(a.oracle_targets)), oracle_gold=a.oracle_gold,
         oracle_samples=a.oracle_samples, only=_csv(a.only) if a.only else None, threads=a.threads,
-        render_only=a.render_only, out=a.out,
+        render_only=a.render_only, replace=a.replace, out=a.out,
         c4_docs=(start, end), wikitext_file=a.wikitext_file, c4_file=a.c4_file, multi_news_file=a.multi_news_file,
         multi_news_start=a.multi_news_start, passage_qa_start=a.passage_qa_start, dolly_file=a.dolly_file,
         seed_groups={name: _csv(members) for name, members in groups},

@@ -6,6 +6,7 @@ page from the cache alone); the statistics and the Markdown come from :mod:`sdtp
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,16 @@ def _scorers_text(opts: ReportOptions, specs: list[ScorerSpec], configs: dict[st
             + ("; ".join(preds) if preds else "no predictor"))
 
 
+def _cell_machines(jobs: list[Job], here: str) -> str:
+    """Where the shown cells ran, when not all on this machine: a page may be re-rendered elsewhere, and its cells
+    computed over several sessions (each cell's CPU, threads and wall time are in eval.json)."""
+    cpus = Counter(j.record.get("cpu") or "unrecorded" for j in jobs if j.record is not None)
+    if set(cpus) <= {here}:
+        return "cell wall times in eval.json."
+    where = ", ".join(f"{cpu} ({n})" for cpu, n in cpus.most_common())
+    return f"cells computed on {where}; their wall times in eval.json."
+
+
 def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machine: dict[str, Any],
            refused: dict[str, str], kinds: dict[str, str]) -> dict[str, str]:
     """The page's header lines, by their bold key (the arguments: :func:`build_report`'s)."""
@@ -229,7 +240,8 @@ def header(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], machin
                        "dataset x context; pooled rows: stratified paired bootstrap."),
         "Machine": (f"{machine['cpu_model']} ({machine['cpu_count']} logical CPUs), torch threads "
                     f"{opts.threads}, dtype {machine['dtype']}, torch {machine['torch']}, transformers "
-                    f"{machine['transformers']}, git {machine['git_commit']}; cell wall times in eval.json."),
+                    f"{machine['transformers']}, git {machine['git_commit']}; "
+                    f"{_cell_machines(jobs, machine['cpu_model'])}"),
         **({"Cells computed by": "; ".join(f"`{c}`" for c in commands)} if commands else {}),
         **({"Not run on this model": "; ".join(f"`{name}`: {why}" for name, why in refused.items())}
            if refused else {}),
@@ -266,6 +278,6 @@ def build_report(opts: ReportOptions, jobs: list[Job], specs: list[ScorerSpec], 
         "command": opts.command, "header": head, "contexts": list(opts.contexts),
         "cells": cells, "pooled": pooled, "machine": machine, "recency_selection": selection["recency"],
         **{f"{prior}_selection": chosen for prior, chosen in selection.items() if prior != "recency" and chosen},
-        "caches": {f"{j.dataset}_{j.context_len}/{j.spec.name}": {k: j.record.get(k) for k in CACHE_INFO}
+        "caches": {j.key: {k: j.record.get(k) for k in CACHE_INFO}
                    for j in jobs if j.record is not None},
     }
