@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 from pathlib import Path
 
 import pytest
 
-from sdtp.config import compose
+from sdtp.config import REPO_ROOT, compose
 from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor
-from sdtp.reports import predictor_eval
+from sdtp.reports import page_check, predictor_eval
 from sdtp.reports.continuation_cells import prior_weights, prompt_kind, row_scorer
 from sdtp.reports.predictor_options import ScorerSpec, parse_args, scorer_specs
 from sdtp.scorers.lexical import WINDOW
@@ -508,3 +510,24 @@ def test_a_kv_row_with_per_layer_budgets(setup):
     assert ("`nest` `kv=h2o`: the dense prefill's KV cache cut layer by layer to `kv.layer_ratios` (mean 0.725 of the "
             "entries), one token set per layer for all KV heads, each layer within the entries the layer before kept") \
         in nested["header"]["Scorers"]
+
+
+def test_page_check_re_renders_a_page_from_its_own_command_and_names_what_went_stale(setup, tmp_path):
+    """``scripts/check_pages.py``: a page whose cells all match re-renders to the same tables; once its predictor
+    checkpoint changes, the page is stale and the reason names the fingerprint key."""
+    argv, out = setup
+    page_argv = [*argv, "--datasets", "wikitext", "--only", "dense,positional,sdtp"]
+    predictor_eval.main(page_argv)
+    # Committed pages name repository-relative paths; these live in tmp_path, which the page shows as <abs>/...
+    page = json.loads((out / "eval.json").read_text())
+    page["command"] = "PYTHONPATH=. python scripts/predictor_report.py " + shlex.join(page_argv)
+    (out / "eval.json").write_text(json.dumps(page))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    same = page_check.check_page(out, env)
+    assert same["status"] == "same", same
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)
+    TokenPredictor(meta).save(tmp_path / "predictor")  # retrained: other weights, same path
+    found = page_check.check_page(out, env)
+    assert found["status"] == "stale" and found["reason"].startswith("1 cell(s) no longer match")
+    assert "predictor_sha256" in found["reason"]
+    assert json.loads((out / "eval.json").read_text())["caches"]  # the committed page itself is left alone

@@ -1,0 +1,133 @@
+"""Check that every committed predictor page still re-renders from its own command, and say why where it does not.
+
+    PYTHONPATH=. python scripts/check_pages.py                 # every page; writes results/page_check.{md,json}
+    PYTHONPATH=. python scripts/check_pages.py --pages 'results/compare/*'   # a subset (glob on the page folder)
+
+A page of the continuation protocol (:mod:`sdtp.reports.predictor_eval`) records the command that made it
+(``eval.json["command"]``). Each page's ``eval.json`` and ``continuation/`` cache are copied to a scratch folder and
+its command is run there with ``--render-only --out <scratch>``: no forward pass, only tokenizing and fingerprints.
+Outcomes:
+
+- ``same``: every cell the page shows was found, and its tables (``cells``, ``pooled``) equal the committed ones;
+- ``changed``: every cell found, but the tables differ (the renderer's statistics changed since the page was made);
+- ``stale``: the run refused to drop cells the page shows, because their cache no longer matches what the command
+  asks for today; the reason lists the fingerprint keys that differ (typically ``predictor_sha256`` or a prior
+  weight: the checkpoint or its ``predictor.json`` changed after the page was computed). The committed page is a
+  record of that earlier state; recompute its cells or re-render with ``--replace`` to drop them;
+- ``failed``: any other error (its last line is shown).
+
+Each page runs in its own process, as a user would run it (about 20-80 s per page on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sdtp.config import REPO_ROOT
+from sdtp.utils import write_json_atomic, write_text_atomic
+
+SCRIPT = "scripts/predictor_report.py"
+MISMATCH = re.compile(r"fingerprint mismatch \(([^)]*)\)")
+TABLES = ("cells", "pooled")  # what render-only recomputes from the cached cells
+
+
+def committed_pages(root: Path) -> list[Path]:
+    """Page folders under ``root/results`` whose git-tracked ``eval.json`` was written by :data:`SCRIPT`."""
+    listed = subprocess.run(["git", "ls-files", "results/**/eval.json"], cwd=root, capture_output=True, text=True,
+                            check=True).stdout.split()
+    return [(root / name).parent for name in sorted(listed) if SCRIPT in _page(root / name).get("command", "")]
+
+
+def _page(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def render_argv(command: str, out: Path) -> list[str]:
+    """The page's own options (after :data:`SCRIPT`) plus ``--render-only --out out`` (later options win)."""
+    argv = shlex.split(command.split(SCRIPT, 1)[1])
+    return [*argv, *([] if "--render-only" in argv else ["--render-only"]), "--out", str(out)]
+
+
+def check_page(page: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Re-render ``page`` (a folder) in a scratch copy, from the repository root as its command expects; returns its
+    outcome, reason and wall time."""
+    root = Path(REPO_ROOT)
+    committed = _page(page / "eval.json")
+    with tempfile.TemporaryDirectory(prefix="page_check.") as scratch:
+        out = Path(scratch) / "page"
+        out.mkdir()
+        shutil.copy2(page / "eval.json", out / "eval.json")  # the cells it shows: the run refuses to drop them
+        if (page / "continuation").is_dir():
+            shutil.copytree(page / "continuation", out / "continuation")
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, SCRIPT, *render_argv(committed["command"], out)], cwd=root, env=env,
+                              capture_output=True, text=True)
+        seconds = round(time.perf_counter() - start, 1)
+        rendered = _page(out / "eval.json") if proc.returncode == 0 else {}
+    name = page.relative_to(root) if page.is_relative_to(root) else page
+    return {"page": str(name), "seconds": seconds, **outcome(proc, committed, rendered)}
+
+
+def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any]:
+    """``status`` and ``reason`` of one re-render (see the module docstring)."""
+    if proc.returncode == 0:
+        same = all(rendered.get(key) == committed.get(key) for key in TABLES)
+        return {"status": "same" if same else "changed",
+                "reason": "" if same else "tables differ: " + ", ".join(k for k in TABLES
+                                                                        if rendered.get(k) != committed.get(k))}
+    lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+    if "this run would drop" in proc.stderr:
+        keys = sorted({key.strip() for found in MISMATCH.findall(proc.stderr) for key in found.split(",")})
+        dropped = re.search(r"shows (\d+) cell", proc.stderr)
+        count = dropped.group(1) if dropped else "?"
+        return {"status": "stale", "reason": f"{count} cell(s) no longer match (differing keys: {', '.join(keys)})"
+                if keys else f"{count} cell(s) missing"}
+    return {"status": "failed", "reason": lines[-1][:300]}
+
+
+def markdown(results: list[dict[str, Any]], command: str) -> str:
+    counts = {status: sum(r["status"] == status for r in results) for status in ("same", "changed", "stale", "failed")}
+    lines = ["# Committed predictor pages: do they re-render from their own command?", "",
+             "Generated by `sdtp/reports/page_check.py` (do not edit by hand):", "", "```bash", command, "```", "",
+             "Each page's own command, `--render-only`, on a scratch copy of its cells (statuses: the module "
+             "docstring). " + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".", "",
+             "| page | status | reason | seconds |", "|---|---|---|---|"]
+    lines += [f"| `{r['page']}` | {r['status']} | {r['reason']} | {r['seconds']:.0f} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pages", default="*", help="glob on the page folders (default: every page)")
+    parser.add_argument("--out", type=Path, default=Path("results/page_check"),
+                        help="writes <out>.md and <out>.json (default results/page_check)")
+    args = parser.parse_args(argv)
+    root = Path(REPO_ROOT)
+    pages = [p for p in committed_pages(root) if fnmatch.fnmatch(str(p.relative_to(root)), args.pages)]
+    if not pages:
+        parser.error(f"--pages {args.pages!r}: no committed page written by {SCRIPT} matches")
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    results = []
+    for index, page in enumerate(pages, 1):
+        results.append(check_page(page, env))
+        print(f"[{index}/{len(pages)}] {results[-1]['status']:7s} {results[-1]['page']} {results[-1]['reason']}",
+              flush=True)
+    command = "PYTHONPATH=. python scripts/check_pages.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    write_json_atomic(args.out.with_suffix(".json"), {"command": command.strip(), "pages": results})
+    write_text_atomic(args.out.with_suffix(".md"), markdown(results, command.strip()))
+    return 0 if all(r["status"] in ("same", "stale") for r in results) else 1
