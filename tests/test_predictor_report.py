@@ -531,3 +531,15 @@ def test_page_check_re_renders_a_page_from_its_own_command_and_names_what_went_s
     assert found["status"] == "stale" and found["reason"].startswith("1 cell(s) no longer match")
     assert "predictor_sha256" in found["reason"]
     assert json.loads((out / "eval.json").read_text())["caches"]  # the committed page itself is left alone
+
+
+def test_page_check_compares_what_the_committed_page_showed():
+    """A field a later renderer adds is not a change; a different, missing or extra value is."""
+    committed = {"rows": [{"scorer": "sdtp", "nll": 2.5}], "missing": []}
+    assert page_check.differences(committed, {"rows": [{"scorer": "sdtp", "nll": 2.5, "kv_fraction": None}],
+                                              "missing": []}, "cells") == []
+    assert page_check.differences(committed, {"rows": [{"scorer": "sdtp", "nll": 2.4}], "missing": []},
+                                  "cells") == ["cells.rows[0].nll"]
+    assert page_check.differences(committed, {"rows": [], "missing": ["sdtp"]}, "cells") == ["cells.rows",
+                                                                                            "cells.missing"]
+    assert page_check.differences(committed, {"missing": []}, "cells") == ["cells.rows"]

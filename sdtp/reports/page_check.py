@@ -8,8 +8,9 @@ A page of the continuation protocol (:mod:`sdtp.reports.predictor_eval`) records
 its command is run there with ``--render-only --out <scratch>``: no forward pass, only tokenizing and fingerprints.
 Outcomes:
 
-- ``same``: every cell the page shows was found, and its tables (``cells``, ``pooled``) equal the committed ones;
-- ``changed``: every cell found, but the tables differ (the renderer's statistics changed since the page was made);
+- ``same``: every cell the page shows was found, and every value of its tables (``cells``, ``pooled``) equals the
+  committed one (fields a later renderer adds, absent from the committed page, are not compared);
+- ``changed``: every cell found, but a value differs (the renderer's statistics changed since the page was made);
 - ``stale``: the run refused to drop cells the page shows, because their cache no longer matches what the command
   asks for today; the reason lists the fingerprint keys that differ (typically ``predictor_sha256`` or a prior
   weight: the checkpoint or its ``predictor.json`` changed after the page was computed). The committed page is a
@@ -86,10 +87,9 @@ def check_page(page: Path, env: dict[str, str]) -> dict[str, Any]:
 def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any]:
     """``status`` and ``reason`` of one re-render (see the module docstring)."""
     if proc.returncode == 0:
-        same = all(rendered.get(key) == committed.get(key) for key in TABLES)
-        return {"status": "same" if same else "changed",
-                "reason": "" if same else "tables differ: " + ", ".join(k for k in TABLES
-                                                                        if rendered.get(k) != committed.get(k))}
+        changed = [path for key in TABLES for path in differences(committed.get(key), rendered.get(key), key)]
+        return {"status": "changed" if changed else "same",
+                "reason": f"{len(changed)} value(s) differ: {', '.join(changed[:3])}" if changed else ""}
     lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
     if "this run would drop" in proc.stderr:
         keys = sorted({key.strip() for found in MISMATCH.findall(proc.stderr) for key in found.split(",")})
@@ -98,6 +98,21 @@ def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], render
         return {"status": "stale", "reason": f"{count} cell(s) no longer match (differing keys: {', '.join(keys)})"
                 if keys else f"{count} cell(s) missing"}
     return {"status": "failed", "reason": lines[-1][:300]}
+
+
+def differences(committed: Any, rendered: Any, path: str) -> list[str]:
+    """Paths of the values in ``committed`` that ``rendered`` lacks or holds otherwise; fields only ``rendered`` has
+    are a later renderer's additions (e.g. a KV-cache column), not a change of what the page showed."""
+    if isinstance(committed, dict) and isinstance(rendered, dict):
+        return [found for key, value in committed.items()
+                for found in differences(value, rendered.get(key, _MISSING), f"{path}.{key}")]
+    if isinstance(committed, list) and isinstance(rendered, list) and len(committed) == len(rendered):
+        return [found for index, (a, b) in enumerate(zip(committed, rendered))
+                for found in differences(a, b, f"{path}[{index}]")]
+    return [] if committed == rendered else [path]
+
+
+_MISSING = object()
 
 
 def markdown(results: list[dict[str, Any]], command: str) -> str:
