@@ -15,8 +15,9 @@ from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import page_check, predictor_eval
 from sdtp.reports.continuation_cells import prior_weights, prompt_kind, row_scorer
-from sdtp.reports.predictor_options import ScorerSpec, parse_args, scorer_specs
+from sdtp.reports.predictor_options import PRIOR_OPTIONS, ScorerSpec, parse_args, scorer_specs
 from sdtp.scorers.lexical import WINDOW
+from sdtp.scorers.predictor import PRIORS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -543,3 +544,9 @@ def test_page_check_compares_what_the_committed_page_showed():
     assert page_check.differences(committed, {"rows": [], "missing": ["sdtp"]}, "cells") == ["cells.rows",
                                                                                             "cells.missing"]
     assert page_check.differences(committed, {"missing": []}, "cells") == ["cells.rows"]
+
+
+def test_every_prior_has_its_weights_option():
+    """Adding a prior to PRIORS needs its ``--<prior>-weights`` option (rows <predictor>_<suffix><w>)."""
+    assert [prior for prior, *_ in PRIOR_OPTIONS] == list(PRIORS)
+    assert parse_args(["--lexical-weights", "0,8"]).lexical_weights == (0.0, 8.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from sdtp.errors import ConfigError
 from sdtp.paths import portable_text
 from sdtp.reports import paired_tables
-from sdtp.reports.prior_selection import variant_name
+from sdtp.reports.prior_selection import SUFFIX, variant_name
 from sdtp.scorers.predictor import PRIORS
 
 # The training-free rows, each with what it keeps (the page's Scorers line).
@@ -25,6 +25,10 @@ BASELINES = {"norm": "hidden-state L2 norm", "positional": "sinks + most recent"
 DATASETS = ("wikitext", "c4", "multi_news", "passage_qa")
 CHAT_DATASETS = ("multi_news", "passage_qa")  # prompts in the chat template (the prior's chat weight applies)
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# --<prior>-weights: what the prior is and which priors its rows keep as shipped (the help text), in PRIORS order
+PRIOR_OPTIONS = (("recency", "recency-prior", ""), ("norm", "hidden-state-norm prior", " (recency prior as shipped)"),
+                 ("attention", "attention prior", " (recency and norm priors as shipped)"),
+                 ("lexical", "lexical query-match prior", " (the other priors as shipped)"))
 DEFAULT_PREDICTOR = "sdtp"  # the predictor row when no --predictor is given: <paths.predictors_dir>/<model>
 
 
@@ -145,17 +149,10 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--passage-qa-start", type=int, default=0,
                    help="first passage_qa record (validation runs use records the test page does not)")
     p.add_argument("--dolly-file", default=None)
-    p.add_argument("--recency-weights", default="",
-                   help="comma-separated recency-prior weights: one row <predictor>_rw<w> per predictor and weight")
-    p.add_argument("--norm-weights", default="",
-                   help="comma-separated hidden-state-norm prior weights: one row <predictor>_nw<w> per predictor and "
-                        "weight (recency prior as shipped)")
-    p.add_argument("--attention-weights", default="",
-                   help="comma-separated attention prior weights: one row <predictor>_aw<w> per predictor and "
-                        "weight (recency and norm priors as shipped)")
-    p.add_argument("--lexical-weights", default="",
-                   help="comma-separated lexical query-match prior weights: one row <predictor>_lw<w> per predictor "
-                        "and weight (the other priors as shipped)")
+    for prior, what, others in PRIOR_OPTIONS:
+        p.add_argument(f"--{prior}-weights", default="",
+                       help=f"comma-separated {what} weights: one row <predictor>_{SUFFIX[prior]}<w> per predictor and "
+                            f"weight{others}")
     p.add_argument("--write-selected", action="store_true",
                    help="select each predictor's prior weights (per prompt kind) on this page's cells and write "
                         "them into its predictor.json (validation pages only)")
