@@ -14,10 +14,11 @@ from sdtp.config import REPO_ROOT, compose
 from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import page_check, predictor_eval
-from sdtp.reports.continuation_cells import prior_weights, prompt_kind, row_scorer
+from sdtp.reports.continuation_cells import predictor_hashes, prior_weights, prompt_kind, row_scorer
 from sdtp.reports.predictor_options import PRIOR_OPTIONS, ScorerSpec, parse_args, scorer_specs
 from sdtp.scorers.lexical import WINDOW
 from sdtp.scorers.predictor import PRIORS
+from sdtp.utils import atomic_path
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -550,3 +551,16 @@ def test_every_prior_has_its_weights_option():
     """Adding a prior to PRIORS needs its ``--<prior>-weights`` option (rows <predictor>_<suffix><w>)."""
     assert [prior for prior, *_ in PRIOR_OPTIONS] == list(PRIORS)
     assert parse_args(["--lexical-weights", "0,8"]).lexical_weights == (0.0, 8.0)
+
+
+def test_a_killed_save_does_not_change_the_predictor_fingerprint(tmp_path):
+    """A save killed midway leaves a hidden temporary beside the checkpoint; the cells' fingerprint ignores it."""
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)
+    TokenPredictor(meta).save(tmp_path)
+    before = predictor_hashes(tmp_path)
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "predictor.safetensors") as tmp:
+        tmp.write_bytes(b"half a checkpoint")
+        (tmp_path / ".predictor.safetensors.orphan.tmp.safetensors").write_bytes(b"what SIGKILL would leave")
+        raise KeyboardInterrupt
+    assert predictor_hashes(tmp_path) == before == {"predictor.json": before["predictor.json"],
+                                                    "predictor.safetensors": before["predictor.safetensors"]}

@@ -103,9 +103,11 @@ def predictor_hashes(path: Path) -> dict[str, str]:
     Only the checkpoint files: the same folder also receives this page and its cache. The metadata is
     hashed without its recency-prior weights (canonical JSON): a cell's fingerprint records the weight
     it ran with instead (:func:`prior_weights`), so writing a newly selected weight into
-    ``predictor.json`` keeps the cells computed with explicit weights valid.
+    ``predictor.json`` keeps the cells computed with explicit weights valid. Hidden files are skipped: a save killed
+    midway leaves its temporary file (:func:`sdtp.utils.atomic_path`, ``.predictor.safetensors.*.tmp.safetensors``).
     """
-    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("predictor*.json")])
+    found = [*path.glob("*.safetensors"), *path.glob("predictor*.json")] if path.is_dir() else []
+    files = [path] if path.is_file() else sorted(f for f in found if not f.name.startswith("."))
     return {f.name: _meta_sha256(f) if f.suffix == ".json" else file_sha256(f) for f in files}
 
 
