@@ -65,28 +65,13 @@ class Job:
         return f"{self.dataset}_{self.context_len}/{self.spec.name}"
 
 
-def page_cells(out: Path) -> set[str]:
-    """The cells (:attr:`Job.key`) the page already in ``out`` shows; empty without a page (or an unreadable one)."""
+def existing_page(out: Path) -> dict[str, Any]:
+    """The page already in ``out`` (its ``eval.json``); empty without one (or with an unreadable one)."""
     try:
-        return set(json.loads((out / "eval.json").read_text()).get("caches", {}))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return set()
-
-
-def cached_dtype(out: Path, cells: set[str]) -> str | None:
-    """The dtype (``bfloat16``, ``float32``) the page's ``cells`` were computed in; None if none is cached.
-
-    ``model.dtype=auto`` resolves per machine (bf16 on CPUs with native bf16, fp32 elsewhere) and the resolved dtype
-    is part of every cell's fingerprint, so a page re-rendered elsewhere would find none of its cells. One page's
-    cells share one dtype (a run loads one model); several dtypes (a hand-assembled cache) give None.
-    """
-    found = set()
-    for cell in cells:
-        try:
-            found.add(json.loads((out / "continuation" / f"{cell}.json").read_text())["fingerprint"]["dtype"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return found.pop().removeprefix("torch.") if len(found) == 1 else None
+        page = json.loads((out / "eval.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return page if isinstance(page, dict) else {}
 
 
 def file_sha256(path: Path) -> str:

@@ -5,16 +5,17 @@
 
 A page of the continuation protocol (:mod:`sdtp.reports.predictor_eval`) records the command that made it
 (``eval.json["command"]``). Each page's ``eval.json`` and ``continuation/`` cache are copied to a scratch folder and
-its command is run there with ``--render-only --out <scratch>``: no forward pass, only tokenizing and fingerprints.
+its command is run there with ``--render-only --replace --out <scratch>``: no forward pass, only tokenizing and
+fingerprints.
 Outcomes:
 
 - ``same``: every cell the page shows was found, and every value of its tables (``cells``, ``pooled``) equals the
   committed one (fields a later renderer adds, absent from the committed page, are not compared);
 - ``changed``: every cell found, but a value differs (the renderer's statistics changed since the page was made);
-- ``stale``: the run refused to drop cells the page shows, because their cache no longer matches what the command
+- ``stale``: cells the page shows are no longer found, because their cache no longer matches what the command
   asks for today; the reason lists the fingerprint keys that differ (typically ``predictor_sha256`` or a prior
   weight: the checkpoint or its ``predictor.json`` changed after the page was computed). The committed page is a
-  record of that earlier state; recompute its cells or re-render with ``--replace`` to drop them;
+  record of that earlier state (its own command refuses to drop them: recompute them, or pass ``--replace``);
 - ``failed``: any other error (its last line is shown).
 
 Each page runs in its own process, as a user would run it (about 20-80 s per page on 2 CPU cores).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import re
 import shlex
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.config import REPO_ROOT
+from sdtp.reports.continuation_cells import existing_page
 from sdtp.utils import write_json_atomic, write_text_atomic
 
 SCRIPT = "scripts/predictor_report.py"
@@ -48,56 +49,50 @@ def committed_pages(root: Path) -> list[Path]:
     """Page folders under ``root/results`` whose git-tracked ``eval.json`` was written by :data:`SCRIPT`."""
     listed = subprocess.run(["git", "ls-files", "results/**/eval.json"], cwd=root, capture_output=True, text=True,
                             check=True).stdout.split()
-    return [(root / name).parent for name in sorted(listed) if SCRIPT in _page(root / name).get("command", "")]
-
-
-def _page(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    folders = [(root / name).parent for name in sorted(listed)]
+    return [folder for folder in folders if SCRIPT in existing_page(folder).get("command", "")]
 
 
 def render_argv(command: str, out: Path) -> list[str]:
-    """The page's own options (after :data:`SCRIPT`) plus ``--render-only --out out`` (later options win)."""
+    """The page's own options (after :data:`SCRIPT`) plus ``--render-only --replace --out out`` (later options win;
+    ``--replace``: a stale page is rendered without its stale cells, which :func:`outcome` then counts)."""
     argv = shlex.split(command.split(SCRIPT, 1)[1])
-    return [*argv, *([] if "--render-only" in argv else ["--render-only"]), "--out", str(out)]
+    return [*argv, *(flag for flag in ("--render-only", "--replace") if flag not in argv), "--out", str(out)]
 
 
 def check_page(page: Path, env: dict[str, str]) -> dict[str, Any]:
     """Re-render ``page`` (a folder) in a scratch copy, from the repository root as its command expects; returns its
     outcome, reason and wall time."""
     root = Path(REPO_ROOT)
-    committed = _page(page / "eval.json")
+    committed = existing_page(page)
     with tempfile.TemporaryDirectory(prefix="page_check.") as scratch:
         out = Path(scratch) / "page"
         out.mkdir()
-        shutil.copy2(page / "eval.json", out / "eval.json")  # the cells it shows: the run refuses to drop them
+        shutil.copy2(page / "eval.json", out / "eval.json")
         if (page / "continuation").is_dir():
             shutil.copytree(page / "continuation", out / "continuation")
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, SCRIPT, *render_argv(committed["command"], out)], cwd=root, env=env,
                               capture_output=True, text=True)
         seconds = round(time.perf_counter() - start, 1)
-        rendered = _page(out / "eval.json") if proc.returncode == 0 else {}
+        rendered = existing_page(out) if proc.returncode == 0 else {}
     name = page.relative_to(root) if page.is_relative_to(root) else page
     return {"page": str(name), "seconds": seconds, **outcome(proc, committed, rendered)}
 
 
 def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any]:
     """``status`` and ``reason`` of one re-render (see the module docstring)."""
-    if proc.returncode == 0:
-        changed = [path for key in TABLES for path in differences(committed.get(key), rendered.get(key), key)]
-        return {"status": "changed" if changed else "same",
-                "reason": f"{len(changed)} value(s) differ: {', '.join(changed[:3])}" if changed else ""}
-    lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-    if "this run would drop" in proc.stderr:
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        return {"status": "failed", "reason": lines[-1][:300]}
+    lost = set(committed.get("caches", {})) - set(rendered.get("caches", {}))
+    if lost:  # the cache warnings name the fingerprint keys that no longer match
         keys = sorted({key.strip() for found in MISMATCH.findall(proc.stderr) for key in found.split(",")})
-        dropped = re.search(r"shows (\d+) cell", proc.stderr)
-        count = dropped.group(1) if dropped else "?"
-        return {"status": "stale", "reason": f"{count} cell(s) no longer match (differing keys: {', '.join(keys)})"
-                if keys else f"{count} cell(s) missing"}
-    return {"status": "failed", "reason": lines[-1][:300]}
+        return {"status": "stale", "reason": f"{len(lost)} cell(s) no longer match (differing keys: {', '.join(keys)})"
+                if keys else f"{len(lost)} cell(s) missing"}
+    changed = [path for key in TABLES for path in differences(committed.get(key), rendered.get(key), key)]
+    return {"status": "changed" if changed else "same",
+            "reason": f"{len(changed)} value(s) differ: {', '.join(changed[:3])}" if changed else ""}
 
 
 def differences(committed: Any, rendered: Any, path: str) -> list[str]:

@@ -98,8 +98,8 @@ from sdtp.errors import ConfigError
 from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.reports import paired_tables
-from sdtp.reports.continuation_cells import (Job, base_overrides, cached_dtype, compute, load_cache, page_cells, plan,
-                                             prompt_kind, refusals)
+from sdtp.reports.continuation_cells import (Job, base_overrides, compute, existing_page, load_cache, plan, prompt_kind,
+                                             refusals)
 from sdtp.reports.predictor_options import ReportOptions, parse_args, scorer_specs, seed_groups, selected
 from sdtp.reports.predictor_page import build_report
 from sdtp.reports.prior_selection import write_selected
@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"--only: unknown scorer(s) {sorted(unknown)}; known: {[s.name for s in specs]}")
     out = opts.out or Path(base.paths.predictors_dir) / base.model.name
-    shown = page_cells(out)
-    model, tokenizer = load_model(_model_config(base.model, opts, out, shown), cache_dir=base.paths.cache_dir)
+    page = existing_page(out)
+    shown = set(page.get("caches", {}))  # the cells (Job.key) it shows
+    model, tokenizer = load_model(_model_config(base.model, opts, page), cache_dir=base.paths.cache_dir)
     jobs = plan(opts, specs, model, tokenizer, str(base.paths.data_dir), out)
     refused = refusals(jobs, model)
     for name, why in refused.items():
@@ -157,12 +158,16 @@ def _computes(job: Job, opts: ReportOptions) -> bool:
     return not opts.render_only and selected(job.spec, opts.only)
 
 
-def _model_config(model_cfg: DictConfig, opts: ReportOptions, out: Path, shown: set[str]) -> DictConfig:
-    """``model_cfg``, but when only rendering with ``dtype: auto``, in the dtype the page's cells were computed in.
+def _model_config(model_cfg: DictConfig, opts: ReportOptions, page: dict[str, Any]) -> DictConfig:
+    """``model_cfg``, but when only rendering with ``dtype: auto``, in the dtype the existing ``page``'s cells were
+    computed in.
 
-    The page's own command then re-renders it on any machine: ``auto`` may resolve to another dtype here than where
-    the cells ran, and no forward pass runs (the model only tokenizes and is fingerprinted)."""
-    if not opts.render_only or model_cfg.get("dtype") != "auto" or (dtype := cached_dtype(out, shown)) is None:
+    ``auto`` resolves per machine (bf16 on CPUs with native bf16, fp32 elsewhere) and the resolved dtype is part of
+    every cell's fingerprint. A page shows only the cells fingerprinted with the dtype it was rendered in (its
+    machine's), so loading that dtype lets the page's own command re-render it on any machine; no forward pass runs
+    (the model only tokenizes and is fingerprinted)."""
+    dtype = page.get("machine", {}).get("dtype") if page.get("caches") else None
+    if not opts.render_only or model_cfg.get("dtype") != "auto" or dtype is None:
         return model_cfg
     log.info("render-only: loading %s in %s, the dtype its page's cells were computed in", model_cfg.name, dtype)
     return OmegaConf.merge(model_cfg, {"dtype": dtype})
