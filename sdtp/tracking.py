@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdtp.utils import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +44,7 @@ def wandb_run_id(run_dir: Path, resume: bool) -> tuple[str, str | None]:
     if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip(), "allow"
     run_id = uuid.uuid4().hex[:12]  # W&B accepts any id of [a-z0-9]
-    path.write_text(run_id + "\n")
+    write_text_atomic(path, run_id + "\n")
     return run_id, None
 
 

@@ -31,7 +31,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` via a temporary file + rename (readable by others), so readers never see half of it."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,46 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
         torch.save({"x": torch.ones(2)}, tmp)
     assert torch.load(target, weights_only=True)["x"].tolist() == [1.0, 1.0]
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
+
+
+def test_save_figure_is_atomic_and_always_frees_the_figure(tmp_path):
+    """A page's plot: PNG from the suffix; a failed save keeps the old file, leaves no temporary, closes the figure."""
+    import matplotlib.pyplot as plt
+
+    from sdtp.figures import new_figure, save_figure
+
+    target = tmp_path / "page.png"
+    fig, ax = new_figure(1, 1, figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    assert save_figure(fig, target, dpi=50) == target
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    old = target.read_bytes()
+    fig, ax = new_figure(1, 1)
+
+    def disk_full(path, **options):
+        Path(path).write_bytes(b"half a PNG")
+        raise OSError("no space left on device")
+
+    fig.savefig = disk_full
+    with pytest.raises(OSError):
+        save_figure(fig, target)
+    assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["page.png"]
+    assert not plt.fignum_exists(fig.number)
+
+
+def test_prediction_log_drops_a_torn_line_and_resumes(tmp_path):
+    """A run killed mid-line: reopening keeps the finished samples (rewritten atomically) and appends after them."""
+    from sdtp.eval.predict import PredictionLog
+
+    path = tmp_path / "predictions.jsonl"
+    finished = [{"id": "a", "pred": "é"}, {"id": "b", "pred": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in finished) + '{"id": "c", "pr', encoding="utf-8")
+    log = PredictionLog(path)
+    assert "a" in log and "b" in log and "c" not in log
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]
+    log.add({"id": "c", "pred": "y"})
+    assert [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()] == ["a", "b", "c"]
+    assert json.loads(path.read_text(encoding="utf-8").splitlines()[0])["pred"] == "é"
 
 
 def _umask() -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdtp.figures import new_figure, save_figure
+
 MIB = 1024 * 1024
 
 
@@ -140,13 +142,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def render_plot(report: dict[str, Any], path: str | Path) -> Path:
     """Measured speedups vs the analytic FLOPs ratio, and FLOPs / KV reduction, against prompt length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [e for e in report["results"] if e["speedup"].get("prefill") is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
     if rows:
         n = [e["seq_len"] for e in rows]
         for key, label, style in (("prefill", "prefill (measured)", "o-"), ("end_to_end", "end to end (measured)", "s-"),
@@ -169,10 +166,7 @@ def render_plot(report: dict[str, Any], path: str | Path) -> Path:
     right.set_ylabel("reduction (%)")
     fig.suptitle(f"{report['model']}, pruning={report['pruning'].get('name')} ({report['environment']['dtype']}, "
                  f"{report['environment']['device']}, {report['environment']['threads']} threads)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def summary_line(report: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:

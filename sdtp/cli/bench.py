@@ -38,7 +38,7 @@ from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.predictor import META_FILE, PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
-from sdtp.utils import atomic_path, seed_everything, set_threads, write_json_atomic, write_text_atomic
+from sdtp.utils import seed_everything, set_threads, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 SCHEMA = "sdtp-bench/1"
@@ -61,11 +61,12 @@ def validate_bench(cfg: DictConfig) -> None:
     lengths = list(cfg.lengths)
     if not lengths or any(int(n) < 1 for n in lengths):
         raise ConfigError(f"lengths: expected a non-empty list of positive prompt lengths, got {lengths}")
-    if max(lengths) > int(cfg.model.max_length):
-        raise ConfigError(f"lengths: {max(lengths)} exceeds model.max_length={cfg.model.max_length}")
     for key, low in (("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
         if int(cfg[key]) < low:
             raise ConfigError(f"{key}: must be >= {low}, got {cfg[key]}")
+    if max(lengths) + int(cfg.new_tokens) > int(cfg.model.max_length):
+        raise ConfigError(f"lengths: {max(lengths)} prompt tokens + new_tokens={cfg.new_tokens} exceed "
+                          f"model.max_length={cfg.model.max_length}")
     if cfg.attention_flops not in ATTENTION_MODES:
         raise ConfigError(f"attention_flops: {cfg.attention_flops!r} not in {ATTENTION_MODES}")
     if cfg.untrained_predictor not in ("auto", "never"):
@@ -195,8 +196,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         write_json_atomic(run_dir / "bench.json", report)
         log.info("N=%d: %s", length, json.dumps(entry.get("speedup", {})))
     write_text_atomic(run_dir / "bench.md", render_markdown(report))
-    with atomic_path(run_dir / "bench.png") as drawn:
-        render_plot(report, drawn)
+    render_plot(report, run_dir / "bench.png")
     summary = summary_line(report, run_dir)
     print(json.dumps(summary))
     return summary

@@ -21,7 +21,7 @@ from sdtp.engine.generation import generate
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
-from sdtp.utils import parse_jsonl
+from sdtp.utils import parse_jsonl, write_text_atomic
 
 
 @dataclass
@@ -142,8 +142,8 @@ class PredictionLog:
             text = self.path.read_text(encoding="utf-8")
             self.records = {str(record[key]): record for record in parse_jsonl(text)}
             if text and not text.endswith("\n"):  # drop the torn line before appending after it
-                self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()),
-                                     encoding="utf-8")
+                write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                     for r in self.records.values()))
 
     def __contains__(self, key: str) -> bool:
         return str(key) in self.records

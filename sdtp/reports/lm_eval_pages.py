@@ -17,7 +17,7 @@ from typing import Any
 
 from sdtp.paths import portable_path, portable_tree, roots_for
 from sdtp.reports.seed_runs import SEP, row_of
-from sdtp.utils import atomic_path, write_json_atomic, write_text_atomic
+from sdtp.utils import write_json_atomic, write_text_atomic
 
 # Our offline task -> the paper's row name, in the paper's order (Tables 3 and 6 use these rows).
 TASKS = {"sdtp_copa": "COPA", "sdtp_piqa": "PIQA", "sdtp_winogrande": "WinoGrande", "sdtp_mathqa": "MathQA",
@@ -95,15 +95,15 @@ def run_argument(names: Collection[str]) -> Callable[[str], tuple[str, Path]]:
 
 def write_page_files(out_dir: Path, page: dict[str, Any], markdown: Callable[[dict[str, Any]], str],
                      csv_text: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], Path]) -> Path:
-    """Write ``<out_dir>/<model>.{json,png,csv,md}`` of ``page`` (each atomically); returns the .md path.
+    """Write ``<out_dir>/<model>.{json,png,csv,md}`` of ``page`` (each atomically; ``plot`` saves with
+    :func:`sdtp.figures.save_figure`); returns the .md path.
 
     Every path on the page is made portable first (:mod:`sdtp.paths`): pages are committed."""
     page = portable_tree(page)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / page["model"]
     write_json_atomic(stem.with_suffix(".json"), page)
-    with atomic_path(stem.with_suffix(".png")) as drawn:
-        plot(page, drawn)
+    plot(page, stem.with_suffix(".png"))
     write_text_atomic(stem.with_suffix(".csv"), csv_text(page))
     write_text_atomic(stem.with_suffix(".md"), markdown(page))
     return stem.with_suffix(".md")

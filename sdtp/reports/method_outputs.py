@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtp.figures import new_figure, save_figure
 from sdtp.paths import portable_text, portable_tree
 from sdtp.reports.lm_eval_pages import smaller_page
 from sdtp.utils import atomic_path, write_text_atomic
@@ -40,11 +41,6 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path, p
 
 def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Accuracy measures vs prefill speedup, one colour per method (legend, not labels: points overlap)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("lm_eval_mean_acc", "lm-eval mean accuracy, % (higher is better)"),
               ("lm_eval_delta", "paired lm-eval accuracy vs dense, points (95% t CI)"),
               ("longbench_delta", "paired LongBench score vs dense, points (95% t CI)"),
@@ -52,9 +48,12 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in records)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.4), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(4.8 * len(panels), 4.4), squeeze=False)
     shown = [r["method"] for r in records if any(r.get(col) is not None for col, _ in panels)]
-    colours = {name: plt.cm.tab10(i % 10) if len(shown) <= 10 else plt.cm.tab20(i % 20) for i, name in enumerate(shown)}
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(shown) <= 10 else "tab20"]
+    colours = {name: palette(i % palette.N) for i, name in enumerate(shown)}
     for ax, (col, label) in zip(axes[0], panels):
         for r in records:
             speed = r["prefill_speedup"] or r["analytic_speedup"]
@@ -75,11 +74,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
         for handle, name in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(name, handle)
     fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, rect=(0, 0, 0.9, 1), dpi=120)
 
 
 # --------------------------------------------------------------------------------------------

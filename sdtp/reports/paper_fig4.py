@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sdtp.figures import new_figure, save_figure
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, interval_side, load_points, model_depth, page_header,
                                           provenance, provenance_text, setup_text)
@@ -212,12 +213,7 @@ def to_csv(page: dict[str, Any]) -> str:
 
 
 def render_plot(page: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ours, paper) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ours, paper) = new_figure(1, 2, figsize=(10, 3.8))
     for i, r in enumerate(page["ratios"]):
         found = [e for e in page["points"].values() if e["keep_ratio"] == r and e["delta_nll"] is not None]
         if found:
@@ -238,10 +234,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle("Figure 4: one pruning stage, first layer x keep ratio (95% paired t intervals over segments; "
                  "dots: training seeds)")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _numbers(text: str, kind: type) -> list[Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.engine.schedule import PruningSchedule
+from sdtp.figures import new_figure, save_figure
 from sdtp.flops import ModelDims, prefill_flops
 from sdtp.reports.ablation_points import (MAIN_STEPS, SCHEMA, cell, coarse_to_fine, dense_entry, dense_text,
                                           figure_caveats, interval_side, load_points, model_depth, page_header,
@@ -230,13 +231,8 @@ def to_csv(page: dict[str, Any]) -> str:
 
 
 def render_plot(page: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     found = [e for e in page["points"].values() if e["delta_nll"] is not None]
-    fig, (nll, flops) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (nll, flops) = new_figure(1, 2, figsize=(10, 3.8))
     if found:
         means, yerr = error_bars(e["delta_nll"] for e in found)
         nll.errorbar([e["stages"] for e in found], means, yerr=yerr, marker="o", capsize=3,
@@ -255,10 +251,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
     flops.set(xlabel="stages", ylabel="prefill FLOPs, % of dense",
               title=f"analytic prefill FLOPs at {page['seq_len']} tokens")
     fig.suptitle(f"Figure 5: stages at keep {KEEP:g} per stage (95% paired t intervals over segments)")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

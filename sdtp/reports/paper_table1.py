@@ -32,6 +32,7 @@ from typing import Any
 
 from sdtp.benchmark.report import speedups
 from sdtp.eval.longbench_tasks import DATASETS
+from sdtp.figures import new_figure, save_figure
 from sdtp.paths import portable_tree
 from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_ratios, cost_sums, dataset_rows,
                                           seed_values, shared_ids)
@@ -441,13 +442,8 @@ def to_csv(page: dict[str, Any]) -> str:
 
 def render_plot(page: dict[str, Any], path: Path) -> Path:
     """Left: score per dataset and row. Right: AVG kept (% of dense) vs 1/τ, ours and the paper's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table, rows = page["table"], [r for r in ROWS if any(r in t["score"] for t in page["table"])]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (left, right) = new_figure(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(len(rows), 1)
     for k, row in enumerate(rows):
         left.bar([i + (k - (len(rows) - 1) / 2) * width for i in range(len(table))],
@@ -471,10 +467,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     left.legend(fontsize=7)
     fig.suptitle(f"Table 1: {page['model']} vs the paper's Mistral-7B-Instruct", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_page(page: dict[str, Any], out_dir: Path, smaller_out: Path | None = None, replace: bool = False) -> Path:

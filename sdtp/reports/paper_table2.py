@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.benchmark.report import speedups
+from sdtp.figures import new_figure, save_figure
 from sdtp.paths import portable_tree
-from sdtp.utils import atomic_path, write_json_atomic, write_text_atomic
+from sdtp.utils import write_json_atomic, write_text_atomic
 
 # [P] Table 2: Mistral-7B, batch 1, 128 generated tokens, GPU (hardware not stated).
 # length -> (TFLOPs prefill, TFLOPs E2E, prefill s, E2E s, memory GB) for (w/o SDTP, w SDTP).
@@ -181,12 +182,7 @@ def render(report: dict[str, Any], command: str, wall_s: float | None) -> str:
 
 def render_plot(report: dict[str, Any], path: Path) -> Path:
     """Prefill / E2E speedup and FLOPs reduction vs length, ours and the paper's, one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
     ours = [(e["seq_len"], our_ratios(e)) for e in report["results"] if "pruned" in e["variants"]]
     paper = [(n, paper_ratios(n)) for n in PAPER]
     for label, points, style in (("ours", ours, "-"), ("paper", paper, "--")):
@@ -203,10 +199,7 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
     right.set_ylabel("reduction (%)")
     fig.suptitle(f"Table 2: {report['model']} ({report['environment']['dtype']}, {report['environment']['device']}) "
                  "vs the paper's Mistral-7B (GPU)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None = None) -> Path:
@@ -215,8 +208,7 @@ def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / report["model"]
     write_json_atomic(stem.with_suffix(".json"), portable_tree(report))  # a bench.json written before paths were portable
-    with atomic_path(stem.with_suffix(".png")) as drawn:
-        render_plot(report, drawn)
+    render_plot(report, stem.with_suffix(".png"))
     write_text_atomic(stem.with_suffix(".csv"), to_csv(rows(report)))
     write_text_atomic(stem.with_suffix(".md"), render(report, command, wall_s))
     return stem.with_suffix(".md")

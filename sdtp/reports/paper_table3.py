@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
                                         run_argument, run_config, scorer_path, write_page_files)
 from sdtp.reports.paired_accuracy import (average_difference, chance, holm_adjust, majority_share, paired_difference,
@@ -236,15 +237,10 @@ def render(page: dict[str, Any]) -> str:
 
 def render_plot(page: dict[str, Any], path: Path) -> Path:
     """Left: accuracy per task, dense and SDTP, chance marked. Right: Δ with its 95% interval, ours and the paper's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = page["table"]
     names = [r["task"] for r in rows]
     x = list(range(len(rows)))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (left, right) = new_figure(1, 2, figsize=(12, 4.2))
     left.bar([i - 0.2 for i in x], [r["dense_acc"] for r in rows], 0.4, label="dense")
     left.bar([i + 0.2 for i in x], [r["sdtp_acc"] for r in rows], 0.4, label="SDTP")
     left.scatter([i for i, r in zip(x, rows) if r["chance"]], [r["chance"] for r in rows if r["chance"]],
@@ -263,10 +259,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     fig.suptitle(f"Table 3: {page['model']} vs the paper's 7B models", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def build_page(runs: dict[str, Path], command: str, wall_s: float | None) -> dict[str, Any]:

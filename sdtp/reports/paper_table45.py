@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtp.figures import new_figure, save_figure
 from sdtp.reports.ablation_points import (FULL_LOSSES, MAIN_STEPS, SCHEMA, cell, delta_nll, dense_entry,
                                           dense_text, done, interval, interval_side, load_points, mean_nll, page_header,
                                           provenance, provenance_text, setup_text)
@@ -187,12 +188,7 @@ def to_csv(page: dict[str, Any]) -> str:
 
 
 def render_plot(page: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.5))
     for ax, key, title in ((axes[0], "spearman", "Spearman with labels"), (axes[1], "delta_nll", "Δ NLL vs dense")):
         for i, row in enumerate(ROWS):
             r = page["rows"][row]
@@ -207,10 +203,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(ROWS)), [ROWS[r][0] for r in ROWS], fontsize=7)
         ax.set_title(title)
     fig.suptitle(f"Loss ablations, {page['model']} (mean, 95% t over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
                                         run_argument, run_config, scorer_path, write_page_files)
 from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, holm_adjust, majority_share, outcomes,
@@ -397,16 +398,11 @@ def render(page: dict[str, Any]) -> str:
 def render_plot(page: dict[str, Any], path: Path) -> Path:
     """Left: accuracy per task for every column, chance marked. Right: each KV column − dense with its 95%
     interval, ours and the paper's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = page["table"]
     x = list(range(len(rows)))
     runs = list(COLUMNS)
     width = 0.8 / len(runs)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4))
+    fig, (left, right) = new_figure(1, 2, figsize=(13, 4.4))
     for j, run in enumerate(runs):
         left.bar([i - 0.4 + (j + 0.5) * width for i in x], [r["acc"][run] for r in rows], width, label=label(run))
     left.scatter([i for i, r in zip(x, rows) if r["chance"]], [r["chance"] for r in rows if r["chance"]],
@@ -432,10 +428,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=6)
     fig.suptitle(f"Table 6: {page['model']} vs the paper's {PAPER_MODEL} (40% KV)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def build_page(table3: Path, runs: dict[str, Path], command: str, wall_s: float | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.eval.stats import paired_t_interval
+from sdtp.figures import new_figure, save_figure
 from sdtp.reports.ablation_points import segment_nll
 from sdtp.reports.lm_eval_pages import machine_text, minutes, num, run_config, shown_path, smaller_page, write_page_files
 from sdtp.reports.paired_tables import interval_text, paired_summary
@@ -212,14 +213,9 @@ def csv_text(page: dict[str, Any]) -> str:
 
 def plot(page: dict[str, Any], path: Path) -> Path:
     """NLL vs prefill FLOPs: every trial, the front as a step line, the paper's schedule, dense and the budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     trials, paper, dense = page["trials"], page["paper"], page["dense"]
     front = sorted([p for p in [*trials, paper] if p["pareto"]], key=lambda p: p["flops_fraction"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     ax.scatter([p["flops_fraction"] for p in trials], [p["nll"] for p in trials], s=18, c="0.6", label="trials")
     ax.step([p["flops_fraction"] for p in front], [p["nll"] for p in front], where="post", c="tab:red", marker="o",
             label="Pareto front")
@@ -231,10 +227,7 @@ def plot(page: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("continuation NLL (nats / token)")
     ax.set_title(f"Schedule search: {page['model']}, scorer {page['scorer']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def render(args: argparse.Namespace) -> Path:
