@@ -131,9 +131,14 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
         log.warning("override ignored: %s", item)
     check_family(cfg.model.family)
     resolve_dtype(cfg.model.dtype, cfg.model.device)
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads: {threads!r} must be a positive integer or null (torch's default)")
     build_kv_policy(cfg)  # the optional `kv` group (KV-cache compression); raises on bad kv.* keys
     if "pruning" not in cfg:  # e.g. the pipeline, which validates each pruning variant it composes
         return
+    if "name" not in cfg.pruning:  # pruning=_schedule: the shared defaults every method includes, not a method
+        raise ConfigError("pruning: the group option is not a pruning method (no pruning.name); see conf/pruning/")
     build_schedule(cfg)
     scorer = cfg.pruning.get("scorer")
     if scorer is None:  # pruning=none

@@ -72,6 +72,17 @@ def _hub_records(name: str, split: str) -> Iterable[Mapping[str, Any]]:
     return load_dataset(name, split=split, streaming=True)
 
 
+def validate_data(data: Mapping[str, Any], sources: bool = True) -> None:
+    """The ``data`` group: window lengths (always) and, with ``sources``, every source (files read when labelling)."""
+    if int(data["max_length"]) < 8:
+        raise ConfigError(f"data.max_length: {data['max_length']} is too short (>= 8)")
+    if not 0 < int(data["continuation_length"]) < int(data["max_length"]):
+        raise ConfigError("data.continuation_length: must be in (0, data.max_length), "
+                          f"got {data['continuation_length']}")
+    for i, source in enumerate(data["sources"] if sources else []):
+        validate_source(source, f"data.sources.{i}")
+
+
 def validate_source(source: Mapping[str, Any], key: str) -> None:
     """ConfigError naming ``key`` when a source is unusable (before any model work)."""
     if source.get("format") not in FORMATS:

@@ -218,3 +218,103 @@ def test_offline_by_default_respects_the_user(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert offline_by_default() == [] and not constants.is_offline_mode()  # an online user's choice stands
+
+
+# --- settings each entry point checks before its model loads ------------------------------------------
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["chat_template=maybe"], r"chat_template: must be true or false, got 'maybe'"),
+    (["do_sample=true", "temperature=-1"], r"temperature: must be > 0, got -1"),
+    (["top_p=2.0"], r"top_p: must be in \(0, 1\], got 2\.0"),
+    (["top_k=-1"], r"top_k: must be >= 0"),
+    (["threads=0"], r"threads: 0 must be a positive integer or null"),
+    (["threads=-1"], r"threads: -1 must be"),
+    (["pruning=_schedule"], r"pruning: the group option is not a pruning method"),
+])
+def test_generate_rejects_bad_settings_before_loading(overrides, message, monkeypatch):
+    monkeypatch.setattr(generate, "load_model", _no_model)
+    with pytest.raises(ConfigError, match=message):
+        generate.run(_gen(*overrides))
+
+
+def test_an_unknown_lm_eval_task_is_refused_before_loading():
+    cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", "eval.tasks=[sdtp_piqa,sdtp_bogus]"])
+    with pytest.raises(ConfigError, match=r"eval\.tasks: sdtp_bogus is not an lm-eval task, group or tag \(offline "
+                                          r"tasks: .*sdtp_piqa"):
+        harness.validate(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.max_length=7"], r"data\.max_length: 7 is too short"),
+    (["data.continuation_length=64", "data.max_length=48"],
+     r"data\.continuation_length: must be in \(0, data\.max_length\)"),
+    (["train.optimizer.lr=-1"], r"train\.optimizer\.lr: must be >= 0, got -1"),
+])
+def test_training_settings_are_checked_before_loading(overrides, message):
+    from sdtp.cli.train import validate_train_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(compose("train", ["model=tiny-llama", *overrides]))
+
+
+def test_bench_lengths_leave_room_for_the_new_tokens():
+    from sdtp.cli.bench import validate_bench
+
+    cfg = compose("bench", ["model=tiny-llama", "pruning=random", "lengths=[64]", "new_tokens=16"])
+    validate_bench(cfg)
+    limit = int(cfg.model.max_length)
+    cfg = compose("bench", ["model=tiny-llama", "pruning=random", f"lengths=[{limit - 4}]", "new_tokens=16"])
+    with pytest.raises(ConfigError, match=rf"lengths: {limit - 4} prompt tokens \+ new_tokens=16 exceed"):
+        validate_bench(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["stages=[genrate]"], r"stages: \['genrate'\] not in \['generate', 'eval', 'bench'\]"),
+    (['bench=["lengths=[100000]"]'], r"lengths: 100000 prompt tokens"),
+    (['evals.perplexity=["eval=perplexity","eval.stride=0"]'], r"eval\.stride"),
+])
+def test_pipeline_checks_every_stage_before_the_first(overrides, message):
+    """A mistake in the last stage's overrides fails before the first stage runs (no model is loaded)."""
+    from sdtp.cli.pipeline import validate_pipeline
+
+    cfg = compose("pipeline", ["model=tiny-llama", "variants=[none,random]", "bench_variant=random", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate_pipeline(cfg)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"hf_id": "/nonexistent/weights"}, r"model\.hf_id: /nonexistent/weights is not a folder"),
+    ({"hf_id": "someone/not-downloaded-model"}, r"model\.hf_id: someone/not-downloaded-model is not in the Hugging "
+                                                r"Face cache and the hub is offline"),
+])
+def test_a_hub_model_that_cannot_be_found_is_named(model, message, monkeypatch):
+    from huggingface_hub import constants
+
+    from sdtp.models import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=message):
+        load_model({"family": "llama", "source": "hub", "device": "cpu", **model})
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the check is for machines without CUDA")
+def test_cuda_without_a_gpu_fails_before_the_weights_load():
+    from sdtp.models import load_model
+
+    with pytest.raises(ConfigError, match=r"model\.device=cuda: no CUDA device is available .* use model\.device=cpu"):
+        load_model(compose("generate", ["model=tiny-llama", "model.device=cuda"]).model)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("llama", r"model\.num_layers: config says 30, the model has 2"),
+    ("gpt2", r"model\.family: architecture 'gpt2' is not supported"),
+])
+def test_a_local_model_is_checked_from_its_config_before_its_weights(tmp_path, config, message):
+    """The folder holds only config.json: loading weights would fail differently, so the check came first."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from sdtp.models import load_model
+
+    (LlamaConfig(num_hidden_layers=2) if config == "llama" else GPT2Config()).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_model({"family": "llama", "source": "hub", "hf_id": str(tmp_path), "device": "cpu", "num_layers": 30})

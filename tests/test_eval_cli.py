@@ -73,7 +73,8 @@ def test_lm_eval_per_task_limits(tmp_path):
 
 
 @pytest.mark.parametrize("limit,message", [("{sdtp_piqa: 3}", "not among eval.tasks"),
-                                           ("{sdtp_copa: 0}", "integers > 0"), ("-1", "must be > 0")])
+                                           ("{sdtp_copa: 0}", "integers > 0"), ("-1", "must be a number > 0"),
+                                           ("abc", "got .abc.")])
 def test_bad_lm_eval_limit_fails_before_loading(tmp_path, limit, message):
     cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", "eval.tasks=[sdtp_copa]", f"eval.limit={limit}",
                            f"run_dir={tmp_path}"])

@@ -83,6 +83,14 @@ def check_settings(cfg: DictConfig) -> None:
     new = cfg.get("max_new_tokens")
     if isinstance(new, bool) or not isinstance(new, int) or new < 1:
         raise ConfigError(f"max_new_tokens: must be an integer >= 1, got {new!r}")
+    if not isinstance(cfg.get("chat_template"), bool):
+        raise ConfigError(f"chat_template: must be true or false, got {cfg.get('chat_template')!r}")
+    sampling = {"temperature": (cfg.temperature, "> 0", lambda v: v > 0),
+                "top_p": (cfg.top_p, "in (0, 1]", lambda v: 0 < v <= 1),
+                "top_k": (cfg.top_k, ">= 0 (0 = off)", lambda v: v >= 0 and float(v).is_integer())}
+    for key, (value, allowed, ok) in sampling.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
 
 
 def check_length(cfg: DictConfig, prompt_tokens: int) -> None:

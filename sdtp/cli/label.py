@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sdtp.config import sdtp_main
-from sdtp.data import build_examples, examples_hash, source_fingerprint, validate_source
+from sdtp.data import build_examples, examples_hash, source_fingerprint, validate_data
 from sdtp.distributed import World, check_enough_items, check_world, on_main, process_group, reduce_floats, \
     require_shared, shard
 from sdtp.errors import ConfigError
@@ -41,12 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def validate_label_config(cfg: DictConfig) -> None:
-    for i, source in enumerate(cfg.data.sources):
-        validate_source(source, f"data.sources.{i}")
-    if int(cfg.data.max_length) < 8:
-        raise ConfigError(f"data.max_length: {cfg.data.max_length} is too short (>= 8)")
-    if not 0 < int(cfg.data.continuation_length) < int(cfg.data.max_length):
-        raise ConfigError(f"data.continuation_length: must be in (0, data.max_length), got {cfg.data.continuation_length}")
+    validate_data(cfg.data)
     if cfg.saliency.target not in TARGETS:
         raise ConfigError(f"saliency.target: {cfg.saliency.target!r} not in {TARGETS}")
     for key in ("shard_size", "batch_size"):

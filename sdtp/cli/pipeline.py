@@ -28,6 +28,7 @@ from sdtp.tracking import RunLogger
 from sdtp.utils import git_commit, seed_everything, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
+STAGES = ("generate", "eval", "bench")
 
 
 def wikitext_prompt(tokenizer: Any, data_dir: str, num_tokens: int) -> torch.Tensor:
@@ -117,12 +118,27 @@ def bench_stage(cfg: DictConfig, run_dir: Path, predictor: str | None) -> dict[s
     return bench.run(sub, run_dir=run_dir / "bench")
 
 
+def validate_pipeline(cfg: DictConfig) -> None:
+    """Compose and check every stage's configs before any work starts: a typo in the bench overrides should not
+    surface after the generation and eval stages have run. (A retrained predictor is checked as the shipped one.)"""
+    from sdtp.cli import bench, evaluate
+
+    unknown = [stage for stage in cfg.stages if stage not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: {unknown} not in {list(STAGES)}")
+    for variant in cfg.variants:
+        compose("generate", stage_overrides(cfg, variant, None))
+        for overrides in cfg.evals.values() if "eval" in cfg.stages else []:
+            evaluate.validate_eval(compose("eval", [*overrides, *stage_overrides(cfg, variant, None)]))
+    if "bench" in cfg.stages:
+        bench.validate_bench(compose("bench", [*cfg.bench, *stage_overrides(cfg, cfg.bench_variant, None)]))
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    validate_pipeline(cfg)
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
     run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
-    for variant in cfg.variants:  # fail on a bad variant before any work starts
-        compose("generate", stage_overrides(cfg, variant, None))
     predictor = None
     metrics: dict[str, Any] = {"model": cfg.model.name, "variants": list(cfg.variants), "threads": threads}
     with RunLogger(run_dir, cfg.logger, cfg, name=cfg.task_name) as logger:

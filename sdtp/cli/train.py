@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sdtp.config import sdtp_main
-from sdtp.data import validate_source
+from sdtp.data import validate_data
 from sdtp.distributed import World, check_world, process_group
 from sdtp.errors import ConfigError
 from sdtp.losses import LOSS_TERMS, TIES
@@ -69,9 +69,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr_scale: {scales} freezes every part of the predictor")
     if t.labels == "stored" and not Path(t.labels_dir, "meta.json").is_file():
         raise ConfigError(f"train.labels_dir: no labels at {t.labels_dir}; run `sdtp-label` with the same model/data/target")
-    if t.labels == "online":
-        for i, source in enumerate(cfg.data.sources):
-            validate_source(source, f"data.sources.{i}")
+    validate_data(cfg.data, sources=t.labels == "online")  # stored labels: the label run read the sources
+    if float(t.optimizer.get("lr", 0.0)) < 0:  # 0 is a no-op run (e.g. checking what train.init_from loads)
+        raise ConfigError(f"train.optimizer.lr: must be >= 0, got {t.optimizer.lr}")
     check_world(World.from_env(), cfg.distributed, str(cfg.model.device))
 
 

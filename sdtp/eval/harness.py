@@ -38,7 +38,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.kept import KeptStats
 from sdtp.kv.policy import build_kv_policy, kv_enabled
-from sdtp.utils import read_jsonl_records
+from sdtp.utils import read_jsonl_records, write_text_atomic
 
 log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -124,6 +124,20 @@ def output_types(tasks: list[str], include_path: str) -> dict[str, str]:
     return {name: str(config["output_type"]) for name, config in found if config and config.get("output_type")}
 
 
+def unknown_tasks(tasks: list[str], include_path: str) -> list[str]:
+    """The names among ``tasks`` that are neither in ``include_path`` nor lm-eval's built-in tasks, groups or tags.
+
+    Like :func:`output_types`, lm-eval's own index (seconds) is built only when ``include_path`` lacks a name.
+    """
+    from lm_eval.tasks import TaskManager
+
+    missing = [t for t in tasks if t not in TaskManager(include_path=include_path, include_defaults=False).task_index]
+    if missing:
+        index = TaskManager(include_path=include_path).task_index
+        missing = [t for t in missing if t not in index]
+    return missing
+
+
 def _of_type(kinds: dict[str, str], kind: str) -> list[str]:
     """The task names in ``kinds`` (name -> output type) whose output type is ``kind``, sorted."""
     return sorted(name for name, found in kinds.items() if found == kind)
@@ -146,8 +160,8 @@ def check_limit(limit: Any, tasks: list[str]) -> None:
         if bad:
             raise ConfigError(f"eval.limit: per-task limits must be integers > 0 or null, got {dict(bad)}")
         return
-    if not float(limit) > 0:
-        raise ConfigError(f"eval.limit: must be > 0 or null, got {limit}")
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+        raise ConfigError(f"eval.limit: must be a number > 0, {{task: documents}} or null, got {limit!r}")
 
 
 def document_samples(limits: Mapping[str, int | None], manager: Any) -> dict[str, list[int]]:
@@ -171,6 +185,10 @@ def validate(cfg: DictConfig) -> None:
     if ev.num_fewshot is not None and int(ev.num_fewshot) < 0:
         raise ConfigError(f"eval.num_fewshot: must be >= 0, got {ev.num_fewshot}")
     check_limit(ev.limit, tasks)
+    unknown = unknown_tasks(tasks, str(ev.include_path))
+    if unknown:
+        raise ConfigError(f"eval.tasks: {', '.join(unknown)} is not an lm-eval task, group or tag (offline tasks: "
+                          f"{', '.join(sorted(OFFLINE_FILES))}; `lm-eval ls tasks` lists the built-in ones)")
     if int(ev.batch_size) < 1:
         raise ConfigError(f"eval.batch_size: must be >= 1, got {ev.batch_size}")
     for task in tasks:
@@ -220,12 +238,10 @@ def clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
 def _write_samples(run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
     """Per-document predictions: ``samples_<task>.jsonl`` (doc id, target, per-choice log-likelihoods)."""
     for task, rows in samples.items():
-        with (run_dir / f"samples_{task}.jsonl").open("w") as handle:
-            for row in rows:
-                record = {"doc_id": row.get("doc_id"), "target": row.get("target"),
-                          "resps": row.get("filtered_resps"), **{m: row[m] for m in ("acc", "acc_norm", "perplexity")
-                                                                   if m in row}}
-                handle.write(json.dumps(record, default=str) + "\n")
+        records = ({"doc_id": row.get("doc_id"), "target": row.get("target"), "resps": row.get("filtered_resps"),
+                    **{m: row[m] for m in ("acc", "acc_norm", "perplexity") if m in row}} for row in rows)
+        write_text_atomic(run_dir / f"samples_{task}.jsonl",
+                          "".join(json.dumps(record, default=str) + "\n" for record in records))
 
 
 def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdtp.errors import ConfigError
 from sdtp.models.chat import generation_suffix
@@ -55,6 +55,32 @@ def resolve_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot use, before any weights are read.
+
+    Not part of config validation: the 7B configs name ``cuda`` and must still compose on a CPU machine.
+    """
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device}: no CUDA device is available to torch {torch.__version__} here; "
+                          "use model.device=cpu")
+
+
+def check_source(hf_id: str) -> None:
+    """Refuse a hub model that cannot be found: a local path that is not a folder, or an id that is neither
+    cached nor downloadable because the hub is offline (HF_HUB_OFFLINE=1)."""
+    if str(hf_id).startswith(("/", "./", "../", "~")):
+        if not Path(hf_id).expanduser().is_dir():
+            raise ConfigError(f"model.hf_id: {hf_id} is not a folder (a local model folder or a hub id)")
+        return
+    if Path(hf_id).is_dir():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(hf_id, "config.json"), str):
+        raise ConfigError(f"model.hf_id: {hf_id} is not in the Hugging Face cache and the hub is offline "
+                          "(HF_HUB_OFFLINE=1); download it first or point model.hf_id at a local folder")
+
+
 def check_family(family: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise ConfigError(
@@ -64,12 +90,20 @@ def check_family(family: str) -> None:
 
 def check_supported(model: nn.Module) -> None:
     """Raise if ``model`` is not one of the architectures the engine is tested on."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    check_config(getattr(model, "config", None))
+
+
+def check_config(config: Any, num_layers: int | None = None) -> None:
+    """A model's own config (read before its weights, so a wrong model costs no load): a supported architecture
+    and, if the model config names one, the same number of decoder layers."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILY_OF_TYPE:
         raise ConfigError(
             f"model.family: architecture {model_type!r} is not supported; "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
+    if num_layers is not None and int(num_layers) != config.num_hidden_layers:
+        raise ConfigError(f"model.num_layers: config says {num_layers}, the model has {config.num_hidden_layers}")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -82,9 +116,11 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build or load the model described by ``model_cfg``; returns it in eval mode with its tokenizer."""
     check_family(model_cfg["family"])
+    check_device(str(model_cfg.get("device", "cpu")))
     source = model_cfg.get("source", "hub")
     dtype = resolve_dtype(model_cfg.get("dtype", "float32"), model_cfg.get("device", "cpu"))
     attn = model_cfg.get("attn_implementation", "sdpa")
+    num_layers = model_cfg.get("num_layers")
     if source == "tiny":
         from sdtp.models.tiny import build_tiny_model
 
@@ -93,23 +129,21 @@ def load_model(
         arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
         model, tokenizer = build_tiny_model(model_cfg["family"], arch, seed=int(model_cfg.get("seed", 0)))
         model.config._attn_implementation = attn
+        check_config(model.config, num_layers)
     elif source == "gguf_package":
         from sdtp.models.gguf import cached_gguf_folder
 
         folder = cached_gguf_folder(model_cfg, cache_dir)
+        check_config(AutoConfig.from_pretrained(folder), num_layers)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     elif source == "hub":
+        check_source(str(model_cfg["hf_id"]))
+        check_config(AutoConfig.from_pretrained(model_cfg["hf_id"]), num_layers)
         model = AutoModelForCausalLM.from_pretrained(model_cfg["hf_id"], dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(model_cfg["hf_id"])
     else:
         raise ConfigError(f"model.source: {source!r} not in {SOURCES}")
-    check_supported(model)
-    expected = model_cfg.get("num_layers")
-    if expected is not None and int(expected) != model.config.num_hidden_layers:
-        raise ConfigError(
-            f"model.num_layers: config says {expected}, the loaded model has {model.config.num_hidden_layers}"
-        )
     model.to(device=model_cfg.get("device", "cpu"), dtype=dtype)
     model.eval().requires_grad_(False)
     log.info("Loaded %s (%s, %d layers, %s on %s)", model_cfg["name"], model.config.model_type,
