@@ -27,7 +27,7 @@ setup: $(STAMP)
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
 
 demo: setup
-	$(MALLOC_ENV) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sdtp-pipeline
+	$(MALLOC_ENV) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sdtp-pipeline $(ARGS)
 
 # Every token pruner and KV policy side by side (experiments/compare_methods.sh; LIMIT=.. etc. pass through).
 compare: setup

@@ -29,6 +29,8 @@ def test_pruned_prefill_and_decode_match_dynamic_cache(tiny, prompt_ids):
                 logits.append(out.logits)
                 if name == "append" and token == 7:  # the first 3 steps wrote in place
                     assert [layer._key_buffer.data_ptr() for layer in cache.layers] == buffers
+        if name == "append":  # ... and the 4th outgrew the headroom: every layer moved to a bigger buffer
+            assert all(layer._key_buffer.data_ptr() != old for layer, old in zip(cache.layers, buffers, strict=True))
         outputs[name] = (logits, cache_lengths(cache), cache_bytes(cache))
     (hf_logits, hf_lengths, hf_bytes), (ap_logits, ap_lengths, ap_bytes) = outputs["hf"], outputs["append"]
     assert ap_lengths == hf_lengths and ap_bytes == hf_bytes

@@ -66,6 +66,7 @@ def _record_writes(rank: int, writes: list[str]) -> None:
     loop.save_checkpoint = wrap("checkpoint", loop.save_checkpoint)
     loop.write_json_atomic = wrap("metrics.json", loop.write_json_atomic)
     loop.RunLogger = wrap("metrics.jsonl/W&B", loop.RunLogger)
+    loop.truncate_metrics = wrap("metrics.jsonl on resume", loop.truncate_metrics)
     TokenPredictor.save = wrap("predictor", TokenPredictor.save)
 
 
@@ -147,7 +148,7 @@ def test_one_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(r
 def test_rank_zero_alone_writes_and_a_stopped_run_resumes(runs):
     writes = {rank: json.loads((runs / f"rank{rank}.json").read_text()) for rank in range(WORLD)}
     assert writes[1] == []
-    assert {"checkpoint", "metrics.json", "metrics.jsonl/W&B", "predictor"} <= set(writes[0])
+    assert {"checkpoint", "metrics.json", "metrics.jsonl/W&B", "metrics.jsonl on resume", "predictor"} <= set(writes[0])
     records = [json.loads(line) for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # one record per step, none repeated
     state = torch.load(runs / "ddp" / CHECKPOINT, weights_only=True)

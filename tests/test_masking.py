@@ -149,6 +149,7 @@ def test_rescored_scores_equal_the_forward_scores(tiny_llama, prompt_ids):
         with torch.no_grad():
             model.base_model(input_ids=prompt_ids)
         rescored = masker.rescore()
+        assert len(rescored) == len(masker.state.scores) == len(SCHEDULE.layers)
         for a, b in zip(rescored, masker.state.scores):
             torch.testing.assert_close(a, b)
         assert all(r.requires_grad for r in rescored)

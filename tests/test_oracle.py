@@ -10,7 +10,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.engine.selection import protected_mask, select_kept
-from sdtp.saliency import saliency_scores
+from sdtp.saliency import capture_layer_inputs, saliency_scores
 from sdtp.scorers.norm import HiddenNormScorer
 from sdtp.scorers.oracle import OracleScorer, sampled_continuations
 
@@ -37,11 +37,20 @@ def test_oracle_inside_pruned_prefill(tiny_llama, prompt_ids):
 
 
 def test_norm_scorer_keeps_largest_norms(tiny_llama, prompt_ids):
+    """The kept set is the protected tokens plus the largest norms of the dense hidden state entering layer 1."""
     model, _, _ = tiny_llama
     pruner = TokenPruner(SCHEDULE, HiddenNormScorer())
     with pruner(model):
         prefill(model, prompt_ids, pruner)
-    assert pruner.last_prefill.kept_per_stage == [SCHEDULE.budget(0, prompt_ids.shape[1])]
+    n = prompt_ids.shape[1]
+    with torch.no_grad(), capture_layer_inputs(model, [1]) as captured:
+        model(prompt_ids)  # stage 0 sits before layer 1: what it scores is still the dense state
+    norms = captured[1].float().norm(dim=-1)
+    positions = torch.arange(n)[None]
+    expected = select_kept(norms, protected_mask(positions, n, 2, SCHEDULE.num_recent(n)), SCHEDULE.budget(0, n))
+    assert torch.equal(pruner.last_prefill.final_positions, expected)
+    smallest = select_kept(-norms, protected_mask(positions, n, 2, SCHEDULE.num_recent(n)), SCHEDULE.budget(0, n))
+    assert not torch.equal(expected, smallest)  # the ranking decides the set, not the budget alone
 
 
 def test_gold_oracle_labels_with_the_real_continuation(tiny_llama, prompt_ids):

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from sdtp.config import build_pruner, compose
+from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor, context_mean, position_features, widen_inputs
+from sdtp.scorers.predictor import PredictorScorer
 
 
-def _predictor(layers=(1, 2, 3), hidden=64) -> TokenPredictor:
-    torch.manual_seed(0)
+def _predictor(layers=(1, 2, 3), hidden=64, seed=0) -> TokenPredictor:
+    torch.manual_seed(seed)
     return TokenPredictor(PredictorMeta(hidden_size=hidden, layers=list(layers), base_model="tiny-llama", num_layers=4))
 
 
@@ -54,6 +56,16 @@ def test_sdtp_pruning_from_config_uses_the_checkpoint(tmp_path, tiny_llama, prom
     with torch.no_grad(), pruner(model):
         model(prompt_ids)
     assert pruner.last_prefill.kept_per_stage == [round(97 * 0.9**s) for s in (1, 2, 3)]
+    # The kept tokens are the saved predictor's choice (not a fresh or other one's): same set as the predictor
+    # given directly, and a differently initialised predictor chooses differently.
+    kept = {}
+    for name, predictor in (("saved", _predictor()), ("other", _predictor(seed=1))):
+        direct = TokenPruner(pruner.schedule, PredictorScorer(predictor=predictor))
+        with torch.no_grad(), direct(model):
+            model(prompt_ids)
+        kept[name] = direct.last_prefill.final_positions
+    assert torch.equal(pruner.last_prefill.final_positions, kept["saved"])
+    assert not torch.equal(kept["saved"], kept["other"])
 
 
 def test_checkpoint_for_other_model_is_rejected_at_bind(tmp_path, tiny_llama):

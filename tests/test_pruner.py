@@ -223,13 +223,11 @@ def test_hooks_removed_and_model_unchanged_after_use(tiny_engine, prompt_ids):
 def test_hooks_removed_when_forward_raises(tiny_llama, prompt_ids):
     model, _, _ = tiny_llama
     pruner = TokenPruner(SCHEDULE, RandomScorer())
-    try:
-        with pruner(model):
-            right_padded = torch.ones_like(prompt_ids)
-            right_padded[:, -3:] = 0
-            model(prompt_ids, attention_mask=right_padded)  # right padding: rejected
-    except NotImplementedError:
-        pass
+    right_padded = torch.ones_like(prompt_ids)
+    right_padded[:, -3:] = 0
+    with pytest.raises(NotImplementedError, match="left"), pruner(model):
+        assert any(len(layer._forward_pre_hooks) for layer in decoder_layers(model))
+        model(prompt_ids, attention_mask=right_padded)  # right padding: rejected inside the forward
     assert all(len(layer._forward_pre_hooks) == 0 for layer in decoder_layers(model))
 
 

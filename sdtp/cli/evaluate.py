@@ -12,7 +12,8 @@ function ``validate(cfg) -> None`` that checks the runner's own keys (raising Co
 the model is loaded. The optional ``kv`` group compresses the cache after every prefill
 (``sdtp.kv``); runners that score multi-token continuations on the cache declare
 ``continuation_blocks: true`` and refuse it, except those listed in ``KV_SCORING_RUNNERS``
-(``eval=lm_eval``: every request on the compressed cache of its context). The optional
+(``eval=lm_eval``: every request on the compressed cache of its context; ``eval=continuation``: each segment's
+continuation on its context's compressed cache). The optional
 ``compression`` group (prompt compression before the model, :mod:`sdtp.eval.prompt_compression`)
 applies to the generation runners in ``COMPRESSION_RUNNERS`` only.
 
