@@ -94,8 +94,15 @@ def _gen(*overrides):
     (["max_new_tokens=-3"], r"max_new_tokens: must be an integer >= 1"),
     (["max_new_tokens=abc"], r"max_new_tokens"),
     (["prompt_file=/nonexistent/doc.txt"], r"prompt_file: cannot read /nonexistent/doc.txt"),
+    (["chat_template=maybe"], r"chat_template: must be true or false, got 'maybe'"),
+    (["do_sample=true", "temperature=-1"], r"temperature: must be > 0, got -1"),
+    (["top_p=2.0"], r"top_p: must be in \(0, 1\], got 2\.0"),
+    (["top_k=-1"], r"top_k: must be >= 0"),
+    (["threads=0"], r"threads: 0 must be a positive integer or null"),
+    (["threads=-1"], r"threads: -1 must be"),
+    (["pruning=_schedule"], r"pruning: the group option is not a pruning method"),
 ])
-def test_generate_rejects_bad_prompt_settings_before_loading(overrides, message, monkeypatch):
+def test_generate_rejects_bad_settings_before_loading(overrides, message, monkeypatch):
     monkeypatch.setattr(generate, "load_model", _no_model)
     with pytest.raises(ConfigError, match=message):
         generate.run(_gen(*overrides))
@@ -221,21 +228,6 @@ def test_offline_by_default_respects_the_user(monkeypatch):
 
 
 # --- settings each entry point checks before its model loads ------------------------------------------
-
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["chat_template=maybe"], r"chat_template: must be true or false, got 'maybe'"),
-    (["do_sample=true", "temperature=-1"], r"temperature: must be > 0, got -1"),
-    (["top_p=2.0"], r"top_p: must be in \(0, 1\], got 2\.0"),
-    (["top_k=-1"], r"top_k: must be >= 0"),
-    (["threads=0"], r"threads: 0 must be a positive integer or null"),
-    (["threads=-1"], r"threads: -1 must be"),
-    (["pruning=_schedule"], r"pruning: the group option is not a pruning method"),
-])
-def test_generate_rejects_bad_settings_before_loading(overrides, message, monkeypatch):
-    monkeypatch.setattr(generate, "load_model", _no_model)
-    with pytest.raises(ConfigError, match=message):
-        generate.run(_gen(*overrides))
-
 
 def test_an_unknown_lm_eval_task_is_refused_before_loading():
     cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", "eval.tasks=[sdtp_piqa,sdtp_bogus]"])
