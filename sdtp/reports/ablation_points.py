@@ -41,7 +41,7 @@ SCHEMA = 1
 RECIPE = ["train.target=attention", "train.grad_accum=3", "data.sources.0.num_samples=800",
           "data.sources.1.num_samples=500", "data.sources.2.num_samples=150"]
 FULL_LOSSES = ["train.loss.ce=0"]
-MAIN_STEPS = 480  # the shipped predictor's budget
+MAIN_STEPS = 480  # v3's budget: the recipe the points train with (the shipped v4 is v3 + 200 fine-tuning steps)
 EVAL_KEYS = ("eval", "model", "dtype", "pruning", "seed", "threads", "wall_s", "git_commit", "machine",
              "avg_kept_fraction")
 # From the eval's results: the measured tokens per layer (Figure 5 sets them beside the analytic FLOPs) and the
@@ -222,8 +222,8 @@ def figure_caveats(model: str, paper: str, paper_metric: str) -> list[str]:
             "- Why NLL and not accuracy: a 135M model is near chance on WinoGrande (and close to it on most of the "
             "paper's 5-shot tasks), so accuracy cannot resolve differences of a few tenths of a point between "
             "schedules; per-segment NLL, paired with dense on the same text, resolves differences of about 0.01.",
-            "- Expected: each point's predictor is trained with the shipped v3 recipe (attention labels, MSE + "
-            f"ranking, CE off) for fewer steps than the shipped predictor's {MAIN_STEPS}, not with the paper's "
+            "- Expected: each point's predictor is trained with the v3 recipe (attention labels, MSE + "
+            f"ranking, CE off) for fewer steps than v3's {MAIN_STEPS}, not with the paper's "
             "gradient saliency + CE; the eval scores the predictor alone (recency prior off)."]
 
 

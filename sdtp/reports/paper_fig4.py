@@ -161,7 +161,7 @@ def render(page: dict[str, Any]) -> str:
            "(`pruning.layers=[k]`), keeping the fraction r of the prompt (first 4 and last 10% always kept); "
            "each point its own predictor trained for that schedule (per training seed), then `sdtp-eval eval=continuation pruning=sdtp` with it (recency prior off) and dense "
            "on the same WikiText-2 validation segments (text none of the training data contains). Training budget "
-           f"per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS}.", "",
+           f"per point: the steps above, smaller than v3's {MAIN_STEPS} (the shipped predictor is v3 fine-tuned).", "",
            "Layer numbering: the paper's \"first layer k\" is our 0-based layer k on every model, the convention of "
            "the shipped schedules (the paper's default first layer 4 is `first_layer: 4` in "
            "`conf/model/llama2-7b.yaml`); SmolLM2's default schedule shifts by −2 only so that 10 stages end at its "

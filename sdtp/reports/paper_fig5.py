@@ -183,7 +183,8 @@ def render(page: dict[str, Any]) -> str:
            "(`model.schedule`: first layer + i x step, the paper's layer 4, step 3 on a 32-layer model); each point "
            f"its own predictor trained for that schedule (per training seed), then `sdtp-eval eval=continuation "
            "pruning=sdtp` with it (recency prior off) and dense on the same WikiText-2 validation segments. Training "
-           f"budget per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS}. FLOPs: analytic "
+           f"budget per point: the steps above, smaller than v3's {MAIN_STEPS} (the shipped predictor is v3 "
+           "fine-tuned). FLOPs: analytic "
            f"prefill of a {page['seq_len']}-token prompt (`sdtp/flops.py`, causal attention, predictor cost left out).",
            "", provenance_text(page), "",
            f"Dense reference: {dense_text(page['dense'])}.", "",

@@ -129,8 +129,8 @@ def render(page: dict[str, Any]) -> str:
     rows = page["rows"]
     out = [*page_header("Paper Tables 4/5: loss ablations", page),
            f"Setup: {setup_text(page['setups'])}. "
-           f"Training budget per point: the steps above, smaller than the shipped predictor's {MAIN_STEPS} "
-           "(results/predictors/<model>/README.md). Downstream: continuation NLL (`sdtp-eval eval=continuation`, "
+           f"Training budget per point: the steps above, smaller than v3's {MAIN_STEPS} (the shipped "
+           "predictor is v3 fine-tuned; results/predictors/<model>/README.md). Downstream: continuation NLL (`sdtp-eval eval=continuation`, "
            "`pruning=sdtp` with the point's predictor, `pruning.scorer.recency_weight=0` so the losses are compared "
            "without the recency prior) on WikiText-2 validation, text none of the training data contains.",
            "", provenance_text(page), "",
