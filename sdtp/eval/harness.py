@@ -23,6 +23,7 @@ defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -104,6 +105,18 @@ def _leaf_configs(name: str, index: Mapping[str, Any], seen: set[str]) -> Iterat
             yield from _leaf_configs(str(member), index, seen)
 
 
+@functools.lru_cache(maxsize=4)
+def task_index(include_path: str, builtin: bool) -> Mapping[str, Any]:
+    """lm-eval's ``TaskManager.task_index`` of ``include_path``, with lm-eval's built-in tasks if ``builtin``.
+
+    Built once per process and folder: validation asks for it more than once (:func:`unknown_tasks`,
+    :func:`output_types`), and the built-in index takes seconds (thousands of YAML files). Read-only.
+    """
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=builtin).task_index
+
+
 def output_types(tasks: list[str], include_path: str) -> dict[str, str]:
     """Output type of every task among ``tasks`` (groups and tags expanded) whose YAML config declares one.
 
@@ -112,15 +125,13 @@ def output_types(tasks: list[str], include_path: str) -> dict[str, str]:
     Python-class tasks declare no output type in YAML and are not listed; the adapter refuses
     what it cannot run when their requests arrive (:class:`sdtp.eval.lm_eval_model.SDTPLM`).
     """
-    from lm_eval.tasks import TaskManager
-
     def leaves(index: Mapping[str, Any]) -> list[tuple[str, dict | None]]:
         seen: set[str] = set()
         return [leaf for task in tasks for leaf in _leaf_configs(task, index, seen)]
 
-    found = leaves(TaskManager(include_path=include_path, include_defaults=False).task_index)
+    found = leaves(task_index(include_path, False))
     if any(config is None for _, config in found):
-        found = leaves(TaskManager(include_path=include_path).task_index)
+        found = leaves(task_index(include_path, True))
     return {name: str(config["output_type"]) for name, config in found if config and config.get("output_type")}
 
 
@@ -129,13 +140,8 @@ def unknown_tasks(tasks: list[str], include_path: str) -> list[str]:
 
     Like :func:`output_types`, lm-eval's own index (seconds) is built only when ``include_path`` lacks a name.
     """
-    from lm_eval.tasks import TaskManager
-
-    missing = [t for t in tasks if t not in TaskManager(include_path=include_path, include_defaults=False).task_index]
-    if missing:
-        index = TaskManager(include_path=include_path).task_index
-        missing = [t for t in missing if t not in index]
-    return missing
+    missing = [t for t in tasks if t not in task_index(include_path, False)]
+    return [t for t in missing if t not in task_index(include_path, True)] if missing else []
 
 
 def _of_type(kinds: dict[str, str], kind: str) -> list[str]:
