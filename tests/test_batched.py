@@ -12,6 +12,7 @@ from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.scorers.attention import AttentionScorer
 from sdtp.scorers.base import Scorer, ScoreContext
 from sdtp.scorers.norm import HiddenNormScorer
+from sdtp.scorers.oracle import OracleScorer
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45), keep_first=4, keep_recent=0.1)
 NEW_TOKENS = 6
@@ -50,6 +51,8 @@ def _left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tenso
 def _scorer(kind: str, seeds: list[int]) -> Scorer:
     if kind == "lazyllm":
         return AttentionScorer(num_queries=3)
+    if kind == "oracle":
+        return OracleScorer(target="continuation")
     return HiddenNormScorer() if kind == "norm" else RowSeededScorer(seeds)
 
 
@@ -107,7 +110,7 @@ def _continuation_logprob(model, ids, mask, cont, pruner):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["norm", "random", "lazyllm"])
+@pytest.mark.parametrize("kind", ["norm", "random", "lazyllm", "oracle"])
 def test_ragged_batch_equals_rows_one_at_a_time(tiny_engine, kind):
     """Also on Gemma3, whose sliding layers each row trims to its own window (a ragged trim, masked slots)."""
     model, _, _ = tiny_engine

@@ -107,21 +107,35 @@ class OracleScorer(Scorer):
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         if input_ids is None:
             raise ValueError("OracleScorer needs input_ids (not inputs_embeds)")
+        mask = extras.get("attention_mask")  # (B, N), set by the pruner for left-padded batches only
         with torch.inference_mode(False), hooks_set_aside(self._model):
             ids = input_ids.clone()  # a normal tensor even if the caller's is an inference tensor
-            seq, valid = ids.shape[1], None
-            if self.gold:
-                ids, split = self._with_future(ids)
-            elif self.samples:
-                ids, valid, split = self._with_samples(ids)
-            else:
-                split = torch.full((ids.shape[0],), seq - max(1, math.ceil(self.recent * seq - 1e-9)), device=ids.device)
-            # The mask target is a signed loss change: its sign is meaningful, so no |.| there.
-            absolute = self.absolute and self.target != "mask"
-            saliency = saliency_scores(self._model, ids, self._layers, self.target, absolute,
-                                       normalize=False, valid=valid, split=split)[:, :seq]
-            # Sampled continuations: the expected label over the model's own continuations.
-            self._saliency = saliency.mean(0, keepdim=True) if self.samples else saliency
+            if mask is None:
+                self._saliency = self._prompt_saliency(ids)
+                return
+            # Each row is labelled alone on its real tokens, as it would be at batch 1, and stored from
+            # column 0 because :meth:`score` reads it by position (counted from the row's first real token).
+            lengths = mask.sum(-1).tolist()
+            rows = [self._prompt_saliency(ids[b:b + 1, ids.shape[1] - n:]) for b, n in enumerate(lengths)]
+            self._saliency = rows[0].new_zeros(len(rows), ids.shape[1], rows[0].shape[-1])
+            for b, row in enumerate(rows):
+                self._saliency[b, :row.shape[1]] = row[0]
+
+    def _prompt_saliency(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) unpadded prompt ids -> (B, N, num_stages) saliency (B = 1 for the gold and sampled labels)."""
+        seq, valid = ids.shape[1], None
+        if self.gold:
+            ids, split = self._with_future(ids)
+        elif self.samples:
+            ids, valid, split = self._with_samples(ids)
+        else:
+            split = torch.full((ids.shape[0],), seq - max(1, math.ceil(self.recent * seq - 1e-9)), device=ids.device)
+        # The mask target is a signed loss change: its sign is meaningful, so no |.| there.
+        absolute = self.absolute and self.target != "mask"
+        saliency = saliency_scores(self._model, ids, self._layers, self.target, absolute,
+                                   normalize=False, valid=valid, split=split)[:, :seq]
+        # Sampled continuations: the expected label over the model's own continuations.
+        return saliency.mean(0, keepdim=True) if self.samples else saliency
 
     def _with_future(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, N + T) prompt + gold continuation and the split (1,) at N; the continuation is used once."""
@@ -141,8 +155,9 @@ class OracleScorer(Scorer):
         return full, valid, torch.full((self.samples,), ids.shape[1], device=ids.device)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        stage_scores = self._saliency[..., ctx.stage].to(ctx.hidden_states.device)  # (B, S)
-        return stage_scores.gather(1, ctx.positions)
+        """(B, n) this stage's saliency of each alive token, read by its position (padding slots read 0)."""
+        stage_scores = self._saliency[..., ctx.stage].to(ctx.hidden_states.device)  # (B, N)
+        return stage_scores.gather(1, ctx.positions.clamp(min=0))
 
 
 def reveal_continuation(scorer: Scorer | None, cont_ids: torch.Tensor) -> None:
