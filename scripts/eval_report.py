@@ -1,4 +1,4 @@
-"""Collect the issue-4 eval runs (scripts/eval_smollm2.sh) into results/eval/<model>_limit<N>.{json,md}.
+"""Collect the eval runs of scripts/eval_smollm2.sh into results/eval/<model>_limit<N>.{json,md}.
 
     python scripts/eval_report.py [--model smollm2-135m] [--limit 10]
 

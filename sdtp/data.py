@@ -173,8 +173,9 @@ def _prompt_text(tokenizer: Any, record: Mapping[str, Any], chat_template: bool)
     return user + "\n\n"
 
 
-def middle_truncate(ids: list[int], length: int) -> list[int]:
-    """Keep the first and last ``length // 2``-ish tokens (LongBench's rule for long prompts)."""
+def middle_truncate_ids(ids: list[int], length: int) -> list[int]:
+    """The first ``length // 2`` and last ``length - length // 2`` token ids (LongBench's rule, on ids:
+    :func:`sdtp.eval.longbench.truncate_middle` applies it to a prompt's text)."""
     if len(ids) <= length:
         return ids
     head = length // 2
@@ -204,7 +205,7 @@ def instruction_examples(tokenizer: Any, records: list[Mapping[str, Any]], data:
         response = (_encode(tokenizer, str(record.get("response", ""))) + eos)[:cont_len]
         if len(prompt) < int(data.get("min_prompt_length", 16)) or len(response) < 2:
             continue
-        prompt = middle_truncate(prompt, max_len - len(response))
+        prompt = middle_truncate_ids(prompt, max_len - len(response))
         examples.append((torch.tensor(prompt + response), len(prompt)))
         if len(examples) >= num_samples:
             break

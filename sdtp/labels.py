@@ -4,10 +4,11 @@ Layout of a label directory::
 
     meta.json                 model, dtype, target, data sources + content hashes, examples hash, ...
     shard_00000.safetensors   input_ids (n, S) int64 right-padded with 0, lengths (n,), splits (n,),
-                              saliency (n, S, num_layers) fp32 raw signed grad x input at EVERY layer
+                              saliency (n, S, num_layers) fp32 raw label at EVERY layer
     shard_00001.safetensors   ...
 
-Labels are stored at every decoder layer's input, raw, so any schedule and any label transform
+Labels (any ``saliency.target`` of :mod:`sdtp.saliency`) are stored at every decoder layer's input, raw
+(signed, not normalised), so any schedule and any label transform
 (:func:`transform_labels`) reuse them. Shards are written atomically (by whichever rank of a
 ``torchrun`` job labelled them), so a killed labelling run resumes with the missing shards; each
 shard carries the hash of ``meta.json``.
@@ -125,7 +126,7 @@ def load_labels(directory: str | Path) -> tuple[dict[str, Any], list[tuple[torch
 
 
 def transform_labels(raw: torch.Tensor, region: torch.Tensor, mode: str) -> torch.Tensor:
-    """Raw grad x input (B, S, K) -> training targets, per (row, layer) over the ``region`` tokens.
+    """Raw signed labels (B, S, K) -> training targets, per (row, layer) over the ``region`` tokens.
 
     ``log_z``: z-scored ``log(|s| + 1e-6 * max|s|)``. Saliency is heavy-tailed (a few tokens hold
     most of it), so on a linear scale almost every token sits near 0 and the score spread a predictor

@@ -1,7 +1,7 @@
 """SDTP training losses (paper Eqs. 4-8), each term per stage and summed explicitly.
 
     L = w_ce * CE(continuation | pruned prompt)
-      + sum_s stage_weight[s] * (w_mse * MSE_s + w_rank * Rank_s)
+      + sum_s stage_weight[s] * (w_mse * MSE_s + w_rank * Rank_s + w_sel * Sel_s)
       + w_ratio * RatioLoss(D, rho) + w_kl * KL(dense || pruned on the continuation)
 
 ``pi_s`` is predictor s's score (keep - drop logit) and ``y_s`` the (transformed) saliency label of
@@ -152,7 +152,7 @@ def sdtp_loss(
     max_pairs: int = 4096,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and a dict of its (detached) terms, ``mse/s`` and ``rank/s`` per stage.
+    """Total loss and a dict of its (detached) terms, ``mse/s``, ``rank/s`` and ``sel/s`` per stage.
 
     Args:
         scores: per stage (B, S) predictor scores.

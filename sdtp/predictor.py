@@ -29,7 +29,8 @@ its phrase as well (e.g. keep a name's whole span), the learned counterpart of p
 an ``alive`` mask) and physical pruning (the alive tokens only) average over the same tokens.
 
 Optional query branch (``query_tokens`` = m > 0): a low-rank bilinear relevance of each token to the
-prompt's last m alive tokens (the question of a chat prompt, the text the continuation follows),
+alive tokens among the prompt's last m positions (the question of a chat prompt, the text the continuation
+follows; protected, so alive, whenever m is within the recent 10%),
 ``logsumexp_t (K x_j) . (Q x_t) / sqrt(r) - log |T|`` added to the keep logit. The MLP scores one
 token from its own state; the labels (where the continuation will attend) depend on what the prompt
 ends with, which only this term can see. ``Q`` starts at zero, so the term starts at exactly 0 and a
@@ -93,7 +94,7 @@ class PredictorMeta:
     # Weights of the lexical query-match prior (sdtp/scorers/lexical.py), the same way; 0 = none.
     lexical_weight: float = 0.0
     lexical_weight_chat: float | None = None
-    query_tokens: int = 0  # m: the query branch reads the prompt's last m alive tokens (0 = no branch)
+    query_tokens: int = 0  # m: the query branch reads the alive tokens among the prompt's last m (0 = none)
     query_rank: int = 32  # r: width of the bilinear key/query projections
 
 
@@ -183,7 +184,7 @@ def select_stages(state: dict[str, torch.Tensor], old_layers: list[int], new_lay
 
 def query_slots(positions: torch.Tensor, prompt_len: torch.Tensor, alive: torch.Tensor | None,
                 m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query set: each row's last ``m`` alive prompt tokens.
+    """The query set: each row's alive tokens among its prompt's last ``m`` positions.
 
     Args:
         positions: (B, n) original positions; prompt_len: (B,); alive: (B, n) bool or None (all alive).

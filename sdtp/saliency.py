@@ -1,4 +1,4 @@
-"""Gradient x input saliency of the tokens entering decoder layers (SDTP's "marking stage").
+"""Saliency of the tokens entering decoder layers (SDTP's "marking stage"): gradient x input and its alternatives.
 
 For a frozen causal LM and a scalar output T, the saliency of token i at layer l is
 
@@ -10,7 +10,7 @@ are computed once at all layers and any schedule (first layer, step, stage count
 Targets T (``saliency.target``); each sequence has a ``split``: tokens before it are the prompt
 (what inference prunes), tokens from it on the continuation (what is decoded after the prompt):
 
-* ``sequence``: mean next-token CE over the whole sequence (the first version of this project). It
+* ``sequence``: mean next-token CE over the whole sequence. It
   rates a token by how much *any* later token, mostly its neighbours, needs it.
 * ``continuation``: mean CE of the continuation tokens given everything before them: how much the
   tokens generated after the prompt need each prompt token (the inference use).
@@ -177,7 +177,7 @@ def saliency_scores(
     valid: torch.Tensor | None = None,
     split: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient x input saliency at the input of each of ``layers`` (None = every decoder layer).
+    """The ``target``'s saliency at the input of each of ``layers`` (None = every decoder layer).
 
     Args:
         model: a Hugging Face causal LM (its parameters are not modified and get no gradient).

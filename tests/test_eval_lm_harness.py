@@ -17,7 +17,7 @@ from sdtp.engine.cache import cache_lengths
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
-from sdtp.eval.harness import rolling_tasks
+from sdtp.eval.harness import output_types
 from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
 from sdtp.kv import CompressedCache, KVCompressor, KVPolicy
@@ -131,12 +131,13 @@ def _task_dir(tmp_path):
     return folder
 
 
-def test_rolling_tasks_are_found_through_groups_and_tags(tmp_path):
+def test_output_types_are_found_through_groups_and_tags(tmp_path):
     folder = str(_task_dir(tmp_path))
-    assert rolling_tasks(["tiny_rolling"], folder) == ["tiny_rolling"]
-    assert rolling_tasks(["tiny_group"], folder) == ["tiny_rolling"]
-    assert rolling_tasks(["tiny_tag", "tiny_choice"], folder) == ["tiny_rolling"]
-    assert rolling_tasks(["tiny_choice"], folder) == []
+    rolling, choice = {"tiny_rolling": "loglikelihood_rolling"}, {"tiny_choice": "multiple_choice"}
+    assert output_types(["tiny_rolling"], folder) == rolling
+    assert output_types(["tiny_group"], folder) == {**choice, **rolling}
+    assert output_types(["tiny_tag", "tiny_choice"], folder) == {**rolling, **choice}
+    assert output_types(["tiny_choice"], folder) == choice
 
 
 @pytest.mark.parametrize("pruning", ["random", "norm"])

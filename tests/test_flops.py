@@ -125,7 +125,7 @@ def test_pruned_gemma3_pairs_and_cache_from_positions(tiny_gemma3, prompt_ids):
     model, _, _ = tiny_gemma3
     pruner = TokenPruner(SCHEDULE, RandomScorer(seed=3))
     with pruner(model):
-        _, cache, _ = prefill(model, prompt_ids, pruner)
+        _, cache, _ = prefill(model, prompt_ids)
     record, dims = pruner.last_prefill, ModelDims.from_config(model.config)
     positions = [record.layer_positions[layer][0] if layer in record.layer_positions else torch.arange(N)
                  for layer in range(dims.num_layers)]

@@ -22,7 +22,7 @@ def test_oracle_inside_pruned_prefill(tiny_llama, prompt_ids):
     pruner = TokenPruner(SCHEDULE, OracleScorer())
     with pruner(model):
         hooks_before = [dict(layer._forward_pre_hooks) for layer in model.model.layers]
-        logits, _, _ = prefill(model, prompt_ids, pruner)
+        logits, _, _ = prefill(model, prompt_ids)
         hooks_after = [dict(layer._forward_pre_hooks) for layer in model.model.layers]
     assert hooks_before == hooks_after and logits.shape == (1, 1, model.config.vocab_size)
     # The kept set is the top-saliency set of the dense model at layer 1 (computed independently),
@@ -41,7 +41,7 @@ def test_norm_scorer_keeps_largest_norms(tiny_llama, prompt_ids):
     model, _, _ = tiny_llama
     pruner = TokenPruner(SCHEDULE, HiddenNormScorer())
     with pruner(model):
-        prefill(model, prompt_ids, pruner)
+        prefill(model, prompt_ids)
     n = prompt_ids.shape[1]
     with torch.no_grad(), capture_layer_inputs(model, [1]) as captured:
         model(prompt_ids)  # stage 0 sits before layer 1: what it scores is still the dense state
@@ -78,7 +78,7 @@ def test_gold_oracle_without_a_continuation_fails_clearly(tiny_llama, prompt_ids
     model, _, _ = tiny_llama
     pruner = TokenPruner(SCHEDULE, OracleScorer(target="attention", gold=True))
     with pruner(model), pytest.raises(ValueError, match="only eval=continuation"):
-        prefill(model, prompt_ids, pruner)
+        prefill(model, prompt_ids)
 
 
 def test_sampled_oracle_labels_with_the_models_own_continuations(tiny_llama, prompt_ids):
@@ -87,7 +87,7 @@ def test_sampled_oracle_labels_with_the_models_own_continuations(tiny_llama, pro
     model, _, _ = tiny_llama
     pruner = TokenPruner(SCHEDULE, OracleScorer(target="attention", samples=3, sample_len=5, sample_seed=4))
     with pruner(model):
-        prefill(model, prompt_ids, pruner)  # no continuation needed: the oracle draws its own
+        prefill(model, prompt_ids)  # no continuation needed: the oracle draws its own
     n = prompt_ids.shape[1]
     full, valid = sampled_continuations(model, prompt_ids, 3, 5, seed=4)
     label = saliency_scores(model, full, [1], "attention", normalize=False, valid=valid,

@@ -81,7 +81,7 @@ def probe_prefill(model: nn.Module, input_ids: torch.Tensor, pruner: TokenPruner
         kept: list[int] = []
     else:
         with pruner(model):
-            _, cache, _ = prefill(model, input_ids, pruner)
+            _, cache, _ = prefill(model, input_ids)
         tokens, kept = list(pruner.last_prefill.tokens_per_layer), list(pruner.last_prefill.kept_per_stage)
     return {
         "kv_cache_bytes": cache_bytes(cache),

@@ -1,10 +1,11 @@
-"""``sdtp-label``: gradient x input saliency labels at every decoder layer, for predictor training.
+"""``sdtp-label``: saliency labels (``saliency.target``) at every decoder layer, for predictor training.
 
     sdtp-label model=smollm2-135m data=mix threads=2
     sdtp-train train.labels=stored                     # then train from them (any schedule)
 
-Runs the full, frozen model on padded batches of examples, backpropagates the configured target
-(:mod:`sdtp.saliency`) once and stores the raw saliency at every layer's input as shards in
+Runs the full, frozen model on padded batches of examples, computes the configured target once
+(:mod:`sdtp.saliency`: one forward for the attention targets, forward + backward for the gradient x input
+ones) and stores the raw saliency at every layer's input as shards in
 ``out_dir`` (:mod:`sdtp.labels`). Re-running labels the missing shards only; a directory made
 with a different config is an error. The last stdout line is a JSON summary.
 
@@ -67,7 +68,7 @@ def label_meta(cfg: DictConfig, num_layers: int, tokenizer: Any, examples: list,
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
         "data": {**data, "sources": sources},
         "examples_hash": examples_hash(examples),
-        "saliency": {"target": cfg.saliency.target, "stored": "raw signed grad x input"},
+        "saliency": {"target": cfg.saliency.target, "stored": "raw, signed, every layer's input"},
         "seed": int(cfg.seed),
         "shard_size": int(cfg.shard_size),
         "num_sequences": len(examples),

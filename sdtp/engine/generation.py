@@ -73,7 +73,6 @@ def _sync(device: torch.device) -> None:
 def prefill(
     model: nn.Module,
     input_ids: torch.Tensor,
-    pruner: TokenPruner | None = None,
     cache: Any = None,
     attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any, float]:
@@ -85,8 +84,8 @@ def prefill(
         attention_mask: (B, N) 1 = real token, 0 = left padding; None = no padding. Padded rows get
             ``position_ids`` counted over their real tokens (what batch 1 would use).
     Returns:
-        logits (B, 1, V), the KV cache, and the wall time in seconds. Call inside ``with pruner(model)``
-        (or pass no pruner) so that hooks are installed once, not per call.
+        logits (B, 1, V), the KV cache, and the wall time in seconds. Pruned when called inside
+        ``with pruner(model)`` (hooks installed once for many calls, not per call).
     """
     _sync(input_ids.device)
     start = time.perf_counter()
@@ -99,7 +98,7 @@ def prefill(
 def padding_kwargs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tensor]:
     """``attention_mask`` (B, T) and ``position_ids`` (B, new) for a left-padded batch; {} when unpadded.
 
-    Unpadded calls pass nothing, exactly as before batching existed (HF then numbers from the cache).
+    Unpadded calls pass nothing (HF then numbers positions from the cache), so batch 1 runs HF's own path.
     """
     if mask is None:
         return {}
@@ -163,7 +162,7 @@ def generate(
     cache = appendable_cache(model, headroom=max_new_tokens)
     batch = input_ids.shape[0]
     with context:
-        logits, cache, prefill_s = prefill(model, input_ids, pruner, cache, attention_mask=mask)
+        logits, cache, prefill_s = prefill(model, input_ids, cache, attention_mask=mask)
         step_logits = [logits[:, -1].float().cpu()] if keep_logits else []
         sequences: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch

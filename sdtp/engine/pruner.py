@@ -368,8 +368,8 @@ class TokenPruner:
             protect = protect & alive.valid
         real = alive.valid.sum(-1) if alive.valid is not None else torch.full((hidden.shape[0],), n)
         counts = torch.minimum(real.cpu(), torch.maximum(torch.tensor(budgets), protect.sum(-1).cpu()))
-        # Score only when some row drops a real token or some masked slot can go (the random
-        # scorer's generator must advance exactly as before for unpruned stages).
+        # Score only when some row drops a real token or some masked slot can go: a stage that prunes
+        # nothing must not advance the random scorer's generator (its masks would depend on the schedule).
         if bool((counts < real.cpu()).any()) or int(counts.max()) < n:
             ctx = ScoreContext(
                 layer=layer,

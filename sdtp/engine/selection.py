@@ -26,7 +26,8 @@ def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int) -> t
     """Indices of the tokens to keep: every protected token plus the top-scored others.
 
     Args:
-        scores: (B, n) importance, higher = keep. Must be finite.
+        scores: (B, n) importance, higher = keep. Finite, except that unprotected entries may be -inf
+            (never kept in preference to a finite one) when each row has ``budget`` others to keep.
         protected: (B, n) bool, always kept; at most ``budget`` per row is expected, more are kept anyway.
         budget: tokens to keep per row (``<= n``).
     Returns:

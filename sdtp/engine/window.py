@@ -62,8 +62,8 @@ def trim_to_window(cache: Any, layer: int, positions: torch.Tensor, valid: torch
         positions, valid: (B, k) what the layer caches now, in slot order.
     Returns:
         (B, k') positions and (B, k') validity (None: all real) of the entries kept, in slot order,
-        masked slots -1 (rows that keep fewer entries are padded with masked slots, as the pruner's
-        ragged layers are); None if nothing was dropped.
+        masked slots -1 (rows that keep fewer entries are padded with trailing masked slots, unlike the
+        pruner's ragged layers, whose masked slots lead); None if nothing was dropped.
     """
     live = live_in_window(positions, valid, lengths, window)
     if bool(live.all()):

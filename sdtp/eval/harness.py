@@ -149,11 +149,6 @@ def _of_type(kinds: dict[str, str], kind: str) -> list[str]:
     return sorted(name for name, found in kinds.items() if found == kind)
 
 
-def rolling_tasks(tasks: list[str], include_path: str) -> list[str]:
-    """The tasks among ``tasks`` (groups and tags expanded) whose output type is ``loglikelihood_rolling``."""
-    return _of_type(output_types(tasks, include_path), ROLLING)
-
-
 def check_limit(limit: Any, tasks: list[str]) -> None:
     """``eval.limit``: null, a number > 0 (documents per task, or a fraction < 1), or {task: documents}."""
     if limit is None:

@@ -1,4 +1,4 @@
-"""Oracle scorer: the true gradient x input saliency, computed on the fly with the full model.
+"""Oracle scorer: the true saliency (default: gradient x input), computed on the fly with the full model.
 
 At the start of each prefill (:meth:`Scorer.begin`) it runs one extra dense forward + backward of
 the unpruned model on the prompt (:func:`sdtp.saliency.saliency_scores`) and then scores the alive
@@ -82,7 +82,7 @@ def sampled_continuations(model: nn.Module, ids: torch.Tensor, samples: int, len
 
 
 class OracleScorer(Scorer):
-    """Scores = gradient x input saliency of the full model at each stage layer's input."""
+    """Scores = the ``target``'s saliency of the full model at each stage layer's input (:mod:`sdtp.saliency`)."""
 
     def __init__(self, target: str = "continuation", absolute: bool = True, recent: float = 0.1,
                  gold: bool = False, samples: int = 0, sample_len: int = 128, sample_seed: int = 0) -> None:

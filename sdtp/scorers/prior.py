@@ -1,4 +1,4 @@
-"""Priors blended into a learned scorer's ranking (``pruning.scorer.<recency|norm|attention>_weight``).
+"""Priors blended into a learned scorer's ranking (``pruning.scorer.<recency|norm|attention|lexical>_weight``).
 
 A per-token predictor guesses, from one token's state, whether a continuation it has not seen
 will need that token. Its guesses are noisy far from the prompt end, where the positional rule
@@ -24,7 +24,7 @@ predictor nor the question's attention does in a small model; it is added as ``+
 
 Every term is standardised per row over the real (non-padding) alive tokens, so the weights are
 scale-free: ``score = z(predictor) + w_r * z(-log(1 + distance to the prompt's last token))
-+ w_n * z(log ||h||) + w_a * z(log attention from the last queries)``.
++ w_n * z(log ||h||) + w_a * z(log attention from the last queries) + w_l * z(match)``.
 
 The weight may differ by prompt kind. After raw text the continuation is more of the same text, and
 recency is a strong default; after a chat prompt (one that ends with the tokenizer's generation

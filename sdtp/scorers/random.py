@@ -12,8 +12,8 @@ class RandomScorer(Scorer):
 
     Every prefill draws fresh scores from the running generator, so each prompt gets its own mask,
     a run is reproducible for a given ``seed`` and prompt order, and different seeds give
-    different masks. Re-seeding at every prefill (the old behaviour) gave one mask per prompt
-    length for the whole run, which made "random" a single fixed positional pattern. A resumed run
+    different masks. Re-seeding at every prefill instead would give one mask per prompt
+    length for the whole run, which would make "random" a single fixed positional pattern. A resumed run
     restarts the stream, so it is reproducible but not identical to an uninterrupted one.
     """
 

@@ -2,7 +2,7 @@
 
 ``objective`` is a dotted path into the run's ``metrics.json`` (e.g. ``results.nll``) or a list of them
 (``[results.nll, results.flops.fraction]``: a two-objective study). The Optuna sweeper needs a float for one
-direction and a sequence of floats for several; runs without ``objective`` return None, as before.
+direction and a sequence of floats for several; runs without ``objective`` return None.
 """
 
 from __future__ import annotations

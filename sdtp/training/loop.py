@@ -2,8 +2,9 @@
 
 1. Examples: ``(ids, split)`` pairs, prompt ``[0, split)`` + continuation (:mod:`sdtp.data`); the
    last ``val_sequences`` are held out.
-2. Labels: gradient x input saliency of the dense model at each stage layer, either computed
-   *online* in every step (one dense forward + backward; nothing stored, so a run resumes on a
+2. Labels: the ``train.target`` saliency of the dense model at each stage layer (attention received, or
+   gradient x input of a loss; :mod:`sdtp.saliency`), either computed *online* in every step (one dense
+   forward, plus a backward for the gradient targets; nothing stored, so a run resumes on a
    fresh machine from its checkpoint alone) or read from an ``sdtp-label`` folder (every layer
    stored; the schedule's columns are taken). Transformed per example (:func:`transform_labels`).
 3. Masked forward (:class:`PolicyMasker`): the predictors prune the prompt by attention masking;
@@ -116,7 +117,7 @@ def annealed(spec: DictConfig, step: int, steps: int) -> float:
 
 
 def online_labels(model: torch.nn.Module, batch: Batch, schedule: PruningSchedule, target: str) -> torch.Tensor:
-    """Raw signed grad x input of the dense model at the schedule's layers: (B, S, num_stages)."""
+    """Raw signed ``target`` labels of the dense model at the schedule's layers: (B, S, num_stages)."""
     return saliency_scores(model, batch.ids, schedule.layers, target, absolute=False, normalize=False,
                            valid=batch.valid, split=batch.split)
 
@@ -156,7 +157,7 @@ def loss_step(model: torch.nn.Module, masker: PolicyMasker, batch: Batch, t: Dic
     return loss, terms
 
 
-def validate(model, predictor: TokenPredictor, schedule: PruningSchedule, val: list[Example],
+def validate(model: torch.nn.Module, predictor: TokenPredictor, schedule: PruningSchedule, val: list[Example],
              val_labels: list[torch.Tensor], references: dict[str, float]) -> dict[str, float]:
     """Held-out continuation NLL of the predictor (with dense/random references) + ranking agreement."""
     pruner = TokenPruner(schedule, PredictorScorer(predictor=predictor))
@@ -169,7 +170,7 @@ def validate(model, predictor: TokenPredictor, schedule: PruningSchedule, val: l
     return metrics
 
 
-def load_data(cfg: DictConfig, model, tokenizer, schedule: PruningSchedule) -> tuple[list[Example], list | None, str]:
+def load_data(cfg: DictConfig, tokenizer: Any, schedule: PruningSchedule) -> tuple[list[Example], list | None, str]:
     """Examples, their stored labels at the schedule's layers (None when online), and a data hash."""
     t = cfg.train
     if t.labels == "online":
@@ -198,7 +199,7 @@ def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_
     return sig
 
 
-def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenPredictor:
+def build_predictor(cfg: DictConfig, model: torch.nn.Module, schedule: PruningSchedule) -> TokenPredictor:
     t = cfg.train
     return TokenPredictor(PredictorMeta(
         hidden_size=model.config.hidden_size, layers=list(schedule.layers), hidden_ratio=float(t.hidden_ratio),
@@ -211,7 +212,7 @@ def build_predictor(cfg: DictConfig, model, schedule: PruningSchedule) -> TokenP
     )).to(next(model.parameters()).device)
 
 
-def init_predictor(cfg: DictConfig, model, predictor: TokenPredictor) -> None:
+def init_predictor(cfg: DictConfig, model: torch.nn.Module, predictor: TokenPredictor) -> None:
     """Start from the trained predictor in ``train.init_from`` (fine-tuning) instead of random weights."""
     t = cfg.train
     start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, base_model=cfg.model.name)
@@ -263,8 +264,8 @@ def rank_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
     return {"gumbel": torch.Generator().manual_seed(base), "pairs": torch.Generator().manual_seed(base + 1)}
 
 
-def held_out(model, schedule: PruningSchedule, val: list[Example], stored_val: list[torch.Tensor] | None,
-             target: str) -> tuple[list[torch.Tensor], dict[str, float]]:
+def held_out(model: torch.nn.Module, schedule: PruningSchedule, val: list[Example],
+             stored_val: list[torch.Tensor] | None, target: str) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Labels of the held-out examples (each (S_i, num_stages), on the CPU) and their dense / random NLL."""
     device = next(model.parameters()).device
     labels = list(stored_val) if stored_val is not None else [
@@ -298,7 +299,7 @@ def checkpoint(path: Path, step: int, sig: dict[str, Any], predictor: TokenPredi
         save_checkpoint(path, step, sig, predictor, optimizer, scheduler, rng, rank_rng=states[1:])
 
 
-def train_step(step: int, model, masker: PolicyMasker, train_set: list[Example], stored: list | None,
+def train_step(step: int, model: torch.nn.Module, masker: PolicyMasker, train_set: list[Example], stored: list | None,
                cfg: DictConfig, pairs: torch.Generator, world: World) -> tuple[dict[str, float], int]:
     """Forward + backward of this rank's micro-batches of ``step``; the gradients then hold the mean over ranks.
 
@@ -330,7 +331,7 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
     schedule = build_schedule(cfg)
     model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     model.eval().requires_grad_(False)
-    examples, stored, data_hash = load_data(cfg, model, tokenizer, schedule)
+    examples, stored, data_hash = load_data(cfg, tokenizer, schedule)
     if len(examples) <= int(t.val_sequences):
         raise ConfigError(f"train.val_sequences: {t.val_sequences} >= the {len(examples)} examples")
     cut = len(examples) - int(t.val_sequences)
