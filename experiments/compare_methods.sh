@@ -3,7 +3,7 @@
 # dense, random, positional, norm, lazyllm, gemfilter, fastkv (equal average tokens per layer) and sdtp,
 # on the seven offline lm-eval tasks (with a limit), LongBench multi_news, a needle task and WikiText perplexity,
 # plus sdtp-bench prefill timings; then renders results/compare/{compare_methods.md,.csv,.json,.png}
-# (scripts/compare_methods.py -> sdtp/reports/compare_methods.py: paired t intervals, Holm per eval).
+# (scripts/compare_methods.py -> sdtp/reports/compare_methods.py: paired intervals, Holm per eval).
 # A smaller (e.g. LIMIT=2 smoke) pass never replaces a committed page built from more documents: it is
 # rendered into results/compare_smoke/ (gitignored) instead. OUT=dir renders elsewhere; REPLACE=1 overwrites.
 #

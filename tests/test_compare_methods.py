@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sdtp.config import REPO_ROOT
+from sdtp.eval.stats import paired_binary_interval
 from sdtp.reports import compare_methods as compare
 
-T975_DF3 = 3.182446305284263  # Student t 0.975 quantile, 3 degrees of freedom (tables)
 T975_DF2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # df = 2 has a closed form: F(t) = 1/2 + t / (2 sqrt(2 + t^2))
 
 
@@ -53,12 +53,6 @@ def _render(root: Path, out: Path) -> tuple[dict, str, dict]:
     assert compare.main(["--root", str(root), "--out", str(out)]) == 0
     page = json.loads((out / "compare_methods.json").read_text())
     return {r["method"]: r for r in page["rows"]}, (out / "compare_methods.md").read_text(), page
-
-
-def _two_sided_p_df3(t: float) -> float:
-    """Closed form for 3 degrees of freedom: F(t) = 1/2 + (u / (1 + u^2) + atan(u)) / pi with u = t / sqrt(3)."""
-    u = abs(t) / math.sqrt(3)
-    return 1 - 2 / math.pi * (u / (1 + u * u) + math.atan(u))
 
 
 def test_table_and_plot_from_fabricated_runs(tmp_path):
@@ -108,8 +102,13 @@ def test_table_and_plot_from_fabricated_runs(tmp_path):
     # Paired lm-eval differences to dense (4 documents): sdtp's cancel out, random loses 2 of 4.
     assert rows["sdtp"]["lm_eval_delta"] == 0.0 and rows["none"]["lm_eval_delta"] == 0.0
     assert rows["random"]["lm_eval_delta"] == -50.0 and rows["random"]["lm_eval_delta_n"] == 4
-    se = 100 * math.sqrt(1 / 3) / 2  # diffs -1,-1,0,0 (x100): sample variance 1/3, 4 pairs
-    assert rows["random"]["lm_eval_delta_high"] == pytest.approx(-50 + T975_DF3 * se, rel=1e-9)
+    # 0/1 outcomes: Newcombe's interval (tested against a published value in test_stats) and McNemar's p,
+    # 0 gained / 2 lost -> 2 * 0.5^2.
+    newcombe = paired_binary_interval([0, 0, 0, 0], [1, 1, 0, 0])
+    assert rows["random"]["lm_eval_delta_high"] == pytest.approx(100 * newcombe.high, rel=1e-12)
+    assert rows["random"]["lm_eval_delta_low"] == pytest.approx(100 * newcombe.low, rel=1e-12)
+    assert rows["random"]["lm_eval_delta_low"] >= -100.0
+    assert rows["random"]["lm_eval_delta_p"] == 0.5
     assert "| sdtp − random | +50.00 [" in md
     # LongBench pairs predictions.jsonl scores the same way; sdtp is 12.5 points below dense on both samples.
     assert rows["sdtp"]["longbench_delta"] == -12.5 and rows["random"]["longbench_delta"] is None
@@ -138,12 +137,12 @@ def test_no_cross_metric_mean(tmp_path):
     assert "| mean_acc" not in md and " mean_acc " not in md
 
 
-def test_t_interval_holm_and_identical_against_closed_form(tmp_path):
+def test_intervals_holm_and_identical_against_closed_form(tmp_path):
     root = tmp_path / "multiruns"
-    dense = [1, 1, 0, 0]
+    dense = [1] * 8 + [0] * 4
     _lm_eval(root, "none", dense)
-    _lm_eval(root, "positional", [0, 0, 0, 0])  # diffs -1,-1,0,0: t = 0.5 / (sqrt(1/3) / 2) = sqrt(3)
-    _lm_eval(root, "norm", [0, 1, 0, 0])  # diffs -1,0,0,0: mean -0.25, sd 0.5, t = 1
+    _lm_eval(root, "positional", [0] * 6 + [1, 1] + [0] * 4)  # loses 6, gains none: McNemar p = 2 / 2^6
+    _lm_eval(root, "norm", [0] + [1] * 7 + [1] + [0] * 3)  # loses 1, gains 1: p = 1
     _lm_eval(root, "lazyllm", dense)  # never differs
     # Perplexity protocol 2: per-window NLL sums and token counts -> NLL per token per window.
     _eval(root, "none", "perplexity", {"perplexity": 10.0, "window_nll": [20.0, 30.0, 12.0],
@@ -151,21 +150,17 @@ def test_t_interval_holm_and_identical_against_closed_form(tmp_path):
     _eval(root, "positional", "perplexity", {"perplexity": 11.0, "window_nll": [21.0, 30.5, 12.4],
                                              "window_tokens": [10, 10, 4]})
     rows, md, page = _render(root, tmp_path / "out")
-    p_positional = _two_sided_p_df3(math.sqrt(3))
-    p_norm = _two_sided_p_df3(1.0)
-    assert p_positional == pytest.approx(1 / 2 - 1 / math.pi, rel=1e-12)
-    assert p_norm == pytest.approx(2 / 3 - math.sqrt(3) / (2 * math.pi), rel=1e-12)
     pos, norm, lazy = rows["positional"], rows["norm"], rows["lazyllm"]
-    assert pos["lm_eval_delta"] == -50.0 and pos["lm_eval_delta_p"] == pytest.approx(p_positional, rel=1e-9)
-    half = T975_DF3 * 100 * math.sqrt(1 / 3) / 2
-    assert (pos["lm_eval_delta_low"], pos["lm_eval_delta_high"]) == pytest.approx((-50 - half, -50 + half), rel=1e-9)
-    assert norm["lm_eval_delta"] == -25.0 and norm["lm_eval_delta_p"] == pytest.approx(p_norm, rel=1e-9)
-    assert norm["lm_eval_delta_high"] == pytest.approx(-25 + T975_DF3 * 25, rel=1e-9)  # sd 50 points / sqrt(4)
-    # Holm over the three comparisons to dense: p sorted 0.182, 0.391, 1 -> x3, x2 (monotone), x1.
-    assert pos["lm_eval_delta_p_holm"] == pytest.approx(3 * p_positional, rel=1e-9)
-    assert norm["lm_eval_delta_p_holm"] == pytest.approx(2 * p_norm, rel=1e-9)
-    assert lazy["lm_eval_delta_p_holm"] == 1.0
-    assert "| lazyllm | identical on all 4 | – |" in md and "± 0.00" not in md and "±" not in md
+    assert pos["lm_eval_delta"] == -50.0 and pos["lm_eval_delta_p"] == pytest.approx(2 / 2**6, rel=1e-12)
+    newcombe = paired_binary_interval([0] * 6 + [1, 1] + [0] * 4, dense)
+    assert (pos["lm_eval_delta_low"], pos["lm_eval_delta_high"]) == pytest.approx((100 * newcombe.low,
+                                                                                   100 * newcombe.high), rel=1e-12)
+    assert -100.0 <= pos["lm_eval_delta_low"] < -50.0 < pos["lm_eval_delta_high"] < 0.0
+    assert norm["lm_eval_delta"] == 0.0 and norm["lm_eval_delta_p"] == 1.0
+    # Holm over the three comparisons to dense (identical lazyllm counts, p = 1): 3 x 1/32, then capped at 1.
+    assert pos["lm_eval_delta_p_holm"] == pytest.approx(3 / 32, rel=1e-12)
+    assert norm["lm_eval_delta_p_holm"] == 1.0 and lazy["lm_eval_delta_p_holm"] == 1.0
+    assert "| lazyllm | identical on all 12 | – |" in md and "± 0.00" not in md and "±" not in md
     assert "Holm over 3" in md
     # Per window NLL/token: dense 2, 3, 3; positional 2.1, 3.05, 3.1 -> diffs 0.1, 0.05, 0.1 (df = 2).
     diffs = [0.1, 0.05, 0.1]

@@ -6,7 +6,9 @@ import json
 import math
 
 import pytest
+from scipy import stats
 
+from sdtp.eval.stats import paired_binary_interval
 from sdtp.provenance import locations_portable
 from sdtp.reports import paper_table3
 from sdtp.reports.run_summary import restore, summarise
@@ -34,14 +36,14 @@ def test_paired_interval_matches_a_hand_computation(page_dir):
     page = json.loads((page_dir / "tiny.json").read_text())
     rows = {r["task"]: r for r in page["table"]}
     copa = rows["COPA"]
-    # diffs (points) -100, +100, -100: mean -100/3, sample sd sqrt(((-200/3)^2 * 2 + (400/3)^2) / 2) = 115.47,
-    # t_{0.975, 2} = 0.95 sqrt(2 / (1 - 0.95^2)) = 4.3027 (closed form for 2 degrees of freedom).
+    # One run's 0/1 outcomes: Newcombe's interval (checked against a published value in test_stats) and the
+    # exact McNemar p of 1 gained / 2 lost, min(1, 2 * P(X <= 1 | 3, 1/2)) = 1.
     mean = -100 / 3
-    sd = math.sqrt(((-100 - mean) ** 2 * 2 + (100 - mean) ** 2) / 2)
-    half = 0.95 * math.sqrt(2 / (1 - 0.95**2)) * sd / math.sqrt(3)
+    newcombe = paired_binary_interval(SDTP["sdtp_copa"], DENSE["sdtp_copa"])
     assert copa["n"] == 3 and copa["dense_acc"] == pytest.approx(200 / 3) and copa["sdtp_acc"] == pytest.approx(100 / 3)
-    assert copa["delta"]["mean"] == pytest.approx(mean)
-    assert (copa["delta"]["low"], copa["delta"]["high"]) == pytest.approx((mean - half, mean + half))
+    assert copa["delta"]["mean"] == pytest.approx(mean) and copa["delta"]["method"] == "newcombe"
+    assert (copa["delta"]["low"], copa["delta"]["high"]) == pytest.approx((100 * newcombe.low, 100 * newcombe.high))
+    assert copa["delta"]["p"] == 1.0 and copa["delta"]["low"] >= -100.0
     assert (copa["gained"], copa["lost"]) == (1, 2)
     assert copa["dense_top_answer"] == 100.0  # every fabricated document's choices tie: lm-eval picks the first
     assert rows["CB"]["delta"]["identical"] and rows["CB"]["chance"] == pytest.approx(100 / 3)
@@ -49,6 +51,14 @@ def test_paired_interval_matches_a_hand_computation(page_dir):
     avg = rows["Avg"]
     assert avg["dense_acc"] == pytest.approx((200 / 3 + 50 + 75) / 3)
     assert avg["delta"]["mean"] == pytest.approx((mean + 0 + 25) / 3)
+    # Stratified t: var of the mean of task means = sum_k s_k^2 / n_k / 3^2 (CB's differences are all 0),
+    # Welch-Satterthwaite degrees of freedom.
+    copa_part = ((-100 - mean) ** 2 * 2 + (100 - mean) ** 2) / 2 / 3
+    wsc_part = (75.0**2 + 3 * 25.0**2) / 3 / 4
+    df = (copa_part + wsc_part) ** 2 / (copa_part**2 / 2 + wsc_part**2 / 3)
+    half = stats.t.ppf(0.975, df) * math.sqrt((copa_part + wsc_part) / 9)
+    assert (avg["delta"]["low"], avg["delta"]["high"]) == pytest.approx((avg["delta"]["mean"] - half,
+                                                                         avg["delta"]["mean"] + half))
     assert [r["task"] for r in page["table"]] == ["COPA", "CB", "WSC", "Avg"]  # the paper's order
 
 

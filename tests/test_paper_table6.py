@@ -14,6 +14,7 @@ from scipy import stats
 
 from sdtp.cli import evaluate
 from sdtp.config import compose
+from sdtp.eval.stats import paired_binary_interval
 from sdtp.kv import build_kv_policy
 from sdtp.reports import paper_table3, paper_table6
 from sdtp.reports.run_summary import restore, summarise
@@ -63,13 +64,13 @@ def _rows(page_dir) -> dict[str, dict]:
 def test_paired_interval_matches_a_hand_computation(page_dir):
     rows = _rows(page_dir)
     copa = rows["COPA"]["comparisons"]["sdtp_h2o-h2o"]
-    diffs = [0.0, 100.0, -100.0, -100.0]
-    mean = sum(diffs) / 4
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
-    half = stats.t.ppf(0.975, 3) * sd / 2
+    # Per document (points) 0, +100, -100, -100: one run's 0/1 outcomes, so Newcombe's interval (checked against a
+    # published value in test_stats) and the exact McNemar p of 1 gained / 2 lost, min(1, 2 * 4/8) = 1.
+    newcombe = paired_binary_interval([1, 1, 0, 0], [1, 0, 1, 1])
     assert copa["n"] == 4 and copa["base_acc"] == 75.0 and copa["acc"] == 50.0
-    assert copa["delta"]["mean"] == pytest.approx(-25.0)
-    assert (copa["delta"]["low"], copa["delta"]["high"]) == pytest.approx((mean - half, mean + half))
+    assert copa["delta"]["mean"] == pytest.approx(-25.0) == 100 * newcombe.mean
+    assert (copa["delta"]["low"], copa["delta"]["high"]) == pytest.approx((100 * newcombe.low, 100 * newcombe.high))
+    assert copa["delta"]["p"] == 1.0
     assert (copa["gained"], copa["lost"]) == (1, 2)
     assert rows["COPA"]["comparisons"]["h2o-dense"]["delta"]["identical"]
     assert rows["COPA"]["acc"] == {"dense": 75.0, "local": 25.0, "h2o": 75.0, "sdtp_h2o": 50.0, "sdtp_local": 0.0,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from sdtp.eval.stats import holm, paired_t_interval, stratified_bootstrap_ci, t_quantile
+from sdtp.eval.stats import (holm, mcnemar_exact_p, paired_binary_interval, paired_interval, paired_t_interval,
+                             stratified_bootstrap_ci, stratified_t_interval, t_quantile)
+from sdtp.reports.paired_tables import interval_text, paired_summary, uncorrected_p_text
 
 
 def test_paired_t_interval_matches_closed_form_for_two_degrees_of_freedom():
@@ -18,7 +21,6 @@ def test_paired_t_interval_matches_closed_form_for_two_degrees_of_freedom():
     assert t_quantile(0.975, 2) == pytest.approx(t_crit, rel=1e-9)
     result = paired_t_interval(diffs)
     assert result.mean == 3.0 and result.n == 3 and not result.identical
-    assert result.half_width == pytest.approx(t_crit * se, rel=1e-9)
     assert (result.low, result.high) == pytest.approx((3 - t_crit * se, 3 + t_crit * se), rel=1e-9)
     t = 3 / se
     assert result.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
@@ -26,11 +28,15 @@ def test_paired_t_interval_matches_closed_form_for_two_degrees_of_freedom():
 
 def test_zero_variance_pairs():
     same = paired_t_interval([0.0, 0.0, 0.0])
-    assert same.identical and same.half_width == 0.0 and same.p_value == 1.0
+    assert same.identical and (same.low, same.high) == (0.0, 0.0) and same.p_value == 1.0 and not same.constant
     shifted = paired_t_interval([0.5, 0.5])
-    assert not shifted.identical and shifted.mean == 0.5 and shifted.half_width == 0.0 and shifted.p_value == 0.0
+    assert not shifted.identical and shifted.constant and shifted.mean == 0.5 and shifted.p_value == 0.0
+    assert (shifted.low, shifted.high) == (0.5, 0.5)
+    # 0.2 * 3 / 3 rounds to 0.20000000000000004: a variance test would see a tiny spread and p = 1e-32.
+    rounded = paired_t_interval([0.2] * 3)
+    assert rounded.constant and rounded.mean == 0.2 and rounded.p_value == 0.0
     single = paired_t_interval([1.0])
-    assert single.mean == 1.0 and math.isnan(single.half_width) and math.isnan(single.p_value)
+    assert single.mean == 1.0 and math.isnan(single.low) and math.isnan(single.p_value)
 
 
 def test_holm_step_down():
@@ -46,3 +52,85 @@ def test_stratified_bootstrap_weights_strata_equally():
     assert (estimate, low, high) == pytest.approx((2.0, 2.0, 2.0))  # constant strata: no spread
     estimate, low, high = stratified_bootstrap_ci([[0.0, 1.0] * 20, [5.0] * 40], iters=4000)
     assert estimate == pytest.approx(2.75) and low < 2.75 < high and high - low < 0.5
+
+
+def _table(both: int, only_x: int, only_y: int, neither: int) -> tuple[list[int], list[int]]:
+    """Paired 0/1 outcomes (x, y) with the given 2x2 counts."""
+    x = [1] * both + [1] * only_x + [0] * only_y + [0] * neither
+    y = [1] * both + [0] * only_x + [1] * only_y + [0] * neither
+    return x, y
+
+
+def test_newcombe_interval_matches_a_published_value():
+    # contingencytables (Fagerland, Lydersen & Laake), Newcombe_square_and_add_CI_paired_2x2 on
+    # matrix(c(59, 6, 16, 80), 2, byrow=TRUE): estimate -0.0621, 95% CI -0.1186 to -0.0046.
+    result = paired_binary_interval(*_table(59, 6, 16, 80))
+    assert result.method == "newcombe" and result.n == 161
+    assert (result.mean, result.low, result.high) == pytest.approx((-0.0621, -0.1186, -0.0046), abs=5e-5)
+
+
+def test_exact_mcnemar_p_is_the_binomial_tail_of_the_discordant_pairs():
+    assert mcnemar_exact_p(0, 3) == pytest.approx(2 * 0.5**3)
+    assert mcnemar_exact_p(4, 10) == pytest.approx(2 * sum(math.comb(14, k) for k in range(5)) / 2**14)
+    assert mcnemar_exact_p(5, 5) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+
+
+def test_binary_interval_stays_feasible_where_a_t_interval_does_not():
+    x, y = _table(0, 19, 0, 1)  # 19 of 20 gained
+    t = paired_t_interval([a - b for a, b in zip(x, y)])
+    assert t.high > 1.0  # the t interval leaves the feasible range
+    result = paired_binary_interval(x, y)
+    assert -1.0 <= result.low < result.mean == 0.95 < result.high <= 1.0
+    lost = paired_binary_interval(*_table(0, 0, 20, 0))  # every document lost: the t interval has zero width
+    assert lost.low == -1.0 and lost.mean == -1.0 < lost.high < -0.5 and not lost.constant
+    same = paired_binary_interval(*_table(3, 0, 0, 4))
+    assert same.identical and same.p_value == 1.0
+
+
+def test_binary_interval_keeps_its_coverage_when_few_documents_flip():
+    """3% of 100 documents flip one way: the t interval covers the true difference about 80% of the time."""
+    rng = random.Random(0)
+    covered = {"t": 0, "newcombe": 0}
+    trials = 600
+    for _ in range(trials):
+        x, y = [], []
+        for _ in range(100):
+            if rng.random() < 0.03:
+                x.append(0), y.append(1)
+            else:
+                same = int(rng.random() < 0.6)
+                x.append(same), y.append(same)
+        t = paired_t_interval([a - b for a, b in zip(x, y)])
+        covered["t"] += t.low <= -0.03 <= t.high
+        binary = paired_binary_interval(x, y)
+        covered["newcombe"] += binary.low <= -0.03 <= binary.high
+    assert covered["t"] / trials < 0.86 and covered["newcombe"] / trials >= 0.93
+
+
+def test_paired_interval_picks_the_method_by_the_outcomes():
+    x, y = _table(5, 3, 1, 6)
+    binary = paired_interval(x, y, 100.0)
+    reference = paired_binary_interval(x, y)
+    assert binary.method == "newcombe" and binary.low == pytest.approx(100 * reference.low)
+    averaged = [v * 2 / 3 for v in x]  # correctness averaged over three seeds: not 0/1
+    t = paired_interval(averaged, y, 100.0)
+    assert t.method == "t" and t.mean == paired_t_interval([100.0 * (a - b) for a, b in zip(averaged, y)]).mean
+
+
+def test_stratified_t_interval_by_hand():
+    one = stratified_t_interval([[1.0, 2.0, 6.0]])
+    assert one == paired_t_interval([1.0, 2.0, 6.0])
+    # means 3 and 2; s^2/n = 7/3 and 8/2; var of the mean of means = (7/3 + 4) / 4; Welch-Satterthwaite df
+    result = stratified_t_interval([[1.0, 2.0, 6.0], [0.0, 4.0]])
+    var = (7 / 3 + 4) / 4
+    df = (7 / 3 + 4) ** 2 / ((7 / 3) ** 2 / 2 + 4**2 / 1)
+    half = t_quantile(0.975, df) * math.sqrt(var)
+    assert result.mean == 2.5 and result.n == 5
+    assert (result.low, result.high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-12)
+
+
+def test_pooled_p_cell_and_signed_bounds():
+    summary = paired_summary(paired_t_interval([-0.01, 2.0, 1.5, 0.3]))
+    assert uncorrected_p_text(summary).endswith("(uncorrected)")
+    assert interval_text({"mean": 1.3, "low": -0.004, "high": 2.6}, 2) == "+1.30 [-0.00, +2.60]"
+    assert interval_text({"mean": -1e-15, "low": -1.0, "high": 1.0}, 2) == "+0.00 [-1.00, +1.00]"

@@ -1,4 +1,4 @@
-"""Paired statistics for method comparisons: per-document outcomes, t intervals, Holm, bootstrap.
+"""Paired statistics for method comparisons: per-document outcomes, paired intervals, Holm, pooled means.
 
 Method comparisons run with ``limit`` (tens of documents per task), where a few points of accuracy
 are noise. What resolves a difference is pairing: both methods are scored on the *same* documents
@@ -8,9 +8,14 @@ the per-document differences are much less noisy than two independent accuracies
 methods get the easy documents right.
 
 A mean of paired differences gets a Student t interval and a two-sided t test
-(:func:`paired_t_interval`; at n = 20-30 the normal z = 1.96 interval is too narrow), the p-values
-of one method against several are Holm-corrected (:func:`holm`), and a mean pooled over datasets
-gets a bootstrap interval that resamples within each dataset (:func:`stratified_bootstrap_ci`).
+(:func:`paired_t_interval`; at n = 20-30 the normal z = 1.96 interval is too narrow). Paired 0/1 outcomes
+(one run's correctness per document) get Newcombe's score interval and an exact McNemar test instead
+(:func:`paired_binary_interval`): when only a few documents flip, a t interval on -1/0/+1 differences leaves
+the feasible range, has zero width when every flip goes one way, and covers the truth far less than 95% of the
+time. :func:`paired_interval` picks between the two. The p-values of one method against several are
+Holm-corrected (:func:`holm`). A mean over tasks, each weighing the same, gets a stratified t interval
+(:func:`stratified_t_interval`); the per-segment NLL pages pool datasets with a bootstrap that resamples
+within each dataset (:func:`stratified_bootstrap_ci`; 64 segments per dataset).
 """
 
 from __future__ import annotations
@@ -64,50 +69,147 @@ def window_outcomes(results: dict[str, Any]) -> dict[tuple[str, int, int], float
 
 
 @dataclass(frozen=True)
-class PairedT:
-    """Mean of paired differences with its t interval and two-sided p-value (H0: mean = 0).
+class PairedInterval:
+    """Mean of paired differences with its 95% interval and two-sided p-value (H0: mean = 0).
 
-    ``identical``: every difference is exactly 0 (p = 1). A constant non-zero difference has zero
-    variance too: half-width 0 and p = 0. With fewer than two pairs half-width and p are NaN.
+    ``method``: ``t`` (Student t on the differences) or ``newcombe`` (0/1 outcomes: Newcombe's score interval
+    with an exact McNemar p; asymmetric, inside the feasible range). ``identical``: every difference is exactly 0
+    (p = 1). A constant non-zero difference of continuous outcomes has no spread: low = high = mean and p = 0.
+    With fewer than two pairs the bounds and p are NaN.
     """
 
     mean: float
-    half_width: float
+    low: float
+    high: float
     p_value: float
     n: int
     identical: bool
+    method: str = "t"
 
     @property
-    def low(self) -> float:
-        return self.mean - self.half_width
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half_width
+    def constant(self) -> bool:
+        """Every pair differs by the same non-zero amount (a t interval of zero width)."""
+        return self.low == self.high and not self.identical
 
 
-def t_quantile(prob: float, df: int) -> float:
+def t_quantile(prob: float, df: float) -> float:
     """The ``prob`` quantile of Student's t with ``df`` degrees of freedom (t_{0.975, 2} = 4.303)."""
     from scipy import stats  # imported here: only the continuous-statistics callers need scipy
 
     return float(stats.t.ppf(prob, df))
 
 
-def paired_t_interval(diffs: Sequence[float], level: float = 0.95) -> PairedT:
-    """Paired t interval of ``mean(diffs)`` (diffs = method - reference, one per shared segment)."""
+def _t_result(mean: float, var_of_mean: float, df: float, n: int, level: float) -> PairedInterval:
+    """The t interval and two-sided p of ``mean`` with variance ``var_of_mean`` (> 0) on ``df`` degrees of freedom."""
     from scipy import stats
 
+    se = math.sqrt(var_of_mean)
+    half = t_quantile(0.5 + level / 2.0, df) * se
+    return PairedInterval(mean, mean - half, mean + half, float(2.0 * stats.t.sf(abs(mean) / se, df)), n, False)
+
+
+def paired_t_interval(diffs: Sequence[float], level: float = 0.95) -> PairedInterval:
+    """Paired t interval of ``mean(diffs)`` (diffs = method - reference, one per shared segment)."""
     n = len(diffs)
     mean = math.fsum(diffs) / n if n else math.nan
     if n < 2:
-        return PairedT(mean, math.nan, math.nan, n, False)
+        return PairedInterval(mean, math.nan, math.nan, math.nan, n, False)
+    if all(d == diffs[0] for d in diffs):  # no spread (tested exactly: a rounded mean leaves a tiny variance)
+        identical = diffs[0] == 0.0
+        return PairedInterval(diffs[0], diffs[0], diffs[0], 1.0 if identical else 0.0, n, identical)
     var = math.fsum((d - mean) ** 2 for d in diffs) / (n - 1)
-    if var == 0.0:  # every pair differs by the same amount: no sampling noise to speak of
-        identical = all(d == 0.0 for d in diffs)
-        return PairedT(mean, 0.0, 1.0 if identical else 0.0, n, identical)
-    se = math.sqrt(var / n)
-    p_value = float(2.0 * stats.t.sf(abs(mean) / se, n - 1))
-    return PairedT(mean, t_quantile(0.5 + level / 2.0, n - 1) * se, p_value, n, False)
+    return _t_result(mean, var / n, n - 1, n, level)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval (low, high) for a proportion of ``successes`` out of ``n`` > 0."""
+    from scipy import stats
+
+    z = float(stats.norm.ppf(0.5 + level / 2.0))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p: the discordant pairs split ``gained`` / ``lost`` under Binomial(m, 1/2)."""
+    from scipy import stats
+
+    m = gained + lost
+    return 1.0 if m == 0 else min(1.0, 2.0 * float(stats.binom.cdf(min(gained, lost), m, 0.5)))
+
+
+def paired_binary_interval(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> PairedInterval:
+    """``mean(x - y)`` for paired 0/1 outcomes: Newcombe's square-and-add score interval and an exact McNemar p.
+
+    Newcombe (1998, Stat. Med. 17:2635, method 10): Wilson intervals (l1, u1) of mean(x) and (l2, u2) of mean(y)
+    combined with the continuity-corrected correlation phi of the 2x2 table. Unlike a t interval on the -1/0/+1
+    differences, it stays inside [-1, 1], has width when every pair differs the same way, and keeps its coverage
+    when only a few documents flip (where the t interval's falls to about 80%).
+    """
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"unpaired: {n} vs {len(y)} outcomes")
+    if n < 2:
+        return PairedInterval(math.nan if n == 0 else x[0] - y[0], math.nan, math.nan, math.nan, n, False, "newcombe")
+    a = sum(1 for u, v in zip(x, y) if u and v)
+    b = sum(1 for u, v in zip(x, y) if u and not v)
+    c = sum(1 for u, v in zip(x, y) if v and not u)
+    d = n - a - b - c
+    if b == c == 0:
+        return PairedInterval(0.0, 0.0, 0.0, 1.0, n, True, "newcombe")
+    p1, p2 = (a + b) / n, (a + c) / n
+    (l1, u1), (l2, u2) = wilson_interval(a + b, n, level), wilson_interval(a + c, n, level)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c
+    # Newcombe's correction: a positive cross-product shrinks by n / 2, and one within n / 2 counts as none.
+    corrected = cross - n / 2 if cross > n / 2 else (0.0 if cross >= 0 else cross)
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    epsilon = math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    mean = (b - c) / n
+    return PairedInterval(mean, max(-1.0, mean - delta), min(1.0, mean + epsilon), mcnemar_exact_p(b, c), n, False,
+                          "newcombe")
+
+
+def is_binary(values: Sequence[float]) -> bool:
+    """Every value is 0 or 1 (one document's correctness)."""
+    return all(v in (0.0, 1.0) for v in values)
+
+
+def paired_interval(x: Sequence[float], y: Sequence[float], scale: float = 1.0,
+                    level: float = 0.95) -> PairedInterval:
+    """``scale * mean(x - y)`` over paired outcomes: :func:`paired_binary_interval` when both are 0/1,
+    else :func:`paired_t_interval` on the scaled differences."""
+    if len(x) != len(y):
+        raise ValueError(f"unpaired: {len(x)} vs {len(y)} outcomes")
+    if not (is_binary(x) and is_binary(y)):
+        return paired_t_interval([scale * (u - v) for u, v in zip(x, y)], level)
+    r = paired_binary_interval(x, y, level)
+    return PairedInterval(scale * r.mean, scale * r.low, scale * r.high, r.p_value, r.n, r.identical, r.method)
+
+
+def stratified_t_interval(strata: Sequence[Sequence[float]], level: float = 0.95) -> PairedInterval:
+    """Mean over strata of each stratum's mean difference, with a t interval (Welch-Satterthwaite df).
+
+    Each stratum (e.g. one task's per-document differences) weighs the same, as a table's Avg column does;
+    var = sum_k s_k^2 / n_k / K^2. With one stratum this is :func:`paired_t_interval` exactly. ``n`` counts
+    every difference.
+    """
+    if len(strata) == 1:
+        return paired_t_interval(strata[0], level)
+    n = sum(len(s) for s in strata)
+    means = [math.fsum(s) / len(s) if s else math.nan for s in strata]
+    mean = math.fsum(means) / len(strata)
+    if any(len(s) < 2 for s in strata):
+        return PairedInterval(mean, math.nan, math.nan, math.nan, n, False)
+    if all(d == s[0] for s in strata for d in s):
+        identical = all(s[0] == 0.0 for s in strata)
+        return PairedInterval(mean, mean, mean, 1.0 if identical else 0.0, n, identical)
+    parts = [math.fsum((d - m) ** 2 for d in s) / (len(s) - 1) / len(s) for s, m in zip(strata, means)]  # s_k^2 / n_k
+    df = math.fsum(parts) ** 2 / math.fsum(v * v / (len(s) - 1) for v, s in zip(parts, strata) if v)
+    return _t_result(mean, math.fsum(parts) / len(strata) ** 2, df, n, level)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

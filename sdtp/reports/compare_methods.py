@@ -15,11 +15,12 @@ writes into ``--out``:
 * paired differences, from the per-document outcomes (lm-eval's ``samples_<task>.jsonl``, the
   generation runners' ``predictions.jsonl``, the perplexity runner's per-window NLLs): every method
   minus dense per eval, and SDTP minus every other method per eval, each as a mean with a 95%
-  paired Student t interval and a two-sided p-value, Holm-corrected over the comparisons of one
+  paired interval and a two-sided p-value (0/1 outcomes: Newcombe's score interval and an exact McNemar
+  test; other outcomes: Student t), Holm-corrected over the comparisons of one
   method against several within one eval (:mod:`sdtp.eval.stats`). Pairs that never differ read
   "identical on all n";
 * ``compare_methods.png``: lm-eval mean accuracy, paired lm-eval / LongBench differences to dense
-  (95% t intervals) and perplexity vs speedup, one point per method.
+  (95% paired intervals) and perplexity vs speedup, one point per method.
 
 Seeded methods get one row per seed and a mean row whose per-document outcome is the mean over the
 seeds; that row is the one paired with the others and counted in the Holm families, and a section

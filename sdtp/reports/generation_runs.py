@@ -3,10 +3,10 @@ what each run cost, from their run summaries (:mod:`sdtp.reports.run_summary`, `
 
 Predictions are keyed ``run -> dataset -> sample id -> record`` (:func:`by_run`), the dataset being the
 LongBench dataset or the synthetic task. :func:`dataset_rows` gives per dataset each run's score (x100)
-over the samples all runs have and its paired difference to the reference (95% Student t interval, p
-Holm-corrected over the table); :func:`average` the mean over the LongBench datasets (LongBench's AVG)
-with a bootstrap interval; :func:`cost_ratios` compression ratio 1/τ and as-run speedups. Used by the
-Table 1 page (``paper_table1``).
+over the samples all runs have and its paired difference to the reference (95% interval and p of
+:func:`sdtp.eval.stats.paired_interval`, p Holm-corrected over the table); :func:`average` the mean over the
+LongBench datasets (LongBench's AVG) with a stratified t interval (one dataset: that dataset's own);
+:func:`cost_ratios` compression ratio 1/τ and as-run speedups. Used by the Table 1 page (``paper_table1``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sdtp.eval.longbench_tasks import CATEGORIES, DATASETS
-from sdtp.eval.stats import paired_t_interval, stratified_bootstrap_ci
+from sdtp.eval.stats import paired_interval, stratified_t_interval
 from sdtp.reports.paired_accuracy import holm_adjust
 from sdtp.reports.paired_tables import paired_summary
 
@@ -67,20 +67,23 @@ def dataset_rows(preds: dict[str, Predictions], order: Sequence[str], reference:
         shared = shared_ids(preds, present, dataset)
         if not shared:
             continue
-        scores = {r: [100.0 * preds[r][dataset][i]["score"] for i in shared] for r in present}
-        diffs = {r: [a - b for a, b in zip(scores[r], scores[reference])]
-                 for r in present if r != reference and reference in scores}
+        raw = {r: [float(preds[r][dataset][i]["score"]) for i in shared] for r in present}
+        scores = {r: [100.0 * s for s in raw[r]] for r in present}
+        compared = [r for r in present if r != reference and reference in scores]
+        diffs = {r: [a - b for a, b in zip(scores[r], scores[reference])] for r in compared}
+        deltas = {r: paired_summary(paired_interval(raw[r], raw[reference], 100.0)) for r in compared}
         table.append({"dataset": dataset, "category": DATASETS[dataset].category if dataset in DATASETS else "synthetic",
                       "longbench": is_longbench(dataset), "n": len(shared),
                       "score": {r: math.fsum(s) / len(s) for r, s in scores.items()},
-                      "delta": {r: paired_summary(paired_t_interval(d)) for r, d in diffs.items()}, "diffs": diffs})
+                      "delta": deltas, "diffs": diffs})
     holm_adjust([d for row in table for d in row["delta"].values()])
     return table
 
 
 def average(table: list[dict[str, Any]], order: Sequence[str], reference: str) -> dict[str, Any] | None:
     """The mean over the LongBench datasets of the table (LongBench's AVG), per run present in all of them,
-    and its difference to ``reference`` with a bootstrap interval resampling samples within each dataset."""
+    and its difference to ``reference``: a stratified t interval over the datasets' samples (one dataset: its
+    row's own interval)."""
     longbench = [t for t in table if t["longbench"]]
     if not longbench:
         return None
@@ -88,9 +91,8 @@ def average(table: list[dict[str, Any]], order: Sequence[str], reference: str) -
     delta = {}
     for r in names:
         if r != reference and all(r in t["diffs"] for t in longbench):
-            strata = [t["diffs"][r] for t in longbench]
-            mean, low, high = stratified_bootstrap_ci(strata)
-            delta[r] = {"mean": mean, "low": low, "high": high, "identical": all(d == 0 for s in strata for d in s)}
+            delta[r] = (dict(longbench[0]["delta"][r]) if len(longbench) == 1
+                        else paired_summary(stratified_t_interval([t["diffs"][r] for t in longbench])))
     return {"datasets": [t["dataset"] for t in longbench],
             "score": {r: math.fsum(t["score"][r] for t in longbench) / len(longbench) for r in names}, "delta": delta}
 

@@ -2,7 +2,7 @@
 
 Each row's runs are checked against dense's runs of the same eval (:func:`fingerprint_issues`: everything but
 the method must match), and per eval every method is paired with dense and :data:`FOCUS` with every other
-method on their common documents (:func:`comparisons`: paired t intervals, Holm within an eval).
+method on their common documents (:func:`comparisons`: paired intervals, Holm within an eval).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdtp.eval.stats import holm, paired_t_interval
+from sdtp.eval.stats import holm, paired_interval
 from sdtp.provenance import changed_keys, portable
 from sdtp.reports.method_runs import DENSE
 from sdtp.reports.paired_tables import paired_summary
@@ -82,18 +82,19 @@ def family(ev: str) -> Family:
                       "windows share context, so they are not independent samples and the interval may be too narrow")
     if ev == "lm_eval":
         return Family("points", 100.0, 2,
-                      "paired t over the documents of all tasks pooled (one 0/1 outcome per document, every "
+                      "paired over the documents of all tasks pooled (one 0/1 outcome per document, every "
                       "document weighs the same; differences between tasks count as noise, which widens the "
                       "interval)")
-    return Family("points", 100.0, 2, "paired t over the samples (all datasets / lengths / depths pooled)")
+    return Family("points", 100.0, 2, "paired over the samples (all datasets / lengths / depths pooled)")
 
 
 def paired(a: dict[Any, float], b: dict[Any, float], scale: float) -> dict[str, Any] | None:
-    """``a - b`` over their common units, in ``scale`` units: mean, 95% t interval, p (None below 2 units)."""
+    """``a - b`` over their common units, in ``scale`` units: mean, 95% interval, p (None below 2 units); 0/1
+    outcomes get Newcombe's interval and an exact McNemar p (:func:`sdtp.eval.stats.paired_interval`)."""
     common = a.keys() & b.keys()
     if len(common) < 2:
         return None
-    return paired_summary(paired_t_interval([scale * (a[key] - b[key]) for key in common]))
+    return paired_summary(paired_interval([a[key] for key in common], [b[key] for key in common], scale))
 
 
 def with_holm(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -42,8 +42,8 @@ def write_outputs(header: list[str], records: list[dict[str, Any]], out: Path, p
 def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Accuracy measures vs prefill speedup, one colour per method (legend, not labels: points overlap)."""
     panels = [("lm_eval_mean_acc", "lm-eval mean accuracy, % (higher is better)"),
-              ("lm_eval_delta", "paired lm-eval accuracy vs dense, points (95% t CI)"),
-              ("longbench_delta", "paired LongBench score vs dense, points (95% t CI)"),
+              ("lm_eval_delta", "paired lm-eval accuracy vs dense, points (95% CI)"),
+              ("longbench_delta", "paired LongBench score vs dense, points (95% CI)"),
               ("perplexity", "WikiText perplexity (lower is better)")]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in records)]
     if not panels:

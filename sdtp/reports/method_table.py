@@ -14,7 +14,7 @@ from typing import Any
 from sdtp.reports.compare_seeds import seed_order
 from sdtp.reports.method_comparisons import FOCUS, family
 from sdtp.reports.method_runs import DENSE, LOWER_IS_BETTER
-from sdtp.reports.paired_tables import interval_text, p_text
+from sdtp.reports.paired_tables import PAIRED_METHODS, interval_text, p_text
 
 FOOTNOTE = "†"  # marks a row whose runs differ from dense's beyond the method
 
@@ -116,8 +116,8 @@ def main_table(header: list[str], records: list[dict[str, Any]]) -> list[str]:
 
 
 def comparison_table(found: list[dict[str, Any]], digits: int, label: str, marked: set[str]) -> list[str]:
-    """One eval's comparisons: ``label`` column, Δ [95% t CI], p, p (Holm), n; ``marked``: methods to footnote."""
-    lines = [f"| {label} | Δ [95% t CI] | p | p (Holm) | n |", "|---|---|---:|---:|---:|"]
+    """One eval's comparisons: ``label`` column, Δ [95% CI], p, p (Holm), n; ``marked``: methods to footnote."""
+    lines = [f"| {label} | Δ [95% CI] | p | p (Holm) | n |", "|---|---|---:|---:|---:|"]
     for c in found:
         name = c["a"] if label == "method" else f"{c['a']} − {c['b']}"
         name += f" {FOOTNOTE}" if {c["a"], c["b"]} & marked else ""
@@ -132,8 +132,8 @@ def comparison_lines(compared: dict[str, dict[str, list[dict[str, Any]]]], marke
     if compared["vs_dense"]:
         seeds = any(not c["in_holm"] for found in compared["vs_dense"].values() for c in found)
         lines += ["## Paired differences to dense", "",
-                  "Δ = method − dense on the same documents: mean with a 95% paired Student t interval; p = two-sided "
-                  "paired t test; p (Holm) = Holm-corrected over the comparisons to dense within the eval."
+                  f"Δ = method − dense on the same documents: mean with a 95% paired interval ({PAIRED_METHODS}); p "
+                  "two-sided; p (Holm) = Holm-corrected over the comparisons to dense within the eval."
                   + (" A seeded method's mean row (per-document mean over its seeds) is in the Holm family, its "
                      "single-seed rows are shown but not counted." if seeds else ""), ""]
         for ev, found in compared["vs_dense"].items():
@@ -142,8 +142,8 @@ def comparison_lines(compared: dict[str, dict[str, list[dict[str, Any]]]], marke
                       f"Pooling: {fam.pooling}.", "", *comparison_table(found, fam.digits, "method", marked), ""]
     if compared["focus"]:
         lines += [f"## {FOCUS} minus each method", "",
-                  f"Same documents, 95% paired t interval, p-values Holm-corrected over the comparisons of {FOCUS} "
-                  "within the eval.", ""]
+                  "Same documents, 95% paired interval as above, p-values Holm-corrected over the comparisons of "
+                  f"{FOCUS} within the eval.", ""]
         for ev, found in compared["focus"].items():
             fam = family(ev)
             lines += [f"### {ev} (Δ in {fam.unit}; Holm over {len(found)})", "",

@@ -3,10 +3,11 @@
 A run summary (:mod:`sdtp.reports.run_summary`) holds, per task, the evaluated document ids with
 their 0/1 correctness, chosen and gold answers. Two runs of the same documents pair up document by
 document: :func:`paired_difference` gives both accuracies over the shared documents, the mean
-difference in points with a 95% Student t interval (:func:`sdtp.eval.stats.paired_t_interval`) and
+difference in points with a 95% interval (:func:`sdtp.eval.stats.paired_interval`: Newcombe's score interval
+and an exact McNemar p for one run's 0/1 outcomes, a Student t interval for outcomes averaged over seeds) and
 how many documents flipped each way; :func:`holm_adjust` corrects the p-values of a family of such
 tests; :func:`average_difference` is the mean over tasks (each task weighs the same, as the paper's
-Avg) with a bootstrap interval that resamples documents within each task. :func:`majority_share`
+Avg) with a stratified t interval (:func:`sdtp.eval.stats.stratified_t_interval`). :func:`majority_share`
 and :func:`top_answer_share` say when a model answers near-constantly. Used by the paper pages
 (``paper_table3``, ``paper_table6``).
 """
@@ -17,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sdtp.eval.stats import holm, paired_t_interval, stratified_bootstrap_ci
+from sdtp.eval.stats import holm, paired_interval, stratified_t_interval
 from sdtp.reports.paired_tables import paired_summary
 
 Summary = dict[str, Any]  # a run summary: {"metrics": ..., "documents": {task: {doc_ids, acc, pred, target, choices}}}
@@ -52,19 +53,22 @@ def paired_difference(base: Summary, other: Summary, task: str) -> dict[str, Any
     """``other`` against ``base`` on ``task``'s shared documents.
 
     Returns ``{n, base_acc, acc, delta, gained, lost}``: ``delta`` is a
-    :func:`sdtp.reports.paired_tables.paired_summary` (mean, 95% t interval, p, identical,
+    :func:`sdtp.reports.paired_tables.paired_summary` (mean, 95% interval, p, identical,
     constant; None without shared documents), ``gained``/``lost`` count the documents ``other``
     gets right/wrong where ``base`` does not/does.
     """
     shared = shared_documents(base, other, task)
     diffs = differences(base, other, task)
+    a, b = outcomes(base, task), outcomes(other, task)
+    delta = paired_interval([b[i] for i in shared], [a[i] for i in shared], 100.0)
     return {"n": len(shared), "base_acc": accuracy(base, task, shared), "acc": accuracy(other, task, shared),
-            "delta": paired_summary(paired_t_interval(diffs)) if shared else None,
+            "delta": paired_summary(delta) if shared else None,
             "gained": sum(1 for d in diffs if d > 0), "lost": sum(1 for d in diffs if d < 0)}
 
 
 def holm_adjust(deltas: Sequence[dict[str, Any] | None]) -> None:
-    """Set ``p_holm`` on each delta: Holm over the family's paired t tests (identical pairs have no test)."""
+    """Set ``p_holm`` on each delta: Holm over the family's paired tests (identical pairs have no test and are not
+    counted)."""
     ps = [math.nan if d is None or d["p"] is None or d["identical"] else d["p"] for d in deltas]
     for delta, p in zip(deltas, holm(ps)):
         if delta is not None:
@@ -72,11 +76,11 @@ def holm_adjust(deltas: Sequence[dict[str, Any] | None]) -> None:
 
 
 def average_difference(base: Summary, other: Summary, tasks: Sequence[str]) -> dict[str, Any]:
-    """Mean over ``tasks`` of the per-task mean difference (points), with a bootstrap interval that
-    resamples documents within each task (10,000 resamples, seeded)."""
-    strata = [differences(base, other, task) for task in tasks]
-    mean, low, high = stratified_bootstrap_ci(strata)
-    return {"mean": mean, "low": low, "high": high, "identical": all(d == 0 for s in strata for d in s)}
+    """Mean over ``tasks`` of the per-task mean difference (points): a :func:`paired_summary` of
+    :func:`stratified_t_interval` over the tasks' documents; with one task, that task's own interval."""
+    if len(tasks) == 1:
+        return paired_difference(base, other, tasks[0])["delta"]
+    return paired_summary(stratified_t_interval([differences(base, other, task) for task in tasks]))
 
 
 def majority_share(docs: dict[str, Any] | None) -> float | None:

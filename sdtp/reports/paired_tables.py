@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sdtp.eval.stats import PairedT, holm, paired_t_interval, stratified_bootstrap_ci
+from sdtp.eval.stats import PairedInterval, holm, paired_t_interval, stratified_bootstrap_ci
 
 RANDOM = "random"
 
@@ -40,10 +40,11 @@ def _diffs(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [x - y for x, y in zip(a, b)]
 
 
-def paired_summary(result: PairedT) -> dict[str, Any]:
-    constant = result.half_width == 0.0 and not result.identical
+def paired_summary(result: PairedInterval) -> dict[str, Any]:
+    """A JSON-ready dict of ``result``; ``method`` is named only when it is not the t interval."""
+    method = {} if result.method == "t" else {"method": result.method}
     return {"mean": result.mean, "low": _clean(result.low), "high": _clean(result.high), "p": _clean(result.p_value),
-            "n": result.n, "identical": result.identical, "constant": constant}
+            "n": result.n, "identical": result.identical, "constant": result.constant, **method}
 
 
 def with_seed_means(nll: dict[str, list[float]], groups: Mapping[str, Sequence[str]]) -> dict[str, list[float]]:
@@ -133,12 +134,29 @@ def interval_text(d: dict[str, Any] | None, digits: int = 4) -> str:
     if d.get("identical"):
         return f"identical on all {d['n']}" if "n" in d else "identical"
 
-    def signed(x: float) -> str:  # a mean of seed averages can be -1e-15: shown as +0.00, not -0.00
-        return f"{x if round(x, digits) else 0.0:+.{digits}f}"
+    def signed(x: float) -> str:
+        # A mean of seed averages can be -1e-15: shown as +0.00. A real -0.004 stays -0.00 (a bound below zero).
+        return f"{x if abs(x) > 1e-12 else 0.0:+.{digits}f}"
 
     if d.get("low") is None:
         return signed(d["mean"])
     return f"{signed(d['mean'])} [{signed(d['low'])}, {signed(d['high'])}]"
+
+
+# How the pages' paired intervals are made (sdtp.eval.stats.paired_interval), said once for all of them.
+PAIRED_METHODS = ("outcomes all 0 or 1 (one run's correctness, or seeds that agree on every document): Newcombe's "
+                  "score interval with an exact McNemar p; other outcomes (scores, correctness averaged over seeds "
+                  "that differ): a paired Student t interval and t test")
+AVERAGE_METHOD = ("a stratified t interval (each task's document variance, Welch-Satterthwaite degrees of freedom; "
+                  "with one task, that task's own interval), p not Holm-corrected")
+
+
+def uncorrected_p_text(d: dict[str, Any] | None) -> str:
+    """The p cell of a pooled (Avg) row: its own p, marked as outside the Holm family."""
+    if d is None:
+        return "–"
+    text = p_text(d.get("p"), d)
+    return text if text == "–" or d.get("constant") else f"{text} (uncorrected)"
 
 
 def p_text(value: float | None, d: dict[str, Any]) -> str:

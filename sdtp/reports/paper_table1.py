@@ -11,7 +11,7 @@ rows ``dense``, ``llmlingua2``, ``sdtp``, ``sdtp_low``), the speed runs ``bench_
 ``<out>/<model>.{json,md,csv,png}``. The JSON holds every run's summary (:mod:`sdtp.reports.run_summary`:
 metrics, fingerprint, per-sample scores and timings; what a fresh clone resumes from) and the bench
 reports. Per dataset the page shows each row's score over the samples every row has, the paired
-difference to dense (95% Student t interval, p Holm-corrected over the page's tests), AVG = the mean over
+difference to dense (95% paired interval, p Holm-corrected over the page's tests), AVG = the mean over
 the LongBench datasets run (the paper's AVG is over its 14), 1/τ = prompt tokens / average tokens per
 layer (the paper's definition; prompt compression divides it further), and the speedups: measured by
 ``sdtp-bench`` (dense and pruned interleaved, 128 new tokens) at the length nearest the mean LongBench
@@ -38,7 +38,8 @@ from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_rat
                                           seed_values, shared_ids)
 from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, scorer_path, shown_path,
                                         smaller_page, write_page_files)
-from sdtp.reports.paired_tables import interval_text, p_text
+from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
+                                        uncorrected_p_text)
 from sdtp.reports.run_summary import summarise
 from sdtp.reports.seed_runs import (SEP, merge_seed_runs, natural_key, seed_groups, seed_label, seed_section,
                                    spread)
@@ -217,7 +218,7 @@ def difference_lines(page: dict[str, Any]) -> list[str]:
     if page["average"]:
         for row, d in page["average"]["delta"].items():
             lines.append(f"| **AVG** ({len(page['average']['datasets'])} LongBench) | – | {ROWS[row]} | "
-                         f"{interval_text(d, 2)} | bootstrap |")
+                         f"{interval_text(d, 2)} | {uncorrected_p_text(d)} |")
     return lines
 
 
@@ -401,9 +402,9 @@ def render(page: dict[str, Any]) -> str:
              "```bash", page["command"], "```", "", *header_lines(page), "",
              "## Table 1, ours beside the paper's", "", *table_lines(page), "",
              "## Paired differences to dense", "",
-             "Δ = mean over the same samples of the row's minus dense's score, points, with a 95% paired Student t "
-             "interval; p: paired t test, Holm-corrected over the page's tests. AVG: the mean over the LongBench "
-             "datasets, its interval a bootstrap resampling samples within each dataset.", "",
+             "Δ = mean over the same samples of the row's minus dense's score, points, with a 95% paired interval ("
+             f"{PAIRED_METHODS}); p Holm-corrected over the page's tests. AVG: the mean over the LongBench datasets, "
+             f"{AVERAGE_METHOD.replace('task', 'dataset').replace('document', 'sample')}.", "",
              *difference_lines(page), "", "## Score kept relative to dense", "", *retained_lines(page), "",
              "## Speed", "",
              "Bench: `sdtp-bench`, dense and pruned interleaved. As run: summed timings of the LongBench runs over "

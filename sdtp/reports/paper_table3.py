@@ -7,7 +7,7 @@ Reads two finished ``sdtp-eval eval=lm_eval`` runs (``metrics.json`` and lm-eval
 ``samples_<task>.jsonl``) and writes ``<out>/<model>.{json,md,csv,png}``: the JSON holds both runs'
 summaries (:mod:`sdtp.reports.run_summary`: metrics, fingerprint, per-document correctness; small, and
 what a fresh clone resumes from) and the table; the page shows per task the accuracy of each, the
-paired difference SDTP − dense over the same documents with a 95% Student t interval and a
+paired difference SDTP − dense over the same documents with a 95% interval and a
 Holm-corrected p (:mod:`sdtp.reports.paired_accuracy`), and the paper's Table 3. Run by
 ``experiments/paper_table3.sh``; never edit the page by hand.
 """
@@ -27,7 +27,8 @@ from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_t
                                         run_argument, run_config, scorer_path, write_page_files)
 from sdtp.reports.paired_accuracy import (average_difference, chance, holm_adjust, majority_share, paired_difference,
                                           seed_values, shared_documents, top_answer_share)
-from sdtp.reports.paired_tables import interval_text, p_text
+from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
+                                        uncorrected_p_text)
 from sdtp.reports.run_summary import summarise
 from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_section, spread
 
@@ -70,8 +71,8 @@ def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def average_row(rows: list[dict[str, Any]], dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str, Any]:
-    """The mean over tasks (each task weighs the same, as the paper's Avg), with a bootstrap interval for Δ
-    that resamples documents within each task."""
+    """The mean over tasks (each task weighs the same, as the paper's Avg), with a stratified t interval for Δ
+    (:func:`sdtp.reports.paired_accuracy.average_difference`)."""
     return {"task": "Avg", "lm_eval_task": None, "n": sum(r["n"] for r in rows),
             "dense_acc": math.fsum(r["dense_acc"] for r in rows) / len(rows),
             "sdtp_acc": math.fsum(r["sdtp_acc"] for r in rows) / len(rows),
@@ -117,7 +118,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         d = r["delta"]
         base = f"{num(r['chance'], '.0f')} / {num(r['majority'], '.0f')}" if r["chance"] is not None else "–"
-        p = "bootstrap" if r["task"] == "Avg" else (p_text(d.get("p_holm"), d) if d else "–")
+        p = uncorrected_p_text(d) if r["task"] == "Avg" else (p_text(d.get("p_holm"), d) if d else "–")
         paper = r["paper"] or {}
         name = f"**{r['task']}**" if r["task"] == "Avg" else r["task"]
         top = (f"{num(r['dense_top_answer'], '.0f')} / {num(r['sdtp_top_answer'], '.0f')}"
@@ -215,11 +216,11 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         "- **Paper.** Table 3: Llama2-7B, Mistral-7B and BLOOM-7B, 5-shot, SDTP pruning 65% of the input "
         "tokens, GPU; accuracy in %.",
         "- **Statistics.** Δ is the mean over the same documents of SDTP's minus dense's 0/1 correctness, in "
-        "points, with a 95% paired Student t interval; p: paired t test, Holm-corrected over the tasks. Avg: "
-        "the mean of the task accuracies (as the paper's), its interval a bootstrap that resamples documents "
-        "within each task (10,000 resamples). Chance = 1 / number of choices; majority = the share of the most "
-        "frequent gold answer among the documents; top answer = the share of documents given the run's most "
-        "frequent answer (near 100: the model answers one class whatever the document).",
+        f"points, with a 95% paired interval ({PAIRED_METHODS}); p Holm-corrected over the tasks. Avg: "
+        f"the mean of the task accuracies (as the paper's), {AVERAGE_METHOD}. Chance = 1 / number of choices; "
+        "majority = the share of the most frequent gold answer among the documents; top answer = the share of "
+        "documents given the run's most frequent answer (near 100: the model answers one class whatever the "
+        "document).",
     ]
 
 

@@ -12,7 +12,7 @@ and SDTP runs of the Table 3 page (same tasks, documents and few-shot; checked b
 ``<out>/<model>.{json,md,csv,png}``. The JSON holds every run's summary restricted to the four tasks
 (:mod:`sdtp.reports.run_summary`; the KV runs' are what a fresh clone resumes from) and the table. The
 page shows per task each column's accuracy over the same documents, the paired differences of every
-KV column against dense and of SDTP + KV against the same KV policy alone (95% Student t intervals,
+KV column against dense and of SDTP + KV against the same KV policy alone (95% paired intervals,
 p Holm-corrected over all of the page's paired tests; :mod:`sdtp.reports.paired_accuracy`), the KV
 entries and prompt tokens each run kept (measured), and the paper's Table 6. Run by
 ``experiments/paper_table6.sh``; never edit the page by hand.
@@ -33,7 +33,8 @@ from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_t
                                         run_argument, run_config, scorer_path, write_page_files)
 from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, holm_adjust, majority_share, outcomes,
                                           paired_difference, seed_values, top_answer_share)
-from sdtp.reports.paired_tables import interval_text, p_text
+from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
+                                        uncorrected_p_text)
 from sdtp.reports.run_summary import setup_differences, summarise
 from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_label, seed_section, spread
 
@@ -103,7 +104,7 @@ def task_row(task: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def average_row(rows: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The mean over tasks of every column (each task weighs the same), bootstrap intervals for the differences."""
+    """The mean over tasks of every column (each task weighs the same), stratified t intervals for the differences."""
     tasks = [r["lm_eval_task"] for r in rows]
     paper = paper_average() if [r["task"] for r in rows] == list(PAPER) else {}
     comparisons = {}
@@ -228,7 +229,7 @@ def difference_lines(rows: list[dict[str, Any]]) -> list[str]:
         for r in rows:
             c = r["comparisons"][key]
             d = c["delta"]
-            p = "bootstrap" if r["task"] == "Avg" else (p_text(d.get("p_holm"), d) if d else "–")
+            p = uncorrected_p_text(d) if r["task"] == "Avg" else (p_text(d.get("p_holm"), d) if d else "–")
             name = f"**{r['task']}**" if r["task"] == "Avg" else r["task"]
             paper = "–" if c["paper"] is None else f"{c['paper']:+.2f}"
             lines.append(f"| {label(other)} − {label(base)} | {name} | {c['n']} | {interval_text(d, 2)} | "
@@ -332,11 +333,10 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         "in this table (its Table 3 SDTP row for Llama2-7B: COPA 85.00, PIQA 78.89, WinoGrande 72.22, "
         "MathQA 31.19).",
         "- **Statistics.** Δ is the mean over the same documents of one column's minus another's 0/1 "
-        "correctness, in points, with a 95% paired Student t interval; p: paired t test, Holm-corrected over "
+        f"correctness, in points, with a 95% paired interval ({PAIRED_METHODS}); p Holm-corrected over "
         f"all {len(COMPARISONS) * (len(page['table']) - 1)} task-level tests of this page. Avg: the mean of the "
-        "task accuracies, its interval a bootstrap that resamples documents within each task (10,000 "
-        "resamples). Chance = 1 / number of choices; majority = the share of the most frequent gold answer; top "
-        "answer = the share of documents given the run's most frequent answer.",
+        f"task accuracies, {AVERAGE_METHOD}. Chance = 1 / number of choices; majority = the share of the most "
+        "frequent gold answer; top answer = the share of documents given the run's most frequent answer.",
     ]
 
 

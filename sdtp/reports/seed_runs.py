@@ -120,7 +120,7 @@ def merge_seed_runs(summaries: Mapping[str, Summary]) -> tuple[dict[str, Summary
 def over_seeds(values: Sequence[float]) -> dict[str, Any]:
     """The mean of one number over the seeds with a 95% Student t interval (None bounds with one seed)."""
     t = paired_t_interval(list(values))
-    bounded = math.isfinite(t.half_width)
+    bounded = math.isfinite(t.low)
     return {"values": list(values), "mean": t.mean, "low": t.low if bounded else None,
             "high": t.high if bounded else None}
 
