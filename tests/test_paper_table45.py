@@ -61,6 +61,10 @@ def test_row_intervals_match_a_hand_computation(points_dir):
     assert full["delta_nll"]["mean"] == pytest.approx(mean)
     assert (full["delta_nll"]["low"], full["delta_nll"]["high"]) == pytest.approx((low, high))
     assert full["delta_nll"]["n"] == 3
+    # The seed mean paired with dense over the two segments: (2.2 - 2.0, 3.1 - 3.0), df = 1 (data noise).
+    mean, low, high = _ci([0.2, 0.1])
+    segments = full["delta_nll_segments"]
+    assert segments["n"] == 2 and (segments["mean"], segments["low"], segments["high"]) == pytest.approx((mean, low, high))
 
 
 def test_paired_differences_vs_full_by_seed_and_segment(points_dir):
@@ -71,6 +75,10 @@ def test_paired_differences_vs_full_by_seed_and_segment(points_dir):
     mean, low, high = _ci([0.1, 0.1, 0.15])
     assert vs["delta_nll"]["mean"] == pytest.approx(mean)
     assert (vs["delta_nll"]["low"], vs["delta_nll"]["high"]) == pytest.approx((low, high))
+    # The seed means over segments: wo_rank (2.3, 3.2333) − full (2.2, 3.1), paired over the two segments.
+    mean, low, high = _ci([(2.2 + 2.4 + 2.3) / 3 - 2.2, (3.2 + 3.2 + 3.3) / 3 - 3.1])
+    segments = vs["delta_nll_segments"]
+    assert (segments["mean"], segments["low"], segments["high"]) == pytest.approx((mean, low, high))
     mean, low, high = _ci([-0.10, -0.08, -0.10])
     assert vs["spearman"]["mean"] == pytest.approx(mean)
     assert (vs["spearman"]["low"], vs["spearman"]["high"]) == pytest.approx((low, high))
@@ -102,7 +110,9 @@ def test_page_shows_paper_numbers_provenance_and_expectations(points_dir, tmp_pa
     assert "66.27 (-0.55)" in text and "26.16 (-1.12)" in text  # Tables 4 and 5, deltas recomputed
     assert "bash experiments/paper_table45.sh" in text and "Test CPU" in text and "bfloat16" in text
     assert "abc" in text and "120 training steps" in text and "480" in text
-    assert "w/o ranking vs full: worse NLL, interval excludes 0 — **expected**" in text
+    # Over seeds wo_rank − full excludes 0, over the two segments it does not: no verdict either way.
+    assert ("w/o ranking vs full: the interval over seeds excludes 0, the one over segments (the seed means paired "
+            "on the same text) does not — unresolved.") in text
     assert "agrees less with them than the full row — **expected**" in text
     rows = list(__import__("csv").DictReader(t45.to_csv(page).splitlines()))
     assert {r["row"] for r in rows} == set(t45.ROWS) and len(rows) == 9
