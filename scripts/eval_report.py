@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtp.utils import write_json_atomic, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "results" / "runs" / "eval"
 
@@ -94,8 +96,8 @@ def main() -> None:
     out = ROOT / "results" / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.model}_limit{args.limit}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    write_json_atomic(out / f"{stem}.json", report)
+    write_text_atomic(out / f"{stem}.md", markdown(report))
     print(markdown(report))
 
 

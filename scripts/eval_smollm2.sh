@@ -29,11 +29,13 @@ $PY -c "import json,sys; c=json.load(open(sys.argv[1])); c.pop('quantization_con
   "$CONVERTED/config.json" "$PLAIN/config.json"
 if [ "${HF_PARITY:-1}" = 1 ] && [ ! -d "$HF_OUT" ]; then
   SECONDS=0
+  rm -rf "$HF_OUT.partial"   # a killed attempt's outputs (lm-eval keeps no resumable state)
   $PY -m lm_eval --model hf \
     --model_args pretrained="$PLAIN",dtype=float32 --device cpu \
     --tasks "$TASKS" --include_path sdtp/eval/tasks --metadata "{\"data_root\": \"$DATA/mc\"}" \
-    --num_fewshot 5 --limit "$LIMIT" --batch_size 4 --output_path "$HF_OUT"
-  echo "{\"wall_s\": $SECONDS}" > "$HF_OUT/wall.json"
+    --num_fewshot 5 --limit "$LIMIT" --batch_size 4 --output_path "$HF_OUT.partial"
+  echo "{\"wall_s\": $SECONDS}" > "$HF_OUT.partial/wall.json"
+  mv "$HF_OUT.partial" "$HF_OUT"   # complete with its wall time, or absent (so the next run redoes it)
 fi
 
 for pruning in none random; do

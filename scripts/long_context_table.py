@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from sdtp.utils import write_text_atomic
+
 ROW = ("| {eval} | {setting} | {model} | {pruning} | {n} | {score} | {tokens:.0f} | {kept:.3f} | {layer:.3f} "
        "| {prefill:.1f} | {decode:.1f} |")
 
@@ -37,8 +39,7 @@ def main(root: str, out: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[row(m) for m in sorted(runs, key=lambda m: (m["eval"], m["model"], m["pruning"]["name"] != "none"))],
     ]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("\n".join(lines) + "\n")
+    write_text_atomic(Path(out), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -157,11 +157,12 @@ def portable(fp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+def flat_leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted key: leaf value} (an empty dict is a leaf)."""
     if isinstance(data, dict) and data:
         flat: dict[str, Any] = {}
         for key, value in data.items():
-            flat.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+            flat.update(flat_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
         return flat
     return {prefix: data}
 
@@ -179,8 +180,8 @@ def differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose leaf values differ between two nested dicts (a key absent on one side differs)."""
     # Through JSON, so tuples vs lists and int vs float keys compare as they are stored.
-    a = _leaves(json.loads(json.dumps(old, default=str)))
-    b = _leaves(json.loads(json.dumps(new, default=str)))
+    a = flat_leaves(json.loads(json.dumps(old, default=str)))
+    b = flat_leaves(json.loads(json.dumps(new, default=str)))
     return sorted(key for key in a.keys() | b.keys() if a.get(key, "<absent>") != b.get(key, "<absent>"))
 
 

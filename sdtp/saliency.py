@@ -119,6 +119,20 @@ def objective(target: str, head: nn.Module, hidden: torch.Tensor, input_ids: tor
     return lm_loss(head, hidden, target_labels(input_ids, valid, split), self_target=target == "fidelity")
 
 
+def row_scale(target: str, input_ids: torch.Tensor, valid: torch.Tensor | None,
+              split: torch.Tensor | None) -> torch.Tensor:
+    """(B,) factor that turns the saliency of a batch's pooled mean CE into each row's own: N / n_b.
+
+    The CE targets average over every target token of the batch (N), so a row's gradient carries 1 / N and its
+    label would depend on the rows batched with it; each row's own mean CE carries 1 / n_b. Rows do not interact
+    in the forward pass, so rescaling is exact. ``logit`` sums per-row values already (factor 1).
+    """
+    if target == "logit":
+        return torch.ones(input_ids.shape[0], device=input_ids.device)
+    counts = (target_labels(input_ids, valid, None if target == "sequence" else split) != -100).sum(1).float()
+    return counts.sum().clamp(min=1) / counts.clamp(min=1)
+
+
 @contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """No parameter requires grad inside: only activations get gradients, no ``.grad`` is touched."""
@@ -212,6 +226,7 @@ def saliency_scores(
         else:
             value.backward()
             raw = torch.stack([(captured[i].grad * captured[i]).float().sum(-1) for i in layers], dim=-1)
+            raw = raw * row_scale(target, ids, valid, split).to(raw.device)[:, None, None]
     return normalize_saliency(raw.detach(), absolute, normalize, valid)
 
 
@@ -254,4 +269,5 @@ def mask_saliency(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[in
         for handle in handles:
             handle.remove()
     from_layer = -torch.stack(grads, dim=-1).flip(-1).cumsum(-1).flip(-1)  # (B, S, L): sum over k >= l
-    return from_layer[..., list(layers)].float() * valid[..., None]
+    scale = row_scale("continuation", ids, valid, split).to(from_layer.device)[:, None, None]
+    return from_layer[..., list(layers)].float() * valid[..., None] * scale

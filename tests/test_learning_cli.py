@@ -103,8 +103,17 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
         train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "train.optimizer.lr=0.5", labels=labels_dir))
     with pytest.raises(ConfigError, match="model"):
         train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "model=tiny-qwen2", labels=labels_dir))
+    # The same model name in another dtype, or laid out over more steps, is another run; the message names the key.
+    with pytest.raises(ConfigError, match=r"base_model\.dtype: checkpoint='torch.float32' vs config='torch.bfloat16'"):
+        train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "model.dtype=bfloat16", labels=labels_dir))
+    with pytest.raises(ConfigError, match=r"train\.max_steps: checkpoint=4 vs config=6"):
+        train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "train.max_steps=6", labels=labels_dir))
     resumed = train_cli.run(_train_cfg(tmp_path / "split", "resume=true", labels=labels_dir))
     assert resumed["step"] == full["step"] == 4
+    # resume=true on the finished run: nothing retrained or revalidated, its record (training time too) stands.
+    record = (tmp_path / "split" / "metrics.json").read_text()
+    assert train_cli.run(_train_cfg(tmp_path / "split", "resume=true", labels=labels_dir)) == resumed
+    assert (tmp_path / "split" / "metrics.json").read_text() == record
     a = TokenPredictor.load(tmp_path / "full" / "predictor").state_dict()
     b = TokenPredictor.load(tmp_path / "split" / "predictor").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -113,6 +122,10 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the resumed run does not repeat steps
+    train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))  # afresh (resume=false) in a used out_dir
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # not appended to the earlier run's records
 
 
 def test_bf16_online_training_with_validation_every_step_exports_the_checkpoint(tmp_path):

@@ -67,6 +67,36 @@ def test_partial_outputs_of_another_setup_are_not_resumed(tmp_path):
     assert again["fingerprint"]["data"] != first["fingerprint"]["data"]
 
 
+def _continuation(tmp_path):
+    text = tmp_path / "wiki.test.raw"
+    text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
+    return compose("eval", ["eval=continuation", "model=tiny-llama", "pruning=norm", f"eval.data_file={text}",
+                            "eval.context_len=96", "eval.cont_len=16", "eval.num_segments=3", f"run_dir={tmp_path / 'run'}"])
+
+
+def test_continuation_segments_of_another_setup_are_not_resumed(tmp_path):
+    """segments.jsonl hashes the segments, model and pruning config only; what else the fingerprint holds (here a
+    package version; a predictor file's contents, the resolved dtype) must clear it too."""
+    run_dir = tmp_path / "run"
+    first = run(_continuation(tmp_path))
+    assert "resumed" not in first
+
+    def interrupt() -> None:  # a killed run: no metrics.json, its segments (tampered, to see reuse) left behind
+        (run_dir / "metrics.json").unlink()
+        path = run_dir / "segments.jsonl"
+        path.write_text("".join(json.dumps(dict(json.loads(line), nll=9.0)) + "\n"
+                                for line in path.read_text().splitlines()))
+
+    interrupt()
+    resumed = run(_continuation(tmp_path))  # same setup: continued, and marked
+    assert resumed["results"]["nll"] == pytest.approx(9.0) and resumed["resumed"] is True
+    interrupt()
+    started = json.loads((run_dir / "fingerprint.json").read_text())
+    write_json_atomic(run_dir / "fingerprint.json", {**started, "packages": {**started["packages"], "torch": "0.0"}})
+    again = run(_continuation(tmp_path))
+    assert again["results"]["nll"] == pytest.approx(first["results"]["nll"]) and "resumed" not in again
+
+
 def test_changed_default_or_predictor_invalidates_a_finished_run(tmp_path):
     _records(tmp_path / "multi_news.jsonl")
     run(_longbench(tmp_path))

@@ -188,16 +188,16 @@ def test_labels_at_every_layer_equal_per_schedule_labels(tiny_llama):
         torch.testing.assert_close(every[..., schedule], ours)
 
 
-def test_padded_batch_equals_rows_alone(tiny_llama):
+@pytest.mark.parametrize("target", ["continuation", "sequence", "mask"])
+def test_padded_batch_equals_rows_alone(tiny_llama, target):
+    """A row's label is its own mean CE's, whatever it is batched with (sdtp-label's batch_size, a resumed run's)."""
     model, _, _ = tiny_llama
     (a, b), ids, valid, split = _padded_pair()
-    batch = saliency_scores(model, ids, [1, 3], "continuation", absolute=False, normalize=False, valid=valid, split=split)
+    batch = saliency_scores(model, ids, [1, 3], target, absolute=False, normalize=False, valid=valid, split=split)
     for row, seq in enumerate((a, b)):
-        alone = saliency_scores(model, seq[None], [1, 3], "continuation", absolute=False, normalize=False,
+        alone = saliency_scores(model, seq[None], [1, 3], target, absolute=False, normalize=False,
                                 split=split[row : row + 1])
-        # The mean CE of a batch divides by all its targets: rescale the row's label to compare.
-        targets_row, targets_all = len(seq) - int(split[row]), (20 - 16) + (14 - 10)
-        torch.testing.assert_close(batch[row, : len(seq)] * targets_all / targets_row, alone[0], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(batch[row, : len(seq)], alone[0], rtol=1e-3, atol=1e-6)
     assert not batch[1, 14:].any()  # padding scores 0
 
 

@@ -66,9 +66,10 @@ ablation_point() {
   read -r -a train <<< "$3"
   read -r -a schedule <<< "$schedule_text"
   train+=("${schedule[@]}" "${train_args[@]}" "out_dir=$dir/train" "export_dir=$dir/predictor")
-  if [[ ! -f "$dir/predictor/predictor.json" || ! -f "$dir/train/metrics.json" ]]; then
-    "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
-  fi
+  # Always through sdtp-train: a finished run of the same setup only re-exports its checkpoint, an interrupted one
+  # resumes, and one made with other steps or arguments is refused (its checkpoint signature differs), so a point is
+  # never recorded under a setup its predictor was not trained with.
+  "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
   ev=("${eval_common[@]}" pruning=sdtp "${schedule[@]}" "pruning.scorer.path=$dir/predictor"
       pruning.scorer.recency_weight=0 pruning.scorer.recency_weight_chat=0)
   "$PY" -m sdtp.cli.evaluate "${ev[@]}" "${threads[@]}" "hydra.run.dir=$dir/eval"

@@ -78,8 +78,8 @@ COMPRESSION_RUNNERS = ("sdtp.eval.longbench.run", "sdtp.eval.synthetic.run")
 # sdtp/eval/lm_eval_model.py); the others refuse more than one process.
 DATA_PARALLEL_RUNNERS = ("sdtp.eval.harness.run",)
 # What a run writes into its directory (Hydra's .hydra/ and log file are the launcher's, kept).
-OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "*_state.json",
-                   FINGERPRINT_FILE)
+OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "segments.jsonl",
+                   "*_state.json", FINGERPRINT_FILE)
 
 
 def resolve_function(cfg: DictConfig, key: str) -> Callable[..., Any]:
@@ -230,17 +230,23 @@ def finished_run(run_dir: Path, current: dict[str, Any]) -> dict[str, Any] | Non
     return metrics
 
 
-def prepare_run_dir(run_dir: Path, current: dict[str, Any], force: bool) -> None:
-    """Clear outputs of a forced run or of another setup, keep a resumable one; write fingerprint.json."""
+def prepare_run_dir(run_dir: Path, current: dict[str, Any], force: bool) -> bool:
+    """Clear outputs of a forced run or of another setup, keep a resumable one; write fingerprint.json.
+
+    Returns whether an interrupted run of the same setup is continued.
+    """
     started = _read_json(run_dir / FINGERPRINT_FILE)
-    if force or started is None or differences(started, current):
+    resumed = not (force or started is None or differences(started, current))
+    if not resumed:
         removed = clear_outputs(run_dir)
         if removed:
             why = "force=true" if force else "they were produced by another setup (or an unknown one)"
             log.warning("deleted %s in %s: %s", ", ".join(p.name for p in removed), run_dir, why)
     else:
-        log.info("resuming the partial outputs in %s (same fingerprint)", run_dir)
+        log.info("continuing an interrupted run of the same setup in %s (runners that checkpoint resume from its "
+                 "outputs; lm-eval keeps none and starts over)", run_dir)
     write_json_atomic(run_dir / FINGERPRINT_FILE, current)
+    return resumed
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -260,26 +266,30 @@ def _run(cfg: DictConfig, runner: Runner, world: World) -> dict[str, Any]:
     run_dir = run_directory(cfg)
     force = bool(cfg.get("force", False))
     with ExitStack() as lock:
-        def start() -> tuple[dict[str, Any], dict[str, Any] | None]:
-            """Rank 0: lock, fingerprint, and the finished run's metrics (else a prepared directory)."""
+        def start() -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
+            """Rank 0: lock, fingerprint, and the finished run's metrics (else a prepared directory, and whether
+            it continues an interrupted run)."""
             lock.enter_context(run_lock(run_dir))
             current = fingerprint(cfg, input_files(cfg))
             metrics = None if force else finished_run(run_dir, current)
-            if metrics is None:
-                prepare_run_dir(run_dir, current, force)
-            return current, metrics
+            resumed = prepare_run_dir(run_dir, current, force) if metrics is None else False
+            return current, metrics, resumed
 
         # A locked directory stops every rank, not rank 0 alone (the others would wait at a collective).
-        current, metrics = on_main(start, world, errors=(ConfigError, RunLockedError))
+        current, metrics, resumed = on_main(start, world, errors=(ConfigError, RunLockedError))
         if metrics is not None:
             log.info("%s: finished run with the same fingerprint, skipping (force=true re-runs)", run_dir)
             return metrics
-        return _evaluate(cfg, runner, run_dir, current, world)
+        return _evaluate(cfg, runner, run_dir, current, world, resumed)
 
 
 def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str, Any],
-              world: World = World()) -> dict[str, Any]:
-    """Load model / pruner, run the runner (on every rank), write metrics.json (rank 0); rank 0's metrics."""
+              world: World = World(), resumed: bool = False) -> dict[str, Any]:
+    """Load model / pruner, run the runner (on every rank), write metrics.json (rank 0); rank 0's metrics.
+
+    ``resumed``: the run continues an interrupted one (W&B continues its run; metrics.json says so, because a
+    random scorer's stream restarts and such a run is reproducible but not identical to an uninterrupted one).
+    """
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
     pruner = build_pruner(cfg)
@@ -288,7 +298,7 @@ def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str,
     log.info("eval=%s model=%s pruning=%s -> %s (rank %d of %d)", cfg.eval.name, cfg.model.name, cfg.pruning.name,
              run_dir, world.rank, world.size)
     name = f"{cfg.eval.name}-{cfg.model.name}-{cfg.pruning.name}"
-    with RunLogger(run_dir, cfg.logger, cfg, name=name) if world.is_main else NullLogger() as logger:
+    with RunLogger(run_dir, cfg.logger, cfg, name=name, resume=resumed) if world.is_main else NullLogger() as logger:
         start = time.perf_counter()
         with kv_compression(kv_policy, model) as press:
             results = runner(cfg, model, tokenizer, pruner, run_dir)
@@ -312,6 +322,7 @@ def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str,
                 "git_commit": git_commit(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "fingerprint": current,
+                **({"resumed": True} if resumed else {}),
             }
             numbers = _numbers(results)
             logger.log({**numbers, "wall_s": wall_s})

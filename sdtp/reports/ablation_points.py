@@ -106,7 +106,7 @@ def load_points(points_dir: Path, accept: Callable[[str], bool]
     """(row, seed) -> summary of the points in ``points_dir`` whose row ``accept`` takes, and the dense
     reference (None when missing)."""
     points, dense = {}, None
-    for path in sorted(points_dir.glob("*.json")) if points_dir.is_dir() else []:
+    for path in sorted(points_dir.glob("[!.]*.json")) if points_dir.is_dir() else []:  # not a killed write's temp
         p = json.loads(path.read_text())
         if p.get("row") == "dense":
             dense = p

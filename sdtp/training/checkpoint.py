@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdtp.errors import ConfigError
+from sdtp.provenance import changed_keys, flat_leaves
 from sdtp.utils import atomic_path, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -52,9 +53,11 @@ def load_checkpoint(path: Path, signature: dict[str, Any], predictor: torch.nn.M
         raise ConfigError(f"resume: cannot read the checkpoint {path} ({exc})") from exc
     old = json.loads(state.get("signature", "{}"))
     new = json.loads(json.dumps(signature, sort_keys=True, default=str))
-    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diffs = changed_keys(old, new)  # dotted leaves, e.g. train.optimizer.lr, not two whole train dicts
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint={old.get(k)!r} vs config={new.get(k)!r}" for k in diffs[:4])
+        was, now = flat_leaves(old), flat_leaves(new)
+        detail = "; ".join(f"{k}: checkpoint={was.get(k, '<absent>')!r} vs config={now.get(k, '<absent>')!r}"
+                           for k in diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
         raise ConfigError(f"resume=true: {path} was trained with a different setup ({detail}); "
                           "use another out_dir or resume=false")
     predictor.load_state_dict(state["predictor"])

@@ -47,6 +47,7 @@ from sdtp.errors import ConfigError
 from sdtp.labels import load_labels, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
+from sdtp.models.loading import resolve_dtype
 from sdtp.predictor import PredictorMeta, TokenPredictor, select_stages, widen_inputs
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
@@ -187,13 +188,21 @@ def load_data(cfg: DictConfig, tokenizer: Any, schedule: PruningSchedule) -> tup
 
 
 def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_size: int = 1) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed (the number of ranks too: it sets the step's batch)."""
+    """What must match for a checkpoint to be resumed (the number of ranks too: it sets the step's batch).
+
+    ``max_steps`` counts: the noise annealing and the LR schedule (``T_max``) are laid out over it, so a run
+    resumed with another one would not be the run it claims (split a run with ``train.stop_at`` instead).
+    """
     t = OmegaConf.to_container(cfg.train, resolve=True)
-    for volatile in ("max_steps", "ckpt_every", "eval_every", "stop_at", "val_sequences", "labels_dir"):
+    for volatile in ("ckpt_every", "eval_every", "stop_at", "val_sequences", "labels_dir"):
         t.pop(volatile, None)
-    sig = {"model": cfg.model.name, "layers": list(schedule.layers), "keep_fractions": list(schedule.keep_fractions),
-           "keep_first": schedule.keep_first, "keep_recent": schedule.keep_recent, "data": data_hash,
-           "train": t, "seed": int(cfg.seed)}
+    # The frozen model as loaded: its source and weights' identity, and the dtype "auto" resolves to on this machine.
+    base = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+            if k not in ("name", "device", "schedule", "max_length")}
+    base["dtype"] = str(resolve_dtype(cfg.model.dtype, cfg.model.device))
+    sig = {"model": cfg.model.name, "base_model": base, "layers": list(schedule.layers),
+           "keep_fractions": list(schedule.keep_fractions), "keep_first": schedule.keep_first,
+           "keep_recent": schedule.keep_recent, "data": data_hash, "train": t, "seed": int(cfg.seed)}
     if world_size > 1:  # absent for one process, so single-process checkpoints keep their signature
         sig["world_size"] = world_size
     return sig
@@ -277,17 +286,22 @@ def held_out(model: torch.nn.Module, schedule: PruningSchedule, val: list[Exampl
 
 def resume(cfg: DictConfig, sig: dict[str, Any], predictor: TokenPredictor, optimizer: torch.optim.Optimizer,
            scheduler: Any, rng: dict[str, torch.Generator], world: World) -> int:
-    """The step to start from: the checkpoint's with ``resume=true`` (every rank loads it), else 0."""
+    """The step to start from: the checkpoint's with ``resume=true`` (every rank loads it), else 0.
+
+    ``metrics.jsonl`` keeps only the records up to that step: a resumed run does not repeat steps, and a run
+    started afresh in the same ``out_dir`` (no checkpoint yet, or ``resume=false``) does not append to an
+    earlier run's records, which the final noise metrics average over.
+    """
     ckpt = Path(cfg.out_dir) / CHECKPOINT
-    if not cfg.resume:
-        return 0
-    require_shared(ckpt, world, "out_dir")
-    if not ckpt.is_file():
-        return 0
-    step = load_checkpoint(ckpt, sig, predictor, optimizer, scheduler, rng, rank=world.rank)
+    step = 0
+    if cfg.resume:
+        require_shared(ckpt, world, "out_dir")
+        if ckpt.is_file():
+            step = load_checkpoint(ckpt, sig, predictor, optimizer, scheduler, rng, rank=world.rank)
     if world.is_main:
         truncate_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
-        log.info("Resumed from %s at step %d", ckpt, step)
+        if step:
+            log.info("Resumed from %s at step %d", ckpt, step)
     return step
 
 
@@ -352,13 +366,23 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
     masker = PolicyMasker(schedule, predictor, t.keep_mode, generator=rng["gumbel"])
     sig = signature(cfg, schedule, data_hash, world.size)
     step, ckpt = resume(cfg, sig, predictor, optimizer, scheduler, rng, world), out_dir / CHECKPOINT
+    if step >= int(t.max_steps) and (out_dir / "metrics.json").is_file():
+        # resume=true on a finished run of the same setup (the signature matched): its outputs stand, and its
+        # recorded metrics (training time included) are not replaced by a validation-only re-run.
+        if not world.is_main:
+            return {"out_dir": str(out_dir), "step": step, "rank": world.rank}
+        log.info("%s: already trained to step %d with this setup; nothing to do", out_dir, step)
+        if cfg.export_dir:
+            predictor.save(cfg.export_dir)
+        return finish_summary(cfg, out_dir, step, json.loads((out_dir / "metrics.json").read_text()))
 
     # Rank 0 alone validates (as one process would); meanwhile the others wait at the next collective.
     if world.is_main:
         val_labels, references = held_out(model, schedule, val, stored[cut:] if stored is not None else None, t.target)
     max_steps, anneal = int(t.max_steps), int(t.anneal_steps or t.max_steps)
     begin, tokens = time.perf_counter(), 0
-    run_logger = RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name, resume=bool(cfg.resume)) \
+    # W&B continues the saved run only when training does: a start from step 0 is a new run.
+    run_logger = RunLogger(out_dir, cfg.logger, cfg, name=cfg.experiment_name, resume=step > 0) \
         if world.is_main else NullLogger()  # metrics.jsonl and W&B: rank 0 only
     with run_logger as logger:
         bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not world.is_main)
@@ -401,6 +425,11 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
     if cfg.export_dir:
         predictor.save(cfg.export_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)
+    return finish_summary(cfg, out_dir, step, metrics)
+
+
+def finish_summary(cfg: DictConfig, out_dir: Path, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary (also the last stdout line, as JSON) from its final metrics."""
     summary = {"out_dir": str(out_dir), "predictor": str(cfg.export_dir or out_dir / "predictor"), "step": step,
                **{k: metrics[k] for k in ("nll_dense", "nll_random", "nll_sdtp", "spearman", "drop_agreement_mean")}}
     print(json.dumps(summary))
