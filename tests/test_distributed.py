@@ -250,7 +250,6 @@ def test_ranks_share_each_step_without_overlap():
 
 
 def test_bad_distributed_setups_fail_before_any_work(tmp_path, monkeypatch):
-    cfg = compose("train", DATA)
     two = World(rank=0, size=2)
     for override, key in ((["distributed.backend=mpi"], "distributed.backend"),
                           (["distributed.backend=nccl"], "distributed.backend=nccl"),

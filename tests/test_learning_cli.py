@@ -19,6 +19,7 @@ from sdtp.labels import load_labels
 from sdtp.models import load_model
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.saliency import saliency_scores
+from sdtp.training import loop as train_loop
 from sdtp.training.loop import collate, loss_step
 from sdtp.training.masking import PolicyMasker
 
@@ -53,8 +54,8 @@ def test_labels_at_every_layer_match_a_direct_computation(labels_dir, tmp_path):
     assert sal.shape == (ids.shape[0], 4) and split == ids.shape[0] - 12
     direct = saliency_scores(model, ids[None], None, "continuation", absolute=False, normalize=False,
                              split=torch.tensor([split]))[0]
-    # labelled in batches of 3 equal-length windows: the mean CE divides by 3x the targets
-    torch.testing.assert_close(sal * 3, direct, rtol=1e-3, atol=1e-3 * float(direct.abs().max()))
+    # labelled in batches of 3: each row's label is its own mean CE's, as alone (saliency.row_scale)
+    torch.testing.assert_close(sal, direct, rtol=1e-3, atol=1e-3 * float(direct.abs().max()))
     # A killed run resumes at the first missing shard and reproduces it.
     copy = _copy(labels_dir, tmp_path / "labels")
     (copy / "shard_00002.safetensors").unlink()
@@ -95,7 +96,7 @@ def test_train_from_labels_checks_target_and_folder(labels_dir, tmp_path):
     assert TokenPredictor.load(summary["predictor"]).meta.layers == [1, 3]
 
 
-def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir, tmp_path):
+def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir, tmp_path, monkeypatch):
     full = train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))
     stopped = train_cli.run(_train_cfg(tmp_path / "split", "train.stop_at=2", labels=labels_dir))
     assert stopped["stopped"] and stopped["step"] == 2
@@ -122,6 +123,11 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the resumed run does not repeat steps
+    (tmp_path / "full" / "metrics.json").write_text('{"marker": 1}')  # an earlier run's record ...
+    with pytest.raises(RuntimeError, match="killed"), monkeypatch.context() as patched:  # ... and a run killed early
+        patched.setattr(train_loop, "held_out", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))
+    assert not (tmp_path / "full" / "metrics.json").exists()  # cannot pass for the killed run's
     train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))  # afresh (resume=false) in a used out_dir
     steps = [r["step"] for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]

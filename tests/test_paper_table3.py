@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from scipy import stats
 
 from sdtp.eval.stats import paired_binary_interval
 from sdtp.provenance import locations_portable
@@ -51,14 +50,13 @@ def test_paired_interval_matches_a_hand_computation(page_dir):
     avg = rows["Avg"]
     assert avg["dense_acc"] == pytest.approx((200 / 3 + 50 + 75) / 3)
     assert avg["delta"]["mean"] == pytest.approx((mean + 0 + 25) / 3)
-    # Stratified t: var of the mean of task means = sum_k s_k^2 / n_k / 3^2 (CB's differences are all 0),
-    # Welch-Satterthwaite degrees of freedom.
-    copa_part = ((-100 - mean) ** 2 * 2 + (100 - mean) ** 2) / 2 / 3
-    wsc_part = (75.0**2 + 3 * 25.0**2) / 3 / 4
-    df = (copa_part + wsc_part) ** 2 / (copa_part**2 / 2 + wsc_part**2 / 3)
-    half = stats.t.ppf(0.975, df) * math.sqrt((copa_part + wsc_part) / 9)
-    assert (avg["delta"]["low"], avg["delta"]["high"]) == pytest.approx((avg["delta"]["mean"] - half,
-                                                                         avg["delta"]["mean"] + half))
+    # One run's 0/1 outcomes: the three tasks' Newcombe limits combined (MOVER for a mean of independent
+    # estimates); p: exact McNemar on the pooled flips (COPA 1 gained / 2 lost, WSC 1 gained: 2 / 2, p = 1).
+    parts = [paired_binary_interval(SDTP[t], DENSE[t]) for t in ("sdtp_copa", "sdtp_cb", "sdtp_wsc")]
+    low = sum(p.mean for p in parts) / 3 - math.sqrt(sum((p.mean - p.low) ** 2 for p in parts)) / 3
+    high = sum(p.mean for p in parts) / 3 + math.sqrt(sum((p.high - p.mean) ** 2 for p in parts)) / 3
+    assert (avg["delta"]["low"], avg["delta"]["high"]) == pytest.approx((100 * low, 100 * high))
+    assert avg["delta"]["p"] == 1.0
     assert [r["task"] for r in page["table"]] == ["COPA", "CB", "WSC", "Avg"]  # the paper's order
 
 

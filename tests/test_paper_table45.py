@@ -64,7 +64,8 @@ def test_row_intervals_match_a_hand_computation(points_dir):
     # The seed mean paired with dense over the two segments: (2.2 - 2.0, 3.1 - 3.0), df = 1 (data noise).
     mean, low, high = _ci([0.2, 0.1])
     segments = full["delta_nll_segments"]
-    assert segments["n"] == 2 and (segments["mean"], segments["low"], segments["high"]) == pytest.approx((mean, low, high))
+    assert segments["n"] == 2
+    assert (segments["mean"], segments["low"], segments["high"]) == pytest.approx((mean, low, high))
 
 
 def test_paired_differences_vs_full_by_seed_and_segment(points_dir):

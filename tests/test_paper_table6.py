@@ -4,13 +4,11 @@ numbers, measured kept fractions, the Table 3 pairing check), and the experiment
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import pytest
 from conftest import lm_eval_fingerprint, write_lm_eval_run
-from scipy import stats
 
 from sdtp.cli import evaluate
 from sdtp.config import compose

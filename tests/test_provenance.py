@@ -71,7 +71,8 @@ def _continuation(tmp_path):
     text = tmp_path / "wiki.test.raw"
     text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
     return compose("eval", ["eval=continuation", "model=tiny-llama", "pruning=norm", f"eval.data_file={text}",
-                            "eval.context_len=96", "eval.cont_len=16", "eval.num_segments=3", f"run_dir={tmp_path / 'run'}"])
+                            "eval.context_len=96", "eval.cont_len=16", "eval.num_segments=3",
+                            f"run_dir={tmp_path / 'run'}"])
 
 
 def test_continuation_segments_of_another_setup_are_not_resumed(tmp_path):

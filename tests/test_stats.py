@@ -8,7 +8,8 @@ import random
 import pytest
 
 from sdtp.eval.stats import (holm, mcnemar_exact_p, paired_binary_interval, paired_interval, paired_t_interval,
-                             stratified_bootstrap_ci, stratified_t_interval, t_quantile)
+                             stratified_binary_interval, stratified_bootstrap_ci, stratified_interval,
+                             stratified_t_interval, t_quantile)
 from sdtp.reports.paired_tables import interval_text, paired_summary, uncorrected_p_text
 
 
@@ -84,7 +85,8 @@ def test_binary_interval_stays_feasible_where_a_t_interval_does_not():
     lost = paired_binary_interval(*_table(0, 0, 20, 0))  # every document lost: the t interval has zero width
     assert lost.low == -1.0 and lost.mean == -1.0 < lost.high < -0.5 and not lost.constant
     same = paired_binary_interval(*_table(3, 0, 0, 4))
-    assert same.identical and same.p_value == 1.0
+    assert same.identical and same.p_value == 1.0 and same.mean == 0.0
+    assert same.low < -0.1 and same.high > 0.1  # 7 documents that never differ still bound the difference loosely
 
 
 def test_binary_interval_keeps_its_coverage_when_few_documents_flip():
@@ -134,3 +136,40 @@ def test_pooled_p_cell_and_signed_bounds():
     assert uncorrected_p_text(summary).endswith("(uncorrected)")
     assert interval_text({"mean": 1.3, "low": -0.004, "high": 2.6}, 2) == "+1.30 [-0.00, +2.60]"
     assert interval_text({"mean": -1e-15, "low": -1.0, "high": 1.0}, 2) == "+0.00 [-1.00, +1.00]"
+
+
+def test_stratified_binary_interval_combines_the_tasks_newcombe_limits():
+    tasks = [_table(40, 1, 4, 55), _table(30, 2, 2, 66), _table(10, 0, 3, 87)]
+    parts = [paired_binary_interval(x, y) for x, y in tasks]
+    result = stratified_binary_interval([x for x, _ in tasks], [y for _, y in tasks])
+    mean = sum(p.mean for p in parts) / 3
+    low = mean - math.sqrt(sum((p.mean - p.low) ** 2 for p in parts)) / 3  # MOVER for a mean of independent parts
+    high = mean + math.sqrt(sum((p.high - p.mean) ** 2 for p in parts)) / 3
+    assert (result.mean, result.low, result.high) == pytest.approx((mean, low, high), rel=1e-12)
+    assert result.p_value == pytest.approx(mcnemar_exact_p(3, 9)) and result.n == 300  # flips pooled: 3 gained, 9 lost
+    one = stratified_binary_interval([tasks[0][0]], [tasks[0][1]])
+    assert (one.low, one.high, one.p_value) == (parts[0].low, parts[0].high, parts[0].p_value)
+    scaled = stratified_interval([x for x, _ in tasks], [y for _, y in tasks], 100.0)
+    assert scaled.method == "newcombe" and scaled.low == pytest.approx(100 * low)
+    averaged = stratified_interval([[v / 2 for v in x] for x, _ in tasks], [y for _, y in tasks], 100.0)
+    assert averaged.method == "t"  # outcomes averaged over seeds: t on the differences
+
+
+def test_stratified_binary_interval_keeps_its_coverage_when_few_documents_flip():
+    """4 tasks x 100 documents, 0.8% flip one way: the stratified t interval covers the truth about 83% of the time,
+    the combined Newcombe limits (conservatively) nearly always."""
+    rng = random.Random(1)
+    covered = {"t": 0, "binary": 0}
+    trials = 300
+    for _ in range(trials):
+        xs, ys = [], []
+        for _ in range(4):
+            x = [int(rng.random() < 0.6) for _ in range(100)]
+            y = [1 if (u == 0 and rng.random() < 0.02) else u for u in x]  # x loses 2% of documents
+            xs.append(x), ys.append(y)
+        t = stratified_t_interval([[a - b for a, b in zip(x, y)] for x, y in zip(xs, ys)])
+        truth = -0.02 * 0.4  # a loss needs x wrong (40%) ... and the flip to y right
+        covered["t"] += t.low <= truth <= t.high
+        binary = stratified_binary_interval(xs, ys)
+        covered["binary"] += binary.low <= truth <= binary.high
+    assert covered["binary"] / trials >= 0.93 > covered["t"] / trials

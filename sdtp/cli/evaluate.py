@@ -192,9 +192,14 @@ def input_files(cfg: DictConfig) -> list[Path]:
     return list(resolve_function(cfg, "inputs")(cfg)) if cfg.eval.get("inputs") else []
 
 
+def _outputs(run_dir: Path) -> list[Path]:
+    """The files of OUTPUT_PATTERNS in ``run_dir``."""
+    return sorted({path for pattern in OUTPUT_PATTERNS for path in run_dir.glob(pattern) if path.is_file()})
+
+
 def clear_outputs(run_dir: Path) -> list[Path]:
     """Delete the files a previous run left in ``run_dir`` (see OUTPUT_PATTERNS); returns them."""
-    removed = sorted({path for pattern in OUTPUT_PATTERNS for path in run_dir.glob(pattern) if path.is_file()})
+    removed = _outputs(run_dir)
     for path in removed:
         path.unlink()
     return removed
@@ -236,15 +241,16 @@ def prepare_run_dir(run_dir: Path, current: dict[str, Any], force: bool) -> bool
     Returns whether an interrupted run of the same setup is continued.
     """
     started = _read_json(run_dir / FINGERPRINT_FILE)
-    resumed = not (force or started is None or differences(started, current))
-    if not resumed:
+    same = not (force or started is None or differences(started, current))
+    # Continued only when the interrupted run left something to continue from (lm-eval leaves nothing).
+    resumed = same and any(path.name != FINGERPRINT_FILE for path in _outputs(run_dir))
+    if not same:
         removed = clear_outputs(run_dir)
         if removed:
             why = "force=true" if force else "they were produced by another setup (or an unknown one)"
             log.warning("deleted %s in %s: %s", ", ".join(p.name for p in removed), run_dir, why)
-    else:
-        log.info("continuing an interrupted run of the same setup in %s (runners that checkpoint resume from its "
-                 "outputs; lm-eval keeps none and starts over)", run_dir)
+    elif resumed:
+        log.info("continuing the interrupted run of the same setup in %s from its outputs", run_dir)
     write_json_atomic(run_dir / FINGERPRINT_FILE, current)
     return resumed
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sdtp.engine.selection import kept_count, protected_count, recent_count
 from sdtp.errors import ConfigError
 
 POSITION_MODES = ("original", "renumber")
@@ -75,18 +76,17 @@ class PruningSchedule:
 
     def num_recent(self, seq_len: int) -> int:
         """Number of protected tokens at the end of an ``seq_len``-token prompt."""
-        return min(seq_len, math.ceil(self.keep_recent * seq_len - 1e-9))
+        return recent_count(self.keep_recent, seq_len)
 
     def num_protected(self, seq_len: int) -> int:
-        return min(seq_len, min(self.keep_first, seq_len) + self.num_recent(seq_len))
+        return protected_count(seq_len, self.keep_first, self.num_recent(seq_len))
 
     def budget(self, stage: int, seq_len: int) -> int:
         """Tokens alive after ``stage`` (0-based) for a ``seq_len``-token prompt.
 
         Protected tokens count inside the budget; if they alone exceed it they are all kept.
         """
-        target = round(seq_len * self.keep_fractions[stage])
-        return max(min(target, seq_len), self.num_protected(seq_len))
+        return kept_count(seq_len, self.keep_fractions[stage], self.num_protected(seq_len))
 
     def tokens_per_layer(self, seq_len: int, num_layers: int) -> list[int]:
         """How many prompt tokens each decoder layer processes during prefill."""

@@ -1,8 +1,25 @@
-"""Token selection: which alive tokens survive a pruning stage."""
+"""Token selection: which alive tokens survive a pruning stage (and how many, for token pruning and KV policies)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def recent_count(fraction: float, length: int) -> int:
+    """Protected tokens at the end of a ``length``-token sequence: ceil(``fraction`` x length), at most length."""
+    return min(length, math.ceil(fraction * length - 1e-9))  # the epsilon keeps 0.1 x 30 at 3, not 4
+
+
+def protected_count(length: int, keep_first: int, num_recent: int) -> int:
+    """The first ``keep_first`` and the last ``num_recent`` of ``length`` tokens, overlaps counted once."""
+    return min(length, min(keep_first, length) + num_recent)
+
+
+def kept_count(length: int, fraction: float, protected: int) -> int:
+    """round(``fraction`` x length) kept, at most length; the ``protected`` tokens alone may exceed it."""
+    return max(min(round(length * fraction), length), protected)
 
 
 def protected_mask(

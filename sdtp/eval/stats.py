@@ -157,8 +157,6 @@ def paired_binary_interval(x: Sequence[float], y: Sequence[float], level: float 
     b = sum(1 for u, v in zip(x, y) if u and not v)
     c = sum(1 for u, v in zip(x, y) if v and not u)
     d = n - a - b - c
-    if b == c == 0:
-        return PairedInterval(0.0, 0.0, 0.0, 1.0, n, True, "newcombe")
     p1, p2 = (a + b) / n, (a + c) / n
     (l1, u1), (l2, u2) = wilson_interval(a + b, n, level), wilson_interval(a + c, n, level)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
@@ -169,8 +167,9 @@ def paired_binary_interval(x: Sequence[float], y: Sequence[float], level: float 
     delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     epsilon = math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
     mean = (b - c) / n
-    return PairedInterval(mean, max(-1.0, mean - delta), min(1.0, mean + epsilon), mcnemar_exact_p(b, c), n, False,
-                          "newcombe")
+    # A pair that never differs still has an interval (how large a difference n documents could hide).
+    return PairedInterval(mean, max(-1.0, mean - delta), min(1.0, mean + epsilon), mcnemar_exact_p(b, c), n,
+                          b == c == 0, "newcombe")
 
 
 def is_binary(values: Sequence[float]) -> bool:
@@ -190,6 +189,37 @@ def paired_interval(x: Sequence[float], y: Sequence[float], scale: float = 1.0,
     return PairedInterval(scale * r.mean, scale * r.low, scale * r.high, r.p_value, r.n, r.identical, r.method)
 
 
+def stratified_binary_interval(x_strata: Sequence[Sequence[float]], y_strata: Sequence[Sequence[float]],
+                               level: float = 0.95) -> PairedInterval:
+    """Mean over strata of each stratum's ``mean(x - y)`` for paired 0/1 outcomes.
+
+    Interval: the strata's Newcombe limits combined by MOVER (Zou & Donner 2008) for a mean of independent
+    estimates, ``theta -/+ sqrt(sum_k (theta_k - l_k)^2) / K`` (upper: ``u_k``); with one stratum, Newcombe's own.
+    p: exact McNemar on the discordant pairs of every stratum pooled (a test of no difference in any stratum).
+    """
+    parts = [paired_binary_interval(x, y, level) for x, y in zip(x_strata, y_strata, strict=True)]
+    n, k = sum(r.n for r in parts), len(parts)
+    if any(r.n < 2 for r in parts) or not parts:
+        return PairedInterval(math.nan, math.nan, math.nan, math.nan, n, False, "newcombe")
+    mean = math.fsum(r.mean for r in parts) / k
+    low = mean - math.sqrt(math.fsum((r.mean - r.low) ** 2 for r in parts)) / k
+    high = mean + math.sqrt(math.fsum((r.high - r.mean) ** 2 for r in parts)) / k
+    gained = sum(1 for x, y in zip(x_strata, y_strata) for u, v in zip(x, y) if u and not v)
+    lost = sum(1 for x, y in zip(x_strata, y_strata) for u, v in zip(x, y) if v and not u)
+    return PairedInterval(mean, low, high, mcnemar_exact_p(gained, lost), n, gained == lost == 0, "newcombe")
+
+
+def stratified_interval(x_strata: Sequence[Sequence[float]], y_strata: Sequence[Sequence[float]],
+                        scale: float = 1.0, level: float = 0.95) -> PairedInterval:
+    """``scale`` x the mean over strata of each stratum's ``mean(x - y)``: :func:`stratified_binary_interval`
+    when every outcome is 0/1, else :func:`stratified_t_interval` on the scaled differences."""
+    if all(is_binary(x) and is_binary(y) for x, y in zip(x_strata, y_strata, strict=True)):
+        r = stratified_binary_interval(x_strata, y_strata, level)
+        return PairedInterval(scale * r.mean, scale * r.low, scale * r.high, r.p_value, r.n, r.identical, r.method)
+    return stratified_t_interval([[scale * (u - v) for u, v in zip(x, y, strict=True)]
+                                  for x, y in zip(x_strata, y_strata)], level)
+
+
 def stratified_t_interval(strata: Sequence[Sequence[float]], level: float = 0.95) -> PairedInterval:
     """Mean over strata of each stratum's mean difference, with a t interval (Welch-Satterthwaite df).
 
@@ -200,6 +230,8 @@ def stratified_t_interval(strata: Sequence[Sequence[float]], level: float = 0.95
     if len(strata) == 1:
         return paired_t_interval(strata[0], level)
     n = sum(len(s) for s in strata)
+    if not strata:
+        return PairedInterval(math.nan, math.nan, math.nan, math.nan, 0, False)
     means = [math.fsum(s) / len(s) if s else math.nan for s in strata]
     mean = math.fsum(means) / len(strata)
     if any(len(s) < 2 for s in strata):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import hydra
 import torch
 
+from sdtp.engine.selection import kept_count, protected_count, protected_mask, recent_count
 from sdtp.errors import ConfigError
 from sdtp.kv.scores import AccumulatedAttention, KVScore, WindowAttention
 from sdtp.targets import import_target
@@ -89,16 +89,16 @@ class KVPolicy:
         return WindowAttention(self.window, self.kernel) if self.method == "snapkv" else None
 
     def num_recent(self, length: int) -> int:
-        recent = math.ceil(self.keep_recent * length - 1e-9)
+        recent = recent_count(self.keep_recent, length)
         statistic = self.statistic
-        if statistic is not None:
-            recent = max(recent, statistic.recent)  # e.g. SnapKV always keeps its observation window
-        return min(length, recent)
+        if statistic is not None:  # e.g. SnapKV always keeps its observation window
+            recent = min(length, max(recent, statistic.recent))
+        return recent
 
     def protected(self, length: int, device: torch.device | None = None) -> torch.Tensor:
         """(T,) bool: entries every head keeps (sinks and the recent tail)."""
-        index = torch.arange(length, device=device)
-        return (index < self.keep_first) | (index >= length - self.num_recent(length))
+        index = torch.arange(length, device=device)[None]
+        return protected_mask(index, length, self.keep_first, self.num_recent(length))[0]
 
     def layer_ratio(self, layer: int | None) -> float:
         """Kept fraction of decoder layer ``layer`` (None: ``ratio``)."""
@@ -111,8 +111,8 @@ class KVPolicy:
 
     def budget(self, length: int, layer: int | None = None) -> int:
         """Entries kept out of ``length`` in ``layer``; the protected ones alone may exceed its ratio."""
-        protected = min(length, min(self.keep_first, length) + self.num_recent(length))
-        return max(min(round(length * self.layer_ratio(layer)), length), protected)
+        protected = protected_count(length, self.keep_first, self.num_recent(length))
+        return kept_count(length, self.layer_ratio(layer), protected)
 
 
 def kv_enabled(cfg: Mapping[str, Any]) -> bool:

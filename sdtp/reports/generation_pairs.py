@@ -13,7 +13,6 @@ Holm-corrected p-values. The page is written atomically next to a JSON twin.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys

@@ -17,8 +17,7 @@ from typing import Any
 
 from sdtp.eval.longbench_tasks import CATEGORIES, DATASETS
 from sdtp.eval.stats import paired_interval, stratified_t_interval
-from sdtp.reports.paired_accuracy import holm_adjust
-from sdtp.reports.paired_tables import paired_summary
+from sdtp.reports.paired_tables import holm_adjust, paired_summary
 
 Predictions = dict[str, dict[str, dict[str, Any]]]  # dataset -> sample id -> prediction record (one run)
 

@@ -7,15 +7,14 @@ method on their common documents (:func:`comparisons`: paired intervals, Holm wi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdtp.eval.stats import holm, paired_interval
+from sdtp.eval.stats import paired_interval
 from sdtp.provenance import changed_keys, portable
 from sdtp.reports.method_runs import DENSE
-from sdtp.reports.paired_tables import paired_summary
+from sdtp.reports.paired_tables import holm_adjust, paired_summary
 
 FOCUS = "sdtp"  # the method compared against every other one
 # Config groups that make up the method itself; the rest of a fingerprint must match dense's. The
@@ -83,8 +82,7 @@ def family(ev: str) -> Family:
     if ev == "lm_eval":
         return Family("points", 100.0, 2,
                       "paired over the documents of all tasks pooled (one 0/1 outcome per document, every "
-                      "document weighs the same; differences between tasks count as noise, which widens the "
-                      "interval)")
+                      "document weighs the same)")
     return Family("points", 100.0, 2, "paired over the samples (all datasets / lengths / depths pooled)")
 
 
@@ -99,9 +97,9 @@ def paired(a: dict[Any, float], b: dict[Any, float], scale: float) -> dict[str, 
 
 def with_holm(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Adds ``p_holm``: Holm over the comparisons with ``in_holm`` (per-seed rows are shown, not counted)."""
-    # Outside the family: NaN, which holm() skips and does not count.
-    adjusted = holm([c["p"] if c["in_holm"] and c["p"] is not None else math.nan for c in comparisons])
-    return [{**c, "p_holm": None if math.isnan(p) else p} for c, p in zip(comparisons, adjusted)]
+    out = [{**c, "p_holm": None} for c in comparisons]
+    holm_adjust([c for c in out if c["in_holm"]])
+    return out
 
 
 def compare_family(rows: dict[str, dict[str, Any]], ev: str, pairs: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:

@@ -1,15 +1,14 @@
 """Per-document accuracy of lm-eval run summaries, paired between two runs over the same documents.
 
-A run summary (:mod:`sdtp.reports.run_summary`) holds, per task, the evaluated document ids with
-their 0/1 correctness, chosen and gold answers. Two runs of the same documents pair up document by
-document: :func:`paired_difference` gives both accuracies over the shared documents, the mean
-difference in points with a 95% interval (:func:`sdtp.eval.stats.paired_interval`: Newcombe's score interval
-and an exact McNemar p for one run's 0/1 outcomes, a Student t interval for outcomes averaged over seeds) and
-how many documents flipped each way; :func:`holm_adjust` corrects the p-values of a family of such
-tests; :func:`average_difference` is the mean over tasks (each task weighs the same, as the paper's
-Avg) with a stratified t interval (:func:`sdtp.eval.stats.stratified_t_interval`). :func:`majority_share`
-and :func:`top_answer_share` say when a model answers near-constantly. Used by the paper pages
-(``paper_table3``, ``paper_table6``).
+A run summary (:mod:`sdtp.reports.run_summary`) holds, per task, the evaluated document ids with their 0/1
+correctness, chosen and gold answers. Two runs of the same documents pair up document by document:
+:func:`paired_difference` gives both accuracies over the shared documents, the mean difference in points with a 95%
+interval (:func:`sdtp.eval.stats.paired_interval`: Newcombe's score interval and an exact McNemar p for one run's
+0/1 outcomes, a Student t interval for outcomes averaged over seeds) and how many documents flipped each way
+(:func:`sdtp.reports.paired_tables.holm_adjust` corrects the p-values of a family of such tests);
+:func:`average_difference` is the mean over tasks (each task weighs the same, as the paper's Avg) with a stratified
+interval (:func:`sdtp.eval.stats.stratified_interval`). :func:`majority_share` and :func:`top_answer_share` say
+when a model answers near-constantly. Used by the paper pages (``paper_table3``, ``paper_table6``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sdtp.eval.stats import holm, paired_interval, stratified_t_interval
+from sdtp.eval.stats import paired_interval, stratified_interval
 from sdtp.reports.paired_tables import paired_summary
 
 Summary = dict[str, Any]  # a run summary: {"metrics": ..., "documents": {task: {doc_ids, acc, pred, target, choices}}}
@@ -66,21 +65,16 @@ def paired_difference(base: Summary, other: Summary, task: str) -> dict[str, Any
             "gained": sum(1 for d in diffs if d > 0), "lost": sum(1 for d in diffs if d < 0)}
 
 
-def holm_adjust(deltas: Sequence[dict[str, Any] | None]) -> None:
-    """Set ``p_holm`` on each delta: Holm over the family's paired tests (identical pairs have no test and are not
-    counted)."""
-    ps = [math.nan if d is None or d["p"] is None or d["identical"] else d["p"] for d in deltas]
-    for delta, p in zip(deltas, holm(ps)):
-        if delta is not None:
-            delta["p_holm"] = None if math.isnan(p) else p
-
-
 def average_difference(base: Summary, other: Summary, tasks: Sequence[str]) -> dict[str, Any]:
     """Mean over ``tasks`` of the per-task mean difference (points): a :func:`paired_summary` of
-    :func:`stratified_t_interval` over the tasks' documents; with one task, that task's own interval."""
-    if len(tasks) == 1:
-        return paired_difference(base, other, tasks[0])["delta"]
-    return paired_summary(stratified_t_interval([differences(base, other, task) for task in tasks]))
+    :func:`sdtp.eval.stats.stratified_interval` over the tasks' shared documents (with one task, that task's own
+    interval)."""
+    pairs = []
+    for task in tasks:
+        a, b = outcomes(base, task), outcomes(other, task)
+        shared = shared_documents(base, other, task)
+        pairs.append(([b[i] for i in shared], [a[i] for i in shared]))
+    return paired_summary(stratified_interval([x for x, _ in pairs], [y for _, y in pairs], 100.0))
 
 
 def majority_share(docs: dict[str, Any] | None) -> float | None:

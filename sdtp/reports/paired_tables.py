@@ -100,9 +100,9 @@ def predictor_comparisons(nll: dict[str, list[float]], predictors: Sequence[str]
     """Paired t comparisons ``predictor - other`` with Holm-adjusted p over all of them."""
     names = [n for n in order if n in nll]
     pairs = comparison_pairs(names, [p for p in predictors if p in nll])
-    results = [paired_summary(paired_t_interval(_diffs(nll[a], nll[b]))) for a, b in pairs]
-    adjusted = holm([math.nan if r["p"] is None else r["p"] for r in results])
-    return [{"a": a, "b": b, **r, "p_holm": _clean(p)} for (a, b), r, p in zip(pairs, results, adjusted)]
+    results = [{"a": a, "b": b, **paired_summary(paired_t_interval(_diffs(nll[a], nll[b])))} for a, b in pairs]
+    holm_adjust(results)
+    return results
 
 
 def pooled(per_dataset: dict[str, dict[str, list[float]]], order: Sequence[str],
@@ -145,10 +145,21 @@ def interval_text(d: dict[str, Any] | None, digits: int = 4) -> str:
 
 # How the pages' paired intervals are made (sdtp.eval.stats.paired_interval), said once for all of them.
 PAIRED_METHODS = ("outcomes all 0 or 1 (one run's correctness, or seeds that agree on every document): Newcombe's "
-                  "score interval with an exact McNemar p; other outcomes (scores, correctness averaged over seeds "
+                  "score interval with an exact McNemar p, the more conservative of the two (an interval just "
+                  "excluding 0 can come with p above 0.05); other outcomes (scores, correctness averaged over seeds "
                   "that differ): a paired Student t interval and t test")
-AVERAGE_METHOD = ("a stratified t interval (each task's document variance, Welch-Satterthwaite degrees of freedom; "
-                  "with one task, that task's own interval), p not Holm-corrected")
+AVERAGE_METHOD = ("a stratified interval (0/1 outcomes: the tasks' Newcombe limits combined by MOVER, exact McNemar p "
+                  "on the pooled flips; other outcomes: t with each task's document variance and Welch-Satterthwaite "
+                  "degrees of freedom; with one task, that task's own interval), p not Holm-corrected")
+
+
+def holm_adjust(deltas: Sequence[dict[str, Any] | None]) -> None:
+    """Set ``p_holm`` on each :func:`paired_summary` of one family: Holm over their p-values. A pair that never
+    differs counts with p = 1 (its hypothesis was tested too); a missing delta or p is left out."""
+    ps = [math.nan if d is None or d.get("p") is None else d["p"] for d in deltas]
+    for delta, p in zip(deltas, holm(ps)):
+        if delta is not None:
+            delta["p_holm"] = None if math.isnan(p) else p
 
 
 def uncorrected_p_text(d: dict[str, Any] | None) -> str:

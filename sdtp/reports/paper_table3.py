@@ -25,9 +25,9 @@ from typing import Any
 from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
                                         run_argument, run_config, scorer_path, write_page_files)
-from sdtp.reports.paired_accuracy import (average_difference, chance, holm_adjust, majority_share, paired_difference,
-                                          seed_values, shared_documents, top_answer_share)
-from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
+from sdtp.reports.paired_accuracy import (average_difference, chance, majority_share, paired_difference, seed_values,
+                                          shared_documents, top_answer_share)
+from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, holm_adjust, interval_text, p_text,
                                         uncorrected_p_text)
 from sdtp.reports.run_summary import summarise
 from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_section, spread
@@ -64,12 +64,6 @@ def task_row(task: str, dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str
     }
 
 
-def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's delta gets ``p_holm``: Holm over the tasks' paired t tests (identical pairs have no test)."""
-    holm_adjust([r["delta"] for r in rows])
-    return rows
-
-
 def average_row(rows: list[dict[str, Any]], dense: dict[str, Any], sdtp: dict[str, Any]) -> dict[str, Any]:
     """The mean over tasks (each task weighs the same, as the paper's Avg), with a stratified t interval for Δ
     (:func:`sdtp.reports.paired_accuracy.average_difference`)."""
@@ -85,7 +79,8 @@ def average_row(rows: list[dict[str, Any]], dense: dict[str, Any], sdtp: dict[st
 def table(dense: dict[str, Any], sdtp: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task both runs evaluated (the paper's order first), then the average over those tasks."""
     found = ordered_tasks(dense["documents"].keys() & sdtp["documents"].keys())
-    rows = with_holm([task_row(t, dense, sdtp) for t in found])
+    rows = [task_row(t, dense, sdtp) for t in found]
+    holm_adjust([r["delta"] for r in rows])  # Holm over the tasks
     return rows + ([average_row(rows, dense, sdtp)] if rows else [])
 
 

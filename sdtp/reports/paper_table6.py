@@ -31,9 +31,9 @@ from typing import Any
 from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
                                         run_argument, run_config, scorer_path, write_page_files)
-from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, holm_adjust, majority_share, outcomes,
+from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, majority_share, outcomes,
                                           paired_difference, seed_values, top_answer_share)
-from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
+from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, holm_adjust, interval_text, p_text,
                                         uncorrected_p_text)
 from sdtp.reports.run_summary import setup_differences, summarise
 from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_label, seed_section, spread
@@ -288,7 +288,6 @@ def header_lines(page: dict[str, Any]) -> list[str]:
     kv = config.get("kv") or {}
     schedule = (metrics["sdtp"].get("pruning") or {}).get("schedule") or {}
     keep = schedule.get("keep_fractions") or []
-    scorer = (run_config(metrics["sdtp"]).get("pruning") or {}).get("scorer") or {}
     others = {name: run["metrics"] for name, run in runs.items() if SEP in name}  # other training seeds' runs
     where, commits = machine_text([*metrics.values(), *others.values()])
     machine = h2o.get("machine") or {}

@@ -113,6 +113,9 @@ class OracleScorer(Scorer):
             if mask is None:
                 self._saliency = self._prompt_saliency(ids)
                 return
+            if self.gold or self.samples:
+                raise ValueError("OracleScorer(gold=True or samples > 0) scores one prompt at a time, got a "
+                                 "left-padded batch")
             # Each row is labelled alone on its real tokens, as it would be at batch 1, and stored from
             # column 0 because :meth:`score` reads it by position (counted from the row's first real token).
             lengths = mask.sum(-1).tolist()
@@ -155,7 +158,8 @@ class OracleScorer(Scorer):
         return full, valid, torch.full((self.samples,), ids.shape[1], device=ids.device)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        """(B, n) this stage's saliency of each alive token, read by its position (padding slots read 0)."""
+        """(B, n) this stage's saliency of each alive token, read by its position (a padding slot reads column 0's;
+        padding is masked out of the selection)."""
         stage_scores = self._saliency[..., ctx.stage].to(ctx.hidden_states.device)  # (B, N)
         return stage_scores.gather(1, ctx.positions.clamp(min=0))
 

@@ -48,7 +48,7 @@ from sdtp.labels import load_labels, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
 from sdtp.models.loading import resolve_dtype
-from sdtp.predictor import PredictorMeta, TokenPredictor, select_stages, widen_inputs
+from sdtp.predictor import META_FILE, WEIGHTS_FILE, PredictorMeta, TokenPredictor, select_stages, widen_inputs
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.scorers.random import RandomScorer
@@ -198,7 +198,7 @@ def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_
         t.pop(volatile, None)
     # The frozen model as loaded: its source and weights' identity, and the dtype "auto" resolves to on this machine.
     base = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-            if k not in ("name", "device", "schedule", "max_length")}
+            if k not in ("name", "device", "schedule", "max_length", "install")}
     base["dtype"] = str(resolve_dtype(cfg.model.dtype, cfg.model.device))
     sig = {"model": cfg.model.name, "base_model": base, "layers": list(schedule.layers),
            "keep_fractions": list(schedule.keep_fractions), "keep_first": schedule.keep_first,
@@ -290,7 +290,8 @@ def resume(cfg: DictConfig, sig: dict[str, Any], predictor: TokenPredictor, opti
 
     ``metrics.jsonl`` keeps only the records up to that step: a resumed run does not repeat steps, and a run
     started afresh in the same ``out_dir`` (no checkpoint yet, or ``resume=false``) does not append to an
-    earlier run's records, which the final noise metrics average over.
+    earlier run's records, which the final noise metrics average over. A fresh start also deletes the earlier
+    run's ``metrics.json`` and ``predictor/``, so neither can pass for this run's if it is killed before its own.
     """
     ckpt = Path(cfg.out_dir) / CHECKPOINT
     step = 0
@@ -302,6 +303,10 @@ def resume(cfg: DictConfig, sig: dict[str, Any], predictor: TokenPredictor, opti
         truncate_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
         if step:
             log.info("Resumed from %s at step %d", ckpt, step)
+        else:
+            predictor_dir = Path(cfg.out_dir) / "predictor"
+            for stale in (Path(cfg.out_dir) / "metrics.json", predictor_dir / WEIGHTS_FILE, predictor_dir / META_FILE):
+                stale.unlink(missing_ok=True)
     return step
 
 
