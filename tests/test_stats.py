@@ -89,19 +89,25 @@ def test_binary_interval_stays_feasible_where_a_t_interval_does_not():
     assert same.low < -0.1 and same.high > 0.1  # 7 documents that never differ still bound the difference loosely
 
 
+def _one_way_flips(rng: random.Random, rate: float, n: int = 100) -> tuple[list[int], list[int]]:
+    """Paired 0/1 outcomes of n documents: x loses a ``rate`` share to y (true mean(x - y) = -rate), the rest agree."""
+    x, y = [], []
+    for _ in range(n):
+        if rng.random() < rate:
+            x.append(0), y.append(1)
+        else:
+            same = int(rng.random() < 0.6)
+            x.append(same), y.append(same)
+    return x, y
+
+
 def test_binary_interval_keeps_its_coverage_when_few_documents_flip():
     """3% of 100 documents flip one way: the t interval covers the true difference about 80% of the time."""
     rng = random.Random(0)
     covered = {"t": 0, "newcombe": 0}
     trials = 600
     for _ in range(trials):
-        x, y = [], []
-        for _ in range(100):
-            if rng.random() < 0.03:
-                x.append(0), y.append(1)
-            else:
-                same = int(rng.random() < 0.6)
-                x.append(same), y.append(same)
+        x, y = _one_way_flips(rng, 0.03)
         t = paired_t_interval([a - b for a, b in zip(x, y)])
         covered["t"] += t.low <= -0.03 <= t.high
         binary = paired_binary_interval(x, y)
@@ -161,14 +167,10 @@ def test_stratified_binary_interval_keeps_its_coverage_when_few_documents_flip()
     rng = random.Random(1)
     covered = {"t": 0, "binary": 0}
     trials = 300
+    truth = -0.008
     for _ in range(trials):
-        xs, ys = [], []
-        for _ in range(4):
-            x = [int(rng.random() < 0.6) for _ in range(100)]
-            y = [1 if (u == 0 and rng.random() < 0.02) else u for u in x]  # x loses 2% of documents
-            xs.append(x), ys.append(y)
+        xs, ys = zip(*(_one_way_flips(rng, -truth) for _ in range(4)))
         t = stratified_t_interval([[a - b for a, b in zip(x, y)] for x, y in zip(xs, ys)])
-        truth = -0.02 * 0.4  # a loss needs x wrong (40%) ... and the flip to y right
         covered["t"] += t.low <= truth <= t.high
         binary = stratified_binary_interval(xs, ys)
         covered["binary"] += binary.low <= truth <= binary.high
