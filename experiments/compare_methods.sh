@@ -42,6 +42,10 @@ NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-2}     # per (length, depth); 5 depths
 PPL_TOKENS=${PPL_TOKENS:-8192}          # WikiText test tokens scored
 BENCH_LENGTHS=${BENCH_LENGTHS:-[2048]}
 STEPS=${STEPS:-"lm_eval perplexity longbench needle kv bench table"}
+for name in $STEPS; do   # a misspelt step would otherwise run nothing and exit 0
+  [[ " lm_eval perplexity longbench needle kv bench table " == *" $name "* ]] ||
+    { echo "STEPS: unknown step '$name' (lm_eval perplexity longbench needle kv bench table)" >&2; exit 2; }
+done
 RANDOM_SEEDS=${RANDOM_SEEDS:-0,1,2}     # pruning.scorer.seed values of the random scorer
 # Offline environment, allocator settings, seed_predictors.
 source experiments/lib/lm_eval_runs.sh

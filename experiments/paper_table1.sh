@@ -60,6 +60,10 @@ LOW_PREDICTOR="${LOW_PREDICTOR:-results/predictors/${MODEL}-low}"
 TRAIN_STEPS="${TRAIN_STEPS:-480}"
 LOW_SEEDS="${LOW_SEEDS-1 2}"
 SYNTHETIC="${SYNTHETIC-passage_retrieval passage_count}"
+# SDTP-low blends the shipped predictor's priors (step 2): without one, stop now, not after training SDTP-low.
+[[ -f "results/predictors/${MODEL}/predictor.json" ]] ||
+  { echo "results/predictors/${MODEL}/predictor.json: no shipped predictor for MODEL=${MODEL} (the SDTP row and" \
+      "SDTP-low's priors need one; train it with sdtp-train export_dir=results/predictors/${MODEL})" >&2; exit 2; }
 LLMLINGUA_MODEL="${LLMLINGUA_MODEL:-microsoft/llmlingua-2-xlm-roberta-large-meetingbank}"
 read -r -a lb_args <<< "${LB_ARGS:-}"
 read -r -a syn_args <<< "${SYN_ARGS:-}"

@@ -37,5 +37,8 @@ for dir in "${seed_dirs[@]}"; do
   seeds+=(--run "$name=$RUN/$name")
 done
 shown="$(shown_command experiments/paper_table3.sh "$@")"
-"$PY" -m sdtp.reports.paper_table3 --run "dense=$RUN/none" --run "sdtp=$RUN/sdtp" "${seeds[@]}" \
-  --out "$(dirname "$PAGE")" --command "$shown" --wall-s "$(( $(date +%s) - start ))"
+replace=()   # REPLACE=1: overwrite the committed page even if it rests on more documents or seeds
+[[ "${REPLACE:-0}" != 1 ]] || replace=(--replace)
+"$PY" -m sdtp.reports.paper_table3 --run "dense=$RUN/none" --run "sdtp=$RUN/sdtp" "${seeds[@]}" "${replace[@]}" \
+  --out "$(dirname "$PAGE")" --smaller-out results/paper/table3_smoke --command "$shown" \
+  --wall-s "$(( $(date +%s) - start ))"

@@ -16,10 +16,10 @@
 #    wo_rank = experiment=sdtp_wo_rank, CE off, MSE only; wo_rank_mse = experiment=sdtp_wo_rank_mse, which
 #    leaves no label loss, so the LM cross-entropy is on (ce=1) and the keep rate is the hard top-k budget,
 #    keep_mode=topk with the ratio loss at 0), seed=<seed>, TRAIN_STEPS steps (default 120; the shipped
-#    predictor had 480) in $RUN/<row>_s<seed>/train (resume=true: an interrupted training continues).
+#    predictor had 480) in $RUN/<row>_s<seed>_t<steps>/train (resume=true: an interrupted training continues).
 # 2. sdtp-eval eval=continuation pruning=sdtp with that predictor and pruning.scorer.recency_weight=0 on
 #    WikiText-2 validation (none of the training data; EVAL_ARGS, default 16 segments of 2K context + 128) in
-#    $RUN/<row>_s<seed>/eval; dense once in $RUN/dense.
+#    $RUN/<row>_s<seed>_t<steps>/eval; dense once in $RUN/dense.
 # 3. The point's summary (ranking agreement from the training's metrics.json, NLL per segment) goes to
 #    $POINTS/<row>_s<seed>.json — commit it; then sdtp/reports/paper_table45.py renders $OUT/<model>.{md,csv,png,json}.
 # Time on smollm2-135m, 2 threads: ~3.4 s per step of 3 examples for the label-loss rows (no LLM backward;
@@ -36,13 +36,20 @@ shown="$(shown_with_env experiments/paper_table45.sh "SEEDS ROWS TRAIN_STEPS TRA
 ablation_defaults table45 120 16
 SEEDS="${SEEDS:-0 1 2}"
 ROWS="${ROWS:-full wo_rank wo_rank_mse}"
+# Every row and seed is checked before any work: a typo must not train something else for an hour.
+for row in $ROWS; do
+  [[ " full wo_rank wo_rank_mse " == *" $row "* ]] || die "ROWS: unknown row '$row' (full wo_rank wo_rank_mse)"
+done
+check_seeds
 start=$(date +%s)
 
 ablation_dense "$@"
 for seed in $SEEDS; do   # seed-major: an interrupted session leaves whole seeds of every row
   for row in $ROWS; do
-    ablation_point "$row" "$seed" "$("$PY" -m sdtp.reports.paper_table45 train-args --row "$row" --seed "$seed" \
-      --steps "$TRAIN_STEPS" --model "$MODEL")"
+    # Assigned first: a failing $(...) aborts the script here (set -e), not when passed as an argument.
+    train=$("$PY" -m sdtp.reports.paper_table45 train-args --row "$row" --seed "$seed" --steps "$TRAIN_STEPS" \
+      --model "$MODEL")
+    ablation_point "$row" "$seed" "$train"
   done
 done
 

@@ -43,6 +43,9 @@ for dir in "${seed_dirs[@]}"; do
   done
 done
 shown="$(shown_command experiments/paper_table6.sh "$@")"
+replace=()   # REPLACE=1: overwrite the committed page even if it rests on more documents or seeds
+[[ "${REPLACE:-0}" != 1 ]] || replace=(--replace)
 "$PY" -m sdtp.reports.paper_table6 --table3 "$TABLE3" --run "local=$RUN/local" --run "h2o=$RUN/h2o" \
-  --run "sdtp_h2o=$RUN/sdtp_h2o" --run "sdtp_local=$RUN/sdtp_local" "${seeds[@]}" --out "$(dirname "$PAGE")" \
-  --command "$shown" --wall-s "$(( $(date +%s) - start ))"
+  --run "sdtp_h2o=$RUN/sdtp_h2o" --run "sdtp_local=$RUN/sdtp_local" "${seeds[@]}" "${replace[@]}" \
+  --out "$(dirname "$PAGE")" --smaller-out results/paper/table6_smoke --command "$shown" \
+  --wall-s "$(( $(date +%s) - start ))"

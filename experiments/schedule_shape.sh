@@ -72,6 +72,9 @@ flat_rows() {
 }
 
 SPLITS=(${SPLIT:-validation test})
+for name in "${SPLITS[@]}"; do   # a misspelt split would otherwise run nothing and exit 0
+  [[ " validation test bench " == *" $name "* ]] || { echo "SPLIT: unknown split '$name' (validation test bench)" >&2; exit 2; }
+done
 if [[ " ${SPLITS[*]} " == *" validation "* ]]; then
   PAGE="results/compare/schedule_shape/validation"
   source experiments/lib/kv_pages.sh

@@ -120,3 +120,17 @@ def test_sdtp_over_training_seeds_pairs_its_per_document_mean(tmp_path):
     assert "| row | number | shipped | seed9 | seed10 |" in text and "| SDTP | Avg |" in text
     with pytest.raises(SystemExit):  # a seed run without the row's own run
         paper_table3.main(["--run", f"dense={tmp_path / 'none'}", "--run", f"sdtp@seed9={tmp_path / 's9'}"])
+
+
+def test_a_page_from_fewer_documents_never_replaces_the_committed_one(page_dir, tmp_path):
+    committed = (page_dir / "tiny.json").read_text()
+    assert json.loads(committed)["sizes"]["sdtp_cb_documents"] == 4
+    few = {task: docs[:2] for task, docs in DENSE.items()}
+    few_sdtp = {task: docs[:2] for task, docs in SDTP.items()}
+    runs = {"dense": _run(tmp_path / "few_none", few, "none"), "sdtp": _run(tmp_path / "few_sdtp", few_sdtp, "sdtp")}
+    with pytest.raises(FileExistsError, match="built from more data"):
+        paper_table3.write_page(runs, page_dir, "smoke")
+    md = paper_table3.write_page(runs, page_dir, "smoke", smaller_out=tmp_path / "smoke")
+    assert md.parent == tmp_path / "smoke" and (page_dir / "tiny.json").read_text() == committed
+    paper_table3.write_page(runs, page_dir, "smoke", replace=True)  # on purpose
+    assert json.loads((page_dir / "tiny.json").read_text())["sizes"]["sdtp_cb_documents"] == 2

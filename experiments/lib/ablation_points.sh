@@ -6,6 +6,16 @@
 
 source experiments/lib/lm_eval_runs.sh
 
+die() { echo "$*" >&2; exit 2; }
+
+# check_seeds: every word of $SEEDS is a non-negative integer (before any work: a typo must not train for an hour).
+check_seeds() {
+  local seed
+  for seed in $SEEDS; do
+    [[ "$seed" =~ ^[0-9]+$ ]] || die "SEEDS: '$seed' is not a non-negative integer (space-separated, e.g. SEEDS=\"0 1\")"
+  done
+}
+
 # ablation_defaults NAME STEPS SEGMENTS: RUN, OUT, POINTS, TRAIN_STEPS, TRAIN_ARGS, EVAL_ARGS unless set. SMOKE=1
 # makes every size tiny and every output a scratch folder (results/paper/<NAME>_smoke/, gitignored).
 ablation_defaults() {
@@ -62,7 +72,7 @@ ablation_point() {
     return 0
   fi
   t0=$(date +%s)
-  dir="$RUN/${row}_s${seed}"
+  dir="$RUN/${row}_s${seed}_t${TRAIN_STEPS}"   # another TRAIN_STEPS trains afresh, not into this checkpoint
   read -r -a train <<< "$3"
   read -r -a schedule <<< "$schedule_text"
   train+=("${schedule[@]}" "${train_args[@]}" "out_dir=$dir/train" "export_dir=$dir/predictor")
@@ -85,6 +95,7 @@ ablation_figure_points() {
   local plan_text="$1" train line seed
   shift
   mapfile -t plan <<< "$plan_text"
+  check_seeds
   ablation_dense "$@"
   for seed in $SEEDS; do
     train=$("$PY" -m sdtp.reports.ablation_points train-args --model "$MODEL" --steps "$TRAIN_STEPS" --seed "$seed")

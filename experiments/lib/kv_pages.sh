@@ -10,6 +10,7 @@ copy_cells() {
   local source="$1" cell name row
   shift
   for cell in "$source"/continuation/*/; do
+    [[ -d "$cell" ]] || continue   # no cells at all: the glob stays literal
     name="$(basename "$cell")"
     mkdir -p "$PAGE/continuation/$name"
     for row in "$@"; do

@@ -7,6 +7,13 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" \
   MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}" MALLOC_TOP_PAD_="${MALLOC_TOP_PAD_:-1073741824}"
 
+# SMOKE=true / yes / on mean SMOKE=1 (a full run must not start, into the committed folders, on a spelling).
+case "${SMOKE:-0}" in
+  1|true|yes|on) SMOKE=1 ;;
+  0|false|no|off|"") SMOKE=0 ;;
+  *) echo "SMOKE: '$SMOKE' is not 1 or 0 (true/false, yes/no, on/off)" >&2; exit 2 ;;
+esac
+
 # sdtp-train overrides of a SMOKE=1 pipeline check: a handful of short examples, one per step (paper_table1.sh and
 # the ablations of experiments/lib/ablation_points.sh).
 SMOKE_TRAIN_ARGS="data.sources.0.num_samples=6 data.sources.1.num_samples=3 data.sources.2.num_samples=3 \

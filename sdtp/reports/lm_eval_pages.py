@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,26 @@ def write_page_files(out_dir: Path, page: dict[str, Any], markdown: Callable[[di
     write_text_atomic(stem.with_suffix(".csv"), csv_text(page))
     write_text_atomic(stem.with_suffix(".md"), markdown(page))
     return stem.with_suffix(".md")
+
+
+def guarded_out_dir(out_dir: Path, model: str, sizes: Mapping[str, int], smaller_out: Path | None,
+                    replace: bool) -> Path:
+    """Where a page built from ``sizes`` goes: ``out_dir``, or ``smaller_out`` when the page there rests on more
+    data (:func:`smaller_page`; refused without one), unless ``replace``."""
+    refusal = None if replace else smaller_page(out_dir / f"{model}.json", sizes)
+    if refusal is None:
+        return out_dir
+    if smaller_out is None:
+        raise FileExistsError(f"{refusal}; not replacing it (render elsewhere, or replace on purpose)")
+    print(f"{refusal}: rendering into {smaller_out} instead", file=sys.stderr)
+    return smaller_out
+
+
+def document_sizes(table: list[dict[str, Any]], seeds: Mapping[str, Any]) -> dict[str, int]:
+    """What an accuracy page rests on: documents per task (``lm_eval_task`` -> ``n``) and training seeds per row."""
+    out = {f"{r['lm_eval_task']}_documents": int(r["n"]) for r in table if r.get("lm_eval_task")}
+    out.update({f"{row}_seeds": len(spread.get("members") or []) for row, spread in seeds.items()})
+    return out
 
 
 def smaller_page(path: Path, sizes: Mapping[str, int]) -> str | None:

@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from sdtp.paths import portable_tree
 from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_ratios, cost_sums, dataset_rows,
                                           seed_values, shared_ids)
 from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, scorer_path, shown_path,
-                                        smaller_page, write_page_files)
+                                        guarded_out_dir, write_page_files)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
                                         uncorrected_p_text)
 from sdtp.reports.run_summary import summarise
@@ -474,12 +473,7 @@ def render_plot(page: dict[str, Any], path: Path) -> Path:
 def write_page(page: dict[str, Any], out_dir: Path, smaller_out: Path | None = None, replace: bool = False) -> Path:
     """Render ``<out_dir>/<model>.{json,md,csv,png}``; a page built from less data than the one there goes to
     ``smaller_out`` instead (refused without one), unless ``replace``. Returns the .md path."""
-    refusal = None if replace else smaller_page(out_dir / f"{page['model']}.json", page["sizes"])
-    if refusal:
-        if smaller_out is None:
-            raise FileExistsError(f"{refusal}; not replacing it (render elsewhere, or replace on purpose)")
-        print(f"{refusal}: rendering into {smaller_out} instead", file=sys.stderr)
-        out_dir = smaller_out
+    out_dir = guarded_out_dir(out_dir, page["model"], page["sizes"], smaller_out, replace)
     return write_page_files(out_dir, page, render, to_csv, render_plot)
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
-                                        run_argument, run_config, scorer_path, write_page_files)
+                                        document_sizes, guarded_out_dir, run_argument, run_config, scorer_path,
+                                        write_page_files)
 from sdtp.reports.paired_accuracy import (average_difference, chance, majority_share, paired_difference, seed_values,
                                           shared_documents, top_answer_share)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, holm_adjust, interval_text, p_text,
@@ -269,13 +270,18 @@ def build_page(runs: dict[str, Path], command: str, wall_s: float | None) -> dic
     tasks = ordered_tasks(dense["documents"].keys() & sdtp["documents"].keys())
     seeds = {row: spread({m: seed_values(summaries[m], dense, tasks, TASKS) for m in members})
              for row, members in groups.items()}
+    rows = table(dense, sdtp)
     return {"schema": SCHEMA, "model": models[SDTP], "command": command, "wall_s": wall_s,
-            "limit": eval_limit(sdtp["metrics"]), "table": table(dense, sdtp), "seeds": seeds, "runs": summaries}
+            "limit": eval_limit(sdtp["metrics"]), "table": rows, "seeds": seeds, "runs": summaries,
+            "sizes": document_sizes(rows, seeds)}
 
 
-def write_page(runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None) -> Path:
-    """Render ``<out_dir>/<model>.{json,md,csv,png}``; returns the .md path."""
+def write_page(runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None,
+               smaller_out: Path | None = None, replace: bool = False) -> Path:
+    """Render ``<out_dir>/<model>.{json,md,csv,png}`` (``smaller_out`` when the page there rests on more documents
+    or seeds, unless ``replace``); returns the .md path."""
     page = build_page(runs, command, wall_s)
+    out_dir = guarded_out_dir(out_dir, page["model"], page["sizes"], smaller_out, replace)
     return write_page_files(out_dir, page, render, lambda p: to_csv(p["table"]), render_plot)
 
 
@@ -287,12 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/paper/table3"))
     parser.add_argument("--command", default="bash experiments/paper_table3.sh")
     parser.add_argument("--wall-s", type=float, default=None)
+    parser.add_argument("--smaller-out", type=Path, default=None, help="where a page of less data than --out's goes")
+    parser.add_argument("--replace", action="store_true", help="overwrite --out even if its page has more data")
     args = parser.parse_args(argv)
     runs = dict(args.run)
     if {name for name in runs if SEP not in name} != {DENSE, SDTP} or any(row_of(n) == DENSE for n in runs if SEP in n):
         parser.error("--run dense=<dir> and --run sdtp=<dir> are both required (sdtp@<seed>=<dir>: another "
                      "training seed's SDTP run)")
-    print(write_page(runs, args.out, args.command, args.wall_s))
+    print(write_page(runs, args.out, args.command, args.wall_s, args.smaller_out, args.replace))
 
 
 if __name__ == "__main__":

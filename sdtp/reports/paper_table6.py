@@ -30,7 +30,8 @@ from typing import Any
 
 from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
-                                        run_argument, run_config, scorer_path, write_page_files)
+                                        document_sizes, guarded_out_dir, run_argument, run_config, scorer_path,
+                                        write_page_files)
 from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, majority_share, outcomes,
                                           paired_difference, seed_values, top_answer_share)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, holm_adjust, interval_text, p_text,
@@ -458,14 +459,18 @@ def build_page(table3: Path, runs: dict[str, Path], command: str, wall_s: float 
             # the SDTP w. KV runs' (e.g. a predictor.json edited since Table 3 ran), the page says so.
             "sdtp_differs": setup_differences(summaries["sdtp"], summaries["sdtp_h2o"], tasks, with_pruning=True),
             "kept": {name: kept_summary(s["metrics"]) for name, s in ordered.items()},
-            "table": table(ordered), "seeds": seeds,
+            "table": (rows := table(ordered)), "seeds": seeds, "sizes": document_sizes(rows, seeds),
             "runs": {**{name: summaries[name] for name in COLUMNS},
                      **{m: summaries[m] for members in groups.values() for m in members[1:]}}}
 
 
-def write_page(table3: Path, runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None) -> Path:
-    """Render ``<out_dir>/<model>.{json,md,csv,png}``; returns the .md path."""
-    return write_page_files(out_dir, build_page(table3, runs, command, wall_s), render, to_csv, render_plot)
+def write_page(table3: Path, runs: dict[str, Path], out_dir: Path, command: str, wall_s: float | None = None,
+               smaller_out: Path | None = None, replace: bool = False) -> Path:
+    """Render ``<out_dir>/<model>.{json,md,csv,png}`` (``smaller_out`` when the page there rests on more documents
+    or seeds, unless ``replace``); returns the .md path."""
+    page = build_page(table3, runs, command, wall_s)
+    out_dir = guarded_out_dir(out_dir, page["model"], page["sizes"], smaller_out, replace)
+    return write_page_files(out_dir, page, render, to_csv, render_plot)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -476,12 +481,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/paper/table6"))
     parser.add_argument("--command", default="bash experiments/paper_table6.sh")
     parser.add_argument("--wall-s", type=float, default=None)
+    parser.add_argument("--smaller-out", type=Path, default=None, help="where a page of less data than --out's goes")
+    parser.add_argument("--replace", action="store_true", help="overwrite --out even if its page has more data")
     args = parser.parse_args(argv)
     runs = dict(args.run)
     if {name for name in runs if SEP not in name} != set(KV_RUNS):
         parser.error("--run is required for each of " + ", ".join(KV_RUNS) + " (<name>@<seed>=<dir>: another "
                      "training seed's run of a row with SDTP)")
-    print(write_page(args.table3, runs, args.out, args.command, args.wall_s))
+    print(write_page(args.table3, runs, args.out, args.command, args.wall_s, args.smaller_out, args.replace))
 
 
 if __name__ == "__main__":
