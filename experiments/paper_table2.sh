@@ -23,5 +23,8 @@ if [[ ! -f "$RUN/bench.json" && -f "$PAGE.json" ]]; then
 fi
 start=$(date +%s)
 "$PY" -m sdtp.cli.bench experiment=paper_table2 "model=${MODEL}" "hydra.run.dir=${RUN}" "$@"
-"$PY" -m sdtp.reports.paper_table2 --run "$RUN" --out "$(dirname "$PAGE")" \
+replace=()   # REPLACE=1: overwrite the committed page even if it has more context lengths
+[[ "${REPLACE:-0}" != 1 ]] || replace=(--replace)
+"$PY" -m sdtp.reports.paper_table2 --run "$RUN" --out "$(dirname "$PAGE")" --smaller-out results/paper/table2_smoke \
+  "${replace[@]}" \
   --command "bash experiments/paper_table2.sh${*:+ $*}" --wall-s "$(( $(date +%s) - start ))"

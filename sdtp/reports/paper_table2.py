@@ -21,6 +21,7 @@ from typing import Any
 from sdtp.benchmark.report import speedups
 from sdtp.figures import new_figure, save_figure
 from sdtp.paths import portable_tree
+from sdtp.reports.lm_eval_pages import guarded_out_dir
 from sdtp.utils import write_json_atomic, write_text_atomic
 
 # [P] Table 2: Mistral-7B, batch 1, 128 generated tokens, GPU (hardware not stated).
@@ -202,12 +203,17 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None = None) -> Path:
-    """Render ``<out_dir>/<model>.{json,md,csv,png}`` from ``run_dir/bench.json``; returns the .md path."""
+def write_page(run_dir: Path, out_dir: Path, command: str, wall_s: float | None = None,
+               smaller_out: Path | None = None, replace: bool = False) -> Path:
+    """Render ``<out_dir>/<model>.{json,md,csv,png}`` from ``run_dir/bench.json`` (``smaller_out`` when the page there
+    has more context lengths, unless ``replace``); returns the .md path."""
     report = json.loads((run_dir / "bench.json").read_text())
+    sizes = {"bench_lengths": len(report.get("results") or [])}
+    out_dir = guarded_out_dir(out_dir, report["model"], sizes, smaller_out, replace)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / report["model"]
-    write_json_atomic(stem.with_suffix(".json"), portable_tree(report))  # a bench.json written before paths were portable
+    # The bench report as the page's JSON (portable: a bench.json written before paths were), with its sizes.
+    write_json_atomic(stem.with_suffix(".json"), {**portable_tree(report), "sizes": sizes})
     render_plot(report, stem.with_suffix(".png"))
     write_text_atomic(stem.with_suffix(".csv"), to_csv(rows(report)))
     write_text_atomic(stem.with_suffix(".md"), render(report, command, wall_s))
@@ -220,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/paper/table2"))
     parser.add_argument("--command", default="bash experiments/paper_table2.sh")
     parser.add_argument("--wall-s", type=float, default=None)
+    parser.add_argument("--smaller-out", type=Path, default=None, help="where a page of fewer lengths than --out's goes")
+    parser.add_argument("--replace", action="store_true", help="overwrite --out even if its page has more lengths")
     args = parser.parse_args(argv)
-    print(write_page(args.run, args.out, args.command, args.wall_s))
+    print(write_page(args.run, args.out, args.command, args.wall_s, args.smaller_out, args.replace))
 
 
 if __name__ == "__main__":
