@@ -24,14 +24,16 @@ MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
 shown="$(shown_with_env experiments/schedule_search.sh "N_TRIALS PRUNING POPULATION THREADS SMOKE" "$@")"
+# One run directory (study, sweep, fixed points) per setup: a study must not gather trials of other settings.
+setup_tag=$(printf '%s|' "${PRUNING:-}" "${EVAL_ARGS:-}" "${SMOKE:-0}" "$@" | sha256sum | cut -c1-10)
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)
-  RUN="${RUN:-results/runs/paper/schedule_search_smoke/${MODEL}}"
+  RUN="${RUN:-results/runs/paper/schedule_search_smoke/${MODEL}/${setup_tag}}"
   OUT="${OUT:-results/paper/schedule_search_smoke}"
   N_TRIALS="${N_TRIALS:-4}"
   POPULATION="${POPULATION:-2}"
   EVAL_ARGS="${EVAL_ARGS:-eval.num_segments=2 eval.context_len=256 eval.cont_len=16}"
 fi
-RUN="${RUN:-results/runs/paper/schedule_search/${MODEL}}"
+RUN="${RUN:-results/runs/paper/schedule_search/${MODEL}/${setup_tag}}"
 OUT="${OUT:-results/paper/schedule_search}"
 N_TRIALS="${N_TRIALS:-36}"
 THREADS="${THREADS:-2}"

@@ -1,7 +1,7 @@
 """Schedule-search page: every trial of the Optuna sweep, the Pareto front (continuation NLL vs analytic prefill
 FLOPs) and the paper's schedule on it.
 
-    python -m sdtp.reports.schedule_search render --sweep results/runs/paper/schedule_search/smollm2-135m/sweep \\
+    python -m sdtp.reports.schedule_search render --sweep results/runs/paper/schedule_search/<model>/<setup>/sweep \\
         --paper <run dir> --dense <run dir> --study sqlite:///<run>/optuna.db --out results/paper/schedule_search
     python -m sdtp.reports.schedule_search remaining --study sqlite:///<run>/optuna.db --trials 36   # resume
 
