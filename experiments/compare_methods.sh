@@ -102,6 +102,6 @@ step kv with_seed_predictors "${KV[@]}"
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
 if [ -n "$PRUNED" ]; then step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
   new_tokens=16 repeats=3 memory=false; fi
-TABLE=(--root results/multiruns --out "${OUT:-results/compare}" --smaller-out "${SMALLER_OUT:-results/compare_smoke}")
+TABLE=(--root results/multiruns --model "$MODEL" --out "${OUT:-results/compare}" --smaller-out "${SMALLER_OUT:-results/compare_smoke}")
 if [ "${REPLACE:-0}" = 1 ]; then TABLE+=(--replace); fi
 step table "$PY" scripts/compare_methods.py "${TABLE[@]}"

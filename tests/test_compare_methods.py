@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import math
 from pathlib import Path
 
@@ -311,3 +312,17 @@ def test_script_is_a_thin_wrapper():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main is compare.main
+
+
+def test_model_filter_keeps_one_model_per_page(tmp_path):
+    """--model: a page never pairs one model's dense run with another model's pruned run."""
+    root = tmp_path / "multiruns"
+    _eval(root, "none", "perplexity", {"perplexity": 25.0}, run="b", model="tiny-qwen2")
+    _eval(root, "positional", "perplexity", {"perplexity": 30.0}, run="a", model="tiny-qwen2")
+    newest = _eval(root, "none", "perplexity", {"perplexity": 20.0}, run="a", model="tiny-llama")
+    os.utime(newest / "metrics.json", (2e9, 2e9))  # the newest run, which would win the dense row unfiltered
+    assert compare.main(["--root", str(root), "--model", "tiny-qwen2", "--out", str(tmp_path / "out")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "compare_methods.json").read_text())["rows"]}
+    assert set(rows) == {"none", "positional"} and rows["none"]["perplexity"] == 25.0
+    with pytest.raises(SystemExit):
+        compare.main(["--root", str(root), "--model", "llama2-7b", "--out", str(tmp_path / "none")])

@@ -78,6 +78,7 @@ def render(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("results/multiruns"))
+    parser.add_argument("--model", default=None, help="only this model's runs (default: every run under --root)")
     parser.add_argument("--out", type=Path, default=Path("results/compare"))
     parser.add_argument("--replace", action="store_true",
                         help="overwrite --out even if its page was built from more documents")
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not args.root.is_dir():
         parser.error(f"--root {args.root} does not exist: run experiments/compare_methods.sh first")
-    rows = collect(args.root)
+    rows = collect(args.root, args.model)
     if not rows:
-        parser.error(f"no metrics.json or bench.json under {args.root}")
+        parser.error(f"no metrics.json or bench.json under {args.root}" + (f" for {args.model}" if args.model else ""))
     refusal = None if args.replace else smaller_than_existing(args.out, page_sizes(rows))
     if refusal and args.smaller_out is None:
         parser.error(f"{refusal}; not replacing it with this smaller page. Render elsewhere with --out DIR "

@@ -247,13 +247,14 @@ def _add_eval(row: dict[str, Any], data: dict[str, Any], run_dir: Path) -> None:
         row["kv_kept"] = kv_kept
 
 
-def _read_runs(root: Path) -> list[tuple[Path, dict[str, Any], list[str]]]:
-    """(file, its JSON, the run's overrides) of every readable ``metrics.json`` / ``bench.json``, oldest first."""
+def _read_runs(root: Path, model: str | None = None) -> list[tuple[Path, dict[str, Any], list[str]]]:
+    """(file, its JSON, the run's overrides) of every readable ``metrics.json`` / ``bench.json`` (of ``model``
+    only, when given: one page never pairs two models), oldest first."""
     files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
     runs = []
     for path in sorted(files, key=lambda p: p.stat().st_mtime):  # newest last, so it wins
         data = _read_run(path)
-        if data is not None:
+        if data is not None and (model is None or data.get("model") == model):
             runs.append((path, data, run_overrides(path.parent)))
     return runs
 
@@ -262,13 +263,13 @@ def _is_bench(path: Path, data: dict[str, Any]) -> bool:
     return path.name == "bench.json" or data.get("task") == "bench"
 
 
-def collect(root: Path) -> dict[str, dict[str, Any]]:
+def collect(root: Path, model: str | None = None) -> dict[str, dict[str, Any]]:
     """method -> {"metrics": {column: value}, "docs": {eval: {unit: outcome}}, "layer_fraction": f, ...}.
 
     The settings and fingerprint of the runs each row uses are kept per eval. Seeded methods get a
     row per seed and a mean row (:mod:`sdtp.reports.compare_seeds`).
     """
-    runs = _read_runs(root)
+    runs = _read_runs(root, model)
     # Methods run with other training seeds' predictors too: their configured predictor's runs become a seed row.
     trained = {method_name(data) + variant(ov) for path, data, ov in runs
                if not _is_bench(path, data) and training_seed(ov) is not None}
