@@ -87,6 +87,14 @@ def test_committed_summary_restores_a_run_only_for_the_same_setup(page_dir, tmp_
     assert not restore(summary, tmp_path / "restored", here, "page.json")  # a finished run is left alone
     other = dict(here, dtype="torch.float32")
     assert not restore(summary, tmp_path / "fp32", other, "page.json") and not (tmp_path / "fp32").exists()
+    # A run of another setup in the directory (a smoke run, say) would be recomputed by sdtp-eval: the committed
+    # summary replaces it, and none of its outputs mix into the restored run.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "metrics.json").write_text(json.dumps({"fingerprint": other}))
+    (stale / "samples_sdtp_boolq.jsonl").write_text("{}\n")
+    assert restore(summary, stale, here, "page.json") and not (stale / "samples_sdtp_boolq.jsonl").exists()
+    assert summarise(stale)["documents"] == summary["documents"]
 
 
 # Two more training seeds of SDTP: COPA's per-document correctness over the seeds (1st, 2nd, 3rd run).

@@ -114,12 +114,16 @@ def sample_lines(docs: dict[str, Any]) -> str:
 def restore(summary: dict[str, Any], run_dir: Path, current: dict[str, Any], source: str) -> bool:
     """Write ``summary`` into ``run_dir`` as a finished run if it was made with ``current``'s setup.
 
-    Returns whether it did. Never touches a run directory that already holds a ``metrics.json``
-    (``sdtp-eval`` decides about that one). The restored ``metrics.json`` carries ``current`` as its
-    fingerprint, so ``sdtp-eval`` reuses it, and ``restored_from`` naming ``source``.
+    Returns whether it did. A run directory whose ``metrics.json`` was made with ``current``'s setup is left
+    alone (``sdtp-eval`` reuses it); one of another setup, which ``sdtp-eval`` would delete and recompute, is
+    replaced. The restored ``metrics.json`` carries ``current`` as its fingerprint, so ``sdtp-eval`` reuses it,
+    and ``restored_from`` naming ``source``.
     """
-    if (run_dir / "metrics.json").exists():
+    if _made_with(run_dir / "metrics.json", current):
         return False
+    from sdtp.cli.evaluate import clear_outputs  # here: the CLI module is heavy, and restoring is rare
+
+    clear_outputs(run_dir)  # another setup's outputs must not mix into this run's summary
     stored = summary.get("metrics", {}).get("fingerprint")
     if not isinstance(stored, dict) or portable(stored) != portable(current):
         return False
@@ -130,6 +134,16 @@ def restore(summary: dict[str, Any], run_dir: Path, current: dict[str, Any], sou
         write_text_atomic(run_dir / PREDICTIONS, "".join(json.dumps(r) + "\n" for r in summary["predictions"]))
     write_json_atomic(run_dir / "metrics.json", {**summary["metrics"], "fingerprint": current, "restored_from": source})
     return True
+
+
+def _made_with(path: Path, current: dict[str, Any]) -> bool:
+    """Whether the ``metrics.json`` at ``path`` exists and was made with ``current``'s setup (an unreadable one,
+    or one without a fingerprint, is recomputed by sdtp-eval: not made with it)."""
+    try:
+        stored = json.loads(path.read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(stored, dict) and portable(stored) == portable(current)
 
 
 def restore_bench(page: dict[str, Any], name: str, run_dir: Path) -> bool:
@@ -222,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     elif restore(summary, args.run, current, str(args.page)):
         log.info("%s: restored the committed %s run from %s (same setup)", args.run, args.name, args.page)
     else:
-        log.info("%s: not restored (a run is there already, or the committed one was made another way)", args.run)
+        log.info("%s: not restored (a run of this setup is there already, or the committed one was made another way)",
+                 args.run)
 
 
 if __name__ == "__main__":
