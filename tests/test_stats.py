@@ -137,10 +137,10 @@ def test_stratified_t_interval_by_hand():
     assert (result.low, result.high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-12)
 
 
-def test_pooled_p_cell_and_signed_bounds():
+def test_pooled_p_cell_and_bounds_that_round_to_zero():
     summary = paired_summary(paired_t_interval([-0.01, 2.0, 1.5, 0.3]))
     assert uncorrected_p_text(summary).endswith("(uncorrected)")
-    assert interval_text({"mean": 1.3, "low": -0.004, "high": 2.6}, 2) == "+1.30 [-0.00, +2.60]"
+    assert interval_text({"mean": 1.3, "low": -0.004, "high": 2.6}, 2) == "+1.30 [+0.00, +2.60]"
     assert interval_text({"mean": -1e-15, "low": -1.0, "high": 1.0}, 2) == "+0.00 [-1.00, +1.00]"
 
 

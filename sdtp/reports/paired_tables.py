@@ -135,8 +135,9 @@ def interval_text(d: dict[str, Any] | None, digits: int = 4) -> str:
         return f"identical on all {d['n']}" if "n" in d else "identical"
 
     def signed(x: float) -> str:
-        # A mean of seed averages can be -1e-15: shown as +0.00. A real -0.004 stays -0.00 (a bound below zero).
-        return f"{x if abs(x) > 1e-12 else 0.0:+.{digits}f}"
+        # Whatever rounds to zero shows as +0.00 (a mean of seed averages can be -1e-15). The 40-odd committed pages
+        # print their bounds this way; the verdicts in their text come from the unrounded numbers.
+        return f"{x if round(x, digits) else 0.0:+.{digits}f}"
 
     if d.get("low") is None:
         return signed(d["mean"])
