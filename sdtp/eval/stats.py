@@ -91,6 +91,11 @@ class PairedInterval:
         """Every pair differs by the same non-zero amount (a t interval of zero width)."""
         return self.low == self.high and not self.identical
 
+    def scaled(self, factor: float) -> PairedInterval:
+        """The same result in units ``factor`` times larger (e.g. points from 0/1 outcomes); p is unit-free."""
+        return PairedInterval(factor * self.mean, factor * self.low, factor * self.high, self.p_value, self.n,
+                              self.identical, self.method)
+
 
 def t_quantile(prob: float, df: float) -> float:
     """The ``prob`` quantile of Student's t with ``df`` degrees of freedom (t_{0.975, 2} = 4.303)."""
@@ -185,8 +190,7 @@ def paired_interval(x: Sequence[float], y: Sequence[float], scale: float = 1.0,
         raise ValueError(f"unpaired: {len(x)} vs {len(y)} outcomes")
     if not (is_binary(x) and is_binary(y)):
         return paired_t_interval([scale * (u - v) for u, v in zip(x, y)], level)
-    r = paired_binary_interval(x, y, level)
-    return PairedInterval(scale * r.mean, scale * r.low, scale * r.high, r.p_value, r.n, r.identical, r.method)
+    return paired_binary_interval(x, y, level).scaled(scale)
 
 
 def stratified_binary_interval(x_strata: Sequence[Sequence[float]], y_strata: Sequence[Sequence[float]],
@@ -214,8 +218,7 @@ def stratified_interval(x_strata: Sequence[Sequence[float]], y_strata: Sequence[
     """``scale`` x the mean over strata of each stratum's ``mean(x - y)``: :func:`stratified_binary_interval`
     when every outcome is 0/1, else :func:`stratified_t_interval` on the scaled differences."""
     if all(is_binary(x) and is_binary(y) for x, y in zip(x_strata, y_strata, strict=True)):
-        r = stratified_binary_interval(x_strata, y_strata, level)
-        return PairedInterval(scale * r.mean, scale * r.low, scale * r.high, r.p_value, r.n, r.identical, r.method)
+        return stratified_binary_interval(x_strata, y_strata, level).scaled(scale)
     return stratified_t_interval([[scale * (u - v) for u, v in zip(x, y, strict=True)]
                                   for x, y in zip(x_strata, y_strata)], level)
 
