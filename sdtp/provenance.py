@@ -36,7 +36,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdtp.models.loading import resolve_dtype
 from sdtp.paths import portable_tree, roots_for
 from sdtp.predictor import META_FILE, WEIGHTS_FILE
 from sdtp.utils import git_commit
@@ -109,6 +108,9 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
 
 def fingerprint(cfg: DictConfig, data_files: Iterable[str | Path] = ()) -> dict[str, Any]:
     """Everything a run's numbers depend on, locations portable; see the module docstring."""
+    # Imported here: transformers (~5 s) is not needed by the report modules that import provenance.
+    from sdtp.models.loading import resolve_dtype
+
     model = cfg.model
     extra = [str(model.package)] if model.get("source") == "gguf_package" and model.get("package") else []
     if (cfg.get("compression") or {}).get("method", "none") == "llmlingua2":

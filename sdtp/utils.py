@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdtp.config import REPO_ROOT
+from sdtp.paths import REPO_ROOT
 from sdtp.errors import ConfigError
 
 

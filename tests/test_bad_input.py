@@ -39,7 +39,7 @@ def test_schedule_keys_fail_naming_the_key(override, message):
 
 
 @pytest.mark.parametrize(("target", "message"), [
-    ("my_scorers.nope.Scorer", r"cannot import 'my_scorers\.nope\.Scorer' \(ModuleNotFoundError.*PYTHONPATH"),
+    ("sdtp_no_such_pkg.nope.Scorer", r"cannot import 'sdtp_no_such_pkg\.nope\.Scorer' \(ModuleNotFoundError.*PYTHONPATH"),
     ("sdtp.scorers.norm.HiddenNromScorer", r"cannot import .*AttributeError: module 'sdtp\.scorers\.norm'"),
     ("HiddenNormScorer", r"cannot import 'HiddenNormScorer'"),
     ("torch.nn.Linear", r"'torch\.nn\.Linear' is not a subclass of sdtp\.scorers\.base\.Scorer"),

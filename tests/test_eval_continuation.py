@@ -92,7 +92,7 @@ def test_validation_names_the_key(tmp_path):
     for override, key in (("eval.context_len=0", "eval.context_len"),
                           ("eval.data_file=/no/such/file", "eval.data_file"),
                           ("eval.dataset=books", "eval.dataset"), ("eval.context_len=5000", "eval.context_len"),
-                          ("pruning.keep_recent=0", "pruning.keep_recent")):
+                          ("pruning.keep_recent=1.5", "pruning.keep_recent")):
         with pytest.raises(ConfigError, match=key):
             validate_eval(_cfg(tmp_path, "pruning=random", override))
 

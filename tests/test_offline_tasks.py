@@ -99,7 +99,13 @@ def test_rendered_prompts_of_one_document():
     """One document per task, rendered by our task, against the text the README row of the mirror gives."""
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
                           metadata={"data_root": str(_data_file("sdtp_cb").parent)})
-    tasks = manager.load(list(CASES))["tasks"]
+    tasks = manager.load([*CASES, "sdtp_copa"])["tasks"]
+    copa = tasks["sdtp_copa"]
+    doc = next(iter(copa.eval_docs))
+    # lm-eval's copa: premise without its period, " therefore" (the mirror's comma is dropped), " " + choice.
+    assert copa.doc_to_text(doc) == "The man turned on the faucet therefore"
+    assert copa.doc_to_choice(doc) == [" the toilet filled with water.", " water flowed from the spout."]
+    assert all(not copa.doc_to_text(d).endswith((", because", ", therefore")) for d in copa.eval_docs)
     cb = tasks["sdtp_cb"]
     doc = next(iter(cb.eval_docs))
     assert cb.doc_to_text(doc) == (f"{doc['premise']}\nQuestion: Valence was helping. True, False, or Neither?\n"

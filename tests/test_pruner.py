@@ -141,6 +141,20 @@ def test_kept_tokens_are_protected_plus_top_scored(tiny_engine, prompt_ids):
 
 
 @torch.no_grad()
+def test_the_last_prompt_token_survives_without_a_recent_window(tiny_llama, prompt_ids):
+    """keep_recent=0, keep_first=0 and scores falling with position: the last token still survives (it yields the
+    next-token logits), a 1-token prompt keeps its token, and max_new_tokens=0 generates nothing (as HF)."""
+    model, n = tiny_llama[0], prompt_ids.shape[1]
+    schedule = PruningSchedule(layers=(1, 2), keep_fractions=(0.5, 0.2), keep_first=0, keep_recent=0.0)
+    pruner = TokenPruner(schedule, PositionScorer(-torch.arange(512, dtype=torch.float)))
+    with pruner(model):
+        model(prompt_ids, use_cache=True)
+    assert pruner.last_prefill.final_positions[0].tolist() == [*range(schedule.budget(1, n) - 1), n - 1]
+    assert len(generate(model, prompt_ids[:, :1], 2, pruner=pruner).sequences[0]) == 2
+    assert generate(model, prompt_ids, 0, pruner=pruner).sequences == [[]]
+
+
+@torch.no_grad()
 def test_cache_lengths_match_tokens_per_layer(tiny_engine, prompt_ids):
     model, _, _ = tiny_engine
     pruner = TokenPruner(SCHEDULE, RandomScorer(seed=1))

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from sdtp.eval.stats import (holm, mcnemar_exact_p, paired_binary_interval, paired_interval, paired_t_interval,
-                             stratified_binary_interval, stratified_bootstrap_ci, stratified_interval,
-                             stratified_t_interval, t_quantile)
+from sdtp.eval.stats import (document_outcomes, holm, mcnemar_exact_p, paired_binary_interval, paired_interval,
+                             paired_t_interval, stratified_binary_interval, stratified_bootstrap_ci,
+                             stratified_interval, stratified_t_interval, t_quantile)
 from sdtp.reports.paired_tables import interval_text, paired_summary, uncorrected_p_text
 
 
@@ -175,3 +175,13 @@ def test_stratified_binary_interval_keeps_its_coverage_when_few_documents_flip()
         binary = stratified_binary_interval(xs, ys)
         covered["binary"] += binary.low <= truth <= binary.high
     assert covered["binary"] / trials >= 0.93 > covered["t"] / trials
+
+
+def test_offline_task_outcomes_never_pair_with_the_builtin_tasks(tmp_path):
+    """sdtp_hellaswag's doc 0 is another document than lm-eval's hellaswag doc 0: the keys must differ."""
+    for name, run in (("sdtp_hellaswag", "offline"), ("hellaswag", "online")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / f"samples_{name}.jsonl").write_text('{"doc_id": 0, "acc": 1.0}\n{"doc_id": 1, "acc": 0}\n')
+    offline, online = document_outcomes(tmp_path / "offline"), document_outcomes(tmp_path / "online")
+    assert offline == {("sdtp_hellaswag", 0): 1.0, ("sdtp_hellaswag", 1): 0.0}
+    assert not offline.keys() & online.keys()

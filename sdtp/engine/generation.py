@@ -165,11 +165,11 @@ def generate(
         logits, cache, prefill_s = prefill(model, input_ids, cache, attention_mask=mask)
         step_logits = [logits[:, -1].float().cpu()] if keep_logits else []
         sequences: list[list[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
+        done = [max_new_tokens <= 0] * batch  # max_new_tokens=0: prefill only, no token (as HF)
         token = _next_token(_block_eos(logits[:, -1], eos, 0 < min_new_tokens), sampling, generator)
         _sync(input_ids.device)
         start = time.perf_counter()
-        while True:
+        while not all(done):
             for row in range(batch):
                 if not done[row]:
                     sequences[row].append(int(token[row, 0]))

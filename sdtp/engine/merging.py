@@ -5,8 +5,8 @@ Pruning loses what the dropped tokens would have passed on to deeper layers. Tok
 it by averaging the dropped states into kept ones. Here a stage replaces each kept token's state ``h_k`` with
 ``(1 - w) h_k + w * mean(h_k and the states of the tokens dropped between the previous kept token and it)``: the
 dropped tokens precede the kept one, which could already attend to them, so nothing flows backwards in the
-prompt; ``w = 1`` is the plain average. Protected recent tokens are kept, so every dropped token has a kept
-successor unless ``pruning.keep_recent`` is 0; tokens after the last kept one are then dropped unmerged.
+prompt; ``w = 1`` is the plain average. The last prompt token is always kept (``PruningSchedule.num_recent``),
+so every dropped token has a kept successor.
 Batches must be unpadded.
 """
 

@@ -27,7 +27,7 @@ class PruningSchedule:
         keep_fractions: cumulative kept fraction of the original prompt after each stage,
             non-increasing, each in (0, 1].
         keep_first: number of leading tokens always kept (attention sinks).
-        keep_recent: fraction of the prompt, at its end, always kept.
+        keep_recent: fraction of the prompt, at its end, always kept (the last token always is).
         position_ids: ``original`` keeps prompt positions for RoPE, ``renumber`` uses 0..k-1.
     """
 
@@ -75,8 +75,9 @@ class PruningSchedule:
         return {layer: stage for stage, layer in enumerate(self.layers)}
 
     def num_recent(self, seq_len: int) -> int:
-        """Number of protected tokens at the end of an ``seq_len``-token prompt."""
-        return recent_count(self.keep_recent, seq_len)
+        """Number of protected tokens at the end of a ``seq_len``-token prompt: at least the last one (its hidden
+        state yields the next-token logits), also with ``keep_recent=0``."""
+        return recent_count(self.keep_recent, seq_len) if self.keep_recent > 0 else min(seq_len, 1)
 
     def num_protected(self, seq_len: int) -> int:
         return protected_count(seq_len, self.keep_first, self.num_recent(seq_len))

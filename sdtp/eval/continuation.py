@@ -357,8 +357,6 @@ def validate(cfg: DictConfig) -> None:
         one_at_a_time.append("pruning.refill=true: refills one unpadded prefill at a time")
     if one_at_a_time and int(ev.get("batch_size", 1)) != 1:
         raise ConfigError(f"{one_at_a_time[0]}; set eval.batch_size=1")
-    if cfg.pruning.get("scorer") is not None and float(cfg.pruning.keep_recent) <= 0:
-        raise ConfigError("pruning.keep_recent: must be > 0 (the last context token predicts the continuation)")
 
 
 def refill_enabled(cfg: DictConfig) -> bool:

@@ -199,8 +199,6 @@ def validate(cfg: DictConfig) -> None:
         if task in OFFLINE_FILES:  # empty / non-JSON / non-UTF-8 files fail here, not inside lm-eval after loading
             read_jsonl_records(Path(ev.data_root) / OFFLINE_FILES[task], f"eval.data_root ({task})")
     pruned = cfg.pruning.get("scorer") is not None
-    if pruned and float(cfg.pruning.keep_recent) <= 0:
-        raise ConfigError("pruning.keep_recent: must be > 0 (the last context token scores the continuation)")
     if pruned or kv_enabled(cfg):  # requests scored on the prefilled cache (sdtp.eval.lm_eval_model)
         what = f"pruning={cfg.pruning.name}" if pruned else f"kv={cfg.kv.method}"
         kinds = output_types(tasks, str(ev.include_path))

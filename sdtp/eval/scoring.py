@@ -3,8 +3,8 @@
 Protocol (lm-eval adapter and pruned perplexity alike):
 
 1. the CONTEXT is prefilled with the pruner installed, so its tokens are dropped layer by layer
-   exactly as at inference; the last context position is always kept (``keep_recent`` protects
-   the end of the prompt) and its logits predict the first continuation token;
+   exactly as at inference; the last context position is always kept (the schedule protects
+   it, ``PruningSchedule.num_recent``) and its logits predict the first continuation token;
 2. the CONTINUATION tokens are fed in one forward on top of the pruned cache, with an all-ones
    attention mask over (context + continuation); forwards with a non-empty cache are never
    pruned, so every continuation token is processed by every layer and attends to whatever
@@ -70,8 +70,8 @@ def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner
     Args:
         attention_mask: (B, N) real-token mask of a left-padded batch (None = unpadded).
     Raises:
-        ValueError: if the pruner dropped a row's last context position (``pruning.keep_recent`` = 0),
-            which would make the first continuation token's logits come from another position.
+        ValueError: if the pruner dropped a row's last context position (a custom pruner; the schedule
+            protects it), which would make the first continuation token's logits come from another position.
     """
     context = pruner(model) if pruner is not None else nullcontext()
     with context:
@@ -80,7 +80,8 @@ def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner
     record = pruner.last_prefill if pruner is not None else None
     prefilled = PrefilledContext(out.logits[:, -1], output_cache(out), int(ctx_ids.shape[1]), record, attention_mask)
     if record is not None and not bool((record.final_positions[:, -1] == prefilled.lengths() - 1).all()):
-        raise ValueError("pruning.keep_recent: the last context token was pruned; keep_recent must be > 0")
+        raise ValueError("the pruner dropped the last context token, whose hidden state yields the next-token "
+                         "logits; a pruner must keep it (PruningSchedule.num_recent protects it)")
     return prefilled
 
 

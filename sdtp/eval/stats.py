@@ -30,10 +30,14 @@ from sdtp.utils import parse_jsonl
 
 
 def document_outcomes(run_dir: Path, metric: str = "acc") -> dict[tuple[str, int], float]:
-    """(task, doc_id) -> per-document ``metric`` (0/1) from the ``samples_<task>.jsonl`` files of a run."""
+    """(task, doc_id) -> per-document ``metric`` (0/1) from the ``samples_<task>.jsonl`` files of a run.
+
+    The task keeps its name as run: an offline ``sdtp_<task>`` never pairs with lm-eval's built-in ``<task>``,
+    whose doc_ids number other documents (``sdtp_hellaswag`` is a random 1,000 of HellaSwag's validation set).
+    """
     outcomes: dict[tuple[str, int], float] = {}
     for path in sorted(run_dir.glob("samples_*.jsonl")):
-        task = path.stem.removeprefix("samples_").removeprefix("sdtp_")
+        task = path.stem.removeprefix("samples_")
         for record in parse_jsonl(path.read_text()):
             value = record.get(metric)
             if isinstance(record.get("doc_id"), int) and isinstance(value, int | float):

@@ -29,15 +29,17 @@ def outcomes(summary: Summary, task: str) -> dict[int, float]:
     return {} if docs is None else {i: float(a) for i, a in zip(docs["doc_ids"], docs["acc"])}
 
 
+def paired_outcomes(base: Summary, other: Summary, task: str) -> tuple[list[int], list[float], list[float]]:
+    """The documents of ``task`` both runs evaluated (ascending ids), with ``other``'s and ``base``'s 0/1
+    correctness on them, in that order."""
+    a, b = outcomes(base, task), outcomes(other, task)
+    shared = sorted(a.keys() & b.keys())
+    return shared, [b[i] for i in shared], [a[i] for i in shared]
+
+
 def shared_documents(base: Summary, other: Summary, task: str) -> list[int]:
     """The ids of the documents of ``task`` that both runs evaluated, ascending."""
-    return sorted(outcomes(base, task).keys() & outcomes(other, task).keys())
-
-
-def differences(base: Summary, other: Summary, task: str) -> list[float]:
-    """Per shared document, ``other``'s minus ``base``'s correctness in points (-100, 0 or +100)."""
-    a, b = outcomes(base, task), outcomes(other, task)
-    return [100.0 * (b[i] - a[i]) for i in shared_documents(base, other, task)]
+    return paired_outcomes(base, other, task)[0]
 
 
 def accuracy(summary: Summary, task: str, documents: Sequence[int]) -> float | None:
@@ -56,24 +58,19 @@ def paired_difference(base: Summary, other: Summary, task: str) -> dict[str, Any
     constant; None without shared documents), ``gained``/``lost`` count the documents ``other``
     gets right/wrong where ``base`` does not/does.
     """
-    shared = shared_documents(base, other, task)
-    diffs = differences(base, other, task)
-    a, b = outcomes(base, task), outcomes(other, task)
-    delta = paired_interval([b[i] for i in shared], [a[i] for i in shared], 100.0)
+    shared, other_hits, base_hits = paired_outcomes(base, other, task)
+    delta = paired_interval(other_hits, base_hits, 100.0)
     return {"n": len(shared), "base_acc": accuracy(base, task, shared), "acc": accuracy(other, task, shared),
             "delta": paired_summary(delta) if shared else None,
-            "gained": sum(1 for d in diffs if d > 0), "lost": sum(1 for d in diffs if d < 0)}
+            "gained": sum(1 for x, y in zip(other_hits, base_hits) if x > y),
+            "lost": sum(1 for x, y in zip(other_hits, base_hits) if x < y)}
 
 
 def average_difference(base: Summary, other: Summary, tasks: Sequence[str]) -> dict[str, Any]:
     """Mean over ``tasks`` of the per-task mean difference (points): a :func:`paired_summary` of
     :func:`sdtp.eval.stats.stratified_interval` over the tasks' shared documents (with one task, that task's own
     interval)."""
-    pairs = []
-    for task in tasks:
-        a, b = outcomes(base, task), outcomes(other, task)
-        shared = shared_documents(base, other, task)
-        pairs.append(([b[i] for i in shared], [a[i] for i in shared]))
+    pairs = [paired_outcomes(base, other, task)[1:] for task in tasks]
     return paired_summary(stratified_interval([x for x, _ in pairs], [y for _, y in pairs], 100.0))
 
 

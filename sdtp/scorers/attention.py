@@ -79,5 +79,13 @@ class AttentionScorer(Scorer):
         positions = ctx.positions.to(keys.device)  # (B, n) original positions of the cached (alive) tokens
         # Left-padded rows: padding slots are masked keys, so each row attends as it would alone.
         probs = attention_probs(query, keys, positions[:, -query.shape[2]:], attn.scaling, self._window[prev],
-                                key_valid=ctx.valid, key_index=positions)  # (B, H_kv, g, m, n)
-        return probs.mean(dim=(1, 2, 3))
+                                key_valid=ctx.valid, key_index=positions).mean(dim=(1, 2))  # (B, m, n)
+        if ctx.valid is None:
+            return probs.mean(dim=1)
+        # A row with fewer than m alive tokens has padding or masked slots among the batch's last m: they are not
+        # its queries (alone, the row would have fewer); a padding query may see no key at all (NaN), hence where.
+        queries = ctx.valid[:, -probs.shape[1]:].to(probs.device)  # (B, m)
+        if bool(queries.all()):
+            return probs.mean(dim=1)
+        summed = torch.where(queries[..., None], probs, 0.0).sum(dim=1)
+        return summed / queries.sum(dim=1, keepdim=True).clamp(min=1)

@@ -95,9 +95,17 @@ def boolq(sdtp_file: str = "boolq.jsonl", data_root: str | None = None, **_: Any
 
 
 def copa(sdtp_file: str = "copa.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
-    """``{query: "<premise without period> because|therefore", choices, gold}`` (already lm-eval's text)."""
-    return _split([{"query": r["query"], "choices": [" " + c for c in r["choices"]], "label": int(r["gold"])}
-                   for r in _rows(sdtp_file, data_root)])
+    """``{query: "<premise without period>, because|therefore", choices, gold}``: lm-eval's text once the
+    mirror's comma before the connector is dropped (``copa_query``)."""
+    return _split([{"query": copa_query(r["query"]), "choices": [" " + c for c in r["choices"]],
+                    "label": int(r["gold"])} for r in _rows(sdtp_file, data_root)])
+
+
+def copa_query(query: str) -> str:
+    """``"The man turned on the faucet, therefore"`` -> ``"The man turned on the faucet therefore"``: lm-eval's
+    copa prompt is the premise without its period, a space and the connector; the mirror adds a comma."""
+    head, _, connector = query.rpartition(" ")
+    return f"{head.removesuffix(',')} {connector}"
 
 
 def winogrande(sdtp_file: str = "winogrande.jsonl", data_root: str | None = None, **_: Any) -> datasets.DatasetDict:
