@@ -50,8 +50,9 @@ def query_match(input_ids: torch.Tensor, valid: torch.Tensor | None, query_token
     idf = torch.log(length / counts.gather(1, ids).clamp(min=1)).clamp(min=0) ** power  # (B, S)
     query = torch.zeros(seq, dtype=torch.bool, device=ids.device)
     query[-min(query_tokens, seq):] = True  # left padding: every row's last tokens are its real end
-    in_query = torch.zeros(batch, vocab, dtype=torch.bool, device=ids.device)
-    in_query.scatter_(1, ids, (query[None] & real))
+    # Counted, not scatter_-ed booleans: a token id both in and before the query would get True and False writes,
+    # whose order scatter_ leaves undefined (CUDA).
+    in_query = torch.zeros(batch, vocab, device=ids.device).scatter_add_(1, ids, (query[None] & real).float()) > 0
     match = idf * in_query.gather(1, ids) * (real & ~query[None])  # (B, S)
     return box_sum(match, window) / (2 * window + 1) * real
 
