@@ -56,6 +56,7 @@ from typing import Any
 from sdtp.reports.compare_seeds import seed_spread_lines
 from sdtp.reports.method_comparisons import comparisons, fingerprint_issues
 from sdtp.reports.method_outputs import page_sizes, smaller_than_existing, write_outputs
+from sdtp.reports.lm_eval_pages import add_guard_arguments
 from sdtp.reports.method_runs import collect
 from sdtp.reports.method_table import (comparison_lines, fingerprint_lines, markdown, missing_interval_lines,
                                        page_order, settings_lines, spread_columns, table)
@@ -80,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("results/multiruns"))
     parser.add_argument("--model", default=None, help="only this model's runs (default: every run under --root)")
     parser.add_argument("--out", type=Path, default=Path("results/compare"))
-    parser.add_argument("--replace", action="store_true",
-                        help="overwrite --out even if its page was built from more documents")
-    parser.add_argument("--smaller-out", type=Path, default=None,
-                        help="render here instead when --out holds a page built from more documents (smoke runs)")
+    add_guard_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not args.root.is_dir():

@@ -123,6 +123,13 @@ def guarded_out_dir(out_dir: Path, model: str, sizes: Mapping[str, int], smaller
     return smaller_out
 
 
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--smaller-out`` and ``--replace`` options of :func:`guarded_out_dir`."""
+    parser.add_argument("--smaller-out", type=Path, default=None,
+                        help="where a page resting on less data than --out's goes (e.g. a smoke run's)")
+    parser.add_argument("--replace", action="store_true", help="overwrite --out even if its page rests on more data")
+
+
 def document_sizes(table: list[dict[str, Any]], seeds: Mapping[str, Any]) -> dict[str, int]:
     """What an accuracy page rests on: documents per task (``lm_eval_task`` -> ``n``) and training seeds per row."""
     out = {f"{r['lm_eval_task']}_documents": int(r["n"]) for r in table if r.get("lm_eval_task")}

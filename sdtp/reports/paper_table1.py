@@ -36,7 +36,7 @@ from sdtp.paths import portable_tree
 from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_ratios, cost_sums, dataset_rows,
                                           seed_values, shared_ids)
 from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, scorer_path, shown_path,
-                                        guarded_out_dir, write_page_files)
+                                        add_guard_arguments, guarded_out_dir, write_page_files)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
                                         uncorrected_p_text)
 from sdtp.reports.run_summary import summarise
@@ -508,8 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     ren.add_argument("--low-predictor", type=Path, default=None, help="SDTP-low's predictor folder")
     ren.add_argument("--skipped", action="append", default=[], metavar="ROW=REASON", help="a row not run, and why")
     ren.add_argument("--out", type=Path, default=Path("results/paper/table1"))
-    ren.add_argument("--smaller-out", type=Path, default=None, help="where a page of less data than --out's goes")
-    ren.add_argument("--replace", action="store_true", help="overwrite --out even if its page has more data")
+    add_guard_arguments(ren)
     ren.add_argument("--command", dest="shown", default="bash experiments/paper_table1.sh")
     ren.add_argument("--wall-s", type=float, default=None)
     tau = sub.add_parser("tau", help="print the schedule's average tokens per layer / prompt tokens")

@@ -21,7 +21,7 @@ from typing import Any
 from sdtp.benchmark.report import speedups
 from sdtp.figures import new_figure, save_figure
 from sdtp.paths import portable_tree
-from sdtp.reports.lm_eval_pages import guarded_out_dir
+from sdtp.reports.lm_eval_pages import add_guard_arguments, guarded_out_dir
 from sdtp.utils import write_json_atomic, write_text_atomic
 
 # [P] Table 2: Mistral-7B, batch 1, 128 generated tokens, GPU (hardware not stated).
@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/paper/table2"))
     parser.add_argument("--command", default="bash experiments/paper_table2.sh")
     parser.add_argument("--wall-s", type=float, default=None)
-    parser.add_argument("--smaller-out", type=Path, default=None, help="where a page of fewer lengths than --out's goes")
-    parser.add_argument("--replace", action="store_true", help="overwrite --out even if its page has more lengths")
+    add_guard_arguments(parser)
     args = parser.parse_args(argv)
     print(write_page(args.run, args.out, args.command, args.wall_s, args.smaller_out, args.replace))
 

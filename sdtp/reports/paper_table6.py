@@ -30,8 +30,8 @@ from typing import Any
 
 from sdtp.figures import new_figure, save_figure
 from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
-                                        document_sizes, guarded_out_dir, run_argument, run_config, scorer_path,
-                                        write_page_files)
+                                        add_guard_arguments, document_sizes, guarded_out_dir, run_argument, run_config,
+                                        scorer_path, write_page_files)
 from sdtp.reports.paired_accuracy import (accuracy, average_difference, chance, majority_share, outcomes,
                                           paired_difference, seed_values, top_answer_share)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, holm_adjust, interval_text, p_text,
@@ -481,8 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/paper/table6"))
     parser.add_argument("--command", default="bash experiments/paper_table6.sh")
     parser.add_argument("--wall-s", type=float, default=None)
-    parser.add_argument("--smaller-out", type=Path, default=None, help="where a page of less data than --out's goes")
-    parser.add_argument("--replace", action="store_true", help="overwrite --out even if its page has more data")
+    add_guard_arguments(parser)
     args = parser.parse_args(argv)
     runs = dict(args.run)
     if {name for name in runs if SEP not in name} != set(KV_RUNS):
