@@ -249,14 +249,23 @@ def test_training_settings_are_checked_before_loading(overrides, message):
         validate_train_config(compose("train", ["model=tiny-llama", *overrides]))
 
 
-def test_bench_lengths_leave_room_for_the_new_tokens():
+@pytest.mark.parametrize("overrides", [["model=smollm2-135m"], ["experiment=paper_table2"]])
+def test_the_documented_bench_commands_validate(overrides):
+    """`sdtp-bench model=smollm2-135m` (README) and `make paper-table2`: 1K..8K prompts + 128 new tokens."""
     from sdtp.cli.bench import validate_bench
 
-    cfg = compose("bench", ["model=tiny-llama", "pruning=random", "lengths=[64]", "new_tokens=16"])
+    cfg = compose("bench", overrides)
+    assert max(cfg.lengths) == int(cfg.model.max_length) == 8192
     validate_bench(cfg)
-    limit = int(cfg.model.max_length)
-    cfg = compose("bench", ["model=tiny-llama", "pruning=random", f"lengths=[{limit - 4}]", "new_tokens=16"])
-    with pytest.raises(ConfigError, match=rf"lengths: {limit - 4} prompt tokens \+ new_tokens=16 exceed"):
+
+
+def test_bench_prompts_must_fit_the_model():
+    from sdtp.cli.bench import validate_bench
+
+    limit = int(compose("bench", ["model=tiny-llama", "pruning=random"]).model.max_length)
+    validate_bench(compose("bench", ["model=tiny-llama", "pruning=random", f"lengths=[{limit}]", "new_tokens=16"]))
+    cfg = compose("bench", ["model=tiny-llama", "pruning=random", f"lengths=[{limit + 1}]"])
+    with pytest.raises(ConfigError, match=rf"lengths: {limit + 1} prompt tokens exceed model\.max_length={limit}"):
         validate_bench(cfg)
 
 
