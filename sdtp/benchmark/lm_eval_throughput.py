@@ -3,8 +3,8 @@
     make bench-lm-eval                                    # the committed page, 2 threads
     python -m sdtp.benchmark.lm_eval_throughput --limit 20 --batch-sizes 1 8 --pruning none sdtp
 
-Every configuration (batch size x ``--pruning``: ``none`` = plain HFLM, ``sdtp`` = the shipped
-predictor, ``random``) runs lm-eval's ``simple_evaluate`` through the same code as
+Every configuration (batch size x ``--pruning``: ``none`` = plain HFLM, ``shared`` = the adapter with nothing
+pruned, ``sdtp`` = the shipped predictor, ``random``) runs lm-eval's ``simple_evaluate`` through the same code as
 ``sdtp-eval eval=lm_eval`` (:func:`sdtp.eval.harness.evaluate_lm`) on the same documents of the
 same offline multiple-choice tasks (same few-shot seed, so identical requests), one model loaded
 once. Per configuration it records
@@ -16,6 +16,11 @@ once. Per configuration it records
   same number for every configuration (so it is a work-normalised rate, not the tokens a pruned
   model actually processed: those are the point of pruning);
 * accuracy per task and the kept fractions, so a speed-up can be read next to what it costs.
+
+The adapter saves work in two ways: it prefills each context once and scores all its choices on that cache
+(HFLM runs context + choice once per choice), and it prunes. ``shared`` (a random scorer at keep ratio 1.0:
+every token kept) is the first alone, so dense / shared is what sharing the context saves and shared / pruned
+what pruning saves.
 
 ``batch_size`` means rows of the expensive forward on both sides: requests for HFLM, contexts
 prefilled together for the pruned adapter (module docstring of :mod:`sdtp.eval.lm_eval_model`).
@@ -45,6 +50,9 @@ from sdtp.utils import set_threads, write_json_atomic, write_text_atomic
 SCHEMA = "sdtp-lm-eval-throughput/1"
 MODULE = "sdtp.benchmark.lm_eval_throughput"
 DEFAULT_OUT = REPO_ROOT / "results" / "bench" / "lm_eval_throughput"
+# The adapter's shared-context path with nothing pruned: the baseline that isolates what pruning itself saves.
+SHARED = "shared"
+SHARED_OVERRIDES = ("pruning=random", "pruning.keep_ratio=1.0")
 
 
 @dataclass
@@ -81,7 +89,8 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_config(model: Any, tokenizer: Any, overrides: Sequence[str], pruning: str, batch_size: int) -> dict[str, Any]:
     """One timed ``simple_evaluate`` (pruner built before the clock starts, fresh per configuration)."""
-    cfg = compose("eval", [*overrides, f"pruning={pruning}", f"eval.batch_size={batch_size}"])
+    method = list(SHARED_OVERRIDES) if pruning == SHARED else [f"pruning={pruning}"]
+    cfg = compose("eval", [*overrides, *method, f"eval.batch_size={batch_size}"])
     lm = make_lm(cfg, model, tokenizer, build_pruner(cfg))
     stats = meter(lm)
     start = time.perf_counter()
@@ -112,6 +121,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """A header saying how the numbers were made, then one row per configuration."""
     env, setup = report["environment"], report["setup"]
     dense = {row["batch_size"]: row for row in report["results"] if row["pruning"] == "none"}
+    shared = {row["batch_size"]: row for row in report["results"] if row["pruning"] == SHARED}
     tasks = list(setup["tasks"])
     lines = [
         "# lm-eval throughput: dense vs pruned log-likelihood (`sdtp` adapter)",
@@ -129,21 +139,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         "`wall` = the whole `simple_evaluate` call, `model` = time inside the log-likelihood calls; "
         "req/s and tok/s divide the requests and their context + continuation tokens (the same for every row) "
         "by `model`. `speed-up` = dense time / this time at the same batch size (wall, model). `kept` = "
-        "token-weighted kept fraction of the pruned contexts after the last stage.",
+        "token-weighted kept fraction of the pruned contexts after the last stage. `shared` = the adapter with "
+        "nothing pruned (random scorer, keep ratio 1.0): each context is prefilled once and its choices scored on "
+        "that cache, where HFLM runs context + choice per choice. So dense / shared is what sharing the context "
+        "saves, and `vs shared` (shared model time / this one) is what pruning itself saves.",
         "",
-        "| batch | pruning | wall s | model s | requests | req/s | tok/s | speed-up wall | speed-up model | kept | "
-        + " | ".join(f"acc {task}" for task in tasks) + " |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks),
+        "| batch | pruning | wall s | model s | requests | req/s | tok/s | speed-up wall | speed-up model | "
+        "vs shared | kept | " + " | ".join(f"acc {task}" for task in tasks) + " |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks),
     ]
     for row in report["results"]:
         ref = dense.get(row["batch_size"])
         wall = ref["wall_s"] / row["wall_s"] if ref else None
         model = ref["model_s"] / row["model_s"] if ref and row["model_s"] else None
+        base = shared.get(row["batch_size"])
+        pruned = base["model_s"] / row["model_s"] if base and row["model_s"] and row["pruning"] != "none" else None
         accs = [_fmt(row["tasks"].get(task, {}).get("acc"), ".3f") for task in tasks]
         lines.append(
             f"| {row['batch_size']} | {row['pruning']} | {row['wall_s']:.1f} | {row['model_s']:.1f} | "
             f"{row['requests']} | {_fmt(row['requests_per_s'], '.2f')} | {_fmt(row['tokens_per_s'], '.0f')} | "
-            f"{_fmt(wall, '.2f')}x | {_fmt(model, '.2f')}x | {row['avg_kept_fraction']:.3f} | "
+            f"{_fmt(wall, '.2f')}x | {_fmt(model, '.2f')}x | {_fmt(pruned, '.2f')}x | "
+            f"{row['avg_kept_fraction']:.3f} | "
             + " | ".join(accs) + " |"
         )
     return "\n".join(lines) + "\n"
@@ -201,7 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=150, help="documents per task")
     parser.add_argument("--num-fewshot", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--pruning", nargs="+", default=["none", "sdtp", "random"])
+    parser.add_argument("--pruning", nargs="+", default=["none", SHARED, "sdtp", "random"],
+                        help=f"pruning configs (conf/pruning/), 'none' = plain HFLM, '{SHARED}' = the adapter unpruned")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output stem: <out>.json and <out>.md")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
