@@ -30,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${BIN:-.venv/bin}
-PY=${PY:-$BIN/python}
+PY="${PYTHON:-${PY:-$BIN/python}}"   # PYTHON as in the other experiment scripts (PY still read)
 MODEL=${MODEL:-smollm2-135m}
 LIMIT=${LIMIT:-50}                      # lm-eval documents per task
 # lm-eval tasks: the seven offline ones (5-shot); TASKS= (empty) uses conf/eval/lm_eval.yaml's list.

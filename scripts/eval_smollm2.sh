@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PY:-python}
+PY="${PYTHON:-${PY:-.venv/bin/python}}"
 LIMIT=${LIMIT:-10}
 TASKS=${TASKS:-sdtp_piqa,sdtp_arc_easy,sdtp_hellaswag}
 DATA=${SDTP_DATA_DIR:-$PWD/../shared/data}

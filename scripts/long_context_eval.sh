@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # glibc malloc tuning (see shared cpu-calibration notes): avoids mmap churn on large activations.
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
-PY=${PYTHON:-python}
+PY="${PYTHON:-.venv/bin/python}"
 THREADS=${THREADS:-1}
 for pruning in none random; do
   $PY -m sdtp.cli.evaluate eval=needle model=smollm2-135m pruning=$pruning threads=$THREADS \

@@ -1,14 +1,15 @@
 """Collect sdtp-eval metrics.json files (longbench / needle / passage_*) into a markdown table.
 
-    python scripts/long_context_table.py results/runs/eval results/eval/long_context_smollm2-135m.md
+    python scripts/long_context_table.py [RUNS_DIR [OUT_MD]]   # defaults: results/runs/eval, the committed page
 
-Times are the per-sample prefill / decode sums from predictions.jsonl (complete even for resumed runs).
+Times are the per-sample prefill / decode sums from predictions.jsonl (complete even for resumed runs). Runs
+without a score (nothing evaluated) are left out.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from sdtp.utils import write_text_atomic
@@ -32,7 +33,8 @@ def row(metrics: dict) -> str:
 
 def main(root: str, out: str) -> None:
     runs = [json.loads(f.read_text()) for f in sorted(Path(root).rglob("metrics.json"))]
-    runs = [m for m in runs if m.get("eval") in ("longbench", "needle", "passage_retrieval", "passage_count")]
+    runs = [m for m in runs if m.get("eval") in ("longbench", "needle", "passage_retrieval", "passage_count")
+            and (m.get("results") or {}).get("avg" if m["eval"] == "longbench" else "score") is not None]
     lines = [
         "| eval | setting | model | pruning | samples | score | avg prompt tokens | kept (last stage) | "
         "layer-token fraction | prefill s (sum) | decode s (sum) |",
@@ -44,4 +46,8 @@ def main(root: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", nargs="?", default="results/runs/eval", help="where the runs' metrics.json lie")
+    parser.add_argument("out", nargs="?", default="results/eval/long_context_smollm2-135m.md")
+    args = parser.parse_args()
+    main(args.root, args.out)

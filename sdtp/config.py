@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sdtp.checks import integer
 from sdtp.distributed import adopt_submitit_tasks, refuse_sweep_under_launcher, worker_overrides
 from sdtp.engine.merging import MergingPruner
 from sdtp.engine.pruner import TokenPruner
@@ -134,6 +135,8 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
     threads = cfg.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads: {threads!r} must be a positive integer or null (torch's default)")
+    if "seed" in cfg and not 0 <= integer(cfg.seed, "seed") < 2**32:  # numpy's seed range
+        raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
     build_kv_policy(cfg)  # the optional `kv` group (KV-cache compression); raises on bad kv.* keys
     if "pruning" not in cfg:  # e.g. the pipeline, which validates each pruning variant it composes
         return

@@ -204,6 +204,19 @@ def test_synthetic_source_without_paragraphs_is_refused(tmp_path):
         synthetic.validate(cfg)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("eval.limit=0", r"eval\.limit: must be >= 1, got 0"),
+    ("eval.limit=0.5", r"eval\.limit: expected an integer, got 0\.5"),
+    ("eval.chat_template=maybe", r"eval\.chat_template: 'maybe' is not one of auto, true, false"),
+])
+def test_generation_evals_check_limit_and_chat_template_before_loading(override, message):
+    cfg = compose("eval", ["eval=needle", "model=tiny-llama", "eval.lengths=[512]", override])
+    with pytest.raises(ConfigError, match=message):
+        synthetic.validate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        longbench.validate(compose("eval", ["eval=longbench", "model=tiny-llama", override]))
+
+
 def test_bad_offline_lm_eval_file_is_refused(tmp_path):
     (tmp_path / "copa.jsonl").write_text('{"premise": "x"}\n{"premise": \n')
     cfg = compose("eval", ["eval=lm_eval", "model=tiny-llama", f"eval.data_root={tmp_path}", "eval.tasks=[sdtp_copa]"])
@@ -241,6 +254,11 @@ def test_an_unknown_lm_eval_task_is_refused_before_loading():
     (["data.continuation_length=64", "data.max_length=48"],
      r"data\.continuation_length: must be in \(0, data\.max_length\)"),
     (["train.optimizer.lr=-1"], r"train\.optimizer\.lr: must be >= 0, got -1"),
+    (["train.batch_size=abc"], r"train\.batch_size: expected a number, got 'abc'"),
+    (["train.max_steps=2.7"], r"train\.max_steps: expected an integer, got 2\.7"),
+    (["train.val_sequences=0"], r"train\.val_sequences: must be >= 1, got 0"),
+    (["train.loss.stage_weights=[1,1]"], r"train\.loss\.stage_weights: expected \d+ weights >= 0 \(one per stage\)"),
+    (["seed=-1"], r"seed: must be in \[0, 2\*\*32\), got -1"),
 ])
 def test_training_settings_are_checked_before_loading(overrides, message):
     from sdtp.cli.train import validate_train_config
@@ -273,6 +291,8 @@ def test_bench_prompts_must_fit_the_model():
     (["stages=[genrate]"], r"stages: \['genrate'\] not in \['generate', 'eval', 'bench'\]"),
     (['bench=["lengths=[100000]"]'], r"lengths: 100000 prompt tokens"),
     (['evals.perplexity=["eval=perplexity","eval.stride=0"]'], r"eval\.stride"),
+    (["generation.max_new_tokens=0"], r"generation\.max_new_tokens: must be >= 1, got 0"),
+    (["generation.prompt_tokens=100000"], r"generation\.prompt_tokens: 100000 exceeds model\.max_length"),
 ])
 def test_pipeline_checks_every_stage_before_the_first(overrides, message):
     """A mistake in the last stage's overrides fails before the first stage runs (no model is loaded)."""

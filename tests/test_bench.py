@@ -70,6 +70,12 @@ def test_smoke_two_repeats_in_process(tmp_path, capsys):
     run(more, run_dir=tmp_path)
     again = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [e["seq_len"] for e in again] == [96, 160] and again[1] == report["results"][1]
+    # ... but never the lengths of another machine or dtype: those of a bf16 run are measured again
+    stored = json.loads((tmp_path / "bench.json").read_text())
+    (tmp_path / "bench.json").write_text(json.dumps({**stored, "environment": {**stored["environment"],
+                                                                               "dtype": "bfloat16"}}))
+    run(more, run_dir=tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][1] != again[1]
     # the Table 2 page renders from this run: our rows, the paper's, and the ratios side by side
     page = paper_table2.write_page(tmp_path, tmp_path / "paper", "bash experiments/paper_table2.sh")
     text = page.read_text()

@@ -109,6 +109,9 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
         train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "model.dtype=bfloat16", labels=labels_dir))
     with pytest.raises(ConfigError, match=r"train\.max_steps: checkpoint=4 vs config=6"):
         train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "train.max_steps=6", labels=labels_dir))
+    # Another held-out cut is another training set (and would hold out examples already trained on).
+    with pytest.raises(ConfigError, match=r"train\.val_sequences: checkpoint=3 vs config=2"):
+        train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "train.val_sequences=2", labels=labels_dir))
     resumed = train_cli.run(_train_cfg(tmp_path / "split", "resume=true", labels=labels_dir))
     assert resumed["step"] == full["step"] == 4
     # resume=true on the finished run: nothing retrained or revalidated, its record (training time too) stands.
@@ -315,3 +318,15 @@ def test_selection_loss_trains_end_to_end(tmp_path):
     assert len(rows) == 2 and all(r["sel"] > 0 and "rank" not in r for r in rows)
     stages = {k.split("/")[1] for k in rows[0] if k.startswith("mse/")}
     assert len(stages) > 1 and {k.split("/")[1] for k in rows[0] if k.startswith("sel/")} == stages
+
+
+def test_held_out_tokens_rank_by_magnitude_or_by_the_signed_label(tiny_llama):
+    """Validation's Spearman / top-k compare the predictor with what training ranks by: |label| for log_z and
+    max, the signed label for label_transform=signed (a token whose removal helps ranks below an unused one)."""
+    model = tiny_llama[0]
+    schedule = build_schedule(compose("train", ["model=tiny-llama"]))
+    raw = torch.linspace(-1.0, 1.0, 40)[:, None].repeat(1, len(schedule.layers))
+    example = (torch.arange(4, 44), 30)
+    for transform, expected in (("signed", raw), ("log_z", raw.abs()), ("max", raw.abs())):
+        labels, _ = train_loop.held_out(model, schedule, [example], [raw], "mask", transform)
+        assert torch.equal(labels[0], expected)

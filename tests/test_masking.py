@@ -157,8 +157,9 @@ def test_rescored_scores_equal_the_forward_scores(tiny_llama, prompt_ids):
 
 def test_noise_annealing_reaches_zero_and_then_agrees_with_noise_free(tiny_llama, prompt_ids):
     spec = OmegaConf.create({"start": 0.8, "end": 0.0})
-    assert annealed(spec, 0, 100) == 0.8 and annealed(spec, 50, 100) == 0.4
-    assert annealed(spec, 100, 100) == 0.0 and annealed(spec, 150, 100) == 0.0
+    # The loop asks for steps 0..99 of 100: the last one (99) trains at the end value.
+    assert annealed(spec, 0, 101) == 0.8 and annealed(spec, 50, 101) == 0.4
+    assert annealed(spec, 99, 100) == 0.0 and annealed(spec, 150, 100) == 0.0 and annealed(spec, 98, 100) > 0
     model, _, _ = tiny_llama
     masker = PolicyMasker(SCHEDULE, _predictor(model.config.hidden_size), generator=torch.Generator().manual_seed(0))
     agreement = {}

@@ -113,8 +113,8 @@ def run_config(model: Any, tokenizer: Any, overrides: Sequence[str], pruning: st
     }
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "–" if value is None else format(value, spec) + unit
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -158,7 +158,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['batch_size']} | {row['pruning']} | {row['wall_s']:.1f} | {row['model_s']:.1f} | "
             f"{row['requests']} | {_fmt(row['requests_per_s'], '.2f')} | {_fmt(row['tokens_per_s'], '.0f')} | "
-            f"{_fmt(wall, '.2f')}x | {_fmt(model, '.2f')}x | {_fmt(pruned, '.2f')}x | "
+            f"{_fmt(wall, '.2f', 'x')} | {_fmt(model, '.2f', 'x')} | {_fmt(pruned, '.2f', 'x')} | "
             f"{row['avg_kept_fraction']:.3f} | "
             + " | ".join(accs) + " |"
         )

@@ -39,7 +39,9 @@ def speedups(entry: dict[str, Any]) -> dict[str, Any]:
         out["expected_kv_reduction"] = flops.get("kv_reduction", 1 - 1 / flops["compression_ratio"])
         out["predictor_time_share"] = pruned.get("predictor_time_share")
         out["predictor_flops_share"] = flops["predictor_share"]
-        peak_d, peak_p = dense.get("memory", {}).get("peak_rss_bytes"), pruned.get("memory", {}).get("peak_rss_bytes")
+        # Peak RSS on a CPU, the CUDA allocator's peak on a GPU (the key keeps its name: committed pages read it).
+        peak_d, peak_p = (v.get("memory", {}).get("peak_rss_bytes") or v.get("memory", {}).get("peak_cuda_bytes")
+                          for v in (dense, pruned))
         if peak_d and peak_p:
             out["peak_rss_reduction"] = 1 - peak_p / peak_d
     return out

@@ -203,25 +203,36 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
+# The machine and numerics a timing (and the KV bytes) depend on: one page never mixes them.
+ENVIRONMENT_KEYS = ("device", "dtype", "attn_implementation", "threads", "cpu_model")
+
+
 def _comparable(report: dict[str, Any]) -> dict[str, Any]:
     """What decides whether an earlier run's lengths can be reused: schema, model, settings but the
-    list of lengths (each length is its own entry), and the pruning config without where the predictor
-    lies (timings and FLOPs depend on its architecture, fixed by model and schedule, not on its file)."""
+    list of lengths (each length is its own entry), the pruning config without where the predictor
+    lies (timings and FLOPs depend on its architecture, fixed by model and schedule, not on its file),
+    and the machine and numerics (ENVIRONMENT_KEYS)."""
     report = json.loads(json.dumps(report))  # tuples -> lists, as read back from a file
     settings = {k: v for k, v in report.get("settings", {}).items() if k != "lengths"}
     pruning = {k: v for k, v in report.get("pruning", {}).items() if k != "predictor"}
     if isinstance(pruning.get("scorer"), dict):
         pruning["scorer"] = {k: v for k, v in pruning["scorer"].items() if k != "path"}
-    return {"schema": report.get("schema"), "model": report.get("model"), "settings": settings, "pruning": pruning}
+    env = {k: (report.get("environment") or {}).get(k) for k in ENVIRONMENT_KEYS}
+    return {"schema": report.get("schema"), "model": report.get("model"), "settings": settings, "pruning": pruning,
+            "environment": env}
 
 
 def _load_previous(path: Path, report: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Finished lengths of an earlier run (same dir, or a committed copy) with comparable settings."""
     if not path.is_file():
         return {}
-    old = json.loads(path.read_text())
-    same = _comparable(old) == _comparable(report)
-    return {int(e["seq_len"]): e for e in old.get("results", [])} if same else {}
+    stored = json.loads(path.read_text())
+    old, new = _comparable(stored), _comparable(report)
+    changed = [part for part in new if old.get(part) != new[part]]
+    if changed:
+        log.warning("%s: not reusing its lengths (%s differ): measuring every length", path, ", ".join(changed))
+        return {}
+    return {int(e["seq_len"]): e for e in stored.get("results", [])}
 
 
 @sdtp_main("bench", prepare=prepare)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from sdtp.config import build_pruner, compose, sdtp_main
 from sdtp.engine.cache import cache_bytes
 from sdtp.engine.generation import generate
+from sdtp.checks import integer
 from sdtp.errors import ConfigError
 from sdtp.models import load_model
 from sdtp.tracking import RunLogger
@@ -126,6 +127,13 @@ def validate_pipeline(cfg: DictConfig) -> None:
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown:
         raise ConfigError(f"stages: {unknown} not in {list(STAGES)}")
+    if "generate" in cfg.stages:
+        gen = cfg.generation
+        for key in ("max_new_tokens", "repeats"):
+            integer(gen[key], f"generation.{key}", low=1)
+        prompt = integer(gen.prompt_tokens, "generation.prompt_tokens", low=1)
+        if prompt > int(cfg.model.max_length):
+            raise ConfigError(f"generation.prompt_tokens: {prompt} exceeds model.max_length={cfg.model.max_length}")
     for variant in cfg.variants:
         compose("generate", stage_overrides(cfg, variant, None))
         for overrides in cfg.evals.values() if "eval" in cfg.stages else []:

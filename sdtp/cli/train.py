@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sdtp.config import sdtp_main
+from sdtp.checks import integer, number
+from sdtp.config import build_schedule, sdtp_main
 from sdtp.data import validate_data
 from sdtp.distributed import World, check_world, process_group
 from sdtp.errors import ConfigError
@@ -39,16 +40,21 @@ LABEL_MODES = ("online", "stored")
 def validate_train_config(cfg: DictConfig) -> None:
     """Every training key checked before the model loads; errors name the key."""
     t = cfg.train
-    for key in ("batch_size", "grad_accum", "max_steps", "ckpt_every"):
-        if int(t[key]) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {t[key]}")
-    if int(t.context_window) < 0:
-        raise ConfigError(f"train.context_window: must be >= 0, got {t.context_window}")
+    for key in ("batch_size", "grad_accum", "max_steps", "ckpt_every", "val_sequences"):
+        integer(t[key], f"train.{key}", low=1)
+    for key, low in (("eval_every", 0), ("context_window", 0), ("stop_at", 1), ("anneal_steps", 1)):
+        if t.get(key) is not None:
+            integer(t[key], f"train.{key}", low=low)
+    weights, schedule = t.loss.get("stage_weights"), build_schedule(cfg)
+    if weights is not None and schedule is not None:
+        stages = len(schedule.layers)
+        if len(weights) != stages or any(number(w, "train.loss.stage_weights") < 0 for w in weights):
+            raise ConfigError(f"train.loss.stage_weights: expected {stages} weights >= 0 (one per stage), got "
+                              f"{list(weights)}")
     for key in LOSS_TERMS:
-        if float(t.loss[key]) < 0:
+        if number(t.loss[key], f"train.loss.{key}") < 0:
             raise ConfigError(f"train.loss.{key}: weights must be >= 0, got {t.loss[key]}")
-    if int(t.loss.max_pairs) < 1:
-        raise ConfigError(f"train.loss.max_pairs: must be >= 1, got {t.loss.max_pairs}")
+    integer(t.loss.max_pairs, "train.loss.max_pairs", low=1)
     choices = {"loss.ties": (t.loss.ties, TIES), "keep_mode": (t.keep_mode, MODES), "labels": (t.labels, LABEL_MODES),
                "target": (t.target, TRAIN_TARGETS), "label_transform": (t.label_transform, TRANSFORMS)}
     for key, (value, allowed) in choices.items():

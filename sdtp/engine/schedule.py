@@ -7,11 +7,11 @@ included in that budget). The paper's default is geometric: ``keep_fractions[s-1
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sdtp.checks import integer, number
 from sdtp.engine.selection import kept_count, protected_count, recent_count
 from sdtp.errors import ConfigError
 
@@ -107,33 +107,12 @@ class PruningSchedule:
         schedule = cls(
             layers=tuple(layers),
             keep_fractions=fractions,
-            keep_first=_integer(cfg.get("keep_first", 4), "pruning.keep_first"),
-            keep_recent=_number(cfg.get("keep_recent", 0.1), "pruning.keep_recent"),
+            keep_first=integer(cfg.get("keep_first", 4), "pruning.keep_first"),
+            keep_recent=number(cfg.get("keep_recent", 0.1), "pruning.keep_recent"),
             position_ids=str(cfg.get("position_ids", "original")),
         )
         schedule.validate(num_layers)
         return schedule
-
-
-def _number(value: Any, key: str) -> float:
-    """``value`` as a float; ConfigError naming ``key`` for text, booleans (``true`` is not 1.0) or None."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    return number
-
-
-def _integer(value: Any, key: str) -> int:
-    """``value`` as an int; ConfigError naming ``key`` for text, booleans or fractional numbers."""
-    number = _number(value, key)
-    if number != int(number):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    return int(number)
 
 
 def _stage_layers(cfg: Mapping[str, Any]) -> list[int]:
@@ -141,11 +120,11 @@ def _stage_layers(cfg: Mapping[str, Any]) -> list[int]:
         layers = cfg["layers"]
         if isinstance(layers, int | float | str | bool):
             raise ConfigError(f"pruning.layers: expected a list of layer indices, got {layers!r}")
-        return [_integer(x, f"pruning.layers[{i}]") for i, x in enumerate(layers)]
+        return [integer(x, f"pruning.layers[{i}]") for i, x in enumerate(layers)]
     for key in ("first_layer", "layer_step", "num_stages"):
         if cfg.get(key) is None:
             raise ConfigError(f"pruning.{key}: required when pruning.layers is not given")
-    first, step, stages = (_integer(cfg[key], f"pruning.{key}") for key in ("first_layer", "layer_step", "num_stages"))
+    first, step, stages = (integer(cfg[key], f"pruning.{key}") for key in ("first_layer", "layer_step", "num_stages"))
     if step < 1:
         raise ConfigError(f"pruning.layer_step: must be >= 1, got {step}")
     if stages < 1:
@@ -156,10 +135,10 @@ def _stage_layers(cfg: Mapping[str, Any]) -> list[int]:
 def _keep_fractions(keep_ratio: Any, num_stages: int) -> tuple[float, ...]:
     """r -> (r, r^2, ...) or an explicit list of cumulative fractions (checked in ``validate``)."""
     if isinstance(keep_ratio, str | bool | int | float) or keep_ratio is None:
-        r = _number(keep_ratio, "pruning.keep_ratio")
+        r = number(keep_ratio, "pruning.keep_ratio")
         if not 0.0 < r <= 1.0:
             raise ConfigError(f"pruning.keep_ratio: {r} is outside (0, 1]")
         return tuple(r ** (s + 1) for s in range(num_stages))
     if not isinstance(keep_ratio, Iterable):
         raise ConfigError(f"pruning.keep_ratio: expected a number or a list, got {keep_ratio!r}")
-    return tuple(_number(x, f"pruning.keep_ratio[{i}]") for i, x in enumerate(keep_ratio))
+    return tuple(number(x, f"pruning.keep_ratio[{i}]") for i, x in enumerate(keep_ratio))

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
+from sdtp.checks import integer
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.longbench_metrics import dataset_score, sample_score
@@ -34,7 +35,8 @@ from sdtp.eval.longbench_tasks import (
     NO_CHAT_DATASETS,
     LongBenchDataset,
 )
-from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
+from sdtp.eval.predict import (PredictionLog, check_chat_template, cost_summary, encode, greedy_predict,
+                               stop_token_ids, wants_chat_template)
 from sdtp.eval.prompt_compression import PromptCompression, build_compression, compressed_ids, compression_summary
 from sdtp.eval.prompt_compression import validate as validate_compression
 from sdtp.utils import read_jsonl_records
@@ -65,9 +67,9 @@ def validate(cfg: DictConfig) -> dict[str, Path]:
     if unknown:
         raise ConfigError(f"eval.datasets: unknown LongBench v1 dataset(s) {unknown}; known: {sorted(DATASETS)}")
     for key in ("limit", "max_length", "max_new_tokens"):
-        value = cfg.eval.get(key)
-        if value is not None and int(value) < 1:
-            raise ConfigError(f"eval.{key}: must be a positive integer or null, got {value}")
+        if cfg.eval.get(key) is not None:
+            integer(cfg.eval[key], f"eval.{key}", low=1)
+    check_chat_template(cfg.eval.get("chat_template", "auto"))
     unknown_files = sorted(set(cfg.eval.get("data_files") or {}) - set(DATASETS))
     if unknown_files:
         raise ConfigError(f"eval.data_files: {unknown_files} are not LongBench v1 datasets; known: {sorted(DATASETS)}")

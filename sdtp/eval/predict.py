@@ -63,17 +63,22 @@ def cost_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def check_chat_template(setting: Any) -> None:
+    """Refuse an ``eval.chat_template`` other than auto / true / false (called before the model loads)."""
+    if setting != "auto" and setting not in (True, False, "true", "false"):
+        raise ConfigError(f"eval.chat_template: {setting!r} is not one of auto, true, false")
+
+
 def wants_chat_template(tokenizer: Any, setting: str | bool) -> bool:
     """``auto`` = the tokenizer's chat template when it has one (instruct models), else none."""
+    check_chat_template(setting)
     if setting == "auto":
         return bool(getattr(tokenizer, "chat_template", None))
     if setting in (True, "true"):
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("eval.chat_template: true, but the tokenizer has no chat template")
         return True
-    if setting in (False, "false"):
-        return False
-    raise ConfigError(f"eval.chat_template: {setting!r} is not one of auto, true, false")
+    return False
 
 
 def encode(tokenizer: Any, prompt: str, chat: bool, answer_prefix: str = "") -> torch.Tensor:

@@ -22,10 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 from sdtp.config import build_schedule
+from sdtp.checks import integer
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.longbench_metrics import dataset_score
-from sdtp.eval.predict import PredictionLog, cost_summary, encode, greedy_predict, stop_token_ids, wants_chat_template
+from sdtp.eval.predict import (PredictionLog, check_chat_template, cost_summary, encode, greedy_predict,
+                               stop_token_ids, wants_chat_template)
 from sdtp.eval.prompt_compression import build_compression, compressed_ids, compression_summary
 from sdtp.eval.prompt_compression import validate as validate_compression
 from sdtp.eval.synthetic_data import SCORERS, Protected, Sample, make_samples, score, wiki_paragraphs
@@ -55,8 +57,10 @@ def validate(cfg: DictConfig) -> None:
     if ev.task == "needle" and (not ev.depths or any(not 0.0 <= float(d) <= 1.0 for d in ev.depths)):
         raise ConfigError(f"eval.depths: need a non-empty list of needle depths in [0, 1], got {ev.depths}")
     for key in ("num_samples", "max_new_tokens"):
-        if int(ev[key]) < 1:
-            raise ConfigError(f"eval.{key}: must be >= 1, got {ev[key]}")
+        integer(ev[key], f"eval.{key}", low=1)
+    if ev.get("limit") is not None:
+        integer(ev.limit, "eval.limit", low=1)
+    check_chat_template(ev.get("chat_template", "auto"))
     if ev.task == "needle":
         check_protection(cfg)
     validate_compression(cfg)

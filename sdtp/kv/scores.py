@@ -102,4 +102,9 @@ class WindowAttention(KVScore):
     def __call__(self, prefill: LayerPrefill) -> torch.Tensor:
         start = max(prefill.length - self.recent, 0)
         votes = prefill.attention(start).sum(dim=(2, 3))  # (B, H_kv, T)
-        return F.avg_pool1d(votes, kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
+        # As SnapKV, pool the keys before the window only: the window's own (large, self-attention) votes would
+        # otherwise spill into the kernel // 2 keys just before it. The window is kept anyway (``recent``).
+        if start == 0:
+            return votes
+        pooled = F.avg_pool1d(votes[..., :start], kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
+        return torch.cat([pooled, votes[..., start:]], dim=-1)

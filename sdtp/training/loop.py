@@ -112,8 +112,9 @@ def sample_order(step: int, t: DictConfig, seed: int, num_items: int, ranks: int
 
 
 def annealed(spec: DictConfig, step: int, steps: int) -> float:
-    """Linear from ``spec.start`` at step 0 to ``spec.end`` at ``steps`` (then constant)."""
-    frac = min(1.0, step / max(steps, 1))
+    """Linear from ``spec.start`` at step 0 to ``spec.end`` at step ``steps - 1``, the last of ``steps`` optimizer
+    steps (numbered from 0), then constant: the last step trains at the end value."""
+    frac = min(1.0, step / max(steps - 1, 1))
     return float(spec.start) + (float(spec.end) - float(spec.start)) * frac
 
 
@@ -192,9 +193,10 @@ def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_
 
     ``max_steps`` counts: the noise annealing and the LR schedule (``T_max``) are laid out over it, so a run
     resumed with another one would not be the run it claims (split a run with ``train.stop_at`` instead).
+    ``val_sequences`` counts too: it sets where the held-out cut falls, hence the training set and its order.
     """
     t = OmegaConf.to_container(cfg.train, resolve=True)
-    for volatile in ("ckpt_every", "eval_every", "stop_at", "val_sequences", "labels_dir"):
+    for volatile in ("ckpt_every", "eval_every", "stop_at", "labels_dir"):
         t.pop(volatile, None)
     # The frozen model as loaded: its source and weights' identity, and the dtype "auto" resolves to on this machine.
     base = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
@@ -274,11 +276,15 @@ def rank_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
 
 
 def held_out(model: torch.nn.Module, schedule: PruningSchedule, val: list[Example],
-             stored_val: list[torch.Tensor] | None, target: str) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Labels of the held-out examples (each (S_i, num_stages), on the CPU) and their dense / random NLL."""
+             stored_val: list[torch.Tensor] | None, target: str,
+             transform: str) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """What the held-out examples' tokens should rank by (each (S_i, num_stages), on the CPU) and their dense /
+    random NLL: the label's magnitude, or, under ``label_transform=signed``, the signed label the predictor is
+    trained to rank by (a token whose removal lowers the loss ranks below an unused one)."""
     device = next(model.parameters()).device
     labels = list(stored_val) if stored_val is not None else [
         online_labels(model, collate([ex]).to(device), schedule, target)[0].cpu() for ex in val]
+    labels = [lab.float() if transform == "signed" else lab.abs().float() for lab in labels]
     references = {"nll_dense": sum(continuation_nll(model, val, None)) / len(val),
                   "nll_random": sum(continuation_nll(model, val, TokenPruner(schedule, RandomScorer(0)))) / len(val)}
     return labels, references
@@ -383,7 +389,8 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
 
     # Rank 0 alone validates (as one process would); meanwhile the others wait at the next collective.
     if world.is_main:
-        val_labels, references = held_out(model, schedule, val, stored[cut:] if stored is not None else None, t.target)
+        val_labels, references = held_out(model, schedule, val, stored[cut:] if stored is not None else None, t.target,
+                                         t.label_transform)
     max_steps, anneal = int(t.max_steps), int(t.anneal_steps or t.max_steps)
     begin, tokens = time.perf_counter(), 0
     # W&B continues the saved run only when training does: a start from step 0 is a new run.
@@ -409,13 +416,14 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
                              "tok/s": f"{tok_s:.0f}"})
             if step % int(t.ckpt_every) == 0 or step == max_steps:
                 checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng, world)
+            # Before a stop: a run split with stop_at logs the same validations as one run through.
+            if t.eval_every and step % int(t.eval_every) == 0 and step < max_steps and world.is_main:
+                val_metrics = validate(model, predictor, schedule, val, val_labels, references)
+                logger.log({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
             if t.stop_at and int(t.stop_at) <= step < max_steps:
                 checkpoint(ckpt, step, sig, predictor, optimizer, scheduler, rng, world)
                 log.info("Stopping at step %d (train.stop_at); continue with resume=true", step)
                 return {"out_dir": str(out_dir), "step": step, "stopped": True}
-            if t.eval_every and step % int(t.eval_every) == 0 and step < max_steps and world.is_main:
-                val_metrics = validate(model, predictor, schedule, val, val_labels, references)
-                logger.log({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
         bar.close()
         if not world.is_main:
             return {"out_dir": str(out_dir), "step": step, "rank": world.rank}

@@ -63,7 +63,8 @@ def ranking_agreement(model: nn.Module, items: Sequence[tuple[torch.Tensor, int,
     """Mean Spearman / top-k overlap per stage (and overall) of the predictor vs the labels.
 
     Args:
-        items: [(ids (S,), split, labels (S, num_stages)), ...].
+        items: [(ids (S,), split, labels (S, num_stages)), ...]; the labels are what tokens should rank by
+            (:func:`sdtp.training.loop.held_out`: magnitudes, or signed labels under ``label_transform=signed``).
     """
     device = next(model.parameters()).device
     rho = [[] for _ in schedule.layers]
@@ -81,7 +82,7 @@ def ranking_agreement(model: nn.Module, items: Sequence[tuple[torch.Tensor, int,
             if predictor.meta.lexical_feature else None
         for s, layer in enumerate(schedule.layers):
             score = predictor(s, captured[layer], positions, prompt_len, lexical=match)[0].float().cpu()[region]
-            label = labels[:split, s].abs().float()[region]
+            label = labels[:split, s][region]
             rho[s].append(spearman(score, label))
             kept_share = (schedule.budget(s, split) - schedule.num_protected(split)) / int(region.sum())
             top[s].append(topk_overlap(score, label, round(kept_share * int(region.sum()))))
