@@ -180,6 +180,21 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+# The running entry point's ``prepare`` (sdtp_main), which the sweeper's checks of a sweep's jobs apply too
+# (hydra_plugins/sdtp_sweeper): a one-element list, so the entry point can set it.
+_ENTRY_PREPARE: list[Callable[[DictConfig], None] | None] = [None]
+
+
+def prepare_and_validate(cfg: DictConfig, overrides: list[str],
+                         prepare: Callable[[DictConfig], None] | None = None) -> None:
+    """What an entry point does to its composed config before running it: its ``prepare`` (default: the running
+    entry point's), then :func:`validate_config`."""
+    prepare = prepare or _ENTRY_PREPARE[0]
+    if prepare is not None:
+        prepare(cfg)
+    validate_config(cfg, overrides)
+
+
 def sdtp_main(
     config_name: str, prepare: Callable[[DictConfig], None] | None = None
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -197,9 +212,7 @@ def sdtp_main(
 
             offline_by_default()
             adopt_submitit_tasks()  # a multi-task submitit job: this process's rank, before anything reads it
-            if prepare is not None:
-                prepare(cfg)
-            validate_config(cfg, list(HydraConfig.get().overrides.task))
+            prepare_and_validate(cfg, list(HydraConfig.get().overrides.task), prepare)
             return task(cfg)
 
         hydra_entry = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(validated)
@@ -207,6 +220,7 @@ def sdtp_main(
         @functools.wraps(task)
         def entry(*args: Any, **kwargs: Any) -> Any:
             refuse_sweep_under_launcher(sys.argv[1:])
+            _ENTRY_PREPARE[0] = prepare
             # hydra.main reads its overrides from sys.argv: a non-zero torchrun rank adds the ones
             # that keep it from writing the run directory's config copy and log (rank 0 writes them).
             sys.argv.extend(worker_overrides())

@@ -136,3 +136,15 @@ def test_parallel_multirun_runs_two_tiny_jobs(tmp_path):
         assert metrics, seed
     # One Hydra job directory per point: seed is part of the sweep subdir's name.
     assert len(list((tmp_path / "sweep").rglob(".hydra/overrides.yaml"))) == 2
+
+
+def test_a_sweep_checks_every_point_before_the_first_runs(tmp_path):
+    """``-m pruning.keep_ratio=0.5,2.0``: the 2.0 point is refused before the 0.5 point runs (the validating
+    sweeper, conf/hydra/sweeper/validating.yaml): no job directory is made."""
+    cmd = [sys.executable, "-m", "sdtp.cli.evaluate", "-m", "eval=needle", "model=tiny-llama", "pruning=random",
+           "pruning.keep_ratio=0.5,2.0", "eval.lengths=[512]", "eval.num_samples=1", f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "sweep job #1 (" in done.stderr and "pruning.keep_ratio: 2.0 is outside (0, 1]" in done.stderr
+    assert not list(tmp_path.rglob(".hydra"))

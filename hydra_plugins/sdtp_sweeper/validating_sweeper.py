@@ -1,0 +1,31 @@
+"""Hydra's basic sweeper, checking every job's config before the first job runs (``hydra/sweeper=validating``,
+the default of every sdtp entry point: ``conf/hydra/default.yaml``).
+
+Hydra composes a sweep's jobs up front (so a typo in a key fails at once), but sdtp's own checks
+(:func:`sdtp.config.validate_config`: schedule ranges, dtype, model family, KV policy, seed, ...) run inside each
+job, so ``-m pruning.keep_ratio=0.5,2.0`` would run the 0.5 point to the end before refusing 2.0. This sweeper runs
+them on every job of a batch (one batch = the whole sweep, by default) before launching it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from omegaconf import open_dict
+
+
+class ValidatingSweeper(BasicSweeper):
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        # Imported here: Hydra imports every plugin module at start-up, sdtp.config pulls in transformers.
+        from sdtp.config import prepare_and_validate
+        from sdtp.errors import ConfigError
+
+        super().validate_batch_is_legal(batch)  # composition: unknown keys, bad groups
+        for index, overrides in enumerate(batch):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            try:
+                with open_dict(cfg):
+                    prepare_and_validate(cfg, list(overrides))
+            except ConfigError as err:
+                raise ConfigError(f"sweep job #{index} ({' '.join(overrides)}), before any job ran: {err}") from err
