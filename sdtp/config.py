@@ -88,6 +88,22 @@ def pruner_variant(pruning: DictConfig) -> tuple[type[TokenPruner], dict[str, An
     return TokenPruner, {}
 
 
+# What `+pruning.<key>=...` may add: the options build_pruner reads beyond the pruning group's own keys (a `+` key
+# is new by definition: Hydra refuses `+` on a key the group defines). Scorer arguments go under +pruning.scorer.
+PRUNING_EXTRAS = ("merge_weight", "refill", "revive")
+
+
+def check_added_keys(overrides: list[str]) -> None:
+    """Refuse a ``+pruning.<key>`` no code reads: a misspelt ``+pruning.reviv=true`` would otherwise run as if it
+    had not been given, silently."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        name = key.removeprefix("+pruning.")
+        if key.startswith("+pruning.") and not key.startswith("++") and "." not in name and name not in PRUNING_EXTRAS:
+            raise ConfigError(f"pruning.{name}: not a pruning option; + adds one of {list(PRUNING_EXTRAS)} "
+                              "(scorer arguments: +pruning.scorer.<argument>)")
+
+
 def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """Command-line overrides the composed config never reads: ``pruning.*`` when nothing is pruned
     (``pruning=none``) and ``kv.*`` when the cache is not compressed (``kv=none``).
@@ -128,6 +144,7 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
 
     ``overrides`` (the command line's) are checked for keys the config ignores (a warning).
     """
+    check_added_keys(list(overrides or []))
     for item in ignored_overrides(cfg, list(overrides or [])):
         log.warning("override ignored: %s", item)
     check_family(cfg.model.family)

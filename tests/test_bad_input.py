@@ -39,7 +39,7 @@ def test_schedule_keys_fail_naming_the_key(override, message):
 
 
 @pytest.mark.parametrize(("target", "message"), [
-    ("sdtp_no_such_pkg.nope.Scorer", r"cannot import 'sdtp_no_such_pkg\.nope\.Scorer' \(ModuleNotFoundError.*PYTHONPATH"),
+    ("sdtp_no_such_pkg.nope.Scorer", r"cannot import 'sdtp_no_such_pkg\.nope\.Scorer' \(ModuleNotFoundError.*PATH"),
     ("sdtp.scorers.norm.HiddenNromScorer", r"cannot import .*AttributeError: module 'sdtp\.scorers\.norm'"),
     ("HiddenNormScorer", r"cannot import 'HiddenNormScorer'"),
     ("torch.nn.Linear", r"'torch\.nn\.Linear' is not a subclass of sdtp\.scorers\.base\.Scorer"),
@@ -259,6 +259,7 @@ def test_an_unknown_lm_eval_task_is_refused_before_loading():
     (["train.val_sequences=0"], r"train\.val_sequences: must be >= 1, got 0"),
     (["train.loss.stage_weights=[1,1]"], r"train\.loss\.stage_weights: expected \d+ weights >= 0 \(one per stage\)"),
     (["seed=-1"], r"seed: must be in \[0, 2\*\*32\), got -1"),
+    (["+pruning.reviv=true"], r"pruning\.reviv: not a pruning option; \+ adds one of \['merge_weight', 'refill'"),
 ])
 def test_training_settings_are_checked_before_loading(overrides, message):
     from sdtp.cli.train import validate_train_config
