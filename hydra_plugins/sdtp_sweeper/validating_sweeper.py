@@ -21,7 +21,8 @@ class ValidatingSweeper(BasicSweeper):
         from sdtp.config import prepare_and_validate
         from sdtp.errors import ConfigError
 
-        super().validate_batch_is_legal(batch)  # composition: unknown keys, bad groups
+        # Not super()'s check as well: it composes every job just as load_sweep_config does here (unknown keys and
+        # bad groups fail in it), then discards the config this check needs.
         for index, overrides in enumerate(batch):
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             try:

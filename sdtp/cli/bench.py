@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from sdtp.benchmark.environment import ensure_malloc_env, environment
+from sdtp.checks import integer
 from sdtp.benchmark.measure import TimedScorer, probe_prefill, summarize, time_generation
 from sdtp.benchmark.memory import peak_cuda, peak_rss_subprocess
 from sdtp.benchmark.report import check_targets, render_markdown, render_plot, speedups, summary_line
@@ -62,8 +63,7 @@ def validate_bench(cfg: DictConfig) -> None:
     if not lengths or any(int(n) < 1 for n in lengths):
         raise ConfigError(f"lengths: expected a non-empty list of positive prompt lengths, got {lengths}")
     for key, low in (("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
-        if int(cfg[key]) < low:
-            raise ConfigError(f"{key}: must be >= {low}, got {cfg[key]}")
+        integer(cfg[key], key, low=low)
     # The prompt must fit; decoding new_tokens past model.max_length is timed like any other step (the 8K point of
     # Table 2 decodes 128 tokens beyond SmolLM2's 8,192 positions: a speed measurement, not a quality one).
     if max(lengths) > int(cfg.model.max_length):
