@@ -29,7 +29,7 @@ from sdtp.kv.policy import build_kv_policy
 from sdtp.models.loading import check_family, resolve_dtype
 from sdtp.paths import REPO_ROOT  # also registers the ${repo_root:} resolver
 from sdtp.scorers.base import Scorer
-from sdtp.targets import import_target
+from sdtp.targets import check_arguments, import_target
 
 log = logging.getLogger(__name__)
 CONF_DIR = REPO_ROOT / "conf"
@@ -170,7 +170,9 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
         raise ConfigError(f"pruning.{next(iter(variant))}: prompts are pruned one at a time; set eval.batch_size=1")
     if "_target_" not in scorer:
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
-    import_target("pruning.scorer._target_", str(scorer._target_), Scorer)
+    scorer_class = import_target("pruning.scorer._target_", str(scorer._target_), Scorer)
+    if not scorer.get("_partial_", False):  # a partial may be completed by code; a full build must be whole
+        check_arguments("pruning.scorer", scorer_class, scorer.keys())
     if scorer.get("path") is not None and not Path(scorer.path).exists():
         raise ConfigError(
             f"pruning.scorer.path: {scorer.path} does not exist; train a predictor with `sdtp-train` "

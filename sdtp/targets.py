@@ -2,12 +2,15 @@
 
 Hydra's ``instantiate`` only fails when the object is built, which for a scorer or a KV score is
 after the model has loaded. :func:`import_target` runs at composition instead, so a typo or a user
-class missing from ``PYTHONPATH`` fails in seconds with a message naming the config key.
+class missing from ``PYTHONPATH`` fails in seconds with a message naming the config key, and
+:func:`check_arguments` refuses a misspelt constructor argument before any run directory exists.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Iterable
 from types import ModuleType
 
 from sdtp.errors import ConfigError
@@ -52,3 +55,26 @@ def import_target(key: str, target: str, base: type) -> type:
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise ConfigError(f"{key}: {target!r} is not a subclass of {base.__module__}.{base.__qualname__}")
     return obj
+
+
+def check_arguments(key: str, cls: type, given: Iterable[str]) -> None:
+    """Refuse argument names ``cls(...)`` does not take, and required arguments ``given`` lacks.
+
+    ``given``: the config node's keys; Hydra's own (``_target_``, ``_partial_``...) are skipped. A class
+    whose constructor takes ``**kwargs`` accepts any name.
+
+    Raises:
+        ConfigError: naming ``key.<argument>`` and the arguments the class does take.
+    """
+    names = [name for name in given if not name.startswith("_")]
+    params = inspect.signature(cls).parameters
+    named = {name for name, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [name for name in names if name not in named and not takes_any]
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: {cls.__qualname__} takes no such argument "
+                          f"(it takes: {', '.join(sorted(named)) or 'none'})")
+    required = [name for name, p in params.items() if p.default is p.empty and name in named
+                and p.kind is not p.POSITIONAL_ONLY and name not in names]
+    if required:
+        raise ConfigError(f"{key}.{required[0]}: {cls.__qualname__} requires this argument")

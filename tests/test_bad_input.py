@@ -15,6 +15,7 @@ import pytest
 from sdtp.cli import generate
 from sdtp.config import REPO_ROOT, compose, offline_by_default
 from sdtp.errors import ConfigError
+from sdtp.scorers.base import Scorer
 from sdtp.eval import harness, longbench, perplexity, synthetic
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -48,6 +49,33 @@ def test_scorer_target_is_checked_at_composition(target, message):
     """A misspelt or unimportable scorer class fails when the config is composed, before a model loads."""
     with pytest.raises(ConfigError, match=r"pruning\.scorer\._target_: " + message):
         compose("generate", ["model=tiny-llama", "pruning=norm", f"pruning.scorer._target_={target}"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["pruning=lazyllm", "+pruning.scorer.num_querie=4"],
+     r"pruning\.scorer\.num_querie: AttentionScorer takes no such argument \(it takes: num_queries\)"),
+    (["pruning=sdtp", "+pruning.scorer.recency=0.5"], r"pruning\.scorer\.recency: PredictorScorer takes no such"),
+    (["pruning=norm", "pruning.scorer._target_=tests.test_bad_input.NeedsArgument"],
+     r"pruning\.scorer\.strength: NeedsArgument requires this argument"),
+])
+def test_scorer_arguments_are_checked_at_composition(overrides, message):
+    """A misspelt scorer argument fails before the run directory exists, not when the scorer is built."""
+    with pytest.raises(ConfigError, match=message):
+        compose("eval", ["model=tiny-llama", *overrides])
+
+
+class NeedsArgument(Scorer):
+    """A scorer whose constructor has a required argument (for the composition check above)."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+
+
+def test_scorer_arguments_that_exist_compose():
+    for overrides in (["pruning=lazyllm", "pruning.scorer.num_queries=4"], ["pruning=random", "pruning.scorer.seed=3"],
+                      ["pruning=norm", "pruning.scorer._target_=tests.test_bad_input.NeedsArgument",
+                       "+pruning.scorer.strength=2"]):
+        compose("eval", ["model=tiny-llama", *overrides])
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
