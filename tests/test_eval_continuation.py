@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -115,8 +116,9 @@ def _multi_news(tmp_path, n=3):
 
 def test_longbench_segments_are_truncated_prompts_and_gold_answers(tiny_llama, tmp_path):
     """One segment per record: the task prompt middle-truncated to context_len (+ chat template), the
-    continuation the first cont_len tokens of the gold answer; too few records is a clear error."""
-    from sdtp.eval.longbench import build_input
+    continuation the first cont_len tokens of the gold answer (after a bare "Summary:", with a space, as the
+    text would continue); too few records is a clear error."""
+    from sdtp.eval.longbench import build_input, truncate_middle
     from sdtp.eval.longbench_tasks import DATASETS as TASKS
 
     _, tokenizer, _ = tiny_llama
@@ -127,6 +129,14 @@ def test_longbench_segments_are_truncated_prompts_and_gold_answers(tiny_llama, t
     for (ctx, cont), record in zip(segs, records):
         expect_ctx, truncated = build_input(tokenizer, TASKS["multi_news"], record, 120, False)
         assert truncated and torch.equal(ctx, expect_ctx) and ctx.shape[1] <= 121  # + BOS at most
+        prompt, _ = truncate_middle(tokenizer, TASKS["multi_news"].prompt.format(**record), 120)
+        assert prompt.endswith("Summary:") and record["answers"][0].startswith("The")
+        joint = tokenizer(prompt + " " + record["answers"][0]).input_ids
+        assert torch.cat([ctx[0], cont[0]]).tolist() == joint[: ctx.shape[1] + 6]
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    chat = continuation.longbench_segments(path, "multi_news", templated, 120, 6, 3, chat=True)
+    for (_, cont), record in zip(chat, records):  # the reply starts the assistant turn: no space
         assert cont[0].tolist() == tokenizer(record["answers"][0], add_special_tokens=False).input_ids[:6]
     with pytest.raises(ConfigError, match="eval.num_segments.*only 3"):
         continuation.longbench_segments(path, "multi_news", tokenizer, 120, 6, 4, chat=False)

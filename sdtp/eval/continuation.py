@@ -18,7 +18,8 @@ Long documents (``eval.dataset=longbench``): each segment is one record of a Lon
 (``eval.task`` names its prompt template, default ``multi_news``): the context is the task prompt,
 middle-truncated to ``context_len`` tokens as LongBench's ``pred.py`` does and wrapped in the chat
 template (``eval.chat_template``: auto = when the tokenizer has one); the continuation is the first
-``cont_len`` tokens of the gold answer. This is the "prompt (document + instruction) -> answer" use
+``cont_len`` tokens of the gold answer (after a bare prompt, with a space before it:
+:func:`sdtp.eval.longbench.gold_answer_ids`). This is the "prompt (document + instruction) -> answer" use
 case; contexts shorter than ``context_len`` stay shorter.
 
 Multi-passage QA (``eval.dataset=passage_qa``, ``eval.data_file`` = the Dolly-15k JSONL): records
@@ -166,13 +167,13 @@ def record_segments(records: Sequence[dict[str, Any]], task: str, tokenizer: Any
                     chat: bool) -> list[Segment]:
     """LongBench-format records -> (1, <= context_len + chat template) prompt ids and (1, <= cont_len)
     gold-answer ids each, the prompt built with ``task``'s template and middle-truncated as LongBench does."""
-    from sdtp.eval.longbench import build_input
+    from sdtp.eval.longbench import build_input, gold_answer_ids
     from sdtp.eval.longbench_tasks import DATASETS as TASKS
 
     out = []
     for record in records:
         ctx_ids, _ = build_input(tokenizer, TASKS[task], record, context_len, chat)
-        answer = _ids(tokenizer, [record["answers"][0]])[0][:cont_len]
+        answer = gold_answer_ids(tokenizer, TASKS[task], record, context_len, chat)[:cont_len]
         if not answer:
             raise ConfigError(f"eval.data_file: record {record.get('_id', '?')} has an empty gold answer")
         out.append((ctx_ids, torch.tensor([answer], dtype=torch.long)))

@@ -138,6 +138,26 @@ def build_input(tokenizer: Any, spec: LongBenchDataset, record: dict[str, Any], 
     return input_ids, truncated
 
 
+def gold_answer_ids(tokenizer: Any, spec: LongBenchDataset, record: dict[str, Any], max_length: int,
+                    chat: bool) -> list[int]:
+    """Ids of ``record``'s first gold answer as they follow :func:`build_input`'s prompt.
+
+    In a chat turn the answer starts the assistant's reply, on its own. After a bare prompt ("...Answer:")
+    it continues the text: a space is put between them unless either side has one (lm-eval's target
+    delimiter), and the answer's ids are the tail of the joint encoding, so a BPE tokenizer gives
+    " Paris", not "Paris" glued to the colon.
+    """
+    answer = record["answers"][0]
+    if chat and spec.name not in NO_CHAT_DATASETS:
+        return tokenizer(answer, add_special_tokens=False).input_ids
+    prompt, _ = truncate_middle(tokenizer, spec.prompt.format(**record), max_length)
+    text = answer if prompt[-1:].isspace() or answer[:1].isspace() else " " + answer
+    head, whole = tokenizer(prompt).input_ids, tokenizer(prompt + text).input_ids
+    if whole[: len(head)] == head:
+        return whole[len(head):]
+    return tokenizer(text, add_special_tokens=False).input_ids  # the join merged across the boundary
+
+
 def prompt_context(spec: LongBenchDataset, record: dict[str, Any], prompt: str) -> str:
     """The part of ``prompt`` (formatted, maybe middle-truncated) that stands for ``{context}``: what
     prompt compression may shorten. "" when the template has no context or a truncation cut into it."""
