@@ -44,7 +44,7 @@ from sdtp.distributed import (World, all_ranks, average_gradients, broadcast_par
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
-from sdtp.labels import load_labels, transform_labels
+from sdtp.labels import load_labels, meta_hash, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
 from sdtp.models.loading import resolve_dtype
@@ -173,7 +173,11 @@ def validate(model: torch.nn.Module, predictor: TokenPredictor, schedule: Prunin
 
 
 def load_data(cfg: DictConfig, tokenizer: Any, schedule: PruningSchedule) -> tuple[list[Example], list | None, str]:
-    """Examples, their stored labels at the schedule's layers (None when online), and a data hash."""
+    """Examples, their stored labels at the schedule's layers (None when online), and a data hash.
+
+    With stored labels the hash also names the label set (:func:`sdtp.labels.meta_hash`: model, dtype,
+    target...), so a resume cannot switch to labels of the same examples made another way.
+    """
     t = cfg.train
     if t.labels == "online":
         examples = build_examples(tokenizer, cfg.data, int(cfg.seed))
@@ -185,7 +189,7 @@ def load_data(cfg: DictConfig, tokenizer: Any, schedule: PruningSchedule) -> tup
             raise ConfigError(f"train.labels_dir: labels were made with {key}={have!r}, config has {want!r}")
     columns = [list(meta["layers"]).index(layer) for layer in schedule.layers]
     examples = [(ids, split) for ids, split, _ in items]
-    return examples, [sal[:, columns] for _, _, sal in items], meta["examples_hash"]
+    return examples, [sal[:, columns] for _, _, sal in items], f"{meta['examples_hash']}+labels:{meta_hash(meta)}"
 
 
 def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_size: int = 1) -> dict[str, Any]:
