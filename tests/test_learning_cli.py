@@ -114,8 +114,8 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
         train_cli.run(_train_cfg(tmp_path / "split", "resume=true", "train.val_sequences=2", labels=labels_dir))
     # Labels of the same examples made another way (here by the model in bf16) are another training signal.
     bf16_labels = tmp_path / "bf16_labels"
-    label_cli.run(compose("label", DATA + [f"out_dir={bf16_labels}", "shard_size=4", "batch_size=3", "model.dtype=bfloat16",
-                                           *GRADIENT_LABELS]))
+    label_cli.run(compose("label", DATA + [f"out_dir={bf16_labels}", "shard_size=4", "batch_size=3",
+                                           "model.dtype=bfloat16", *GRADIENT_LABELS]))
     with pytest.raises(ConfigError, match=r"data: checkpoint='\w+\+labels:\w+' vs config='\w+\+labels:\w+'"):
         train_cli.run(_train_cfg(tmp_path / "split", "resume=true", labels=bf16_labels))
     resumed = train_cli.run(_train_cfg(tmp_path / "split", "resume=true", labels=labels_dir))
