@@ -11,6 +11,7 @@ overrides, so the points of an ablation sweep can be told apart. Offline runs up
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 RUN_ID_FILE = "wandb_run_id"
+MAX_TAGS, MAX_TAG_LENGTH = 64, 64  # W&B refuses more tags, or longer ones, when the run starts
 
 
 def command_line_overrides() -> list[str]:
@@ -36,6 +38,17 @@ def command_line_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
+
+
+def wandb_tags(tags: list[str]) -> list[str]:
+    """``tags`` as W&B accepts them: at most 64, each 1-64 characters. A longer one (a path override)
+    keeps its start and ends with a hash of the whole, so two long tags stay apart."""
+    short = []
+    for tag in (str(t) for t in tags if str(t)):
+        if len(tag) > MAX_TAG_LENGTH:
+            tag = f"{tag[:MAX_TAG_LENGTH - 9]}~{hashlib.sha256(tag.encode()).hexdigest()[:8]}"
+        short.append(tag)
+    return short[:MAX_TAGS]
 
 
 def wandb_run_id(run_dir: Path, resume: bool) -> tuple[str, str | None]:
@@ -68,7 +81,7 @@ class RunLogger:
                 project=logger_cfg.get("project", "sdtp"),
                 entity=logger_cfg.get("entity"),
                 group=logger_cfg.get("group"),
-                tags=[*(logger_cfg.get("tags") or []), *command_line_overrides()][:64],  # W&B caps tags
+                tags=wandb_tags([*(logger_cfg.get("tags") or []), *command_line_overrides()]),
                 mode=logger_cfg.get("mode", "offline"),
                 name=name,
                 dir=str(self.run_dir),

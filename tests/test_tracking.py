@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from sdtp.tracking import RUN_ID_FILE, RunLogger
+from sdtp.tracking import RUN_ID_FILE, RunLogger, wandb_tags
 
 
 @pytest.fixture
@@ -45,3 +45,16 @@ def test_resume_continues_the_same_wandb_run(tmp_path, fake_wandb):
     assert fake_wandb[2]["id"] != first["id"] and fake_wandb[2]["resume"] is None
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 1.0
 
+
+
+def test_long_overrides_become_tags_wandb_accepts():
+    """A path override is longer than W&B's 64-character tag limit, which fails the run after the model loads."""
+    from wandb import Settings
+
+    long_a, long_b = "out_dir=/scratch/" + "a" * 80, "out_dir=/scratch/" + "a" * 79 + "b"
+    with pytest.raises(ValueError, match="Tags must be between 1 and 64 characters"):
+        Settings(run_tags=[long_a])
+    tags = wandb_tags(["t", "", long_a, long_b, *[f"k{i}=1" for i in range(70)]])
+    Settings(run_tags=tags)  # accepted
+    assert len(tags) == 64 and tags[:2] == ["t", long_a[:55] + tags[1][55:]]
+    assert len(tags[1]) == 64 and tags[1] != tags[2]  # long tags that share their start stay apart
