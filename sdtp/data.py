@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from sdtp.errors import ConfigError
 from sdtp.utils import read_jsonl_records, read_text_file
@@ -157,6 +158,15 @@ def source_fingerprint(source: Mapping[str, Any]) -> str:
         return f"hub:{source['hub']}:{source.get('split', 'train')}"
     digest = hashlib.sha256(Path(source["path"]).read_bytes()).hexdigest()
     return f"sha256:{digest}"
+
+
+def data_identity(data: DictConfig) -> dict[str, Any]:
+    """What decides the examples of ``data``: every setting, each source's content hash instead of its path
+    (the same file in another clone matches). Recorded with stored labels and checked by training."""
+    sources = [{**{k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k != "path"},
+                "fingerprint": source_fingerprint(s)} for s in data.sources]
+    settings = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items() if k != "sources"}
+    return {**settings, "sources": sources}
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -83,6 +83,8 @@ def test_shard_from_another_label_set_is_refused(labels_dir, tmp_path):
 def test_label_config_mismatch_raises(labels_dir):
     with pytest.raises(ConfigError, match="different config"):
         label_cli.run(compose("label", DATA + [f"out_dir={labels_dir}", "shard_size=4", "data.continuation_length=8"]))
+    with pytest.raises(ConfigError, match="different config.*model"):  # a resume by another model's weights
+        label_cli.run(compose("label", DATA + [f"out_dir={labels_dir}", "shard_size=4", "model.seed=7"]))
 
 
 def test_train_from_labels_checks_target_and_folder(labels_dir, tmp_path):
@@ -90,6 +92,13 @@ def test_train_from_labels_checks_target_and_folder(labels_dir, tmp_path):
         train_cli.run(_train_cfg(tmp_path / "run", "train.target=fidelity", labels=labels_dir))
     with pytest.raises(ConfigError, match="labels_dir"):
         train_cli.run(_train_cfg(tmp_path / "run", labels=tmp_path / "nothing"))
+    # Labels of another model's weights, or of other data, are not this run's training signal.
+    with pytest.raises(ConfigError, match=r"labels were made with model\.seed=0, config has 7"):
+        train_cli.run(_train_cfg(tmp_path / "run", "model.seed=7", labels=labels_dir))
+    with pytest.raises(ConfigError, match=r"data\.continuation_length=12, config has 8"):
+        train_cli.run(_train_cfg(tmp_path / "run", "data.continuation_length=8", labels=labels_dir))
+    meta = json.loads((labels_dir / "meta.json").read_text())
+    assert "name" not in meta["tokenizer"] and len(meta["tokenizer"]["vocab_sha256"]) == 16  # not the folder
     # labels at every layer serve any schedule
     summary = train_cli.run(_train_cfg(tmp_path / "run2", "pruning.layers=[1,3]", "pruning.keep_ratio=[0.8,0.6]",
                                        labels=labels_dir))

@@ -17,6 +17,7 @@ node sees.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -24,16 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from sdtp.config import sdtp_main
-from sdtp.data import build_examples, examples_hash, source_fingerprint, validate_data
+from sdtp.data import build_examples, data_identity, examples_hash, validate_data
 from sdtp.distributed import World, check_enough_items, check_world, on_main, process_group, reduce_floats, \
     require_shared, shard
 from sdtp.errors import ConfigError
 from sdtp.labels import META_FILE, check_or_write_meta, meta_hash, shard_path, write_shard
 from sdtp.models import load_model
+from sdtp.models.loading import model_identity
 from sdtp.saliency import TARGETS, saliency_scores
 from sdtp.training.loop import collate
 from sdtp.utils import set_threads
@@ -51,22 +53,22 @@ def validate_label_config(cfg: DictConfig) -> None:
     check_world(World.from_env(), cfg.distributed, str(cfg.model.device))
 
 
+def vocab_sha256(tokenizer: Any) -> str:
+    """Hash of the tokenizer's vocabulary (its identity; the folder it was loaded from is not)."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
 def label_meta(cfg: DictConfig, num_layers: int, tokenizer: Any, examples: list, dtype: torch.dtype) -> dict[str, Any]:
-    """Everything that must match for two labelling runs to share a directory."""
-    # Identity is the content hash, not the path: the same file in another clone/location matches.
-    sources = [
-        {**{k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k != "path"},
-         "fingerprint": source_fingerprint(s)} for s in cfg.data.sources
-    ]
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "sources"}
+    """Everything that must match for two labelling runs to share a directory (and a training run to use it)."""
     return {
         "base_model": cfg.model.name,
+        "model": model_identity(cfg.model),
         "hf_id": cfg.model.get("hf_id"),
         "dtype": str(dtype).removeprefix("torch."),
         "layers": list(range(num_layers)),
         "num_layers": num_layers,
-        "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
-        "data": {**data, "sources": sources},
+        "tokenizer": {"vocab_size": len(tokenizer), "vocab_sha256": vocab_sha256(tokenizer)},
+        "data": data_identity(cfg.data),
         "examples_hash": examples_hash(examples),
         "saliency": {"target": cfg.saliency.target, "stored": "raw, signed, every layer's input"},
         "seed": int(cfg.seed),

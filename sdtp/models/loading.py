@@ -55,6 +55,16 @@ def resolve_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     return _DTYPES[name]
 
 
+def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The frozen model as it is loaded: its source and weights' identity (hub id, GGUF file or digest, tiny
+    architecture and seed...) and the dtype ``auto`` resolves to here. What a training checkpoint and a label
+    set must share with the run that uses them; the name, device and schedule are not part of it."""
+    fields = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    base = {k: v for k, v in fields.items() if k not in ("name", "device", "schedule", "max_length", "install")}
+    base["dtype"] = str(resolve_dtype(model_cfg["dtype"], model_cfg.get("device", "cpu")))
+    return base
+
+
 def check_device(device: str) -> None:
     """Refuse a CUDA device this torch cannot use, before any weights are read.
 

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sdtp.config import build_schedule
-from sdtp.data import Example, build_examples, examples_hash
+from sdtp.data import Example, build_examples, data_identity, examples_hash
 from sdtp.distributed import (World, all_ranks, average_gradients, broadcast_parameters, check_enough_items,
                               rank_seed, rank_slice, reduce_floats, require_shared)
 from sdtp.engine.pruner import TokenPruner
@@ -47,7 +47,8 @@ from sdtp.errors import ConfigError
 from sdtp.labels import load_labels, meta_hash, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
-from sdtp.models.loading import resolve_dtype
+from sdtp.models.loading import model_identity
+from sdtp.provenance import changed_keys, flat_leaves
 from sdtp.predictor import META_FILE, WEIGHTS_FILE, PredictorMeta, TokenPredictor, select_stages, widen_inputs
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
@@ -183,13 +184,33 @@ def load_data(cfg: DictConfig, tokenizer: Any, schedule: PruningSchedule) -> tup
         examples = build_examples(tokenizer, cfg.data, int(cfg.seed))
         return examples, None, examples_hash(examples)
     meta, items = load_labels(t.labels_dir)
-    for key, want in (("base_model", cfg.model.name), ("target", t.target)):
-        have = meta["base_model"] if key == "base_model" else meta["saliency"]["target"]
-        if have != want:
-            raise ConfigError(f"train.labels_dir: labels were made with {key}={have!r}, config has {want!r}")
+    check_label_origin(meta, cfg)
     columns = [list(meta["layers"]).index(layer) for layer in schedule.layers]
     examples = [(ids, split) for ids, split, _ in items]
     return examples, [sal[:, columns] for _, _, sal in items], f"{meta['examples_hash']}+labels:{meta_hash(meta)}"
+
+
+def check_label_origin(meta: dict[str, Any], cfg: DictConfig) -> None:
+    """Refuse stored labels made by another model (weights or source), data or target than ``cfg``'s.
+
+    The labelling dtype may differ from training's (the checkpoint signature records both).
+
+    Raises:
+        ConfigError: naming the differing keys (relabel, or point train.labels_dir at matching labels).
+    """
+    model = {k: v for k, v in model_identity(cfg.model).items() if k != "dtype"}
+    made = {"base_model": meta["base_model"], "target": meta["saliency"]["target"],
+            "model": {k: v for k, v in meta.get("model", {"recorded": False}).items() if k != "dtype"},
+            "data": meta["data"]}
+    wanted = {"base_model": cfg.model.name, "target": cfg.train.target, "model": model,
+              "data": data_identity(cfg.data)}
+    diffs = changed_keys(made, wanted)
+    if diffs:
+        have, want = flat_leaves(made), flat_leaves(json.loads(json.dumps(wanted, default=str)))
+        detail = "; ".join(f"{k}={have.get(k, '<absent>')!r}, config has {want.get(k, '<absent>')!r}"
+                           for k in diffs[:3])
+        raise ConfigError(f"train.labels_dir: labels were made with {detail}"
+                          + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""))
 
 
 def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_size: int = 1) -> dict[str, Any]:
@@ -202,11 +223,7 @@ def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_
     t = OmegaConf.to_container(cfg.train, resolve=True)
     for volatile in ("ckpt_every", "eval_every", "stop_at", "labels_dir"):
         t.pop(volatile, None)
-    # The frozen model as loaded: its source and weights' identity, and the dtype "auto" resolves to on this machine.
-    base = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-            if k not in ("name", "device", "schedule", "max_length", "install")}
-    base["dtype"] = str(resolve_dtype(cfg.model.dtype, cfg.model.device))
-    sig = {"model": cfg.model.name, "base_model": base, "layers": list(schedule.layers),
+    sig = {"model": cfg.model.name, "base_model": model_identity(cfg.model), "layers": list(schedule.layers),
            "keep_fractions": list(schedule.keep_fractions), "keep_first": schedule.keep_first,
            "keep_recent": schedule.keep_recent, "data": data_hash, "train": t, "seed": int(cfg.seed)}
     if world_size > 1:  # absent for one process, so single-process checkpoints keep their signature
