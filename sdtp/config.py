@@ -214,6 +214,22 @@ def prepare_and_validate(cfg: DictConfig, overrides: list[str],
     validate_config(cfg, overrides)
 
 
+def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """``argv`` (a Hydra command line) with ``extra`` overrides added next to its own.
+
+    Hydra's parser takes the overrides as one run of positional arguments, so they are inserted right
+    after the user's (``model=x --cfg job`` stays valid), or appended when there are none.
+    """
+    if not extra:
+        return list(argv)
+    from hydra._internal.utils import get_args_parser
+
+    given = get_args_parser().parse_known_args(argv)[0].overrides
+    ends = [i + len(given) for i in range(len(argv) - len(given) + 1) if argv[i : i + len(given)] == given]
+    at = ends[0] if given and ends else len(argv)
+    return [*argv[:at], *extra, *argv[at:]]
+
+
 def sdtp_main(
     config_name: str, prepare: Callable[[DictConfig], None] | None = None
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -242,7 +258,7 @@ def sdtp_main(
             _ENTRY_PREPARE[0] = prepare
             # hydra.main reads its overrides from sys.argv: a non-zero torchrun rank adds the ones
             # that keep it from writing the run directory's config copy and log (rank 0 writes them).
-            sys.argv.extend(worker_overrides())
+            sys.argv[1:] = with_overrides(sys.argv[1:], worker_overrides())
             return hydra_entry(*args, **kwargs)
 
         return entry

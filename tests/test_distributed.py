@@ -270,3 +270,17 @@ def test_bad_distributed_setups_fail_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="shard_size: 4 ranks need"):
         label_cli.label(compose("label", DATA + [f"out_dir={tmp_path / 'l'}", "shard_size=4"]), World(rank=0, size=4))
     assert not (tmp_path / "t").exists() and not (tmp_path / "l").exists()
+
+
+@pytest.mark.parametrize("argv", [["model=x", "seed=1"], ["model=x", "--cfg", "job"], ["--cfg", "job", "model=x"],
+                                  ["--cfg", "job"], [], ["-m", "seed=0,1", "--config-dir", "conf"]])
+def test_worker_overrides_join_the_users_wherever_options_stand(argv):
+    """A rank > 0 adds its overrides; Hydra's parser must still accept the line (``model=x --cfg job``)."""
+    from hydra._internal.utils import get_args_parser
+
+    from sdtp.config import with_overrides
+
+    extra = worker_overrides(1)
+    parsed = get_args_parser().parse_args(with_overrides(argv, extra))  # exits on unrecognised arguments
+    assert parsed.overrides == [a for a in argv if "=" in a] + extra
+    assert with_overrides(argv, []) == argv
