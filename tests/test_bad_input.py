@@ -358,13 +358,15 @@ def test_cuda_without_a_gpu_fails_before_the_weights_load():
 @pytest.mark.parametrize(("config", "message"), [
     ("llama", r"model\.num_layers: config says 30, the model has 2"),
     ("gpt2", r"model\.family: architecture 'gpt2' is not supported"),
+    ("qwen2", r"model\.family: the config says 'llama', but the model is a 'qwen2'"),
 ])
 def test_a_local_model_is_checked_from_its_config_before_its_weights(tmp_path, config, message):
     """The folder holds only config.json: loading weights would fail differently, so the check came first."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     from sdtp.models import load_model
 
-    (LlamaConfig(num_hidden_layers=2) if config == "llama" else GPT2Config()).save_pretrained(tmp_path)
+    configs = {"llama": LlamaConfig(num_hidden_layers=2), "gpt2": GPT2Config(), "qwen2": Qwen2Config(num_hidden_layers=30)}
+    configs[config].save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=message):
         load_model({"family": "llama", "source": "hub", "hf_id": str(tmp_path), "device": "cpu", "num_layers": 30})

@@ -103,15 +103,20 @@ def check_supported(model: nn.Module) -> None:
     check_config(getattr(model, "config", None))
 
 
-def check_config(config: Any, num_layers: int | None = None) -> None:
-    """A model's own config (read before its weights, so a wrong model costs no load): a supported architecture
-    and, if the model config names one, the same number of decoder layers."""
+def check_config(config: Any, num_layers: int | None = None, family: str | None = None) -> None:
+    """A model's own config (read before its weights, so a wrong model costs no load): a supported architecture,
+    the ``family`` the model config names (if given), and the same number of decoder layers (if given)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILY_OF_TYPE:
         raise ConfigError(
             f"model.family: architecture {model_type!r} is not supported; "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
+    if family is not None and _FAMILY_OF_TYPE[model_type] != family:
+        # Results, predictors and labels are filed under the model config's name: it must describe this model.
+        raise ConfigError(f"model.family: the config says {family!r}, but the model is a "
+                          f"{_FAMILY_OF_TYPE[model_type]!r} (model_type {model_type!r}); use that model's config "
+                          "or fix model.family")
     if num_layers is not None and int(num_layers) != config.num_hidden_layers:
         raise ConfigError(f"model.num_layers: config says {num_layers}, the model has {config.num_hidden_layers}")
 
@@ -139,17 +144,17 @@ def load_model(
         arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
         model, tokenizer = build_tiny_model(model_cfg["family"], arch, seed=int(model_cfg.get("seed", 0)))
         model.config._attn_implementation = attn
-        check_config(model.config, num_layers)
+        check_config(model.config, num_layers, model_cfg["family"])
     elif source == "gguf_package":
         from sdtp.models.gguf import cached_gguf_folder
 
         folder = cached_gguf_folder(model_cfg, cache_dir)
-        check_config(AutoConfig.from_pretrained(folder), num_layers)
+        check_config(AutoConfig.from_pretrained(folder), num_layers, model_cfg["family"])
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     elif source == "hub":
         check_source(str(model_cfg["hf_id"]))
-        check_config(AutoConfig.from_pretrained(model_cfg["hf_id"]), num_layers)
+        check_config(AutoConfig.from_pretrained(model_cfg["hf_id"]), num_layers, model_cfg["family"])
         model = AutoModelForCausalLM.from_pretrained(model_cfg["hf_id"], dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(model_cfg["hf_id"])
     else:
