@@ -36,6 +36,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdtp.distributed import World
 from sdtp.paths import portable_tree, roots_for
 from sdtp.predictor import META_FILE, WEIGHTS_FILE
 from sdtp.utils import git_commit
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 # directory name, conf/eval.yaml). ``distributed``: a data-parallel lm-eval run scores every document as
 # one process does (docs/scaling.md), so it reuses, and is reused as, the single-process run.
 VOLATILE_KEYS = ("force", "threads", "run_dir", "logger", "distributed")
+# Scorers whose draws differ with the number of ranks (one random stream per rank).
+RANK_DEPENDENT_SCORERS = ("sdtp.scorers.random.RandomScorer",)
 PACKAGES = ("torch", "transformers", "lm_eval")
 # Fingerprint entries that must match for a finished run to be reused (everything but ``git``).
 COMPARED = ("config", "dtype", "device", "predictor", "data", "packages")
@@ -99,10 +102,18 @@ def package_versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
 
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config (defaults included) without the keys that do not change results."""
+    """The resolved config (defaults included) without the keys that do not change results.
+
+    The number of ranks is kept (as ``ranks``) for a scorer whose draws depend on it
+    (:data:`RANK_DEPENDENT_SCORERS`): its data-parallel run is not the single-process run.
+    """
     config = OmegaConf.to_container(cfg, resolve=True)
     for key in VOLATILE_KEYS:
         config.pop(key, None)
+    scorer = ((config.get("pruning") or {}).get("scorer") or {}).get("_target_")
+    ranks = World.from_env().size
+    if scorer in RANK_DEPENDENT_SCORERS and ranks > 1:
+        config["ranks"] = ranks
     return config
 
 

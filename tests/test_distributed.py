@@ -284,3 +284,25 @@ def test_worker_overrides_join_the_users_wherever_options_stand(argv):
     parsed = get_args_parser().parse_args(with_overrides(argv, extra))  # exits on unrecognised arguments
     assert parsed.overrides == [a for a in argv if "=" in a] + extra
     assert with_overrides(argv, []) == argv
+
+
+def test_random_scorer_ranks_draw_their_own_masks_and_say_so(monkeypatch):
+    """Rank 0 keeps the single-process stream; other ranks draw their own; the fingerprint counts ranks."""
+    from sdtp.provenance import comparable_config
+    from sdtp.scorers.random import RandomScorer
+
+    def first_draw() -> torch.Tensor:
+        return torch.rand(8, generator=RandomScorer(seed=3)._generator)
+
+    single = first_draw()
+    assert torch.equal(single, torch.rand(8, generator=torch.Generator().manual_seed(3)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert torch.equal(first_draw(), single)
+    monkeypatch.setenv("RANK", "1")
+    assert not torch.equal(first_draw(), single)
+    for method, counted in (("random", True), ("norm", False)):
+        config = comparable_config(compose("eval", ["model=tiny-llama", f"pruning={method}"]))
+        assert config.get("ranks") == (2 if counted else None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "ranks" not in comparable_config(compose("eval", ["model=tiny-llama", "pruning=random"]))
