@@ -6,6 +6,8 @@ For token j and decoder layer l the label is
 
 the attention probability the continuation queries put on j, summed over the layers j would be
 missing from if it were dropped before layer l (dropping at l removes it from every later layer).
+The queries are the continuation tokens' own, the ones that read the pruned cache while decoding; the last
+prompt token's query (which predicts the first continuation token) runs in the pruned prefill itself.
 It is computed on the full, unpruned model in one forward (no backward): after each layer's
 attention has run, the continuation rows' queries are re-projected (:func:`project_queries`) and
 scored against that layer's cached keys, so the full S x S attention matrix is never stored and

@@ -26,7 +26,9 @@ Face dataset for online users. Formats:
   depend on a question (e.g. multi_news summaries), which a per-token predictor can learn.
 * ``text``: ``text`` records. Documents are joined with EOS and cut into windows of
   ``max_length`` tokens; the last ``continuation_length`` tokens of each window are its
-  continuation. Long documents (books) are capped so every document contributes windows.
+  continuation. Documents are read in order until the windows are filled, each capped at about
+  ``(num_samples / documents + 1)`` windows' worth of characters, so no single book fills them alone (with
+  many samples per book the last documents may contribute nothing: e.g. 9 of the 13 books for ``data=mix``).
 
 ``passage_qa`` and ``longbench`` prompts get about ``max_length - continuation_length - CHAT_MARGIN``
 tokens, or ``context_len`` tokens (plus the chat wrapper) when the source sets it, so long-document
@@ -42,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,8 @@ def _local_records(path: Path, key: str, limit: int | None) -> Iterable[Mapping[
     blank-line-separated documents of a raw text file (WikiText)."""
     if path.suffix == ".jsonl":
         return [record for _, record in read_jsonl_records(path, f"{key}.path", limit)]
-    blocks = read_text_file(path, f"{key}.path").split("\n\n")
+    # WikiText's blank lines hold a space (" \n"): split on lines that are empty once stripped.
+    blocks = re.split(r"\n[ \t]*\n", read_text_file(path, f"{key}.path"))
     return [{"text": block.strip()} for block in blocks if block.strip()]
 
 
@@ -173,14 +177,17 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _prompt_text(tokenizer: Any, record: Mapping[str, Any], chat_template: bool) -> str:
+def _prompt_ids(tokenizer: Any, record: Mapping[str, Any], chat_template: bool) -> list[int]:
+    """An instruction record's prompt ids: in the chat template (which writes its own special tokens), or as
+    plain text with the tokenizer's own (e.g. BOS: a base model reads every prompt after it, as
+    :func:`sdtp.eval.predict.encode` gives it at evaluation)."""
     if "prompt" in record:  # already formatted (e.g. Dolly/HH-RLHF mix)
-        return str(record["prompt"])
+        return _encode(tokenizer, str(record["prompt"]))
     user = "\n\n".join(str(record[k]) for k in ("instruction", "context") if record.get(k))
     if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
-    return user + "\n\n"
+        return _encode(tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                                add_generation_prompt=True))
+    return tokenizer(user + "\n\n").input_ids
 
 
 def middle_truncate_ids(ids: list[int], length: int) -> list[int]:
@@ -211,7 +218,7 @@ def instruction_examples(tokenizer: Any, records: list[Mapping[str, Any]], data:
     examples: list[Example] = []
     for index in order:
         record = records[index]
-        prompt = _encode(tokenizer, _prompt_text(tokenizer, record, bool(data.get("chat_template", True))))
+        prompt = _prompt_ids(tokenizer, record, bool(data.get("chat_template", True)))
         response = (_encode(tokenizer, str(record.get("response", ""))) + eos)[:cont_len]
         if len(prompt) < int(data.get("min_prompt_length", 16)) or len(response) < 2:
             continue

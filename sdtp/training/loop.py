@@ -1,7 +1,9 @@
 """The SDTP predictor training recipe, top to bottom (the LLM is frozen; only the predictors learn).
 
 1. Examples: ``(ids, split)`` pairs, prompt ``[0, split)`` + continuation (:mod:`sdtp.data`); the
-   last ``val_sequences`` are held out.
+   last ``val_sequences`` are held out. They are never trained on, but a text window among them may be cut
+   from a book or C4 document that also gives training windows: this validation tracks training; the
+   committed evaluations use documents no training run reads (WikiText-2, C4 300+, LongBench).
 2. Labels: the ``train.target`` saliency of the dense model at each stage layer (attention received, or
    gradient x input of a loss; :mod:`sdtp.saliency`), either computed *online* in every step (one dense
    forward, plus a backward for the gradient targets; nothing stored, so a run resumes on a
