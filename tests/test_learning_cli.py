@@ -146,6 +146,7 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
         patched.setattr(train_loop, "held_out", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
         train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))
     assert not (tmp_path / "full" / "metrics.json").exists()  # cannot pass for the killed run's
+    assert not (tmp_path / "full" / "checkpoint.pt").exists()  # nor can resume=true continue the earlier run
     train_cli.run(_train_cfg(tmp_path / "full", labels=labels_dir))  # afresh (resume=false) in a used out_dir
     steps = [r["step"] for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]

@@ -320,7 +320,8 @@ def resume(cfg: DictConfig, sig: dict[str, Any], predictor: TokenPredictor, opti
     ``metrics.jsonl`` keeps only the records up to that step: a resumed run does not repeat steps, and a run
     started afresh in the same ``out_dir`` (no checkpoint yet, or ``resume=false``) does not append to an
     earlier run's records, which the final noise metrics average over. A fresh start also deletes the earlier
-    run's ``metrics.json`` and ``predictor/``, so neither can pass for this run's if it is killed before its own.
+    run's ``metrics.json``, ``predictor/`` and checkpoint, so none can pass for this run's if it is killed before
+    its own (a later ``resume=true`` would otherwise continue the earlier run).
     """
     ckpt = Path(cfg.out_dir) / CHECKPOINT
     step = 0
@@ -334,7 +335,8 @@ def resume(cfg: DictConfig, sig: dict[str, Any], predictor: TokenPredictor, opti
             log.info("Resumed from %s at step %d", ckpt, step)
         else:
             predictor_dir = Path(cfg.out_dir) / "predictor"
-            for stale in (Path(cfg.out_dir) / "metrics.json", predictor_dir / WEIGHTS_FILE, predictor_dir / META_FILE):
+            for stale in (Path(cfg.out_dir) / "metrics.json", predictor_dir / WEIGHTS_FILE, predictor_dir / META_FILE,
+                          ckpt):
                 stale.unlink(missing_ok=True)
     return step
 
