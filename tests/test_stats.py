@@ -140,7 +140,9 @@ def test_stratified_t_interval_by_hand():
 def test_pooled_p_cell_and_bounds_that_round_to_zero():
     summary = paired_summary(paired_t_interval([-0.01, 2.0, 1.5, 0.3]))
     assert uncorrected_p_text(summary).endswith("(uncorrected)")
-    assert interval_text({"mean": 1.3, "low": -0.004, "high": 2.6}, 2) == "+1.30 [+0.00, +2.60]"
+    # a bound just below zero keeps its sign (the interval does not reach 0); float noise around 0 prints +0.00
+    assert interval_text({"mean": 1.3, "low": -0.004, "high": 2.6}, 2) == "+1.30 [-0.00, +2.60]"
+    assert interval_text({"mean": 0.0074, "low": -3.7e-5, "high": 0.0149}) == "+0.0074 [-0.0000, +0.0149]"
     assert interval_text({"mean": -1e-15, "low": -1.0, "high": 1.0}, 2) == "+0.00 [-1.00, +1.00]"
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from sdtp.eval.stats import PairedInterval, holm, paired_t_interval, stratified_bootstrap_ci
 
 RANDOM = "random"
+ZERO_NOISE = 1e-12  # |x| below this is summation noise around an exact zero, shown as +0
 
 
 def _clean(value: float) -> float | None:
@@ -135,9 +136,9 @@ def interval_text(d: dict[str, Any] | None, digits: int = 4) -> str:
         return f"identical on all {d['n']}" if "n" in d else "identical"
 
     def signed(x: float) -> str:
-        # Whatever rounds to zero shows as +0.00 (a mean of seed averages can be -1e-15). The 40-odd committed pages
-        # print their bounds this way; the verdicts in their text come from the unrounded numbers.
-        return f"{x if round(x, digits) else 0.0:+.{digits}f}"
+        # A float-noise zero (a mean of seed averages can be -1e-15) shows as +0.00; a real value keeps its sign, so a
+        # bound of -0.00004 reads -0.0000: just below zero, not on it.
+        return f"{x if abs(x) > ZERO_NOISE else 0.0:+.{digits}f}"
 
     if d.get("low") is None:
         return signed(d["mean"])
