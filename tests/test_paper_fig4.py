@@ -19,12 +19,12 @@ POINTS = {(1, 0.9): [2.1, 3.1, 4.1], (1, 0.7): [2.5, 3.6, 4.7], (10, 0.9): [2.0,
           (10, 0.7): [2.1, 3.2, 4.0]}
 
 
-def _write(d, row, segments, schedule="", seed=0):
+def _write(d, row, segments, schedule="", seed=0, cpu="Test CPU"):
     d.mkdir(parents=True, exist_ok=True)
     setup = {"row": row, "train_steps": 60, "train_args": "", "eval_args": "eval.num_segments=3", "schedule": schedule}
     (d / (f"{row}_s{seed}.json" if row != "dense" else "dense.json")).write_text(json.dumps({
         "schema": 1, "row": row, "seed": None if row == "dense" else seed, "setup": setup, "command": "c", "wall_s": 300,
-        "metrics": {"dtype": "torch.float32", "git_commit": "abc", "machine": {"cpu_model": "Test CPU"}},
+        "metrics": {"dtype": "torch.float32", "git_commit": "abc", "machine": {"cpu_model": cpu}},
         "train": {"spearman": 0.6}, "segments": {str(i): v for i, v in enumerate(segments)}}))
 
 
@@ -134,3 +134,15 @@ def test_a_trend_resolved_over_segments_but_not_over_seeds_reads_unresolved(poin
     assert "seed 1: 2 missing (first1_keep0.9, first10_keep0.9)" in text
     # keep 0.9 has seed 0 only: judged over segments alone, as before
     assert {t["keep_ratio"]: t for t in page["trends"]["early_vs_late"]}[0.9]["seeds"] == [0]
+
+
+def test_page_says_when_dense_and_the_points_ran_on_different_machines(points_dir):
+    assert "Machines differ" not in f4.render(f4.build_page(points_dir, "tiny", [1, 10], [0.9, 0.7]))
+    _write(points_dir, "dense", DENSE, cpu="Xeon")  # the reference elsewhere, one point's second seed there too
+    _write(points_dir, "first1_keep0.9", POINTS[(1, 0.9)], f4.schedule(1, 0.9), seed=1, cpu="Xeon")
+    page = f4.build_page(points_dir, "tiny", [1, 10], [0.9, 0.7], seeds=[0, 1])
+    assert page["machine_split"] == {"dense": "Xeon", "summaries": {"Test CPU": 4, "Xeon": 1}, "points": 4,
+                                     "points_crossing": 4}
+    assert ("**Machines differ:** the dense reference ran on Xeon, the point summaries (point x training seed) 4 on "
+            "Test CPU, 1 on Xeon; every point's Δ vs dense (the seed mean) includes NLLs computed on another machine "
+            "than dense's.") in f4.render(page)

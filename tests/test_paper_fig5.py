@@ -21,12 +21,12 @@ DENSE = [2.0, 3.0, 4.0]
 POINTS = {1: [2.0, 3.1, 4.0], 3: [2.1, 3.2, 4.3], 7: [2.3, 3.5, 4.4]}
 
 
-def _write(d, row, segments, schedule="", seed=0):
+def _write(d, row, segments, schedule="", seed=0, cpu="Test CPU"):
     d.mkdir(parents=True, exist_ok=True)
     setup = {"row": row, "train_steps": 60, "train_args": "", "eval_args": "e", "schedule": schedule}
     (d / (f"{row}_s{seed}.json" if row != "dense" else "dense.json")).write_text(json.dumps({
         "schema": 1, "row": row, "seed": None if row == "dense" else seed, "setup": setup, "command": "c", "wall_s": 300,
-        "metrics": {"dtype": "torch.float32", "git_commit": "abc", "machine": {"cpu_model": "Test CPU"},
+        "metrics": {"dtype": "torch.float32", "git_commit": "abc", "machine": {"cpu_model": cpu},
                     "context_len": 1000, "avg_layer_token_fraction": 0.9},
         "segments": {str(i): v for i, v in enumerate(segments)}}))
 
@@ -140,3 +140,12 @@ def test_render_cli_reads_the_page_seeds(points_dir, tmp_path, capsys):
         f5.main(["render", "--points", str(points_dir), "--model", "tiny-llama", "--seeds", "0 x",
                  "--out", str(tmp_path / "out")])
     assert "SEEDS" in capsys.readouterr().err
+
+
+def test_page_says_which_points_ran_on_another_machine_than_dense(points_dir):
+    _write(points_dir, "stages3", POINTS[3], f5.schedule(f5.stage_layers(3, 2, 3, 30)), cpu="EPYC")
+    page = f5.build_page(points_dir, "tiny", [1, 3, 7], CONFIG)
+    assert page["machine_split"]["points_crossing"] == 1 and page["machine_split"]["dense"] == "Test CPU"
+    assert ("the dense reference ran on Test CPU, the point summaries (point x training seed) 1 on EPYC, 2 on Test "
+            "CPU; 1 of the 3 points' Δ vs dense (the seed mean) includes NLLs computed on another machine than "
+            "dense's.") in f5.render(page)

@@ -23,13 +23,14 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sdtp.eval.stats import paired_t_interval
 from sdtp.paths import portable_tree
-from sdtp.reports.lm_eval_pages import minutes
+from sdtp.reports.lm_eval_pages import machine_name, minutes
 from sdtp.reports.paired_tables import paired_summary
 from sdtp.reports.run_summary import machine
 from sdtp.utils import parse_jsonl, write_json_atomic
@@ -155,8 +156,31 @@ def provenance(points: Iterable[dict[str, Any]], dense: dict[str, Any] | None) -
             "compute_s": sum(p.get("wall_s") or 0 for p in every),
             "commits": sorted({str(m.get("git_commit")) for m in metrics}),
             "dtypes": sorted({str(m.get("dtype")).removeprefix("torch.") for m in metrics}),
-            "machines": sorted({(m.get("machine") or {}).get("gpu") or (m.get("machine") or {}).get("cpu_model", "?")
-                                for m in metrics})}
+            "machines": sorted({machine_name(m) for m in metrics}), "machine_split": machine_split(found, dense)}
+
+
+def machine_split(points: list[dict[str, Any]], dense: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the dense reference and the point summaries ran, from their recorded metadata: dense's machine, the
+    summaries per machine and how many points (rows) have a summary from another machine than dense's, whose Δ
+    vs dense then pairs NLLs computed on two machines (None without a dense reference)."""
+    if dense is None:
+        return None
+    where = machine_name(dense["metrics"])
+    crossing = {p["row"] for p in points if machine_name(p["metrics"]) != where}
+    return {"dense": where, "summaries": dict(sorted(Counter(machine_name(p["metrics"]) for p in points).items())),
+            "points": len({p["row"] for p in points}), "points_crossing": len(crossing)}
+
+
+def machine_split_text(split: dict[str, Any] | None) -> str:
+    """The sentence a page adds when some points ran on another machine than the dense reference ("" otherwise)."""
+    if not split or not split["points_crossing"]:
+        return ""
+    counts = ", ".join(f"{n} on {m}" for m, n in split["summaries"].items())
+    share = ("every point's" if split["points_crossing"] == split["points"]
+             else f"{split['points_crossing']} of the {split['points']} points'")
+    return (f" **Machines differ:** the dense reference ran on {split['dense']}, the point summaries (point x "
+            f"training seed) {counts}; {share} Δ vs dense (the seed mean) includes NLLs computed on another machine "
+            "than dense's.")
 
 
 def dense_entry(dense: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -207,10 +231,12 @@ def page_header(title: str, page: dict[str, Any]) -> list[str]:
 
 
 def provenance_text(page: dict[str, Any]) -> str:
-    """Commits, machines, dtypes, this session's wall time and the compute of every summarised point."""
+    """Commits, machines, dtypes, this session's wall time and the compute of every summarised point; where the
+    dense reference and points ran on different machines, which ran where (:func:`machine_split_text`)."""
     return (f"Commit(s): {', '.join(page['commits']) or '–'}; machine: {', '.join(page['machines']) or '–'}; "
             f"dtype: {', '.join(page['dtypes']) or '–'}; wall time of this session {minutes(page['wall_s'])}, "
-            f"compute of all summarised points {minutes(page['compute_s'])}.")
+            f"compute of all summarised points {minutes(page['compute_s'])}."
+            + machine_split_text(page.get("machine_split")))
 
 
 def figure_caveats(model: str, paper: str, paper_metric: str) -> list[str]:

@@ -72,12 +72,16 @@ def eval_limit(metrics: Mapping[str, Any]) -> Any:
     return (run_config(metrics).get("eval") or {}).get("limit")
 
 
+def machine_name(metrics: Mapping[str, Any]) -> str:
+    """Where a run ran: its GPU's name, else its CPU model ("?" when it recorded neither)."""
+    machine = metrics.get("machine") or {}
+    return machine.get("gpu") or machine.get("cpu_model", "?")
+
+
 def machine_text(metrics: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
     """(where the last of the runs ran: GPU name or CPU model, the runs' git commits joined)."""
     runs = list(metrics)
-    machine = runs[-1].get("machine") or {}
-    where = machine.get("gpu") or machine.get("cpu_model", "?")
-    return where, ", ".join(sorted({str(m.get("git_commit")) for m in runs}))
+    return machine_name(runs[-1]), ", ".join(sorted({str(m.get("git_commit")) for m in runs}))
 
 
 def run_argument(names: Collection[str]) -> Callable[[str], tuple[str, Path]]:
