@@ -269,3 +269,16 @@ def test_sdtp_low_over_its_own_training_seeds(runs, tmp_path):
     md = paper_table1.write_page(page, tmp_path / "out").read_text()
     assert "Training seed 1 (the same command with `seed=1`): SDTP-low 2.700, random 3.100, Spearman 0.72." in md
     assert "per-sample mean over 2 training seeds" in md
+
+
+def test_runs_made_on_different_setups_are_named_not_one_runs_machine(runs):
+    root, _ = runs
+    run = root / "passage_count" / "sdtp" / "metrics.json"
+    metrics = json.loads(run.read_text())  # one synthetic SDTP run on another machine, in another dtype
+    metrics.update(dtype="torch.float32", machine={"cpu_model": "Other CPU", "device": "cpu"})
+    metrics["fingerprint"]["dtype"] = "torch.float32"
+    run.write_text(json.dumps(metrics))
+    text = paper_table1.render(_page(runs))
+    assert "**the runs were made on different setups**: " in text
+    assert "passage_count/sdtp on Other CPU (cpu), float32" in text and "longbench/dense, longbench/sdtp" in text
+    assert "their evaluation's dense run" in text and "passage_count/sdtp: dtype." in text

@@ -142,3 +142,28 @@ def test_a_page_from_fewer_documents_never_replaces_the_committed_one(page_dir, 
     assert md.parent == tmp_path / "smoke" and (page_dir / "tiny.json").read_text() == committed
     paper_table3.write_page(runs, page_dir, "smoke", replace=True)  # on purpose
     assert json.loads((page_dir / "tiny.json").read_text())["sizes"]["sdtp_cb_documents"] == 2
+
+
+def test_runs_made_on_different_setups_are_named_not_one_runs_machine(tmp_path):
+    dense = _run(tmp_path / "none", DENSE, "none")
+    sdtp = _run(tmp_path / "sdtp", SDTP, "sdtp")
+    metrics = json.loads((sdtp / "metrics.json").read_text())  # SDTP ran elsewhere, in another dtype
+    metrics.update(dtype="torch.float32", machine={"cpu_model": "Other CPU", "device": "cpu"})
+    metrics["fingerprint"]["dtype"] = "torch.float32"
+    (sdtp / "metrics.json").write_text(json.dumps(metrics))
+    text = paper_table3.write_page({"dense": dense, "sdtp": sdtp}, tmp_path / "page", "c").read_text()
+    assert ("**the runs were made on different setups**: dense on Test CPU (cpu), bfloat16; sdtp on Other CPU (cpu), "
+            "float32 (2 threads)") in text
+    assert "- **Setups differ.** These runs are paired with dense" in text and "sdtp: dtype." in text
+    alike = _run(tmp_path / "alike", SDTP, "sdtp")
+    same = paper_table3.write_page({"dense": dense, "sdtp": alike}, tmp_path / "same", "c").read_text()
+    assert "Test CPU (cpu, 2 threads), bfloat16" in same and "Setups differ" not in same
+
+
+def test_machine_text_lists_every_machine_not_the_last_runs():
+    from sdtp.reports.lm_eval_pages import machine_text
+
+    runs = [{"machine": {"cpu_model": "Xeon"}, "git_commit": "b"},
+            {"machine": {"cpu_model": "EPYC", "gpu": "A100"}, "git_commit": "a"},
+            {"machine": {"cpu_model": "EPYC"}, "git_commit": "a"}]
+    assert machine_text(runs) == ("A100, EPYC, Xeon", "a, b")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,36 @@ def machine_name(metrics: Mapping[str, Any]) -> str:
 
 
 def machine_text(metrics: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
-    """(where the last of the runs ran: GPU name or CPU model, the runs' git commits joined)."""
+    """(every machine the runs ran on, GPU name or CPU model, sorted and joined; the runs' git commits joined)."""
     runs = list(metrics)
-    return machine_name(runs[-1]), ", ".join(sorted({str(m.get("git_commit")) for m in runs}))
+    return (", ".join(sorted({machine_name(m) for m in runs})),
+            ", ".join(sorted({str(m.get("git_commit")) for m in runs})))
+
+
+def dtype_name(metrics: Mapping[str, Any]) -> str:
+    """A run's dtype without torch's prefix ("bfloat16")."""
+    return str(metrics.get("dtype")).removeprefix("torch.")
+
+
+def mixed_setups(runs: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Which of ``runs`` (name -> metrics) ran on which machine, device and dtype, as a page lists them ("dense,
+    sdtp on AMD EPYC (cpu), bfloat16; ..."); None when they all ran alike (the page then names that one setup)."""
+    groups: dict[str, list[str]] = {}
+    for name, metrics in runs.items():
+        device = (metrics.get("machine") or {}).get("device")
+        groups.setdefault(f"{machine_name(metrics)} ({device}), {dtype_name(metrics)}", []).append(name)
+    return None if len(groups) < 2 else "; ".join(f"{', '.join(names)} on {where}" for where, names in groups.items())
+
+
+def setup_difference_lines(differences: Mapping[str, Sequence[str]], reference: str) -> list[str]:
+    """A page's bullet naming each run whose setup differs from the ``reference`` run it is paired with, and in what
+    (:func:`sdtp.reports.run_summary.setup_differences` keys); [] when none does."""
+    differing = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in differences.items() if keys)
+    if not differing:
+        return []
+    return [f"- **Setups differ.** These runs are paired with {reference} over the same documents but were not made "
+            "like it (their fingerprints, `sdtp/reports/run_summary.py` `setup_differences`): "
+            f"{differing}. Their Δ includes the effect of that difference."]
 
 
 def run_argument(names: Collection[str]) -> Callable[[str], tuple[str, Path]]:

@@ -34,12 +34,13 @@ from sdtp.eval.longbench_tasks import DATASETS
 from sdtp.figures import new_figure, save_figure
 from sdtp.paths import portable_tree
 from sdtp.reports.generation_runs import (Predictions, average, by_run, cost_ratios, cost_sums, dataset_rows,
-                                          seed_values, shared_ids)
-from sdtp.reports.lm_eval_pages import (machine_text, minutes, num, run_config, scorer_path, shown_path,
-                                        add_guard_arguments, guarded_out_dir, write_page_files)
+                                          outcomes, seed_values, shared_ids)
+from sdtp.reports.lm_eval_pages import (dtype_name, machine_text, minutes, mixed_setups, num, run_config, scorer_path,
+                                        setup_difference_lines, shown_path, add_guard_arguments, guarded_out_dir,
+                                        write_page_files)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, interval_text, p_text,
                                         uncorrected_p_text)
-from sdtp.reports.run_summary import summarise
+from sdtp.reports.run_summary import setup_differences, summarise
 from sdtp.reports.seed_runs import (SEP, merge_seed_runs, natural_key, seed_groups, seed_label, seed_section,
                                    spread)
 from sdtp.utils import write_json_atomic
@@ -294,12 +295,25 @@ def scorer_text(metrics: dict[str, Any]) -> str:
     return f"predictor `{shown_path(scorer.get('path'), config)}`, {prior}"
 
 
+def paired_setup_differences(runs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """``<eval>/<row>`` -> the keys in which the run's setup differs from its evaluation's dense run, which it is
+    paired with sample by sample (:func:`sdtp.reports.run_summary.setup_differences` over its datasets)."""
+    out = {}
+    for key, run in runs.items():
+        evaluation, row = key.split("/")
+        dense = runs.get(f"{evaluation}/dense")
+        if row != "dense" and dense is not None:
+            out[key] = setup_differences(dense, run, sorted(outcomes(run)))
+    return out
+
+
 def header_lines(page: dict[str, Any]) -> list[str]:
     runs = page["runs"]
     dense = runs[f"{LONGBENCH}/dense"]["metrics"]
     ev = run_config(dense).get("eval") or {}
     results = dense.get("results") or {}
     where, commits = machine_text([s["metrics"] for s in runs.values()])
+    mixed = mixed_setups({key: s["metrics"] for key, s in runs.items()})
     walls = ", ".join(f"{key} {minutes(s['metrics'].get('wall_s'))}" + (" (restored)" if s["metrics"].get("restored_from") else "")
                       for key, s in runs.items())
     synthetic = sorted({k.split("/")[0] for k in runs if not k.startswith(LONGBENCH)})
@@ -348,10 +362,13 @@ def header_lines(page: dict[str, Any]) -> list[str]:
                      f"prompt compressed to a kept fraction {comp.get('rate')} of the prompt's tokens (SDTP's tokens per "
                      "layer), instruction and question untouched, then the dense model (`sdtp/eval/prompt_compression.py`).")
     lines += [
-        f"- **Machine.** {where} ({dense.get('threads')} threads), {str(dense.get('dtype')).removeprefix('torch.')}; "
-        f"commit {commits}. Wall time per run: {walls}"
+        "- **Machine.** "
+        + (f"{where} ({dense.get('threads')} threads), {dtype_name(dense)}; " if mixed is None
+           else f"**the runs were made on different setups**: {mixed} ({dense.get('threads')} threads); ")
+        + f"commit {commits}. Wall time per run: {walls}"
         + (f"; this command {minutes(page.get('wall_s'))}" if page.get("wall_s") is not None else "")
         + ". Wall times follow the machine's load; the speed columns come from `sdtp-bench`.",
+        *setup_difference_lines(paired_setup_differences(runs), "their evaluation's dense run"),
         "- **Paper.** Table 1: Mistral-7B-Instruct-v0.2 on the 14 English non-synthetic LongBench datasets, GPU; "
         "category columns are means over their datasets, AVG the mean over the 14; LLMLingua-2 rows are the authors' "
         "runs of the official code at the same 1/τ.",

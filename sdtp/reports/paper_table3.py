@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.figures import new_figure, save_figure
-from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, num, ordered_tasks,
-                                        add_guard_arguments, document_sizes, guarded_out_dir, run_argument, run_config,
-                                        scorer_path, write_page_files)
+from sdtp.reports.lm_eval_pages import (TASKS, error_bars, eval_limit, machine_text, minutes, mixed_setups, num,
+                                        ordered_tasks, add_guard_arguments, document_sizes, dtype_name, guarded_out_dir,
+                                        run_argument, run_config, scorer_path, setup_difference_lines,
+                                        write_page_files)
 from sdtp.reports.paired_accuracy import (average_difference, chance, majority_share, paired_difference, seed_values,
                                           shared_documents, top_answer_share)
 from sdtp.reports.paired_tables import (AVERAGE_METHOD, PAIRED_METHODS, holm_adjust, interval_text, p_text,
                                         uncorrected_p_text)
-from sdtp.reports.run_summary import summarise
+from sdtp.reports.run_summary import setup_differences, summarise
 from sdtp.reports.seed_runs import SEP, merge_seed_runs, row_of, seed_section, spread
 
 SCHEMA = 1
@@ -180,6 +181,11 @@ def header_lines(page: dict[str, Any]) -> list[str]:
     machine = sdtp.get("machine") or {}
     others = [run["metrics"] for name, run in page["runs"].items() if SEP in name]  # SDTP's other training seeds
     where, commits = machine_text((dense, sdtp, *others))
+    # Every run is paired with dense document by document: say so when one was not made like it.
+    mixed = mixed_setups({name: run["metrics"] for name, run in page["runs"].items()})
+    tasks = [r["lm_eval_task"] for r in page["table"] if r["lm_eval_task"]]
+    differences = {name: setup_differences(page["runs"][DENSE], run, tasks)
+                   for name, run in page["runs"].items() if name != DENSE}
     restored = [k for k in (DENSE, SDTP) if page["runs"][k]["metrics"].get("restored_from")]
     keep = schedule.get("keep_fractions") or []
     seeds = (page.get("seeds") or {}).get(SDTP)
@@ -200,15 +206,17 @@ def header_lines(page: dict[str, Any]) -> list[str]:
         f"on average; tokens per layer: {num(100 * (results.get('avg_layer_token_fraction') or math.nan), '.1f')}% "
         f"of dense; mean pruned prompt length {num(results.get('avg_pruned_prompt_tokens'), '.0f')} tokens "
         f"({results.get('pruned_prefills')} pruned prefills).",
-        f"- **Machine.** {where} ({machine.get('device')}, {sdtp.get('threads')} threads), "
-        f"{str(sdtp.get('dtype')).removeprefix('torch.')}, "
-        f"batch size {(fp_cfg.get('eval') or {}).get('batch_size')}; commit {commits}. Wall time: dense "
+        "- **Machine.** "
+        + (f"{where} ({machine.get('device')}, {sdtp.get('threads')} threads), {dtype_name(sdtp)}, " if mixed is None
+           else f"**the runs were made on different setups**: {mixed} ({sdtp.get('threads')} threads), ")
+        + f"batch size {(fp_cfg.get('eval') or {}).get('batch_size')}; commit {commits}. Wall time: dense "
         f"{minutes(dense.get('wall_s'))}, SDTP {minutes(sdtp.get('wall_s'))}"
         + (f" (other seeds {', '.join(minutes(m.get('wall_s')) for m in others)})" if others else "")
         + (f"; this command {minutes(page.get('wall_s'))}" if page.get("wall_s") is not None else "")
         + (f" (restored from the committed page, not re-run: {', '.join(restored)})" if restored else "")
         + ". Wall times follow the machine's load and are no speed comparison (that is "
         "`results/bench/lm_eval_throughput.md`).",
+        *setup_difference_lines(differences, DENSE),
         "- **Paper.** Table 3: Llama2-7B, Mistral-7B and BLOOM-7B, 5-shot, SDTP pruning 65% of the input "
         "tokens, GPU; accuracy in %.",
         "- **Statistics.** Δ is the mean over the same documents of SDTP's minus dense's 0/1 correctness, in "
