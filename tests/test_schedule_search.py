@@ -136,6 +136,20 @@ def test_page_marks_the_front_and_the_paper_schedule(tmp_path):
                    str(tmp_path / "dense"), "--out", str(tmp_path / "out")])
 
 
+def test_page_names_the_machines_the_runs_recorded():
+    from sdtp.reports.lm_eval_pages import machine_name
+    from sdtp.reports.run_summary import machine
+
+    def point(kind: str, nll: float, flops: float) -> dict:
+        return {"kind": kind, "nll": nll, "flops_fraction": flops, "wall_s": 1.0, "segments": {"0": nll}}
+
+    recorded = {**_metrics(2.2, 0.5, (1, 1, 3, 0.8)), "machine": {"cpu_model": "Recorded CPU", "device": "cpu"}}
+    built = page.build_page([point("trial", 2.2, 0.5)], point("paper", 2.3, 0.6), point("dense", 2.0, 1.0),
+                            [recorded, _metrics(2.3, 0.6, (1, 1, 3, 0.9))], {}, None, "c", 1.0, "tiny-llama")
+    # the run that recorded its machine keeps it; the one that did not is taken to be from the rendering host
+    assert built["machine"] == ", ".join(sorted({"Recorded CPU", machine_name({"machine": machine("cpu")})}))
+
+
 def test_tiny_sweep_survives_schedules_that_do_not_fit(tmp_path):
     """4 trials on tiny-llama (4 layers): a first stage at layer 4 does not fit, so those trials fail at
     composition; the others run; the sweep finishes and the study records which is which."""

@@ -128,8 +128,9 @@ def build_page(trials: list[dict[str, Any]], paper: dict[str, Any], dense: dict[
     best = min(within, key=lambda p: p["nll"]) if within else None
     config = resolved_config(runs[0])
     ev = config.get("eval") or {}
-    where, commits = machine_text([{**r, "machine": machine(str((config.get("model") or {}).get("device", "cpu")))}
-                                   for r in runs])
+    # A run's own record of its machine; only a run from before runs recorded one is taken to be from this host.
+    here = machine(str((config.get("model") or {}).get("device", "cpu")))
+    where, commits = machine_text([{**r, "machine": r.get("machine") or here} for r in runs])
     return {
         "schema": SCHEMA, "model": model, "command": command, "wall_s": wall_s,
         "trial_wall_s": sum(p["wall_s"] or 0.0 for p in [*trials, paper, dense]),
