@@ -3,6 +3,8 @@ generation runs (paired intervals by hand, 1/τ, speedups, the paper's numbers, 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -154,6 +156,15 @@ def test_paired_difference_avg_and_speedups(runs):
     assert news["delta"]["sdtp_low"]["mean"] == pytest.approx(5 / 3) and "p_holm" in d
     # AVG is over the LongBench datasets only: the synthetic task is shown, not averaged.
     assert page["average"]["datasets"] == ["multi_news"] and page["average"]["score"]["sdtp"] == pytest.approx(40 / 3)
+    # one dataset: AVG is its interval and uncorrected p, outside the Holm family (the page shows that p); so is the CSV
+    avg = page["average"]["delta"]["sdtp"]
+    assert "p_holm" not in avg and avg["p"] == d["p"] and avg["low"] == d["low"]
+    lines = {(r["method"], r["dataset"]): r for r in csv.DictReader(io.StringIO(paper_table1.to_csv(page)))}
+    assert lines[("sdtp", "AVG")]["p_holm"] == "" and float(lines[("sdtp", "AVG")]["p"]) == pytest.approx(d["p"])
+    assert float(lines[("sdtp", "multi_news")]["p_holm"]) == pytest.approx(d["p_holm"])
+    stale = {**page, "average": {**page["average"], "delta": {"sdtp": {**avg, "p_holm": 0.5}}}}  # a page made before
+    stale_lines = csv.DictReader(io.StringIO(paper_table1.to_csv(stale)))
+    assert {r["p_holm"] for r in stale_lines if r["dataset"] == "AVG"} == {""}
     eff = page["efficiency"]
     assert eff["sdtp"]["compression_ratio"] == pytest.approx(1 / 0.63)
     assert eff["sdtp_low"]["compression_ratio"] == pytest.approx(1 / 0.765)

@@ -90,7 +90,8 @@ def average(table: list[dict[str, Any]], order: Sequence[str], reference: str) -
     delta = {}
     for r in names:
         if r != reference and all(r in t["diffs"] for t in longbench):
-            delta[r] = (dict(longbench[0]["delta"][r]) if len(longbench) == 1
+            # One dataset: its interval, but not its Holm p (the average is outside the table's Holm family).
+            delta[r] = ({k: v for k, v in longbench[0]["delta"][r].items() if k != "p_holm"} if len(longbench) == 1
                         else paired_summary(stratified_t_interval([t["diffs"][r] for t in longbench])))
     return {"datasets": [t["dataset"] for t in longbench],
             "score": {r: math.fsum(t["score"][r] for t in longbench) / len(longbench) for r in names}, "delta": delta}
