@@ -1,9 +1,10 @@
 """Collect the eval runs of scripts/eval_smollm2.sh into results/eval/<model>_limit<N>.{json,md}.
 
-    python scripts/eval_report.py [--model smollm2-135m] [--limit 10]
+    python scripts/eval_report.py [--model smollm2-135m] [--limit 10] [--ppl-tokens 4096]
 
-Reads the metrics.json of the sdtp-eval runs (lm_eval and perplexity, per pruning method) and the
-results_*.json that lm-eval's own CLI wrote for `--model hf`, and checks dense parity exactly.
+Reads the metrics.json of the sdtp-eval runs (lm_eval and perplexity, per pruning method; only the runs whose
+overrides set exactly that eval.limit, resp. eval.max_tokens) and the results_*.json that lm-eval's own CLI wrote
+for `--model hf`, and checks dense parity exactly.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtp.reports.method_runs import run_overrides
 from sdtp.utils import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "results" / "runs" / "eval"
+PPL_TOKENS = 4096  # scripts/eval_smollm2.sh's default eval.max_tokens (PPL_TOKENS) for the perplexity runs
 
 
 def _latest(paths: list[Path]) -> dict[str, Any] | None:
@@ -24,8 +27,16 @@ def _latest(paths: list[Path]) -> dict[str, Any] | None:
     return json.loads(paths[-1].read_text()) if paths else None
 
 
-def sdtp_runs(eval_name: str, model: str, pruning: str, needle: str) -> dict[str, Any] | None:
-    return _latest([p for p in (RUNS / eval_name / model / pruning).glob("*/metrics.json") if needle in str(p)])
+def overrides_of(run_dir: Path) -> dict[str, str]:
+    """A run's command-line overrides as key -> value, from Hydra's record (``.hydra/overrides.yaml``)."""
+    return dict(o.split("=", 1) for o in run_overrides(run_dir) if "=" in o)
+
+
+def sdtp_runs(eval_name: str, model: str, pruning: str, wanted: dict[str, str]) -> dict[str, Any] | None:
+    """The latest run of ``eval_name`` x ``model`` x ``pruning`` whose overrides set each key of ``wanted`` to
+    exactly that value (compared parsed, not as text in the path: ``eval.limit=10`` is not ``eval.limit=100``)."""
+    return _latest([p for p in (RUNS / eval_name / model / pruning).glob("*/metrics.json")
+                    if all(overrides_of(p.parent).get(key) == value for key, value in wanted.items())])
 
 
 def hf_run(model: str, limit: int) -> dict[str, Any] | None:
@@ -39,9 +50,9 @@ def hf_run(model: str, limit: int) -> dict[str, Any] | None:
     return {"tasks": tasks, "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None}
 
 
-def build(model: str, limit: int) -> dict[str, Any]:
-    lm = {p: sdtp_runs("lm_eval", model, p, f"eval.limit={limit}") for p in ("none", "random")}
-    ppl = {p: sdtp_runs("perplexity", model, p, "") for p in ("none", "random")}
+def build(model: str, limit: int, ppl_tokens: int = PPL_TOKENS) -> dict[str, Any]:
+    lm = {p: sdtp_runs("lm_eval", model, p, {"eval.limit": str(limit)}) for p in ("none", "random")}
+    ppl = {p: sdtp_runs("perplexity", model, p, {"eval.max_tokens": str(ppl_tokens)}) for p in ("none", "random")}
     hf = hf_run(model, limit)
     rows = []
     dense_tasks = (lm["none"] or {}).get("results", {}).get("tasks", {})
@@ -90,9 +101,10 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--limit", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=10, help="the lm-eval runs' eval.limit")
+    parser.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS, help="the perplexity runs' eval.max_tokens")
     args = parser.parse_args()
-    report = build(args.model, args.limit)
+    report = build(args.model, args.limit, args.ppl_tokens)
     out = ROOT / "results" / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.model}_limit{args.limit}"
