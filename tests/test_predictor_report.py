@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -545,6 +546,23 @@ def test_page_check_compares_what_the_committed_page_showed():
     assert page_check.differences(committed, {"rows": [], "missing": ["sdtp"]}, "cells") == ["cells.rows",
                                                                                             "cells.missing"]
     assert page_check.differences(committed, {"missing": []}, "cells") == ["cells.rows"]
+
+
+def test_page_check_compares_the_pages_text_but_not_the_host_or_command_lines():
+    """A re-render whose tables agree but whose text differs (e.g. a bound's sign) is a change; the Machine line,
+    the listed cell commands and the command block depend on where and how the check renders, and are not."""
+    page = ("# t\n\n```bash\nPYTHONPATH=. python scripts/predictor_report.py --out a\n```\n\n"
+            "- **Machine.** Xeon, git abc\n- **Cells computed by.** `x`\n\n"
+            "| sdtp − dense | +0.0074 [-0.0000, +0.0149] |\n")
+    elsewhere = (page.replace("--out a", "--out /tmp/s --replace").replace("Xeon, git abc", "EPYC, git def")
+                 .replace("- **Cells computed by.** `x`\n", ""))
+    ok = subprocess.CompletedProcess([], 0, "", "")
+    tables = {"cells": [{"rows": [{"scorer": "sdtp", "nll": 2.5}]}], "pooled": []}
+    assert page_check.outcome(ok, tables, tables, page, elsewhere) == {"status": "same", "reason": ""}
+    signed = elsewhere.replace("[-0.0000", "[+0.0000")
+    assert page_check.outcome(ok, tables, tables, page, signed) == {
+        "status": "changed", "reason": "1 line(s) of the page differ: eval.md:10"}
+    assert page_check.outcome(ok, tables, tables)["status"] == "same"  # no markdown given: tables only
 
 
 def test_every_prior_has_its_weights_option():

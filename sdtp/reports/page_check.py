@@ -9,9 +9,11 @@ its command is run there with ``--render-only --replace --out <scratch>``: no fo
 fingerprints.
 Outcomes:
 
-- ``same``: every cell the page shows was found, and every value of its tables (``cells``, ``pooled``) equals the
-  committed one (fields a later renderer adds, absent from the committed page, are not compared);
-- ``changed``: every cell found, but a value differs (the renderer's statistics changed since the page was made);
+- ``same``: every cell the page shows was found, every value of its tables (``cells``, ``pooled``) equals the
+  committed one (fields a later renderer adds, absent from the committed page, are not compared), and so does every
+  line of its ``eval.md`` but those that depend on how and where the check renders (:func:`comparable_markdown`);
+- ``changed``: every cell found, but a value or a line of the page differs (the renderer's statistics or text
+  changed since the page was made);
 - ``stale``: cells the page shows are no longer found, because their cache no longer matches what the command
   asks for today; the reason lists the fingerprint keys that differ (typically ``predictor_sha256`` or a prior
   weight: the checkpoint or its ``predictor.json`` changed after the page was computed). The committed page is a
@@ -43,6 +45,10 @@ from sdtp.utils import write_json_atomic, write_text_atomic
 SCRIPT = "scripts/predictor_report.py"
 MISMATCH = re.compile(r"fingerprint mismatch \(([^)]*)\)")
 TABLES = ("cells", "pooled")  # what render-only recomputes from the cached cells
+MARKDOWN = "eval.md"
+# Header lines of eval.md that name the rendering host (CPU, packages, git commit) or depend on the check's own
+# command (--replace and a scratch --out decide which cell commands are listed apart from the page's).
+INVOCATION_LINES = ("- **Machine.**", "- **Cells computed by.**")
 
 
 def committed_pages(root: Path) -> list[Path]:
@@ -76,12 +82,33 @@ def check_page(page: Path, env: dict[str, str]) -> dict[str, Any]:
                               capture_output=True, text=True)
         seconds = round(time.perf_counter() - start, 1)
         rendered = existing_page(out) if proc.returncode == 0 else {}
+        texts = [(folder / MARKDOWN).read_text() if (folder / MARKDOWN).is_file() else None for folder in (page, out)]
     name = page.relative_to(root) if page.is_relative_to(root) else page
-    return {"page": str(name), "seconds": seconds, **outcome(proc, committed, rendered)}
+    return {"page": str(name), "seconds": seconds, **outcome(proc, committed, rendered, *texts)}
 
 
-def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any]:
-    """``status`` and ``reason`` of one re-render (see the module docstring)."""
+def comparable_markdown(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of a page's ``eval.md`` that a re-render must reproduce: all but the command block
+    (the check's command adds ``--replace`` and a scratch ``--out``) and the :data:`INVOCATION_LINES`."""
+    lines = text.splitlines()
+    fences = [i for i, line in enumerate(lines) if line.startswith("```")][:2]  # the first block is the command
+    command = range(fences[0], fences[1] + 1) if len(fences) == 2 else range(0)
+    return [(i + 1, line) for i, line in enumerate(lines) if i not in command and not line.startswith(INVOCATION_LINES)]
+
+
+def markdown_differences(committed: str, rendered: str) -> list[str]:
+    """``eval.md:<line>`` (the committed page's numbering) of each line the re-render shows otherwise."""
+    old, new = comparable_markdown(committed), comparable_markdown(rendered)
+    found = [f"{MARKDOWN}:{i}" for (i, a), (_, b) in zip(old, new) if a != b]
+    if len(old) != len(new):
+        found.append(f"{MARKDOWN}: {len(old)} vs {len(new)} compared lines")
+    return found
+
+
+def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], rendered: dict[str, Any],
+            committed_md: str | None = None, rendered_md: str | None = None) -> dict[str, Any]:
+    """``status`` and ``reason`` of one re-render (see the module docstring); the pages' markdown is compared when
+    both are given."""
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         return {"status": "failed", "reason": lines[-1][:300]}
@@ -91,8 +118,10 @@ def outcome(proc: subprocess.CompletedProcess, committed: dict[str, Any], render
         return {"status": "stale", "reason": f"{len(lost)} cell(s) no longer match (differing keys: {', '.join(keys)})"
                 if keys else f"{len(lost)} cell(s) missing"}
     changed = [path for key in TABLES for path in differences(committed.get(key), rendered.get(key), key)]
-    return {"status": "changed" if changed else "same",
-            "reason": f"{len(changed)} value(s) differ: {', '.join(changed[:3])}" if changed else ""}
+    lines = [] if committed_md is None or rendered_md is None else markdown_differences(committed_md, rendered_md)
+    reasons = ([f"{len(changed)} value(s) differ: {', '.join(changed[:3])}"] if changed else []) + \
+        ([f"{len(lines)} line(s) of the page differ: {', '.join(lines[:3])}"] if lines else [])
+    return {"status": "changed" if reasons else "same", "reason": "; ".join(reasons)}
 
 
 def differences(committed: Any, rendered: Any, path: str) -> list[str]:
