@@ -57,7 +57,7 @@ paper-table45: setup
 	bash experiments/paper_table45.sh $(ARGS)
 
 # Paper Table 6 (KV cache at 40%: Local, H2O, each alone and with SDTP; dense and SDTP from Table 3) beside the
-# paper's numbers; resumable like paper-table3 (~25 min on 2 CPU cores; MODEL=<m> ARGS="threads=1" pass through).
+# paper's numbers; resumable like paper-table3 (~60 min on 2 CPU cores; MODEL=<m> ARGS="threads=1" pass through).
 paper-table6: setup
 	bash experiments/paper_table6.sh $(ARGS)
 

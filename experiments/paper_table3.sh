@@ -23,13 +23,13 @@ PAGE="results/paper/table3/${MODEL}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
 start=$(date +%s)
+load_seed_predictors   # the other training seeds' predictors (seed_dirs), checked before any run
 for run in none:dense sdtp:sdtp; do   # one after the other: on a small machine two runs only slow each other
   pruning="${run%%:*}" name="${run##*:}"
   overrides=(experiment=paper_table3 "model=${MODEL}" "pruning=${pruning}" "$@")
   restored_run "$PAGE.json" "$name" "$RUN/$pruning" "${overrides[@]}"
 done
 seeds=()   # SDTP with the predictor's other training seeds (seed_predictors): the page shows the mean over seeds
-mapfile -t seed_dirs < <(seed_predictors)   # read first: the runs below must not consume the list on stdin
 for dir in "${seed_dirs[@]}"; do
   name="sdtp@$(basename "$dir")"
   restored_run "$PAGE.json" "$name" "$RUN/$name" experiment=paper_table3 "model=${MODEL}" pruning=sdtp \

@@ -6,8 +6,8 @@
 #   bash experiments/paper_table6.sh threads=1                         # embedded model (~60 min on 2 CPU cores)
 #   MODEL=mistral-7b-instruct-v0.2 bash experiments/paper_table6.sh   # GPU (needs results/predictors/<model>)
 #
-# Dense and SDTP alone come from the Table 3 page (results/paper/table3/<model>.json, made by
-# experiments/paper_table3.sh with the same tasks, documents and few-shot; run first if missing). Four
+# Dense and SDTP alone come from the Table 3 page (results/paper/table3/<model>.json): experiments/paper_table3.sh
+# runs first with the same overrides (restoring its committed runs when they match, so usually in seconds). Four
 # sdtp-eval runs (conf/experiment/paper_table6.yaml), one after the other, in stable run directories under
 # results/runs/paper/table6/<model>/<name>: a finished run with the same fingerprint is skipped. A fresh
 # clone resumes from the committed page: results/paper/table6/<model>.json holds the four runs' summaries
@@ -25,7 +25,10 @@ TABLE3="results/paper/table3/${MODEL}.json"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
 start=$(date +%s)
-[[ -f "$TABLE3" ]] || bash experiments/paper_table3.sh "$@"   # dense and SDTP alone
+load_seed_predictors   # the other training seeds' predictors (seed_dirs), checked before any run
+# Dense and SDTP alone: Table 3's runs, restored when made with this setup and recomputed when not (e.g. after a task
+# YAML changed), so the page below never pairs with a stale Table 3 (its render would refuse, after the KV runs).
+bash experiments/paper_table3.sh "$@"
 # name:pruning:kv, in the paper's column order, then SDTP with Local (not in the paper).
 for run in local:none:streaming h2o:none:h2o sdtp_h2o:sdtp:h2o sdtp_local:sdtp:streaming; do
   IFS=: read -r name pruning kv <<< "$run"
@@ -33,7 +36,6 @@ for run in local:none:streaming h2o:none:h2o sdtp_h2o:sdtp:h2o sdtp_local:sdtp:s
   restored_run "$PAGE.json" "$name" "$RUN/$name" "${overrides[@]}"
 done
 seeds=()   # SDTP + KV with the predictor's other training seeds (seed_predictors), as Table 3's SDTP column
-mapfile -t seed_dirs < <(seed_predictors)   # read first: the runs below must not consume the list on stdin
 for dir in "${seed_dirs[@]}"; do
   for run in sdtp_h2o:h2o sdtp_local:streaming; do
     name="${run%%:*}@$(basename "$dir")"

@@ -83,6 +83,19 @@ def test_scripts_read_the_seed_predictors_from_the_shipped_folder(tmp_path, env,
     assert out.split() == expected
 
 
+def test_a_seed_predictor_folder_without_a_predictor_stops_the_script_before_any_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "predictor.json").write_text("{}")
+    script = (f"set -euo pipefail; PY=true MODEL=m; source {REPO}/experiments/lib/lm_eval_runs.sh; "
+              "load_seed_predictors; echo ran ${seed_dirs[*]}")
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "SEED_PREDICTORS": "a"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ran a"
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "SEED_PREDICTORS": "a b"},
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "ran" not in run.stdout and "b holds no predictor.json" in run.stderr
+
+
 @pytest.mark.parametrize("model, min_seeds", [("smollm2-135m", 2), ("gemma3-270m", 1)])
 def test_the_shipped_predictors_seeds_exist(model, min_seeds):
     """Every folder a shipped predictor's ``seeds.txt`` lists holds a checkpoint for that model's schedule."""

@@ -62,3 +62,13 @@ seed_predictors() {
     grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$listed" || true
   fi
 }
+
+# load_seed_predictors: seed_predictors into the array seed_dirs, each folder checked to hold a predictor, so a typo
+# fails before the first run rather than after the main ones (not in a process substitution: its exit is lost).
+load_seed_predictors() {
+  mapfile -t seed_dirs < <(seed_predictors)
+  local dir
+  for dir in "${seed_dirs[@]}"; do
+    [[ -f "$dir/predictor.json" ]] || { echo "SEED_PREDICTORS / seeds.txt: $dir holds no predictor.json" >&2; exit 1; }
+  done
+}

@@ -29,6 +29,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdtp.errors import ConfigError
+from sdtp.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 _DONE = ".sdtp-converted"
@@ -89,14 +90,6 @@ def _source(model_cfg: Mapping[str, Any], install: str) -> tuple[str, str | None
     return str(path), None, path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stat(path: Path) -> str:
     info = path.stat()
     return f"{info.st_size} {info.st_mtime_ns}"
@@ -116,7 +109,7 @@ def _cache_is_current(marker: Path, origin: str, declared: str | None, path: Pat
         return lines[2] == declared
     if lines[1] == origin and lines[3] == _stat(path):
         return True
-    if lines[2] != _file_sha256(path):
+    if lines[2] != sha256_file(path):
         return False
     marker.write_text(_marker(origin, lines[2], path))  # same bytes, reinstalled elsewhere
     return True
@@ -156,7 +149,7 @@ def cached_gguf_folder(model_cfg: Mapping[str, Any], cache_dir: str | None) -> s
                 path.parent.mkdir()
                 join_parts(part_paths(model_cfg["gguf_parts"], install), path, declared)
             _convert(path.parent, gguf_file, tmp / "hf")
-            (tmp / "hf" / _DONE).write_text(_marker(origin, declared or _file_sha256(path), None if declared else path))
+            (tmp / "hf" / _DONE).write_text(_marker(origin, declared or sha256_file(path), None if declared else path))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp / "hf", target)  # atomic: a half-written folder is never used

@@ -195,14 +195,16 @@ def load_data(cfg: DictConfig, tokenizer: Any, schedule: PruningSchedule) -> tup
 def check_label_origin(meta: dict[str, Any], cfg: DictConfig) -> None:
     """Refuse stored labels made by another model (weights or source), data or target than ``cfg``'s.
 
-    The labelling dtype may differ from training's (the checkpoint signature records both).
+    The labelling dtype and attention kernel may differ from training's (the checkpoint signature records
+    the label set's).
 
     Raises:
         ConfigError: naming the differing keys (relabel, or point train.labels_dir at matching labels).
     """
-    model = {k: v for k, v in model_identity(cfg.model).items() if k != "dtype"}
+    how = ("dtype", "attn_implementation")  # how the labels were computed, not by which model
+    model = {k: v for k, v in model_identity(cfg.model).items() if k not in how}
     made = {"base_model": meta["base_model"], "target": meta["saliency"]["target"],
-            "model": {k: v for k, v in meta.get("model", {"recorded": False}).items() if k != "dtype"},
+            "model": {k: v for k, v in meta.get("model", {"recorded": False}).items() if k not in how},
             "data": meta["data"]}
     wanted = {"base_model": cfg.model.name, "target": cfg.train.target, "model": model,
               "data": data_identity(cfg.data)}
