@@ -64,18 +64,21 @@ def test_smoke_two_repeats_in_process(tmp_path, capsys):
     # resume: a second run in the same dir reuses both lengths (identical numbers)
     run(cfg, run_dir=tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
-    # ... also when the list of lengths changes (each length is its own entry): 160 is reused, 96 measured
+    # ... also when the list of lengths changes (each length is its own entry): 160 is reused, 96 measured, and 64,
+    # not asked for, is kept (a run of a few lengths does not discard the others)
     more = compose("bench", ["model=tiny-llama", "pruning=sdtp", "pruning.scorer.path=null", "lengths=[96,160]",
                              "new_tokens=3", "repeats=2", "memory=false"])
     run(more, run_dir=tmp_path)
-    again = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [e["seq_len"] for e in again] == [96, 160] and again[1] == report["results"][1]
-    # ... but never the lengths of another machine or dtype: those of a bf16 run are measured again
     stored = json.loads((tmp_path / "bench.json").read_text())
+    again = stored["results"]
+    assert [e["seq_len"] for e in again] == stored["settings"]["lengths"] == [64, 96, 160]
+    assert again[0] == report["results"][0] and again[2] == report["results"][1]
+    # ... but never the lengths of another machine or dtype: those of a bf16 run are measured again (none kept)
     (tmp_path / "bench.json").write_text(json.dumps({**stored, "environment": {**stored["environment"],
                                                                                "dtype": "bfloat16"}}))
     run(more, run_dir=tmp_path)
-    assert json.loads((tmp_path / "bench.json").read_text())["results"][1] != again[1]
+    remeasured = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [e["seq_len"] for e in remeasured] == [96, 160] and remeasured[1] != again[2]
     # the Table 2 page renders from this run: our rows, the paper's, and the ratios side by side
     page = paper_table2.write_page(tmp_path, tmp_path / "paper", "bash experiments/paper_table2.sh")
     text = page.read_text()

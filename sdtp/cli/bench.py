@@ -184,7 +184,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         "results": [],
     }
     previous = _load_previous(run_dir / "bench.json", report) if cfg.resume else {}
-    for length in tqdm([int(n) for n in cfg.lengths], desc="lengths"):
+    requested = [int(n) for n in cfg.lengths]
+    # Lengths an earlier comparable run measured and this one does not ask for stay in bench.json, so a run of
+    # a few lengths does not discard the others (the next full run would measure them again).
+    measured = {n: entry for n, entry in previous.items() if n not in requested}
+    if measured:
+        log.info("keeping the lengths measured earlier: %s", sorted(measured))
+    for length in tqdm(requested, desc="lengths"):
         ids = prompt[:, :length].to(cfg.model.device)
         if length in previous:
             entry = previous[length]
@@ -192,7 +198,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             if pruner is not None:  # bind the scorer once so the predictor's FLOPs are known
                 probe_prefill(model, ids[:, : min(length, 64)], pruner)
             entry = _measure_length(cfg, model, pruner, ids, _predictor_flops(pruner))
-        report["results"].append(entry)
+        measured[length] = entry
+        report["results"] = [measured[n] for n in sorted(measured)]
+        report["settings"]["lengths"] = sorted(measured)
         report["targets"] = check_targets(report, OmegaConf.to_container(cfg.targets))
         write_json_atomic(run_dir / "bench.json", report)
         log.info("N=%d: %s", length, json.dumps(entry.get("speedup", {})))
