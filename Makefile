@@ -27,9 +27,11 @@ setup: $(STAMP)
 # High glibc malloc thresholds: without them large dense prefills spend seconds in page faults
 # (see sdtp/benchmark/environment.py); applied to dense and pruned runs alike.
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
+# Offline unless the caller set these (README): the shell reads its own environment in each recipe.
+OFFLINE := HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1}
 
 demo: setup
-	$(MALLOC_ENV) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sdtp-pipeline $(ARGS)
+	$(MALLOC_ENV) $(OFFLINE) $(VENV)/bin/sdtp-pipeline $(ARGS)
 
 # Every token pruner and KV policy side by side (experiments/compare_methods.sh; LIMIT=.. etc. pass through).
 compare: setup
@@ -80,7 +82,7 @@ schedule-search: setup
 # lm-eval throughput, dense vs pruned at batch 1/4/8 on 2 threads (~20 min; ARGS="--limit 20" etc. pass through):
 # writes results/bench/lm_eval_throughput.{md,json} (sdtp/benchmark/lm_eval_throughput.py).
 bench-lm-eval: setup
-	$(MALLOC_ENV) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m sdtp.benchmark.lm_eval_throughput $(ARGS)
+	$(MALLOC_ENV) $(OFFLINE) $(PY) -m sdtp.benchmark.lm_eval_throughput $(ARGS)
 
 test: setup
 	$(VENV)/bin/pytest -q -m "not slow"

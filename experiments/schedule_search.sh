@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 MODEL="${MODEL:-smollm2-135m}"
 PY="${PYTHON:-.venv/bin/python}"
 source experiments/lib/lm_eval_runs.sh
-shown="$(shown_with_env experiments/schedule_search.sh "N_TRIALS PRUNING POPULATION THREADS SMOKE" "$@")"
+shown="$(shown_with_env experiments/schedule_search.sh "N_TRIALS PRUNING POPULATION EVAL_ARGS THREADS SMOKE" "$@")"
 # One run directory (study, sweep, fixed points) per setup: a study must not gather trials of other settings.
 setup_tag=$(printf '%s|' "${PRUNING:-}" "${EVAL_ARGS:-}" "${SMOKE:-0}" "$@" | sha256sum | cut -c1-10)
 if [[ "${SMOKE:-0}" == 1 ]]; then   # every size tiny, every output in a scratch folder (nothing to commit)

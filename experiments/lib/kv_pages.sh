@@ -1,7 +1,7 @@
 # Sourced by the pages of the continuation protocol that compare at equal KV memory or tokens per layer
 # (experiments/kv_continuation.sh, kv_gap.sh, schedule_shape.sh) after they set PY (the Python to use), MODEL and PAGE
 # (the page's folder): offline environment, the cells they share and the schedule's shares their rows are sized by.
-export PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PYTHONPATH=. HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 mkdir -p "$PAGE/continuation"
 
 # copy_cells SOURCE NAME...: copy the cells NAME (globs allowed) of page SOURCE into $PAGE where it has none. They are
