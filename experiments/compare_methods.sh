@@ -87,21 +87,52 @@ with_seed_predictors() {
   "$BIN/sdtp-eval" -m model="$MODEL" pruning=sdtp pruning.scorer.path="$SEED_PATHS" "$@"
 }
 
+# Each step's overrides (the methods apart).
 LM_EVAL=(eval=lm_eval eval.limit="$LIMIT")
 if [ -n "$TASKS" ]; then LM_EVAL+=("eval.tasks=$TASKS"); fi
-step lm_eval    evaluate "${LM_EVAL[@]}"
-step perplexity evaluate eval=perplexity eval.max_tokens="$PPL_TOKENS"
+PERPLEXITY=(eval=perplexity eval.max_tokens="$PPL_TOKENS")
 LONGBENCH=(eval=longbench "eval.datasets=[multi_news]" eval.limit="$LB_LIMIT" eval.max_new_tokens="$LB_NEW_TOKENS")
-step longbench  evaluate "${LONGBENCH[@]}"
-step needle     evaluate eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.num_samples="$NEEDLE_SAMPLES"
+NEEDLE=(eval=needle eval.lengths="$NEEDLE_LENGTHS" eval.num_samples="$NEEDLE_SAMPLES")
 # Paper Table 6: KV policies at 40% of the cache, alone and on top of SDTP's pruned prefill (multi_news).
 KV_PRUNING="none"; if [[ ",$METHODS," == *,sdtp,* ]]; then KV_PRUNING="none,sdtp"; fi
-KV=(kv="${KV_POLICIES:-streaming,h2o,snapkv}" kv.ratio="${KV_RATIO:-0.4}" "${LONGBENCH[@]}")
+KV_POLICIES=${KV_POLICIES:-streaming,h2o,snapkv}
+KV_ARGS=(kv.ratio="${KV_RATIO:-0.4}" "${LONGBENCH[@]}")
+BENCH=(lengths="$BENCH_LENGTHS" new_tokens=16 repeats=3 memory=false)
+
+# Every step's commands checked before the first runs (sdtp/cli/check.py: a bad KV_POLICIES or BENCH_LENGTHS would
+# otherwise fail after the hours of the steps before it): each method once, on the first eval step, then one point per
+# other step and per KV policy (the sweeps' other points differ only in the method, checked already).
+first() { echo "${1%%,*}"; }
+methods=$(tr "," "\n" <<<"$METHODS" | sed "s/^random$/random pruning.scorer.seed=$(first "$RANDOM_SEEDS")/")
+check=()
+for name in lm_eval:LM_EVAL perplexity:PERPLEXITY longbench:LONGBENCH needle:NEEDLE; do
+  has_step "${name%%:*}" || continue
+  declare -n overrides="${name#*:}"
+  while read -r -a method; do
+    check+=(--- eval "model=$MODEL" "pruning=${method[0]}" "${method[@]:1}" "${overrides[@]}")
+  done <<<"$methods"
+  methods=$(first "$METHODS")
+  unset -n overrides
+done
+if has_step kv; then
+  for policy in ${KV_POLICIES//,/ }; do
+    check+=(--- eval "model=$MODEL" "pruning=${KV_PRUNING##*,}" "kv=$policy" "${KV_ARGS[@]}")
+  done
+fi
+if has_step bench && [ -n "$PRUNED" ]; then
+  check+=(--- bench "model=$MODEL" "pruning=$(first "$PRUNED")" "${BENCH[@]}")
+fi
+if [ ${#check[@]} -gt 0 ]; then check_commands "${check[@]:1}"; fi
+
+step lm_eval    evaluate "${LM_EVAL[@]}"
+step perplexity evaluate "${PERPLEXITY[@]}"
+step longbench  evaluate "${LONGBENCH[@]}"
+step needle     evaluate "${NEEDLE[@]}"
+KV=(kv="$KV_POLICIES" "${KV_ARGS[@]}")
 step kv "$BIN/sdtp-eval" -m model="$MODEL" pruning="$KV_PRUNING" "${KV[@]}"
 step kv with_seed_predictors "${KV[@]}"
 # Prefill timing: each bench job times dense and one pruned config side by side (interleaved).
-if [ -n "$PRUNED" ]; then step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" lengths="$BENCH_LENGTHS" \
-  new_tokens=16 repeats=3 memory=false; fi
+if [ -n "$PRUNED" ]; then step bench "$BIN/sdtp-bench" -m model="$MODEL" pruning="$PRUNED" "${BENCH[@]}"; fi
 TABLE=(--root results/multiruns --model "$MODEL" --out "${OUT:-results/compare}" --smaller-out "${SMALLER_OUT:-results/compare_smoke}")
 if [ "${REPLACE:-0}" = 1 ]; then TABLE+=(--replace); fi
 step table "$PY" scripts/compare_methods.py "${TABLE[@]}"

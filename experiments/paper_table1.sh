@@ -72,27 +72,7 @@ read -r -a train_args <<< "${TRAIN_ARGS:-}"
 threads=(${THREADS:+"threads=$THREADS"})
 start=$(date +%s)
 
-# 1. SDTP-low's predictors (the v3 command, results/predictors/smollm2-135m-v3/README.md, on the 5-stage schedule):
-# the one in $LOW_PREDICTOR, then one per training seed in LOW_SEEDS, in $LOW_PREDICTOR/seed<n>.
-train_low() {   # train_low FOLDER RUN_DIR [OVERRIDE...]: train SDTP-low's predictor into FOLDER unless it holds one
-  local dir="$1" run="$2"
-  shift 2
-  [[ ! -f "$dir/predictor.json" ]] || return 0
-  local -a train=(pruning=sdtp_low "model=$MODEL" train.target=attention train.loss.ce=0 "train.max_steps=$TRAIN_STEPS"
-                  train.grad_accum=3 data.sources.0.num_samples=800 data.sources.1.num_samples=500
-                  data.sources.2.num_samples=150 "${train_args[@]}" "$@" "out_dir=$run" "export_dir=$dir")
-  "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
-  "$PY" -m sdtp.reports.paper_table1 record-training --run "$run" --predictor "$dir" \
-    --train-command "sdtp-train ${train[*]}"
-}
-train_low "$LOW_PREDICTOR" "$RUN/train_low"
-low_seed_dirs=()   # SDTP-low's other training seeds, as seed_predictors lists the shipped predictor's
-for seed in $LOW_SEEDS; do
-  low_seed_dirs+=("$LOW_PREDICTOR/seed$seed")
-  train_low "$LOW_PREDICTOR/seed$seed" "$RUN/train_low_seed$seed" "seed=$seed"
-done
-
-# 2. The eval runs. Row -> its overrides.
+# Row -> its sdtp-eval overrides (steps 2 and 3).
 # SDTP-low blends the shipped predictor's priors (every <prior>_weight in its predictor.json; the chat weight, when
 # null, is the raw-text one, as the scorer reads it), selected for that predictor.
 prior=$("$PY" -c 'import json, sys; m = json.load(open(sys.argv[1]))
@@ -113,6 +93,52 @@ overrides() {   # overrides EVAL ROW: the sdtp-eval overrides of one run
   if [[ "$1" == longbench ]]; then echo experiment=paper_table1 "model=$MODEL" "${lb_args[@]}" "${own[@]}"
   else echo experiment=paper_table1_synthetic "eval=$1" "model=$MODEL" "${syn_args[@]}" "${own[@]}"; fi
 }
+bench_overrides() {   # bench_overrides ROW: the sdtp-bench overrides of one row (step 3)
+  local -a own
+  read -r -a own <<< "${row_args[$1]}"
+  echo experiment=paper_table1_bench "model=$MODEL" "${own[@]}" "${bench_args[@]}" "${threads[@]}"
+}
+
+# Step 1's sdtp-train command (the v3 recipe on the 5-stage schedule: below).
+train_overrides() {   # train_overrides FOLDER RUN_DIR [OVERRIDE...]: set `train` to the sdtp-train overrides
+  train=(pruning=sdtp_low "model=$MODEL" train.target=attention train.loss.ce=0 "train.max_steps=$TRAIN_STEPS"
+         train.grad_accum=3 data.sources.0.num_samples=800 data.sources.1.num_samples=500
+         data.sources.2.num_samples=150 "${train_args[@]}" "${@:3}" "out_dir=$2" "export_dir=$1")
+}
+
+# Every step's commands checked now (sdtp/cli/check.py), not when the step comes: a typo in LB_ARGS, SYN_ARGS or
+# BENCH_ARGS would otherwise fail after the hours of training in step 1. SDTP-low's predictor may be step 1's to make.
+check=(--will-exist "$LOW_PREDICTOR")
+train_overrides "$LOW_PREDICTOR" "$RUN/train_low"
+check+=(train "${train[@]}" resume=true "${threads[@]}")
+for ev in "${evals[@]}"; do
+  for row in dense sdtp_low; do
+    read -r -a args <<< "$(overrides "$ev" "$row")"
+    check+=(--- eval "${args[@]}" "$@" "${threads[@]}")
+  done
+done
+read -r -a args <<< "$(bench_overrides sdtp_low)"
+check_commands "${check[@]}" --- bench "${args[@]}"
+
+# 1. SDTP-low's predictors (the v3 command, results/predictors/smollm2-135m-v3/README.md, on the 5-stage schedule):
+# the one in $LOW_PREDICTOR, then one per training seed in LOW_SEEDS, in $LOW_PREDICTOR/seed<n>.
+train_low() {   # train_low FOLDER RUN_DIR [OVERRIDE...]: train SDTP-low's predictor into FOLDER unless it holds one
+  local dir="$1" run="$2"
+  [[ ! -f "$dir/predictor.json" ]] || return 0
+  local -a train
+  train_overrides "$@"
+  "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
+  "$PY" -m sdtp.reports.paper_table1 record-training --run "$run" --predictor "$dir" \
+    --train-command "sdtp-train ${train[*]}"
+}
+train_low "$LOW_PREDICTOR" "$RUN/train_low"
+low_seed_dirs=()   # SDTP-low's other training seeds, as seed_predictors lists the shipped predictor's
+for seed in $LOW_SEEDS; do
+  low_seed_dirs+=("$LOW_PREDICTOR/seed$seed")
+  train_low "$LOW_PREDICTOR/seed$seed" "$RUN/train_low_seed$seed" "seed=$seed"
+done
+
+# 2. The eval runs (each row's overrides: above).
 skipped=()
 lingua_missing=$("$PY" -m sdtp.eval.prompt_compression check "$LLMLINGUA_MODEL") && lingua_missing=""
 for row in dense sdtp sdtp_low llmlingua2; do   # one after the other: on a small machine two runs only slow each other
@@ -147,11 +173,10 @@ done
 
 # 3. Speed: sdtp-bench, dense vs each pruned row interleaved.
 for row in sdtp sdtp_low; do
-  read -r -a own <<< "${row_args[$row]}"
   [[ ! -f "$COMMITTED" ]] || "$PY" -m sdtp.reports.run_summary restore-bench --page "$COMMITTED" --name "$row" \
     --run "$RUN/bench_$row"
-  "$PY" -m sdtp.cli.bench experiment=paper_table1_bench "model=$MODEL" "${own[@]}" "${bench_args[@]}" "${threads[@]}" \
-    "hydra.run.dir=$RUN/bench_$row" | tail -1
+  read -r -a args <<< "$(bench_overrides "$row")"
+  "$PY" -m sdtp.cli.bench "${args[@]}" "hydra.run.dir=$RUN/bench_$row" | tail -1
 done
 
 # 4. The page.

@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +139,11 @@ def offline_by_default() -> list[str]:
     return names
 
 
-def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+def validate_config(cfg: DictConfig, overrides: list[str] | None = None, present: Collection[str] = ()) -> None:
     """Check the composed config; raises :class:`ConfigError` naming the offending key.
 
-    ``overrides`` (the command line's) are checked for keys the config ignores (a warning).
+    ``overrides`` (the command line's) are checked for keys the config ignores (a warning). ``present``: predictor
+    folders taken as existing (an earlier step of the same script creates them: ``sdtp.cli.check --will-exist``).
     """
     check_added_keys(list(overrides or []))
     for item in ignored_overrides(cfg, list(overrides or [])):
@@ -173,15 +174,20 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> None
     scorer_class = import_target("pruning.scorer._target_", str(scorer._target_), Scorer)
     if not scorer.get("_partial_", False):  # a partial may be completed by code; a full build must be whole
         check_arguments("pruning.scorer", scorer_class, scorer.keys())
-    if scorer.get("path") is not None and not Path(scorer.path).exists():
+    path = scorer.get("path")
+    if path is not None and not Path(path).exists() and Path(path) not in {Path(p) for p in present}:
         raise ConfigError(
             f"pruning.scorer.path: {scorer.path} does not exist; train a predictor with `sdtp-train` "
             f"for model={cfg.model.name} or point pruning.scorer.path at one"
         )
 
 
-def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+def compose(config_name: str, overrides: list[str] | None = None,
+            prepare: Callable[[DictConfig], None] | None = None, present: Collection[str] = ()) -> DictConfig:
     """Compose and validate a primary config (tests, notebooks, or a stage called from another entry point).
+
+    ``prepare``: the entry point's (sdtp_main), applied before validation as the entry point does; ``present``: as
+    :func:`validate_config`'s.
 
     Inside a running Hydra app (e.g. ``sdtp-pipeline`` calling the eval stage) the app's already
     initialised config search path (this repo's ``conf/``) is used instead of initialising a new one.
@@ -195,7 +201,9 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     else:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
-    validate_config(cfg, overrides)
+    if prepare is not None:
+        prepare(cfg)
+    validate_config(cfg, overrides, present)
     return cfg
 
 

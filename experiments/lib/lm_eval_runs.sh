@@ -72,3 +72,11 @@ load_seed_predictors() {
     [[ -f "$dir/predictor.json" ]] || { echo "SEED_PREDICTORS / seeds.txt: $dir holds no predictor.json" >&2; exit 1; }
   done
 }
+
+# check_commands [--will-exist PATH]... ENTRY OVERRIDE... [--- ENTRY OVERRIDE...]...: compose and validate every
+# command a script will run (sdtp/cli/check.py: no model loads), before its first step, so that a bad variable for a
+# late step fails in seconds rather than after the hours of the steps before it. --will-exist PATH: a predictor folder
+# an earlier step creates. Exits the script (set -e) with one line naming the failing command.
+check_commands() {
+  "$PY" -m sdtp.cli.check "$@"
+}
