@@ -71,6 +71,7 @@ read -r -a bench_args <<< "${BENCH_ARGS:-}"
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 threads=(${THREADS:+"threads=$THREADS"})
 start=$(date +%s)
+load_seed_predictors   # the other training seeds' predictors (seed_dirs), checked before any run
 
 # Row -> its sdtp-eval overrides (steps 2 and 3).
 # SDTP-low blends the shipped predictor's priors (every <prior>_weight in its predictor.json; the chat weight, when
@@ -164,7 +165,6 @@ seed_row() {   # seed_row ROW ROW_OVERRIDES [OVERRIDE...]: every eval of one mor
     restored_run "$COMMITTED" "$ev/$row" "$RUN/$ev/$row" "${args[@]}" "$@" "${threads[@]}"
   done
 }
-mapfile -t seed_dirs < <(seed_predictors)
 for dir in "${seed_dirs[@]}"; do seed_row "sdtp@$(basename "$dir")" "pruning=sdtp pruning.scorer.path=$dir" "$@"; done
 for dir in "${low_seed_dirs[@]}"; do
   seed_row "sdtp_low@$(basename "$dir")" "pruning=sdtp_low pruning.scorer.path=$dir $prior" "$@"

@@ -210,6 +210,13 @@ def compose(config_name: str, overrides: list[str] | None = None,
 # The running entry point's ``prepare`` (sdtp_main), which the sweeper's checks of a sweep's jobs apply too
 # (hydra_plugins/sdtp_sweeper): a one-element list, so the entry point can set it.
 _ENTRY_PREPARE: list[Callable[[DictConfig], None] | None] = [None]
+# The running entry point's config name (eval, train, ...): the sweeper applies that entry point's own checks too.
+_ENTRY_NAME: list[str | None] = [None]
+
+
+def running_entry() -> str | None:
+    """The config name of the entry point running in this process (None outside one)."""
+    return _ENTRY_NAME[0]
 
 
 def prepare_and_validate(cfg: DictConfig, overrides: list[str],
@@ -263,7 +270,7 @@ def sdtp_main(
         @functools.wraps(task)
         def entry(*args: Any, **kwargs: Any) -> Any:
             refuse_sweep_under_launcher(sys.argv[1:])
-            _ENTRY_PREPARE[0] = prepare
+            _ENTRY_PREPARE[0], _ENTRY_NAME[0] = prepare, config_name
             # hydra.main reads its overrides from sys.argv: a non-zero torchrun rank adds the ones
             # that keep it from writing the run directory's config copy and log (rank 0 writes them).
             sys.argv[1:] = with_overrides(sys.argv[1:], worker_overrides())

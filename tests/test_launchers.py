@@ -148,3 +148,9 @@ def test_a_sweep_checks_every_point_before_the_first_runs(tmp_path):
     assert done.returncode != 0
     assert "sweep job #1 (" in done.stderr and "pruning.keep_ratio: 2.0 is outside (0, 1]" in done.stderr
     assert not list(tmp_path.rglob(".hydra"))
+    # ... and with the entry point's own checks (sdtp-eval's: a needle length beyond the model)
+    cmd[cmd.index("eval.lengths=[512]")] = "eval.lengths=[512],[100000]"
+    cmd[cmd.index("pruning.keep_ratio=0.5,2.0")] = "pruning.keep_ratio=0.5"
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "sweep job #1 (" in done.stderr and "100000" in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.rglob(".hydra"))
