@@ -6,8 +6,9 @@
 #   MODEL=mistral-7b-instruct-v0.2 bash experiments/paper_table2.sh "lengths=[4096,8192,16384,32768]"   # GPU
 #
 # One sdtp-bench run (conf/experiment/paper_table2.yaml) in a stable run directory, so a rerun skips
-# the lengths already measured and keeps those it is not asked for (sdtp-bench resume=true). A fresh clone resumes from the committed
-# measurements: results/paper/table2/<model>.json is copied into the run directory first. Then
+# the lengths already measured and keeps those it is not asked for (sdtp-bench resume=true). A fresh
+# clone resumes from the committed measurements: results/paper/table2/<model>.json is copied into the
+# run directory first. Then
 # sdtp/reports/paper_table2.py renders results/paper/table2/<model>.{md,csv,png,json} with the
 # paper's numbers beside ours.
 set -euo pipefail
