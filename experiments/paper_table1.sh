@@ -124,10 +124,19 @@ check_commands "${check[@]}" --- bench "${args[@]}"
 # 1. SDTP-low's predictors (the v3 command, results/predictors/smollm2-135m-v3/README.md, on the 5-stage schedule):
 # the one in $LOW_PREDICTOR, then one per training seed in LOW_SEEDS, in $LOW_PREDICTOR/seed<n>.
 train_low() {   # train_low FOLDER RUN_DIR [OVERRIDE...]: train SDTP-low's predictor into FOLDER unless it holds one
-  local dir="$1" run="$2"
-  [[ ! -f "$dir/predictor.json" ]] || return 0
+  local dir="$1" run="$2" recorded
   local -a train
   train_overrides "$@"
+  if [[ -f "$dir/predictor.json" ]]; then
+    # Kept only if this command made it: other TRAIN_STEPS / TRAIN_ARGS must not be stated for an older predictor.
+    recorded=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("command", ""))' \
+      "$dir/train_metrics.json" 2>/dev/null || true)
+    [[ -z "$recorded" || "$recorded" == "sdtp-train ${train[*]}" ]] || {
+      echo "$dir holds a predictor trained by: $recorded" >&2
+      echo "this run would train it by:   sdtp-train ${train[*]}" >&2
+      echo "(point LOW_PREDICTOR at another folder, or delete that one)" >&2; exit 2; }
+    return 0
+  fi
   "$PY" -m sdtp.cli.train "${train[@]}" resume=true "${threads[@]}"
   "$PY" -m sdtp.reports.paper_table1 record-training --run "$run" --predictor "$dir" \
     --train-command "sdtp-train ${train[*]}"
