@@ -55,7 +55,7 @@ if [ ! -x "$BIN/sdtp-eval" ] && [ "$BIN" = .venv/bin ]; then make setup; fi
 # oracle (SDTP's teacher: an upper bound, slow: a backward pass per prompt). METHODS=a,b,c overrides.
 if [ -z "${METHODS:-}" ]; then
   METHODS="none,random,positional,norm,lazyllm,lexical,gemfilter,fastkv"
-  if [ -n "$(ls -A "results/predictors/$MODEL" 2>/dev/null)" ]; then
+  if [ -f "results/predictors/$MODEL/predictor.json" ]; then
     METHODS="$METHODS,sdtp"
   else
     echo "[compare] no trained predictor in results/predictors/$MODEL: sdtp is left out (run sdtp-train first)" >&2
@@ -69,7 +69,8 @@ PRUNED=$(tr "," "\n" <<<"$METHODS" | { grep -v -x -e none -e oracle || true; } |
 SEEDLESS=$(tr "," "\n" <<<"$METHODS" | { grep -v -x random || true; } | paste -sd, -)
 WITH_RANDOM=0; if [[ ",$METHODS," == *,random,* ]]; then WITH_RANDOM=1; fi
 # SDTP's other training seeds: their predictor folders, comma-separated (one Hydra sweep over them).
-SEED_PATHS=""; if [[ ",$METHODS," == *,sdtp,* ]]; then SEED_PATHS=$(seed_predictors | paste -sd, -); fi
+SEED_PATHS=""   # checked before any step (load_seed_predictors), then one Hydra sweep over them
+if [[ ",$METHODS," == *,sdtp,* ]]; then load_seed_predictors; SEED_PATHS=$(IFS=,; echo "${seed_dirs[*]}"); fi
 
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # step <name> <command...>: run the command only if <name> is in $STEPS.
