@@ -138,6 +138,7 @@ def test_resume_reproduces_uninterrupted_run_and_refuses_other_setups(labels_dir
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert {"spearman", "topk_overlap", "nll_sdtp", "nll_dense", "nll_random", "drop_agreement_mean"} <= set(metrics)
+    assert len(metrics["git_commit"].removesuffix("-dirty")) == 40  # the code that trained it (REPO is a git clone)
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the resumed run does not repeat steps

@@ -59,7 +59,7 @@ from sdtp.tracking import NullLogger, RunLogger
 from sdtp.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from sdtp.training.masking import PolicyMasker
 from sdtp.training.validation import continuation_nll, ranking_agreement
-from sdtp.utils import parse_jsonl, seed_everything, set_threads, write_json_atomic
+from sdtp.utils import git_commit, parse_jsonl, seed_everything, set_threads, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def train(cfg: DictConfig, world: World = World()) -> dict[str, Any]:
         metrics.update(final_noise_metrics(out_dir / "metrics.jsonl"))
         metrics.update({"step": step, "train_seconds_this_run": round(time.perf_counter() - begin, 1),
                         "train_examples": len(train_set), "val_examples": len(val), "data_hash": data_hash,
-                        "world_size": world.size})
+                        "world_size": world.size, "git_commit": git_commit()})  # the code that trained it
         logger.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
         logger.summary(metrics)
     predictor.save(out_dir / "predictor")
