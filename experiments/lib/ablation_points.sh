@@ -72,7 +72,10 @@ ablation_point() {
     return 0
   fi
   t0=$(date +%s)
-  dir="$RUN/${row}_s${seed}_t${TRAIN_STEPS}"   # another TRAIN_STEPS trains afresh, not into this checkpoint
+  # Another TRAIN_STEPS or TRAIN_ARGS trains afresh in its own folder, not into this checkpoint (whose signature would
+  # refuse it and stop the whole unattended session); with no TRAIN_ARGS the folder keeps its earlier name.
+  dir="$RUN/${row}_s${seed}_t${TRAIN_STEPS}"
+  [[ ${#train_args[@]} -eq 0 ]] || dir+="_a$(printf '%s\n' "${train_args[@]}" | sha256sum | cut -c1-8)"
   read -r -a train <<< "$3"
   read -r -a schedule <<< "$schedule_text"
   train+=("${schedule[@]}" "${train_args[@]}" "out_dir=$dir/train" "export_dir=$dir/predictor")
