@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -55,13 +56,21 @@ def test_scorer_target_is_checked_at_composition(target, message):
     (["pruning=lazyllm", "+pruning.scorer.num_querie=4"],
      r"pruning\.scorer\.num_querie: AttentionScorer takes no such argument \(it takes: num_queries\)"),
     (["pruning=sdtp", "+pruning.scorer.recency=0.5"], r"pruning\.scorer\.recency: PredictorScorer takes no such"),
-    (["pruning=norm", "pruning.scorer._target_=tests.test_bad_input.NeedsArgument"],
+    (["pruning=norm", "pruning.scorer._target_=sdtp_test_scorers.NeedsArgument"],
      r"pruning\.scorer\.strength: NeedsArgument requires this argument"),
 ])
-def test_scorer_arguments_are_checked_at_composition(overrides, message):
+def test_scorer_arguments_are_checked_at_composition(overrides, message, user_scorers):
     """A misspelt scorer argument fails before the run directory exists, not when the scorer is built."""
     with pytest.raises(ConfigError, match=message):
         compose("eval", ["model=tiny-llama", *overrides])
+
+
+@pytest.fixture
+def user_scorers(monkeypatch):
+    """A user's scorer module, importable by name as Hydra's ``_target_`` imports it (no PYTHONPATH needed)."""
+    module = types.ModuleType("sdtp_test_scorers")
+    module.NeedsArgument = NeedsArgument
+    monkeypatch.setitem(sys.modules, "sdtp_test_scorers", module)
 
 
 class NeedsArgument(Scorer):
@@ -71,9 +80,9 @@ class NeedsArgument(Scorer):
         self.strength = strength
 
 
-def test_scorer_arguments_that_exist_compose():
+def test_scorer_arguments_that_exist_compose(user_scorers):
     for overrides in (["pruning=lazyllm", "pruning.scorer.num_queries=4"], ["pruning=random", "pruning.scorer.seed=3"],
-                      ["pruning=norm", "pruning.scorer._target_=tests.test_bad_input.NeedsArgument",
+                      ["pruning=norm", "pruning.scorer._target_=sdtp_test_scorers.NeedsArgument",
                        "+pruning.scorer.strength=2"]):
         compose("eval", ["model=tiny-llama", *overrides])
 
