@@ -201,32 +201,27 @@ def compose(config_name: str, overrides: list[str] | None = None,
     else:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
-    if prepare is not None:
-        prepare(cfg)
-    validate_config(cfg, overrides, present)
+    prepare_and_validate(cfg, overrides or [], prepare, present)
     return cfg
 
 
-# The running entry point's ``prepare`` (sdtp_main), which the sweeper's checks of a sweep's jobs apply too
-# (hydra_plugins/sdtp_sweeper): a one-element list, so the entry point can set it.
-_ENTRY_PREPARE: list[Callable[[DictConfig], None] | None] = [None]
-# The running entry point's config name (eval, train, ...): the sweeper applies that entry point's own checks too.
-_ENTRY_NAME: list[str | None] = [None]
+# The running entry point (sdtp_main): its config name and ``prepare``, which the sweeper's checks of a sweep's jobs
+# apply too (hydra_plugins/sdtp_sweeper). A one-element list, so the entry point can set it.
+_RUNNING_ENTRY: list[tuple[str | None, Callable[[DictConfig], None] | None]] = [(None, None)]
 
 
-def running_entry() -> str | None:
-    """The config name of the entry point running in this process (None outside one)."""
-    return _ENTRY_NAME[0]
+def running_entry() -> tuple[str | None, Callable[[DictConfig], None] | None]:
+    """(config name, ``prepare``) of the entry point running in this process ((None, None) outside one)."""
+    return _RUNNING_ENTRY[0]
 
 
-def prepare_and_validate(cfg: DictConfig, overrides: list[str],
-                         prepare: Callable[[DictConfig], None] | None = None) -> None:
-    """What an entry point does to its composed config before running it: its ``prepare`` (default: the running
-    entry point's), then :func:`validate_config`."""
-    prepare = prepare or _ENTRY_PREPARE[0]
+def prepare_and_validate(cfg: DictConfig, overrides: list[str], prepare: Callable[[DictConfig], None] | None = None,
+                         present: Collection[str] = ()) -> None:
+    """What an entry point does to its composed config before running it: its ``prepare``, then
+    :func:`validate_config` (``present`` as there)."""
     if prepare is not None:
         prepare(cfg)
-    validate_config(cfg, overrides)
+    validate_config(cfg, overrides, present)
 
 
 def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
@@ -270,7 +265,7 @@ def sdtp_main(
         @functools.wraps(task)
         def entry(*args: Any, **kwargs: Any) -> Any:
             refuse_sweep_under_launcher(sys.argv[1:])
-            _ENTRY_PREPARE[0], _ENTRY_NAME[0] = prepare, config_name
+            _RUNNING_ENTRY[0] = (config_name, prepare)
             # hydra.main reads its overrides from sys.argv: a non-zero torchrun rank adds the ones
             # that keep it from writing the run directory's config copy and log (rank 0 writes them).
             sys.argv[1:] = with_overrides(sys.argv[1:], worker_overrides())

@@ -30,11 +30,11 @@ WILL_EXIST = "--will-exist"
 Checks = tuple[Callable[[DictConfig], None] | None, Callable[[DictConfig], Any]]
 
 
-def entry_checks(entry: str) -> Checks:
-    """The ``prepare`` and validation of the entry point whose config is ``entry`` (imported only when asked)."""
+def _entry_checks() -> dict[str, Checks]:
+    """sdtp's entry points by config name -> (prepare, own validation); imported only when asked."""
     from sdtp.cli import bench, evaluate, generate, label, pipeline, train
 
-    checks: dict[str, Checks] = {
+    return {
         "eval": (None, evaluate.validate_eval),
         "train": (None, train.validate_train_config),
         "bench": (bench.prepare, bench.validate_bench),
@@ -42,9 +42,19 @@ def entry_checks(entry: str) -> Checks:
         "pipeline": (None, pipeline.validate_pipeline),
         "generate": (None, generate.check_settings),
     }
+
+
+def entry_checks(entry: str) -> Checks:
+    """The ``prepare`` and validation of the entry point whose config is ``entry``."""
+    checks = _entry_checks()
     if entry not in checks:
         raise ConfigError(f"entry: {entry!r} not in {list(checks)}")
     return checks[entry]
+
+
+def entry_validation(entry: str | None) -> Callable[[DictConfig], Any] | None:
+    """The own validation of sdtp's entry point ``entry``; None for another (a user's ``sdtp_main``) or none."""
+    return _entry_checks().get(entry, (None, None))[1] if entry is not None else None
 
 
 def check_command(entry: str, overrides: list[str], will_exist: Collection[str] = ()) -> None:
