@@ -193,9 +193,20 @@ def differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose leaf values differ between two nested dicts (a key absent on one side differs)."""
     # Through JSON, so tuples vs lists and int vs float keys compare as they are stored.
-    a = flat_leaves(json.loads(json.dumps(old, default=str)))
-    b = flat_leaves(json.loads(json.dumps(new, default=str)))
+    a, b = _stored_leaves(old), _stored_leaves(new)
     return sorted(key for key in a.keys() | b.keys() if a.get(key, "<absent>") != b.get(key, "<absent>"))
+
+
+def _stored_leaves(data: dict[str, Any]) -> dict[str, Any]:
+    return flat_leaves(json.loads(json.dumps(data, default=str)))
+
+
+def leaf_changes(old: dict[str, Any], new: dict[str, Any], shown: int) -> tuple[list[tuple[str, Any, Any]], int]:
+    """The first ``shown`` of :func:`changed_keys` as (dotted key, old leaf, new leaf) ("<absent>" on a side that
+    lacks it), and how many more differ: what an error message names."""
+    keys = changed_keys(old, new)
+    a, b = _stored_leaves(old), _stored_leaves(new)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys[:shown]], max(len(keys) - shown, 0)
 
 
 class RunLockedError(RuntimeError):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sdtp.errors import ConfigError
-from sdtp.provenance import changed_keys, flat_leaves
+from sdtp.provenance import leaf_changes
 from sdtp.utils import atomic_path, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -53,11 +53,10 @@ def load_checkpoint(path: Path, signature: dict[str, Any], predictor: torch.nn.M
         raise ConfigError(f"resume: cannot read the checkpoint {path} ({exc})") from exc
     old = json.loads(state.get("signature", "{}"))
     new = json.loads(json.dumps(signature, sort_keys=True, default=str))
-    diffs = changed_keys(old, new)  # dotted leaves, e.g. train.optimizer.lr, not two whole train dicts
-    if diffs:
-        was, now = flat_leaves(old), flat_leaves(new)
-        detail = "; ".join(f"{k}: checkpoint={was.get(k, '<absent>')!r} vs config={now.get(k, '<absent>')!r}"
-                           for k in diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+    changes, more = leaf_changes(old, new, shown=4)  # dotted leaves, e.g. train.optimizer.lr, not two whole dicts
+    if changes:
+        detail = "; ".join(f"{k}: checkpoint={was!r} vs config={now!r}" for k, was, now in changes) \
+            + (f" (+{more} more)" if more else "")
         raise ConfigError(f"resume=true: {path} was trained with a different setup ({detail}); "
                           "use another out_dir or resume=false")
     predictor.load_state_dict(state["predictor"])

@@ -50,7 +50,7 @@ from sdtp.labels import load_labels, meta_hash, transform_labels
 from sdtp.losses import LOSS_TERMS, distill_kl, sdtp_loss
 from sdtp.models import load_model
 from sdtp.models.loading import model_identity
-from sdtp.provenance import changed_keys, flat_leaves
+from sdtp.provenance import leaf_changes
 from sdtp.predictor import META_FILE, WEIGHTS_FILE, PredictorMeta, TokenPredictor, select_stages, widen_inputs
 from sdtp.saliency import lm_loss, saliency_scores, target_labels
 from sdtp.scorers.predictor import PredictorScorer
@@ -208,13 +208,10 @@ def check_label_origin(meta: dict[str, Any], cfg: DictConfig) -> None:
             "data": meta["data"]}
     wanted = {"base_model": cfg.model.name, "target": cfg.train.target, "model": model,
               "data": data_identity(cfg.data)}
-    diffs = changed_keys(made, wanted)
-    if diffs:
-        have, want = flat_leaves(made), flat_leaves(json.loads(json.dumps(wanted, default=str)))
-        detail = "; ".join(f"{k}={have.get(k, '<absent>')!r}, config has {want.get(k, '<absent>')!r}"
-                           for k in diffs[:3])
-        raise ConfigError(f"train.labels_dir: labels were made with {detail}"
-                          + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""))
+    changes, more = leaf_changes(made, wanted, shown=3)
+    if changes:
+        detail = "; ".join(f"{k}={have!r}, config has {want!r}" for k, have, want in changes)
+        raise ConfigError(f"train.labels_dir: labels were made with {detail}" + (f" (+{more} more)" if more else ""))
 
 
 def signature(cfg: DictConfig, schedule: PruningSchedule, data_hash: str, world_size: int = 1) -> dict[str, Any]:
