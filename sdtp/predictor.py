@@ -304,10 +304,15 @@ class TokenPredictor(nn.Module):
         return flops
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``predictor.safetensors`` + ``predictor.json`` atomically into ``directory``."""
+        """Write ``predictor.safetensors`` + ``predictor.json`` atomically into ``directory``.
+
+        Each file is replaced atomically, and the description goes first and comes back last: a save
+        killed in between leaves a folder that :meth:`load` refuses, never new weights read with an
+        earlier predictor's description (its recency/norm prior weights, features)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        (directory / META_FILE).unlink(missing_ok=True)
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
         write_text_atomic(directory / META_FILE, json.dumps(asdict(self.meta), indent=2) + "\n")

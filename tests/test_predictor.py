@@ -34,6 +34,24 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(p(0, x), q(0, x))
 
 
+def test_save_killed_between_files_is_refused_not_mixed(tmp_path, monkeypatch):
+    """A save that dies after the weights must not leave them readable with the earlier description."""
+    import sdtp.predictor as module
+
+    old = _predictor()
+    old.meta.recency_weight = 0.5
+    old.save(tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _predictor(seed=1).save(tmp_path)
+    with pytest.raises(ConfigError, match="no predictor checkpoint"):
+        TokenPredictor.load(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
