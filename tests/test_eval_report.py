@@ -1,19 +1,12 @@
-"""scripts/eval_report.py picks the runs whose overrides set exactly the asked limit / perplexity length."""
+"""sdtp.reports.eval_report (scripts/eval_report.py) picks the runs whose overrides set exactly the asked
+limit / perplexity length."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
-from sdtp.config import REPO_ROOT
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("eval_report", REPO_ROOT / "scripts" / "eval_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from sdtp.reports import eval_report
 
 
 def _run(runs, eval_name, pruning, overrides, value, mtime):
@@ -26,7 +19,7 @@ def _run(runs, eval_name, pruning, overrides, value, mtime):
 
 
 def test_runs_are_matched_on_their_parsed_overrides_not_a_substring(tmp_path, monkeypatch):
-    report = _script()
+    report = eval_report
     monkeypatch.setattr(report, "RUNS", tmp_path)
     _run(tmp_path, "lm_eval", "none", ["eval.batch_size=4", "eval.limit=10"], "limit 10", 1e9)
     _run(tmp_path, "lm_eval", "none", ["eval.batch_size=4", "eval.limit=100"], "limit 100", 2e9)  # newer
