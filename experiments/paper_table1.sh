@@ -113,7 +113,7 @@ check=(--will-exist "$LOW_PREDICTOR")
 train_overrides "$LOW_PREDICTOR" "$RUN/train_low"
 check+=(train "${train[@]}" resume=true "${threads[@]}")
 for ev in "${evals[@]}"; do
-  for row in dense sdtp_low; do
+  for row in dense sdtp sdtp_low llmlingua2; do   # the seed rows differ from these by a checked folder only
     read -r -a args <<< "$(overrides "$ev" "$row")"
     check+=(--- eval "${args[@]}" "$@" "${threads[@]}")
   done
