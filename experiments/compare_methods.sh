@@ -101,10 +101,13 @@ KV_ARGS=(kv.ratio="${KV_RATIO:-0.4}" "${LONGBENCH[@]}")
 BENCH=(lengths="$BENCH_LENGTHS" new_tokens=16 repeats=3 memory=false)
 
 # Every step's commands checked before the first runs (sdtp/cli/check.py: a bad KV_POLICIES or BENCH_LENGTHS would
-# otherwise fail after the hours of the steps before it): each method once, on the first eval step, then one point per
-# other step and per KV policy (the sweeps' other points differ only in the method, checked already).
+# otherwise fail after the hours of the steps before it): each method (random at each seed) once, on the first eval
+# step, then one point per other step and per KV policy (the sweeps' other points differ only in the method).
 first() { echo "${1%%,*}"; }
-methods=$(tr "," "\n" <<<"$METHODS" | sed "s/^random$/random pruning.scorer.seed=$(first "$RANDOM_SEEDS")/")
+seeds=$(tr "," "\n" <<<"$RANDOM_SEEDS" | sed "s/^/random pruning.scorer.seed=/")
+methods=$(tr "," "\n" <<<"$METHODS" | while read -r m; do
+  if [[ "$m" == random ]]; then echo "$seeds"; else echo "$m"; fi
+done)
 check=()
 for name in lm_eval:LM_EVAL perplexity:PERPLEXITY longbench:LONGBENCH needle:NEEDLE; do
   has_step "${name%%:*}" || continue

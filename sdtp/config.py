@@ -173,7 +173,7 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None, present
         raise ConfigError("pruning.scorer._target_: missing (which scorer class to build)")
     scorer_class = import_target("pruning.scorer._target_", str(scorer._target_), Scorer)
     if not scorer.get("_partial_", False):  # a partial may be completed by code; a full build must be whole
-        check_arguments("pruning.scorer", scorer_class, scorer.keys())
+        check_arguments("pruning.scorer", scorer_class, OmegaConf.to_container(scorer, resolve=True))
     path = scorer.get("path")
     if path is not None and not Path(path).exists() and Path(path) not in {Path(p) for p in present}:
         raise ConfigError(

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterable
+import types
+import typing
+from collections.abc import Mapping
 from types import ModuleType
+from typing import Any
 
 from sdtp.errors import ConfigError
 
@@ -57,14 +60,17 @@ def import_target(key: str, target: str, base: type) -> type:
     return obj
 
 
-def check_arguments(key: str, cls: type, given: Iterable[str]) -> None:
-    """Refuse argument names ``cls(...)`` does not take, and required arguments ``given`` lacks.
+def check_arguments(key: str, cls: type, given: Mapping[str, Any]) -> None:
+    """Refuse argument names ``cls(...)`` does not take, required arguments ``given`` lacks, and values of
+    the wrong type for arguments annotated with ``int``, ``float``, ``bool`` or ``str`` (alone or ``| None``).
 
-    ``given``: the config node's keys; Hydra's own (``_target_``, ``_partial_``...) are skipped. A class
-    whose constructor takes ``**kwargs`` accepts any name.
+    ``given``: the config node as a mapping; Hydra's own keys (``_target_``, ``_partial_``...) are skipped.
+    A class whose constructor takes ``**kwargs`` accepts any name. The type check is why a bad value (e.g.
+    ``pruning.scorer.seed=seven``) fails at composition rather than when the scorer is built, after the model
+    has loaded; arguments with other annotations are left to the constructor.
 
     Raises:
-        ConfigError: naming ``key.<argument>`` and the arguments the class does take.
+        ConfigError: naming ``key.<argument>`` and, for a name, the arguments the class does take.
     """
     names = [name for name in given if not name.startswith("_")]
     params = inspect.signature(cls).parameters
@@ -78,3 +84,37 @@ def check_arguments(key: str, cls: type, given: Iterable[str]) -> None:
                 and p.kind is not p.POSITIONAL_ONLY and name not in names]
     if required:
         raise ConfigError(f"{key}.{required[0]}: {cls.__qualname__} requires this argument")
+    hints = _init_hints(cls)
+    for name in names:
+        allowed = _plain_types(hints.get(name))
+        value = given[name]
+        if allowed and not _fits(value, allowed) and not (value is None and params[name].default is None):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"{key}.{name}: {cls.__qualname__} takes {wanted}, got {value!r}")
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _init_hints(cls: type) -> dict[str, Any]:
+    """The constructor's resolved annotations ({} when they cannot be resolved, e.g. a forward reference)."""
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # an unresolvable user annotation must not block a config: it is just not checked
+        return {}
+
+
+def _plain_types(hint: Any) -> tuple[type, ...]:
+    """``hint``'s members if every one is a plain scalar type (``int``, ``float | None``...), else ()."""
+    members = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    return tuple(members) if members and all(m in _PLAIN for m in members) else ()
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    """Whether a config value can be passed as one of ``allowed`` (an int is a float; a bool is not a number)."""
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, tuple(t for t in allowed if t is not bool))

@@ -58,6 +58,12 @@ def test_scorer_target_is_checked_at_composition(target, message):
     (["pruning=sdtp", "+pruning.scorer.recency=0.5"], r"pruning\.scorer\.recency: PredictorScorer takes no such"),
     (["pruning=norm", "pruning.scorer._target_=sdtp_test_scorers.NeedsArgument"],
      r"pruning\.scorer\.strength: NeedsArgument requires this argument"),
+    (["pruning=random", "pruning.scorer.seed=seven"], r"pruning\.scorer\.seed: RandomScorer takes int, got 'seven'"),
+    (["pruning=random", "pruning.scorer.seed=true"], r"pruning\.scorer\.seed: RandomScorer takes int, got True"),
+    (["pruning=sdtp", "pruning.scorer.recency_weight=high"],
+     r"pruning\.scorer\.recency_weight: PredictorScorer takes float or null, got 'high'"),
+    (["pruning=norm", "pruning.scorer._target_=sdtp_test_scorers.NeedsArgument", "+pruning.scorer.strength=null"],
+     r"pruning\.scorer\.strength: NeedsArgument takes float, got None"),
 ])
 def test_scorer_arguments_are_checked_at_composition(overrides, message, user_scorers):
     """A misspelt scorer argument fails before the run directory exists, not when the scorer is built."""
@@ -83,7 +89,9 @@ class NeedsArgument(Scorer):
 def test_scorer_arguments_that_exist_compose(user_scorers):
     for overrides in (["pruning=lazyllm", "pruning.scorer.num_queries=4"], ["pruning=random", "pruning.scorer.seed=3"],
                       ["pruning=norm", "pruning.scorer._target_=sdtp_test_scorers.NeedsArgument",
-                       "+pruning.scorer.strength=2"]):
+                       "+pruning.scorer.strength=2"],  # an int is a float
+                      ["pruning=sdtp", "pruning.scorer.path=results/predictors/smollm2-135m",
+                       "pruning.scorer.recency_weight=null"]):
         compose("eval", ["model=tiny-llama", *overrides])
 
 
