@@ -85,7 +85,7 @@ def test_positional_keeps_sinks_and_one_recent_window(tiny_llama, prompt_ids):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("num_queries", [1, 5])
+@pytest.mark.parametrize("num_queries", [1, 5, 16])
 @torch.no_grad()
 def test_attention_scorer_matches_eager_reference(prompt_ids, num_queries, family):
     """Scores at each stage = eager attention probabilities of the last queries at the previous layer.
@@ -93,6 +93,8 @@ def test_attention_scorer_matches_eager_reference(prompt_ids, num_queries, famil
     The reference runs the same (seeded) tiny model with eager attention and output_attentions under
     the same pruning, so later stages are checked on the already-pruned token set too. Gemma3's stages
     1 and 3 read sliding layers (window 16 < the 97-token prompt): the window applies to original positions.
+    The queries are the alive tokens among the prompt's last ``num_queries`` positions: with 16 (more than
+    the 10 protected recent tokens) earlier stages drop some of them, and older survivors must not stand in.
     """
     sdpa_model, _ = load_model(compose("generate", [f"model=tiny-{family}"]).model)
     eager_cfg = compose("generate", [f"model=tiny-{family}", "model.attn_implementation=eager"])
@@ -109,7 +111,8 @@ def test_attention_scorer_matches_eager_reference(prompt_ids, num_queries, famil
     for (stage, positions, scores), (_, _, sdpa_scores) in zip(recording.calls, sdpa_calls):
         attn = out.attentions[schedule.layers[stage] - 1]  # (B, H, n, n) over the alive tokens
         assert attn.shape[-1] == positions.shape[1]
-        reference = attn[:, :, -num_queries:, :].float().mean(dim=(1, 2))
+        queries = positions[0] >= prompt_ids.shape[1] - num_queries
+        reference = attn[:, :, queries, :].float().mean(dim=(1, 2))
         torch.testing.assert_close(scores, reference, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(sdpa_scores, reference, atol=1e-5, rtol=1e-4)
 

@@ -2,7 +2,8 @@
 
 At the stage before decoder layer ``L`` the importance of an alive token is its attention
 probability from the last ``num_queries`` prompt tokens at layer ``L - 1`` (the layer that just
-ran), averaged over heads and queries. The full attention matrix is never materialised, so this
+ran), averaged over heads and queries; the ones an earlier stage dropped are not replaced by older
+tokens (the queries are the alive tokens among the prompt's last ``num_queries`` positions). The full attention matrix is never materialised, so this
 works with SDPA: a forward pre-hook on layer ``L - 1``'s attention keeps the inputs of the last
 ``num_queries`` tokens; at scoring time their queries are re-projected and scored against layer
 ``L - 1``'s cached keys. That cache holds exactly the currently alive tokens, in the same order
@@ -80,12 +81,26 @@ class AttentionScorer(Scorer):
         # Left-padded rows: padding slots are masked keys, so each row attends as it would alone.
         probs = attention_probs(query, keys, positions[:, -query.shape[2]:], attn.scaling, self._window[prev],
                                 key_valid=ctx.valid, key_index=positions).mean(dim=(1, 2))  # (B, m, n)
-        if ctx.valid is None:
-            return probs.mean(dim=1)
-        # A row with fewer than m alive tokens has padding or masked slots among the batch's last m: they are not
-        # its queries (alone, the row would have fewer); a padding query may see no key at all (NaN), hence where.
-        queries = ctx.valid[:, -probs.shape[1]:].to(probs.device)  # (B, m)
+        queries = self._query_rows(ctx, probs.shape[1]).to(probs.device)  # (B, m)
         if bool(queries.all()):
             return probs.mean(dim=1)
         summed = torch.where(queries[..., None], probs, 0.0).sum(dim=1)
         return summed / queries.sum(dim=1, keepdim=True).clamp(min=1)
+
+    def _query_rows(self, ctx: ScoreContext, m: int) -> torch.Tensor:
+        """(B, m) which of the batch's last ``m`` alive slots are a row's queries: its alive tokens among the
+        prompt's last ``num_queries`` positions.
+
+        After an earlier stage pruned, the last ``m`` alive slots can reach back past those positions (only the
+        protected recent 10% is sure to survive), and older survivors must not become queries. Padding or masked
+        slots are not queries either (alone, the row would have fewer). A row left with none (no protected
+        recency) falls back to its last real slot.
+        """
+        positions = ctx.positions[:, -m:]
+        prompt_len = ctx.seq_lens if ctx.seq_lens is not None else torch.full_like(positions[:, 0], ctx.seq_len)
+        queries = positions >= prompt_len.to(positions.device)[:, None] - self.num_queries
+        real = torch.ones_like(queries) if ctx.valid is None else ctx.valid[:, -m:].to(queries.device)
+        queries &= real
+        last = real.int().cumsum(dim=1) == real.int().sum(dim=1, keepdim=True)  # from each row's last real slot on
+        return torch.where(queries.any(dim=1, keepdim=True), queries, last & real)
+
