@@ -226,8 +226,10 @@ def test_init_from_starts_at_the_given_predictor(tmp_path):
     a = TokenPredictor.load(first["predictor"]).state_dict()
     b = TokenPredictor.load(tmp_path / "b" / "predictor").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the fine-tune kept the initial weights
-    with pytest.raises(ConfigError, match="position_features"):
-        train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={first['predictor']}", "train.position_features=false"))
+    for override, key in (("train.position_features=false", "position_features"), ("train.input_norm=false",
+                          "input_norm"), ("train.hidden_ratio=0.5", "hidden_ratio")):  # cannot be widened into
+        with pytest.raises(ConfigError, match=rf"has {key}=.*; set train\.{key}="):
+            train_cli.run(_train_cfg(tmp_path / "c", f"train.init_from={first['predictor']}", override))
 
 
 def test_init_from_warm_starts_a_schedule_from_the_stages_at_its_layers(tmp_path):

@@ -249,8 +249,14 @@ def init_predictor(cfg: DictConfig, model: torch.nn.Module, predictor: TokenPred
     """Start from the trained predictor in ``train.init_from`` (fine-tuning) instead of random weights."""
     t = cfg.train
     start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, base_model=cfg.model.name)
-    if start.meta.position_features != predictor.meta.position_features:
-        raise ConfigError(f"train.init_from: {t.init_from} has position_features={start.meta.position_features}")
+    # Inputs a warm start cannot widen into (widen_inputs), and the MLP's width: they must match as they are.
+    for key in ("position_features", "input_norm", "hidden_ratio"):
+        value = getattr(start.meta, key)
+        if value != getattr(predictor.meta, key):
+            raise ConfigError(f"train.init_from: {t.init_from} has {key}={value}; set train.{key}={value}")
+    if start.meta.query_tokens and predictor.meta.query_tokens and start.meta.query_rank != predictor.meta.query_rank:
+        raise ConfigError(f"train.init_from: {t.init_from} has query_rank={start.meta.query_rank}; "
+                          f"set train.query_rank={start.meta.query_rank}")
     for feature in ("norm_feature", "lexical_feature"):
         if getattr(start.meta, feature) and not getattr(predictor.meta, feature):
             raise ConfigError(f"train.init_from: {t.init_from} has {feature}=true; set train.{feature}=true")
