@@ -26,6 +26,27 @@ def test_eval_config_composes_with_each_runner():
         assert cfg.eval.name == name and cfg.eval.runner.startswith("sdtp.eval.")
 
 
+def _hydra_dirs(config_name: str, overrides: list[str]) -> tuple[str, str]:
+    """(run dir, sweep subdir) Hydra would give this command, resolved from its composed config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    return OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.subdir")
+
+
+@pytest.mark.parametrize(("config_name", "experiments"), [("eval", ("paper_table3", "paper_table6")),
+                                                           ("bench", ("paper_table1_bench", "paper_table2"))])
+def test_runs_of_two_experiments_get_their_own_directories(config_name, experiments):
+    """Otherwise the second run deletes the first's results (another fingerprint in the same directory)."""
+    first, second = (_hydra_dirs(config_name, [f"experiment={name}", "model=tiny-llama"]) for name in experiments)
+    assert first[1] != second[1]  # sweep points
+    if config_name == "eval":  # bench's single runs are named by their start time
+        assert first[0] != second[0]
+
+
 def test_metrics_json_then_skip_then_force(tmp_path, capsys):
     cfg = _perplexity_cfg(tmp_path, "pruning=random")
     metrics = run(cfg)
