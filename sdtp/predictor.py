@@ -131,8 +131,10 @@ def context_mean(normed: torch.Tensor, positions: torch.Tensor, prompt_len: torc
         weight = weight & alive
     index = positions.clamp(min=0)
     length = int(index.max()) + 1
+    # where, not a product with the 0/1 weight: a padding slot's non-finite state must not reach the sums.
+    kept = torch.where(weight[..., None], normed, 0.0)
     weight = weight.to(normed.dtype)[..., None]
-    sums = normed.new_zeros(batch, length, dim).scatter_add_(1, index[..., None].expand(-1, -1, dim), normed * weight)
+    sums = normed.new_zeros(batch, length, dim).scatter_add_(1, index[..., None].expand(-1, -1, dim), kept)
     counts = normed.new_zeros(batch, length, 1).scatter_add_(1, index[..., None], weight)
     sums, counts = box_sum(sums, window), box_sum(counts, window)
     return (sums / counts.clamp(min=1)).gather(1, index[..., None].expand(-1, -1, dim))

@@ -220,6 +220,9 @@ def test_context_input_is_the_windowed_mean_of_alive_prompt_states_masked_or_gat
     expected = torch.stack([normed[0, [j for j in range(max(0, i - 2), min(10, i + 3)) if alive[0, j]]].mean(0)
                             for i in range(12)])
     torch.testing.assert_close(context_mean(normed, pos, n, alive, 2)[0], expected)
+    poisoned = normed.clone()
+    poisoned[0, ~alive[0]] = float("nan")  # a masked slot's state (e.g. padding) must not reach its neighbours
+    torch.testing.assert_close(context_mean(poisoned, pos, n, alive, 2)[0], expected)
     keep = alive[0].nonzero().squeeze(1)
     masked = p(0, x, pos, n, alive)[0, keep]
     gathered = p(0, x[:, keep], pos[:, keep], n)[0]

@@ -43,6 +43,8 @@ def test_standardize_by_hand_and_ignores_masked_slots():
     # mean 2, population std sqrt(2/3) over the three real slots; the masked slot becomes 0
     expected = torch.tensor([[-1.0, 0.0, 1.0, 0.0]]) / (2 / 3) ** 0.5 * torch.tensor([[1, 1, 1, 0]])
     torch.testing.assert_close(standardize(scores, valid), expected)
+    # a non-finite masked score (padding states on some kernels) leaves the row as it is
+    torch.testing.assert_close(standardize(torch.tensor([[1.0, 2.0, 3.0, float("nan")]]), valid), expected)
     assert torch.equal(standardize(torch.full((1, 3), 5.0)), torch.zeros(1, 3))
 
 

@@ -43,9 +43,12 @@ from sdtp.predictor import distance_to_prompt_end
 def standardize(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) -> (B, n) zero mean, unit std per row over the ``valid`` (B, n) slots (all if None).
 
-    Masked slots get 0 (their scores are ignored by selection anyway). A constant row becomes 0.
+    Masked slots get 0 (their scores are ignored by selection anyway). A constant row becomes 0. A masked slot's
+    score is replaced, not multiplied by 0: a non-finite one (padding states on some kernels) must not reach the row.
     """
     scores = scores.float()
+    if valid is not None:
+        scores = torch.where(valid, scores, 0.0)
     weight = torch.ones_like(scores) if valid is None else valid.float()
     count = weight.sum(-1, keepdim=True).clamp(min=1)
     mean = (scores * weight).sum(-1, keepdim=True) / count
