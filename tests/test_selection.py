@@ -15,6 +15,13 @@ def test_select_kept_is_protected_plus_topk():
     assert kept.tolist() == [[0, 1, 3, 7]]  # 0 and 7 protected, then the two best: 1 (9.0), 3 (8.0)
 
 
+def test_nan_scores_never_push_out_protected_tokens():
+    """topk ranks NaN above the protected tokens' +inf: a scorer's NaN counts as the lowest score instead."""
+    scores = torch.tensor([[0.0, 9.0, float("nan"), 8.0, float("nan"), 7.0, 3.0, 0.5]])
+    protect = protected_mask(torch.arange(8).unsqueeze(0), seq_len=8, keep_first=1, num_recent=1)
+    assert select_kept(scores, protect, budget=4).tolist() == [[0, 1, 3, 7]]
+
+
 def test_select_kept_batch_rows_independent():
     scores = torch.tensor([[5.0, 1.0, 2.0, 3.0], [1.0, 5.0, 4.0, 0.0]])
     protect = torch.zeros_like(scores, dtype=torch.bool)

@@ -64,3 +64,19 @@ def test_trimming_changes_no_logit_and_bounds_every_sliding_layer(tiny_gemma3, p
     assert trimmed.tokens == untrimmed.tokens
     for ours, reference in zip(trimmed.step_logits, untrimmed.step_logits, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_whole_prompt_layout_is_made_on_the_cache_device(tiny_gemma3, prompt_ids):
+    """Layer 0 (never pruned) caches the whole prompt: its positions, made here rather than recorded, must be on the
+    cache's device, because the decode steps index the model's attention mask with them (a CPU tensor against a
+    CUDA mask failed at the first decode step). ``meta`` stands in for another device on this CPU-only machine."""
+    pruner = TokenPruner(SCHEDULE, RandomScorer(seed=3))
+    ragged = torch.ones(2, prompt_ids.shape[1], dtype=torch.long)
+    ragged[1, :5] = 0  # row 1: five left-padding columns
+    for ids, mask in ((prompt_ids, None), (prompt_ids.expand(2, -1), ragged)):
+        with torch.no_grad(), pruner(tiny_gemma3[0]):
+            tiny_gemma3[0](input_ids=ids, attention_mask=mask, use_cache=True)
+        meta = torch.device("meta")
+        positions, valid = TokenPruner._whole_prompt(pruner.last_prefill, meta)
+        assert positions.device == meta and (valid is None or valid.device == meta)
+        assert (valid is None) == (mask is None)

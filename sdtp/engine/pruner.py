@@ -304,20 +304,21 @@ class TokenPruner:
         for layer, window in enumerate(layer_windows(self._model.config)):
             if window is None or type(cache.layers[layer]) not in (DynamicLayer, WindowedLayer):
                 continue
-            layout = record.cache_layout(layer) or self._whole_prompt(record)
+            layout = record.cache_layout(layer) or self._whole_prompt(record, cache.layers[layer].keys.device)
             trimmed = trim_to_window(cache, layer, *layout, lengths.to(layout[0].device), window)
             if trimmed is not None:
                 record.cached_positions[layer], record.cached_valid[layer] = trimmed
 
     @staticmethod
-    def _whole_prompt(record: PrefillRecord) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, N) positions (padding: -1) and validity of a layer that cached every prompt column."""
-        columns = torch.arange(record.seq_len).unsqueeze(0)
+    def _whole_prompt(record: PrefillRecord, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N) positions (padding: -1) and validity of a layer that cached every prompt column, on ``device``
+        (the cache's: the decode steps index the model's attention mask with them)."""
+        columns = torch.arange(record.seq_len, device=device).unsqueeze(0)
         if record.pad is None:
             return columns.expand(len(record.seq_lens), -1), None
-        positions = columns - record.pad.unsqueeze(1).cpu()
+        positions = columns - record.pad.to(device).unsqueeze(1)
         valid = positions >= 0
-        return positions.masked_fill(~valid, -1).to(record.pad.device), valid.to(record.pad.device)
+        return positions.masked_fill(~valid, -1), valid
 
     def _make_layer_hook(self, layer: int):
         first = self.schedule.layers[0]

@@ -44,7 +44,8 @@ def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int) -> t
 
     Args:
         scores: (B, n) importance, higher = keep. Finite, except that unprotected entries may be -inf
-            (never kept in preference to a finite one) when each row has ``budget`` others to keep.
+            (never kept in preference to a finite one) when each row has ``budget`` others to keep; NaN counts
+            as -inf.
         protected: (B, n) bool, always kept; at most ``budget`` per row is expected, more are kept anyway.
         budget: tokens to keep per row (``<= n``).
     Returns:
@@ -53,8 +54,9 @@ def select_kept(scores: torch.Tensor, protected: torch.Tensor, budget: int) -> t
     """
     n = scores.shape[-1]
     k = min(n, max(budget, int(protected.sum(-1).max().item()) if protected.numel() else 0))
-    # +inf lifts protected tokens above any finite score; topk then fills the rest of the budget.
-    ranked = scores.float().masked_fill(protected, float("inf"))
+    # +inf lifts protected tokens above any finite score; topk then fills the rest of the budget. topk ranks NaN
+    # above +inf, so a scorer's NaN (a broken or overflowing one) counts as -inf: it must not push out protected tokens.
+    ranked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(protected, float("inf"))
     kept = ranked.topk(k, dim=-1, sorted=False).indices
     return kept.sort(dim=-1).values
 
