@@ -258,6 +258,28 @@ def test_random_scorer_is_deterministic_and_sampling_generation_works(tiny_llama
     assert runs[0] == runs[1] and len(runs[0][0]) == 6
 
 
+def test_sampling_filters_as_transformers_warpers():
+    """Temperature, top-k and top-p keep the tokens transformers' warpers keep, ties at top_p included."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from sdtp.engine.generation import SamplingConfig, sampling_logits
+
+    cases = [(torch.tensor([[2.0, 1.0, 1.0]]).log(), SamplingConfig(do_sample=True, top_p=0.75))]  # mass 0.75 exactly
+    generator = torch.Generator().manual_seed(0)
+    for top_k, top_p, temperature in ((0, 0.9, 1.0), (20, 0.9, 0.7), (5, 1.0, 1.3), (0, 0.3, 1.0)):
+        cases.append((3 * torch.randn(4, 50, generator=generator), SamplingConfig(True, temperature, top_k, top_p)))
+    for logits, sampling in cases:
+        reference = TemperatureLogitsWarper(sampling.temperature)(None, logits.clone())
+        if sampling.top_k:
+            reference = TopKLogitsWarper(sampling.top_k)(None, reference)
+        if sampling.top_p < 1:
+            reference = TopPLogitsWarper(sampling.top_p)(None, reference)
+        ours = sampling_logits(logits, sampling)
+        # the same number of tokens kept, and the same logits (which of two equal ones is kept is arbitrary)
+        assert torch.equal(ours.isinf().sum(-1), reference.isinf().sum(-1))
+        assert torch.equal(ours.sort(-1).values, reference.float().sort(-1).values)
+
+
 @torch.no_grad()
 def test_renumbered_positions_ablation_runs_and_differs(tiny_llama, prompt_ids):
     model, _, _ = tiny_llama

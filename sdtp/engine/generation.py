@@ -105,19 +105,28 @@ def padding_kwargs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tenso
     return {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]}
 
 
-def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """(B, V) last-position logits -> (B, 1) next token."""
-    if not sampling.do_sample:
-        return logits.argmax(dim=-1, keepdim=True)
+def sampling_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """(B, V) logits -> (B, V) float logits after temperature, top-k and top-p (filtered tokens: -inf)."""
     logits = logits.float() / max(sampling.temperature, 1e-5)
     if sampling.top_k > 0:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > sampling.top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest set reaching top_p: a token goes once the mass above it reaches top_p (>=, as
+        # transformers' TopPLogitsWarper; the top token always stays).
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        drop[..., 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def _next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, V) last-position logits -> (B, 1) next token."""
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = sampling_logits(logits, sampling)
     probs = logits.softmax(-1).cpu()
     return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
