@@ -258,6 +258,22 @@ def test_random_scorer_is_deterministic_and_sampling_generation_works(tiny_llama
     assert runs[0] == runs[1] and len(runs[0][0]) == 6
 
 
+@torch.no_grad()
+def test_a_static_cache_is_refused_with_a_clear_error(tiny_llama, prompt_ids):
+    """A fixed-size cache cannot hold a pruned layer's fewer entries at the prompt's cache positions."""
+    from transformers import StaticCache
+
+    from sdtp.models.compat import CACHE_KWARG
+
+    model, _, _ = tiny_llama
+    pruner = TokenPruner(SCHEDULE, RandomScorer(seed=4))
+    cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + 8)
+    with pruner(model), pytest.raises(ValueError, match="needs a dynamic KV cache, got StaticCache"):
+        model(prompt_ids, use_cache=True, **{CACHE_KWARG: cache})
+    with pruner(model), pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        model.generate(prompt_ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
 def test_sampling_filters_as_transformers_warpers():
     """Temperature, top-k and top-p keep the tokens transformers' warpers keep, ties at top_p included."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper

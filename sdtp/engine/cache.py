@@ -111,3 +111,19 @@ def unslide(cache: Any) -> None:
             if layer.is_initialized and layer.get_seq_length():
                 raise ValueError("unslide: the cache already holds tokens; it must be empty before the prefill")
             cache.layers[index] = DynamicLayer()
+
+
+def refuse_static(cache: Any) -> None:
+    """Raise if ``cache`` has fixed-size layers (``StaticCache``, ``cache_implementation="static"``).
+
+    A static layer writes each token at its cache position in a buffer sized for the whole sequence, while a
+    pruned layer caches fewer tokens than the prompt has columns: the two cannot line up (HF failed later with
+    a bare shape mismatch). Pruning needs a cache that appends, like ``DynamicCache``.
+    """
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None) or []
+    if any(isinstance(layer, StaticLayer) for layer in layers):
+        raise ValueError(f"token pruning needs a dynamic KV cache, got {type(cache).__name__} with fixed-size layers "
+                         "(cache_implementation='static' is not supported); pass a DynamicCache or none")
+

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from sdtp.engine.cache import unslide
+from sdtp.engine.cache import refuse_static, unslide
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import gather_tokens, protected_mask, select_kept, select_kept_rows
 from sdtp.models import check_supported, decoder_layers
@@ -246,6 +246,7 @@ class TokenPruner:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ref.shape[1]:]
         if not self._prefill:
             return (args, kwargs) if padded else None
+        refuse_static(cache)
         changed = padded
         if has_sliding_layers(self._model.config):
             kwargs, changed = self._full_layer_cache(kwargs), True
