@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 
 # Keys that change how a run is executed, not what it computes (they are also left out of the run
 # directory name, conf/eval.yaml). ``distributed``: a data-parallel lm-eval run scores every document as
-# one process does (docs/scaling.md), so it reuses, and is reused as, the single-process run.
-VOLATILE_KEYS = ("force", "threads", "run_dir", "logger", "distributed")
+# one process does (docs/scaling.md), so it reuses, and is reused as, the single-process run. Dotted keys
+# are nested: ``eval.checkpoint`` (eval=lm_eval's in-run checkpoint) decides whether a killed run resumes,
+# and runs finished before the key existed must stay reusable.
+VOLATILE_KEYS = ("force", "threads", "run_dir", "logger", "distributed", "eval.checkpoint")
 # Scorers whose draws differ with the number of ranks (one random stream per rank).
 RANK_DEPENDENT_SCORERS = ("sdtp.scorers.random.RandomScorer",)
 PACKAGES = ("torch", "transformers", "lm_eval")
@@ -109,7 +111,12 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
     """
     config = OmegaConf.to_container(cfg, resolve=True)
     for key in VOLATILE_KEYS:
-        config.pop(key, None)
+        *parents, leaf = key.split(".")
+        section = config
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
     scorer = ((config.get("pruning") or {}).get("scorer") or {}).get("_target_")
     ranks = World.from_env().size
     if scorer in RANK_DEPENDENT_SCORERS and ranks > 1:
