@@ -11,7 +11,9 @@ Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each r
   there, exactly as generation would proceed after a pruned prompt. No dense pass is involved.
   Requests that share a context (the choices of one multiple-choice question) share one pruned
   prefill;
-* log-probs (in HFLM's ``softmax_dtype``), ``is_greedy`` and caching follow HFLM.
+* log-probs (in HFLM's ``softmax_dtype``), ``is_greedy`` and caching follow HFLM: in one process each
+  batch's answers reach lm-eval's request cache (``use_cache``) as soon as the batch is scored, as HFLM's
+  do, so a killed run keeps them (``sdtp-eval``'s in-run checkpoint, :mod:`sdtp.eval.harness`);
   ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once), one prompt at a
   time: a pruner with ``batch_size`` > 1 is refused there (ConfigError);
 * ``loglikelihood_rolling`` is refused (ConfigError) with a pruner: HFLM cuts a document into
@@ -67,6 +69,8 @@ module is imported; ``sdtp-lm-eval`` is lm-eval's CLI with the model registered)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,12 +82,13 @@ from sdtp.distributed import World, joined_world, sharded_map
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_refusal
-from sdtp.eval.kept import KeptStats
+from sdtp.eval.kept import KeptLedger, KeptStats
 from sdtp.eval.scoring import prefill_contexts, score_continuations
 from sdtp.kv import CompressedCache, KVPolicy, kv_enabled
 
 log = logging.getLogger(__name__)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
+Answer = tuple[float, bool]
 
 
 def _split_overrides(overrides: str | None) -> list[str]:
@@ -131,9 +136,27 @@ class SDTPLM(HFLM):
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.pruner = pruner
         self.kv_policy = kv_policy
-        self.kept = KeptStats()  # this rank's prefills only
+        self._kept = KeptStats()  # this rank's prefills only
+        self.kept_ledger: KeptLedger | None = None  # set by keep_records_in (the in-run checkpoint)
         # Not HFLM's rank / world_size, which stay 0 and 1: lm-eval builds every request on every rank.
         self.world = world or joined_world()
+
+    @property
+    def kept(self) -> KeptStats:
+        """This rank's pruned prefills (with :meth:`keep_records_in`, those of the interrupted sessions too)."""
+        return self._kept if self.kept_ledger is None else self.kept_ledger.stats()
+
+    def keep_records_in(self, path: Path) -> None:
+        """Record every pruned prefill in ``path`` as it happens and count those already there (in-run checkpoint:
+        the requests lm-eval's cache answers are not prefilled again, :class:`sdtp.eval.kept.KeptLedger`)."""
+        self.kept_ledger = KeptLedger(path)
+
+    def _add_kept(self, record: Any, *key: Any) -> None:
+        """Count one prefill's record; ``key`` (JSON-able: what was prefilled) names it in the checkpoint."""
+        if self.kept_ledger is None:
+            self._kept.add(record)
+        else:
+            self.kept_ledger.add(KeptLedger.key(*key), record)
 
     @property
     def uses_cache_path(self) -> bool:
@@ -149,7 +172,7 @@ class SDTPLM(HFLM):
 
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
-    ) -> list[tuple[float, bool]]:
+    ) -> list[Answer]:
         quiet = disable_tqdm or not self.world.is_main
         if not self.uses_cache_path:
             dense = super()._loglikelihood_tokens
@@ -157,26 +180,45 @@ class SDTPLM(HFLM):
                                self.world)
         groups = self._context_groups(requests)
         contexts = sorted(groups, key=lambda ctx: (-len(ctx), ctx))  # longest first: little padding per batch
-        scored = sharded_map(lambda mine: self._score_contexts(mine, groups, quiet, override_bs), contexts, self.world)
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+
+        def cache(answers: list[tuple[int, Answer]]) -> None:
+            """Hand answers to lm-eval's request cache (``use_cache``: CachingLM; a no-op without one)."""
+            for index, answer in answers:
+                if requests[index][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+
+        # One process: each batch's answers are cached as soon as it is scored, so a killed run keeps them (the
+        # in-run checkpoint). Data parallel: after the gather, as before (every rank holds every answer then).
+        single = self.world.size == 1
+        on_batch = cache if single else None
+        scored = sharded_map(lambda mine: self._score_contexts(mine, groups, quiet, override_bs, on_batch), contexts,
+                             self.world)
+        results: list[Answer | None] = [None] * len(requests)
         for answers in scored:
             for index, answer in answers:
                 results[index] = answer
-                if requests[index][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+            if not single:
+                cache(answers)
         return results  # type: ignore[return-value]
 
-    def _score_contexts(self, contexts: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[tuple[int, list[int]]]],
-                        quiet: bool, override_bs: int | None) -> list[list[tuple[int, tuple[float, bool]]]]:
-        """Prefill ``contexts`` in batches, score their continuations; per context, [(request index, answer)]."""
+    def _score_contexts(self, contexts: list[tuple[int, ...]],
+                        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]], quiet: bool,
+                        override_bs: int | None, on_batch: Callable[[list[tuple[int, Answer]]], None] | None = None
+                        ) -> list[list[tuple[int, Answer]]]:
+        """Prefill ``contexts`` in batches, score their continuations; per context, [(request index, answer)].
+
+        ``on_batch`` receives each batch's answers once they are scored (and its kept records saved).
+        """
         # KV budgets are fractions of each row's prompt: left padding would count, so one context per prefill.
         batch_size = 1 if self.kv_policy is not None else int(override_bs or self.batch_size)
-        answers: dict[int, tuple[float, bool]] = {}
+        answers: dict[int, Answer] = {}
         desc = "Pruned loglikelihood" if self.pruner is not None else f"{self.kv_policy.method} KV loglikelihood"
         pbar = tqdm(total=sum(len(groups[ctx]) for ctx in contexts), disable=quiet, desc=desc)
         for start in range(0, len(contexts), batch_size):
             batch = self._score_batch(contexts[start : start + batch_size], groups)
             answers.update(batch)
+            if on_batch is not None:
+                on_batch(batch)
             pbar.update(len(batch))
         pbar.close()
         return [[(index, answers[index]) for index, _ in groups[ctx]] for ctx in contexts]
@@ -194,7 +236,7 @@ class SDTPLM(HFLM):
         return groups
 
     def _score_batch(self, batch: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[tuple[int, list[int]]]]
-                     ) -> list[tuple[int, tuple[float, bool]]]:
+                     ) -> list[tuple[int, Answer]]:
         """Prefill the contexts ``batch`` together, score all their continuations; [(request index, answer)]."""
         prefilled = prefill_contexts(self.model, [torch.tensor([ctx], device=self.device) for ctx in batch],
                                      self.pruner)
@@ -202,7 +244,9 @@ class SDTPLM(HFLM):
             raise RuntimeError(f"kv={self.kv_policy.method}: the prefill's cache was not compressed; score inside "
                                "`with kv_compression(policy, model)` (sdtp-eval installs it)")
         for row in range(len(batch) if prefilled.record is not None else 0):
-            self.kept.add(prefilled.record.row(row))
+            self._add_kept(prefilled.record.row(row), "loglikelihood", batch[row])
+        if self.kept_ledger is not None:  # before the answers reach the cache: a cached context needs its record
+            self.kept_ledger.save()
         members = [(row, index, cont) for row, ctx in enumerate(batch) for index, cont in groups[ctx]]
         scored = score_continuations(
             self.model, prefilled, [torch.tensor([cont], device=self.device) for _, _, cont in members], self.pruner,
@@ -228,5 +272,8 @@ class SDTPLM(HFLM):
             raise NotImplementedError("pruned generation runs one prompt at a time (batch_size=1)")
         with self.pruner(self.model):
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
-        self.kept.add(self.pruner.last_prefill)
+        # Keyed by what decides the request's output: lm-eval caches it by prompt and generation settings.
+        self._add_kept(self.pruner.last_prefill, "generate_until", context[0].tolist(), max_length, list(stop))
+        if self.kept_ledger is not None:
+            self.kept_ledger.save()
         return out
