@@ -37,7 +37,10 @@ finished run (``metrics.json``) is returned as is only when its fingerprint matc
 one; otherwise, and always with ``force=true``, the previous outputs (metrics, predictions,
 samples, checkpoints) are deleted before the run, so generation runners really recompute. A
 killed run resumes from its partial outputs only if ``fingerprint.json`` (written at the start)
-matches.
+matches: generation runners from ``predictions.jsonl``, ``eval=perplexity`` and ``eval=continuation`` from
+their state / segments, ``eval=lm_eval`` from its in-run checkpoint (lm-eval's request cache and the kept
+fractions, ``eval.checkpoint``, one process only: :mod:`sdtp.eval.harness`), which is deleted once
+``metrics.json`` is written (CHECKPOINT_PATTERNS). Such a run's metrics say ``resumed``.
 """
 
 from __future__ import annotations
@@ -77,9 +80,14 @@ COMPRESSION_RUNNERS = ("sdtp.eval.longbench.run", "sdtp.eval.synthetic.run")
 # Runners that run data parallel (each rank scores its share of the requests, rank 0 gathers them:
 # sdtp/eval/lm_eval_model.py); the others refuse more than one process.
 DATA_PARALLEL_RUNNERS = ("sdtp.eval.harness.run",)
+# Files that only let a killed run resume, deleted once metrics.json is written (a finished run is reused
+# through metrics.json alone; lm-eval's request cache grows with every answer): eval=lm_eval's request cache
+# (sqlite, with the journal a killed writer may leave) and kept fractions (sdtp.eval.harness.CACHE_PREFIX,
+# KEPT_STATE).
+CHECKPOINT_PATTERNS = ("lm_eval_cache_rank*.db*", "lm_eval_kept_state.json")
 # What a run writes into its directory (Hydra's .hydra/ and log file are the launcher's, kept).
 OUTPUT_PATTERNS = ("metrics.json", "metrics.jsonl", "predictions.jsonl", "samples_*.jsonl", "segments.jsonl",
-                   "*_state.json", FINGERPRINT_FILE)
+                   "*_state.json", *CHECKPOINT_PATTERNS, FINGERPRINT_FILE)
 
 
 def resolve_function(cfg: DictConfig, key: str) -> Callable[..., Any]:
@@ -192,14 +200,14 @@ def input_files(cfg: DictConfig) -> list[Path]:
     return list(resolve_function(cfg, "inputs")(cfg)) if cfg.eval.get("inputs") else []
 
 
-def _outputs(run_dir: Path) -> list[Path]:
-    """The files of OUTPUT_PATTERNS in ``run_dir``."""
-    return sorted({path for pattern in OUTPUT_PATTERNS for path in run_dir.glob(pattern) if path.is_file()})
+def _outputs(run_dir: Path, patterns: tuple[str, ...] = OUTPUT_PATTERNS) -> list[Path]:
+    """The files of ``patterns`` (OUTPUT_PATTERNS) in ``run_dir``."""
+    return sorted({path for pattern in patterns for path in run_dir.glob(pattern) if path.is_file()})
 
 
-def clear_outputs(run_dir: Path) -> list[Path]:
+def clear_outputs(run_dir: Path, patterns: tuple[str, ...] = OUTPUT_PATTERNS) -> list[Path]:
     """Delete the files a previous run left in ``run_dir`` (see OUTPUT_PATTERNS); returns them."""
-    removed = _outputs(run_dir)
+    removed = _outputs(run_dir, patterns)
     for path in removed:
         path.unlink()
     return removed
@@ -242,7 +250,8 @@ def prepare_run_dir(run_dir: Path, current: dict[str, Any], force: bool) -> bool
     """
     started = _read_json(run_dir / FINGERPRINT_FILE)
     same = not (force or started is None or differences(started, current))
-    # Continued only when the interrupted run left something to continue from (lm-eval leaves nothing).
+    # Continued only when the interrupted run left something to continue from (eval=lm_eval: its in-run
+    # checkpoint, absent with eval.checkpoint=false or data parallel).
     resumed = same and any(path.name != FINGERPRINT_FILE for path in _outputs(run_dir))
     if not same:
         removed = clear_outputs(run_dir)
@@ -334,6 +343,7 @@ def _evaluate(cfg: DictConfig, runner: Runner, run_dir: Path, current: dict[str,
             logger.log({**numbers, "wall_s": wall_s})
             logger.summary(numbers)
             write_json_atomic(run_dir / "metrics.json", metrics)
+            clear_outputs(run_dir, CHECKPOINT_PATTERNS)  # after metrics.json: a kill in between still resumes
             return metrics
 
         return on_main(report, world)

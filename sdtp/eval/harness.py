@@ -17,6 +17,16 @@ Data parallel: under ``torchrun`` / ``accelerate launch`` every rank runs :func:
 of the requests and receives everyone's results (:mod:`sdtp.eval.lm_eval_model`); rank 0 reports them
 with the pruning statistics of every rank and writes the samples, the others return ``{}``.
 
+In-run checkpoint (``eval.checkpoint: true``, one process): lm-eval's request cache (``simple_evaluate(...,
+use_cache=<run_dir>/lm_eval_cache)``, lm-eval's ``CachingLM``: sqlite ``lm_eval_cache_rank0.db``) receives
+every answer as soon as its batch is scored, and the kept-fraction records of the pruned prefills go to
+``lm_eval_kept_state.json`` (:class:`sdtp.eval.kept.KeptLedger`). A killed run of the same setup
+(``sdtp-eval`` keeps both files under the run's fingerprint, :mod:`sdtp.cli.evaluate`) then scores only the
+requests the cache lacks, and reports the same metrics and kept fractions as an uninterrupted one
+(deterministic scorers; a random scorer restarts its stream, and the KV policy's ``kv.kept_fraction`` counts
+the resumed session's prefills only). ``sdtp-eval`` deletes both files once ``metrics.json`` is written.
+Data parallel runs keep no checkpoint (see :func:`request_cache`).
+
 Seeds: lm-eval's ``random_seed`` is ``cfg.seed``; numpy/torch/few-shot seeds keep lm-eval's
 defaults (1234), so ``seed=0`` reproduces ``lm_eval --seed 0,1234,1234,1234`` (its default).
 """
@@ -58,6 +68,9 @@ OFFLINE_FILES = {
     "sdtp_wsc": "superglue_wsc_val.jsonl",
 }
 ROLLING = "loglikelihood_rolling"
+# The in-run checkpoint in the run directory (module docstring): lm-eval appends ``_rank<r>.db`` to the cache prefix.
+CACHE_PREFIX = "lm_eval_cache"
+KEPT_STATE = "lm_eval_kept_state.json"
 
 
 def task_list(cfg: DictConfig) -> list[str]:
@@ -192,6 +205,8 @@ def validate(cfg: DictConfig) -> None:
                           f"{', '.join(sorted(OFFLINE_FILES))}; `lm-eval ls tasks` lists the built-in ones)")
     if int(ev.batch_size) < 1:
         raise ConfigError(f"eval.batch_size: must be >= 1, got {ev.batch_size}")
+    if not isinstance(ev.get("checkpoint", False), bool):  # a string such as "no" would be truthy
+        raise ConfigError(f"eval.checkpoint: must be true or false, got {ev.checkpoint!r}")
     for task in tasks:
         if task in OFFLINE_FILES and not (Path(ev.data_root) / OFFLINE_FILES[task]).is_file():
             raise ConfigError(f"eval.data_root: {Path(ev.data_root) / OFFLINE_FILES[task]} not found for task {task} "
@@ -243,8 +258,13 @@ def _write_samples(run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> N
                           "".join(json.dumps(record, default=str) + "\n" for record in records))
 
 
-def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:
-    """``simple_evaluate`` on an lm-eval LM with the ``cfg.eval`` settings; returns lm-eval's output."""
+def evaluate_lm(lm: Any, cfg: DictConfig, cache: Path | None = None) -> dict[str, Any]:
+    """``simple_evaluate`` on an lm-eval LM with the ``cfg.eval`` settings; returns lm-eval's output.
+
+    ``cache``: lm-eval's request cache prefix (``use_cache``): requests answered there are not scored again,
+    new answers are added as they come. Its sqlite file is closed on return, also when the evaluation fails
+    or is interrupted, so what was answered is on disk for the next run.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -255,17 +275,51 @@ def evaluate_lm(lm: Any, cfg: DictConfig) -> dict[str, Any]:
         limit, samples = None, document_samples(limit, manager)
     elif limit is not None:
         limit = float(limit) if float(limit) < 1 else int(limit)
-    return simple_evaluate(
-        model=lm,
-        tasks=task_list(cfg),
-        num_fewshot=ev.num_fewshot,
-        limit=limit,
-        samples=samples or None,
-        task_manager=manager,
-        random_seed=int(cfg.seed),
-        bootstrap_iters=int(ev.bootstrap_iters),
-        log_samples=bool(ev.log_samples),
-    )
+    try:
+        return simple_evaluate(
+            model=lm,
+            tasks=task_list(cfg),
+            num_fewshot=ev.num_fewshot,
+            limit=limit,
+            samples=samples or None,
+            task_manager=manager,
+            random_seed=int(cfg.seed),
+            bootstrap_iters=int(ev.bootstrap_iters),
+            log_samples=bool(ev.log_samples),
+            use_cache=None if cache is None else str(cache),
+        )
+    finally:
+        if cache is not None:
+            close_request_cache(lm)
+
+
+def close_request_cache(lm: Any) -> None:
+    """Flush and close the sqlite file lm-eval's CachingLM attached to ``lm`` (its writes are queued to a thread;
+    a process that exits without this may lose the last ones), and detach it so nothing writes there later."""
+    from lm_eval.api.model import CacheHook
+
+    db = getattr(getattr(lm, "cache_hook", None), "dbdict", None)
+    if db is not None:
+        db.close()
+        lm.set_cache_hook(CacheHook(None))
+
+
+def request_cache(cfg: DictConfig, lm: Any, run_dir: Path) -> Path | None:
+    """The in-run checkpoint's cache prefix in ``run_dir`` (and ``lm`` recording its kept fractions there), or None
+    with ``eval.checkpoint: false`` or data parallel.
+
+    Data parallel keeps none: each rank would cache only its own share, and after a resume the ranks would hand
+    different request lists to :func:`sdtp.distributed.sharded_map`, whose collectives would then not match.
+    """
+    if not cfg.eval.get("checkpoint", False):
+        return None
+    if lm.world.size > 1:
+        if lm.world.is_main:
+            log.info("eval.checkpoint: the in-run checkpoint is single-process only; this run on %d processes "
+                     "restarts from zero if interrupted", lm.world.size)
+        return None
+    lm.keep_records_in(run_dir / KEPT_STATE)
+    return run_dir / CACHE_PREFIX
 
 
 def make_lm(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None) -> Any:
@@ -279,7 +333,7 @@ def make_lm(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | N
 
 def run(cfg: DictConfig, model: Any, tokenizer: Any, pruner: TokenPruner | None, run_dir: Path) -> dict[str, Any]:
     lm = make_lm(cfg, model, tokenizer, pruner)
-    out = evaluate_lm(lm, cfg)
+    out = evaluate_lm(lm, cfg, request_cache(cfg, lm, run_dir))
     kept = KeptStats.merged(all_ranks(lm.kept, lm.world))  # each rank prefilled its own share of the contexts
     if out is None or not lm.world.is_main:  # every rank has every result; rank 0 reports them
         return {}
