@@ -15,11 +15,11 @@ from lm_eval.tasks import TaskManager
 from sdtp.cli.evaluate import run
 from sdtp.config import compose
 from sdtp.distributed import World
+from sdtp.engine.pruner import PrefillRecord
 from sdtp.errors import ConfigError
 from sdtp.eval.harness import CACHE_PREFIX, KEPT_STATE, request_cache
 from sdtp.eval.kept import KeptLedger
 from sdtp.eval.lm_eval_model import SDTPLM
-from sdtp.engine.pruner import PrefillRecord
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DB = f"{CACHE_PREFIX}_rank0.db"
