@@ -312,7 +312,9 @@ def refuse_sweep_under_launcher(argv: Sequence[str], world: World | None = None)
         argv: the command line after the program name; world: defaults to the launcher's.
     """
     world = World.from_env() if world is None else world
-    if world.size > 1 and any(arg in ("-m", "--multirun") for arg in argv):
+    sweep = any(arg in ("-m", "--multirun") or arg.lstrip("+").replace(" ", "") == "hydra.mode=MULTIRUN"
+                for arg in argv)  # hydra.mode=MULTIRUN starts a sweep without -m
+    if world.size > 1 and sweep:
         raise ConfigError("a Hydra sweep (-m) cannot run under torchrun: launch one torchrun per sweep point, or "
                           "sweep with a launcher whose points each run one process (docs/scaling.md)")
 

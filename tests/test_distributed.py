@@ -241,6 +241,8 @@ def test_ranks_share_each_step_without_overlap():
     assert worker_overrides(0) == [] and "hydra.output_subdir=null" in worker_overrides(1)
     with pytest.raises(ConfigError, match="sweep \\(-m\\) cannot run under torchrun"):
         refuse_sweep_under_launcher(["-m", "seed=0,1"], World(rank=1, size=WORLD))
+    with pytest.raises(ConfigError, match="sweep \\(-m\\) cannot run under torchrun"):  # a sweep without -m
+        refuse_sweep_under_launcher(["seed=0,1", "hydra.mode=MULTIRUN"], World(rank=0, size=WORLD))
     refuse_sweep_under_launcher(["-m", "seed=0,1"], World())  # one process: a sweep is fine
     refuse_sweep_under_launcher(["seed=0"], World(rank=0, size=WORLD))  # one point under torchrun is fine
     param = torch.nn.Parameter(torch.ones(2))
