@@ -93,15 +93,38 @@ def pruner_variant(pruning: DictConfig) -> tuple[type[TokenPruner], dict[str, An
 PRUNING_EXTRAS = ("merge_weight", "refill", "revive")
 
 
+@functools.cache
+def pruning_group_keys() -> frozenset[str]:
+    """The top-level keys the pruning methods of ``conf/pruning/`` define (the shared ``_schedule`` keys, ``name``,
+    ``scorer``, a method's own): what ``++pruning.<key>`` may set besides :data:`PRUNING_EXTRAS`."""
+    keys: set[str] = set()
+    for path in (CONF_DIR / "pruning").glob("*.yaml"):
+        node = OmegaConf.load(path)
+        if isinstance(node, DictConfig):
+            keys.update(str(key) for key in node if key != "defaults")
+    return frozenset(keys)
+
+
 def check_added_keys(overrides: list[str]) -> None:
-    """Refuse a ``+pruning.<key>`` no code reads: a misspelt ``+pruning.reviv=true`` would otherwise run as if it
-    had not been given, silently."""
+    """Refuse a ``+pruning.<key>`` or ``++pruning.<key>`` no code reads: a misspelt ``+pruning.reviv=true`` would
+    otherwise run as if it had not been given, silently.
+
+    ``++`` (force-add) also sets a key the group defines, so ``++pruning.keep_ratio=0.5`` passes; a ``++`` key that
+    is neither an extra nor a key of a pruning method in ``conf/pruning/`` is as much a typo as a ``+`` one (after
+    composition the typo is in the config too, so the check goes by the names, not by the composed config).
+    """
     for item in overrides:
         key = item.split("=", 1)[0]
-        name = key.removeprefix("+pruning.")
-        if key.startswith("+pruning.") and not key.startswith("++") and "." not in name and name not in PRUNING_EXTRAS:
-            raise ConfigError(f"pruning.{name}: not a pruning option; + adds one of {list(PRUNING_EXTRAS)} "
-                              "(scorer arguments: +pruning.scorer.<argument>)")
+        if not key.startswith("+"):
+            continue
+        force, name = key.startswith("++"), key.lstrip("+").removeprefix("pruning.")
+        if not key.lstrip("+").startswith("pruning.") or "." in name or name in PRUNING_EXTRAS:
+            continue
+        if force and name in pruning_group_keys():
+            continue
+        prefix = "++" if force else "+"
+        raise ConfigError(f"pruning.{name}: not a pruning option; {prefix} adds one of {list(PRUNING_EXTRAS)} "
+                          f"(scorer arguments: {prefix}pruning.scorer.<argument>)")
 
 
 def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:

@@ -124,6 +124,23 @@ def test_ignored_overrides_warn(overrides, named, caplog):
     assert not any("override ignored" in r.message for r in caplog.records)
 
 
+@pytest.mark.parametrize("prefix", ["+", "++"])
+def test_a_misspelt_added_pruning_key_is_refused(prefix):
+    """``++`` (force-add) adds a key as ``+`` does: a typo must not run as the plain pruner."""
+    with pytest.raises(ConfigError, match=rf"pruning\.reviv: not a pruning option; \+{{{len(prefix)}}} adds one of"):
+        compose("eval", ["model=tiny-llama", "pruning=random", f"{prefix}pruning.reviv=true"])
+
+
+def test_force_add_still_sets_pruning_keys_that_exist():
+    from sdtp.config import pruner_variant
+    from sdtp.engine.revival import RevivingPruner
+
+    cfg = compose("eval", ["model=tiny-llama", "pruning=random", "++pruning.keep_ratio=0.5", "++pruning.revive=true",
+                           "++pruning.layers=[2]"])
+    assert cfg.pruning.keep_ratio == 0.5 and list(cfg.pruning.layers) == [2]
+    assert pruner_variant(cfg.pruning)[0] is RevivingPruner
+
+
 # --- sdtp-generate ---------------------------------------------------------------------------------
 
 def _gen(*overrides):
