@@ -72,6 +72,24 @@ def test_stage_count_stays_within_the_depth():
     assert trial.params == {}  # fixed on the command line: nothing drawn
 
 
+@pytest.mark.parametrize("swept", ["choice(2, 3)", "int(interval(1, 6))"])
+def test_stage_count_swept_on_the_command_line_is_kept(swept):
+    """``pruning.num_stages=choice(2, 3)`` on the search's command line: the sweeper draws it first; drawing it again
+    as an int range raised Optuna's ValueError outside any trial and stopped the sweep."""
+    import optuna
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    override = OverridesParser.create().parse_override(f"pruning.num_stages={swept}")
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    trial._suggest("pruning.num_stages", create_optuna_distribution_from_override(override))
+    drawn = trial.params["pruning.num_stages"]
+    suggest_num_stages(_compose("model=tiny-llama"), trial)  # as the sweeper calls it (custom_search_space)
+    assert trial.params == {"pruning.num_stages": drawn}
+
+
 def test_pareto_front_of_hand_made_points():
     points = [(2.0, 0.5), (2.1, 0.4), (2.0, 0.6), (1.9, 0.9), (2.2, 0.45), (2.1, 0.4), (1.9, 1.0)]
     # (2.0, 0.6) is dominated by (2.0, 0.5); (2.2, 0.45) by (2.1, 0.4); (1.9, 1.0) by (1.9, 0.9); equal points both stay.

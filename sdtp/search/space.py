@@ -7,6 +7,11 @@ draws it from 1 to the most stages that fit after the trial's first layer and st
 always valid. NSGA-II's crossover can still hand a child a parent's stage count that no longer fits: that trial
 fails at composition (ConfigError naming ``pruning.layers``) and is recorded as a FAIL trial, which NSGA-II
 never selects as a parent (``max_failure_rate: 1.0`` keeps the sweep going).
+
+``pruning.num_stages`` fixed on the command line (``pruning.num_stages=3``) or swept there by the user
+(``pruning.num_stages=choice(2,3)`` or ``int(interval(1,6))``) is left as given: the sweeper draws a swept one before
+calling this, and suggesting the name again with another distribution would stop the sweep (Optuna refuses a second
+distribution kind for one name, outside any trial). Such a draw that does not fit fails at composition like above.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ def _trial_value(cfg: DictConfig, trial: Any, key: str) -> int:
 
 
 def suggest_num_stages(cfg: DictConfig, trial: Any) -> None:
-    """Draw ``pruning.num_stages`` in 1..min(``search.max_stages``, what fits); nothing if fixed on the command line."""
-    if STAGES in trial.user_attrs:
+    """Draw ``pruning.num_stages`` in 1..min(``search.max_stages``, what fits); nothing if fixed or swept on the
+    command line (the module docstring says why)."""
+    if STAGES in trial.user_attrs or STAGES in trial.params:
         return
     fit = max_stages(_trial_value(cfg, trial, "pruning.first_layer"), _trial_value(cfg, trial, "pruning.layer_step"),
                      int(cfg.model.num_layers))
