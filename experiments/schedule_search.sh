@@ -6,6 +6,7 @@
 #   bash experiments/schedule_search.sh                      # N_TRIALS=36 trials (resumes a killed search)
 #   N_TRIALS=60 bash experiments/schedule_search.sh          # more trials: adds to the same study
 #   PRUNING=oracle bash experiments/schedule_search.sh       # gradient x input oracle scorer (~3x the time per trial)
+#     (a PRUNING with explicit stage layers, gemfilter or fastkv, is refused before any run: no trial could vary them)
 #   SMOKE=1 THREADS=1 bash experiments/schedule_search.sh    # pipeline check: 4 trials of 2 short segments, scratch folders
 #   MODEL=llama2-7b bash experiments/schedule_search.sh eval.num_segments=64 eval.context_len=4096   # GPU
 #
@@ -44,6 +45,10 @@ common=(experiment=schedule_search "model=$MODEL" "threads=$THREADS" ${PRUNING:+
 start=$(date +%s)
 mkdir -p "$RUN"
 STUDY="sqlite:///$(realpath "$RUN")/optuna.db"   # an absolute path: sqlite:/// + /abs/path
+
+# Both fixed points' commands checked before either runs (sdtp/cli/check.py): e.g. PRUNING=gemfilter|fastkv, whose
+# explicit stage layers no trial could vary, stops here (the sweep itself refuses them before its first trial too).
+check_commands eval "${common[@]}" pruning=none --- eval "${common[@]}"
 
 # Fixed points with the search's settings (each skipped when its run directory holds a finished run of this setup).
 "$PY" -m sdtp.cli.evaluate "${common[@]}" pruning=none "hydra.run.dir=$RUN/dense"

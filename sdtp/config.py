@@ -127,16 +127,40 @@ def check_added_keys(overrides: list[str]) -> None:
                           f"(scorer arguments: {prefix}pruning.scorer.<argument>)")
 
 
+# The keys a derived schedule reads (layers first_layer + i * layer_step, i < num_stages); an explicit
+# pruning.layers (pruning=gemfilter|fastkv, or the command line) takes their place.
+DERIVED_SCHEDULE_KEYS = tuple(f"pruning.{key}" for key in ("first_layer", "layer_step", "num_stages"))
+
+
+def _override_key(item: str) -> str:
+    """The config key of a command-line override (``++pruning.keep_ratio=0.5`` -> ``pruning.keep_ratio``)."""
+    return item.lstrip("+~").split("=", 1)[0]
+
+
+def shadowed_schedule_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """The command line's ``pruning.first_layer`` / ``layer_step`` / ``num_stages`` when ``pruning.layers`` is set.
+
+    The schedule then takes the explicit layers and these keys are never read. Refused, not warned about like
+    :func:`ignored_overrides`: the run prunes, at other layers than the ones its overrides (and a page labelling it
+    by them, such as the schedule search's) name.
+    """
+    pruning = cfg.get("pruning")
+    if pruning is None or pruning.get("scorer") is None or pruning.get("layers") is None:
+        return []
+    return [item for item in overrides if not item.startswith("~") and _override_key(item) in DERIVED_SCHEDULE_KEYS]
+
+
 def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """Command-line overrides the composed config never reads: ``pruning.*`` when nothing is pruned
     (``pruning=none``) and ``kv.*`` when the cache is not compressed (``kv=none``).
 
     They are warned about, not refused: a sweep such as ``-m pruning=none,random pruning.keep_ratio=0.5``
-    legitimately applies one override to every method, the dense one included.
+    legitimately applies one override to every method, the dense one included. (Schedule keys an explicit
+    ``pruning.layers`` replaces are refused instead: :func:`shadowed_schedule_overrides`.)
     """
     ignored = []
     for item in overrides:
-        key = item.lstrip("+~").split("=", 1)[0]
+        key = _override_key(item)
         if key.startswith("pruning.") and "pruning" in cfg and cfg.pruning.get("scorer") is None:
             ignored.append(f"{item} (pruning={cfg.pruning.get('name')} prunes nothing)")
         elif key.startswith("kv.") and "kv" in cfg and cfg.kv.get("method") in (None, "none"):
@@ -171,6 +195,15 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None, present
     check_added_keys(list(overrides or []))
     for item in ignored_overrides(cfg, list(overrides or [])):
         log.warning("override ignored: %s", item)
+    shadowed = shadowed_schedule_overrides(cfg, list(overrides or []))
+    if shadowed:
+        keys = ", ".join(dict.fromkeys(_override_key(item) for item in shadowed))
+        raise ConfigError(
+            f"{keys}: set on the command line ({' '.join(shadowed)}), but pruning={cfg.pruning.get('name')} gives "
+            f"explicit stage layers pruning.layers={list(cfg.pruning.layers)}, which the schedule uses instead; add "
+            "pruning.layers=null to derive the layers from first_layer, layer_step and num_stages, or set "
+            "pruning.layers itself"
+        )
     check_family(cfg.model.family)
     resolve_dtype(cfg.model.dtype, cfg.model.device)
     threads = cfg.get("threads")

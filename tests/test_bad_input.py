@@ -14,7 +14,7 @@ import types
 import pytest
 
 from sdtp.cli import generate
-from sdtp.config import REPO_ROOT, compose, offline_by_default
+from sdtp.config import REPO_ROOT, build_schedule, compose, offline_by_default
 from sdtp.errors import ConfigError
 from sdtp.scorers.base import Scorer
 from sdtp.eval import harness, longbench, perplexity, synthetic
@@ -38,6 +38,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_schedule_keys_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         compose("generate", ["model=tiny-llama", "pruning=random", override])
+
+
+@pytest.mark.parametrize(("method", "extra"), [("gemfilter", []), ("fastkv", []), ("random", ["pruning.layers=[1,2]"])])
+def test_schedule_keys_explicit_layers_replace_are_refused(method, extra):
+    """``pruning=gemfilter pruning.first_layer=1 pruning.num_stages=3`` pruned at gemfilter's one layer (2 of 4),
+    silently; pruning.layers=null derives the layers from the keys instead."""
+    shadowing = ["pruning.first_layer=1", "pruning.num_stages=3"]
+    with pytest.raises(ConfigError, match=r"^pruning\.first_layer, pruning\.num_stages: set on the command line .*"
+                                          r"explicit stage layers pruning\.layers=\[\d(, \d)*\].*pruning\.layers=null"):
+        compose("generate", ["model=tiny-llama", f"pruning={method}", *extra, *shadowing])
+    cfg = compose("generate", ["model=tiny-llama", f"pruning={method}", "pruning.keep_ratio=0.8", "pruning.layers=null",
+                               *shadowing])
+    assert build_schedule(cfg).layers == (1, 2, 3)
+    assert build_schedule(compose("generate", ["model=tiny-llama", f"pruning={method}", *extra])).layers
 
 
 @pytest.mark.parametrize(("target", "message"), [

@@ -90,6 +90,38 @@ def test_stage_count_swept_on_the_command_line_is_kept(swept):
     assert trial.params == {"pruning.num_stages": drawn}
 
 
+@pytest.mark.parametrize("method", ["gemfilter", "fastkv"])
+def test_search_refuses_methods_with_explicit_layers(method, tmp_path):
+    """Their pruning.layers replace the drawn first_layer / layer_step / num_stages: every trial would prune at one
+    layer, labelled with its draws. The sweep's hook, each trial's composition, the fixed points' validation and
+    the script all refuse, before any trial or run."""
+    from sdtp.cli.evaluate import validate_eval
+
+    text = tmp_path / "wiki.valid.raw"  # the data the checks need, without the offline mirror
+    text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
+    cfg = _compose("model=tiny-llama", f"pruning={method}", f"eval.data_file={text}")
+    trial = FakeTrial(params={"pruning.first_layer": 1, "pruning.layer_step": 1}, user_attrs={})
+    with pytest.raises(ConfigError, match=rf"pruning\.layers: pruning={method} sets explicit stage layers \[\d\]"):
+        suggest_num_stages(cfg, trial)
+    with pytest.raises(ConfigError, match=r"pruning\.first_layer, pruning\.layer_step: set on the command line"):
+        validate_config(cfg, ["pruning.first_layer=1", "pruning.layer_step=1"])
+    with pytest.raises(ConfigError, match=r"pruning\.layers: .*cannot vary"):
+        validate_eval(cfg)
+    validate_eval(_compose("model=tiny-llama", f"pruning={method}", "pruning.layers=null", f"eval.data_file={text}"))
+    validate_eval(_compose("model=tiny-llama", "pruning=none", f"eval.data_file={text}"))  # the dense fixed point
+    guard = tmp_path / "python"  # a Python that refuses to start a real run: the check must stop the script first
+    guard.write_text(f'#!/usr/bin/env bash\ncase "$2" in sdtp.cli.evaluate|sdtp.reports.schedule_search)\n'
+                     f'  echo "reached $2" >&2; exit 42;;\nesac\nexec {sys.executable} "$@"\n')
+    guard.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHON": str(guard), "RUN": str(tmp_path / "run"),
+           "OUT": str(tmp_path / "out"), "MODEL": "tiny-llama", "PRUNING": method, "SMOKE": "1",
+           "EVAL_ARGS": f"eval.data_file={text} eval.context_len=96 eval.cont_len=16 eval.num_segments=2"}
+    proc = subprocess.run(["bash", "experiments/schedule_search.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "reached" not in proc.stderr, proc.stderr[-3000:]
+    assert "check failed: sdtp-eval" in proc.stderr and "cannot vary" in proc.stderr
+
+
 def test_pareto_front_of_hand_made_points():
     points = [(2.0, 0.5), (2.1, 0.4), (2.0, 0.6), (1.9, 0.9), (2.2, 0.45), (2.1, 0.4), (1.9, 1.0)]
     # (2.0, 0.6) is dominated by (2.0, 0.5); (2.2, 0.45) by (2.1, 0.4); (1.9, 1.0) by (1.9, 0.9); equal points both stay.

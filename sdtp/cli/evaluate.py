@@ -65,6 +65,7 @@ from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.provenance import RunLockedError, differences, fingerprint, run_lock
 from sdtp.search.objective import objective_values
+from sdtp.search.space import check_searchable
 from sdtp.tracking import NullLogger, RunLogger
 from sdtp.utils import finite_json, git_commit, seed_everything, set_threads, write_json_atomic
 
@@ -130,6 +131,8 @@ def validate_eval(cfg: DictConfig) -> Runner:
             raise ConfigError(f"{setting}: only eval=continuation {what}, not eval={cfg.eval.name}")
     if cfg.eval.get("validate"):
         resolve_function(cfg, "validate")(cfg)
+    if cfg.get("search") is not None and cfg.pruning.get("scorer") is not None:
+        check_searchable(cfg)  # experiment=schedule_search: its fixed points too, so the script stops before them
     return runner
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from sdtp.errors import ConfigError
+
 STAGES = "pruning.num_stages"
 
 
@@ -41,9 +43,24 @@ def _trial_value(cfg: DictConfig, trial: Any, key: str) -> int:
     return int(cfg.pruning[key.split(".", 1)[1]])
 
 
+def check_searchable(cfg: DictConfig) -> None:
+    """Refuse a pruning method with explicit ``pruning.layers`` (pruning=gemfilter|fastkv): the search varies
+    ``first_layer``, ``layer_step`` and ``num_stages``, which explicit layers replace, so every trial would prune at
+    the same layers while the page labels it with its drawn values."""
+    layers = cfg.pruning.get("layers")
+    if layers is not None:
+        raise ConfigError(
+            f"pruning.layers: pruning={cfg.pruning.get('name')} sets explicit stage layers {list(layers)}, which the "
+            "schedule search cannot vary (it draws pruning.first_layer, layer_step and num_stages); search a method "
+            "without explicit layers (e.g. pruning=lazyllm or oracle) or add pruning.layers=null"
+        )
+
+
 def suggest_num_stages(cfg: DictConfig, trial: Any) -> None:
     """Draw ``pruning.num_stages`` in 1..min(``search.max_stages``, what fits); nothing if fixed or swept on the
-    command line (the module docstring says why)."""
+    command line (the module docstring says why). First refuses a search it cannot vary (:func:`check_searchable`):
+    the sweeper calls this for its first trial before launching any."""
+    check_searchable(cfg)
     if STAGES in trial.user_attrs or STAGES in trial.params:
         return
     fit = max_stages(_trial_value(cfg, trial, "pruning.first_layer"), _trial_value(cfg, trial, "pruning.layer_step"),
