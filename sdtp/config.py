@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -278,6 +279,20 @@ def prepare_and_validate(cfg: DictConfig, overrides: list[str], prepare: Callabl
     if prepare is not None:
         prepare(cfg)
     validate_config(cfg, overrides, present)
+
+
+def quoted_override(key: str, value: str | os.PathLike[str]) -> str:
+    """``key=value`` as an override Hydra reads back as exactly ``str(value)``, whatever the text (a path, say).
+
+    Unquoted, Hydra's override grammar refuses ``=`` (a sweep job's directory is named like ``seed=0``), spaces,
+    brackets, commas and quotes, and resolves ``${...}``. Single-quoted, it only takes ``\\'`` for a quote and a
+    doubled backslash before a quote or at the end; OmegaConf then takes ``\\${`` as a literal ``${`` and a doubled
+    backslash before it as one.
+    """
+    text = str(value)
+    # backslashes right before a quote, an interpolation or the end: doubled, so they stay backslashes
+    text = re.sub(r"(\\+)(?='|\$\{|$)", lambda match: match.group(1) * 2, text)
+    return f"{key}='" + text.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def with_overrides(argv: list[str], extra: list[str]) -> list[str]:

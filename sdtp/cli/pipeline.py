@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sdtp.config import build_pruner, compose, sdtp_main
+from sdtp.config import build_pruner, compose, quoted_override, sdtp_main
 from sdtp.engine.cache import cache_bytes
 from sdtp.engine.generation import generate
 from sdtp.checks import integer
@@ -50,8 +50,20 @@ def stage_overrides(cfg: DictConfig, variant: str, predictor: str | None) -> lis
     if cfg.threads:
         extra.append(f"threads={cfg.threads}")
     if predictor and variant == "sdtp":
-        extra.append(f"pruning.scorer.path={predictor}")
+        extra.append(quoted_override("pruning.scorer.path", predictor))  # a path: quoted (e.g. seed=0 in a sweep)
     return extra
+
+
+def eval_overrides(cfg: DictConfig, name: str, variant: str, predictor: str | None, run_dir: Path) -> list[str]:
+    """The ``sdtp-eval`` overrides of eval ``name`` for ``variant``, into its sub-directory of ``run_dir``."""
+    sub_dir = run_dir / "eval" / name / variant
+    return [*cfg.evals[name], *stage_overrides(cfg, variant, predictor), quoted_override("run_dir", sub_dir)]
+
+
+def retrain_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The ``sdtp-train`` overrides of ``retrain_predictor=true`` (:func:`sdtp.training.demo.train_small`)."""
+    return [f"model={cfg.model.name}", quoted_override("export_dir", run_dir / "predictor"),
+            quoted_override("out_dir", run_dir / "train")]
 
 
 def generation_stage(model: Any, tokenizer: Any, cfg: DictConfig, predictor: str | None) -> dict[str, Any]:
@@ -101,11 +113,9 @@ def eval_stage(cfg: DictConfig, run_dir: Path, predictor: str | None) -> dict[st
     from sdtp.cli import evaluate
 
     table: dict[str, Any] = {}
-    for name, overrides in cfg.evals.items():
+    for name in cfg.evals:
         for variant in cfg.variants:
-            sub_dir = run_dir / "eval" / name / variant
-            sub = compose("eval", [*overrides, *stage_overrides(cfg, variant, predictor), f"run_dir={sub_dir}"])
-            metrics = evaluate.run(sub)
+            metrics = evaluate.run(compose("eval", eval_overrides(cfg, name, variant, predictor, run_dir)))
             table.setdefault(name, {})[variant] = {
                 **headline(metrics), "avg_kept_fraction": metrics.get("avg_kept_fraction"), "wall_s": metrics["wall_s"],
             }
@@ -119,9 +129,14 @@ def bench_stage(cfg: DictConfig, run_dir: Path, predictor: str | None) -> dict[s
     return bench.run(sub, run_dir=run_dir / "bench")
 
 
-def validate_pipeline(cfg: DictConfig) -> None:
+def validate_pipeline(cfg: DictConfig, run_dir: Path | None = None) -> None:
     """Compose and check every stage's configs before any work starts: a typo in the bench overrides should not
-    surface after the generation and eval stages have run. (A retrained predictor is checked as the shipped one.)"""
+    surface after the generation and eval stages have run. (A retrained predictor is checked as the shipped one.)
+
+    ``run_dir``: the run's directory, composed into the eval stage's overrides as that stage will (e.g. a sweep job's
+    ``.../seed=0``); None (``sdtp.cli.check``, the sweeper's checks of a sweep's jobs, before a job has one): the
+    config's ``run_dir`` or the current directory.
+    """
     from sdtp.cli import bench, evaluate
 
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
@@ -134,27 +149,32 @@ def validate_pipeline(cfg: DictConfig) -> None:
         prompt = integer(gen.prompt_tokens, "generation.prompt_tokens", low=1)
         if prompt > int(cfg.model.max_length):
             raise ConfigError(f"generation.prompt_tokens: {prompt} exceeds model.max_length={cfg.model.max_length}")
+    run_dir = Path(cfg.get("run_dir") or ".") if run_dir is None else run_dir
+    if cfg.retrain_predictor:
+        from sdtp.cli import train
+        from sdtp.training.demo import DEMO_OVERRIDES
+
+        train.validate_train_config(compose("train", [*DEMO_OVERRIDES, *retrain_overrides(cfg, run_dir)]))
     for variant in cfg.variants:
         compose("generate", stage_overrides(cfg, variant, None))
-        for overrides in cfg.evals.values() if "eval" in cfg.stages else []:
-            evaluate.validate_eval(compose("eval", [*overrides, *stage_overrides(cfg, variant, None)]))
+        for name in cfg.evals if "eval" in cfg.stages else []:
+            evaluate.validate_eval(compose("eval", eval_overrides(cfg, name, variant, None, run_dir)))
     if "bench" in cfg.stages:
         bench.validate_bench(compose("bench", [*cfg.bench, *stage_overrides(cfg, cfg.bench_variant, None)]))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    validate_pipeline(cfg)
+    run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
+    validate_pipeline(cfg, run_dir)
     seed_everything(cfg.seed)
     threads = set_threads(cfg.threads)
-    run_dir = Path(cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
     predictor = None
     metrics: dict[str, Any] = {"model": cfg.model.name, "variants": list(cfg.variants), "threads": threads}
     with RunLogger(run_dir, cfg.logger, cfg, name=cfg.task_name) as logger:
         if cfg.retrain_predictor:
             from sdtp.training.demo import train_small
 
-            trained = train_small([f"model={cfg.model.name}", f"export_dir={run_dir / 'predictor'}",
-                                   f"out_dir={run_dir / 'train'}"])
+            trained = train_small(retrain_overrides(cfg, run_dir))
             predictor = trained["predictor"]
             metrics["training"] = trained
         if "generate" in cfg.stages:
