@@ -10,7 +10,9 @@ import pytest
 from omegaconf import DictConfig
 
 from sdtp.cli import evaluate, pipeline
-from sdtp.config import compose, quoted_override
+from sdtp.cli.check import main as check
+from sdtp.config import REPO_ROOT, compose, quoted_override
+from sdtp.errors import ConfigError
 from sdtp.training.demo import DEMO_OVERRIDES
 
 
@@ -44,3 +46,14 @@ def test_stage_paths_in_a_sweep_job_directory_compose(tmp_path: Path, monkeypatc
                                                     "retrain_predictor=true"]), run_dir)
     train = compose("train", [*DEMO_OVERRIDES, *pipeline.retrain_overrides(cfg, run_dir)])
     assert (train.export_dir, train.out_dir) == (str(run_dir / "predictor"), str(run_dir / "train"))
+
+
+def test_retraining_needs_no_shipped_predictor(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """``retrain_predictor=true`` trains the sdtp variant's predictor into <run_dir>/predictor before any stage: the
+    checks refused a model without a shipped one (tiny-llama has none) by the shipped path."""
+    run_dir = tmp_path / "seed=0"
+    assert not (REPO_ROOT / "results" / "predictors" / "tiny-llama").exists()
+    pipeline.validate_pipeline(compose("pipeline", ["model=tiny-llama", "retrain_predictor=true"]), run_dir)
+    assert check(["pipeline", "model=tiny-llama", "retrain_predictor=true", "stages=[generate]"]) == 0
+    with pytest.raises(ConfigError, match=r"pruning\.scorer\.path: .*results/predictors/tiny-llama does not exist"):
+        pipeline.validate_pipeline(compose("pipeline", ["model=tiny-llama", "stages=[generate]"]), run_dir)

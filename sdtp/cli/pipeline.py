@@ -60,9 +60,14 @@ def eval_overrides(cfg: DictConfig, name: str, variant: str, predictor: str | No
     return [*cfg.evals[name], *stage_overrides(cfg, variant, predictor), quoted_override("run_dir", sub_dir)]
 
 
+def retrained_predictor(run_dir: Path) -> Path:
+    """Where ``retrain_predictor=true`` trains the predictor the ``sdtp`` variant then uses."""
+    return run_dir / "predictor"
+
+
 def retrain_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
     """The ``sdtp-train`` overrides of ``retrain_predictor=true`` (:func:`sdtp.training.demo.train_small`)."""
-    return [f"model={cfg.model.name}", quoted_override("export_dir", run_dir / "predictor"),
+    return [f"model={cfg.model.name}", quoted_override("export_dir", retrained_predictor(run_dir)),
             quoted_override("out_dir", run_dir / "train")]
 
 
@@ -131,7 +136,11 @@ def bench_stage(cfg: DictConfig, run_dir: Path, predictor: str | None) -> dict[s
 
 def validate_pipeline(cfg: DictConfig, run_dir: Path | None = None) -> None:
     """Compose and check every stage's configs before any work starts: a typo in the bench overrides should not
-    surface after the generation and eval stages have run. (A retrained predictor is checked as the shipped one.)
+    surface after the generation and eval stages have run.
+
+    With ``retrain_predictor=true`` the ``sdtp`` variant is checked with the predictor the run trains into
+    ``<run_dir>/predictor`` before any stage uses it, taken as present (:func:`sdtp.config.validate_config`'s
+    ``present``): a model without a shipped predictor can retrain one. Otherwise it is checked with the shipped one.
 
     ``run_dir``: the run's directory, composed into the eval stage's overrides as that stage will (e.g. a sweep job's
     ``.../seed=0``); None (``sdtp.cli.check``, the sweeper's checks of a sweep's jobs, before a job has one): the
@@ -150,17 +159,22 @@ def validate_pipeline(cfg: DictConfig, run_dir: Path | None = None) -> None:
         if prompt > int(cfg.model.max_length):
             raise ConfigError(f"generation.prompt_tokens: {prompt} exceeds model.max_length={cfg.model.max_length}")
     run_dir = Path(cfg.get("run_dir") or ".") if run_dir is None else run_dir
+    predictor, present = None, ()
     if cfg.retrain_predictor:
         from sdtp.cli import train
         from sdtp.training.demo import DEMO_OVERRIDES
 
         train.validate_train_config(compose("train", [*DEMO_OVERRIDES, *retrain_overrides(cfg, run_dir)]))
+        predictor = str(retrained_predictor(run_dir))
+        present = (predictor,)
     for variant in cfg.variants:
-        compose("generate", stage_overrides(cfg, variant, None))
+        compose("generate", stage_overrides(cfg, variant, predictor), present=present)
         for name in cfg.evals if "eval" in cfg.stages else []:
-            evaluate.validate_eval(compose("eval", eval_overrides(cfg, name, variant, None, run_dir)))
+            overrides = eval_overrides(cfg, name, variant, predictor, run_dir)
+            evaluate.validate_eval(compose("eval", overrides, present=present))
     if "bench" in cfg.stages:
-        bench.validate_bench(compose("bench", [*cfg.bench, *stage_overrides(cfg, cfg.bench_variant, None)]))
+        overrides = [*cfg.bench, *stage_overrides(cfg, cfg.bench_variant, predictor)]
+        bench.validate_bench(compose("bench", overrides, present=present))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
