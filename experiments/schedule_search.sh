@@ -14,6 +14,8 @@
 #    layers 2, 5, ..., 29) with the same settings, in $RUN/dense and $RUN/paper.
 # 2. `sdtp-eval -m experiment=schedule_search` with the study stored in $RUN/optuna.db: a killed search resumes (the
 #    trials still missing from N_TRIALS run; trials drawing an already evaluated schedule reuse its run directory).
+#    The sampler's seed is the search's (0, or an argument hydra.sweeper.sampler.seed=S) plus the trials the study
+#    already holds: a resumed sampler seeded as the killed one would redraw the schedules that one drew.
 #    Trials whose schedule does not fit the model fail at composition and are counted, not run.
 # 3. sdtp/reports/schedule_search.py renders $OUT/<model>.{md,csv,png,json} from the run directories.
 # Time on smollm2-135m, 2 threads (estimated, not measured): ~10 s per 2K segment dense + pruned -> ~2-3 s per pruned
@@ -56,8 +58,12 @@ check_commands eval "${common[@]}" pruning=none --- eval "${common[@]}"
 
 left=$("$PY" -m sdtp.reports.schedule_search remaining --study "$STUDY" --trials "$N_TRIALS")
 if (( left > 0 )); then
+  base_seed=""   # the config's, unless an argument sets it (the last one, as Hydra takes it)
+  for arg in "$@"; do [[ "$arg" != hydra.sweeper.sampler.seed=* ]] || base_seed="${arg#*=}"; done
+  seed=$("$PY" -m sdtp.reports.schedule_search sampler-seed --study "$STUDY" ${base_seed:+--base "$base_seed"})
   "$PY" -m sdtp.cli.evaluate -m "${common[@]}" "hydra.sweep.dir=$RUN/sweep" "hydra.sweeper.storage=$STUDY" \
-    "hydra.sweeper.n_trials=$left" ${POPULATION:+"hydra.sweeper.sampler.population_size=$POPULATION"}
+    "hydra.sweeper.n_trials=$left" ${POPULATION:+"hydra.sweeper.sampler.population_size=$POPULATION"} \
+    "hydra.sweeper.sampler.seed=$seed"
 else
   echo "schedule_search: the study in $RUN/optuna.db has its $N_TRIALS trials"
 fi

@@ -122,6 +122,74 @@ def test_search_refuses_methods_with_explicit_layers(method, tmp_path):
     assert "check failed: sdtp-eval" in proc.stderr and "cannot vary" in proc.stderr
 
 
+def _nsga_session(storage: str, seed: int, trials: int) -> list[tuple]:
+    """``trials`` schedules drawn as the Optuna sweeper draws them (ask, suggest, tell) by an NSGA-II sampler seeded
+    ``seed`` on the stored study, for a 30-layer model."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntUniformDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = {"pruning.first_layer": IntUniformDistribution(1, 10), "pruning.layer_step": IntUniformDistribution(1, 4),
+             "pruning.keep_ratio": CategoricalDistribution([0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95])}
+    cfg = _compose()
+    study = optuna.create_study(study_name=page.STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+                                load_if_exists=True)
+    drawn = []
+    for _ in range(trials):
+        trial = study.ask()
+        for name, distribution in space.items():
+            trial._suggest(name, distribution)
+        suggest_num_stages(cfg, trial)
+        key = tuple(trial.params[f"pruning.{k}"] for k in ("first_layer", "layer_step", "num_stages", "keep_ratio"))
+        study.tell(trial, values=[float(sum(key[:3])), float(key[3])])
+        drawn.append(key)
+    return drawn
+
+
+def test_a_resumed_search_does_not_redraw_the_killed_one(tmp_path):
+    """The script resumes a killed search with a new sampler on the stored study; seeded as the killed one (0), it
+    drew the same schedules again (all of NSGA-II's first generation). Seeded 0 + the stored trials, it does not."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert page.sampler_seed(storage) == page.config_sampler_seed() == _compose().hydra.sweeper.sampler.seed == 0
+    first = _nsga_session(storage, page.sampler_seed(storage), 3)  # killed after 3 trials
+    assert page.stored_trials(storage) == 3 and page.sampler_seed(storage) == 3 and page.sampler_seed(storage, 5) == 8
+    resumed = _nsga_session(storage, page.sampler_seed(storage), 3)
+    assert resumed != first and not set(resumed) & set(first), (first, resumed)
+
+
+def test_the_script_seeds_a_resumed_sweep_past_the_stored_trials(tmp_path):
+    """experiments/schedule_search.sh passes hydra.sweeper.sampler.seed=<base + stored trials> to the sweep (here a
+    study with 3 stored trials: complete, failed, interrupted), after the arguments, so it is the one Hydra takes."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    (tmp_path / "run").mkdir()
+    storage = f"sqlite:///{tmp_path}/run/optuna.db"
+    study = optuna.create_study(study_name=page.STUDY_NAME, storage=storage, directions=["minimize", "minimize"])
+    done, failed, _ = study.ask(), study.ask(), study.ask()
+    study.tell(done, values=[1.0, 1.0])
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    text = tmp_path / "wiki.valid.raw"
+    text.write_text(" \n = Title = \n \n" + " The quick brown fox jumps over the lazy dog . \n" * 40)
+    calls = tmp_path / "calls.txt"
+    guard = tmp_path / "python"  # records the sdtp-eval commands instead of running them; renders nothing
+    guard.write_text(f'#!/usr/bin/env bash\ncase "$2 $3" in "sdtp.cli.evaluate "*) echo "$*" >> {calls}; exit 0;;\n'
+                     f'  "sdtp.reports.schedule_search render") exit 0;;\nesac\nexec {sys.executable} "$@"\n')
+    guard.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHON": str(guard), "RUN": str(tmp_path / "run"),
+           "OUT": str(tmp_path / "out"), "MODEL": "tiny-llama", "SMOKE": "1", "N_TRIALS": "6",
+           "EVAL_ARGS": f"eval.data_file={text} eval.context_len=96 eval.cont_len=16 eval.num_segments=2"}
+    for args, seed in (([], 3), (["hydra.sweeper.sampler.seed=5"], 8)):
+        calls.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", "experiments/schedule_search.sh", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sweep = [line for line in calls.read_text().splitlines() if " -m " in line]
+        assert len(sweep) == 1 and "hydra.sweeper.n_trials=4" in sweep[0], sweep
+        assert sweep[0].endswith(f"hydra.sweeper.sampler.seed={seed}"), sweep
+
+
 def test_pareto_front_of_hand_made_points():
     points = [(2.0, 0.5), (2.1, 0.4), (2.0, 0.6), (1.9, 0.9), (2.2, 0.45), (2.1, 0.4), (1.9, 1.0)]
     # (2.0, 0.6) is dominated by (2.0, 0.5); (2.2, 0.45) by (2.1, 0.4); (1.9, 1.0) by (1.9, 0.9); equal points both stay.

@@ -4,6 +4,7 @@ FLOPs) and the paper's schedule on it.
     python -m sdtp.reports.schedule_search render --sweep results/runs/paper/schedule_search/<model>/<setup>/sweep \\
         --paper <run dir> --dense <run dir> --study sqlite:///<run>/optuna.db --out results/paper/schedule_search
     python -m sdtp.reports.schedule_search remaining --study sqlite:///<run>/optuna.db --trials 36   # resume
+    python -m sdtp.reports.schedule_search sampler-seed --study sqlite:///<run>/optuna.db   # the resumed sampler's
 
 Reads every finished trial run under ``--sweep`` (``sdtp-eval -m experiment=schedule_search``: one
 ``metrics.json`` per distinct schedule; trials that drew the same schedule share it), the paper's schedule and the
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtp.eval.stats import paired_t_interval
+from sdtp.paths import REPO_ROOT
 from sdtp.figures import new_figure, save_figure
 from sdtp.reports.ablation_points import segment_nll
 from sdtp.reports.lm_eval_pages import machine_text, minutes, num, run_config, shown_path, smaller_page, write_page_files
@@ -98,6 +100,30 @@ def study_states(storage: str | None) -> dict[str, int]:
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     return counts
+
+
+def stored_trials(storage: str | None) -> int:
+    """Trials the study in ``storage`` holds, in any state (each one's schedule was drawn); 0 if it does not exist."""
+    return sum(study_states(storage).values())
+
+
+def config_sampler_seed() -> int:
+    """The sampler's seed in ``conf/experiment/schedule_search.yaml`` (``hydra.sweeper.sampler.seed``)."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "schedule_search.yaml").hydra.sweeper.sampler.seed)
+
+
+def sampler_seed(storage: str | None, base: int | None = None) -> int:
+    """The seed of the sampler that continues the study in ``storage``: ``base`` (default: the config's) + the trials
+    the study already holds.
+
+    A resumed sweep builds a new sampler on the stored study; with the base seed again its random stream restarts and
+    it redraws the schedules the killed run drew (NSGA-II's first generation exactly, later ones mostly), which would
+    count toward the wanted trials. A seed that moves with every stored trial never repeats the seed of a session
+    that drew any, and a fresh study (0 trials) keeps the base seed: a search run in one go is the config's.
+    """
+    return (config_sampler_seed() if base is None else base) + stored_trials(storage)
 
 
 def remaining_trials(storage: str | None, wanted: int) -> int:
@@ -250,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     left = sub.add_parser("remaining", help="print how many trials are still to run")
     left.add_argument("--study", required=True, help="Optuna storage URL (sqlite:///...)")
     left.add_argument("--trials", type=int, required=True, help="finished trials wanted in total")
+    seed = sub.add_parser("sampler-seed", help="print the seed of the sampler that continues the study")
+    seed.add_argument("--study", required=True, help="Optuna storage URL (sqlite:///...)")
+    seed.add_argument("--base", type=int, default=None, help="the search's seed (default: the config's)")
     page = sub.add_parser("render", help="write <out>/<model>.{json,md,csv,png}")
     page.add_argument("--sweep", type=Path, required=True, help="the sweep directory (hydra.sweep.dir)")
     page.add_argument("--paper", type=Path, required=True, help="run directory of the paper's schedule")
@@ -264,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.what == "remaining":
         print(remaining_trials(args.study, args.trials))
+    elif args.what == "sampler-seed":
+        print(sampler_seed(args.study, args.base))
     else:
         print(render(args))
 
