@@ -384,3 +384,16 @@ def test_kv_with_lm_eval_is_validated_before_loading(tmp_path):
     evaluate.validate_eval(compose("eval", [*overrides, "eval.tasks=[tiny_choice]"]))
     with pytest.raises(ConfigError, match="kv=h2o"):
         evaluate.validate_eval(compose("eval", [*overrides, "eval.tasks=[tiny_rolling]"]))
+
+
+def test_model_args_pretrained_folder_with_override_syntax_in_its_path(tiny_llama, tmp_path):
+    """``--model_args pretrained=<folder>``: a folder named like a sweep job (``seed=0,x``) loads, not a parse error."""
+    from sdtp.eval.lm_eval_model import load_from_config
+
+    model, tokenizer, _ = tiny_llama
+    folder = tmp_path / "seed=0,x" / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded, _, pruner, cfg = load_from_config("tiny-llama", "none", None, str(folder))
+    assert cfg.model.hf_id == str(folder) and pruner is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

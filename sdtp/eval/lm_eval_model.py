@@ -98,10 +98,11 @@ def _split_overrides(overrides: str | None) -> list[str]:
 
 def load_from_config(model: str, pruning: str, overrides: str | None, pretrained: str | None):
     """(model, tokenizer, pruner, cfg) from the sdtp configs, for ``--model_args`` use."""
-    from sdtp.config import build_pruner, compose
+    from sdtp.config import build_pruner, compose, quoted_override
     from sdtp.models import load_model
 
-    extra = ["model.source=hub", f"model.hf_id={pretrained}"] if pretrained else []
+    # quoted: a local folder's path may hold characters Hydra's override grammar refuses (=, spaces, commas)
+    extra = ["model.source=hub", quoted_override("model.hf_id", pretrained)] if pretrained else []
     cfg = compose("eval", [f"model={model}", f"pruning={pruning}", *extra, *_split_overrides(overrides)])
     if kv_enabled(cfg):
         raise ConfigError(f"kv={cfg.kv.method} in --model_args: lm-eval's CLI installs no KV compression hooks; "
