@@ -158,6 +158,7 @@ def test_a_resumed_search_does_not_redraw_the_killed_one(tmp_path):
     assert resumed != first and not set(resumed) & set(first), (first, resumed)
 
 
+@pytest.mark.slow  # ~75 s: the script twice (the seed rule alone: test_a_resumed_search_does_not_redraw_the_killed_one)
 def test_the_script_seeds_a_resumed_sweep_past_the_stored_trials(tmp_path):
     """experiments/schedule_search.sh passes hydra.sweeper.sampler.seed=<base + stored trials> to the sweep (here a
     study with 3 stored trials: complete, failed, interrupted), after the arguments, so it is the one Hydra takes."""
