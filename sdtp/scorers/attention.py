@@ -1,13 +1,13 @@
 """LazyLLM-style attention scorer: how much the last prompt tokens attend to each alive token.
 
-At the stage before decoder layer ``L`` the importance of an alive token is its attention
-probability from the last ``num_queries`` prompt tokens at layer ``L - 1`` (the layer that just
-ran), averaged over heads and queries; the ones an earlier stage dropped are not replaced by older
-tokens (the queries are the alive tokens among the prompt's last ``num_queries`` positions). The full attention matrix is never materialised, so this
+At the stage before decoder layer ``L`` the importance of an alive token is its attention probability from the
+last ``num_queries`` prompt tokens at layer ``L - 1`` (the layer that just ran), averaged over heads and
+queries; the ones an earlier stage dropped are not replaced by older tokens (the queries are the alive tokens
+among the prompt's last ``num_queries`` positions). The full attention matrix is never materialised, so this
 works with SDPA: a forward pre-hook on layer ``L - 1``'s attention keeps the inputs of the last
-``num_queries`` tokens; at scoring time their queries are re-projected and scored against layer
-``L - 1``'s cached keys. That cache holds exactly the currently alive tokens, in the same order
-(the stage at ``L`` has not pruned yet), so the scores line up with ``ctx.positions``.
+``num_queries`` alive tokens; at scoring time their queries are re-projected and scored against layer
+``L - 1``'s cached keys. That cache holds exactly the currently alive tokens, in the same order (the stage at
+``L`` has not pruned yet), so the scores line up with ``ctx.positions``.
 
 Causality and, when layer ``L - 1`` slides (Gemma3), its window are applied by the alive tokens'
 *original* positions, the mask the pruned layer itself ran with (:mod:`sdtp.models.layer_types`).
