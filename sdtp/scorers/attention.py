@@ -97,8 +97,7 @@ class AttentionScorer(Scorer):
         recency) falls back to its last real slot.
         """
         positions = ctx.positions[:, -m:]
-        prompt_len = ctx.seq_lens if ctx.seq_lens is not None else torch.full_like(positions[:, 0], ctx.seq_len)
-        queries = positions >= prompt_len.to(positions.device)[:, None] - self.num_queries
+        queries = positions >= ctx.prompt_lengths()[:, None] - self.num_queries
         real = torch.ones_like(queries) if ctx.valid is None else ctx.valid[:, -m:].to(queries.device)
         queries &= real
         last = real.int().cumsum(dim=1) == real.int().sum(dim=1, keepdim=True)  # from each row's last real slot on

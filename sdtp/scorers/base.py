@@ -38,6 +38,14 @@ class ScoreContext:
     seq_lens: torch.Tensor | None = None
     valid: torch.Tensor | None = None
 
+    def prompt_lengths(self) -> torch.Tensor:
+        """(B,) each row's real prompt length (``seq_lens`` of a ragged batch, else ``seq_len``), on the
+        positions' device."""
+        device = self.positions.device
+        if self.seq_lens is not None:
+            return self.seq_lens.to(device)
+        return torch.full((self.positions.shape[0],), self.seq_len, device=device)
+
 
 class Scorer:
     """Base class: override :meth:`score`; optionally :meth:`bind` and :meth:`begin`."""

@@ -160,9 +160,7 @@ class PredictorScorer(Scorer):
     @torch.no_grad()
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         batch, device = ctx.positions.shape[0], ctx.positions.device
-        prompt_len = torch.full((batch,), ctx.seq_len, device=device)
-        if ctx.seq_lens is not None:  # ragged batch: each row's own length
-            prompt_len = ctx.seq_lens.to(device)
+        prompt_len = ctx.prompt_lengths()
         match = self._lexical.score(ctx) if self._lexical is not None else None  # (B, n)
         scores = self.predictor(ctx.stage, ctx.hidden_states, ctx.positions, prompt_len, ctx.valid, match)
         scores = pool_scores(scores, ctx.valid, self.pool_window)
