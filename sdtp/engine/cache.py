@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 
 def _layer_keys_values(cache: Any):
@@ -120,8 +120,6 @@ def refuse_static(cache: Any) -> None:
     pruned layer caches fewer tokens than the prompt has columns: the two cannot line up (HF failed later with
     a bare shape mismatch). Pruning needs a cache that appends, like ``DynamicCache``.
     """
-    from transformers.cache_utils import StaticLayer
-
     layers = getattr(cache, "layers", None) or []
     if any(isinstance(layer, StaticLayer) for layer in layers):
         raise ValueError(f"token pruning needs a dynamic KV cache, got {type(cache).__name__} with fixed-size layers "
