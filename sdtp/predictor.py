@@ -235,6 +235,22 @@ class StageMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def depth_problems(meta: PredictorMeta, num_layers: int | None) -> list[str]:
+    """Why a checkpoint cannot serve a ``num_layers``-layer model (none when it can, or the depth is unknown).
+
+    The base model's name is often unrecorded (older checkpoints, models built in code), and many models
+    share a hidden size: the depth and the stage layers are what still tell another model's predictor apart."""
+    if num_layers is None:
+        return []
+    problems = []
+    if meta.num_layers and meta.num_layers != num_layers:  # 0: an older checkpoint that did not record it
+        problems.append(f"trained for a model of {meta.num_layers} layers, model has {num_layers}")
+    outside = [layer for layer in meta.layers if layer >= num_layers]
+    if outside:
+        problems.append(f"stage layers {outside} lie outside the {num_layers}-layer model")
+    return problems
+
+
 class TokenPredictor(nn.Module):
     """The stack of per-stage predictors. ``meta.layers[s]`` is the layer stage ``s`` prunes before."""
 
@@ -328,10 +344,12 @@ class TokenPredictor(nn.Module):
         hidden_size: int | None = None,
         layers: list[int] | tuple[int, ...] | None = None,
         base_model: str | None = None,
+        num_layers: int | None = None,
         subset: bool = False,
     ) -> TokenPredictor:
         """Load a checkpoint, failing clearly if it was trained for another model or schedule.
 
+        ``hidden_size`` / ``num_layers``: the model's; its stage layers must also lie inside the model.
         ``subset``: a schedule whose ``layers`` are a subset of the checkpoint's gets a predictor with
         only the stages before those layers (:func:`select_stages`) instead of an error."""
         directory = Path(directory)
@@ -350,6 +368,7 @@ class TokenPredictor(nn.Module):
             problems.append(f"trained for base model {meta.base_model!r}, not {base_model!r}")
         if hidden_size is not None and meta.hidden_size != hidden_size:
             problems.append(f"hidden size {meta.hidden_size} != model hidden size {hidden_size}")
+        problems += depth_problems(meta, num_layers)
         chosen = None if layers is None or list(meta.layers) == list(layers) else list(layers)
         if chosen is not None and not (subset and set(chosen) <= set(meta.layers)):
             hint = "" if subset else " (pruning.scorer.select_stages=true uses its stages at a subset of them)"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from sdtp.config import build_pruner, compose
+from sdtp.config import build_pruner, build_schedule, compose
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor, context_mean, position_features, widen_inputs
 from sdtp.scorers.predictor import PredictorScorer
+from sdtp.training.loop import build_predictor, init_predictor
 
 
 def _predictor(layers=(1, 2, 3), hidden=64, seed=0) -> TokenPredictor:
@@ -234,3 +237,28 @@ def test_context_input_is_the_windowed_mean_of_alive_prompt_states_masked_or_gat
     torch.testing.assert_close(widened(0, x, pos, n, alive), plain(0, x, pos, n, alive))
     p.save(tmp_path)
     torch.testing.assert_close(TokenPredictor.load(tmp_path)(0, x, pos, n, alive), p(0, x, pos, n, alive))
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "layers", "message"),
+    [
+        (8, [1, 2, 3], r"trained for a model of 8 layers, model has 4$"),  # same hidden size, another depth
+        (0, [1, 2, 6], r"stage layers \[6\] lie outside the 4-layer model"),  # an older checkpoint: depth unrecorded
+    ],
+)
+def test_checkpoint_for_a_model_of_another_depth_is_refused(tmp_path, tiny_llama, num_layers, layers, message):
+    """Base model unrecorded and the hidden size shared: the depth and stage layers still give it away, on load,
+    at bind and for a train.init_from warm start (which passes no schedule layers)."""
+    model, _, _ = tiny_llama
+    cfg = compose("train", ["model=tiny-llama", "pruning=sdtp", f"train.init_from={tmp_path}"])
+    fresh = build_predictor(cfg, model, build_schedule(cfg))
+    # everything as a warm start from this config expects, except the model it was trained for
+    TokenPredictor(replace(fresh.meta, base_model="", num_layers=num_layers, layers=layers)).save(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        TokenPredictor.load(tmp_path, hidden_size=64, num_layers=4)
+    with pytest.raises(ConfigError, match=message):
+        init_predictor(cfg, model, fresh)
+    if layers == [1, 2, 3]:  # a schedule at layer 6 is refused before any load
+        generate = compose("generate", ["model=tiny-llama", "pruning=sdtp", f"pruning.scorer.path={tmp_path}"])
+        with pytest.raises(ConfigError, match=message), build_pruner(generate)(model):
+            pass

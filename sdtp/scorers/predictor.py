@@ -116,7 +116,7 @@ class PredictorScorer(Scorer):
         if self.predictor is None:
             self.predictor = TokenPredictor.load(
                 self.path, hidden_size=hidden, layers=list(layers), base_model=getattr(model, "sdtp_name", None),
-                subset=self.select_stages,
+                num_layers=getattr(model.config, "num_hidden_layers", None), subset=self.select_stages,
             ).eval()
         elif list(self.predictor.meta.layers) != list(layers) or self.predictor.meta.hidden_size != hidden:
             raise ValueError(

@@ -248,7 +248,8 @@ def build_predictor(cfg: DictConfig, model: torch.nn.Module, schedule: PruningSc
 def init_predictor(cfg: DictConfig, model: torch.nn.Module, predictor: TokenPredictor) -> None:
     """Start from the trained predictor in ``train.init_from`` (fine-tuning) instead of random weights."""
     t = cfg.train
-    start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, base_model=cfg.model.name)
+    start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, base_model=cfg.model.name,
+                                num_layers=model.config.num_hidden_layers)
     # Inputs a warm start cannot widen into (widen_inputs), and the MLP's width: they must match as they are.
     for key in ("position_features", "input_norm", "hidden_ratio"):
         value = getattr(start.meta, key)
