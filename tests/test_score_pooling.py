@@ -24,6 +24,16 @@ def test_pooling_by_hand():
     assert pool_scores(scores, valid, 0) is scores
 
 
+
+def test_box_sum_keeps_float32_precision_at_32k_tokens():
+    """A window's sum is the difference of two prefix sums ~1e5 at 32K tokens of scores with mean 3: it must
+    still match a float64 box sum to the result's own float32 rounding (a float32 cumulative sum is ~1e-2 off),
+    and come back in the input's dtype."""
+    scores = 3.0 + 2.0 * torch.randn(1, 32768, generator=torch.Generator().manual_seed(0))
+    got = box_sum(scores, 2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), box_sum(scores.double(), 2), rtol=1e-6, atol=1e-6)
+
 @torch.no_grad()
 def test_pool_window_averages_the_predictors_scores_over_alive_neighbours(tiny_llama):
     """The scorer returns the predictor's raw scores box-averaged over the alive tokens in slot order (their

@@ -12,11 +12,15 @@ import torch
 
 def box_sum(values: torch.Tensor, window: int) -> torch.Tensor:
     """(B, S, *) -> (B, S, *) sum of ``values`` over the ``2 * window + 1`` slots of dim 1 centred on each one
-    (zeros past the ends), by one cumulative sum: linear in S at any window."""
+    (zeros past the ends), by one cumulative sum: linear in S at any window.
+
+    The cumulative sum is taken in float64: a window's sum is the difference of two prefix sums that grow with S,
+    and in float32 that difference loses the prefix's rounding error (~1e-3 on scores of mean 3 at 32K tokens,
+    enough to reorder near-tied tokens) where float64 keeps it below the result's own float32 rounding."""
     seq = values.shape[1]
     pad = [0, 0] * (values.dim() - 2) + [window + 1, window]  # F.pad lists the last dim first
-    sums = torch.nn.functional.pad(values, pad).cumsum(dim=1)
-    return sums[:, 2 * window + 1:] - sums[:, :seq]
+    sums = torch.nn.functional.pad(values, pad).cumsum(dim=1, dtype=torch.float64)
+    return (sums[:, 2 * window + 1:] - sums[:, :seq]).to(values.dtype)
 
 
 def pool_scores(scores: torch.Tensor, valid: torch.Tensor | None, window: int) -> torch.Tensor:
