@@ -122,6 +122,21 @@ def test_search_refuses_methods_with_explicit_layers(method, tmp_path):
     assert "check failed: sdtp-eval" in proc.stderr and "cannot vary" in proc.stderr
 
 
+def test_a_refused_search_leaves_no_trial_in_the_stored_study(tmp_path):
+    """Optuna's sweeper asks the study for a trial before calling the search-space hook, so a refusal there (explicit
+    pruning.layers) stopped the sweep with that trial RUNNING in the stored study for good. The search's sweeper
+    refuses before the study holds any trial."""
+    import hydra.utils
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = _compose("model=tiny-llama", "pruning=gemfilter", f"hydra.sweeper.storage={storage}")
+    sweeper = hydra.utils.instantiate(cfg.hydra.sweeper)
+    # What setup() stores; the launcher and context it also sets up are never reached by a refused sweep.
+    sweeper.sweeper.config, sweeper.sweeper.hydra_context, sweeper.sweeper.launcher = cfg, object(), object()
+    with pytest.raises(ConfigError, match=r"pruning\.layers: pruning=gemfilter sets explicit stage layers"):
+        sweeper.sweep([])
+    assert page.study_states(storage) == {}
+
 def _nsga_session(storage: str, seed: int, trials: int) -> list[tuple]:
     """``trials`` schedules drawn as the Optuna sweeper draws them (ask, suggest, tell) by an NSGA-II sampler seeded
     ``seed`` on the stored study, for a 30-layer model."""

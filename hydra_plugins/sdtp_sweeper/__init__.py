@@ -1,1 +1,2 @@
-"""sdtp's Hydra plugin: the validating sweeper (Hydra loads plugins only from the ``hydra_plugins`` package)."""
+"""sdtp's Hydra plugins: the validating sweeper and the schedule search's Optuna sweeper (Hydra loads plugins only
+from the ``hydra_plugins`` package)."""

@@ -58,8 +58,8 @@ def check_searchable(cfg: DictConfig) -> None:
 
 def suggest_num_stages(cfg: DictConfig, trial: Any) -> None:
     """Draw ``pruning.num_stages`` in 1..min(``search.max_stages``, what fits); nothing if fixed or swept on the
-    command line (the module docstring says why). First refuses a search it cannot vary (:func:`check_searchable`):
-    the sweeper calls this for its first trial before launching any."""
+    command line (the module docstring says why). First refuses a search it cannot vary (:func:`check_searchable`),
+    as the schedule search's sweeper already did before asking for any trial (hydra_plugins/sdtp_sweeper)."""
     check_searchable(cfg)
     if STAGES in trial.user_attrs or STAGES in trial.params:
         return
