@@ -11,6 +11,7 @@ from sdtp.config import build_pruner, compose
 from sdtp.data import CHAT_MARGIN, build_examples, passage_qa_examples, validate_source
 from sdtp.errors import ConfigError
 from sdtp.eval.continuation import build_segments, validate
+from sdtp.eval import passage_kept
 from sdtp.eval.passage_kept import answer_tokens, kept_shares, target_span
 from sdtp.eval.passage_qa import EVAL_RECORDS, eligible_targets, evaluation_questions, passage_qa_records
 
@@ -153,3 +154,17 @@ def test_kept_shares_count_the_target_tokens_that_survive(tmp_path, tiny_llama):
         in_answer = torch.tensor([int(t) in set(cont[0].tolist()) for t in ctx[0, span]])
         expected = float(kept[in_answer].float().mean()) if in_answer.any() else float("nan")
         assert shares["answer"] == pytest.approx(expected, nan_ok=True)
+
+
+def test_passage_kept_reads_a_data_file_whose_path_hydra_would_parse(tmp_path, monkeypatch):
+    """--data-file goes into a Hydra override: a folder named like a sweep job's (seed=0), or with a comma or
+    brackets, failed to compose (or became a sweep) unless quoted. Without it, the config's data folder is used."""
+    folder = tmp_path / "seed=0,[a]"
+    (folder / "train").mkdir(parents=True)
+    _dolly(folder / "train").rename(folder / "train" / "databricks_dolly_15k.jsonl")
+    args = ["--model", "tiny-llama", "--records", "2", "--start", "0", "--context-len", "1200",
+            "--scorer", "positional=pruning=positional", "--threads", "1", "--out", str(tmp_path / "kept.json")]
+    given = passage_kept.main([*args, "--data-file", str(folder / "train" / "databricks_dolly_15k.jsonl")])
+    monkeypatch.setenv("SDTP_DATA_DIR", str(folder))
+    default = passage_kept.main(args)
+    assert len(given["scorers"]["positional"]["target_kept"]) == 2 and given == default

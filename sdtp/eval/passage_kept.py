@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdtp.config import build_pruner, compose
+from sdtp.config import build_pruner, compose, quoted_override
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
 from sdtp.eval.continuation import Segment, passage_qa_cell
@@ -34,6 +34,9 @@ from sdtp.eval.scoring import prefill_context
 from sdtp.models.loading import load_model
 from sdtp.scorers.oracle import reveal_continuation
 from sdtp.utils import write_json_atomic
+
+# The default data file, resolved by the config (an interpolation: not quoted, unlike a --data-file path).
+DOLLY = "eval.data_file=${paths.data_dir}/train/databricks_dolly_15k.jsonl"
 
 
 def target_span(tokenizer: Any, ctx_ids: torch.Tensor, record: dict[str, Any]) -> torch.Tensor:
@@ -83,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=16)
     p.add_argument("--start", type=int, default=64, help="first passage_qa record (64..127 = validation)")
     p.add_argument("--context-len", type=int, default=2048)
-    p.add_argument("--data-file", default="${paths.data_dir}/train/databricks_dolly_15k.jsonl")
+    p.add_argument("--data-file", default=None,
+                   help="the Dolly-15k JSONL (default: <paths.data_dir>/train/databricks_dolly_15k.jsonl)")
     p.add_argument("--scorer", action="append", required=True,
                    help="NAME=override,override,... (repeatable; eval-config overrides selecting the pruner)")
     p.add_argument("--threads", type=int, default=2)
@@ -94,7 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = [f"model={args.model}", "eval=continuation", "eval.dataset=passage_qa", f"eval.data_file={args.data_file}",
+    # A given path quoted: Hydra's override grammar refuses '=', ',' or brackets in it unquoted (e.g. a seed=0 folder).
+    data_file = DOLLY if args.data_file is None else quoted_override("eval.data_file", args.data_file)
+    base = [f"model={args.model}", "eval=continuation", "eval.dataset=passage_qa", data_file,
             f"eval.context_len={args.context_len}", f"eval.doc_start={args.start}", f"eval.num_segments={args.records}"]
     scorers = {name: overrides.split(",") for name, overrides in (s.split("=", 1) for s in args.scorer)}
     configs = {name: compose("eval", base + overrides) for name, overrides in scorers.items()}  # bad input fails here
