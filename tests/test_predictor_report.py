@@ -15,7 +15,8 @@ from sdtp.config import REPO_ROOT, compose
 from sdtp.errors import ConfigError
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import page_check, predictor_eval
-from sdtp.reports.continuation_cells import predictor_hashes, prior_weights, prompt_kind, row_scorer
+from sdtp.reports.continuation_cells import (cell_overrides, predictor_hashes, prior_weights, prompt_kind,
+                                            row_scorer)
 from sdtp.reports.predictor_options import PRIOR_OPTIONS, ScorerSpec, parse_args, scorer_specs
 from sdtp.scorers.lexical import WINDOW
 from sdtp.scorers.predictor import PRIORS
@@ -582,3 +583,18 @@ def test_a_killed_save_does_not_change_the_predictor_fingerprint(tmp_path):
         raise KeyboardInterrupt
     assert predictor_hashes(tmp_path) == before == {"predictor.json": before["predictor.json"],
                                                     "predictor.safetensors": before["predictor.safetensors"]}
+
+
+@pytest.mark.parametrize("dataset", ["wikitext", "multi_news", "passage_qa", "c4"])
+def test_cell_overrides_keep_a_data_path_hydra_would_parse(tmp_path, dataset):
+    """A data folder named like a sweep job's (``seed=0``), with a comma and brackets: unquoted, Hydra's override
+    grammar refused it or read a sweep; each cell must compose with the path exactly as given."""
+    data_dir = tmp_path / "seed=0,[a]"
+    files = {"wikitext": "lm/wiki.test.raw", "multi_news": "longbench/multi_news.jsonl",
+             "passage_qa": "train/databricks_dolly_15k.jsonl", "c4": "train/c4_en_1k.jsonl"}
+    path = data_dir / files[dataset]
+    path.parent.mkdir(parents=True)
+    path.write_text("{}\n")
+    opts = parse_args(["--model", "tiny-llama", "--datasets", dataset])
+    cfg = compose("eval", cell_overrides(opts, dataset, 64, str(data_dir)))
+    assert cfg.eval.data_file == str(path)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sdtp.benchmark.environment import cpu_model
-from sdtp.config import build_pruner, build_schedule, compose, pruner_variant_settings
+from sdtp.config import build_pruner, build_schedule, compose, pruner_variant_settings, quoted_override
 from sdtp.eval import continuation
 from sdtp.eval.continuation import Segment, build_segments, refill_enabled, segment_nll, segments_sha256, summarize
 from sdtp.kv import build_kv_policy, kv_compression, kv_enabled
@@ -184,16 +184,20 @@ def load_cache(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def dataset_overrides(dataset: str, opts: ReportOptions, data_dir: str) -> list[str]:
+    """The eval overrides that select ``dataset``; file paths quoted, since a folder may be named ``seed=0``."""
     if dataset == "wikitext":
-        return ["eval.dataset=wikitext", f"eval.data_file={opts.wikitext_file or f'{data_dir}/lm/wiki.test.raw'}"]
+        wiki = opts.wikitext_file or f"{data_dir}/lm/wiki.test.raw"
+        return ["eval.dataset=wikitext", quoted_override("eval.data_file", wiki)]
     if dataset == "multi_news":
-        return ["eval.dataset=longbench", f"eval.data_file={opts.multi_news_file or f'{data_dir}/longbench/multi_news.jsonl'}",
-                "eval.task=multi_news", f"eval.doc_start={opts.multi_news_start}"]
+        news = opts.multi_news_file or f"{data_dir}/longbench/multi_news.jsonl"
+        return ["eval.dataset=longbench", quoted_override("eval.data_file", news), "eval.task=multi_news",
+                f"eval.doc_start={opts.multi_news_start}"]
     if dataset == "passage_qa":
         dolly = opts.dolly_file or f"{data_dir}/train/databricks_dolly_15k.jsonl"
-        return ["eval.dataset=passage_qa", f"eval.data_file={dolly}", f"eval.doc_start={opts.passage_qa_start}"]
+        return ["eval.dataset=passage_qa", quoted_override("eval.data_file", dolly),
+                f"eval.doc_start={opts.passage_qa_start}"]
     start, end = opts.c4_docs
-    return ["eval.dataset=jsonl", f"eval.data_file={opts.c4_file or f'{data_dir}/train/c4_en_1k.jsonl'}",
+    return ["eval.dataset=jsonl", quoted_override("eval.data_file", opts.c4_file or f"{data_dir}/train/c4_en_1k.jsonl"),
             f"eval.doc_start={start}", f"eval.doc_end={end}"]
 
 
