@@ -42,6 +42,7 @@ evaluation records (their question and answer would otherwise be trained on).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import re
@@ -54,6 +55,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdtp.errors import ConfigError
 from sdtp.utils import read_jsonl_records, read_text_file
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("instruction", "text", "passage_qa", "longbench")
 CHAT_MARGIN = 32  # tokens left for the chat wrapper around a passage-QA prompt
@@ -207,6 +210,20 @@ def _without_passage_qa_eval(records: list[Mapping[str, Any]], path: str | Path)
             if (str(r.get("instruction", "")).strip(), str(r.get("context", "")).strip()) not in held_out]
 
 
+def _warn_passage_qa_overlap(records: list[Mapping[str, Any]], path: str | Path, key: str) -> None:
+    """Warn when ``records`` hold the Dolly rows behind the passage-QA evaluation records: the shipped recipes
+    (``data=mix``, ``mix_news``) predate ``exclude_passage_qa_eval`` and sample some of them, and a predictor
+    trained on a record's question and answer no longer scores that record as held-out data."""
+    from sdtp.eval.passage_qa import evaluation_questions
+
+    held_out = evaluation_questions(path)
+    shared = sum((str(r.get("instruction", "")).strip(), str(r.get("context", "")).strip()) in held_out
+                 for r in records)
+    if shared:
+        log.warning("%s: %d of its rows are behind passage-QA evaluation records, and training may sample them; "
+                    "set %s.exclude_passage_qa_eval=true to hold them out", key, shared, key)
+
+
 def instruction_examples(tokenizer: Any, records: list[Mapping[str, Any]], data: Mapping[str, Any],
                          num_samples: int, seed: int) -> list[Example]:
     """Prompt = instruction (+ context), continuation = response; prompts shorter than
@@ -302,6 +319,8 @@ def build_examples(tokenizer: Any, data: Mapping[str, Any], seed: int) -> list[E
         if source["format"] == "instruction":
             if source.get("exclude_passage_qa_eval"):
                 records = _without_passage_qa_eval(records, source["path"])
+            elif source.get("path") is not None:
+                _warn_passage_qa_overlap(records, source["path"], f"data.sources.{i}")
             examples += instruction_examples(tokenizer, records, data, count, seed)
         else:
             examples += text_examples(tokenizer, records, data, count)

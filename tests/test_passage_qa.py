@@ -123,6 +123,18 @@ def test_instruction_source_can_skip_the_rows_behind_the_evaluation_records(tmp_
     assert not questions(exclude_passage_qa_eval=True)
 
 
+def test_instruction_source_over_the_evaluation_rows_warns(tmp_path, tiny_llama, caplog):
+    """Training on the rows behind the passage-QA records is allowed (the shipped recipes did) but said."""
+    path, tokenizer = _dolly(tmp_path, rows=600), tiny_llama[1]
+    with caplog.at_level("WARNING", logger="sdtp.data"):
+        build_examples(tokenizer, _data(path, "instruction", first_doc=0, num=8), seed=0)
+    assert f"{EVAL_RECORDS} of its rows are behind passage-QA evaluation records" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdtp.data"):
+        build_examples(tokenizer, _data(path, "instruction", first_doc=0, num=8, exclude_passage_qa_eval=True), seed=0)
+    assert "passage-QA" not in caplog.text
+
+
 def test_target_span_is_exactly_the_target_passage_text(tmp_path, tiny_llama):
     path, tokenizer = _dolly(tmp_path), tiny_llama[1]
     cfg = compose("eval", ["model=tiny-llama", "eval=continuation", "eval.dataset=passage_qa",
