@@ -19,7 +19,8 @@ def box_sum(values: torch.Tensor, window: int) -> torch.Tensor:
     enough to reorder near-tied tokens) where float64 keeps it below the result's own float32 rounding."""
     seq = values.shape[1]
     pad = [0, 0] * (values.dim() - 2) + [window + 1, window]  # F.pad lists the last dim first
-    sums = torch.nn.functional.pad(values, pad).cumsum(dim=1, dtype=torch.float64)
+    wide = torch.float32 if values.device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.nn.functional.pad(values, pad).cumsum(dim=1, dtype=wide)
     return (sums[:, 2 * window + 1:] - sums[:, :seq]).to(values.dtype)
 
 
