@@ -55,7 +55,7 @@ from sdtp.engine.cache import refuse_static, unslide
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.engine.selection import gather_tokens, protected_mask, select_kept, select_kept_rows
 from sdtp.models import check_supported, decoder_layers
-from sdtp.engine.window import WindowedLayer, trim_to_window
+from sdtp.engine.window import WindowedLayer, trim_to_window, with_decoded
 from sdtp.models.compat import CACHE_KWARG, cache_from_kwargs, output_cache
 from sdtp.models.layer_types import has_sliding_layers, layer_kinds, layer_windows
 from sdtp.scorers.base import Scorer, ScoreContext
@@ -84,6 +84,11 @@ class PrefillRecord:
             prefill dropped the entries outside every later query's window (:mod:`sdtp.engine.window`);
             only layers that dropped some. Masked slots hold -1.
         cached_valid: layer -> (B, k'_l) bool real-token slots of those (None: all real).
+        decode_layouts: layer -> ((B, k''_l) positions, validity or None, end): what a sliding-window layer
+            holds after later forwards (decode steps, continuations) appended to it and dropped the entries
+            the next query's window no longer reaches; it describes every entry up to the logical cache
+            length ``end`` (appended tokens at positions L_b + t), later appends follow in order. Only
+            layers that dropped some; the prefill's own fields above are left as the prefill made them.
     """
 
     seq_len: int
@@ -99,6 +104,7 @@ class PrefillRecord:
     tokens_per_layer_rows: list[list[int]] = field(default_factory=list)
     cached_positions: dict[int, torch.Tensor] = field(default_factory=dict)
     cached_valid: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    decode_layouts: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = field(default_factory=dict)
 
     def cache_layout(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(B, k) positions and validity of the entries ``layer``'s cache holds, in slot order; None if it
@@ -108,6 +114,15 @@ class PrefillRecord:
         if layer in self.layer_positions:
             return self.layer_positions[layer], self.layer_valid.get(layer)
         return None
+
+    def live_layout(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+        """What ``layer``'s cache holds now: (B, k) positions and validity of its first k entries, which cover the
+        logical cache length ``end``; the entries past them are the tokens appended after ``end``, in order.
+        None if it holds the whole prompt and every appended token."""
+        if layer in self.decode_layouts:
+            return self.decode_layouts[layer]
+        layout = self.cache_layout(layer)
+        return None if layout is None else (*layout, self.seq_len)
 
     def cache_widths(self, num_layers: int) -> list[int]:
         """Slots each of ``num_layers`` layers' caches holds after the prefill (a ragged batch's padded width)."""
@@ -170,6 +185,8 @@ class PrefillRecord:
             tokens_per_layer_rows=[[counts[i] for i in picked] for counts in self.tokens_per_layer_rows],
             cached_positions={layer: take(positions) for layer, positions in self.cached_positions.items()},
             cached_valid={layer: take(valid) for layer, valid in self.cached_valid.items()},
+            decode_layouts={layer: (take(positions), take(valid), end)
+                             for layer, (positions, valid, end) in self.decode_layouts.items()},
         )
 
 
@@ -296,19 +313,44 @@ class TokenPruner:
         return {**kwargs, CACHE_KWARG: DynamicCache()}
 
     def _on_model_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Drop the sliding-window layers' cache entries no later query can see (:mod:`sdtp.engine.window`)."""
+        """Drop the sliding-window layers' cache entries no later query can see (:mod:`sdtp.engine.window`),
+        after the prefill and after every later forward, which appended to them."""
         cache = output_cache(output)
         record = self.last_prefill
-        if not self._prefill or cache is None or record is None:
+        if cache is None or record is None:
             return
         lengths = torch.tensor(record.seq_lens)
         for layer, window in enumerate(layer_windows(self._model.config)):
             if window is None or type(cache.layers[layer]) not in (DynamicLayer, WindowedLayer):
                 continue
-            layout = record.cache_layout(layer) or self._whole_prompt(record, cache.layers[layer].keys.device)
-            trimmed = trim_to_window(cache, layer, *layout, lengths.to(layout[0].device), window)
-            if trimmed is not None:
-                record.cached_positions[layer], record.cached_valid[layer] = trimmed
+            if self._prefill:
+                layout = record.cache_layout(layer) or self._whole_prompt(record, cache.layers[layer].keys.device)
+                trimmed = trim_to_window(cache, layer, *layout, lengths.to(layout[0].device), window)
+                if trimmed is not None:
+                    record.cached_positions[layer], record.cached_valid[layer] = trimmed
+            else:
+                self._trim_decoded(cache, layer, window, lengths)
+
+    def _trim_decoded(self, cache: Any, layer: int, window: int, lengths: torch.Tensor) -> None:
+        """After a decode step or continuation: drop ``layer``'s entries the next query's window cannot reach.
+
+        Without this a sliding layer would keep every appended token (it is a plain ``DynamicLayer``, see
+        ``unslide``): the mask hides them, but memory and attention work would grow with every token.
+        """
+        record = self.last_prefill
+        entry = cache.layers[layer]
+        total = cache.get_seq_length()  # layer 0's, never pruned: the next query's column
+        seq_len = record.seq_len
+        if total - window < 0:
+            return  # no position is out of any window yet
+        live = record.live_layout(layer)
+        positions, valid, end = live if live is not None else (*self._whole_prompt(record, entry.keys.device), seq_len)
+        positions, valid = with_decoded(positions, valid, lengths, end - seq_len, total - seq_len)
+        # The next query of row b sits at position L_b + (total - N): trim as the prefill does for L_b.
+        trimmed = trim_to_window(cache, layer, positions, valid, lengths.to(positions.device) + (total - seq_len),
+                                 window)
+        if trimmed is not None:
+            record.decode_layouts[layer] = (*trimmed, total)
 
     @staticmethod
     def _whole_prompt(record: PrefillRecord, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -474,10 +516,10 @@ class TokenPruner:
         """Decode/continuation step: only the mask's key axis must match this layer's cache."""
         mask = kwargs.get("attention_mask")
         record = self.last_prefill
-        layout = record.cache_layout(layer) if record is not None else None
+        layout = record.live_layout(layer) if record is not None else None
         if layout is None:
             return None
-        cached, valid = layout  # (B, k_l) prompt positions held by this layer (-1: masked)
+        cached, valid, end = layout  # (B, k_l) positions held by this layer up to column `end` (-1: masked)
         if mask is None:
             if valid is not None:
                 raise NotImplementedError("decoding from a ragged pruned cache needs the 2D attention mask")
@@ -488,7 +530,7 @@ class TokenPruner:
             cached = cached + record.pad.unsqueeze(1)  # columns of the padded prompt
         cached = cached.clamp(min=0)  # masked slots (-1) read any column: key_valid blocks them
         total = mask.shape[-1]
-        new = torch.arange(record.seq_len, total, device=cached.device).unsqueeze(0).expand(cached.shape[0], -1)
+        new = torch.arange(end, total, device=cached.device).unsqueeze(0).expand(cached.shape[0], -1)
         keys = torch.cat([cached, new], dim=1)  # (B, k_l + t) columns of this layer's cached keys
         kwargs = dict(kwargs)
         key_valid = None if valid is None else torch.cat([valid, torch.ones_like(new, dtype=torch.bool)], dim=1)

@@ -6,13 +6,17 @@ of those entries are dead once the prompt is in: a query at position q >= L (eve
 row of real length L) sees keys at positions p > q - window (HF's rule), so an entry at p <= L - window
 is never attended again. :func:`trim_to_window` drops them when the prefill returns, leaving at most
 ``window - 1`` entries per row, as HF's own ``DynamicSlidingWindowLayer`` keeps after a dense prefill.
-This changes no logit (``tests/test_window.py``); it only frees memory.
+Decode steps (and lm-eval continuations) append to these layers, so after every such forward the same rule
+is applied again for the next query (:func:`with_decoded` adds the appended entries to the layout first):
+the layers stay within ``window - 1`` entries, as HF's dense ones do, instead of growing by one per token.
+This changes no logit (``tests/test_window.py``); it only frees memory and attention work.
 
 A trimmed layer becomes a :class:`WindowedLayer`, which adds the dropped count to its reported length:
 HF reads the past length from layer 0 (a sliding layer in Gemma3) and sizes each kind's mask from its
 first layer, both in the prompt's logical column space, which must not move. The entries each trimmed
 layer still holds are recorded in :attr:`sdtp.engine.pruner.PrefillRecord.cached_positions`, by which
 later forwards slice the mask's key axis; ``layer_positions`` keeps meaning what *reached* the layer.
+What a layer holds after decode trims is in :attr:`sdtp.engine.pruner.PrefillRecord.decode_layouts`.
 """
 
 from __future__ import annotations
@@ -79,3 +83,24 @@ def trim_to_window(cache: Any, layer: int, positions: torch.Tensor, valid: torch
     WindowedLayer.adopt(entry, positions.shape[1] - width)
     kept = positions.gather(1, slots).masked_fill(~kept_valid, -1)
     return kept, None if bool(kept_valid.all()) else kept_valid
+
+
+def with_decoded(positions: torch.Tensor, valid: torch.Tensor | None, lengths: torch.Tensor, start: int,
+                 stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's layout once decode appended the tokens ``start..stop-1`` places after each row's prompt.
+
+    Every row appends at the same cache slot, and a row of real length L has its t-th appended token at
+    position L + t (left padding shifts columns, not positions), so the new entries are all real.
+
+    Args:
+        positions, valid: (B, k) the entries the layer held before, in slot order (masked slots -1).
+        lengths: (B,) real prompt length of each row.
+    Returns:
+        (B, k + stop - start) positions and validity (None: all real), the appended entries last.
+    """
+    offsets = torch.arange(start, stop, device=positions.device)
+    appended = lengths.to(positions.device).unsqueeze(1) + offsets  # (B, stop - start)
+    merged = torch.cat([positions, appended], dim=1)
+    if valid is None:
+        return merged, None
+    return merged, torch.cat([valid, torch.ones_like(appended, dtype=torch.bool)], dim=1)
