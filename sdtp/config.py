@@ -187,6 +187,28 @@ def offline_by_default() -> list[str]:
     return names
 
 
+# Entry points that run the pruned model past the prompt: generate and bench decode from the pruned cache, and every
+# eval runner generates or scores tokens on it (lm-eval's continuations and perplexity's scored tokens included).
+CONTINUING_TASKS = ("bench", "eval", "generate")
+
+
+def refuse_renumbered_continuation(cfg: DictConfig) -> None:
+    """Refuse ``pruning.position_ids=renumber`` for an entry point that runs tokens on the pruned cache.
+
+    Renumbering gives each pruned layer's kept prompt tokens the positions 0..k_l-1, with k_l differing by layer,
+    while every later token continues at the prompt length N (layer 0 is never pruned): a pruned layer sees a gap of
+    N - k_l positions between the prompt and what follows, and no single decode position closes it for all layers.
+    The ablation therefore covers the prefill only (a ``TokenPruner`` forward over a prompt, its own logits).
+    """
+    if cfg.pruning.get("position_ids") != "renumber" or cfg.get("task_name") not in CONTINUING_TASKS:
+        return
+    raise ConfigError(
+        f"pruning.position_ids=renumber: sdtp-{cfg.task_name} runs tokens on the pruned cache after the prompt, but "
+        "renumbered layers hold their kept tokens at positions 0..k-1 (k differs by layer) while later tokens continue "
+        "at the prompt length, leaving a position gap; renumber is a prefill-only ablation (use position_ids=original)"
+    )
+
+
 def validate_config(cfg: DictConfig, overrides: list[str] | None = None, present: Collection[str] = ()) -> None:
     """Check the composed config; raises :class:`ConfigError` naming the offending key.
 
@@ -221,6 +243,7 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None, present
     scorer = cfg.pruning.get("scorer")
     if scorer is None:  # pruning=none
         return
+    refuse_renumbered_continuation(cfg)
     pruner_variant(cfg.pruning)  # bad revive / merge_weight values
     variant = pruner_variant_settings(cfg.pruning)
     if variant and int(cfg.get("eval", {}).get("batch_size", 1)) != 1:

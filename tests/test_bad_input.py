@@ -54,6 +54,18 @@ def test_schedule_keys_explicit_layers_replace_are_refused(method, extra):
     assert build_schedule(compose("generate", ["model=tiny-llama", f"pruning={method}", *extra])).layers
 
 
+@pytest.mark.parametrize("task", ["generate", "eval", "bench"])
+def test_renumbered_positions_are_refused_where_tokens_follow_the_prompt(task):
+    """Renumbered pruned layers hold the prompt at 0..k-1 but later tokens continue at N: every entry point that
+    decodes or scores continuations on the pruned cache (all eval runners, perplexity's scored tokens included)
+    refuses it before the model loads; the dense model ignores the key."""
+    with pytest.raises(ConfigError, match=rf"^pruning\.position_ids=renumber: sdtp-{task} runs tokens on the pruned "
+                                          r"cache .*prefill-only ablation"):
+        compose(task, ["model=tiny-llama", "pruning=random", "pruning.position_ids=renumber"])
+    compose(task, ["model=tiny-llama", "pruning=random", "pruning.position_ids=original"])
+    compose(task, ["model=tiny-llama", "pruning=none", "pruning.position_ids=renumber"])
+
+
 @pytest.mark.parametrize(("target", "message"), [
     ("sdtp_no_such_pkg.nope.Scorer", r"cannot import 'sdtp_no_such_pkg\.nope\.Scorer' \(ModuleNotFoundError.*PATH"),
     ("sdtp.scorers.norm.HiddenNromScorer", r"cannot import .*AttributeError: module 'sdtp\.scorers\.norm'"),

@@ -308,6 +308,17 @@ def test_renumbered_positions_ablation_runs_and_differs(tiny_llama, prompt_ids):
     assert a.shape == b.shape and not torch.allclose(a, b)
 
 
+@torch.no_grad()
+def test_renumbered_positions_refuse_decoding_on_the_pruned_cache(tiny_llama, prompt_ids):
+    """Each renumbered layer holds its k_l kept tokens at 0..k_l-1, but a decode step continues at N: refused at the
+    first step after the prefill, rather than attending across a per-layer position gap."""
+    model, _, _ = tiny_llama
+    renumber = TokenPruner(PruningSchedule(**{**SCHEDULE.__dict__, "position_ids": "renumber"}), RandomScorer(seed=4))
+    assert len(generate(model, prompt_ids, 1, renumber).tokens) == 1  # the prefill's own logits: allowed
+    with pytest.raises(NotImplementedError, match="position_ids=renumber covers the prefill only"):
+        generate(model, prompt_ids, 3, renumber)
+
+
 class _ShortScorer(PositionScorer):
     """Returns one score too few (a scorer bug the pruner must name, not a broadcasting error)."""
 

@@ -262,6 +262,7 @@ class TokenPruner:
             kwargs = dict(kwargs)
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ref.shape[1]:]
         if not self._prefill:
+            self._refuse_renumbered_continuation()
             return (args, kwargs) if padded else None
         refuse_static(cache)
         changed = padded
@@ -295,6 +296,14 @@ class TokenPruner:
             self._extras["attention_mask"] = mask
         self.scorer.begin(input_ids, self._extras)
         return (args, kwargs) if changed else None
+
+    def _refuse_renumbered_continuation(self) -> None:
+        """Renumbered layers hold their kept tokens at 0..k_l-1 (k_l differs by layer), but a token run on the cache
+        continues at the prompt length: no position is right for every layer, so refuse rather than mix them
+        (``sdtp.config.refuse_renumbered_continuation`` refuses the entry points before any work)."""
+        if self.schedule.position_ids == "renumber":
+            raise NotImplementedError("pruning.position_ids=renumber covers the prefill only: decoding or scoring "
+                                      "continuations on the renumbered pruned cache is not supported")
 
     def _full_layer_cache(self, kwargs: dict) -> dict:
         """Give a sliding-window model a cache whose every layer keeps all its tokens (see ``unslide``)."""
