@@ -10,10 +10,15 @@ import sys
 
 import pytest
 
+from sdtp.benchmark.measure import TimedScorer, probe_prefill, time_generation
 from sdtp.cli.bench import SCHEMA, run
 from sdtp.config import REPO_ROOT, compose
+from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
+from sdtp.models import decoder_layers
 from sdtp.reports import paper_table2
+from sdtp.scorers.attention import AttentionScorer
 
 VARIANT_KEYS = {"prefill_s", "decode_ms_per_token", "end_to_end_s", "kv_cache_bytes", "cache_lengths",
                 "tokens_per_layer", "kept_per_stage", "memory"}
@@ -88,6 +93,18 @@ def test_smoke_two_repeats_in_process(tmp_path, capsys):
     assert [(int(r["seq_len"]), r["method"]) for r in ours] == [(96, "dense"), (96, "sdtp"), (160, "dense"), (160, "sdtp")]
     assert float(ours[1]["gflops_prefill"]) < float(ours[0]["gflops_prefill"])
     assert (tmp_path / "paper" / "tiny-llama.png").stat().st_size > 1000
+
+
+def test_timed_scorer_unbinds_the_scorer_it_wraps(tiny_llama, prompt_ids):
+    """Leaving the pruner removes an attention scorer's capture hooks through the timing wrapper, so the dense
+    generation timed after a pruned one runs none of them."""
+    model = tiny_llama[0]
+    scorer = AttentionScorer(num_queries=4)
+    pruner = TokenPruner(PruningSchedule((1, 2), (0.8, 0.6)), TimedScorer(scorer))
+    probe_prefill(model, prompt_ids, pruner)
+    assert sum(len(layer.self_attn._forward_pre_hooks) for layer in decoder_layers(model)) == 0
+    time_generation(model, prompt_ids, 2, None)
+    assert scorer._captured == {}
 
 
 def test_paper_table2_experiment_composes():

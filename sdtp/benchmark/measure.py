@@ -26,6 +26,11 @@ class TimedScorer(Scorer):
     def bind(self, model: nn.Module, layers: tuple[int, ...]) -> None:
         self.inner.bind(model, layers)
 
+    def unbind(self) -> None:
+        # The pruner's exit calls this; without forwarding, an attention scorer's capture hooks would stay on the
+        # model and run in every later (dense) prefill and decode step the bench times.
+        self.inner.unbind()
+
     def begin(self, input_ids: torch.Tensor | None, extras: dict[str, Any]) -> None:
         self.seconds, self.calls = 0.0, 0
         self.inner.begin(input_ids, extras)
