@@ -35,6 +35,16 @@ def test_random_pruning_json_follows_schedule(capsys):
     assert {"text", "prefill_s", "decode_s"} <= summary.keys()
 
 
+def test_integral_float_top_k_samples_like_the_int():
+    """top_k=5.0 passes the settings check, so it must sample exactly as top_k=5 does (not crash in topk)."""
+    texts = []
+    for top_k in ("5", "5.0"):
+        cfg = compose("generate", ["model=tiny-llama", "do_sample=true", f"top_k={top_k}", f"prompt={PROMPT!r}",
+                                   "max_new_tokens=4"])
+        texts.append(run(cfg)["text"])
+    assert texts[0] == texts[1]
+
+
 def test_cli_subprocess_last_line_is_json(tmp_path):
     cmd = [sys.executable, "-m", "sdtp.cli.generate", "model=tiny-mistral", "pruning=random", "max_new_tokens=3",
            f"hydra.run.dir={tmp_path}"]

@@ -112,7 +112,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer = load_model(cfg.model, cache_dir=cfg.paths.cache_dir)
     input_ids = encode_prompt(tokenizer, prompt, cfg.chat_template).to(cfg.model.device)
     check_length(cfg, input_ids.shape[1])
-    sampling = SamplingConfig(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+    # check_settings accepts an integral float (top_k=5.0), but torch's topk needs an int
+    sampling = SamplingConfig(cfg.do_sample, cfg.temperature, int(cfg.top_k), cfg.top_p, cfg.seed)
     with kv_compression(kv_policy, model):
         result = generate(model, input_ids, cfg.max_new_tokens, pruner, sampling, tokenizer.eos_token_id)
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
