@@ -231,6 +231,24 @@ def test_token_pruning_composes_with_kv_policy(tiny_engine, prompt_ids, method):
     assert all(length < window for idx, length in enumerate(lengths) if idx not in full)
 
 
+@torch.no_grad()
+def test_kept_fraction_counts_the_compressed_layers_in_either_nesting_order(tiny_gemma3, prompt_ids):
+    """Gemma3 + pruner + policy: kept_fraction is over the global layers only, so it does not depend on whether
+    the pruner has trimmed the sliding layers to their window when the compressor counts."""
+    model = tiny_gemma3[0]
+    schedule = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.45))
+    policy = KVPolicy("h2o", ratio=0.4)
+    full = [idx for idx, kind in enumerate(layer_kinds(model.config)) if kind == FULL]
+    reached = schedule.tokens_per_layer(prompt_ids.shape[1], model.config.num_hidden_layers)
+    expected = sum(policy.budget(reached[idx]) for idx in full) / sum(reached[idx] for idx in full)
+    for kv_outer in (True, False):
+        pruner, press = TokenPruner(schedule, RandomScorer(seed=0)), KVCompressor(policy)
+        first, second = (press, pruner) if kv_outer else (pruner, press)
+        with first(model), second(model):
+            model(prompt_ids, use_cache=True)
+        assert press.kept_fraction == pytest.approx(expected), kv_outer
+
+
 def test_kv_config_group():
     assert build_kv_policy(compose("generate", [])) is None
     policy = build_kv_policy(compose("generate", ["kv=h2o"]))

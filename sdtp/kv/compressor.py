@@ -73,7 +73,7 @@ class KVCompressor:
     def __init__(self, policy: KVPolicy) -> None:
         self.policy = policy
         self.last_sizes: list[tuple[int, int]] = []  # (entries before, after) per layer
-        self.entries_before = 0  # summed over layers and every prefill since construction
+        self.entries_before = 0  # summed over the compressed layers and every prefill since construction
         self.entries_after = 0
         self._scores: dict[int, torch.Tensor] = {}
         self._prefill = False
@@ -105,7 +105,8 @@ class KVCompressor:
 
     @property
     def kept_fraction(self) -> float | None:
-        """Cache entries kept / entries the prefills left, over every prefill so far (None before any)."""
+        """Cache entries kept / entries the prefills left in the compressed (full-attention) layers, over every
+        prefill so far (None before any)."""
         return self.entries_after / self.entries_before if self.entries_before else None
 
     def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -124,8 +125,11 @@ class KVCompressor:
         if cache is None:
             raise RuntimeError("KV compression needs the prefill cache: run the model with use_cache=True")
         self.last_sizes = compress_cache(cache, self.policy, self._scores, self._layers)
-        self.entries_before += sum(before for before, _ in self.last_sizes)
-        self.entries_after += sum(after for _, after in self.last_sizes)
+        # Only the compressed layers count: a sliding layer's length depends on whether a token pruner has
+        # trimmed it to its window yet (the nesting order of the two hooks), not on the policy.
+        compressed = [sizes for idx, sizes in enumerate(self.last_sizes) if idx in self._layers]
+        self.entries_before += sum(before for before, _ in compressed)
+        self.entries_after += sum(after for _, after in compressed)
         self._scores, self._prefill = {}, False
 
     def _make_mask_hook(self, idx: int):
