@@ -165,6 +165,7 @@ def prefill_flops(
     stage_layers: Sequence[int] = (),
     attention: str = "causal",
     positions_per_layer: Sequence[Positions | None] | None = None,
+    scored_per_stage: Sequence[int] | None = None,
 ) -> Flops:
     """FLOPs of one prefill with logits for the last position only.
 
@@ -174,6 +175,8 @@ def prefill_flops(
         stage_layers: layers before which a stage scores the alive tokens.
         positions_per_layer: the original positions each layer processed (None, or a None entry: the
             last ``n_l``); only sliding-window layers with ``attention="causal"`` read them.
+        scored_per_stage: tokens each stage's scorer rates, when that is not the alive ones of a stage that
+            drops some (None): a reviving pruner (:mod:`sdtp.engine.revival`) rates every prompt token.
     """
     if len(tokens_per_layer) != dims.num_layers:
         raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries for {dims.num_layers} layers")
@@ -182,12 +185,25 @@ def prefill_flops(
     attn = sum(4 * dims.q_dim * (attention_pairs(n, attention) if attention == "full" or dims.window(layer) is None
                                  else window_pairs(positions[layer], dims.window(layer)))
                for layer, n in enumerate(tokens_per_layer))
-    predictor = 0
-    for layer in stage_layers:
-        alive, kept = tokens_per_layer[layer - 1], tokens_per_layer[layer]
-        if kept < alive:  # a stage with nothing to drop does not call the scorer
-            predictor += predictor_per_token * alive
+    if scored_per_stage is None:
+        scored_per_stage = nested_scored(tokens_per_layer, stage_layers)
+    elif len(scored_per_stage) != len(stage_layers):
+        raise ValueError(f"scored_per_stage has {len(scored_per_stage)} entries for {len(stage_layers)} stages")
+    predictor = predictor_per_token * sum(scored_per_stage)
     return Flops(linear=linear, attention=attn, lm_head=dims.lm_head_per_token, predictor=predictor)
+
+
+def nested_scored(tokens_per_layer: Sequence[int], stage_layers: Sequence[int]) -> list[int]:
+    """Tokens each stage of a nesting pruner scores: its alive ones, or none when it has nothing to drop (the
+    pruner does not call the scorer then)."""
+    return [alive if kept < alive else 0
+            for alive, kept in ((tokens_per_layer[layer - 1], tokens_per_layer[layer]) for layer in stage_layers)]
+
+
+def revived_scored(seq_len: int, tokens_per_layer: Sequence[int], stage_layers: Sequence[int]) -> list[int]:
+    """Tokens each stage of a reviving pruner (:mod:`sdtp.engine.revival`) scores: every prompt token, at each
+    stage that keeps fewer than all of them (it re-ranks dropped tokens too)."""
+    return [seq_len if tokens_per_layer[layer] < seq_len else 0 for layer in stage_layers]
 
 
 def decode_pairs(cached: Positions, seq_len: int, steps: int, window: int | None) -> int:
@@ -221,11 +237,13 @@ def estimate(
     stage_layers: Sequence[int] = (),
     attention: str = "causal",
     positions_per_layer: Sequence[Positions | None] | None = None,
+    scored_per_stage: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Dense vs pruned FLOPs of generating ``new_tokens`` tokens from a ``seq_len``-token prompt.
 
     ``tokens_per_layer=None`` means no pruning (the pruned numbers then equal the dense ones);
-    ``positions_per_layer`` are the pruned layers' original positions (:func:`prefill_flops`).
+    ``positions_per_layer`` are the pruned layers' original positions and ``scored_per_stage`` the tokens
+    each stage's scorer rates (None: a nesting pruner's, :func:`prefill_flops`).
     Returns a JSON-ready dict: ``{dense, pruned}: {prefill, decode, end_to_end}: Flops.as_dict()``,
     the ratios dense/pruned (``prefill_ratio``, ``decode_ratio``, ``end_to_end_ratio``), the
     prefill FLOPs reduction ``1 - pruned/dense``, the predictor's share of pruned prefill FLOPs,
@@ -242,7 +260,8 @@ def estimate(
     for name, per_layer, pred, given in (("dense", dense_counts, 0, None),
                                          ("pruned", counts, predictor_per_token, positions_per_layer)):
         processed = layer_positions(seq_len, per_layer, given)
-        pre = prefill_flops(dims, per_layer, pred, stage_layers if name == "pruned" else (), attention, processed)
+        pre = prefill_flops(dims, per_layer, pred, stage_layers if name == "pruned" else (), attention, processed,
+                            scored_per_stage if name == "pruned" else None)
         cached = [cached_positions(positions, seq_len, dims.window(layer)) for layer, positions in enumerate(processed)]
         dec = decode_flops(dims, cached, seq_len, steps)
         out[name] = {"prefill": pre.as_dict(), "decode": dec.as_dict(), "end_to_end": (pre + dec).as_dict()}

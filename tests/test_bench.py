@@ -17,6 +17,7 @@ from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.models import decoder_layers
+from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.reports import paper_table2
 from sdtp.scorers.attention import AttentionScorer
 
@@ -105,6 +106,19 @@ def test_timed_scorer_unbinds_the_scorer_it_wraps(tiny_llama, prompt_ids):
     assert sum(len(layer.self_attn._forward_pre_hooks) for layer in decoder_layers(model)) == 0
     time_generation(model, prompt_ids, 2, None)
     assert scorer._captured == {}
+
+
+def test_revive_ablation_flops_charge_the_predictor_for_every_prompt_token(tmp_path):
+    """+pruning.revive=true re-ranks all N prompt tokens at every stage: the predictor's analytic FLOPs count them,
+    not only the alive ones a nesting pruner scores."""
+    cfg = compose("bench", ["model=tiny-llama", "pruning=sdtp", "pruning.scorer.path=null", "+pruning.revive=true",
+                            "lengths=[64]", "new_tokens=2", "repeats=1", "warmup=0", "memory=false"])
+    run(cfg, run_dir=tmp_path)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    layers = report["pruning"]["stage_layers"]
+    meta = PredictorMeta(hidden_size=cfg.model.arch.hidden_size, layers=layers)
+    per_token = TokenPredictor(meta).num_flops_per_token()
+    assert report["results"][0]["flops"]["pruned"]["prefill"]["predictor"] == per_token * 64 * len(layers)
 
 
 def test_paper_table2_experiment_composes():

@@ -9,8 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdtp.engine.cache import cache_lengths
 from sdtp.engine.generation import prefill
 from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.revival import RevivingPruner
 from sdtp.engine.schedule import PruningSchedule
-from sdtp.flops import ModelDims, attention_pairs, compression_ratio, estimate, flop_counter_mapping, window_pairs
+from sdtp.flops import (ModelDims, attention_pairs, compression_ratio, estimate, flop_counter_mapping, revived_scored,
+                        window_pairs)
 from sdtp.models.compat import cache_kwargs, output_cache
 from sdtp.models.layer_types import layer_windows, visible_keys
 from sdtp.predictor import PredictorMeta, TokenPredictor
@@ -55,6 +57,22 @@ def test_pruned_flops_with_predictor_equal_counter(tiny, prompt_ids):
     assert counted == est["pruned"]["end_to_end"]["total"]
     assert est["pruned"]["prefill"]["predictor"] == predictor.num_flops_per_token() * sum(tokens[0:3])
     assert est["prefill_ratio"] > 1.0 and est["decode_ratio"] > 1.0
+
+
+@torch.no_grad()
+def test_reviving_pruner_flops_with_predictor_equal_counter(tiny_llama, prompt_ids):
+    """+pruning.revive=true: every stage scores all N prompt tokens, and the estimate given them counts it."""
+    model = tiny_llama[0]
+    predictor = TokenPredictor(PredictorMeta(hidden_size=model.config.hidden_size, layers=list(SCHEDULE.layers)))
+    pruner = RevivingPruner(SCHEDULE, PredictorScorer(predictor=predictor))
+    with pruner(model):
+        counted = _counted(model, lambda: _generate_steps(model, prompt_ids, NEW - 1))
+        tokens = pruner.last_prefill.tokens_per_layer
+    scored = revived_scored(N, tokens, SCHEDULE.layers)
+    assert scored == [N] * 3
+    est = estimate(model.config, N, tokens, NEW, predictor.num_flops_per_token(), SCHEDULE.layers, attention="full",
+                   scored_per_stage=scored)
+    assert counted == est["pruned"]["end_to_end"]["total"]
 
 
 def test_dense_closed_form_smollm2_shape():

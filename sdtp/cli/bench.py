@@ -33,8 +33,9 @@ from sdtp.benchmark.memory import peak_cuda, peak_rss_subprocess
 from sdtp.benchmark.report import check_targets, render_markdown, render_plot, speedups, summary_line
 from sdtp.config import build_schedule, pruner_variant, sdtp_main
 from sdtp.engine.pruner import TokenPruner
+from sdtp.engine.revival import RevivingPruner
 from sdtp.errors import ConfigError
-from sdtp.flops import ATTENTION_MODES, estimate
+from sdtp.flops import ATTENTION_MODES, estimate, revived_scored
 from sdtp.models import load_model
 from sdtp.paths import portable_tree
 from sdtp.predictor import META_FILE, PredictorMeta, TokenPredictor
@@ -132,8 +133,10 @@ def _measure_length(cfg, model, pruner, ids, predictor_flops: int) -> dict[str, 
             [d["prefill_s"] / p["prefill_s"] for d, p in zip(runs["dense"], runs["pruned"])])
     tokens = entry["variants"].get("pruned", entry["variants"]["dense"])["tokens_per_layer"]
     stage_layers = list(pruner.schedule.layers) if pruner is not None else []
+    # the revive ablation's stages score every prompt token, not only the alive ones
+    scored = revived_scored(int(ids.shape[1]), tokens, stage_layers) if isinstance(pruner, RevivingPruner) else None
     entry["flops"] = estimate(model.config, int(ids.shape[1]), tokens, int(cfg.new_tokens), predictor_flops,
-                              stage_layers, cfg.attention_flops, positions)
+                              stage_layers, cfg.attention_flops, positions, scored)
     entry["speedup"] = speedups(entry)
     return entry
 
