@@ -167,3 +167,14 @@ def test_machine_text_lists_every_machine_not_the_last_runs():
             {"machine": {"cpu_model": "EPYC", "gpu": "A100"}, "git_commit": "a"},
             {"machine": {"cpu_model": "EPYC"}, "git_commit": "a"}]
     assert machine_text(runs) == ("A100, EPYC, Xeon", "a, b")
+
+
+def test_a_render_of_the_same_runs_keeps_the_wall_time_of_the_command_that_computed_them(page_dir, tmp_path):
+    """A resumed script finds every run done and renders again in seconds: the page keeps the computing time."""
+    runs = {"dense": tmp_path / "none", "sdtp": tmp_path / "sdtp"}
+    paper_table3.write_page(runs, page_dir, "bash experiments/paper_table3.sh", wall_s=3.0)
+    assert json.loads((page_dir / "tiny.json").read_text())["wall_s"] == 120.0
+    assert "this command 2.0 min" in (page_dir / "tiny.md").read_text()
+    other = {"dense": tmp_path / "none", "sdtp": _run(tmp_path / "sdtp2", DENSE, "sdtp")}  # other runs: its own time
+    paper_table3.write_page(other, page_dir, "bash experiments/paper_table3.sh", wall_s=3.0)
+    assert json.loads((page_dir / "tiny.json").read_text())["wall_s"] == 3.0
