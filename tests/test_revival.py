@@ -14,6 +14,7 @@ from sdtp.engine.revival import RevivingPruner, revived_fraction
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
 from sdtp.models.compat import cache_kwargs, output_cache
+from sdtp.models.layer_types import layer_windows
 from sdtp.scorers.base import Scorer, ScoreContext
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.6, 0.5, 0.4), keep_first=4, keep_recent=0.1)
@@ -55,7 +56,10 @@ def test_revived_prefill_and_decode_equal_the_per_layer_reference(tiny_engine, p
     per_layer = SCHEDULE.tokens_per_layer(n, len(record.tokens_per_layer))
     assert record.tokens_per_layer == per_layer
     widths = record.cache_widths(len(per_layer))  # per_layer, but sliding layers (Gemma3) trimmed to their window
-    assert cache_lengths(output_cache(out)) == [count + 2 for count in widths]  # + the two decode steps
+    lengths, windows = cache_lengths(output_cache(out)), layer_windows(model.config)
+    # full-attention layers: what the prefill left + the two decode steps; sliding ones stay within their window
+    assert [n for n, w in zip(lengths, windows) if w is None] == [c + 2 for c, w in zip(widths, windows) if w is None]
+    assert all(n <= w - 1 for n, w in zip(lengths, windows) if w is not None)
     everything = torch.arange(n)
     protected = (everything < 4) | (everything >= n - SCHEDULE.num_recent(n))
     for stage, (layer, table) in enumerate(zip(SCHEDULE.layers, _tables(), strict=True)):
