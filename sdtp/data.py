@@ -202,23 +202,23 @@ def middle_truncate_ids(ids: list[int], length: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (length - head):]
 
 
-def _without_passage_qa_eval(records: list[Mapping[str, Any]], path: str | Path) -> list[Mapping[str, Any]]:
+def _behind_passage_qa_eval(records: list[Mapping[str, Any]], path: str | Path) -> list[bool]:
+    """Per record: is it (by instruction and context) a Dolly row behind a passage-QA evaluation record?"""
     from sdtp.eval.passage_qa import evaluation_questions
 
     held_out = evaluation_questions(path)
-    return [r for r in records
-            if (str(r.get("instruction", "")).strip(), str(r.get("context", "")).strip()) not in held_out]
+    return [(str(r.get("instruction", "")).strip(), str(r.get("context", "")).strip()) in held_out for r in records]
+
+
+def _without_passage_qa_eval(records: list[Mapping[str, Any]], path: str | Path) -> list[Mapping[str, Any]]:
+    return [r for r, behind in zip(records, _behind_passage_qa_eval(records, path)) if not behind]
 
 
 def _warn_passage_qa_overlap(records: list[Mapping[str, Any]], path: str | Path, key: str) -> None:
     """Warn when ``records`` hold the Dolly rows behind the passage-QA evaluation records: the shipped recipes
     (``data=mix``, ``mix_news``) predate ``exclude_passage_qa_eval`` and sample some of them, and a predictor
     trained on a record's question and answer no longer scores that record as held-out data."""
-    from sdtp.eval.passage_qa import evaluation_questions
-
-    held_out = evaluation_questions(path)
-    shared = sum((str(r.get("instruction", "")).strip(), str(r.get("context", "")).strip()) in held_out
-                 for r in records)
+    shared = sum(_behind_passage_qa_eval(records, path))
     if shared:
         log.warning("%s: %d of its rows are behind passage-QA evaluation records, and training may sample them; "
                     "set %s.exclude_passage_qa_eval=true to hold them out", key, shared, key)
