@@ -234,6 +234,24 @@ def test_hooks_removed_and_model_unchanged_after_use(tiny_engine, prompt_ids):
 
 
 @torch.no_grad()
+def test_reentering_the_pruner_on_its_model_adds_no_hooks(tiny_llama, prompt_ids):
+    model, _, _ = tiny_llama
+    layers = decoder_layers(model)
+    alone = generate(model, prompt_ids, 3, TokenPruner(SCHEDULE, RandomScorer(seed=1)))
+    pruner = TokenPruner(SCHEDULE, RandomScorer(seed=1))
+    with pruner(model):
+        hooks = [len(layer._forward_pre_hooks) for layer in layers]
+        inner = generate(model, prompt_ids, 3, pruner)  # enters the pruner again
+        assert [len(layer._forward_pre_hooks) for layer in layers] == hooks
+        model(prompt_ids, use_cache=True)  # the outer block's hooks still work after the inner exit
+        after = pruner.last_prefill.kept_per_stage
+    assert inner.tokens == alone.tokens and after == alone.record.kept_per_stage
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in layers)
+    with pruner(model), pytest.raises(RuntimeError, match="another model"), pruner(torch.nn.Linear(1, 1)):
+        pass
+
+
+@torch.no_grad()
 def test_hooks_removed_when_forward_raises(tiny_llama, prompt_ids):
     model, _, _ = tiny_llama
     pruner = TokenPruner(SCHEDULE, RandomScorer())

@@ -29,6 +29,12 @@ def test_protected_tokens_count_inside_budget_and_win_when_larger():
     assert s.budget(0, 100) == 14  # 5 requested, 14 protected
 
 
+@pytest.mark.parametrize("keep_recent", [0.0, 1e-12, 0.001])
+def test_the_last_token_is_protected_however_small_keep_recent(keep_recent):
+    s = PruningSchedule(layers=(1,), keep_fractions=(0.5,), keep_first=0, keep_recent=keep_recent)
+    assert s.num_recent(100) == 1 and s.num_recent(1) == 1 and s.num_recent(0) == 0
+
+
 def test_tokens_per_layer():
     s = PruningSchedule(layers=(1, 3), keep_fractions=(0.5, 0.25), keep_first=0, keep_recent=0.0)
     assert s.tokens_per_layer(100, 4) == [100, 50, 50, 25]

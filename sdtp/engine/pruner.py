@@ -222,6 +222,14 @@ class TokenPruner:
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[TokenPruner]:
+        if self._model is not None:
+            if self._model is not model:
+                raise RuntimeError("this pruner is already attached to another model; use one pruner per model")
+            # Re-entered on its own model (e.g. generate(model, ids, n, pruner) inside `with pruner(model)`): the
+            # outer block owns the hooks; a second set would run every stage twice and the inner exit would
+            # detach the outer block's scorer.
+            yield self
+            return
         check_supported(model)
         layers = decoder_layers(model)
         self.schedule.validate(len(layers))

@@ -77,7 +77,7 @@ class PruningSchedule:
     def num_recent(self, seq_len: int) -> int:
         """Number of protected tokens at the end of a ``seq_len``-token prompt: at least the last one (its hidden
         state yields the next-token logits), also with ``keep_recent=0``."""
-        return recent_count(self.keep_recent, seq_len) if self.keep_recent > 0 else min(seq_len, 1)
+        return max(recent_count(self.keep_recent, seq_len), min(seq_len, 1))
 
     def num_protected(self, seq_len: int) -> int:
         return protected_count(seq_len, self.keep_first, self.num_recent(seq_len))
