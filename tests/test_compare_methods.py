@@ -13,6 +13,8 @@ import pytest
 from sdtp.config import REPO_ROOT
 from sdtp.eval.stats import paired_binary_interval
 from sdtp.reports import compare_methods as compare
+from sdtp.reports.method_outputs import page_sizes, smaller_than_existing
+from sdtp.reports.method_runs import collect, newest_outcomes
 
 T975_DF2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # df = 2 has a closed form: F(t) = 1/2 + t / (2 sqrt(2 + t^2))
 
@@ -305,6 +307,46 @@ def test_smaller_page_never_replaces_a_bigger_one(tmp_path):
     (out / "compare_methods.json").write_text(json.dumps({"columns": [], "rows": [], "ci95": {}}))
     with pytest.raises(SystemExit):
         compare.main(["--root", small, "--out", str(out)])
+
+
+def test_newest_run_replaces_the_paired_documents_of_an_older_one(tmp_path):
+    """A newer eval.limit=2 smoke pass beside the full runs: its columns, paired documents and sizes are the page's,
+    never the full runs' documents mixed in (the full runs' paths sort last: only the times say which is newer)."""
+    root, out, smoke = tmp_path / "multiruns", tmp_path / "compare", tmp_path / "smoke"
+    for method, outcomes in (("none", [1, 0] * 5), ("sdtp", [0] * 10)):  # full runs: sdtp loses 5 of 10
+        full = _lm_eval(root, method, outcomes, run="z_full", config={"eval": {"limit": 10}})
+        os.utime(full / "metrics.json", (1e9, 1e9))
+    rows, _, _ = _render(root, out)
+    assert rows["sdtp"]["lm_eval_delta"] == -50.0 and rows["sdtp"]["lm_eval_delta_n"] == 10
+    for method in ("none", "sdtp"):  # the smoke pass: both methods right on both documents
+        _lm_eval(root, method, [1, 1], run="a_smoke", config={"eval": {"limit": 2}})
+    fresh = collect(root)
+    assert {name: len(row["docs"]["lm_eval"]) for name, row in fresh.items()} == {"none": 2, "sdtp": 2}
+    assert page_sizes(fresh) == {"lm_eval_documents": 2, "piqa_documents": 2}
+    assert "lm_eval_documents: 10 -> 2" in smaller_than_existing(out, page_sizes(fresh))
+    assert compare.main(["--root", str(root), "--out", str(out), "--smaller-out", str(smoke)]) == 0
+    page = json.loads((smoke / "compare_methods.json").read_text())
+    sdtp = {r["method"]: r for r in page["rows"]}["sdtp"]
+    assert sdtp["piqa"] == 100.0 and sdtp["lm_eval_delta"] == 0.0 and sdtp["lm_eval_delta_n"] == 2
+    assert "identical on all 2" in (smoke / "compare_methods.md").read_text()
+
+
+def test_a_newer_run_replaces_the_units_of_the_columns_it_covers():
+    """lm-eval and LongBench runs replace the tasks / datasets they report; other evals their whole set of units."""
+    older = {("sdtp_piqa", 0): 1.0, ("sdtp_piqa", 1): 0.0, ("sdtp_arc_easy", 0): 1.0, ("hellaswag", 5): 1.0,
+             ("sdtp_boolq", 0): 1.0}
+    newer = {("sdtp_piqa", 0): 0.0, ("sdtp_hellaswag", 7): 0.0}  # the offline hellaswag: the same column
+    # boolq is reported without per-document outcomes: the older run's documents go with its column.
+    assert newest_outcomes(older, "lm_eval", newer, ["piqa", "hellaswag", "boolq"]) == {
+        ("sdtp_piqa", 0): 0.0, ("sdtp_hellaswag", 7): 0.0, ("sdtp_arc_easy", 0): 1.0}
+    longbench = {("multi_news", "a"): 0.5, ("multi_news", "b"): 0.25, ("qasper", "a"): 0.75}
+    assert newest_outcomes(longbench, "longbench", {("multi_news", "a"): 0.125}, ["multi_news"]) == {
+        ("multi_news", "a"): 0.125, ("qasper", "a"): 0.75}
+    needle = {("needle", "l1024_d0.0_0"): 1.0, ("needle", "l2048_d0.0_0"): 1.0}
+    assert newest_outcomes(needle, "needle", {("needle", "l1024_d0.0_0"): 0.0}, ["needle"]) == {
+        ("needle", "l1024_d0.0_0"): 0.0}
+    windows = {("window", 2048, 512, i, 512): 3.0 for i in range(4)}
+    assert newest_outcomes(windows, "perplexity", {}, ["perplexity"]) == {}  # a run without per-window NLLs
 
 
 def test_script_is_a_thin_wrapper():

@@ -9,7 +9,7 @@ import pytest
 
 from sdtp.eval.stats import (document_outcomes, holm, mcnemar_exact_p, paired_binary_interval, paired_interval,
                              paired_t_interval, stratified_binary_interval, stratified_bootstrap_ci,
-                             stratified_interval, stratified_t_interval, t_quantile)
+                             stratified_interval, stratified_t_interval, t_quantile, window_outcomes)
 from sdtp.reports.paired_tables import interval_text, paired_summary, uncorrected_p_text
 
 
@@ -38,6 +38,31 @@ def test_zero_variance_pairs():
     assert rounded.constant and rounded.mean == 0.2 and rounded.p_value == 0.0
     single = paired_t_interval([1.0])
     assert single.mean == 1.0 and math.isnan(single.low) and math.isnan(single.p_value)
+
+
+def test_differences_equal_up_to_rounding_have_no_spread():
+    # Means over three seeds: 2/3 - 1 and 1/3 - 2/3 differ in the last bit; an exact test gave them p ~ 1e-16.
+    seeds = paired_interval([2 / 3, 1 / 3], [1.0, 2 / 3], 100.0)
+    assert seeds.method == "t" and seeds.constant and seeds.p_value == 0.0
+    assert seeds.low == seeds.high == seeds.mean == pytest.approx(-100 / 3, rel=1e-12)
+    zero = paired_t_interval([0.1 + 0.2 - 0.3, 0.0])  # 5.6e-17 and 0: no difference at all
+    assert zero.identical and zero.p_value == 1.0 and (zero.mean, zero.low, zero.high) == (0.0, 0.0, 0.0)
+    spread = paired_t_interval([1.0, 1.0 + 1e-9])  # far above rounding: a real (if tiny) spread
+    assert not spread.constant and spread.low < spread.mean < spread.high and spread.p_value > 0.0
+    strata = stratified_t_interval([[2 / 3 - 1, 1 / 3 - 2 / 3], [0.5, 0.5]])
+    assert strata.constant and strata.p_value == 0.0
+
+
+def test_perplexity_windows_pair_only_over_the_same_spans():
+    """Window k scores the tokens from k * stride + window - stride on: another window length or stride scores
+    other text under the same index and token count, so it must not pair."""
+    dense = {"window_nll": [1000.0, 1100.0], "window_tokens": [512, 512], "window": 1024, "stride": 512}
+    units = window_outcomes(dense)
+    assert units == {("window", 1024, 512, 0, 512): 1000.0 / 512, ("window", 1024, 512, 1, 512): 1100.0 / 512}
+    assert not window_outcomes({**dense, "window": 2048}).keys() & units.keys()
+    assert not window_outcomes({**dense, "stride": 256}).keys() & units.keys()
+    assert window_outcomes({**dense, "window_nll": [1200.0, 1000.0]}).keys() == units.keys()  # another method
+    assert window_outcomes({"perplexity": 20.0}) == {}  # protocol 1: no per-window NLLs
 
 
 def test_holm_step_down():

@@ -28,6 +28,9 @@ from typing import Any
 
 from sdtp.utils import parse_jsonl
 
+# Differences whose spread is at most this (relative to max(1, their size)) are equal: rounding, not variation.
+SPREAD_RTOL = 1e-12
+
 
 def document_outcomes(run_dir: Path, metric: str = "acc") -> dict[tuple[str, int], float]:
     """(task, doc_id) -> per-document ``metric`` (0/1) from the ``samples_<task>.jsonl`` files of a run.
@@ -58,18 +61,26 @@ def prediction_outcomes(run_dir: Path) -> dict[tuple[str, str], float]:
 
 
 
-def window_outcomes(results: dict[str, Any]) -> dict[tuple[str, int, int], float]:
-    """("window", index, scored tokens) -> mean NLL per scored token, from a perplexity run's results.
+def window_outcomes(results: dict[str, Any]) -> dict[tuple[str, int | None, int | None, int, int], float]:
+    """("window", window, stride, index, scored tokens) -> mean NLL per scored token, from a perplexity run's results.
 
     Perplexity protocol 2 stores each window's NLL sum (``window_nll``) and scored-token count
-    (``window_tokens``); earlier runs have neither, and give {}. The token count is part of the key,
-    so runs over other windows do not pair.
+    (``window_tokens``); earlier runs have neither, and give {}. Window ``index`` scores the tokens from
+    ``index * stride + window - stride`` on, so the window length and stride (the results' ``window`` and
+    ``stride``) are part of the key with the token count: runs over other spans do not pair.
     """
     sums, counts = results.get("window_nll"), results.get("window_tokens")
     if not isinstance(sums, list) or not isinstance(counts, list) or len(sums) != len(counts):
         return {}
-    return {("window", i, int(n)): float(nll) / n for i, (nll, n) in enumerate(zip(sums, counts))
+    window, stride = _int_or_none(results.get("window")), _int_or_none(results.get("stride"))
+    return {("window", window, stride, i, int(n)): float(nll) / n for i, (nll, n) in enumerate(zip(sums, counts))
             if isinstance(nll, int | float) and isinstance(n, int) and n > 0}
+
+
+def _int_or_none(value: Any) -> int | None:
+    """``value`` if it is an int (not a bool), else None: a setting missing from a run's results pairs only with
+    runs missing it too."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -77,9 +88,9 @@ class PairedInterval:
     """Mean of paired differences with its 95% interval and two-sided p-value (H0: mean = 0).
 
     ``method``: ``t`` (Student t on the differences) or ``newcombe`` (0/1 outcomes: Newcombe's score interval
-    with an exact McNemar p; asymmetric, inside the feasible range). ``identical``: every difference is exactly 0
-    (p = 1). A constant non-zero difference of continuous outcomes has no spread: low = high = mean and p = 0.
-    With fewer than two pairs the bounds and p are NaN.
+    with an exact McNemar p; asymmetric, inside the feasible range). ``identical``: every difference is 0, up to
+    rounding (p = 1). A constant non-zero difference of continuous outcomes (equal up to rounding, :func:`no_spread`)
+    has no spread: low = high = mean and p = 0. With fewer than two pairs the bounds and p are NaN.
     """
 
     mean: float
@@ -117,15 +128,31 @@ def _t_result(mean: float, var_of_mean: float, df: float, n: int, level: float) 
     return PairedInterval(mean, mean - half, mean + half, float(2.0 * stats.t.sf(abs(mean) / se, df)), n, False)
 
 
+def no_spread(values: Sequence[float]) -> bool:
+    """Every value equal up to rounding: a spread of at most ``SPREAD_RTOL * max(1, max |value|)``.
+
+    Not an exact test: differences equal in exact arithmetic can differ in their last bits (means over three seeds:
+    2/3 - 1 and 1/3 - 2/3), and a t test on that rounding noise would print p ~ 1e-16. Nor a variance test: the
+    mean of equal values rounds too (0.2 * 3 / 3), which leaves a tiny variance.
+    """
+    return max(values) - min(values) <= SPREAD_RTOL * max(1.0, max(abs(v) for v in values))
+
+
+def all_zero(values: Sequence[float]) -> bool:
+    """Every value is 0 up to rounding (within ``SPREAD_RTOL``, the floor of :func:`no_spread`'s tolerance)."""
+    return all(abs(v) <= SPREAD_RTOL for v in values)
+
+
 def paired_t_interval(diffs: Sequence[float], level: float = 0.95) -> PairedInterval:
     """Paired t interval of ``mean(diffs)`` (diffs = method - reference, one per shared segment)."""
     n = len(diffs)
     mean = math.fsum(diffs) / n if n else math.nan
     if n < 2:
         return PairedInterval(mean, math.nan, math.nan, math.nan, n, False)
-    if all(d == diffs[0] for d in diffs):  # no spread (tested exactly: a rounded mean leaves a tiny variance)
-        identical = diffs[0] == 0.0
-        return PairedInterval(diffs[0], diffs[0], diffs[0], 1.0 if identical else 0.0, n, identical)
+    if no_spread(diffs):  # zero width; the first difference stands for them all (their mean may be rounded)
+        identical = all_zero(diffs)
+        value = 0.0 if identical else diffs[0]
+        return PairedInterval(value, value, value, 1.0 if identical else 0.0, n, identical)
     var = math.fsum((d - mean) ** 2 for d in diffs) / (n - 1)
     return _t_result(mean, var / n, n - 1, n, level)
 
@@ -243,9 +270,10 @@ def stratified_t_interval(strata: Sequence[Sequence[float]], level: float = 0.95
     mean = math.fsum(means) / len(strata)
     if any(len(s) < 2 for s in strata):
         return PairedInterval(mean, math.nan, math.nan, math.nan, n, False)
-    if all(d == s[0] for s in strata for d in s):
-        identical = all(s[0] == 0.0 for s in strata)
-        return PairedInterval(mean, mean, mean, 1.0 if identical else 0.0, n, identical)
+    if all(no_spread(s) for s in strata):  # no spread within any stratum: zero width (see no_spread)
+        identical = all(all_zero(s) for s in strata)
+        value = 0.0 if identical else mean
+        return PairedInterval(value, value, value, 1.0 if identical else 0.0, n, identical)
     parts = [math.fsum((d - m) ** 2 for d in s) / (len(s) - 1) / len(s) for s, m in zip(strata, means)]  # s_k^2 / n_k
     df = math.fsum(parts) ** 2 / math.fsum(v * v / (len(s) - 1) for v, s in zip(parts, strata) if v)
     return _t_result(mean, math.fsum(parts) / len(strata) ** 2, df, n, level)

@@ -34,7 +34,9 @@ hashes, package versions, git commit, eval and other config) is marked with a fo
 refused.
 
 Files that cannot be parsed are reported and skipped; when a method has several runs of the same
-eval, the newest file wins. Nothing here runs a model.
+eval, the newest file (by modification time) wins: each column it reports comes from it, and so do that column's
+paired documents and sizes (an lm-eval / LongBench run of other tasks / datasets leaves theirs alone). Nothing here
+runs a model.
 
 A page is never silently replaced by a smaller one: ``compare_methods.json`` records its ``sizes``
 (documents per eval, scored perplexity tokens); if ``--out`` already holds a page built from more

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -24,6 +24,8 @@ log = logging.getLogger("compare_methods")  # the page's logger, whichever modul
 DENSE = "none"
 ACC_KEYS = ("acc", "acc_norm", "score", "accuracy", "exact_match", "rouge_l", "rougeL", "rouge")
 LOWER_IS_BETTER = ("perplexity",)
+# Evals whose runs report one column per task / dataset: a newer run of some of them leaves the others' alone.
+PER_TASK_EVALS = ("lm_eval", "longbench")
 SPEEDUP_KEYS = ("prefill_speedup", "speedup_prefill", "ttft_speedup", "speedup")
 # Eval keys that decide what a number means (how many documents, tokens, shots...), listed under the table.
 SETTING_KEYS = ("tasks", "num_fewshot", "limit", "datasets", "max_new_tokens", "max_tokens", "window", "stride",
@@ -225,23 +227,50 @@ def _read_run(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def unit_column(ev: str, unit: tuple) -> str:
+    """The table column the outcome of paired ``unit`` (of eval ``ev``) counts in: its lm-eval task as the columns
+    name it (``sdtp_`` dropped) or its LongBench dataset (the first part of the unit's key); an eval of one column
+    (perplexity, needle, passage_count...) names it after itself (:func:`eval_metrics`)."""
+    return str(unit[0]).removeprefix("sdtp_") if ev in PER_TASK_EVALS else ev
+
+
+def newest_outcomes(older: dict[tuple, float], ev: str, newer: dict[tuple, float],
+                    columns: Iterable[str]) -> dict[tuple, float]:
+    """One eval's paired units after a newer run (its ``newer`` outcomes and ``columns``) is folded over ``older``.
+
+    The newer run replaces every column it reports or has units for, units included: a smaller smoke run beside a
+    full one must not pair its columns' documents with the full run's (an lm-eval run of other tasks, or a LongBench
+    run of other datasets, leaves theirs alone). A column it reports without units loses the older run's too, so a
+    difference is never paired on documents other than the column's.
+    """
+    replaced = set(columns) | {unit_column(ev, unit) for unit in newer}
+    return {**{unit: v for unit, v in older.items() if unit_column(ev, unit) not in replaced}, **newer}
+
+
 def _add_eval(row: dict[str, Any], data: dict[str, Any], run_dir: Path) -> None:
-    """Fold one sdtp-eval ``metrics.json`` (and the per-document files beside it) into ``row``."""
-    columns = eval_metrics(data)
+    """Fold one sdtp-eval ``metrics.json`` (and the per-document files beside it) into ``row``: the newer run
+    replaces the columns it reports, with their paired units, document counts and sizes."""
+    ev, columns = str(data.get("eval")), eval_metrics(data)
     row["metrics"].update(columns)
-    row["column_eval"].update({col: str(data.get("eval")) for col in columns})
-    row["counts"].update(sample_counts(data))
+    row["column_eval"].update({col: ev for col in columns})
+    row["counts"] = {col: n for col, n in row["counts"].items() if col not in columns} | sample_counts(data)
     row["fingerprints"][settings_key(data)] = data.get("fingerprint")
-    outcomes = run_outcomes(data, run_dir)
-    if outcomes:
-        row["docs"].setdefault(str(data.get("eval")), {}).update(outcomes)
+    docs = newest_outcomes(row["docs"].get(ev, {}), ev, run_outcomes(data, run_dir), columns)
+    if docs:
+        row["docs"][ev] = docs
+    else:  # an eval without units has no interval (a note says so), not the older run's
+        row["docs"].pop(ev, None)
     fraction = _number(_get(data, "results", "avg_layer_token_fraction")) or _number(
         data.get("avg_layer_token_fraction"))
     if fraction:
         row["layer_fraction"] = fraction
-    scored = _number(_get(data, "results", "scored_tokens"))
-    if scored is not None:
-        row.setdefault("sizes", {})["perplexity_tokens"] = int(scored)
+    if ev == "perplexity":
+        scored = _number(_get(data, "results", "scored_tokens"))
+        sizes = row.setdefault("sizes", {})
+        if scored is None:  # unknown for this run: the size guard must not see the older run's
+            sizes.pop("perplexity_tokens", None)
+        else:
+            sizes["perplexity_tokens"] = int(scored)
     kv_kept = _number(_get(data, "kv", "kept_fraction"))
     if kv_kept is not None:
         row["kv_kept"] = kv_kept
@@ -252,7 +281,8 @@ def _read_runs(root: Path, model: str | None = None) -> list[tuple[Path, dict[st
     only, when given: one page never pairs two models), oldest first."""
     files = sorted(root.rglob("metrics.json")) + sorted(root.rglob("bench.json"))
     runs = []
-    for path in sorted(files, key=lambda p: p.stat().st_mtime):  # newest last, so it wins
+    # Newest last, so it wins; nanoseconds, since a float of seconds since 1970 rounds to about 0.2 microseconds.
+    for path in sorted(files, key=lambda p: p.stat().st_mtime_ns):
         data = _read_run(path)
         if data is not None and (model is None or data.get("model") == model):
             runs.append((path, data, run_overrides(path.parent)))
