@@ -250,11 +250,19 @@ def all_ranks(value: T, world: World) -> list[T]:
 
 def sharded_map(fn: Callable[[list[T]], list[Any]], items: Sequence[T], world: World) -> list[Any]:
     """``fn`` on this rank's strided share of ``items`` (:func:`shard`); every rank gets every result, in
-    ``items``' order. ``fn`` returns one result per item; every rank calls this with the same ``items``."""
+    ``items``' order. ``fn`` returns one result per item; every rank calls this with the same ``items``.
+
+    Ranks that passed lists of different lengths (e.g. each answering part of them from its own request cache) get
+    a RuntimeError on every rank: their results would otherwise land on other items' places.
+    """
     if world.size == 1:
         return fn(list(items))
+    gathered = all_ranks((len(items), fn(shard(items, world))), world)  # the lengths travel with the results
+    lengths = [n for n, _ in gathered]
+    if len(set(lengths)) > 1:
+        raise RuntimeError(f"sharded_map: the ranks passed {lengths} items; every rank must pass the same list")
     out: list[Any] = [None] * len(items)
-    for rank, part in enumerate(all_ranks(fn(shard(items, world)), world)):
+    for rank, (_, part) in enumerate(gathered):
         out[rank :: world.size] = part
     return out
 

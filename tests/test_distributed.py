@@ -28,7 +28,7 @@ from sdtp.cli import train as train_cli
 from sdtp.config import REPO_ROOT, build_schedule, compose
 from sdtp.data import build_examples
 from sdtp.distributed import (World, adopt_submitit_tasks, average_gradients, check_world,
-                              refuse_sweep_under_launcher, shard, worker_overrides)
+                              refuse_sweep_under_launcher, shard, sharded_map, worker_overrides)
 from sdtp.errors import ConfigError
 from sdtp.models import load_model
 from sdtp.predictor import TokenPredictor
@@ -227,6 +227,29 @@ def test_torchrun_labelling_writes_the_shards_of_one_process(tmp_path):
     log = (tmp_path / "run" / "label.log").read_text()
     assert log.count("Labelling 10 examples") == 1  # rank 1 logs warnings only, to stderr
     assert not (tmp_path / ".hydra").exists()  # rank 1's run directory (".") got no config copy
+
+
+def _sharded_map_worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank: sharded_map over the same list, then over a list one item shorter on rank 1 (as if its own
+    request cache had answered an item); write what each call gave."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    world = World(rank=rank, size=WORLD)
+    outcome: dict[str, object] = {"same": sharded_map(lambda mine: [10 * i for i in mine], list(range(5)), world)}
+    try:
+        sharded_map(lambda mine: [10 * i for i in mine], list(range(5 - rank)), world)
+        outcome["mismatch"] = "no error"
+    except RuntimeError as exc:
+        outcome["mismatch"] = str(exc)
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_sharded_map_gives_every_result_in_order_and_refuses_lists_that_differ_between_ranks(tmp_path):
+    mp.spawn(_sharded_map_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert outcome["same"] == [0, 10, 20, 30, 40]
+        assert "the ranks passed [5, 4] items" in outcome["mismatch"]
 
 
 def test_ranks_share_each_step_without_overlap():
