@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -17,7 +18,8 @@ from sdtp.engine.cache import cache_lengths
 from sdtp.engine.pruner import TokenPruner
 from sdtp.engine.schedule import PruningSchedule
 from sdtp.errors import ConfigError
-from sdtp.eval.harness import output_types
+from sdtp.eval import harness
+from sdtp.eval.harness import clean_metrics, document_samples, output_types
 from sdtp.eval.lm_eval_model import SDTPLM
 from sdtp.eval.scoring import prefill_context, score_continuation
 from sdtp.kv import CompressedCache, KVCompressor, KVPolicy
@@ -397,3 +399,142 @@ def test_model_args_pretrained_folder_with_override_syntax_in_its_path(tiny_llam
     loaded, _, pruner, cfg = load_from_config("tiny-llama", "none", None, str(folder))
     assert cfg.model.hf_id == str(folder) and pruner is None
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_model_args_pruning_none_is_the_dense_config():
+    """lm-eval's arg parser turns ``pruning=none`` into None: that still names the dense config, not 'pruning/None'."""
+    lm = SDTPLM.create_from_arg_string("model=tiny-llama,pruning=none", {"batch_size": 1, "device": None})
+    assert lm.pruner is None and lm.max_length == int(compose("eval", ["model=tiny-llama"]).model.max_length)
+
+
+def test_generation_with_a_kv_policy_needs_its_hooks(tiny_llama, hf_lm):
+    """As log-likelihood requests, generation refuses to run on a cache the policy's hooks are not there to compress."""
+    model, tokenizer, _ = tiny_llama
+    policy = KVPolicy("h2o", ratio=0.2, window=4)
+    lm = SDTPLM(pretrained=model, tokenizer=tokenizer, kv_policy=policy, max_length=128)
+    prompt = "Once upon a time there was a tiny model that " * 4
+    request = lambda: [Instance("generate_until", doc={}, idx=0,
+                                arguments=(prompt, {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}))]
+    with pytest.raises(RuntimeError, match="kv=h2o: 1 generate_until request.*not compressed"):
+        lm.generate_until(request())
+    with KVCompressor(policy)(model) as press:
+        assert isinstance(lm.generate_until(request())[0], str)
+    assert press.kept_fraction is not None and press.kept_fraction < 0.5  # the prompt's cache was compressed
+    assert not KVCompressor.installed_on(model)  # and the hooks left with the block
+
+
+def test_keep_all_pruner_under_mixed_precision_equals_dense_hflm(tiny_llama):
+    """HFLM's ``mixed_precision_dtype`` autocasts its forwards; the pruned path's prefill and continuation
+    forwards run under the same autocast, so keeping every token they score as HFLM does (not in float32)."""
+    model, tokenizer, _ = tiny_llama
+    mixed = {"max_length": 128, "batch_size": 3, "mixed_precision_dtype": "bfloat16"}
+    dense = HFLM(pretrained=model, tokenizer=tokenizer, **mixed).loglikelihood(_requests())
+    keep_all = SDTPLM(pretrained=model, tokenizer=tokenizer, pruner=TokenPruner(KEEP_ALL, HiddenNormScorer()), **mixed)
+    ours = keep_all.loglikelihood(_requests())
+    in_bf16 = lambda x: torch.tensor(x).to(torch.bfloat16).item() == x
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(ours, dense, strict=True):
+        assert ll == pytest.approx(ll_ref, rel=1e-2, abs=1e-2) and greedy == greedy_ref
+        # Autocast logits are bfloat16, so is HFLM's log-softmax of them and its sum: float32 forwards would
+        # give sums bfloat16 cannot hold, which the tolerance above would not catch.
+        assert in_bf16(ll) and in_bf16(ll_ref)
+
+
+DATA_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}
+test_split: train
+doc_to_text: "{{{{q}}}}"
+"""
+CHOICE_TASK = """output_type: multiple_choice
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+"""
+# Two filters of one generation: "keep" (the generated text: never "[invalid]") and "const" (a regex that never
+# matches, whose fallback is "[invalid]": always right), so their exact_match differ: 0 and 1.
+TWO_FILTER_TASK = """output_type: generate_until
+doc_to_target: "[invalid]"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 3
+  do_sample: false
+metric_list:
+  - metric: exact_match
+filter_list:
+  - name: keep
+    filter:
+      - function: take_first
+  - name: const
+    filter:
+      - function: regex
+        regex_pattern: "(zzz)"
+      - function: take_first
+"""
+
+
+def _data_task_dir(tmp_path):
+    """Tasks with 6 documents each: tiny_gen (two filters), tiny_choice, tiny_choice2 (tag tiny_tag), and the group
+    tiny_group of tiny_choice and the tag."""
+    folder = tmp_path / "data_tasks"
+    folder.mkdir()
+    data = folder / "data.jsonl"
+    data.write_text("".join(f'{{"q": "Question {i}: pick", "choices": [" a", " b"], "label": {i % 2}}}\n'
+                            for i in range(6)))
+    task = lambda name, body: DATA_TASK_YAML.format(name=name, data=data) + body
+    (folder / "gen.yaml").write_text(task("tiny_gen", TWO_FILTER_TASK))
+    (folder / "choice.yaml").write_text(task("tiny_choice", CHOICE_TASK))
+    (folder / "choice2.yaml").write_text(task("tiny_choice2", CHOICE_TASK) + "tag: tiny_tag\n")
+    (folder / "group.yaml").write_text("group: tiny_group\ntask:\n  - tiny_choice\n  - tiny_tag\n")
+    return folder
+
+
+def _lm_eval_cfg(tmp_path, tasks: str, limit: str):
+    return compose("eval", ["eval=lm_eval", "model=tiny-llama", "pruning=none", "eval.num_fewshot=0",
+                            f"eval.include_path={_data_task_dir(tmp_path)}", f"eval.tasks={tasks}",
+                            f"eval.limit={limit}", "eval.checkpoint=false", f"run_dir={tmp_path / 'run'}"])
+
+
+def test_metric_names_keep_every_filter_but_none():
+    results = {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "acc_norm,none": 1, "flag,none": True,
+               "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+               "exact_match,flexible-extract": 0.75}
+    assert clean_metrics(results) == {"acc": 0.5, "acc_norm": 1.0, "exact_match/strict-match": 0.25,
+                                      "exact_match_stderr/strict-match": 0.1, "exact_match/flexible-extract": 0.75}
+
+
+def test_task_with_two_filters_reports_both(tiny_llama, tmp_path):
+    """lm-eval scores a generation once per filter: metrics.json keeps one number per filter (the last no longer
+    overwrites the others) and samples_<task>.jsonl says which filter each row of a document is."""
+    model, tokenizer, _ = tiny_llama
+    cfg = _lm_eval_cfg(tmp_path, "[tiny_gen]", "3")
+    (tmp_path / "run").mkdir()
+    out = harness.run(cfg, model, tokenizer, None, tmp_path / "run")
+    assert {k: v for k, v in out["tasks"]["tiny_gen"].items() if k.startswith("exact_match")} == {
+        "exact_match/keep": 0.0, "exact_match/const": 1.0}  # (stderr: none, eval.bootstrap_iters is 0)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples_tiny_gen.jsonl").read_text().splitlines()]
+    assert sorted((row["doc_id"], row["filter"]) for row in rows) == [
+        (doc, name) for doc in range(3) for name in ("const", "keep")]
+    assert {row["resps"][0] for row in rows if row["filter"] == "const"} == {"[invalid]"}
+
+
+def test_per_task_limit_of_a_group_or_tag_limits_each_of_its_tasks(tiny_llama, tmp_path):
+    """eval.limit={group or tag: n} limits each of its tasks (lm-eval's samples name tasks only); a task named
+    itself keeps its own limit; two different limits for one task are refused."""
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer, _ = tiny_llama
+    cfg = _lm_eval_cfg(tmp_path, "[tiny_group]", "{tiny_group: 2}")
+    harness.validate(cfg)
+    (tmp_path / "run").mkdir()
+    out = harness.run(cfg, model, tokenizer, None, tmp_path / "run")
+    assert out["n_samples"] == {"tiny_choice": 2, "tiny_choice2": 2}
+    manager = TaskManager(include_path=str(cfg.eval.include_path))
+    assert document_samples({"tiny_tag": 3}, manager) == {"tiny_choice2": [0, 1, 2]}
+    assert document_samples({"tiny_group": 2, "tiny_choice": None}, manager) == {"tiny_choice2": [0, 1]}
+    assert document_samples({"tiny_group": 2, "tiny_tag": 3, "tiny_choice2": 9}, manager) == {
+        "tiny_choice": [0, 1], "tiny_choice2": list(range(6))}
+    with pytest.raises(ConfigError, match=r"tiny_choice2 gets different limits \[2, 3\]"):
+        document_samples({"tiny_group": 2, "tiny_tag": 3}, manager)

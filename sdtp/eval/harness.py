@@ -163,7 +163,11 @@ def _of_type(kinds: dict[str, str], kind: str) -> list[str]:
 
 
 def check_limit(limit: Any, tasks: list[str]) -> None:
-    """``eval.limit``: null, a number > 0 (documents per task, or a fraction < 1), or {task: documents}."""
+    """``eval.limit``: null, a number > 0 (documents per task, or a fraction < 1), or {task: documents}.
+
+    A key of {task: documents} may be a group or tag among ``tasks``: it limits each of its tasks
+    (:func:`document_samples`).
+    """
     if limit is None:
         return
     if isinstance(limit, Mapping):
@@ -178,17 +182,47 @@ def check_limit(limit: Any, tasks: list[str]) -> None:
         raise ConfigError(f"eval.limit: must be a number > 0, {{task: documents}} or null, got {limit!r}")
 
 
+def _leaf_tasks(loaded: Mapping[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """(task name, lm-eval Task) of every task in lm-eval's ``get_task_dict`` output.
+
+    A group is a key (its ``ConfigurableGroup``, not its name) holding a dict of its members, walked recursively;
+    a tag arrives already expanded into its tasks.
+    """
+    for key, value in loaded.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_tasks(value)
+        else:
+            yield str(key), value
+
+
 def document_samples(limits: Mapping[str, int | None], manager: Any) -> dict[str, list[int]]:
     """lm-eval's ``samples`` for per-task limits: the first min(limit, size) documents of each limited task.
 
     The same documents ``limit=n`` picks (lm-eval takes the first n in order), per task; a task not
-    named, or named with null, runs in full.
+    named, or named with null, runs in full. lm-eval's ``samples`` names tasks only, so a group or tag
+    limits each of its tasks, as ``limit=n`` would; a task named itself keeps its own limit. Two groups
+    or tags that give one task different limits are a ConfigError.
     """
     from lm_eval.tasks import get_task_dict
 
-    named = [str(task) for task, n in limits.items() if n is not None]
-    loaded = get_task_dict(named, manager) if named else {}
-    return {task: list(range(min(int(limits[task]), len(loaded[task].eval_docs)))) for task in named}
+    own = {str(name): n for name, n in limits.items()}
+    found: dict[str, set[int]] = {}  # task -> the limits its named groups, tags or itself give it
+    sizes: dict[str, int] = {}
+    for name, n in own.items():
+        if n is None:
+            continue
+        for task, loaded in _leaf_tasks(get_task_dict([name], manager)):  # one name at a time: tags expand
+            found.setdefault(task, set()).add(int(n))
+            sizes[task] = len(loaded.eval_docs)
+    samples = {}
+    for task, ns in found.items():
+        if task not in own and len(ns) > 1:
+            raise ConfigError(f"eval.limit: task {task} gets different limits {sorted(ns)} from the groups or tags "
+                              "that hold it; give it its own limit")
+        n = own[task] if task in own else ns.pop()  # named itself (null too): that wins over its groups' limits
+        if n is not None:
+            samples[task] = list(range(min(int(n), sizes[task])))
+    return samples
 
 
 def validate(cfg: DictConfig) -> None:
@@ -239,20 +273,34 @@ def input_files(cfg: DictConfig) -> list[Path]:
             + [Path(cfg.eval.include_path) / f"{t}.yaml" for t in tasks])
 
 
+def metric_name(key: str) -> str:
+    """lm-eval's result key ``"<metric>,<filter>"`` -> ``<metric>`` for the ``none`` filter (the only one of
+    log-likelihood tasks), ``<metric>/<filter>`` otherwise: a task scored under several filters (gsm8k's
+    ``strict-match`` and ``flexible-extract``) reports one number per filter, which must not overwrite each other.
+    """
+    metric, _, filter_name = key.partition(",")
+    return metric if filter_name in ("", "none") else f"{metric}/{filter_name}"
+
+
 def clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
-    """``{"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": 0.5}`` (numbers only)."""
+    """``{"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": 0.5}`` (numbers only;
+    names by :func:`metric_name`: ``{"exact_match,strict-match": 0.5}`` -> ``{"exact_match/strict-match": 0.5}``)."""
     clean = {}
     for key, value in task_results.items():
-        name = key.split(",")[0]
         if isinstance(value, int | float) and not isinstance(value, bool):
-            clean[name] = float(value)
+            clean[metric_name(key)] = float(value)
     return clean
 
 
 def _write_samples(run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
-    """Per-document predictions: ``samples_<task>.jsonl`` (doc id, target, per-choice log-likelihoods)."""
+    """Per-document predictions: ``samples_<task>.jsonl`` (doc id, filter, target, per-choice log-likelihoods).
+
+    lm-eval logs a document once per filter of its task; ``filter`` tells those rows apart (``none`` for
+    log-likelihood tasks).
+    """
     for task, rows in samples.items():
-        records = ({"doc_id": row.get("doc_id"), "target": row.get("target"), "resps": row.get("filtered_resps"),
+        records = ({"doc_id": row.get("doc_id"), "filter": row.get("filter"), "target": row.get("target"),
+                    "resps": row.get("filtered_resps"),
                     **{m: row[m] for m in ("acc", "acc_norm", "perplexity") if m in row}} for row in rows)
         write_text_atomic(run_dir / f"samples_{task}.jsonl",
                           "".join(json.dumps(record, default=str) + "\n" for record in records))

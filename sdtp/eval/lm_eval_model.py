@@ -11,7 +11,8 @@ Pruning semantics (what :meth:`SDTPLM._loglikelihood_tokens` computes for each r
   there, exactly as generation would proceed after a pruned prompt. No dense pass is involved.
   Requests that share a context (the choices of one multiple-choice question) share one pruned
   prefill;
-* log-probs (in HFLM's ``softmax_dtype``), ``is_greedy`` and caching follow HFLM: in one process each
+* log-probs (in HFLM's ``softmax_dtype``, the forwards under its ``mixed_precision_dtype`` autocast),
+  ``is_greedy`` and caching follow HFLM: in one process each
   batch's answers reach lm-eval's request cache (``use_cache``) as soon as the batch is scored, as HFLM's
   do, so a killed run keeps them (``sdtp-eval``'s in-run checkpoint, :mod:`sdtp.eval.harness`);
   ``generate_until`` runs HF ``generate`` under the pruner (prompt pruned once), one prompt at a
@@ -35,8 +36,9 @@ cache at the end of that forward, and the continuation tokens are scored on the 
 layer's mask to the entries every KV head kept). Contexts are prefilled one at a time (a KV budget
 is a fraction of a row's prompt, which left padding would distort; ``batch_size`` is then not used
 for log-likelihood requests). A prefill that was not compressed (hooks missing) raises instead of
-scoring an uncompressed cache. ``loglikelihood_rolling`` is refused as with a pruner (1-token contexts leave
-nothing to compress), ``generate_until`` needs ``batch_size`` 1.
+scoring an uncompressed cache, and ``generate_until`` without the hooks is refused likewise.
+``loglikelihood_rolling`` is refused as with a pruner (1-token contexts leave nothing to compress),
+``generate_until`` needs ``batch_size`` 1.
 
 Batching with a pruner. ``batch_size`` (an integer; ``auto`` is refused, its probe measures the
 dense forward) counts CONTEXTS, the rows of the expensive forward, as it counts the rows of
@@ -84,7 +86,7 @@ from sdtp.errors import ConfigError
 from sdtp.eval.harness import rolling_refusal
 from sdtp.eval.kept import KeptLedger, KeptStats
 from sdtp.eval.scoring import prefill_contexts, score_continuations
-from sdtp.kv import CompressedCache, KVPolicy, kv_enabled
+from sdtp.kv import CompressedCache, KVCompressor, KVPolicy, kv_enabled
 
 log = logging.getLogger(__name__)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -94,6 +96,19 @@ Answer = tuple[float, bool]
 def _split_overrides(overrides: str | None) -> list[str]:
     """``"pruning.keep_ratio=0.8;pruning.keep_recent=0.2"`` -> Hydra overrides (``;`` since lm-eval splits on ``,``)."""
     return [item.strip() for item in (overrides or "").split(";") if item.strip()]
+
+
+def _arg_text(value: Any, default: str | None) -> str | None:
+    """A ``--model_args`` value back as typed: lm-eval's parser turns ``none`` into None and ``1`` into an int,
+    but ``pruning=none`` names the dense config; None gives ``default``."""
+    return default if value is None else str(value)
+
+
+def _uncompressed(policy: KVPolicy, what: str) -> RuntimeError:
+    """The error for requests that would run on a cache ``policy`` did not compress (its hooks are not installed);
+    ``what`` says which."""
+    return RuntimeError(f"kv={policy.method}: {what} not compressed; run inside `with kv_compression(policy, "
+                        "model)` (sdtp-eval installs it)")
 
 
 def load_from_config(model: str, pruning: str, overrides: str | None, pretrained: str | None):
@@ -128,7 +143,8 @@ class SDTPLM(HFLM):
         **kwargs: Any,
     ) -> None:
         if pretrained is None or isinstance(pretrained, str):
-            pretrained, tokenizer, pruner, cfg = load_from_config(model, pruning, overrides, pretrained)
+            pretrained, tokenizer, pruner, cfg = load_from_config(
+                _arg_text(model, "none"), _arg_text(pruning, "none"), _arg_text(overrides, None), pretrained)
             kwargs.setdefault("max_length", int(cfg.model.max_length))
         kwargs.pop("device", None)  # the model is already placed; HFLM ignores device for instances
         if (pruner is not None or kv_policy is not None) and str(kwargs.get("batch_size", 1)).startswith("auto"):
@@ -239,11 +255,11 @@ class SDTPLM(HFLM):
     def _score_batch(self, batch: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[tuple[int, list[int]]]]
                      ) -> list[tuple[int, Answer]]:
         """Prefill the contexts ``batch`` together, score all their continuations; [(request index, answer)]."""
+        # HFLM runs its forwards under autocast to mixed_precision_dtype (None: off); so do these.
         prefilled = prefill_contexts(self.model, [torch.tensor([ctx], device=self.device) for ctx in batch],
-                                     self.pruner)
+                                     self.pruner, autocast=self.mixed_precision_dtype)
         if self.kv_policy is not None and not isinstance(prefilled.cache, CompressedCache):
-            raise RuntimeError(f"kv={self.kv_policy.method}: the prefill's cache was not compressed; score inside "
-                               "`with kv_compression(policy, model)` (sdtp-eval installs it)")
+            raise _uncompressed(self.kv_policy, "the prefill's cache was")
         for row in range(len(batch) if prefilled.record is not None else 0):
             self._add_kept(prefilled.record.row(row), "loglikelihood", batch[row])
         if self.kept_ledger is not None:  # before the answers reach the cache: a cached context needs its record
@@ -253,15 +269,19 @@ class SDTPLM(HFLM):
             self.model, prefilled, [torch.tensor([cont], device=self.device) for _, _, cont in members], self.pruner,
             rows=[row for row, _, _ in members],
             dtype=self.softmax_dtype,  # HFLM's dense path takes its log-softmax in this dtype
+            autocast=self.mixed_precision_dtype,
         )
         return [(index, (float(logprobs.sum()), greedy)) for (_, index, _), (logprobs, greedy) in zip(members, scored)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """HFLM's generation; with a pruner or KV policy only at batch size 1 (one prompt per prefill)."""
+        """HFLM's generation; with a pruner or KV policy only at batch size 1 (one prompt per prefill), with a KV
+        policy only inside its hooks (otherwise generation would silently run on the full cache)."""
         if self.uses_cache_path and self.batch_size != 1:
             raise ConfigError(f"{len(requests)} generate_until request(s) with a pruner or KV policy and batch_size="
                               f"{self.batch_size}: pruned or KV-compressed generation runs one prompt at a time; use "
                               "batch_size=1 (only log-likelihood requests are batched with a pruner)")
+        if self.kv_policy is not None and not KVCompressor.installed_on(self.model):
+            raise _uncompressed(self.kv_policy, f"{len(requests)} generate_until request(s) would run on a cache")
         generate = super().generate_until
         quiet = disable_tqdm or not self.world.is_main
         return sharded_map(lambda mine: generate(mine, disable_tqdm=quiet), requests, self.world)

@@ -26,6 +26,8 @@ prefill keeps the last position's logits, the continuation forward feeds exactly
 next token is scored). Its ``dtype`` is the dtype ``log_softmax`` runs in: a caller that compares
 against another code path (the perplexity eval's dense forward, HFLM's ``softmax_dtype``) passes
 the same value to both, so a bf16 model is not scored in bf16 on one side and float32 on the other.
+Likewise ``autocast``: the dtype the model forwards (not the log-softmax) run in under ``torch.autocast``, as
+HFLM's ``mixed_precision_dtype`` runs its own (None: off).
 """
 
 from __future__ import annotations
@@ -62,19 +64,26 @@ class PrefilledContext:
         return torch.full((self.last_logits.shape[0],), self.length, device=self.last_logits.device)
 
 
+def _forward_autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` to ``dtype`` on ``device`` for a model forward; disabled when ``dtype`` is None."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.inference_mode()
 def prefill_context(model: nn.Module, ctx_ids: torch.Tensor, pruner: TokenPruner | None,
-                    attention_mask: torch.Tensor | None = None) -> PrefilledContext:
+                    attention_mask: torch.Tensor | None = None, autocast: torch.dtype | None = None
+                    ) -> PrefilledContext:
     """Prefill ``ctx_ids`` (B, N) with pruning; checks every row's last position survived.
 
     Args:
         attention_mask: (B, N) real-token mask of a left-padded batch (None = unpadded).
+        autocast: the forward's ``torch.autocast`` dtype (module docstring; None = off).
     Raises:
         ValueError: if the pruner dropped a row's last context position (a custom pruner; the schedule
             protects it), which would make the first continuation token's logits come from another position.
     """
     context = pruner(model) if pruner is not None else nullcontext()
-    with context:
+    with context, _forward_autocast(ctx_ids.device, autocast):
         out = model(input_ids=ctx_ids, use_cache=True, logits_to_keep=1,
                     **padding_kwargs(attention_mask, ctx_ids.shape[1]))
     record = pruner.last_prefill if pruner is not None else None
@@ -108,14 +117,14 @@ def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def prefill_contexts(model: nn.Module, contexts: Sequence[torch.Tensor],
-                     pruner: TokenPruner | None) -> PrefilledContext:
+                     pruner: TokenPruner | None, autocast: torch.dtype | None = None) -> PrefilledContext:
     """:func:`prefill_context` of contexts (1, n_b) of any lengths as one left-padded batch.
 
     Each row is pruned by its own budget (see :mod:`sdtp.engine.pruner`); numbers equal the
     contexts prefilled one at a time up to float noise.
     """
     ids, mask = left_pad(contexts)
-    return prefill_context(model, ids, pruner, mask)
+    return prefill_context(model, ids, pruner, mask, autocast)
 
 
 def token_logprobs(
@@ -136,7 +145,7 @@ def token_logprobs(
 
 
 def _feed_continuations(model: nn.Module, ctx: PrefilledContext, feeds: Sequence[torch.Tensor], rows: torch.Tensor,
-                        pruner: TokenPruner | None, consume: bool) -> torch.Tensor:
+                        pruner: TokenPruner | None, consume: bool, autocast: torch.dtype | None) -> torch.Tensor:
     """Logits (R, W, V) of feeds (1, w_r) (right-padded to W) run after context rows ``rows`` (R,).
 
     ``consume``: ``rows`` is every context row in order, so the forward appends to ``ctx.cache``
@@ -154,7 +163,7 @@ def _feed_continuations(model: nn.Module, ctx: PrefilledContext, feeds: Sequence
     # Every row continues from its own context length (left padding shifts none of its positions).
     positions = ctx.lengths().index_select(0, rows).unsqueeze(1) + torch.arange(width, device=ids.device)
     # Hooks must be installed so per-layer masks are sliced to each row's (pruned) cache.
-    with pruner(model) if pruner is not None else nullcontext():
+    with pruner(model) if pruner is not None else nullcontext(), _forward_autocast(ids.device, autocast):
         if pruner is not None:
             pruner.last_prefill = record
         return model(input_ids=ids, **cache_kwargs(cache), attention_mask=mask, position_ids=positions,
@@ -169,6 +178,7 @@ def score_continuations(
     pruner: TokenPruner | None,
     rows: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[tuple[torch.Tensor, bool]]:
     """Log-probabilities of each continuation ``conts[j]`` (1, T_j) after context row ``rows[j]``, in one forward.
 
@@ -181,6 +191,7 @@ def score_continuations(
             continuation per context row, in order, appending to ``ctx.cache`` (no copy).
         dtype: the log-softmax dtype (:func:`token_logprobs`); None = the logits' dtype, which is
             lm-eval HFLM's default (``softmax_dtype=None``).
+        autocast: the continuation forward's ``torch.autocast`` dtype (module docstring; None = off).
     Returns:
         per continuation: log-probs (T_j,) in ``dtype`` and whether every token is the argmax
         (lm-eval's ``is_greedy``).
@@ -194,7 +205,7 @@ def score_continuations(
     if longer:
         # The last continuation token predicts nothing we score.
         logits = _feed_continuations(model, ctx, [conts[j][:, :-1] for j in longer], source[longer], pruner,
-                                     consume=rows is None and len(longer) == len(conts))
+                                     consume=rows is None and len(longer) == len(conts), autocast=autocast)
         step = {j: logits[k, : conts[j].shape[1] - 1] for k, j in enumerate(longer)}  # (T_j - 1, V)
     scored = []
     for j, cont in enumerate(conts):

@@ -103,6 +103,15 @@ class KVCompressor:
                 handle.remove()
             self._scores = {}
 
+    @staticmethod
+    def installed_on(model: nn.Module) -> bool:
+        """Whether a KVCompressor's hooks are on ``model`` now (inside ``with KVCompressor(policy)(model)``).
+
+        Read from the base model's forward hooks, which ``__call__`` registers and removes on exit.
+        """
+        hooks = model.base_model._forward_hooks.values()
+        return any(isinstance(getattr(hook, "__self__", None), KVCompressor) for hook in hooks)
+
     @property
     def kept_fraction(self) -> float | None:
         """Cache entries kept / entries the prefills left in the compressed (full-attention) layers, over every

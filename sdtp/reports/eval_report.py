@@ -44,8 +44,11 @@ def hf_run(model: str, limit: int) -> dict[str, Any] | None:
     result = _latest(list(out.glob("**/results_*.json")))
     if result is None:
         return None
+    from sdtp.eval.harness import clean_metrics  # here: it imports torch, and only this reads lm-eval's own output
+
     wall = out / "wall.json"
-    tasks = {task: {k.split(",")[0]: v for k, v in res.items() if isinstance(v, int | float) and "stderr" not in k}
+    # Named as sdtp-eval names them, so the parity check pairs the same metric and filter.
+    tasks = {task: {k: v for k, v in clean_metrics(res).items() if "stderr" not in k}
              for task, res in result["results"].items()}
     return {"tasks": tasks, "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None}
 

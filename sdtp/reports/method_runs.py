@@ -59,9 +59,10 @@ def _to_float(text: Any) -> float | None:
 
 
 def _first_metric(entry: dict[str, Any]) -> float | None:
-    """The task's headline number: the first of ACC_KEYS present (lm-eval's ``acc,none`` too)."""
+    """The task's headline number: the first of ACC_KEYS present (lm-eval's ``acc,none`` too; for a task with
+    several filters, ``sdtp-eval``'s ``<key>/<filter>`` of the first filter lm-eval lists)."""
     for key in ACC_KEYS:
-        for variant_key in (key, f"{key},none"):
+        for variant_key in (key, f"{key},none", *(k for k in entry if k.startswith(f"{key}/"))):
             value = _number(entry.get(variant_key))
             if value is not None:
                 return value
