@@ -538,3 +538,13 @@ def test_per_task_limit_of_a_group_or_tag_limits_each_of_its_tasks(tiny_llama, t
         "tiny_choice": [0, 1], "tiny_choice2": list(range(6))}
     with pytest.raises(ConfigError, match=r"tiny_choice2 gets different limits \[2, 3\]"):
         document_samples({"tiny_group": 2, "tiny_tag": 3}, manager)
+
+
+def test_sdtp_lm_eval_refuses_per_rank_request_caches():
+    from sdtp.distributed import World
+
+    for argv in (["sdtp-lm-eval", "--use_cache", "cache/x"], ["sdtp-lm-eval", "--use_cache=cache/x"]):
+        with pytest.raises(ConfigError, match="single-process only"):
+            harness.refuse_rank_caches(argv, World(rank=1, size=2))
+        harness.refuse_rank_caches(argv, World())  # one process: lm-eval's cache is fine
+    harness.refuse_rank_caches(["sdtp-lm-eval", "--tasks", "sdtp_copa"], World(rank=0, size=2))

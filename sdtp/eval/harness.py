@@ -405,12 +405,25 @@ def cli_main() -> None:
     import sdtp.eval.lm_eval_model  # noqa: F401  (registers the "sdtp" model)
     from lm_eval.__main__ import cli_evaluate
 
+    world = World.from_env()
+    refuse_rank_caches(sys.argv, world)
     if "--include_path" not in sys.argv:
         sys.argv += ["--include_path", str(TASKS_DIR)]
     # Under torchrun / accelerate launch every rank joins the group SDTPLM's collectives use; NCCL when
     # GPUs are present (the launcher gives rank r GPU LOCAL_RANK), gloo otherwise.
-    with process_group(World.from_env(), {"backend": "auto"}, "cuda" if torch.cuda.is_available() else "cpu"):
+    with process_group(world, {"backend": "auto"}, "cuda" if torch.cuda.is_available() else "cpu"):
         cli_evaluate()
+
+
+def refuse_rank_caches(argv: list[str], world: World) -> None:
+    """``--use_cache`` on several processes is a ConfigError, as :func:`request_cache` keeps none there.
+
+    lm-eval gives each rank its own cache file, which holds only that rank's share of a killed run; resumed, the
+    ranks would ask for different requests and :func:`sdtp.distributed.sharded_map` could not pair them.
+    """
+    if world.size > 1 and any(arg == "--use_cache" or arg.startswith("--use_cache=") for arg in argv):
+        raise ConfigError(f"sdtp-lm-eval: --use_cache is single-process only (WORLD_SIZE={world.size}): each rank "
+                          "would cache its own share of the requests, which a resumed run cannot pair")
 
 
 if __name__ == "__main__":
