@@ -80,6 +80,25 @@ def test_summary_avg_is_mean_over_datasets_not_categories():
     assert len(PAPER_TABLE1) == 14 and DATASETS["multi_news"].max_new_tokens == 512
 
 
+@pytest.mark.parametrize(("model", "expected"), [("llama2-7b", 3500), ("llama3-8b", 7500),
+                                                ("mistral-7b-instruct-v0.2", 31500)])
+def test_prompt_length_follows_model2maxlen(model, expected):
+    # THUDM's model2maxlen.json: llama2-7b-chat-4k 3500, *-8k 7500, *-32k 31500 (a "K" is 1000 tokens, 500 spare).
+    cfg = compose("eval", ["eval=longbench", f"model={model}"])
+    assert longbench.max_prompt_length(cfg) == expected
+    assert expected + DATASETS["multi_news"].max_new_tokens <= cfg.model.max_length
+    cfg = compose("eval", ["eval=longbench", f"model={model}", "eval.max_length=1234"])
+    assert longbench.max_prompt_length(cfg) == 1234
+
+
+def test_max_new_tokens_caps_but_never_raises_the_official_length():
+    cfg = compose("eval", ["eval=longbench", "model=tiny-llama", "eval.max_new_tokens=128"])
+    assert longbench.max_new_tokens(cfg, "multi_news") == 128  # official 512
+    assert longbench.max_new_tokens(cfg, "hotpotqa") == DATASETS["hotpotqa"].max_new_tokens == 32
+    cfg = compose("eval", ["eval=longbench", "model=tiny-llama"])
+    assert longbench.max_new_tokens(cfg, "multi_news") == 512
+
+
 def test_truncate_middle_keeps_head_and_tail(tiny_llama):
     _, tokenizer, _ = tiny_llama
     prompt = "HEAD instructions. " + "filler " * 200 + "TAIL question?"
@@ -121,6 +140,9 @@ def test_missing_or_unknown_dataset_is_a_config_error(tmp_path):
         longbench.validate(cfg)
     cfg = compose("eval", ["eval=longbench", "model=tiny-llama", "eval.datasets=[nope]"])
     with pytest.raises(ConfigError, match="eval.datasets"):
+        longbench.validate(cfg)
+    cfg = compose("eval", ["eval=longbench", "model=tiny-llama", "model.max_length=512", f"eval.data_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="leaves no prompt tokens"):
         longbench.validate(cfg)
 
 

@@ -42,7 +42,8 @@ from sdtp.eval.prompt_compression import validate as validate_compression
 from sdtp.utils import read_jsonl_records
 
 log = logging.getLogger(__name__)
-# THUDM's model2maxlen.json leaves 500 tokens of room under the context window (4K -> 3500, 8K -> 7500).
+# THUDM's model2maxlen.json counts a "K" of context as 1000 tokens and leaves 500 of them for the answer
+# (4K -> 3500, 8K -> 7500, 32K -> 31500), so even multi_news' 512 new tokens fit under the window.
 HEADROOM = 500
 
 
@@ -70,6 +71,9 @@ def validate(cfg: DictConfig) -> dict[str, Path]:
         if cfg.eval.get(key) is not None:
             integer(cfg.eval[key], f"eval.{key}", low=1)
     check_chat_template(cfg.eval.get("chat_template", "auto"))
+    if max_prompt_length(cfg) < 1:
+        raise ConfigError(f"model.max_length={cfg.model.max_length} leaves no prompt tokens under LongBench's rule "
+                          "(max_length * 1000 / 1024 - 500); set eval.max_length")
     unknown_files = sorted(set(cfg.eval.get("data_files") or {}) - set(DATASETS))
     if unknown_files:
         raise ConfigError(f"eval.data_files: {unknown_files} are not LongBench v1 datasets; known: {sorted(DATASETS)}")
@@ -85,9 +89,17 @@ def input_files(cfg: DictConfig) -> list[Path]:
 
 
 def max_prompt_length(cfg: DictConfig) -> int:
+    """Prompt tokens kept by middle truncation: ``eval.max_length``, else LongBench's rule for the model's window."""
     if cfg.eval.get("max_length") is not None:
         return int(cfg.eval.max_length)
-    return int(cfg.model.max_length) - HEADROOM
+    return int(cfg.model.max_length) * 1000 // 1024 - HEADROOM
+
+
+def max_new_tokens(cfg: DictConfig, name: str) -> int:
+    """Dataset ``name``'s official generation length, capped (never raised) by ``eval.max_new_tokens``."""
+    official = DATASETS[name].max_new_tokens
+    cap = cfg.eval.get("max_new_tokens")
+    return official if cap is None else min(int(cap), official)
 
 
 def check_record(record: dict[str, Any], spec: LongBenchDataset, where: str) -> None:
@@ -199,7 +211,7 @@ def predict_dataset(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: T
     """
     spec = DATASETS[name]
     max_length = max_prompt_length(cfg)
-    max_new = int(cfg.eval.max_new_tokens or spec.max_new_tokens)
+    max_new = max_new_tokens(cfg, name)
     chat = wants_chat_template(tokenizer, cfg.eval.chat_template)
     newline = name in NEWLINE_STOP_DATASETS
     stops = stop_token_ids(model, tokenizer, ["\n"] if newline else [])
@@ -237,7 +249,7 @@ def run(cfg: DictConfig, model: nn.Module, tokenizer: Any, pruner: TokenPruner |
         **summarize(scores),
         "num_samples": counts,
         "max_length": max_prompt_length(cfg),
-        "max_new_tokens": {name: int(cfg.eval.max_new_tokens or DATASETS[name].max_new_tokens) for name in paths},
+        "max_new_tokens": {name: max_new_tokens(cfg, name) for name in paths},
         "truncated_samples": sum(bool(r["truncated"]) for r in rows_all),
         **cost_summary(rows_all),
         **compression_summary(rows_all),
