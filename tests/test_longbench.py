@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -134,13 +135,20 @@ def _records(path, n=2):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_missing_or_unknown_dataset_is_a_config_error(tmp_path):
+def test_missing_or_unknown_dataset_is_a_config_error(tmp_path, monkeypatch):
+    real_find = importlib.util.find_spec
     cfg = compose("eval", ["eval=longbench", "model=tiny-llama", f"eval.data_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="eval.data_files.multi_news"):
         longbench.validate(cfg)
     cfg = compose("eval", ["eval=longbench", "model=tiny-llama", "eval.datasets=[nope]"])
     with pytest.raises(ConfigError, match="eval.datasets"):
         longbench.validate(cfg)
+    cfg = compose("eval", ["eval=longbench", "model=tiny-llama", "eval.datasets=[dureader]",
+                           f"eval.data_dir={tmp_path}"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real_find(name, *a))
+    with pytest.raises(ConfigError, match="pip install jieba"):  # before any data file or prediction
+        longbench.validate(cfg)
+    monkeypatch.undo()
     cfg = compose("eval", ["eval=longbench", "model=tiny-llama", "model.max_length=512", f"eval.data_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="leaves no prompt tokens"):
         longbench.validate(cfg)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sdtp.checks import integer
 from sdtp.engine.pruner import TokenPruner
 from sdtp.errors import ConfigError
-from sdtp.eval.longbench_metrics import dataset_score, sample_score
+from sdtp.eval.longbench_metrics import check_dependencies, dataset_score, sample_score
 from sdtp.eval.longbench_tasks import (
     CATEGORIES,
     DATASETS,
@@ -78,6 +78,7 @@ def validate(cfg: DictConfig) -> dict[str, Path]:
     if unknown_files:
         raise ConfigError(f"eval.data_files: {unknown_files} are not LongBench v1 datasets; known: {sorted(DATASETS)}")
     validate_compression(cfg)
+    check_dependencies(DATASETS[n].metric for n in names)
     paths = {n: data_file(cfg, n) for n in names}
     for name, path in paths.items():
         load_records(path, cfg.eval.get("limit"), DATASETS[name])  # schema errors before the model loads

@@ -17,10 +17,11 @@ official code are kept on purpose because they move the published numbers:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sdtp.errors import ConfigError
@@ -53,11 +54,22 @@ def qa_f1_score(prediction: str, ground_truth: str, **_: Any) -> float:
     return token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
 
 
+# The metrics that segment Chinese text with jieba (an optional dependency: only these datasets need it).
+JIEBA_METRICS = frozenset({"qa_f1_zh", "rouge_zh"})
+
+
+def check_dependencies(metrics: Iterable[str]) -> None:
+    """Raise ConfigError before any prediction if one of ``metrics`` needs a package that is not installed."""
+    needs = sorted(set(metrics) & JIEBA_METRICS)
+    if needs and importlib.util.find_spec("jieba") is None:
+        raise ConfigError(f"eval.datasets: the metrics {needs} of the Chinese LongBench datasets need "
+                          "`pip install jieba`")
+
+
 def _jieba_cut(text: str) -> list[str]:
-    try:
-        import jieba
-    except ImportError as err:  # only the Chinese datasets need it
-        raise ConfigError("eval.datasets: Chinese LongBench datasets need `pip install jieba`") from err
+    check_dependencies(JIEBA_METRICS)
+    import jieba
+
     return list(jieba.cut(text, cut_all=False))
 
 
