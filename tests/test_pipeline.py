@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from sdtp.cli import evaluate, pipeline
 from sdtp.cli.check import main as check
-from sdtp.config import REPO_ROOT, compose, quoted_override
+from sdtp.config import REPO_ROOT, build_schedule, compose, quoted_override
 from sdtp.errors import ConfigError
 from sdtp.training.demo import DEMO_OVERRIDES
 
@@ -57,3 +57,18 @@ def test_retraining_needs_no_shipped_predictor(tmp_path: Path, capsys: pytest.Ca
     assert check(["pipeline", "model=tiny-llama", "retrain_predictor=true", "stages=[generate]"]) == 0
     with pytest.raises(ConfigError, match=r"pruning\.scorer\.path: .*results/predictors/tiny-llama does not exist"):
         pipeline.validate_pipeline(compose("pipeline", ["model=tiny-llama", "stages=[generate]"]), run_dir)
+
+
+def test_retraining_gets_the_seed_threads_and_overrides_of_every_stage(tmp_path: Path):
+    """``retrain_predictor=true`` trained with seed 0, torch's default threads and the default schedule whatever the
+    pipeline's ``seed``, ``threads`` and ``overrides``; the sdtp variant then refused the predictor as trained for
+    other stage layers."""
+    cfg = compose("pipeline", ["model=tiny-llama", "seed=3", "threads=1", "retrain_predictor=true", "stages=[generate]",
+                               "overrides=['pruning.layers=[1,3]','pruning.keep_ratio=[0.8,0.6]']"])
+    train = compose("train", [*DEMO_OVERRIDES, *pipeline.retrain_overrides(cfg, tmp_path)])
+    generate = compose("generate", pipeline.stage_overrides(cfg, "sdtp", str(tmp_path / "predictor")),
+                       present=(str(tmp_path / "predictor"),))
+    assert (train.seed, train.threads) == (3, 1)
+    assert build_schedule(train) == build_schedule(generate)  # the schedule the predictor is trained for is used
+    assert list(build_schedule(train).layers) == [1, 3]
+    pipeline.validate_pipeline(cfg, tmp_path)

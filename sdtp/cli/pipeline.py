@@ -66,8 +66,13 @@ def retrained_predictor(run_dir: Path) -> Path:
 
 
 def retrain_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """The ``sdtp-train`` overrides of ``retrain_predictor=true`` (:func:`sdtp.training.demo.train_small`)."""
-    return [f"model={cfg.model.name}", quoted_override("export_dir", retrained_predictor(run_dir)),
+    """The ``sdtp-train`` overrides of ``retrain_predictor=true`` (:func:`sdtp.training.demo.train_small`).
+
+    The ``sdtp`` variant's stage overrides (model, seed, threads and the pipeline's ``overrides``), so the predictor
+    is trained with the run's seed and threads for the schedule that variant then prunes with, plus the folders the
+    training writes into.
+    """
+    return [*stage_overrides(cfg, "sdtp", None), quoted_override("export_dir", retrained_predictor(run_dir)),
             quoted_override("out_dir", run_dir / "train")]
 
 
