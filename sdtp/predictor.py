@@ -346,23 +346,26 @@ class TokenPredictor(nn.Module):
         base_model: str | None = None,
         num_layers: int | None = None,
         subset: bool = False,
+        key: str = "pruning.scorer.path",
     ) -> TokenPredictor:
         """Load a checkpoint, failing clearly if it was trained for another model or schedule.
 
         ``hidden_size`` / ``num_layers``: the model's; its stage layers must also lie inside the model.
         ``subset``: a schedule whose ``layers`` are a subset of the checkpoint's gets a predictor with
-        only the stages before those layers (:func:`select_stages`) instead of an error."""
+        only the stages before those layers (:func:`select_stages`) instead of an error.
+        ``key``: the config key that named ``directory``, which the errors name (``train.init_from`` for a warm start).
+        """
         directory = Path(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise ConfigError(
-                f"pruning.scorer.path: no predictor checkpoint at {directory} (expected {META_FILE}); "
-                "train one with `sdtp-train` or point pruning.scorer.path at a trained predictor"
+                f"{key}: no predictor checkpoint at {directory} (expected {META_FILE}); "
+                f"train one with `sdtp-train` or point {key} at a trained predictor"
             )
         try:
             meta = PredictorMeta(**json.loads(meta_path.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:
-            raise ConfigError(f"pruning.scorer.path: {meta_path} is not a valid predictor description ({exc})") from exc
+            raise ConfigError(f"{key}: {meta_path} is not a valid predictor description ({exc})") from exc
         problems = []
         if base_model is not None and meta.base_model and meta.base_model != base_model:
             problems.append(f"trained for base model {meta.base_model!r}, not {base_model!r}")
@@ -374,17 +377,17 @@ class TokenPredictor(nn.Module):
             hint = "" if subset else " (pruning.scorer.select_stages=true uses its stages at a subset of them)"
             problems.append(f"trained for stage layers {meta.layers}, schedule uses {chosen}{hint}")
         if problems:
-            raise ConfigError(f"pruning.scorer.path: predictor at {directory} does not fit: " + "; ".join(problems))
+            raise ConfigError(f"{key}: predictor at {directory} does not fit: " + "; ".join(problems))
         weights = directory / WEIGHTS_FILE
         try:
             state = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own error types for truncated/missing files
-            raise ConfigError(f"pruning.scorer.path: cannot load {weights} ({exc})") from exc
+            raise ConfigError(f"{key}: cannot load {weights} ({exc})") from exc
         if chosen is not None:
             state, meta = select_stages(state, list(meta.layers), chosen), replace(meta, layers=chosen)
         predictor = cls(meta)
         try:
             predictor.load_state_dict(state)
         except RuntimeError as exc:
-            raise ConfigError(f"pruning.scorer.path: {weights} does not match {META_FILE} ({exc})") from exc
+            raise ConfigError(f"{key}: {weights} does not match {META_FILE} ({exc})") from exc
         return predictor

@@ -337,6 +337,30 @@ def test_an_unknown_lm_eval_task_is_refused_before_loading():
         harness.validate(cfg)
 
 
+# Training settings that passed the checks and failed only once the model had loaded (or never).
+NO_TERMS = r"train\.loss: no term has a weight > 0"
+BAD_TRAINING = [
+    (["train.optimizer._target_=torch.optim.AdamWW"],
+     r"train\.optimizer\._target_: cannot import 'torch\.optim\.AdamWW'"),
+    (["train.optimizer._target_=torch.nn.Linear"],
+     r"train\.optimizer\._target_: 'torch\.nn\.Linear' is not a subclass"),
+    (["train.optimizer._partial_=false"], r"train\.optimizer\._partial_: must be true"),
+    (["+train.optimizer.betaz=[0.9,0.99]"], r"train\.optimizer\.betaz: AdamW takes no such argument"),
+    (["train.optimizer.lr=abc"], r"train\.optimizer\.lr: expected a number, got 'abc'"),
+    (["train.scheduler._target_=torch.optim.lr_scheduler.Nope"], r"train\.scheduler\._target_: cannot import"),
+    (["train.scheduler.T_max=abc"], r"train\.scheduler\.T_max: CosineAnnealingLR takes int, got 'abc'"),
+    (["train.grad_clip=abc"], r"train\.grad_clip: expected a number, got 'abc'"),
+    (["train.grad_clip=0"], r"train\.grad_clip: must be > 0, got 0"),
+    (["train.grad_clip=null"], r"train\.grad_clip: expected a number, got None"),
+    (["train.hidden_ratio=-1"], r"train\.hidden_ratio: must be > 0, got -1"),
+    (["train.hidden_ratio=abc"], r"train\.hidden_ratio: expected a number, got 'abc'"),
+    (["train.loss.ce=0", "train.loss.mse=0", "train.loss.ranking=0"], NO_TERMS),
+    (["train.loss.ce=0", "train.loss.stage_weights=[0,0,0]"], NO_TERMS + r" .*with stage_weights \[0, 0, 0\]"),
+    (["train.init_from=/nonexistent"], r"train\.init_from: no trained predictor at /nonexistent \(expected "
+                                       r"predictor\.json\)"),
+]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["data.max_length=7"], r"data\.max_length: 7 is too short"),
     (["data.continuation_length=64", "data.max_length=48"],
@@ -348,11 +372,39 @@ def test_an_unknown_lm_eval_task_is_refused_before_loading():
     (["train.loss.stage_weights=[1,1]"], r"train\.loss\.stage_weights: expected \d+ weights >= 0 \(one per stage\)"),
     (["seed=-1"], r"seed: must be in \[0, 2\*\*32\), got -1"),
     (["+pruning.reviv=true"], r"pruning\.reviv: not a pruning option; \+ adds one of \['merge_weight', 'refill'"),
+    *BAD_TRAINING,
 ])
 def test_training_settings_are_checked_before_loading(overrides, message):
     from sdtp.cli.train import validate_train_config
 
     with pytest.raises(ConfigError, match=message):
+        validate_train_config(compose("train", ["model=tiny-llama", *overrides]))
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_TRAINING)
+def test_bad_training_settings_fail_before_the_model_loads(overrides, message, monkeypatch, tmp_path):
+    """Through ``sdtp-train``'s entry point: these failed after the model had loaded (Hydra's InstantiationException,
+    a bare ValueError, a RuntimeError from ``backward()``), named the wrong key, or were accepted."""
+    from sdtp.cli import train
+    from sdtp.training import loop
+
+    monkeypatch.setattr(loop, "load_model", _no_model)
+    with pytest.raises(ConfigError, match=message):
+        train.run(compose("train", ["model=tiny-llama", f"out_dir={tmp_path}", *overrides]))
+
+
+def test_the_training_defaults_and_ablations_pass_the_new_checks(tmp_path):
+    """The checks above refuse only bad values: the defaults, the paper's ablations (some weights 0), no scheduler,
+    another optimizer and a warm start from a predictor folder all validate."""
+    from sdtp.cli.train import validate_train_config
+    from sdtp.predictor import PredictorMeta, TokenPredictor
+
+    meta = PredictorMeta(hidden_size=64, layers=[1, 2, 3], base_model="tiny-llama", num_layers=4)
+    TokenPredictor(meta).save(tmp_path)
+    for overrides in ([], ["experiment=sdtp_wo_rank"], ["experiment=sdtp_wo_rank_mse"], ["train.scheduler=null"],
+                      ["train.optimizer._target_=torch.optim.SGD", "train.optimizer.lr=0"],
+                      ["train.loss.ce=0", "train.loss.mse=0", "train.loss.ranking=0", "train.loss.selection=1"],
+                      ["train.loss.ce=0", "train.loss.stage_weights=[0,0,1]"], [f"train.init_from={tmp_path}"]):
         validate_train_config(compose("train", ["model=tiny-llama", *overrides]))
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from sdtp.checks import integer, number
 from sdtp.config import build_schedule, sdtp_main
@@ -26,8 +27,10 @@ from sdtp.data import validate_data
 from sdtp.distributed import World, check_world, process_group
 from sdtp.errors import ConfigError
 from sdtp.losses import LOSS_TERMS, TIES
+from sdtp.predictor import META_FILE
 from sdtp.saliency import TARGETS
 from sdtp.labels import TRANSFORMS
+from sdtp.targets import check_arguments, import_target
 from sdtp.training.loop import train
 from sdtp.training.masking import MODES
 
@@ -35,6 +38,32 @@ from sdtp.training.masking import MODES
 TRAIN_TARGETS = tuple(t for t in TARGETS if t != "logit")
 
 LABEL_MODES = ("online", "stored")
+STAGE_TERMS = ("mse", "ranking", "selection")  # the loss terms train.loss.stage_weights multiplies
+
+
+def check_partial(key: str, node: DictConfig, base: type, supplied: str) -> None:
+    """``node`` builds a ``base`` subclass once the training loop passes it ``supplied`` (``params`` of an
+    optimizer, ``optimizer`` of a scheduler): Hydra would only fail when the loop builds it, after the model loads."""
+    if not node.get("_partial_", False):
+        raise ConfigError(f"{key}._partial_: must be true (the training loop passes {supplied})")
+    cls = import_target(f"{key}._target_", str(node.get("_target_")), base)
+    # the loop's argument is absent from the config: a placeholder, so it is not reported as a missing one
+    check_arguments(key, cls, {**OmegaConf.to_container(node, resolve=True), supplied: None})
+
+
+def check_loss_weights(loss: DictConfig) -> None:
+    """Every weight a number >= 0 and at least one term weighted > 0 (mse, ranking and selection count only while
+    some stage weight is > 0): with none the total loss is a constant without a gradient, and ``backward()`` fails in
+    the first step, after the model has loaded."""
+    for key in LOSS_TERMS:
+        if number(loss[key], f"train.loss.{key}") < 0:
+            raise ConfigError(f"train.loss.{key}: weights must be >= 0, got {loss[key]}")
+    stages = loss.get("stage_weights")
+    staged = stages is None or any(number(w, "train.loss.stage_weights") > 0 for w in stages)  # all 0: stage terms off
+    live = [key for key in LOSS_TERMS if float(loss[key]) > 0 and (staged or key not in STAGE_TERMS)]
+    if not live:
+        raise ConfigError(f"train.loss: no term has a weight > 0 (weights of {', '.join(LOSS_TERMS)}"
+                          f"{'' if stages is None else ', with stage_weights ' + str(list(stages))}): nothing to train")
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -51,9 +80,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         if len(weights) != stages or any(number(w, "train.loss.stage_weights") < 0 for w in weights):
             raise ConfigError(f"train.loss.stage_weights: expected {stages} weights >= 0 (one per stage), got "
                               f"{list(weights)}")
-    for key in LOSS_TERMS:
-        if number(t.loss[key], f"train.loss.{key}") < 0:
-            raise ConfigError(f"train.loss.{key}: weights must be >= 0, got {t.loss[key]}")
+    check_loss_weights(t.loss)
     integer(t.loss.max_pairs, "train.loss.max_pairs", low=1)
     choices = {"loss.ties": (t.loss.ties, TIES), "keep_mode": (t.keep_mode, MODES), "labels": (t.labels, LABEL_MODES),
                "target": (t.target, TRAIN_TARGETS), "label_transform": (t.label_transform, TRANSFORMS)}
@@ -76,8 +103,18 @@ def validate_train_config(cfg: DictConfig) -> None:
     if t.labels == "stored" and not Path(t.labels_dir, "meta.json").is_file():
         raise ConfigError(f"train.labels_dir: no labels at {t.labels_dir}; run `sdtp-label` with the same model/data/target")
     validate_data(cfg.data, sources=t.labels == "online")  # stored labels: the label run read the sources
-    if float(t.optimizer.get("lr", 0.0)) < 0:  # 0 is a no-op run (e.g. checking what train.init_from loads)
+    if number(t.optimizer.get("lr"), "train.optimizer.lr") < 0:  # 0: a no-op run (checking what init_from loads)
         raise ConfigError(f"train.optimizer.lr: must be >= 0, got {t.optimizer.lr}")
+    check_partial("train.optimizer", t.optimizer, torch.optim.Optimizer, "params")
+    if t.scheduler is not None:  # null: a constant learning rate
+        check_partial("train.scheduler", t.scheduler, torch.optim.lr_scheduler.LRScheduler, "optimizer")
+    if number(t.grad_clip, "train.grad_clip") <= 0:  # every step clips the gradient norm to it
+        raise ConfigError(f"train.grad_clip: must be > 0, got {t.grad_clip}")
+    if number(t.hidden_ratio, "train.hidden_ratio") <= 0:
+        raise ConfigError(f"train.hidden_ratio: must be > 0, got {t.hidden_ratio}")
+    if t.init_from and not Path(t.init_from, META_FILE).is_file():  # null: random initial weights
+        raise ConfigError(f"train.init_from: no trained predictor at {t.init_from} (expected {META_FILE}); "
+                          "point it at an `sdtp-train` predictor folder")
     check_world(World.from_env(), cfg.distributed, str(cfg.model.device))
 
 

@@ -249,7 +249,7 @@ def init_predictor(cfg: DictConfig, model: torch.nn.Module, predictor: TokenPred
     """Start from the trained predictor in ``train.init_from`` (fine-tuning) instead of random weights."""
     t = cfg.train
     start = TokenPredictor.load(t.init_from, hidden_size=model.config.hidden_size, base_model=cfg.model.name,
-                                num_layers=model.config.num_hidden_layers)
+                                num_layers=model.config.num_hidden_layers, key="train.init_from")
     # Inputs a warm start cannot widen into (widen_inputs), and the MLP's width: they must match as they are.
     for key in ("position_features", "input_norm", "hidden_ratio"):
         value = getattr(start.meta, key)
