@@ -11,7 +11,7 @@ from sdtp.losses import sdtp_loss
 from sdtp.predictor import PredictorMeta, TokenPredictor
 from sdtp.scorers.predictor import PredictorScorer
 from sdtp.training.loop import annealed
-from sdtp.training.masking import PolicyMasker, causal_additive_mask
+from sdtp.training.masking import PolicyMasker, _gumbel, causal_additive_mask
 
 SCHEDULE = PruningSchedule(layers=(1, 2, 3), keep_fractions=(0.8, 0.6, 0.4), keep_first=2, keep_recent=0.1)
 
@@ -188,3 +188,31 @@ def test_rescore_rebuilds_gumbel_policies_with_gradients(tiny_llama, prompt_ids)
         torch.testing.assert_close(a.detach(), b)  # same hard decisions
     ratio_loss(policies, SCHEDULE.keep_fractions, prompt).backward()
     assert all(stage.fc1.weight.grad is not None and stage.fc1.weight.grad.abs().sum() > 0 for stage in predictor.stages)
+
+
+def test_gumbel_mode_keeps_a_token_when_score_plus_scaled_noise_is_positive(tiny_llama, prompt_ids):
+    """keep_mode=gumbel as documented: keep iff score + noise_scale * (G1 - G2) > 0, the same mask at any tau (Eq. 2's
+    hard Gumbel-softmax at noise_scale 1); at noise_scale 0, where the default anneal ends, the plain score > 0."""
+    model, _, _ = tiny_llama
+    predictor = _predictor(model.config.hidden_size)
+    with torch.no_grad():  # an untrained predictor scores every token about alike: spread them around 0
+        for stage in predictor.stages:
+            stage.fc2.weight *= 50.0
+            stage.fc2.bias.zero_()
+    kept = {}
+    for scale, tau in ((1.0, 1.0), (1.0, 0.25), (0.0, 1.0), (0.0, 0.25)):
+        masker = PolicyMasker(SCHEDULE, predictor, mode="gumbel", tau=tau, noise_scale=scale,
+                              generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), masker(model):
+            model.base_model(input_ids=prompt_ids)
+            state = masker.state
+        replay = torch.Generator().manual_seed(0)  # the masker's draws, two Gumbel samples per stage in order
+        for score, (hard, noise) in zip(state.scores, state.draws):
+            expected = scale * (_gumbel(score.shape, score, replay) - _gumbel(score.shape, score, replay))
+            torch.testing.assert_close(torch.as_tensor(noise, dtype=score.dtype).expand_as(score), expected)
+            assert torch.equal(hard, (score + expected > 0).float())
+        kept[scale, tau] = [hard for hard, _ in state.draws]
+        assert 0 < float(kept[scale, tau][0].mean()) < 1  # tokens on both sides: the equality above is not trivial
+    for scale in (1.0, 0.0):
+        assert all(torch.equal(a, b) for a, b in zip(kept[scale, 1.0], kept[scale, 0.25]))  # tau: backward only
+    assert not all(torch.equal(a, b) for a, b in zip(kept[1.0, 1.0], kept[0.0, 1.0]))  # the noise matters at scale 1

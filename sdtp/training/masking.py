@@ -18,8 +18,11 @@ With a hard policy the mask is ``log(eps)`` (about -14) on dropped keys, i.e. th
 respect to ``D`` is finite because the ``1 / (D + eps)`` of the log cancels the ``D + eps`` factor
 of the attention weight. Keep ratios are enforced one of two ways (``mode``):
 
-* ``gumbel``: hard Gumbel-softmax over the (keep, drop) logits (paper Eq. 2); the kept fraction is
-  steered by the DynamicViT ratio loss (``train.loss.ratio``);
+* ``gumbel``: keep a token when its score plus the noise below is > 0, the kept fraction steered by
+  the DynamicViT ratio loss (``train.loss.ratio``). This is the hard Gumbel-softmax over the (keep,
+  drop) logits of paper Eq. 2 only at ``noise_scale`` 1: the noise is scaled as in ``topk``, so with
+  the default anneal to 0 it ends as the noise-free threshold ``score > 0``. ``tau`` only shapes the
+  straight-through gradient; the forward mask does not depend on it;
 * ``topk``: keep exactly the schedule's budget, the top-k of the Gumbel-perturbed scores among the
   alive tokens (as inference does); the straight-through gradient is a sigmoid around the threshold.
 
@@ -198,7 +201,8 @@ class PolicyMasker:
             noise = self.noise_scale * (_gumbel(scores.shape, scores, self.generator)
                                         - _gumbel(scores.shape, scores, self.generator))
         if self.mode == "gumbel":
-            # Hard Gumbel-softmax over (keep, drop) = a hard logistic-noise threshold at 0 on keep - drop.
+            # Hard Gumbel-softmax over (keep, drop) = a hard logistic-noise threshold at 0 on keep - drop; the noise
+            # is noise_scale times Eq. 2's (none once it has annealed to 0).
             soft = torch.sigmoid((scores + noise) / self.tau)
             hard, clean = (soft > 0.5).float(), (scores > 0).float()
         else:
