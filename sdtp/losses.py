@@ -11,7 +11,11 @@ those tokens: only the ranking of scores matters at inference (top-k), and leavi
 lets the ratio loss (``keep_mode=gumbel``) set the keep probability without fighting the MSE. The
 ranking loss averages the pairwise logistic loss over pairs i < j of those tokens; with more than
 ``max_pairs`` pairs in a row it averages over ``max_pairs`` uniformly sampled pairs instead, so no
-S x S tensor is built for long sequences (an unbiased estimate of the same mean).
+S x S tensor is built for long sequences. Pairs are pooled over the rows of a batch. With one row
+(``train.batch_size=1``, the default) the sampled mean is an unbiased estimate of the all-pairs mean
+(exactly so when no pair is dropped as tied: with ``ties="ignore"`` and tied labels it is a ratio
+estimate). With several rows it is not: a sampled row counts ``max_pairs`` pairs instead of all of its
+own, so shorter rows weigh more than in the all-pairs mean.
 The optional selection loss (``selection`` weight; not in the paper) keeps only the pairs that cross
 the stage's cut: the label's top-k of those tokens, k = how many of them the stage keeps, against the
 rest. Uniform pairs spend most of their weight ordering tokens on the same side of the cut, which no
@@ -58,9 +62,11 @@ def ranking_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, t
                  max_pairs: int = 4096, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pairwise logistic ranking loss ``log(1 + exp(-(p_i - p_j) * sign(t_i - t_j)))`` (paper Eq. 6).
 
-    Averaged over the pairs of ``mask`` tokens of every row (all pairs, or ``max_pairs`` sampled per
-    row). Tied labels contribute ``log 2`` each with ``ties="include"`` (the literal formula) and are
-    left out with ``"ignore"``.
+    Averaged over the pairs of ``mask`` tokens of every row, pooled (all pairs, or ``max_pairs`` sampled
+    per row): for one row the sampled mean estimates the all-pairs mean without bias (dropped ties
+    aside); over several rows a sampled row counts ``max_pairs`` pairs, not all of its own (module
+    docstring). Tied labels contribute ``log 2`` each with ``ties="include"`` (the literal formula) and
+    are left out with ``"ignore"``.
 
     Args:
         pred, target: (B, S); mask: (B, S) bool.

@@ -42,6 +42,27 @@ def test_sampled_pairs_estimate_the_all_pairs_mean():
     assert sampled != exact  # it really sampled (a full pair set has ~22K pairs per row)
 
 
+def test_sampled_pairs_are_unbiased_per_row_but_pooled_rows_are_reweighted():
+    """As losses.py states: one row's sampled mean estimates its all-pairs mean, but pooled over rows, a long row
+    capped at ``max_pairs`` counts ``max_pairs`` pairs, not all of its own, so a short row weighs more."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 200, generator=gen)
+    pred = torch.stack([target[0], -target[1]])  # row 0 ranked as its labels (low loss), row 1 reversed (high)
+    mask = torch.zeros(2, 200, dtype=torch.bool)
+    mask[0], mask[1, :20] = True, True  # 19,900 pairs (sampled: 1,000) and 190 (all of them)
+    row = [ranking_loss(pred[r:r + 1], target[r:r + 1], mask[r:r + 1], max_pairs=10**9).item() for r in (0, 1)]
+    draws = [ranking_loss(pred[:1], target[:1], mask[:1], max_pairs=1000, generator=torch.Generator().manual_seed(s))
+             for s in range(40)]
+    assert torch.stack(draws).mean().item() == pytest.approx(row[0], rel=0.01)  # one row: unbiased
+    exact = ranking_loss(pred, target, mask, max_pairs=10**9).item()
+    assert exact == pytest.approx((19900 * row[0] + 190 * row[1]) / 20090, rel=1e-5)
+    pooled = [ranking_loss(pred, target, mask, max_pairs=1000, generator=torch.Generator().manual_seed(s))
+              for s in range(40)]
+    expected = (1000 * row[0] + 190 * row[1]) / 1190  # the weights the pooled sample gives the two rows
+    assert torch.stack(pooled).mean().item() == pytest.approx(expected, rel=0.01)
+    assert expected > 1.3 * exact  # not the all-pairs mean
+
+
 def test_selection_loss_hand_computed_and_sampled():
     pred = torch.tensor([[0.5, -1.0, 2.0, 0.0, 9.0]])
     target = torch.tensor([[0.3, 0.1, 0.9, 0.2, -5.0]])
