@@ -60,8 +60,8 @@ def check_or_write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
         if diffs:
             details = "; ".join(f"{k}: existing={old.get(k)!r} vs config={meta.get(k)!r}" for k in diffs[:4])
             raise ConfigError(
-                f"label.out_dir: {directory} holds labels made with a different config ({details}); "
-                "use another label.out_dir or delete it"
+                f"out_dir: {directory} holds labels made with a different config ({details}); "
+                "use another out_dir or delete it"  # sdtp-label's top-level key (conf/label.yaml), not label.*
             )
         return
     write_json_atomic(path, meta)

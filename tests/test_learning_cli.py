@@ -87,6 +87,18 @@ def test_label_config_mismatch_raises(labels_dir):
         label_cli.run(compose("label", DATA + [f"out_dir={labels_dir}", "shard_size=4", "model.seed=7"]))
 
 
+def test_a_label_folder_of_another_config_names_the_out_dir_key(tmp_path):
+    """The error named ``label.out_dir``; sdtp-label's key is the top-level ``out_dir``."""
+    from sdtp.labels import check_or_write_meta
+
+    check_or_write_meta(tmp_path, {"model": "a", "target": "attention"})
+    check_or_write_meta(tmp_path, {"model": "a", "target": "attention"})  # the same config resumes
+    with pytest.raises(ConfigError, match=r"^out_dir: .* \(model: existing='a' vs config='b'\); "
+                                          r"use another out_dir or delete it$"):
+        check_or_write_meta(tmp_path, {"model": "b", "target": "attention"})
+    assert "out_dir" in compose("label", ["model=tiny-llama"]) and "label" not in compose("label", ["model=tiny-llama"])
+
+
 def test_train_from_labels_checks_target_and_folder(labels_dir, tmp_path):
     with pytest.raises(ConfigError, match="target"):
         train_cli.run(_train_cfg(tmp_path / "run", "train.target=fidelity", labels=labels_dir))
