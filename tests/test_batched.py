@@ -192,3 +192,32 @@ def test_padding_rules(tiny_llama):
     with pytest.raises(ValueError, match="sequences"):
         _ = generate(model, torch.cat(_prompts((30, 30))), 3).tokens
     assert len(single.tokens) == 3 and single.sequences == [single.tokens]
+
+
+@torch.no_grad()
+def test_generation_refuses_a_mask_that_is_not_left_padded(tiny_llama):
+    """The dense path used to accept a right-padded mask and read each short row's next token from a padding
+    column: generate() and prefill() now refuse it as the pruner does, and an all-0 row too."""
+    from sdtp.engine.generation import prefill
+
+    model, _, _ = tiny_llama
+    prompts = _prompts((30, 20))
+    ids, mask = _left_pad(prompts)
+    right_ids, right_mask = ids.clone(), mask.flip(-1)  # row 1: its 20 tokens first, then 10 padding
+    right_ids[1] = ids[1].roll(-10)
+    for pruner in (None, TokenPruner(SCHEDULE, HiddenNormScorer())):
+        with pytest.raises(NotImplementedError, match="left-padded batches only.*row 1"):
+            generate(model, right_ids, 3, pruner, attention_mask=right_mask)
+        empty = mask.clone()
+        empty[1] = 0
+        with pytest.raises(ValueError, match=r"no real token .*row 1"):
+            generate(model, ids, 3, pruner, attention_mask=empty)
+    gap = mask.clone()
+    gap[0, 5] = 0  # a hole inside row 0's prompt is no padding either
+    with pytest.raises(NotImplementedError, match="left-padded batches only.*row 0"):
+        prefill(model, ids, attention_mask=gap)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        generate(model, ids, 3, attention_mask=torch.ones(2, 29, dtype=torch.long))  # all 1 but the wrong width
+    # Left padding still runs, and each row decodes as it would alone.
+    batch = generate(model, ids, 3, attention_mask=mask)
+    assert batch.sequences == [generate(model, prompt, 3).tokens for prompt in prompts]

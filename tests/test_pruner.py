@@ -263,6 +263,55 @@ def test_hooks_removed_when_forward_raises(tiny_llama, prompt_ids):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in decoder_layers(model))
 
 
+def _hook_count(model) -> int:
+    return sum(len(module._forward_pre_hooks) + len(module._forward_hooks) for module in model.modules())
+
+
+@torch.no_grad()
+def test_a_second_pruner_on_the_same_model_is_refused(tiny_llama, prompt_ids):
+    """Two different pruners on one model would both install hooks and prune every stage twice: the second is
+    refused, installs nothing, and may enter once the first has exited."""
+    from sdtp.engine.revival import RevivingPruner
+
+    model, _, _ = tiny_llama
+    alone = generate(model, prompt_ids, 3, TokenPruner(SCHEDULE, RandomScorer(seed=1)))
+    before = _hook_count(model)
+    first, second = TokenPruner(SCHEDULE, RandomScorer(seed=1)), RevivingPruner(SCHEDULE, RandomScorer(seed=2))
+    with first(model):
+        hooks = _hook_count(model)
+        assert TokenPruner.active_on(model) is first
+        with pytest.raises(RuntimeError, match="another TokenPruner is already active on this model"), second(model):
+            pass
+        with pytest.raises(RuntimeError, match="another TokenPruner is already active"):
+            generate(model, prompt_ids, 3, TokenPruner(SCHEDULE, RandomScorer(seed=1)))  # a new pruner per call
+        assert _hook_count(model) == hooks and TokenPruner.active_on(model) is first
+        inner = generate(model, prompt_ids, 3, first)  # still pruned once, by `first` alone
+    assert inner.tokens == alone.tokens and inner.kept_per_stage == alone.kept_per_stage
+    assert _hook_count(model) == before and TokenPruner.active_on(model) is None
+    with second(model):  # the first has exited: the model is free again
+        assert TokenPruner.active_on(model) is second
+        with pytest.raises(RuntimeError, match="another RevivingPruner is already active"), first(model):
+            pass
+        model(prompt_ids, use_cache=True)
+        assert second.last_prefill.kept_per_stage == alone.kept_per_stage
+    assert _hook_count(model) == before and TokenPruner.active_on(model) is None
+
+
+@torch.no_grad()
+def test_an_error_in_the_block_frees_the_model_for_the_next_pruner(tiny_llama, prompt_ids):
+    model, _, _ = tiny_llama
+    before = _hook_count(model)
+    first, second = TokenPruner(SCHEDULE, RandomScorer(seed=1)), TokenPruner(SCHEDULE, RandomScorer(seed=1))
+    with pytest.raises(KeyError, match="raised in the block"), first(model):
+        model(prompt_ids, use_cache=True)
+        raise KeyError("raised in the block")
+    assert _hook_count(model) == before and TokenPruner.active_on(model) is None
+    with second(model):
+        model(prompt_ids, use_cache=True)
+    assert second.last_prefill.kept_per_stage == first.last_prefill.kept_per_stage
+    assert _hook_count(model) == before
+
+
 @torch.no_grad()
 def test_random_scorer_is_deterministic_and_sampling_generation_works(tiny_llama, prompt_ids):
     from sdtp.engine.generation import SamplingConfig

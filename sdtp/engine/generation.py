@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sdtp.engine.cache import appendable_cache
-from sdtp.engine.pruner import PrefillRecord, TokenPruner
+from sdtp.engine.pruner import PrefillRecord, TokenPruner, left_padded_lengths
 from sdtp.models.compat import cache_kwargs, output_cache
 
 
@@ -86,13 +86,31 @@ def prefill(
     Returns:
         logits (B, 1, V), the KV cache, and the wall time in seconds. Pruned when called inside
         ``with pruner(model)`` (hooks installed once for many calls, not per call).
+    Raises:
+        ValueError: ``attention_mask`` is not (B, N), or one of its rows is all 0.
+        NotImplementedError: ``attention_mask`` is not left-padded (the logits read the last column).
     """
+    check_prompt_mask(input_ids, attention_mask)
     _sync(input_ids.device)
     start = time.perf_counter()
     out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1,
                 **padding_kwargs(attention_mask, input_ids.shape[1]))
     _sync(input_ids.device)
     return out.logits, output_cache(out), time.perf_counter() - start
+
+
+def check_prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Refuse a prompt ``mask`` that is not (B, N) like ``input_ids``, not left-padded, or has an all-0 row.
+
+    The pruner checks the layout too, but only when it is installed: without it a right-padded row would
+    silently read its next token from a padding column.
+    """
+    if mask is None:
+        return
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+                         "they must match")
+    left_padded_lengths(mask, "generation")
 
 
 def padding_kwargs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tensor]:
@@ -158,11 +176,13 @@ def generate(
     tokens; the mask grows by one column per step and each row's positions continue from its own
     length. A row that emits an EOS stops (its later steps feed the EOS again and are discarded);
     decoding ends when every row has stopped. ``min_new_tokens`` blocks the EOS ids until that
-    many tokens exist (HF's ``min_length``).
+    many tokens exist (HF's ``min_length``). A mask that is not (B, N), not left-padded, or has an
+    all-0 row is refused (:func:`check_prompt_mask`).
     """
     sampling = sampling or SamplingConfig()
     generator = torch.Generator().manual_seed(sampling.seed)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    check_prompt_mask(input_ids, attention_mask)  # before the shortcut below and before any pruner hook
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # nothing padded: take the unpadded path, identical to batch 1
     mask = attention_mask

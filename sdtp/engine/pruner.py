@@ -20,7 +20,7 @@ own forward; forward pre-hooks on the decoder layers shrink the token axis at ea
 After the prompt, forwards with a non-empty cache (decode steps, or lm-eval continuations) are
 never pruned; if they carry an attention-mask tensor, its key axis is sliced per layer to the
 positions that layer's cache holds. Nothing of HF's forward code is copied or patched, and all
-hooks are removed on exit.
+hooks are removed on exit. One pruner at a time per model: entering another while one is active raises.
 
 Batches. Rows are pruned independently: every row gets its own scores, kept set, positions and
 RoPE cos/sin. Prompts of different lengths must be **left-padded** with a 2D ``attention_mask``
@@ -59,6 +59,33 @@ from sdtp.engine.window import WindowedLayer, trim_to_window, with_decoded
 from sdtp.models.compat import CACHE_KWARG, cache_from_kwargs, output_cache
 from sdtp.models.layer_types import has_sliding_layers, layer_kinds, layer_windows
 from sdtp.scorers.base import Scorer, ScoreContext
+
+
+def left_padded_lengths(mask: torch.Tensor, user: str = "token pruning") -> torch.Tensor:
+    """(B, N) 2D ``attention_mask`` (1 = real token) -> (B,) real length of each row, refusing any other layout.
+
+    Shared by the pruner and the dense :func:`sdtp.engine.generation.prefill`: both read the next-token logits
+    from the last column and append decode steps after it, which is only each row's last real token when the
+    padding comes first (see the module doc), so a right-padded mask would silently give wrong tokens.
+
+    Args:
+        mask: (B, N) attention mask of 0/1 (any dtype).
+        user: what needs the layout, named in the error ("token pruning", "generation").
+    Raises:
+        NotImplementedError: a row has a 0 after a 1 (right padding, or a gap inside the prompt).
+        ValueError: a row has no real token.
+    """
+    real = mask.bool()
+    after_real = real[:, :-1] & ~real[:, 1:]  # a real token followed by padding
+    if bool(after_real.any()):
+        row = int(after_real.any(-1).nonzero()[0, 0])
+        raise NotImplementedError(f"{user} supports left-padded batches only (pad before the prompt): "
+                                  f"attention_mask row {row} has padding after a real token")
+    lengths = real.sum(-1)
+    if not bool(lengths.all()):
+        row = int((lengths == 0).nonzero()[0, 0])
+        raise ValueError(f"a batch row has no real token (its attention_mask is all 0): row {row}")
+    return lengths
 
 
 @dataclass
@@ -222,6 +249,13 @@ class TokenPruner:
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[TokenPruner]:
+        """Install the pruning hooks on ``model`` for the ``with`` block; they are removed on exit, also on error.
+
+        Re-entering on the model it is already on is a no-op (the outer block keeps the hooks).
+
+        Raises:
+            RuntimeError: this pruner is active on another model, or another pruner is active on ``model``.
+        """
         if self._model is not None:
             if self._model is not model:
                 raise RuntimeError("this pruner is already attached to another model; use one pruner per model")
@@ -231,26 +265,47 @@ class TokenPruner:
             yield self
             return
         check_supported(model)
+        other = TokenPruner.active_on(model)
+        if other is not None:
+            # Both would install hooks: every stage would run twice, each pruner re-pruning the other's output.
+            raise RuntimeError(f"another {type(other).__name__} is already active on this model; exit its "
+                               "`with pruner(model)` block first (one pruner per model at a time)")
         layers = decoder_layers(model)
         self.schedule.validate(len(layers))
         self.scorer.bind(model, self.schedule.layers)
-        self._model = model
-        self._kinds = layer_kinds(model.config)
-        handles = [model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True)]
-        first = self.schedule.layers[0]
-        if has_sliding_layers(model.config):
-            handles.append(model.base_model.register_forward_hook(self._on_model_end, with_kwargs=True))
-            first = 0  # a sliding layer before the first stage has its cache trimmed to the window too
-        for idx in range(first, len(layers)):
-            hook = self._make_layer_hook(idx)
-            handles.append(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
+        handles = []
+        # Everything from here is undone in `finally`, so a failure while installing (or in the body) leaves
+        # no hook behind: the hooks are also what marks the model as taken (see `active_on`).
         try:
+            self._model = model
+            self._kinds = layer_kinds(model.config)
+            handles.append(model.base_model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+            first = self.schedule.layers[0]
+            if has_sliding_layers(model.config):
+                handles.append(model.base_model.register_forward_hook(self._on_model_end, with_kwargs=True))
+                first = 0  # a sliding layer before the first stage has its cache trimmed to the window too
+            for idx in range(first, len(layers)):
+                hook = self._make_layer_hook(idx)
+                handles.append(layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             self.scorer.unbind()
             self._model, self._alive, self._extras = None, None, {}
+
+    @staticmethod
+    def active_on(model: nn.Module) -> TokenPruner | None:
+        """The pruner whose hooks are on ``model`` now (inside its ``with pruner(model)``), or None.
+
+        Read from the base model's forward pre-hooks, which ``__call__`` registers and removes on exit (as
+        ``KVCompressor.installed_on``): no separate marker exists that could outlive the hooks.
+        """
+        for hook in model.base_model._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)  # the pruner of a bound `_on_model_start`
+            if isinstance(owner, TokenPruner):
+                return owner
+        return None
 
     # ----------------------------------------------------------------------------------------
     # hooks
@@ -280,11 +335,7 @@ class TokenPruner:
         columns = torch.arange(seq_len, device=ref.device).unsqueeze(0).expand(batch, -1)
         if padded:
             real = mask.bool()
-            if bool((real[:, :-1] & ~real[:, 1:]).any()):
-                raise NotImplementedError("token pruning supports left-padded batches only (pad before the prompt)")
-            lengths = real.sum(-1)
-            if not bool(lengths.all()):
-                raise ValueError("a batch row has no real token (its attention_mask is all 0)")
+            lengths = left_padded_lengths(mask)
             pad = seq_len - lengths
             positions = columns - pad.unsqueeze(1)
             self._alive = _Alive(columns=columns, positions=positions, valid=real, lengths=lengths)
