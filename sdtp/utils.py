@@ -1,4 +1,4 @@
-"""Small helpers: atomic result files, seeding, threads, provenance."""
+"""Small helpers: atomic result files, seeding, threads, provenance, hook owners."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import os
 import random
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from sdtp.paths import REPO_ROOT
 from sdtp.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
@@ -162,3 +164,17 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def hook_owner(hooks: Iterable[Any], cls: type[T]) -> T | None:
+    """The ``cls`` instance whose bound method is among ``hooks`` (a module's ``_forward_hooks.values()`` or
+    ``_forward_pre_hooks.values()``), or None.
+
+    Pruners and KV compressors register bound methods as hooks and remove them on exit, so the hooks themselves
+    say which one is active on a model: no separate marker exists that could outlive them.
+    """
+    for hook in hooks:
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, cls):
+            return owner
+    return None

@@ -59,6 +59,7 @@ from sdtp.engine.window import WindowedLayer, trim_to_window, with_decoded
 from sdtp.models.compat import CACHE_KWARG, cache_from_kwargs, output_cache
 from sdtp.models.layer_types import has_sliding_layers, layer_kinds, layer_windows
 from sdtp.scorers.base import Scorer, ScoreContext
+from sdtp.utils import hook_owner
 
 
 def left_padded_lengths(mask: torch.Tensor, user: str = "token pruning") -> torch.Tensor:
@@ -298,14 +299,10 @@ class TokenPruner:
     def active_on(model: nn.Module) -> TokenPruner | None:
         """The pruner whose hooks are on ``model`` now (inside its ``with pruner(model)``), or None.
 
-        Read from the base model's forward pre-hooks, which ``__call__`` registers and removes on exit (as
-        ``KVCompressor.installed_on``): no separate marker exists that could outlive the hooks.
+        Read from the base model's forward pre-hooks (the bound ``_on_model_start``), which ``__call__`` registers
+        and removes on exit (:func:`sdtp.utils.hook_owner`).
         """
-        for hook in model.base_model._forward_pre_hooks.values():
-            owner = getattr(hook, "__self__", None)  # the pruner of a bound `_on_model_start`
-            if isinstance(owner, TokenPruner):
-                return owner
-        return None
+        return hook_owner(model.base_model._forward_pre_hooks.values(), TokenPruner)
 
     # ----------------------------------------------------------------------------------------
     # hooks

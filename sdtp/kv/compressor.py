@@ -49,6 +49,7 @@ from sdtp.kv.scores import KVScore, LayerPrefill
 from sdtp.models import decoder_layers
 from sdtp.models.compat import cache_from_kwargs, output_cache
 from sdtp.models.layer_types import FULL, layer_kinds
+from sdtp.utils import hook_owner
 
 
 def kv_compression(policy: KVPolicy | None, model: nn.Module) -> AbstractContextManager:
@@ -107,10 +108,10 @@ class KVCompressor:
     def installed_on(model: nn.Module) -> bool:
         """Whether a KVCompressor's hooks are on ``model`` now (inside ``with KVCompressor(policy)(model)``).
 
-        Read from the base model's forward hooks, which ``__call__`` registers and removes on exit.
+        Read from the base model's forward hooks, which ``__call__`` registers and removes on exit
+        (:func:`sdtp.utils.hook_owner`).
         """
-        hooks = model.base_model._forward_hooks.values()
-        return any(isinstance(getattr(hook, "__self__", None), KVCompressor) for hook in hooks)
+        return hook_owner(model.base_model._forward_hooks.values(), KVCompressor) is not None
 
     @property
     def kept_fraction(self) -> float | None:
